@@ -1,0 +1,52 @@
+"""ipg_lightning: find the components that drive an LLM's reasoning (Integrated Policy Gradient)
+and turn them up or down with multiplicative gates, on PyTorch Lightning."""
+
+from ipg_lightning.answers import ExtractedAnswer, answers_match, extract_answer, normalize_answer
+from ipg_lightning.data import ArithmeticChainTask, PromptTemplate, ReasoningDataModule, ReasoningExample
+from ipg_lightning.folding import UnfoldableGateError, fold_gates_into_weights
+from ipg_lightning.gates import ComponentGates
+from ipg_lightning.metrics import AnswerRate, ReasoningAccuracy, ReasoningLength, ReflectionRate
+from ipg_lightning.rewards import Completion, CompoundReward, accuracy, load_reward, reasoning_length
+from ipg_lightning.sites import ARCHITECTURES, ArchitectureSpec, Site, UnsupportedArchitectureError, discover_sites
+from ipg_lightning.trajectories import (
+    SamplingConfig,
+    Trajectories,
+    backward_weighted_log_likelihood,
+    completion_log_probs,
+    sample_trajectories,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ARCHITECTURES",
+    "AnswerRate",
+    "ArchitectureSpec",
+    "ArithmeticChainTask",
+    "Completion",
+    "ComponentGates",
+    "CompoundReward",
+    "ExtractedAnswer",
+    "PromptTemplate",
+    "ReasoningAccuracy",
+    "ReasoningDataModule",
+    "ReasoningExample",
+    "ReasoningLength",
+    "ReflectionRate",
+    "SamplingConfig",
+    "Site",
+    "Trajectories",
+    "UnfoldableGateError",
+    "UnsupportedArchitectureError",
+    "accuracy",
+    "answers_match",
+    "backward_weighted_log_likelihood",
+    "completion_log_probs",
+    "discover_sites",
+    "extract_answer",
+    "fold_gates_into_weights",
+    "load_reward",
+    "normalize_answer",
+    "reasoning_length",
+    "sample_trajectories",
+]

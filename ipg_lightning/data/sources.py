@@ -1,0 +1,133 @@
+"""Where reasoning rows come from: the built-in task, ``reasoning-gym``, local files, or the hub.
+
+Every loader returns raw rows (dicts) per split plus a label that error messages use to name the
+source. Generated sources (built-in task, reasoning-gym) draw one seeded stream, drop repeated
+questions, and deal it out test first, then validation, then train, so splits never overlap.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import datasets
+
+from ipg_lightning.data.synthetic import ArithmeticChainTask
+
+SPLITS: tuple[str, ...] = ("train", "val", "test")
+FILE_BUILDERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
+REASONING_GYM_PREFIX = "reasoning_gym:"
+
+
+class DataSourceError(ValueError):
+    """A data source that cannot be read; the message names it."""
+
+
+Rows = list[dict[str, Any]]
+
+
+def _deal(stream: Rows, sizes: Mapping[str, int], label: str) -> dict[str, Rows]:
+    unique, seen = [], set()
+    for row in stream:
+        if row["question"] not in seen:
+            seen.add(row["question"])
+            unique.append(row)
+    needed = sum(sizes.values())
+    if len(unique) < needed:
+        raise DataSourceError(
+            f"{label} gave only {len(unique)} distinct problems, {needed} were asked for; "
+            "lower the split sizes or raise the task's difficulty range"
+        )
+    out, start = {}, 0
+    for split in ("test", "val", "train"):
+        out[split] = unique[start : start + sizes[split]]
+        start += sizes[split]
+    return out
+
+
+def synthetic_rows(task: ArithmeticChainTask, sizes: Mapping[str, int]) -> dict[str, Rows]:
+    """Rows of the built-in arithmetic task, disjoint across splits."""
+    needed = sum(sizes.values())
+    stream = [task.example(i) for i in range(2 * needed + 16)]
+    return _deal(stream, sizes, "the synthetic arithmetic task")
+
+
+def reasoning_gym_rows(task_name: str, sizes: Mapping[str, int], seed: int, task_kwargs: Mapping[str, Any]) -> dict[str, Rows]:
+    """Rows of a ``reasoning-gym`` task (offline, seeded), disjoint across splits.
+
+    The rationale in ``metadata["answer_cot"]`` (e.g. ``gsm_symbolic``), when present, becomes the
+    reference solution.
+    """
+    import reasoning_gym
+
+    needed = sum(sizes.values())
+    try:
+        dataset = reasoning_gym.create_dataset(task_name, size=2 * needed + 16, seed=seed, **task_kwargs)
+    except (KeyError, ValueError, TypeError) as error:
+        raise DataSourceError(f"reasoning-gym task {task_name!r} with {dict(task_kwargs)} failed: {error}") from None
+    stream = []
+    for entry in dataset:
+        solution = entry.get("metadata", {}).get("answer_cot")
+        stream.append({"question": entry["question"], "answer": str(entry["answer"]), "solution": solution})
+    return _deal(stream, sizes, f"reasoning-gym task {task_name!r}")
+
+
+def _check_jsonl(path: Path) -> None:
+    with path.open(encoding="utf-8") as handle:
+        for number, line in enumerate(handle, start=1):
+            if line.strip():
+                try:
+                    json.loads(line)
+                except json.JSONDecodeError as error:
+                    raise DataSourceError(f"{path}: line {number} is not valid JSON ({error.msg})") from None
+
+
+def read_file(path: str | Path) -> datasets.Dataset:
+    """Read a jsonl/json/csv/parquet file into a ``datasets.Dataset``, with errors that name the file."""
+    path = Path(path)
+    builder = FILE_BUILDERS.get(path.suffix.lower())
+    if builder is None:
+        raise DataSourceError(f"{path}: unsupported file type {path.suffix!r}; use one of {sorted(FILE_BUILDERS)}")
+    if not path.is_file():
+        raise DataSourceError(f"Data file not found: {path}")
+    if path.suffix.lower() == ".jsonl":
+        _check_jsonl(path)
+    try:
+        return datasets.load_dataset(builder, data_files=str(path), split="train")
+    except Exception as error:  # datasets raises many types; the user needs the file and the reason
+        raise DataSourceError(f"Could not read {path}: {type(error).__name__}: {error}") from None
+
+
+def split_by_fraction(rows: Rows, val_fraction: float, test_fraction: float, seed: int) -> dict[str, Rows]:
+    """Shuffle ``rows`` with ``seed`` and cut validation and test shares off the front."""
+    if not (0 <= val_fraction < 1 and 0 <= test_fraction < 1 and val_fraction + test_fraction < 1):
+        raise ValueError(f"Need 0 <= val_fraction + test_fraction < 1, got {val_fraction} + {test_fraction}")
+    order = list(range(len(rows)))
+    random.Random(seed).shuffle(order)
+    num_test, num_val = round(len(rows) * test_fraction), round(len(rows) * val_fraction)
+    pick = lambda part: [rows[i] for i in part]  # noqa: E731
+    return {
+        "test": pick(order[:num_test]),
+        "val": pick(order[num_test : num_test + num_val]),
+        "train": pick(order[num_test + num_val :]),
+    }
+
+
+def hub_rows(name: str, config_name: str | None, split: str) -> Rows:
+    """Rows of a hub dataset split; fails with a clear message when the hub cannot be reached."""
+    try:
+        return datasets.load_dataset(name, config_name, split=split).to_list()
+    except Exception as error:  # connection, missing dataset or offline mode
+        raise DataSourceError(
+            f"Could not load hub dataset {name!r} (config {config_name!r}, split {split!r}): {error}. "
+            "Without hub access, point `source` at a local .jsonl/.json/.csv/.parquet file, "
+            "'synthetic', or 'reasoning_gym:<task>'."
+        ) from None
+
+
+def is_file_source(source: str) -> bool:
+    """True if ``source`` names a local file (by suffix) rather than a hub dataset."""
+    return Path(source).suffix.lower() in FILE_BUILDERS

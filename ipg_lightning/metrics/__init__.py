@@ -1,0 +1,5 @@
+"""Reasoning metrics: torchmetrics classes over a pure functional core (``functional``)."""
+
+from ipg_lightning.metrics.reasoning import AnswerRate, ReasoningAccuracy, ReasoningLength, ReflectionRate
+
+__all__ = ["AnswerRate", "ReasoningAccuracy", "ReasoningLength", "ReflectionRate"]

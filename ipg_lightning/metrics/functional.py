@@ -1,0 +1,92 @@
+"""Pure functions behind the reasoning metrics; the ``Metric`` classes only keep state.
+
+>>> reasoning_accuracy(["#### 4", "so 5", "none"], ["4", "4", "1"])
+tensor(0.3333)
+>>> reflection_rate(["Wait, let me check.", "Done."])
+tensor(0.5000)
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+
+import torch
+
+from ipg_lightning.answers import answers_match, extract_answer
+
+#: Phrases that mark self-reflection in a reasoning trace (matched case-insensitively, whole words).
+DEFAULT_REFLECTION_MARKERS: tuple[str, ...] = (
+    "wait",
+    "let me check",
+    "let me double check",
+    "double-check",
+    "double check",
+    "let me verify",
+    "hmm",
+    "on second thought",
+)
+
+
+def _check_lengths(predictions: Sequence[str], targets: Sequence[str]) -> None:
+    if len(predictions) != len(targets):
+        raise ValueError(f"Got {len(predictions)} completions but {len(targets)} gold answers")
+
+
+def correct_counts(completions: Sequence[str], golds: Sequence[str]) -> torch.Tensor:
+    """Per completion, 1 if its extracted final answer matches the gold answer, else 0."""
+    _check_lengths(completions, golds)
+    hits = []
+    for text, gold in zip(completions, golds):
+        found = extract_answer(text)
+        hits.append(answers_match(found.value if found else None, gold))
+    return torch.tensor(hits, dtype=torch.long)
+
+
+def reasoning_accuracy(completions: Sequence[str], golds: Sequence[str]) -> torch.Tensor:
+    """Fraction of completions whose extracted final answer matches the gold answer."""
+    return correct_counts(completions, golds).float().mean()
+
+
+def answer_flags(completions: Sequence[str]) -> torch.Tensor:
+    """Per completion, 1 if a final answer can be extracted, else 0."""
+    return torch.tensor([extract_answer(text) is not None for text in completions], dtype=torch.long)
+
+
+def answer_rate(completions: Sequence[str]) -> torch.Tensor:
+    """Fraction of completions with an extractable final answer."""
+    return answer_flags(completions).float().mean()
+
+
+def reflection_pattern(markers: Sequence[str]) -> re.Pattern:
+    """A case-insensitive whole-word regex matching any of ``markers``."""
+    if not markers:
+        raise ValueError("At least one reflection marker is needed")
+    alternatives = "|".join(re.escape(marker) for marker in sorted(markers, key=len, reverse=True))
+    return re.compile(rf"(?<!\w)(?:{alternatives})(?!\w)", re.IGNORECASE)
+
+
+def reflection_counts(completions: Sequence[str], markers: Sequence[str] = DEFAULT_REFLECTION_MARKERS) -> torch.Tensor:
+    """Per completion, the number of reflection markers it contains."""
+    pattern = reflection_pattern(markers)
+    return torch.tensor([len(pattern.findall(text)) for text in completions], dtype=torch.long)
+
+
+def reflection_rate(completions: Sequence[str], markers: Sequence[str] = DEFAULT_REFLECTION_MARKERS) -> torch.Tensor:
+    """Fraction of completions that contain at least one reflection marker."""
+    return (reflection_counts(completions, markers) > 0).float().mean()
+
+
+def length_summary(lengths: torch.Tensor, quantiles: Sequence[float] = (0.5, 0.9)) -> dict[str, torch.Tensor]:
+    """Mean, min, max and quantiles of reasoning lengths (a 1-D tensor of token counts).
+
+    >>> {k: round(v.item(), 2) for k, v in length_summary(torch.tensor([2, 4, 6, 8])).items()}
+    {'mean': 5.0, 'min': 2.0, 'max': 8.0, 'q50': 5.0, 'q90': 7.4}
+    """
+    if lengths.numel() == 0:
+        raise ValueError("No lengths to summarise")
+    values = lengths.float()
+    summary = {"mean": values.mean(), "min": values.min(), "max": values.max()}
+    for quantile in quantiles:
+        summary[f"q{round(quantile * 100)}"] = torch.quantile(values, quantile)
+    return summary

@@ -1,0 +1,128 @@
+"""Stateful torchmetrics for reasoning benchmarks; the computation lives in ``functional``.
+
+All states reduce across processes (``sum`` counters, ``cat`` for the length distribution), so
+the metrics give the same value under DDP as on one process.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torchmetrics import Metric
+from torchmetrics.utilities import dim_zero_cat
+
+from ipg_lightning.metrics import functional as F
+
+
+class _RateMetric(Metric):
+    """A fraction ``hits / total`` kept as two summed counters."""
+
+    is_differentiable = False
+    higher_is_better = True
+    full_state_update = False
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.add_state("hits", default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
+        self.add_state("total", default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
+
+    def _add(self, flags: torch.Tensor) -> None:
+        self.hits += flags.sum().to(self.hits.device)
+        self.total += flags.numel()
+
+    def compute(self) -> torch.Tensor:
+        """The fraction so far (0 before any update)."""
+        return self.hits.float() / self.total.clamp(min=1)
+
+
+class ReasoningAccuracy(_RateMetric):
+    """Fraction of completions whose extracted final answer equals the gold answer.
+
+    Example:
+        >>> metric = ReasoningAccuracy()
+        >>> metric.update(["2+2=4\\n#### 4", "The answer is 5."], ["4", "4"])
+        >>> metric.compute()
+        tensor(0.5000)
+    """
+
+    def update(self, completions: Sequence[str], golds: Sequence[str]) -> None:
+        """Add a batch of completions and their gold answers."""
+        self._add(F.correct_counts(completions, golds))
+
+
+class AnswerRate(_RateMetric):
+    """Fraction of completions from which a final answer can be extracted.
+
+    Example:
+        >>> metric = AnswerRate()
+        >>> metric.update(["#### 4", "I am not sure."])
+        >>> metric.compute()
+        tensor(0.5000)
+    """
+
+    def update(self, completions: Sequence[str]) -> None:
+        """Add a batch of completions."""
+        self._add(F.answer_flags(completions))
+
+
+class ReflectionRate(_RateMetric):
+    """Fraction of completions containing a reflection marker ("wait", "let me check", ...).
+
+    Args:
+        markers: phrases that count as reflection, matched case-insensitively as whole words.
+
+    Example:
+        >>> metric = ReflectionRate(markers=["wait"])
+        >>> metric.update(["Wait, 3 + 4 = 7.", "3 + 4 = 7.", "Awaiting"])
+        >>> metric.compute()
+        tensor(0.3333)
+    """
+
+    higher_is_better = None
+
+    def __init__(self, markers: Sequence[str] = F.DEFAULT_REFLECTION_MARKERS, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.markers = tuple(markers)
+        F.reflection_pattern(self.markers)  # fail early on an empty marker list
+
+    def update(self, completions: Sequence[str]) -> None:
+        """Add a batch of completions."""
+        self._add(F.reflection_counts(completions, self.markers) > 0)
+
+
+class ReasoningLength(Metric):
+    """Distribution of reasoning lengths (tokens): mean, min, max and quantiles.
+
+    Args:
+        quantiles: which quantiles to report, as fractions.
+
+    Example:
+        >>> metric = ReasoningLength(quantiles=(0.5,))
+        >>> metric.update(torch.tensor([10, 20]))
+        >>> metric.update([30])
+        >>> {k: v.item() for k, v in metric.compute().items()}
+        {'mean': 20.0, 'min': 10.0, 'max': 30.0, 'q50': 20.0}
+    """
+
+    is_differentiable = False
+    higher_is_better = None
+    full_state_update = False
+
+    def __init__(self, quantiles: Sequence[float] = (0.5, 0.9), **kwargs) -> None:
+        super().__init__(**kwargs)
+        if not all(0 <= q <= 1 for q in quantiles):
+            raise ValueError(f"Quantiles must lie in [0, 1], got {list(quantiles)}")
+        self.quantiles = tuple(quantiles)
+        self.add_state("lengths", default=[], dist_reduce_fx="cat")
+
+    def update(self, lengths: torch.Tensor | Sequence[float]) -> None:
+        """Add the reasoning lengths of a batch of completions."""
+        lengths = torch.as_tensor(lengths, dtype=torch.float32, device=self.device).flatten()
+        if (lengths < 0).any() or not torch.isfinite(lengths).all():
+            raise ValueError("Reasoning lengths must be finite and non-negative")
+        self.lengths.append(lengths)
+
+    def compute(self) -> dict[str, torch.Tensor]:
+        """Summary statistics of all lengths seen so far."""
+        return F.length_summary(dim_zero_cat(self.lengths), self.quantiles)

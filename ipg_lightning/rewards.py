@@ -1,0 +1,145 @@
+"""Outcome rewards (signals): map a finished trajectory to a number.
+
+A reward is any callable ``reward(completion: Completion) -> float``. Built in: :func:`accuracy`,
+:func:`reasoning_length`, :func:`answer_present`, weighted sums with :class:`CompoundReward`, and
+any user function named by import path (``my_pkg.rewards:politeness``) through :func:`load_reward`.
+
+>>> completion = Completion(prompt="2+3?", text="2 + 3 = 5\\n#### 5", num_tokens=9, gold="5")
+>>> accuracy(completion), answer_present(completion)
+(1.0, 1.0)
+>>> reasoning_length(completion)  # 5 words before "####" (no tokenizer given)
+5.0
+>>> CompoundReward({"accuracy": 1.0, "reasoning_length": -0.1})(completion)
+0.5
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from ipg_lightning.answers import THINK_END, answers_match, extract_answer
+
+
+@dataclass(frozen=True)
+class Completion:
+    """One finished trajectory, as rewards see it.
+
+    Args:
+        prompt: the prompt text the model saw.
+        text: the decoded completion.
+        num_tokens: number of generated tokens.
+        gold: the reference final answer, if known.
+        count_tokens: turns a prefix of ``text`` into a token count (the tokenizer's); used to
+            measure reasoning that ends before the completion does. Defaults to whitespace words.
+    """
+
+    prompt: str
+    text: str
+    num_tokens: int
+    gold: str | None = None
+    count_tokens: Callable[[str], int] | None = field(default=None, repr=False, compare=False)
+
+    def tokens_in(self, prefix: str) -> int:
+        """Token count of ``prefix`` (a prefix of ``text``), capped at :attr:`num_tokens`."""
+        counted = self.count_tokens(prefix) if self.count_tokens else len(prefix.split())
+        return min(counted, self.num_tokens)
+
+
+class Reward(Protocol):
+    """What a reward is: a callable from a :class:`Completion` to a float."""
+
+    def __call__(self, completion: Completion) -> float: ...
+
+
+def accuracy(completion: Completion) -> float:
+    """1.0 if the extracted final answer equals the gold answer after normalisation, else 0.0."""
+    if completion.gold is None:
+        raise ValueError("The accuracy reward needs a gold answer; this example has none")
+    found = extract_answer(completion.text)
+    return float(answers_match(found.value if found else None, completion.gold))
+
+
+def answer_present(completion: Completion) -> float:
+    """1.0 if a final answer can be extracted from the completion, else 0.0."""
+    return float(extract_answer(completion.text) is not None)
+
+
+def reasoning_span_end(text: str) -> int:
+    """Character index where the reasoning ends: at ``</think>`` when present, else at an explicit
+    final-answer marker (``####``, ``The answer is``, ``\\boxed``), else at the end of the text."""
+    think_end = text.find(THINK_END)
+    if think_end >= 0:
+        return think_end
+    found = extract_answer(text)
+    if found is not None and found.method != "last_number":
+        return found.start
+    return len(text)
+
+
+def reasoning_length(completion: Completion) -> float:
+    """Number of reasoning tokens: before ``</think>``, else before the final-answer marker, else all."""
+    end = reasoning_span_end(completion.text)
+    if end >= len(completion.text):
+        return float(completion.num_tokens)
+    return float(completion.tokens_in(completion.text[:end]))
+
+
+BUILTIN_REWARDS: dict[str, Reward] = {
+    "accuracy": accuracy,
+    "answer_present": answer_present,
+    "reasoning_length": reasoning_length,
+}
+
+
+class CompoundReward:
+    """A weighted sum of rewards, e.g. ``{"accuracy": 1.0, "reasoning_length": -0.001}``.
+
+    Keys are built-in reward names or import paths (see :func:`load_reward`).
+    """
+
+    def __init__(self, weights: Mapping[str, float]) -> None:
+        if not weights:
+            raise ValueError("CompoundReward needs at least one weighted reward")
+        self.weights = dict(weights)
+        self.parts = {name: load_reward(name) for name in self.weights}
+
+    def __call__(self, completion: Completion) -> float:
+        return sum(weight * self.parts[name](completion) for name, weight in self.weights.items())
+
+
+def load_reward(spec: str | Mapping[str, float] | Reward) -> Reward:
+    """Resolve a reward from config: a built-in name, ``"package.module:function"``, a mapping of
+    weights (a :class:`CompoundReward`), or a callable (returned as is)."""
+    if callable(spec):
+        return spec
+    if isinstance(spec, Mapping):
+        return CompoundReward(spec)
+    if spec in BUILTIN_REWARDS:
+        return BUILTIN_REWARDS[spec]
+    if ":" not in spec:
+        raise ValueError(
+            f"Unknown reward {spec!r}: use one of {sorted(BUILTIN_REWARDS)}, a mapping of weights, "
+            "or an import path like 'my_package.rewards:my_reward'"
+        )
+    module_name, _, attribute = spec.partition(":")
+    try:
+        reward = getattr(importlib.import_module(module_name), attribute)
+    except (ImportError, AttributeError) as error:
+        raise ValueError(f"Cannot import reward {spec!r}: {error}") from None
+    if not callable(reward):
+        raise ValueError(f"Reward {spec!r} is not callable")
+    return reward
+
+
+def score_completions(reward: Reward, completions: Sequence[Completion]) -> list[float]:
+    """Apply ``reward`` to each completion, checking that every result is a finite number."""
+    scores = []
+    for index, completion in enumerate(completions):
+        value = float(reward(completion))
+        if value != value or value in (float("inf"), float("-inf")):
+            raise ValueError(f"Reward returned {value} for completion {index}: rewards must be finite")
+        scores.append(value)
+    return scores

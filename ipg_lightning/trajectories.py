@@ -1,0 +1,335 @@
+"""Trajectories: batched sampling of completions, and teacher-forced scoring of them.
+
+Sampling draws every completion from its own random generator, seeded from the prompt's seed and
+the sample index, so a trajectory does not depend on which other prompts share its batch, on the
+batch size, or on the number of devices. Scoring returns the per-token log-probabilities of the
+generated tokens only (prompt and padding masked), differentiable with respect to component gates.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList, PreTrainedTokenizerBase
+
+from ipg_lightning.sites import unwrap_model
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    """How completions are sampled.
+
+    Args:
+        num_samples: completions per prompt (N).
+        temperature: softmax temperature; 0 means greedy decoding.
+        top_p: nucleus sampling mass (1 disables it).
+        max_new_tokens: hard cap on generated tokens per completion.
+        stop_strings: extra strings that end a completion (EOS always does).
+        batch_size: completions generated together in one ``generate`` call.
+        seed: global seed, mixed with each prompt's own seed.
+    """
+
+    num_samples: int = 4
+    temperature: float = 0.6
+    top_p: float = 0.8
+    max_new_tokens: int = 512
+    stop_strings: tuple[str, ...] = ()
+    batch_size: int = 16
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.num_samples < 1:
+            raise ValueError(f"num_samples must be >= 1, got {self.num_samples}")
+        if not self.temperature >= 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.max_new_tokens < 1 or self.batch_size < 1:
+            raise ValueError("max_new_tokens and batch_size must be >= 1")
+        object.__setattr__(self, "stop_strings", tuple(self.stop_strings))
+
+
+@dataclass
+class Trajectories:
+    """Completions of a set of prompts, as token lists plus padded tensors for scoring.
+
+    Row ``r`` is sample ``sample_index[r]`` of prompt ``prompt_index[r]``. ``completion_ids`` ends
+    at (and includes) the EOS token or the token that completed a stop string.
+    """
+
+    prompt_ids: list[list[int]]
+    completion_ids: list[list[int]]
+    completions: list[str]
+    prompt_index: list[int]
+    sample_index: list[int]
+    pad_token_id: int
+    _padded: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
+
+    def __len__(self) -> int:
+        return len(self.completion_ids)
+
+    @property
+    def num_completion_tokens(self) -> int:
+        """Total number of generated tokens over all rows."""
+        return sum(len(ids) for ids in self.completion_ids)
+
+    def select(self, rows: Sequence[int]) -> Trajectories:
+        """A new :class:`Trajectories` with only ``rows`` (e.g. one chunk for scoring)."""
+        return Trajectories(
+            prompt_ids=[self.prompt_ids[r] for r in rows],
+            completion_ids=[self.completion_ids[r] for r in rows],
+            completions=[self.completions[r] for r in rows],
+            prompt_index=[self.prompt_index[r] for r in rows],
+            sample_index=[self.sample_index[r] for r in rows],
+            pad_token_id=self.pad_token_id,
+        )
+
+    def chunks(self, chunk_size: int) -> Iterator[tuple[range, Trajectories]]:
+        """Yield ``(rows, trajectories)`` in chunks of at most ``chunk_size`` rows."""
+        for start in range(0, len(self), chunk_size):
+            rows = range(start, min(start + chunk_size, len(self)))
+            yield rows, self.select(rows)
+
+    def padded(self) -> dict[str, torch.Tensor]:
+        """Left-padded prompts followed by right-padded completions, as tensors.
+
+        Returns ``input_ids``, ``attention_mask`` and ``completion_mask`` of shape
+        (rows, prompt_width + completion_width), plus ``position_ids`` counted from each row's first
+        real token. ``completion_mask`` is 1 exactly on generated tokens.
+        """
+        if not self._padded:
+            self._padded.update(_pad(self.prompt_ids, self.completion_ids, self.pad_token_id))
+        return self._padded
+
+
+def _pad(prompts: list[list[int]], completions: list[list[int]], pad_id: int) -> dict[str, torch.Tensor]:
+    prompt_width = max(len(p) for p in prompts)
+    completion_width = max(len(c) for c in completions)
+    rows = len(prompts)
+    input_ids = torch.full((rows, prompt_width + completion_width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros_like(input_ids)
+    completion_mask = torch.zeros_like(input_ids)
+    for row, (prompt, completion) in enumerate(zip(prompts, completions)):
+        start = prompt_width - len(prompt)
+        end = prompt_width + len(completion)
+        input_ids[row, start:prompt_width] = torch.tensor(prompt)
+        input_ids[row, prompt_width:end] = torch.tensor(completion, dtype=torch.long)
+        attention_mask[row, start:end] = 1
+        completion_mask[row, prompt_width:end] = 1
+    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+    return {
+        "input_ids": input_ids,
+        "attention_mask": attention_mask,
+        "completion_mask": completion_mask,
+        "position_ids": position_ids,
+    }
+
+
+def prompt_seed(prompt: str) -> int:
+    """A stable seed derived from a prompt's text (used when a prompt has no seed of its own)."""
+    return int.from_bytes(hashlib.sha256(prompt.encode()).digest()[:4], "little")
+
+
+def row_seed(global_seed: int, prompt_seed_value: int, sample: int) -> int:
+    """The seed of one completion: a hash of the global seed, the prompt's seed and the sample index."""
+    key = f"{global_seed}:{prompt_seed_value}:{sample}".encode()
+    return int.from_bytes(hashlib.sha256(key).digest()[:8], "little") & ((1 << 63) - 1)
+
+
+class PerRowSampler(LogitsProcessor):
+    """Samples each row's next token with that row's own generator (temperature and top-p).
+
+    It returns scores that are ``-inf`` everywhere but the sampled token, so greedy decoding in
+    ``generate`` emits exactly the sampled token while ``generate`` keeps handling the KV cache,
+    EOS, stop strings and padding.
+    """
+
+    def __init__(self, generators: Sequence[torch.Generator], temperature: float, top_p: float) -> None:
+        self.generators = list(generators)
+        self.temperature = temperature
+        self.top_p = top_p
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        probs = torch.softmax(scores.float() / self.temperature, dim=-1)
+        if self.top_p < 1:
+            sorted_probs, order = probs.sort(dim=-1, descending=True)
+            outside = sorted_probs.cumsum(-1) - sorted_probs >= self.top_p
+            sorted_probs = sorted_probs.masked_fill(outside, 0.0)
+            probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs)
+        chosen = torch.cat(
+            [torch.multinomial(probs[row], 1, generator=gen) for row, gen in enumerate(self.generators)]
+        )
+        out = torch.full_like(scores, float("-inf"))
+        out[torch.arange(len(chosen), device=scores.device), chosen] = 0.0
+        return out
+
+
+def _eos_ids(model: nn.Module, tokenizer: PreTrainedTokenizerBase) -> list[int]:
+    eos = getattr(getattr(unwrap_model(model), "generation_config", None), "eos_token_id", None)
+    if eos is None:
+        eos = tokenizer.eos_token_id
+    ids = [eos] if isinstance(eos, int) else list(eos or [])
+    if not ids:
+        raise ValueError("Neither the model's generation config nor the tokenizer defines an EOS token")
+    return ids
+
+
+def _completion_end(ids: list[int], eos_ids: set[int], stop_strings: tuple[str, ...], decode) -> int:
+    """Number of tokens up to and including the first EOS or the token completing a stop string."""
+    end = next((i + 1 for i, token in enumerate(ids) if token in eos_ids), len(ids))
+    if stop_strings and any(stop in decode(ids[:end]) for stop in stop_strings):
+        low, high = 1, end  # smallest prefix whose text holds a stop string
+        while low < high:
+            middle = (low + high) // 2
+            if any(stop in decode(ids[:middle]) for stop in stop_strings):
+                high = middle
+            else:
+                low = middle + 1
+        end = low
+    return end
+
+
+@torch.no_grad()
+def sample_trajectories(
+    model: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: Sequence[str],
+    config: SamplingConfig = SamplingConfig(),
+    prompt_seeds: Sequence[int] | None = None,
+    progress: bool = False,
+) -> Trajectories:
+    """Sample ``config.num_samples`` completions of each prompt with ``model`` (gates attached or not).
+
+    Args:
+        model: a causal LM (plain or PEFT-wrapped).
+        tokenizer: its tokenizer; prompts are encoded without adding special tokens, as given.
+        prompts: prompt texts (already templated).
+        config: sampling settings.
+        prompt_seeds: one seed per prompt (e.g. the dataset example's seed); by default derived
+            from the prompt text, so results never depend on batch composition.
+        progress: show a progress bar over completions.
+    """
+    if not prompts:
+        raise ValueError("sample_trajectories needs at least one prompt")
+    seeds = [prompt_seed(p) for p in prompts] if prompt_seeds is None else [int(s) for s in prompt_seeds]
+    if len(seeds) != len(prompts):
+        raise ValueError(f"Got {len(seeds)} prompt seeds for {len(prompts)} prompts")
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    eos_ids = _eos_ids(model, tokenizer)
+    encoded = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    if any(len(ids) == 0 for ids in encoded):
+        raise ValueError("A prompt encodes to zero tokens; every prompt needs text")
+    rows = [(p, s) for p in range(len(prompts)) for s in range(config.num_samples)]
+    generation_config = GenerationConfig(
+        do_sample=False,
+        max_new_tokens=config.max_new_tokens,
+        eos_token_id=eos_ids,
+        pad_token_id=pad_id,
+        stop_strings=list(config.stop_strings) or None,
+    )
+    device = next(unwrap_model(model).parameters()).device
+    decode = lambda ids: tokenizer.decode(ids, skip_special_tokens=False)  # noqa: E731
+    completion_ids: list[list[int]] = []
+    bar = tqdm(total=len(rows), desc="sampling", unit="completion", disable=not progress)
+    for start in range(0, len(rows), config.batch_size):
+        batch_rows = rows[start : start + config.batch_size]
+        padded = _pad([encoded[p] for p, _ in batch_rows], [[] for _ in batch_rows], pad_id)
+        processors = LogitsProcessorList()
+        if config.temperature > 0:
+            generators = [
+                torch.Generator(device=device).manual_seed(row_seed(config.seed, seeds[p], s))
+                for p, s in batch_rows
+            ]
+            processors.append(PerRowSampler(generators, config.temperature, config.top_p))
+        output = unwrap_model(model).generate(
+            input_ids=padded["input_ids"].to(device),
+            attention_mask=padded["attention_mask"].to(device),
+            generation_config=generation_config,
+            logits_processor=processors,
+            tokenizer=tokenizer if config.stop_strings else None,
+        )
+        for generated in output[:, padded["input_ids"].shape[1] :].tolist():
+            completion_ids.append(generated[: _completion_end(generated, set(eos_ids), config.stop_strings, decode)])
+        bar.update(len(batch_rows))
+    bar.close()
+    return Trajectories(
+        prompt_ids=[encoded[p] for p, _ in rows],
+        completion_ids=completion_ids,
+        completions=[tokenizer.decode(ids, skip_special_tokens=True) for ids in completion_ids],
+        prompt_index=[p for p, _ in rows],
+        sample_index=[s for _, s in rows],
+        pad_token_id=pad_id,
+    )
+
+
+def _accepts_logits_to_keep(model: nn.Module) -> bool:
+    return "logits_to_keep" in inspect.signature(unwrap_model(model).forward).parameters
+
+
+def completion_log_probs(model: nn.Module, trajectories: Trajectories) -> torch.Tensor:
+    """Teacher-forced log-probabilities of the generated tokens, shape (rows, completion_width).
+
+    Entries outside ``completion_mask`` (padding after a completion ends) are 0. The result is
+    differentiable with respect to whatever requires grad (gates attached to ``model``); only the
+    logits of completion positions are computed when the model supports ``logits_to_keep``.
+    """
+    device = next(unwrap_model(model).parameters()).device
+    batch = {k: v.to(device) for k, v in trajectories.padded().items()}
+    completion_mask = batch.pop("completion_mask")
+    prompt_width = max(len(ids) for ids in trajectories.prompt_ids)
+    completion_width = completion_mask.shape[1] - prompt_width
+    extra = {"logits_to_keep": completion_width + 1} if _accepts_logits_to_keep(model) else {}
+    logits = model(**batch, use_cache=False, **extra).logits
+    logits = logits[:, -(completion_width + 1) : -1]
+    targets = batch["input_ids"][:, prompt_width:]
+    log_probs = torch.log_softmax(logits.float(), dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    return log_probs * completion_mask[:, prompt_width:]
+
+
+@contextmanager
+def frozen_parameters(model: nn.Module) -> Iterator[nn.Module]:
+    """Turn off ``requires_grad`` on all of ``model``'s own parameters; restore the flags on exit.
+
+    Backward then computes only what gates (parameters outside the model) need.
+    """
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    try:
+        for parameter, _ in flags:
+            parameter.requires_grad_(False)
+        yield model
+    finally:
+        for parameter, flag in flags:
+            parameter.requires_grad_(flag)
+
+
+def backward_weighted_log_likelihood(
+    model: nn.Module,
+    trajectories: Trajectories,
+    weights: torch.Tensor,
+    chunk_size: int = 8,
+) -> float:
+    """Backpropagate ``L = sum_r weights[r] * sum_t log pi(a_t^r | ...)`` in chunks of rows.
+
+    This is the policy-gradient surrogate with ``weights`` as advantages: gradients accumulate into
+    the ``.grad`` of the attached gates, the model's own parameters are frozen, and peak memory is
+    bounded by ``chunk_size`` rows. Returns the value of ``L``.
+    """
+    if weights.shape != (len(trajectories),):
+        raise ValueError(f"Expected one weight per trajectory ({len(trajectories)}), got shape {tuple(weights.shape)}")
+    total = 0.0
+    with frozen_parameters(model):
+        for rows, chunk in trajectories.chunks(chunk_size):
+            chunk_weights = weights[rows.start : rows.stop].to(torch.float32)
+            log_probs = completion_log_probs(model, chunk)
+            surrogate = (chunk_weights.to(log_probs.device) * log_probs.sum(-1)).sum()
+            if surrogate.requires_grad:
+                surrogate.backward()
+            total += surrogate.item()
+    return total
