@@ -23,7 +23,7 @@ THINK_END = "</think>"
 _NUMBER = r"[-−]?\$?\s?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?(?:\s?/\s?\d+)?|[-−]?\.\d+"
 _NUMBER_RE = re.compile(rf"(?<![\w.])(?:{_NUMBER})")
 _HASH_RE = re.compile(r"####\s*(?P<value>[^\n]*)")
-_ANSWER_IS_RE = re.compile(r"answer\s*(?:is|:)\s*:?\s*(?P<value>[^\n]*)", re.IGNORECASE)
+_ANSWER_IS_RE = re.compile(r"(?:the\s+)?(?:final\s+)?answer\s*(?:is|:)\s*:?\s*(?P<value>[^\n]*)", re.IGNORECASE)
 _BOXED_RE = re.compile(r"\\(?:boxed|fbox)\s*\{")
 _FRAC_RE = re.compile(r"\\[dt]?frac\s*\{([^{}]*)\}\s*\{([^{}]*)\}")
 _LATEX_NOISE_RE = re.compile(r"\\(?:left|right|!|,|;|:|\s)|\^\\circ|\^\{\\circ\}|\\%|%|\\\$|\$")
@@ -136,6 +136,8 @@ def normalize_answer(text: str) -> str:
     '12'
     """
     text = _TEXT_RE.sub(r"\1", text.strip())
+    while text.startswith("{") and text.endswith("}"):
+        text = text[1:-1].strip()
     number = parse_number(text)
     if number is not None:
         return _format_number(number)

@@ -1,0 +1,84 @@
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, BloomConfig
+
+from ipg_lightning.sites import (
+    ARCHITECTURES,
+    SITE_FAMILIES,
+    ArchitectureSpec,
+    UnsupportedArchitectureError,
+    discover_sites,
+)
+from ipg_lightning.testing import TINY_FAMILIES, tiny_causal_lm
+
+
+@pytest.mark.parametrize("family", TINY_FAMILIES)
+def test_discovers_every_site_family_with_sizes_from_config(family):
+    model = tiny_causal_lm(family)
+    sites = discover_sites(model, SITE_FAMILIES, layers=[-1])
+    by_family = {site.family: site for site in sites}
+    assert {site.layer for site in sites} == {1}
+    assert by_family["resid_post"].size == 32
+    assert by_family["mlp_neuron"].size == 64
+    assert (by_family["attn_head"].size, by_family["attn_head"].head_dim) == (4, 8)
+    assert by_family["attn_out"].size == by_family["mlp_out"].size == 1
+    for site in sites:
+        model.get_submodule(site.module_path)  # the path resolves on the real model
+
+
+def test_names_follow_transformerlens_vocabulary():
+    sites = {s.family: s for s in discover_sites(tiny_causal_lm("llama"), SITE_FAMILIES, layers=[1])}
+    assert sites["resid_post"].component_name(17) == "blocks.1.hook_resid_post[17]"
+    assert sites["mlp_neuron"].component_name(3) == "blocks.1.mlp.hook_post[3]"
+    assert sites["attn_head"].component_name(2) == "blocks.1.attn.hook_z[2]"
+    assert sites["attn_out"].component_name(0) == "blocks.1.hook_attn_out"
+    assert sites["mlp_out"].component_name(0) == "blocks.1.hook_mlp_out"
+    with pytest.raises(IndexError, match="has 4 components"):
+        sites["attn_head"].component_name(4)
+
+
+def _tiny_bloom():
+    config = BloomConfig(vocab_size=128, hidden_size=32, n_layer=2, n_head=4)
+    return AutoModelForCausalLM.from_config(config)
+
+
+def test_unknown_architecture_lists_supported_ones_and_how_to_declare():
+    with pytest.raises(UnsupportedArchitectureError) as error:
+        discover_sites(_tiny_bloom())
+    message = str(error.value)
+    assert "'bloom'" in message
+    for model_type in ARCHITECTURES:
+        assert model_type in message
+    assert "attn_out_proj" in message and "mlp_out_proj" in message
+
+
+def test_declared_architecture_makes_an_unknown_model_work():
+    spec = ArchitectureSpec(layers="transformer.h", attn_out_proj="self_attention.dense", mlp_out_proj="mlp.dense_4h_to_h")
+    sites = discover_sites(_tiny_bloom(), ["mlp_neuron", "attn_head"], layers=[0], architecture=spec)
+    assert [(s.module_path, s.size) for s in sites] == [
+        ("transformer.h.0.mlp.dense_4h_to_h", 128),
+        ("transformer.h.0.self_attention.dense", 4),
+    ]
+
+
+def test_wrong_declared_path_names_the_path():
+    spec = ArchitectureSpec(layers="model.layers", attn_out_proj="attn.out", mlp_out_proj="mlp.down_proj")
+    with pytest.raises(UnsupportedArchitectureError, match="'model.layers.0.attn.out'"):
+        discover_sites(tiny_causal_lm("llama"), ["attn_head"], layers=[0], architecture=spec)
+
+
+def test_bad_family_and_layer_are_named():
+    model = tiny_causal_lm("llama")
+    with pytest.raises(ValueError, match="resid_pre"):
+        discover_sites(model, ["resid_pre"])
+    with pytest.raises(ValueError, match="Layer 5 is out of range for a model with 2 blocks"):
+        discover_sites(model, layers=[5])
+
+
+def test_head_edit_scales_only_that_heads_slice():
+    site = discover_sites(tiny_causal_lm("llama"), ["attn_head"], layers=[0])[0]
+    activation = torch.ones(1, 2, 32)
+    out = site.edit(activation, torch.tensor([1.0, 0.0, 2.0, 1.0]))
+    assert torch.equal(out[..., 8:16], torch.zeros(1, 2, 8))
+    assert torch.equal(out[..., 16:24], torch.full((1, 2, 8), 2.0))
+    assert torch.equal(out[..., :8], torch.ones(1, 2, 8))
