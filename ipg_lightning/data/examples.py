@@ -41,7 +41,7 @@ class ColumnSpec:
     Args:
         question: column with the problem text.
         answer: column with the gold final answer.
-        solution: optional column with a reference solution.
+        solution: optional column with a reference solution (rows without one get ``None``).
     """
 
     question: str = "question"
@@ -87,7 +87,7 @@ def parse_row(row: Mapping[str, Any], row_format: RowFormat, columns: ColumnSpec
     else:
         question = _text_field(row, columns.question, where)
         gold = _text_field(row, columns.answer, where)
-        solution = _text_field(row, columns.solution, where) if columns.solution else None
+        solution = str(row.get(columns.solution) or "").strip() or None if columns.solution else None
     gold = normalize_answer(gold)
     if not gold:
         raise BadRowError(f"{where}: gold answer is empty after normalisation")

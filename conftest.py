@@ -1,4 +1,4 @@
-"""Shared test setup: no hub access ever, and small deterministic fixtures."""
+"""Shared test setup (tests and doctests): no hub access ever, and small deterministic fixtures."""
 
 import os
 
