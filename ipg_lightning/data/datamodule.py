@@ -10,6 +10,8 @@ from typing import Any, Literal
 import datasets
 import lightning as L
 import torch
+import torch.distributed as dist
+from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from torch.utils.data import DataLoader
 from transformers import PreTrainedTokenizerBase
 
@@ -196,12 +198,18 @@ class ReasoningDataModule(L.LightningDataModule):
         }
 
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
-        generator = torch.Generator().manual_seed(self.seed)
+        dataset = self.dataset(split)
+        sampler = None
+        if not shuffle and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            # Evaluation shards without the repeated padding of DistributedSampler, so that no
+            # prompt is counted twice in attribution scores or metrics.
+            sampler = UnrepeatedDistributedSampler(dataset, shuffle=False)
         return DataLoader(
-            self.dataset(split),
+            dataset,
             batch_size=self.batch_size,
             shuffle=shuffle,
-            generator=generator,
+            sampler=sampler,
+            generator=torch.Generator().manual_seed(self.seed),
             collate_fn=self.collate,
             num_workers=self.num_workers,
         )
