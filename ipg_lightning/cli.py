@@ -1,4 +1,10 @@
-"""The ``ipg`` command line: each subcommand is a typed function, its docstring is its ``--help``."""
+"""The ``ipg`` command line.
+
+``ipg attribute`` is a LightningCLI over :class:`~ipg_lightning.attribution.IPGAttribution` and
+:class:`~ipg_lightning.data.ReasoningDataModule` (``--config recipe.yaml``, ``--model.steps 16``,
+``--data.source ...``, ``--trainer.devices 2``) that runs ``Trainer.validate``. Other subcommands
+are typed functions whose docstrings are their ``--help``.
+"""
 
 from __future__ import annotations
 
@@ -7,15 +13,71 @@ import sys
 
 from ipg_lightning.demo import demo
 
-COMMANDS = {"demo": demo}
+FUNCTION_COMMANDS = {"demo": demo}
+TRAINER_DEFAULTS = {
+    "inference_mode": False,  # gate gradients inside validation (see ipg_lightning.attribution)
+    "logger": False,
+    "enable_checkpointing": False,
+    "enable_model_summary": False,
+}
+
+
+def attribute(args: list[str]) -> None:
+    """Run IPG attribution (or a baseline method) and write the report to ``--model.output_dir``."""
+    from lightning.pytorch.cli import LightningCLI
+
+    from ipg_lightning.attribution import IPGAttribution
+    from ipg_lightning.data import ReasoningDataModule
+
+    cli = LightningCLI(
+        IPGAttribution,
+        ReasoningDataModule,
+        run=False,
+        args=args,
+        trainer_defaults=TRAINER_DEFAULTS,
+        save_config_callback=None,
+        auto_configure_optimizers=False,
+        parser_kwargs={"prog": "ipg attribute", "description": attribute.__doc__},
+    )
+    cli.trainer.validate(cli.model, datamodule=cli.datamodule, verbose=False)
+    if cli.trainer.is_global_zero:
+        print(format_report_summary(cli.model.report, cli.model.hparams.output_dir))
+
+
+def format_report_summary(report, output_dir: str | None, top_n: int = 10) -> str:
+    """A few lines a user reads after attribution: counts, mean reward, completeness, top components."""
+    meta = report.metadata
+    counts = meta["counts"]
+    lines = [
+        f"method {meta['method']} on {meta['model']}: {counts['prompts']} prompts, {counts['trajectories']} trajectories, "
+        f"{counts['completion_tokens']} completion tokens, {meta['wall_time_s']} s",
+    ]
+    if meta["mean_reward"] is not None:
+        lines.append(f"mean reward at gates = 1: {meta['mean_reward']:.4f}")
+    if counts.get("zero_signal_prompts") is not None:
+        lines.append(f"zero-signal prompts (all N rewards equal, skipped): {counts['zero_signal_prompts']}")
+    if "completeness" in meta:
+        c = meta["completeness"]
+        lines.append(
+            f"completeness: sum of scores {c['sum_of_scores']:.6g} vs {c['target']} {c['surrogate_delta']:.6g} "
+            f"(residual {c['residual']:.3g}, relative {c['relative_residual']:.3g})"
+        )
+    lines.append(f"top {top_n}:")
+    lines += [f"  {row['name']:<36} {row['score']:+.6g}" for row in report.top(top_n)]
+    lines.append(f"report written to {output_dir}" if output_dir else "no --model.output_dir given: report kept in memory only")
+    return "\n".join(lines)
 
 
 def main(args: list[str] | None = None) -> None:
     """Entry point of the ``ipg`` console script."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    args = sys.argv[1:] if args is None else list(args)
+    if args and args[0] == "attribute":
+        attribute(args[1:])
+        return
     from jsonargparse import CLI
 
-    CLI(COMMANDS, args=sys.argv[1:] if args is None else args, as_positional=False)
+    CLI({"attribute": attribute, **FUNCTION_COMMANDS}, args=args, as_positional=False)
 
 
 if __name__ == "__main__":

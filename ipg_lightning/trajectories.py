@@ -269,6 +269,25 @@ def sample_trajectories(
     )
 
 
+def teacher_forced_trajectories(
+    tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str], continuations: Sequence[str]
+) -> Trajectories:
+    """Trajectories whose completions are given texts (e.g. reference solutions) followed by EOS."""
+    if len(prompts) != len(continuations):
+        raise ValueError(f"Got {len(prompts)} prompts but {len(continuations)} continuations")
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    prompt_ids = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    completion_ids = [tokenizer(c, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id] for c in continuations]
+    return Trajectories(
+        prompt_ids=prompt_ids,
+        completion_ids=completion_ids,
+        completions=list(continuations),
+        prompt_index=list(range(len(prompts))),
+        sample_index=[0] * len(prompts),
+        pad_token_id=pad_id,
+    )
+
+
 def _accepts_logits_to_keep(model: nn.Module) -> bool:
     return "logits_to_keep" in inspect.signature(unwrap_model(model).forward).parameters
 
@@ -309,6 +328,28 @@ def frozen_parameters(model: nn.Module) -> Iterator[nn.Module]:
             parameter.requires_grad_(flag)
 
 
+def _weighted_log_likelihood(
+    model: nn.Module, trajectories: Trajectories, weights: torch.Tensor, chunk_size: int, backward: bool
+) -> float:
+    if weights.shape != (len(trajectories),):
+        raise ValueError(f"Expected one weight per trajectory ({len(trajectories)}), got shape {tuple(weights.shape)}")
+    total = 0.0
+    with frozen_parameters(model), torch.set_grad_enabled(backward):
+        for rows, chunk in trajectories.chunks(chunk_size):
+            log_probs = completion_log_probs(model, chunk)
+            chunk_weights = weights[rows.start : rows.stop].to(device=log_probs.device, dtype=torch.float32)
+            surrogate = (chunk_weights * log_probs.sum(-1)).sum()
+            if backward and surrogate.requires_grad:
+                surrogate.backward()
+            total += surrogate.item()
+    return total
+
+
+def weighted_log_likelihood(model: nn.Module, trajectories: Trajectories, weights: torch.Tensor, chunk_size: int = 8) -> float:
+    """The value of ``L = sum_r weights[r] * sum_t log pi(a_t^r | ...)``, without gradients."""
+    return _weighted_log_likelihood(model, trajectories, weights, chunk_size, backward=False)
+
+
 def backward_weighted_log_likelihood(
     model: nn.Module,
     trajectories: Trajectories,
@@ -321,15 +362,4 @@ def backward_weighted_log_likelihood(
     the ``.grad`` of the attached gates, the model's own parameters are frozen, and peak memory is
     bounded by ``chunk_size`` rows. Returns the value of ``L``.
     """
-    if weights.shape != (len(trajectories),):
-        raise ValueError(f"Expected one weight per trajectory ({len(trajectories)}), got shape {tuple(weights.shape)}")
-    total = 0.0
-    with frozen_parameters(model):
-        for rows, chunk in trajectories.chunks(chunk_size):
-            chunk_weights = weights[rows.start : rows.stop].to(torch.float32)
-            log_probs = completion_log_probs(model, chunk)
-            surrogate = (chunk_weights.to(log_probs.device) * log_probs.sum(-1)).sum()
-            if surrogate.requires_grad:
-                surrogate.backward()
-            total += surrogate.item()
-    return total
+    return _weighted_log_likelihood(model, trajectories, weights, chunk_size, backward=True)

@@ -1,0 +1,58 @@
+"""Per-trajectory activation statistics of gated sites, for the activation-based baselines.
+
+For each trajectory and component, the mean over its generated tokens of the component's
+activation: the signed value for residual coordinates and MLP neurons, the L2 norm of the slice
+for attention heads, the L2 norm of the output for whole sub-layers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from contextlib import ExitStack
+
+import torch
+from torch import nn
+
+from ipg_lightning.sites import Site, unwrap_model
+from ipg_lightning.trajectories import Trajectories
+
+
+def component_values(site: Site, activation: torch.Tensor) -> torch.Tensor:
+    """(batch, seq, width) activation -> (batch, seq, site.size) per-component values."""
+    if site.family == "attn_head":
+        return activation.reshape(*activation.shape[:-1], site.size, site.head_dim).norm(dim=-1)
+    if site.size == 1:
+        return activation.norm(dim=-1, keepdim=True)
+    return activation
+
+
+@torch.no_grad()
+def mean_completion_activations(
+    model: nn.Module, sites: Sequence[Site], trajectories: Trajectories, chunk_size: int = 8
+) -> dict[str, torch.Tensor]:
+    """For each site, a (rows, size) tensor: mean component value over each row's generated tokens."""
+    root = unwrap_model(model)
+    device = next(root.parameters()).device
+    results: dict[str, list[torch.Tensor]] = {site.name: [] for site in sites}
+    for _, chunk in trajectories.chunks(chunk_size):
+        batch = {k: v.to(device) for k, v in chunk.padded().items()}
+        mask = batch.pop("completion_mask").float()
+        captured: dict[str, torch.Tensor] = {}
+
+        def recorder(site: Site):
+            def hook(module, args, output=None):
+                value = args[0] if site.hooks_input else (output[0] if isinstance(output, tuple) else output)
+                captured[site.name] = component_values(site, value.float())
+
+            return hook
+
+        with ExitStack() as stack:
+            for site in sites:
+                module = root.get_submodule(site.module_path)
+                register = module.register_forward_pre_hook if site.hooks_input else module.register_forward_hook
+                stack.callback(register(recorder(site)).remove)
+            model(**batch, use_cache=False)
+        tokens = mask.sum(1, keepdim=True).clamp(min=1)
+        for site in sites:
+            results[site.name].append((captured[site.name] * mask[..., None]).sum(1) / tokens)
+    return {name: torch.cat(parts).cpu() for name, parts in results.items()}

@@ -1,0 +1,123 @@
+"""Attribution reports: per-site score tensors plus everything needed to trust and reuse them.
+
+A report directory holds ``attribution.safetensors`` (one score vector per site),
+``attribution.json`` (config, model and data identifiers, counts, mean reward, the completeness
+check and the top components) and ``attribution.png`` (heatmaps and the top components). It is
+written atomically: either all three files exist under the final name, or none do.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from ipg_lightning.io import atomic_directory, atomic_write_json
+
+SCORES_FILE = "attribution.safetensors"
+METADATA_FILE = "attribution.json"
+PLOT_FILE = "attribution.png"
+
+
+@dataclass
+class AttributionReport:
+    """Scores of components, keyed by site name (e.g. ``blocks.3.hook_resid_post``).
+
+    Args:
+        scores: one score vector per site.
+        sites: per site, its ``family``, ``layer`` and ``size``.
+        metadata: config, identifiers, counts and the completeness block.
+    """
+
+    scores: dict[str, torch.Tensor]
+    sites: dict[str, dict[str, Any]]
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        for name, vector in self.scores.items():
+            if name not in self.sites or vector.shape != (self.sites[name]["size"],):
+                raise ValueError(f"Scores of {name} do not match its site description {self.sites.get(name)}")
+
+    def component_name(self, site_name: str, index: int) -> str:
+        """The component's report name, e.g. ``blocks.3.attn.hook_z[2]``."""
+        return site_name if self.sites[site_name]["size"] == 1 else f"{site_name}[{index}]"
+
+    def ranked(self, signed: bool = True, family: str | None = None) -> list[tuple[str, float, str]]:
+        """All components as ``(name, score, site)``, highest first (by score, or by |score|)."""
+        rows = []
+        for site_name, vector in self.scores.items():
+            if family is not None and self.sites[site_name]["family"] != family:
+                continue
+            for index, value in enumerate(vector.tolist()):
+                rows.append((self.component_name(site_name, index), value, site_name))
+        rows.sort(key=lambda row: row[1] if signed else abs(row[1]), reverse=True)
+        return rows
+
+    def select(
+        self,
+        k: int | None = None,
+        fraction: float | None = None,
+        signed: bool = True,
+        per_layer: bool = False,
+        family: str | None = None,
+    ) -> list[str]:
+        """Names of the top components.
+
+        Args:
+            k: how many (globally, or per layer with ``per_layer``).
+            fraction: or what share of the candidates (exactly one of ``k`` and ``fraction``).
+            signed: rank by signed score (the paper's default) or by absolute score.
+            per_layer: take the top of each layer separately instead of globally.
+            family: only components of this site family.
+        """
+        if (k is None) == (fraction is None):
+            raise ValueError("Give exactly one of k (a count) or fraction (a share)")
+        if fraction is not None and not 0 < fraction <= 1:
+            raise ValueError(f"fraction must be in (0, 1], got {fraction}")
+        if k is not None and k < 0:
+            raise ValueError(f"k must be >= 0, got {k}")
+        ranked = self.ranked(signed=signed, family=family)
+        groups: dict[Any, list] = {}
+        for row in ranked:
+            key = self.sites[row[2]]["layer"] if per_layer else None
+            groups.setdefault(key, []).append(row)
+        chosen = []
+        for rows in groups.values():
+            count = k if k is not None else math.ceil(fraction * len(rows))
+            chosen.extend(rows[:count])
+        chosen.sort(key=lambda row: row[1] if signed else abs(row[1]), reverse=True)
+        return [name for name, _, _ in chosen]
+
+    def top(self, n: int = 20, signed: bool = True) -> list[dict[str, Any]]:
+        """The ``n`` highest-ranked components as ``{"name", "score"}`` dicts."""
+        return [{"name": name, "score": score} for name, score, _ in self.ranked(signed)[:n]]
+
+    def save(self, directory: str | Path, overwrite: bool = False, top_n: int = 50, plot: bool = True) -> Path:
+        """Write the report atomically into ``directory`` (see the module docstring)."""
+        directory = Path(directory)
+        with atomic_directory(directory, overwrite=overwrite) as staging:
+            save_file({name: t.contiguous().float() for name, t in self.scores.items()}, str(staging / SCORES_FILE))
+            payload = {**self.metadata, "sites": self.sites, "top": self.top(top_n)}
+            atomic_write_json(staging / METADATA_FILE, payload)
+            if plot:
+                from ipg_lightning.plots import plot_attribution
+
+                plot_attribution(self, staging / PLOT_FILE)
+        return directory
+
+    @classmethod
+    def load(cls, directory: str | Path) -> AttributionReport:
+        """Read a report written by :meth:`save`."""
+        directory = Path(directory)
+        for name in (SCORES_FILE, METADATA_FILE):
+            if not (directory / name).is_file():
+                raise FileNotFoundError(f"{directory} is not an attribution report: {name} is missing")
+        metadata = json.loads((directory / METADATA_FILE).read_text())
+        sites = metadata.pop("sites")
+        metadata.pop("top", None)
+        return cls(scores=load_file(str(directory / SCORES_FILE)), sites=sites, metadata=metadata)
