@@ -27,7 +27,7 @@ from ipg_lightning.evaluation import completions_of
 from ipg_lightning.gates import ComponentGates
 from ipg_lightning.models import load_model_and_tokenizer
 from ipg_lightning.report import AttributionReport
-from ipg_lightning.rewards import accuracy, load_reward, score_completions
+from ipg_lightning.rewards import load_reward, score_completions
 from ipg_lightning.sites import ArchitectureSpec
 from ipg_lightning.trajectories import (
     SamplingConfig,
@@ -88,7 +88,8 @@ class IPGAttribution(L.LightningModule):
         layers: blocks to attribute; default one mid-to-late block (at 3/4 depth), as in the paper.
         method: ``ipg``; or a baseline: ``grad_x_act`` (IPG without integration: one point at
             alpha = 1), ``random``, ``activation`` (mean activation magnitude), ``mean_diff``
-            (mean activation of correct minus incorrect trajectories), ``ig_reference``
+            (mean activation of trajectories with reward > 0.5, i.e. correct ones under the accuracy
+            reward, minus that of the others), ``ig_reference``
             (Integrated Gradients of the teacher-forced likelihood of reference solutions).
         reward: a built-in reward name, an import path ``pkg.module:function``, or a mapping of weights.
         advantage: ``rloo`` (default, unbiased), ``grpo`` (the paper's), or ``none``.
@@ -145,8 +146,9 @@ class IPGAttribution(L.LightningModule):
             raise ValueError(f"estimation must be fixed|resample and path layer|family, got {estimation!r}, {path!r}")
         if not baseline < 1:
             raise ValueError(f"baseline must be < 1 (the path runs from it to 1), got {baseline}")
-        self.save_hyperparameters()
+        self.save_hyperparameters(ignore=[] if isinstance(reward, (str, dict)) else ["reward"])
         self.reward_fn = load_reward(reward)
+        self.reward_name = reward if isinstance(reward, (str, dict)) else f"{reward.__module__}:{reward.__qualname__}"
         self.sampling = SamplingConfig(
             num_samples=num_samples, temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens,
             stop_strings=tuple(stop_strings or ()), batch_size=generation_batch_size, seed=seed,
@@ -222,9 +224,9 @@ class IPGAttribution(L.LightningModule):
             groups.setdefault(site.family, []).append(name)
         return list(groups.values())
 
-    def _rewards(self, batch: dict[str, Any], trajectories: Trajectories, reward=None) -> torch.Tensor:
+    def _rewards(self, batch: dict[str, Any], trajectories: Trajectories) -> torch.Tensor:
         completions = completions_of(trajectories, batch["prompt"], batch["answer"], self.tokenizer)
-        values = score_completions(reward or self.reward_fn, completions)
+        values = score_completions(self.reward_fn, completions)
         return torch.tensor(values, dtype=torch.float64).view(len(batch["prompt"]), self.sampling.num_samples)
 
     def _sample(self, batch: dict[str, Any]) -> Trajectories:
@@ -237,7 +239,7 @@ class IPGAttribution(L.LightningModule):
                       tokens=trajectories.num_completion_tokens, reward_sum=rewards.sum().item())
         method = self.hparams.method
         if method in ("activation", "mean_diff"):
-            self._activation_step(batch, trajectories, counts)
+            self._activation_step(batch, trajectories, rewards, counts)
             return
         advantages, has_signal = group_advantages(rewards, self.hparams.advantage)
         counts["signal_prompts"] = int(has_signal.sum())
@@ -296,7 +298,9 @@ class IPGAttribution(L.LightningModule):
         total = sum(float(s.double().sum()) for s in scores.values())
         self.accumulator.update(scores=scores, score_sum=total, surrogate_delta=delta, **counts)
 
-    def _activation_step(self, batch: dict[str, Any], trajectories: Trajectories, counts: dict[str, float]) -> None:
+    def _activation_step(
+        self, batch: dict[str, Any], trajectories: Trajectories, rewards: torch.Tensor, counts: dict[str, float]
+    ) -> None:
         sites = list(self.gates.sites.values())
         per_row = mean_completion_activations(self.lm, sites, trajectories, self.hparams.chunk_size)
         prompts, samples = len(batch["prompt"]), self.sampling.num_samples
@@ -304,7 +308,7 @@ class IPGAttribution(L.LightningModule):
             scores = {name: values.abs().view(prompts, samples, -1).mean(1).sum(0) for name, values in per_row.items()}
             self.accumulator.update(scores=scores, **counts)
             return
-        correct = self._rewards(batch, trajectories, reward=accuracy).flatten() > 0.5
+        correct = rewards.flatten() > 0.5  # with the accuracy reward: correct vs incorrect
         scores = {name: values[correct].sum(0) for name, values in per_row.items()}
         contrast = {name: values[~correct].sum(0) for name, values in per_row.items()}
         self.accumulator.update(scores=scores, contrast=contrast, correct_rows=int(correct.sum()),
@@ -347,7 +351,8 @@ class IPGAttribution(L.LightningModule):
         datamodule = getattr(self.trainer, "datamodule", None)
         metadata = {
             "method": self.hparams.method,
-            "config": {k: (asdict(v) if isinstance(v, ArchitectureSpec) else v) for k, v in self.hparams.items()},
+            "config": {**{k: (asdict(v) if isinstance(v, ArchitectureSpec) else v) for k, v in self.hparams.items()},
+                       "reward": self.reward_name},
             "effective": {"steps": self.steps, "rule": self.rule},
             "model": self.model_name,
             "data": {"source": getattr(datamodule, "source", None), "split": "val", "seed": getattr(datamodule, "seed", None)},

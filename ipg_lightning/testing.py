@@ -68,9 +68,14 @@ def tiny_causal_lm(family: str = "llama", seed: int = 0, **overrides) -> PreTrai
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    # Larger-than-default init so that random tiny models have non-trivial, token-dependent outputs.
     with torch.no_grad():
+        # Larger-than-default init so that random tiny models have non-trivial, token-dependent outputs.
         for parameter in model.parameters():
             if parameter.dim() > 1:
                 parameter.mul_(4.0)
+        # nn.Embedding zeroes the padding row; a sampled pad token would then put an all-zero vector
+        # into the residual stream, where the next norm is singular. Real checkpoints have no such row.
+        embeddings = model.get_input_embeddings()
+        if embeddings.padding_idx is not None:
+            embeddings.weight[embeddings.padding_idx] = embeddings.weight[-1].roll(1)
     return model.eval()

@@ -1,0 +1,243 @@
+import json
+
+import lightning as L
+import pytest
+import torch
+
+from ipg_lightning.activations import component_values
+from ipg_lightning.attribution import IPGAttribution
+from ipg_lightning.data import PromptTemplate, ReasoningDataModule
+from ipg_lightning.estimator import quadrature
+from ipg_lightning.gates import ComponentGates
+from ipg_lightning.testing import tiny_causal_lm, tiny_tokenizer
+from ipg_lightning.trajectories import SamplingConfig, sample_trajectories
+
+DIGITS = [str(d) for d in range(10)]
+
+
+def digit_fraction(completion):
+    """A reward that varies even for a random model: the share of digits in the completion."""
+    return sum(ch.isdigit() for ch in completion.text) / max(len(completion.text), 1)
+
+
+def has_digit(completion):
+    return float(any(ch.isdigit() for ch in completion.text))
+
+
+def starts_with_digit(completion):
+    return float(completion.text[:1].isdigit())
+
+
+def _data(num_val=4, batch_size=2, **kwargs):
+    return ReasoningDataModule(num_train=0, num_val=num_val, num_test=0, batch_size=batch_size,
+                               template=PromptTemplate(use_chat_template=False), **kwargs)
+
+
+def _run(model, tokenizer, data, **kwargs):
+    settings = dict(reward=digit_fraction, temperature=1.0, top_p=1.0, max_new_tokens=10, num_samples=4)
+    module = IPGAttribution.for_model(model, tokenizer, **{**settings, **kwargs})
+    trainer = L.Trainer(inference_mode=False, logger=False, enable_progress_bar=False, enable_model_summary=False,
+                        accelerator="cpu", devices=1)
+    trainer.validate(module, datamodule=data, verbose=False)
+    return module.report
+
+
+def _planted_model(neuron=5, target_p=0.5):
+    """Tiny Llama where MLP neuron `neuron` of block 1 pushes the next token towards digits."""
+    model, tokenizer = tiny_causal_lm("llama", seed=3), tiny_tokenizer()
+    digit_ids = tokenizer.convert_tokens_to_ids(DIGITS)
+    generator = torch.Generator().manual_seed(0)
+    direction = torch.randn(32, generator=generator)
+    direction /= direction.norm()
+    read = torch.randn(32, generator=generator)
+    mlp = model.model.layers[1].mlp
+    with torch.no_grad():
+        mlp.down_proj.weight.mul_(0.1)
+        model.lm_head.weight[digit_ids] += 0.8 * direction
+        mlp.gate_proj.weight[neuron] = read  # silu(z) * z >= 0: the neuron only ever pushes one way
+        mlp.up_proj.weight[neuron] = read
+    prompts = [b for batch in _data(num_val=6).val_dataloader() for b in batch["prompt"]]
+    encoded = [torch.tensor([tokenizer(p, add_special_tokens=False)["input_ids"]]) for p in prompts]
+
+    def digit_probability(scale):
+        with torch.no_grad():
+            mlp.down_proj.weight[:, neuron] = scale * direction
+            return sum(model(ids).logits[0, -1].softmax(-1)[digit_ids].sum().item() for ids in encoded) / len(encoded)
+
+    low, high = 0.0, 200.0
+    for _ in range(30):  # bisect the planted weight so that P(digit) is about target_p
+        middle = (low + high) / 2
+        low, high = (middle, high) if digit_probability(middle) < target_p else (low, middle)
+    digit_probability(low)
+    return model, tokenizer, digit_ids
+
+
+def test_completeness_residual_shrinks_with_q_and_is_small_at_32():
+    model, tokenizer = tiny_causal_lm("llama"), tiny_tokenizer()
+    residuals = []
+    for steps in (2, 8, 32):
+        report = _run(model, tokenizer, _data(), families=["attn_head"], layers=[0], steps=steps, rule="midpoint")
+        completeness = report.metadata["completeness"]
+        residuals.append(abs(completeness["residual"]))
+    assert residuals[0] > residuals[1] > residuals[2]
+    # Bound: midpoint error is O(1/q^2); at q = 32 the residual is below 0.1 % of L(1) - L(0).
+    assert completeness["relative_residual"] < 1e-3
+    assert abs(completeness["surrogate_delta"]) > 1e-3  # the check is not vacuous
+
+
+def test_right_rule_the_papers_also_converges():
+    model, tokenizer = tiny_causal_lm("qwen2"), tiny_tokenizer()
+    relative = [
+        _run(model, tokenizer, _data(), families=["mlp_neuron"], layers=[1], steps=q)
+        .metadata["completeness"]["relative_residual"] for q in (4, 32)
+    ]
+    assert relative[1] < relative[0] and relative[1] < 0.05
+
+
+@pytest.mark.parametrize("advantage", ["rloo", "grpo", "none"])
+def test_planted_neuron_is_ranked_first_with_positive_sign(advantage):
+    model, tokenizer, _ = _planted_model(neuron=5)
+    report = _run(model, tokenizer, _data(num_val=6, batch_size=3), families=["mlp_neuron"], layers=[1],
+                  reward=starts_with_digit, max_new_tokens=1, num_samples=8, steps=4, advantage=advantage)
+    ranked = report.ranked(signed=True)
+    assert ranked[0][0] == "blocks.1.mlp.hook_post[5]"
+    assert ranked[0][1] > 0
+    assert ranked[0][1] > 2 * abs(ranked[1][1])
+
+
+def _exact_integrated_gradients(model, tokenizer, prompts, digit_ids, steps):
+    """IG of the exact expected reward J(c) = mean over prompts of P_c(first token is a digit)."""
+    gates = ComponentGates.for_model(model, ["mlp_neuron"], layers=[1])
+    site = next(iter(gates.sites))
+    total = torch.zeros(64, dtype=torch.float64)
+    alphas, weights = quadrature("right", steps)
+    with gates.attach(model):
+        for alpha, weight in zip(alphas, weights):
+            gates.set_site(site, alpha)
+            gates.gate(site).grad = None
+            expected = sum(
+                model(torch.tensor([tokenizer(p, add_special_tokens=False)["input_ids"]])).logits[0, -1].softmax(-1)[digit_ids].sum()
+                for p in prompts
+            ) / len(prompts)
+            expected.backward()
+            total += weight * gates.gate(site).grad.double()
+    return total.float()
+
+
+def test_resample_converges_to_integrated_gradients_of_the_exact_expectation():
+    model, tokenizer, digit_ids = _planted_model(neuron=5)
+    data = _data(num_val=4, batch_size=4)
+    prompts = next(iter(data.val_dataloader()))["prompt"]
+    exact = _exact_integrated_gradients(model, tokenizer, prompts, digit_ids, steps=4)
+    errors = []
+    for samples in (8, 512):
+        report = _run(model, tokenizer, data, families=["mlp_neuron"], layers=[1], reward=starts_with_digit,
+                      max_new_tokens=1, num_samples=samples, steps=4, estimation="resample", generation_batch_size=512)
+        estimate = report.scores["blocks.1.mlp.hook_post"]
+        errors.append(((estimate - exact).norm() / exact.norm()).item())
+    assert errors[1] < errors[0]
+    assert errors[1] < 0.1
+    assert report.metadata["completeness"]["target"] == "J(1) - J(baseline)"
+
+
+def test_same_seed_same_report_and_batch_size_does_not_matter():
+    model, tokenizer = tiny_causal_lm("gpt2"), tiny_tokenizer()
+    settings = dict(families=["attn_head", "mlp_neuron"], layers=[0], steps=3)
+    first = _run(model, tokenizer, _data(num_val=4, batch_size=2), **settings)
+    again = _run(model, tokenizer, _data(num_val=4, batch_size=2), **settings)
+    one_by_one = _run(model, tokenizer, _data(num_val=4, batch_size=1), **settings)
+    other_seed = _run(model, tokenizer, _data(num_val=4, batch_size=2), seed=1, **settings)
+    for name, scores in first.scores.items():
+        assert torch.equal(scores, again.scores[name])
+        torch.testing.assert_close(scores, one_by_one.scores[name], rtol=1e-4, atol=1e-6)
+        assert not torch.allclose(scores, other_seed.scores[name])
+
+
+def test_grad_x_act_is_ipg_without_integration():
+    model, tokenizer = tiny_causal_lm("llama"), tiny_tokenizer()
+    baseline = _run(model, tokenizer, _data(), method="grad_x_act", families=["attn_head"], layers=[1], steps=10)
+    single_point = _run(model, tokenizer, _data(), families=["attn_head"], layers=[1], steps=1, rule="right")
+    integrated = _run(model, tokenizer, _data(), families=["attn_head"], layers=[1], steps=10)
+    name = "blocks.1.attn.hook_z"
+    assert baseline.metadata["effective"] == {"steps": 1, "rule": "right"}
+    assert torch.equal(baseline.scores[name], single_point.scores[name])
+    assert not torch.allclose(baseline.scores[name], integrated.scores[name])
+
+
+def _manual_site_means(model, tokenizer, prompts, seeds, sampling, layer):
+    """Per-row mean over generated tokens of MLP-neuron activations, one unpadded row at a time."""
+    trajectories = sample_trajectories(model, tokenizer, prompts, sampling, seeds)
+    projection = model.model.layers[layer].mlp.down_proj
+    rows = []
+    for row in range(len(trajectories)):
+        prompt, completion = trajectories.prompt_ids[row], trajectories.completion_ids[row]
+        captured = {}
+        handle = projection.register_forward_pre_hook(lambda m, args: captured.update(h=args[0]))
+        with torch.no_grad():
+            model(torch.tensor([prompt + completion]))
+        handle.remove()
+        rows.append(captured["h"][0, len(prompt) - 1 + 1 : len(prompt) + len(completion)].mean(0))
+    return trajectories, torch.stack(rows)
+
+
+def test_activation_and_mean_diff_baselines_match_independent_computations():
+    model, tokenizer = tiny_causal_lm("llama"), tiny_tokenizer()
+    data = _data(num_val=4, batch_size=4)
+    batch = next(iter(data.val_dataloader()))
+    sampling = SamplingConfig(num_samples=4, temperature=1.0, top_p=1.0, max_new_tokens=10)
+    trajectories, means = _manual_site_means(model, tokenizer, batch["prompt"], batch["seed"].tolist(), sampling, layer=0)
+    activation = _run(model, tokenizer, data, method="activation", families=["mlp_neuron"], layers=[0])
+    expected = means.abs().view(4, 4, -1).mean(1).mean(0)
+    torch.testing.assert_close(activation.scores["blocks.0.mlp.hook_post"], expected, rtol=1e-4, atol=1e-5)
+
+    correct = torch.tensor([any(ch.isdigit() for ch in text) for text in trajectories.completions])
+    assert 0 < correct.sum() < len(correct)  # both groups are populated
+    mean_diff = _run(model, tokenizer, data, method="mean_diff", reward=has_digit, families=["mlp_neuron"], layers=[0])
+    assert mean_diff.metadata["counts"]["correct_trajectories"] == int(correct.sum())
+    expected = (means[correct].sum(0) / max(int(correct.sum()), 1)) - (means[~correct].sum(0) / max(int((~correct).sum()), 1))
+    torch.testing.assert_close(mean_diff.scores["blocks.0.mlp.hook_post"], expected, rtol=1e-4, atol=1e-5)
+
+
+def test_component_values_of_heads_are_slice_norms():
+    model = tiny_causal_lm("llama")
+    site = ComponentGates.for_model(model, ["attn_head"], layers=[0]).sites["blocks.0.attn.hook_z"]
+    activation = torch.zeros(1, 1, 32)
+    activation[0, 0, 8:16] = 3.0 / (8**0.5)
+    assert component_values(site, activation)[0, 0].tolist() == pytest.approx([0.0, 3.0, 0.0, 0.0])
+
+
+def test_ig_of_reference_likelihood_is_complete_and_random_is_seeded():
+    model, tokenizer = tiny_causal_lm("llama"), tiny_tokenizer()
+    report = _run(model, tokenizer, _data(), method="ig_reference", families=["attn_head"], layers=[0], steps=32, rule="midpoint")
+    assert report.metadata["completeness"]["relative_residual"] < 1e-3
+    assert report.metadata["counts"]["trajectories"] == 4  # one reference solution per prompt
+    first = _run(model, tokenizer, _data(), method="random", families=["attn_head"], layers=[0, 1])
+    again = _run(model, tokenizer, _data(), method="random", families=["attn_head"], layers=[0, 1])
+    other = _run(model, tokenizer, _data(), method="random", families=["attn_head"], layers=[0, 1], seed=7)
+    assert torch.equal(first.scores["blocks.1.attn.hook_z"], again.scores["blocks.1.attn.hook_z"])
+    assert not torch.equal(first.scores["blocks.1.attn.hook_z"], other.scores["blocks.1.attn.hook_z"])
+
+
+def test_zero_signal_prompts_are_counted_and_skipped():
+    model, tokenizer = tiny_causal_lm("llama"), tiny_tokenizer()
+    report = _run(model, tokenizer, _data(), reward=lambda c: 1.0, families=["attn_head"], layers=[0], steps=2)
+    assert report.metadata["counts"]["zero_signal_prompts"] == 4
+    assert torch.all(report.scores["blocks.0.attn.hook_z"] == 0)
+
+
+def test_default_layer_is_three_quarters_deep_and_bad_options_are_named():
+    module = IPGAttribution.for_model(tiny_causal_lm("llama", num_hidden_layers=4), tiny_tokenizer())
+    assert list(module.gates.sites) == ["blocks.2.hook_resid_post"]
+    with pytest.raises(ValueError, match="Unknown method 'ipgg'"):
+        IPGAttribution(method="ipgg")
+    with pytest.raises(ValueError, match="baseline must be < 1"):
+        IPGAttribution(baseline=1.0)
+    with pytest.raises(ValueError, match="Unknown reward"):
+        IPGAttribution(reward="acuracy")
+
+
+def test_inference_mode_is_refused_with_a_clear_message():
+    module = IPGAttribution.for_model(tiny_causal_lm("llama"), tiny_tokenizer(), max_new_tokens=4)
+    trainer = L.Trainer(logger=False, enable_progress_bar=False, enable_model_summary=False, accelerator="cpu")
+    with pytest.raises(RuntimeError, match="inference_mode=False"):
+        trainer.validate(module, datamodule=_data(), verbose=False)
