@@ -336,6 +336,11 @@ class IPGAttribution(L.LightningModule):
             self.report.save(output_dir, overwrite=self.hparams.overwrite)
 
     def _final_scores(self, state: dict[str, Any]) -> dict[str, torch.Tensor]:
+        scores = self._dataset_scores(state)
+        # torchmetrics squeezes one-element results to 0-dim; sub-layer sites keep their (1,) shape.
+        return {name: scores[name].reshape(site.size) for name, site in self.gates.sites.items()}
+
+    def _dataset_scores(self, state: dict[str, Any]) -> dict[str, torch.Tensor]:
         prompts = max(state["prompts"], 1.0)
         method = self.hparams.method
         if method == "random":

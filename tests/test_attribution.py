@@ -142,11 +142,12 @@ def test_resample_converges_to_integrated_gradients_of_the_exact_expectation():
 
 def test_same_seed_same_report_and_batch_size_does_not_matter():
     model, tokenizer = tiny_causal_lm("gpt2"), tiny_tokenizer()
-    settings = dict(families=["attn_head", "mlp_neuron"], layers=[0], steps=3)
+    settings = dict(families=["attn_head", "mlp_neuron", "attn_out", "mlp_out"], layers=[0], steps=3)
     first = _run(model, tokenizer, _data(num_val=4, batch_size=2), **settings)
     again = _run(model, tokenizer, _data(num_val=4, batch_size=2), **settings)
     one_by_one = _run(model, tokenizer, _data(num_val=4, batch_size=1), **settings)
     other_seed = _run(model, tokenizer, _data(num_val=4, batch_size=2), seed=1, **settings)
+    assert first.scores["blocks.0.hook_attn_out"].shape == (1,)
     for name, scores in first.scores.items():
         assert torch.equal(scores, again.scores[name])
         torch.testing.assert_close(scores, one_by_one.scores[name], rtol=1e-4, atol=1e-6)
