@@ -196,11 +196,14 @@ class IPGAttribution(L.LightningModule):
             datamodule.connect(self.tokenizer)
 
     def on_validation_start(self) -> None:
-        """Refuse to run under inference mode, where gate gradients cannot exist."""
+        """Refuse to run under inference mode, where gate gradients cannot exist; keep gates in float32."""
         if torch.is_inference_mode_enabled():
             raise RuntimeError(
                 "IPG attribution needs gradients inside validation: create the Trainer with inference_mode=False"
             )
+        # A "bf16-true"/"16-true" Trainer converts every parameter; gates must keep full precision
+        # (quadrature points like 0.1 and their gradients); each edit casts them to the activation dtype.
+        self.gates.float()
         self.accumulator.reset()
         self._started = time.perf_counter()
 

@@ -242,3 +242,15 @@ def test_inference_mode_is_refused_with_a_clear_message():
     trainer = L.Trainer(logger=False, enable_progress_bar=False, enable_model_summary=False, accelerator="cpu")
     with pytest.raises(RuntimeError, match="inference_mode=False"):
         trainer.validate(module, datamodule=_data(), verbose=False)
+
+
+def test_gates_stay_float32_under_a_half_precision_trainer():
+    model, tokenizer = tiny_causal_lm("llama"), tiny_tokenizer()
+    module = IPGAttribution.for_model(model, tokenizer, reward=digit_fraction, families=["attn_head"], layers=[0],
+                                      steps=2, max_new_tokens=4, temperature=1.0, top_p=1.0)
+    trainer = L.Trainer(inference_mode=False, logger=False, enable_progress_bar=False, enable_model_summary=False,
+                        accelerator="cpu", precision="bf16-true")
+    trainer.validate(module, datamodule=_data(), verbose=False)
+    assert module.gates.gate("blocks.0.attn.hook_z").dtype == torch.float32
+    assert next(model.parameters()).dtype == torch.bfloat16  # the model itself did run in bf16
+    assert torch.isfinite(module.report.scores["blocks.0.attn.hook_z"]).all()
