@@ -156,6 +156,7 @@ class IPGAttribution(L.LightningModule):
         if method == "grad_x_act":  # IPG without integration: one point at alpha = 1
             steps, rule = 1, "right"
         self.steps, self.rule = steps, rule
+        self.architecture = ArchitectureSpec(**architecture) if isinstance(architecture, dict) else architecture
         self.model_name = model
         self.lm = None
         self.tokenizer = None
@@ -178,13 +179,13 @@ class IPGAttribution(L.LightningModule):
         self.tokenizer = tokenizer
         num_layers = self._num_layers()
         layers = self.hparams.layers if self.hparams.layers is not None else [round(0.75 * (num_layers - 1))]
-        self.gates = ComponentGates.for_model(self.lm, self.hparams.families, layers, self.hparams.architecture)
+        self.gates = ComponentGates.for_model(self.lm, self.hparams.families, layers, self.architecture)
         self.accumulator = AttributionAccumulator({name: site.size for name, site in self.gates.sites.items()})
 
     def _num_layers(self) -> int:
         from ipg_lightning.sites import resolve_architecture, unwrap_model
 
-        spec = resolve_architecture(self.lm, self.hparams.architecture)
+        spec = resolve_architecture(self.lm, self.architecture)
         return len(unwrap_model(self.lm).get_submodule(spec.layers))
 
     def setup(self, stage: str) -> None:

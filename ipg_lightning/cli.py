@@ -11,9 +11,16 @@ from __future__ import annotations
 import os
 import sys
 
+from lightning.pytorch.cli import LightningCLI
+
+from ipg_lightning.commands import evaluate, export
 from ipg_lightning.demo import demo
 
-FUNCTION_COMMANDS = {"demo": demo}
+FUNCTION_COMMANDS = {"demo": demo, "evaluate": evaluate, "export": export}
+STEER_TRAINER_DEFAULTS = {
+    "logger": {"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": "outputs/steer"}},
+    "max_epochs": 1,
+}
 TRAINER_DEFAULTS = {
     "inference_mode": False,  # gate gradients inside validation (see ipg_lightning.attribution)
     "logger": False,
@@ -22,10 +29,49 @@ TRAINER_DEFAULTS = {
 }
 
 
+class SteerCLI(LightningCLI):
+    """LightningCLI for ``ipg steer``, with ``--ckpt_path`` to resume an interrupted run."""
+
+    def add_arguments_to_parser(self, parser) -> None:
+        """Add the resume option."""
+        parser.add_argument("--ckpt_path", type=str | None, default=None, help="Resume training from this checkpoint.")
+
+
+def steer(args: list[str]) -> None:
+    """Train the gates of selected components (and optionally LoRA) with ``Trainer.fit``."""
+    from ipg_lightning.data import ReasoningDataModule
+    from ipg_lightning.learned import GateSteering
+
+    cli = SteerCLI(
+        GateSteering,
+        ReasoningDataModule,
+        run=False,
+        args=args,
+        trainer_defaults=STEER_TRAINER_DEFAULTS,
+        auto_configure_optimizers=False,
+        save_config_kwargs={"overwrite": True},
+        parser_kwargs={"prog": "ipg steer", "description": steer.__doc__},
+    )
+    cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=cli.config.ckpt_path)
+    if cli.trainer.is_global_zero:
+        checkpoint = cli.trainer.checkpoint_callback.best_model_path if cli.trainer.checkpoint_callback else None
+        gates = {c: round(v, 4) for c, v in zip(cli.model.components, _selected_values(cli.model))}
+        print(f"trained gates: {gates}")
+        print(f"checkpoint (gates and adapter only): {checkpoint}; logs: {cli.trainer.log_dir}")
+
+
+def _selected_values(module) -> list[float]:
+    from ipg_lightning.gates import parse_component_name
+
+    values = []
+    for component in module.components:
+        site_name, index = parse_component_name(component)
+        values.append(module.gates.gate(site_name)[index or 0].item())
+    return values
+
+
 def attribute(args: list[str]) -> None:
     """Run IPG attribution (or a baseline method) and write the report to ``--model.output_dir``."""
-    from lightning.pytorch.cli import LightningCLI
-
     from ipg_lightning.attribution import IPGAttribution
     from ipg_lightning.data import ReasoningDataModule
 
@@ -72,12 +118,13 @@ def main(args: list[str] | None = None) -> None:
     """Entry point of the ``ipg`` console script."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     args = sys.argv[1:] if args is None else list(args)
-    if args and args[0] == "attribute":
-        attribute(args[1:])
+    lightning_commands = {"attribute": attribute, "steer": steer}
+    if args and args[0] in lightning_commands:
+        lightning_commands[args[0]](args[1:])
         return
     from jsonargparse import CLI
 
-    CLI({"attribute": attribute, **FUNCTION_COMMANDS}, args=args, as_positional=False)
+    CLI({**lightning_commands, **FUNCTION_COMMANDS}, args=args, as_positional=False)
 
 
 if __name__ == "__main__":

@@ -24,6 +24,7 @@ from contextlib import contextmanager
 
 import torch
 from torch import nn
+from torch.utils.hooks import RemovableHandle
 
 from ipg_lightning.sites import ArchitectureSpec, Site, discover_sites, unwrap_model
 
@@ -116,11 +117,14 @@ class ComponentGates(nn.Module):
         for name in self.sites:
             self.set_site(name, value)
 
-    @contextmanager
-    def attach(self, model: nn.Module) -> Iterator[ComponentGates]:
-        """Install the gate hooks on ``model`` (plain or PEFT-wrapped); always remove them on exit."""
+    def install(self, model: nn.Module) -> list[RemovableHandle]:
+        """Install the gate hooks on ``model`` until the returned handles are removed.
+
+        Prefer :meth:`attach`, which always removes them; this is for a steered model that keeps
+        its gates for life (see :func:`ipg_lightning.export.load_steered`).
+        """
         root = unwrap_model(model)
-        handles = []
+        handles: list[RemovableHandle] = []
         try:
             for site in self.sites.values():
                 module = root.get_submodule(site.module_path)
@@ -128,6 +132,17 @@ class ComponentGates(nn.Module):
                     handles.append(module.register_forward_pre_hook(self._input_hook(site)))
                 else:
                     handles.append(module.register_forward_hook(self._output_hook(site)))
+        except BaseException:
+            for handle in handles:
+                handle.remove()
+            raise
+        return handles
+
+    @contextmanager
+    def attach(self, model: nn.Module) -> Iterator[ComponentGates]:
+        """Install the gate hooks on ``model`` (plain or PEFT-wrapped); always remove them on exit."""
+        handles = self.install(model)
+        try:
             yield self
         finally:
             for handle in handles:

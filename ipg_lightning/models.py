@@ -35,14 +35,25 @@ def load_model_and_tokenizer(name_or_path: str, dtype: str = "float32") -> tuple
         return tiny_causal_lm(family), tiny_tokenizer()
     try:
         model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=DTYPES[dtype])
+    except (OSError, ValueError) as error:
+        raise ModelLoadError(f"Cannot load model {name_or_path!r}: {error}.{_offline_hint(name_or_path)}") from None
+    return model.eval(), load_tokenizer(name_or_path)
+
+
+def _offline_hint(name_or_path: str) -> str:
+    if Path(name_or_path).is_dir():
+        return ""
+    return (" It is not a local directory, and without hub access only local copies load: download the "
+            "weights on a connected machine and point `model` at that directory.")
+
+
+def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:
+    """The tokenizer of a local model directory, set to left padding with a pad token."""
+    try:
         tokenizer = AutoTokenizer.from_pretrained(name_or_path)
     except (OSError, ValueError) as error:
-        hint = "" if Path(name_or_path).is_dir() else (
-            " It is not a local directory, and without hub access only local copies load: download the "
-            "weights on a connected machine and point `model` at that directory."
-        )
-        raise ModelLoadError(f"Cannot load model {name_or_path!r}: {error}.{hint}") from None
+        raise ModelLoadError(f"Cannot load the tokenizer of {name_or_path!r}: {error}.{_offline_hint(name_or_path)}") from None
     tokenizer.padding_side = "left"
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    return model.eval(), tokenizer
+    return tokenizer

@@ -47,3 +47,25 @@ def plot_attribution(report: AttributionReport, path: str | Path, top_n: int = 2
     figure.savefig(path, dpi=110)
     plt.close(figure)
     return Path(path)
+
+
+def plot_sweep(rows: list[dict], path: str | Path) -> Path:
+    """Accuracy and mean reasoning length against gamma, one line per k (the k = 0 row is the base model)."""
+    base = next((row for row in rows if row["k"] == 0), None)
+    figure, (accuracy_axis, length_axis) = plt.subplots(1, 2, figsize=(10, 3.8))
+    for top_k in sorted({row["k"] for row in rows if row["k"] != 0}):
+        line = sorted((row for row in rows if row["k"] == top_k), key=lambda row: row["gamma"])
+        gammas = [row["gamma"] for row in line]
+        accuracy_axis.plot(gammas, [row["accuracy"] for row in line], marker="o", label=f"k = {top_k}")
+        length_axis.plot(gammas, [row["reasoning_length_mean"] for row in line], marker="o", label=f"k = {top_k}")
+    if base is not None:
+        accuracy_axis.axhline(base["accuracy"], color="grey", linestyle="--", label="base")
+        length_axis.axhline(base["reasoning_length_mean"], color="grey", linestyle="--", label="base")
+    for axis, label in ((accuracy_axis, "accuracy"), (length_axis, "mean reasoning length (tokens)")):
+        axis.set_xlabel("gate value gamma")
+        axis.set_ylabel(label)
+        axis.legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return Path(path)

@@ -106,12 +106,28 @@ class Site:
 
     def edit(self, activation: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
         """Scale ``activation`` (batch, seq, width) by ``gate`` (size,) at every position."""
-        gate = gate.to(activation.dtype)
+        gate = gate.to(device=activation.device, dtype=activation.dtype)
         if self.family == "attn_head":
             shape = activation.shape
             heads = activation.reshape(*shape[:-1], self.size, self.head_dim)
             return (heads * gate[:, None]).reshape(shape)
         return activation * gate
+
+
+def parse_site_name(site_name: str) -> tuple[str, int]:
+    """``blocks.3.attn.hook_z`` -> ``("attn_head", 3)``; raises ``ValueError`` naming unknown names.
+
+    >>> parse_site_name("blocks.12.hook_resid_post")
+    ('resid_post', 12)
+    """
+    for family, template in _HOOK_NAMES.items():
+        prefix, suffix = template.split("{layer}")
+        if site_name.startswith(prefix) and site_name.endswith(suffix):
+            layer = site_name[len(prefix) : len(site_name) - len(suffix)]
+            if layer.isdigit():
+                return family, int(layer)
+    examples = ", ".join(template.format(layer=3) for template in _HOOK_NAMES.values())
+    raise ValueError(f"Unknown site name {site_name!r}; site names look like {examples}")
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:

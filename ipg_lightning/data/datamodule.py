@@ -12,7 +12,7 @@ import lightning as L
 import torch
 import torch.distributed as dist
 from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Sampler
 from transformers import PreTrainedTokenizerBase
 
 from ipg_lightning.data.examples import BadRowError, ColumnSpec, ReasoningExample, RowFormat, detect_format, parse_row
@@ -30,6 +30,28 @@ from ipg_lightning.data.sources import (
 )
 from ipg_lightning.data.synthetic import ArithmeticChainTask
 from ipg_lightning.trajectories import prompt_seed
+
+
+class EpochShuffleSampler(Sampler[int]):
+    """A shuffled order that depends only on ``(seed, epoch)``.
+
+    Lightning calls :meth:`set_epoch` each epoch, so a run resumed from a checkpoint sees the same
+    order as an uninterrupted one (a plain seeded DataLoader generator would restart its stream).
+    """
+
+    def __init__(self, size: int, seed: int) -> None:
+        self.size, self.seed, self.epoch = size, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the order of ``epoch``."""
+        self.epoch = epoch
+
+    def __iter__(self):
+        generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        return iter(torch.randperm(self.size, generator=generator).tolist())
+
+    def __len__(self) -> int:
+        return self.size
 
 
 class ReasoningDataModule(L.LightningDataModule):
@@ -199,7 +221,7 @@ class ReasoningDataModule(L.LightningDataModule):
 
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
         dataset = self.dataset(split)
-        sampler = None
+        sampler = EpochShuffleSampler(len(dataset), self.seed) if shuffle else None
         if not shuffle and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             # Evaluation shards without the repeated padding of DistributedSampler, so that no
             # prompt is counted twice in attribution scores or metrics.
@@ -207,15 +229,13 @@ class ReasoningDataModule(L.LightningDataModule):
         return DataLoader(
             dataset,
             batch_size=self.batch_size,
-            shuffle=shuffle,
             sampler=sampler,
-            generator=torch.Generator().manual_seed(self.seed),
             collate_fn=self.collate,
             num_workers=self.num_workers,
         )
 
     def train_dataloader(self) -> DataLoader:
-        """Shuffled (seeded) training prompts."""
+        """Training prompts, shuffled by ``(seed, epoch)``."""
         return self._loader("train", shuffle=True)
 
     def val_dataloader(self) -> DataLoader:

@@ -1,0 +1,290 @@
+"""Learned steering: train the gates of selected components with the Lightning Trainer.
+
+Only the selected gates move (every other gate is held at 1 by a gradient mask, the base weights
+are frozen); a PEFT LoRA adapter can be trained jointly. Objectives (``ipg-method.md`` section 4):
+
+- ``policy_gradient``: on-policy REINFORCE with the RLOO advantage on the reward, plus
+  ``gate_penalty * sum (c_i - 1)^2`` and/or ``kl_coef * KL(pi_c || pi_base)`` (k3 estimator on the
+  sampled tokens);
+- ``supervised``: cross-entropy of reference reasoning traces (teacher forcing), plus the penalty.
+
+Checkpoints hold only what was trained (gates, adapter, optimizer state) and the resolved component
+names; :func:`load_steering_checkpoint` rebuilds a steered model from one.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import lightning as L
+import torch
+from peft import LoraConfig, get_peft_model
+
+from ipg_lightning.estimator import group_advantages
+from ipg_lightning.evaluation import completions_of
+from ipg_lightning.gates import ComponentGates
+from ipg_lightning.metrics import AnswerRate, ReasoningAccuracy, ReasoningLength, ReflectionRate
+from ipg_lightning.models import load_model_and_tokenizer
+from ipg_lightning.rewards import load_reward, reasoning_length, score_completions
+from ipg_lightning.sites import ArchitectureSpec
+from ipg_lightning.steering import ComponentSelection, component_mask, gates_for_components
+from ipg_lightning.trajectories import (
+    SamplingConfig,
+    Trajectories,
+    completion_log_probs,
+    sample_trajectories,
+    teacher_forced_trajectories,
+)
+
+STEERING_KEY = "ipg_steering"
+
+
+@dataclass(frozen=True)
+class LoraSettings:
+    """A PEFT LoRA adapter trained together with the gates.
+
+    Args:
+        r: adapter rank.
+        alpha: LoRA scaling numerator (``lora_alpha``).
+        dropout: dropout on the adapter input.
+        target_modules: module names or suffixes to adapt (e.g. ``[q_proj, v_proj]``).
+    """
+
+    r: int = 8
+    alpha: int = 16
+    dropout: float = 0.0
+    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
+
+
+class GateSteering(L.LightningModule):
+    """Train the gates of selected components (optionally with a LoRA adapter) by ``Trainer.fit``.
+
+    Args:
+        selection: which components to steer (top-k of a report, or names).
+        model: local Hugging Face model directory, or ``tiny:<family>``.
+        dtype: weights dtype.
+        init_gate: starting value of the selected gates (1 = start from the unsteered model).
+        objective: ``policy_gradient`` (reward-driven) or ``supervised`` (reference traces).
+        reward: reward for ``policy_gradient`` (name, import path or weights).
+        gate_penalty: coefficient of ``sum (c_i - 1)^2`` over the selected gates.
+        kl_coef: coefficient of the KL divergence to the unsteered base model.
+        lora: train a LoRA adapter jointly (None: gates only).
+        learning_rate: Adam learning rate (gates and adapter).
+        num_samples: trajectories per prompt for the policy gradient.
+        temperature: training sampling temperature.
+        top_p: training nucleus mass.
+        max_new_tokens: generation cap, in training and validation.
+        generation_batch_size: completions generated together.
+        seed: sampling seed; mixed with the global step so every step draws new samples.
+        architecture: module paths for an architecture that is not built in.
+    """
+
+    def __init__(
+        self,
+        selection: ComponentSelection,
+        model: str = "tiny:llama",
+        dtype: str = "float32",
+        init_gate: float = 1.0,
+        objective: Literal["policy_gradient", "supervised"] = "policy_gradient",
+        reward: str | dict[str, float] = "accuracy",
+        gate_penalty: float = 0.0,
+        kl_coef: float = 0.0,
+        lora: LoraSettings | None = None,
+        learning_rate: float = 0.05,
+        num_samples: int = 4,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        max_new_tokens: int = 512,
+        generation_batch_size: int = 16,
+        seed: int = 0,
+        architecture: ArchitectureSpec | None = None,
+    ) -> None:
+        super().__init__()
+        if objective not in ("policy_gradient", "supervised"):
+            raise ValueError(f"objective must be 'policy_gradient' or 'supervised', got {objective!r}")
+        if gate_penalty < 0 or kl_coef < 0 or learning_rate <= 0:
+            raise ValueError("gate_penalty and kl_coef must be >= 0 and learning_rate > 0")
+        self.save_hyperparameters(ignore=[] if isinstance(reward, (str, dict)) else ["reward"])
+        # LightningCLI (and checkpoints) hand nested settings over as dicts; keep typed copies.
+        self.selection = ComponentSelection(**selection) if isinstance(selection, dict) else selection
+        self.lora = LoraSettings(**lora) if isinstance(lora, dict) else lora
+        self.architecture = ArchitectureSpec(**architecture) if isinstance(architecture, dict) else architecture
+        self.reward_fn = load_reward(reward)
+        self.model_name = model
+        self.lm = None
+        self.tokenizer = None
+        self.gates: ComponentGates | None = None
+        self.components: list[str] = []
+        self.strict_loading = False  # checkpoints hold only the trained tensors
+        self.val_accuracy, self.val_answer_rate = ReasoningAccuracy(), AnswerRate()
+        self.val_reflection, self.val_length = ReflectionRate(), ReasoningLength()
+
+    # ----------------------------------------------------------------------------- building
+    @classmethod
+    def for_model(cls, model: torch.nn.Module, tokenizer: Any, selection: ComponentSelection, **kwargs: Any) -> GateSteering:
+        """Steer an already loaded model (Python API)."""
+        module = cls(selection=selection, **kwargs)
+        module.build(model, tokenizer)
+        return module
+
+    def build(self, model: torch.nn.Module | None = None, tokenizer: Any = None, components: list[str] | None = None) -> None:
+        """Load the model (unless given), wrap it with LoRA if configured, and create the gates."""
+        if self.lm is not None:
+            return
+        if model is None:
+            model, tokenizer = load_model_and_tokenizer(self.model_name, self.hparams.dtype)
+        for parameter in model.parameters():
+            parameter.requires_grad_(False)
+        lora = self.lora
+        if lora is not None:
+            config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                                target_modules=list(lora.target_modules), fan_in_fan_out=model.config.model_type == "gpt2")
+            model = get_peft_model(model, config)
+        self.lm, self.tokenizer = model.eval(), tokenizer
+        self.components = components or self.selection.resolve()
+        self.gates = gates_for_components(self.lm, self.components, self.hparams.init_gate, self.architecture)
+        for name, mask in component_mask(self.gates, self.components).items():
+            self.gates.gate(name).register_hook(lambda gradient, mask=mask: gradient * mask.to(gradient.device))
+
+    def setup(self, stage: str) -> None:
+        """Build the model once and hand its tokenizer to the data module."""
+        self.build()
+        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        if datamodule is not None and hasattr(datamodule, "connect"):
+            datamodule.connect(self.tokenizer)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        """Adam over the gates and, if present, the LoRA adapter."""
+        return torch.optim.Adam([p for p in self.parameters() if p.requires_grad], lr=self.hparams.learning_rate)
+
+    def on_fit_start(self) -> None:
+        """Gates stay float32 whatever the Trainer's precision."""
+        self.gates.float()
+
+    # ----------------------------------------------------------------------------- training
+    def _sampling(self, greedy: bool) -> SamplingConfig:
+        hp = self.hparams
+        if greedy:
+            return SamplingConfig(num_samples=1, temperature=0.0, max_new_tokens=hp.max_new_tokens, batch_size=hp.generation_batch_size)
+        return SamplingConfig(num_samples=hp.num_samples, temperature=hp.temperature, top_p=hp.top_p,
+                              max_new_tokens=hp.max_new_tokens, batch_size=hp.generation_batch_size,
+                              seed=hp.seed * 1_000_003 + self.global_step)
+
+    def gate_deviation(self) -> torch.Tensor:
+        """``sum (c_i - 1)^2`` over the selected gates (the others are 1 by construction)."""
+        return sum(((self.gates.gate(name) - 1) ** 2).sum() for name in self.gates.sites)
+
+    def _log_probs(self, trajectories: Trajectories) -> tuple[torch.Tensor, torch.Tensor]:
+        with self.gates.attach(self.lm):
+            log_probs = completion_log_probs(self.lm, trajectories)
+        mask = trajectories.padded()["completion_mask"][:, -log_probs.shape[1] :].to(log_probs.device)
+        return log_probs, mask
+
+    def _kl_to_base(self, trajectories: Trajectories, log_probs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            disable = getattr(self.lm, "disable_adapter", None)
+            if disable is not None:
+                with disable():
+                    base = completion_log_probs(self.lm, trajectories)
+            else:
+                base = completion_log_probs(self.lm, trajectories)
+        log_ratio = base - log_probs
+        k3 = torch.exp(log_ratio) - 1 - log_ratio  # >= 0, unbiased for KL(pi_c || pi_base)
+        return (k3 * mask).sum() / mask.sum().clamp(min=1)
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        """One optimisation step of the chosen objective."""
+        prompts = len(batch["prompt"])
+        if self.hparams.objective == "supervised":
+            missing = [i for i, solution in zip(batch["id"], batch["solution"]) if not solution]
+            if missing:
+                raise ValueError(f"The supervised objective needs reference solutions; examples {missing[:5]} have none")
+            trajectories = teacher_forced_trajectories(self.tokenizer, batch["prompt"], batch["solution"])
+            log_probs, mask = self._log_probs(trajectories)
+            objective = -(log_probs * mask).sum() / mask.sum()
+            self.log("train/nll", objective.detach(), prog_bar=True, batch_size=prompts)
+        else:
+            with torch.no_grad(), self.gates.attach(self.lm):
+                trajectories = sample_trajectories(self.lm, self.tokenizer, batch["prompt"], self._sampling(False), batch["seed"].tolist())
+            completions = completions_of(trajectories, batch["prompt"], batch["answer"], self.tokenizer)
+            rewards = torch.tensor(score_completions(self.reward_fn, completions)).view(prompts, self.hparams.num_samples)
+            advantages, _ = group_advantages(rewards, "rloo")
+            log_probs, mask = self._log_probs(trajectories)
+            weights = (advantages.flatten() / self.hparams.num_samples).to(log_probs)
+            objective = -(weights * log_probs.sum(-1)).sum() / prompts
+            if self.hparams.kl_coef > 0:
+                kl = self._kl_to_base(trajectories, log_probs, mask)
+                objective = objective + self.hparams.kl_coef * kl
+                self.log("train/kl", kl.detach(), batch_size=prompts)
+            self.log("train/reward", rewards.mean(), prog_bar=True, batch_size=prompts)
+        penalty = self.gate_deviation()
+        self.log("train/gate_deviation", penalty.detach(), batch_size=prompts)
+        return objective + self.hparams.gate_penalty * penalty
+
+    # ----------------------------------------------------------------------------- validation
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        """Greedy generations with the current gates, into the reasoning metrics."""
+        with self.gates.attach(self.lm):
+            trajectories = sample_trajectories(self.lm, self.tokenizer, batch["prompt"], self._sampling(True), batch["seed"].tolist())
+        completions = completions_of(trajectories, batch["prompt"], batch["answer"], self.tokenizer)
+        texts = [c.text for c in completions]
+        self.val_accuracy.update(texts, batch["answer"])
+        self.val_answer_rate.update(texts)
+        self.val_reflection.update(texts)
+        self.val_length.update([reasoning_length(c) for c in completions])
+        size = len(texts)
+        self.log("val/accuracy", self.val_accuracy, prog_bar=True, batch_size=size)
+        self.log("val/answer_rate", self.val_answer_rate, batch_size=size)
+        self.log("val/reflection_rate", self.val_reflection, batch_size=size)
+
+    def on_validation_epoch_end(self) -> None:
+        """Log the reasoning-length distribution (a dict-valued metric)."""
+        if self.val_length.update_count:
+            self.log_dict({f"val/reasoning_length_{k}": v for k, v in self.val_length.compute().items()})
+        self.val_length.reset()
+
+    # ----------------------------------------------------------------------------- checkpoints
+    def trainable_state(self) -> dict[str, torch.Tensor]:
+        """Only the trained tensors (gates and adapter), by state-dict key."""
+        trainable = {name for name, parameter in self.named_parameters() if parameter.requires_grad}
+        return {key: value for key, value in self.state_dict().items() if key in trainable}
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Drop the frozen base model from the checkpoint; record the steered components."""
+        checkpoint["state_dict"] = self.trainable_state()
+        checkpoint[STEERING_KEY] = {"components": self.components, "model": self.model_name,
+                                    "lora": asdict(self.lora) if self.lora else None}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Check that the checkpoint steers the same components as this module."""
+        saved = checkpoint.get(STEERING_KEY, {}).get("components")
+        if saved is not None and self.components and saved != self.components:
+            raise ValueError(f"Checkpoint steers {saved[:5]}..., but this run selected {self.components[:5]}...")
+
+
+def load_steering_checkpoint(path: str | Path, model: str | None = None) -> GateSteering:
+    """Rebuild a trained :class:`GateSteering` from a Lightning checkpoint (gates and adapter loaded).
+
+    ``model`` overrides the model path saved in the checkpoint (e.g. the same weights elsewhere).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"Steering checkpoint not found: {path}")
+    checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    if STEERING_KEY not in checkpoint:
+        raise ValueError(f"{path} is not a GateSteering checkpoint (no {STEERING_KEY!r} entry)")
+    accepted = inspect.signature(GateSteering.__init__).parameters
+    # LightningCLI adds private entries (e.g. "_instantiator") to the saved hyperparameters.
+    hparams = {key: value for key, value in checkpoint["hyper_parameters"].items() if key in accepted}
+    if model is not None:
+        hparams["model"] = model
+    module = GateSteering(**hparams)
+    module.build(components=checkpoint[STEERING_KEY]["components"])
+    missing = set(checkpoint["state_dict"]) - set(module.state_dict())
+    if missing:
+        raise ValueError(f"{path} holds tensors this model does not have: {sorted(missing)[:5]}")
+    module.load_state_dict(checkpoint["state_dict"], strict=False)
+    return module.eval()
