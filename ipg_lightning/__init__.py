@@ -1,13 +1,18 @@
 """ipg_lightning: find the components that drive an LLM's reasoning (Integrated Policy Gradient)
 and turn them up or down with multiplicative gates, on PyTorch Lightning."""
 
+from ipg_lightning.attribution import IPGAttribution
 from ipg_lightning.answers import ExtractedAnswer, answers_match, extract_answer, normalize_answer
 from ipg_lightning.data import ArithmeticChainTask, PromptTemplate, ReasoningDataModule, ReasoningExample
+from ipg_lightning.export import export_steered_model, load_steered
 from ipg_lightning.folding import UnfoldableGateError, fold_gates_into_weights
 from ipg_lightning.gates import ComponentGates
+from ipg_lightning.learned import GateSteering, LoraSettings, load_steering_checkpoint
 from ipg_lightning.metrics import AnswerRate, ReasoningAccuracy, ReasoningLength, ReflectionRate
+from ipg_lightning.report import AttributionReport
 from ipg_lightning.rewards import Completion, CompoundReward, accuracy, load_reward, reasoning_length
 from ipg_lightning.sites import ARCHITECTURES, ArchitectureSpec, Site, UnsupportedArchitectureError, discover_sites
+from ipg_lightning.steering import ComponentSelection, gates_for_components
 from ipg_lightning.trajectories import (
     SamplingConfig,
     Trajectories,
@@ -20,6 +25,15 @@ __version__ = "0.1.0"
 
 __all__ = [
     "ARCHITECTURES",
+    "AttributionReport",
+    "ComponentSelection",
+    "GateSteering",
+    "IPGAttribution",
+    "LoraSettings",
+    "export_steered_model",
+    "gates_for_components",
+    "load_steered",
+    "load_steering_checkpoint",
     "AnswerRate",
     "ArchitectureSpec",
     "ArithmeticChainTask",

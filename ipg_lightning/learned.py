@@ -15,7 +15,7 @@ names; :func:`load_steering_checkpoint` rebuilds a steered model from one.
 from __future__ import annotations
 
 import inspect
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, is_dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -57,6 +57,11 @@ class LoraSettings:
     alpha: int = 16
     dropout: float = 0.0
     target_modules: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
+
+
+def _plain(settings: Any) -> dict[str, Any] | None:
+    """A dataclass (or dict, or None) as a plain dict (or None)."""
+    return asdict(settings) if is_dataclass(settings) else (dict(settings) if settings is not None else None)
 
 
 class GateSteering(L.LightningModule):
@@ -107,11 +112,13 @@ class GateSteering(L.LightningModule):
             raise ValueError(f"objective must be 'policy_gradient' or 'supervised', got {objective!r}")
         if gate_penalty < 0 or kl_coef < 0 or learning_rate <= 0:
             raise ValueError("gate_penalty and kl_coef must be >= 0 and learning_rate > 0")
+        # Hyperparameters are stored as plain dicts: Lightning resumes with torch.load(weights_only=True),
+        # which refuses pickled classes. save_hyperparameters reads these locals.
+        selection, lora, architecture = _plain(selection), _plain(lora), _plain(architecture)
         self.save_hyperparameters(ignore=[] if isinstance(reward, (str, dict)) else ["reward"])
-        # LightningCLI (and checkpoints) hand nested settings over as dicts; keep typed copies.
-        self.selection = ComponentSelection(**selection) if isinstance(selection, dict) else selection
-        self.lora = LoraSettings(**lora) if isinstance(lora, dict) else lora
-        self.architecture = ArchitectureSpec(**architecture) if isinstance(architecture, dict) else architecture
+        self.selection = ComponentSelection(**selection)
+        self.lora = LoraSettings(**lora) if lora is not None else None
+        self.architecture = ArchitectureSpec(**architecture) if architecture is not None else None
         self.reward_fn = load_reward(reward)
         self.model_name = model
         self.lm = None
@@ -142,7 +149,9 @@ class GateSteering(L.LightningModule):
         if lora is not None:
             config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
                                 target_modules=list(lora.target_modules), fan_in_fan_out=model.config.model_type == "gpt2")
-            model = get_peft_model(model, config)
+            with torch.random.fork_rng(devices=[]):  # the adapter's init depends on `seed` only
+                torch.manual_seed(self.hparams.seed)
+                model = get_peft_model(model, config)
         self.lm, self.tokenizer = model.eval(), tokenizer
         self.components = components or self.selection.resolve()
         self.gates = gates_for_components(self.lm, self.components, self.hparams.init_gate, self.architecture)

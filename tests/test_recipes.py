@@ -7,13 +7,19 @@ import pytest
 from lightning.pytorch.cli import LightningCLI
 
 from ipg_lightning.attribution import IPGAttribution
-from ipg_lightning.cli import TRAINER_DEFAULTS, main
+from ipg_lightning.cli import STEER_TRAINER_DEFAULTS, TRAINER_DEFAULTS, SteerCLI, main
+from ipg_lightning.learned import GateSteering, load_steering_checkpoint
 from ipg_lightning.data import ReasoningDataModule
 from ipg_lightning.report import AttributionReport
 
 RECIPE_DIR = Path(__file__).resolve().parents[1] / "recipes"
 RECIPES = sorted(RECIPE_DIR.glob("attribute_*.yaml"))
+STEER_RECIPES = sorted(RECIPE_DIR.glob("steer_*.yaml"))
 TINY = str(RECIPE_DIR / "attribute_tiny.yaml")
+
+
+def test_every_recipe_is_covered():
+    assert {p.name for p in RECIPE_DIR.glob("*.yaml")} == {p.name for p in RECIPES + STEER_RECIPES}
 
 
 @pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: p.name)
@@ -41,3 +47,21 @@ def test_cli_names_a_bad_option(capsys):
     with pytest.raises(SystemExit):
         main(["attribute", "--config", TINY, "--model.stpes", "3"])
     assert "stpes" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("recipe", STEER_RECIPES, ids=lambda p: p.name)
+def test_steer_recipe_parses_against_the_steering_entry_point(recipe):
+    cli = SteerCLI(GateSteering, ReasoningDataModule, run=False, args=["--config", str(recipe)],
+                   trainer_defaults=STEER_TRAINER_DEFAULTS, auto_configure_optimizers=False, save_config_callback=None)
+    assert cli.model.lm is None and cli.config.ckpt_path is None
+    assert cli.model.selection.components or cli.model.selection.report
+
+
+def test_tiny_steer_recipe_trains_and_its_checkpoint_reloads(tmp_path, capsys):
+    main(["steer", "--config", str(RECIPE_DIR / "steer_tiny.yaml"), "--trainer.enable_progress_bar", "false",
+          "--trainer.logger.init_args.save_dir", str(tmp_path)])
+    checkpoints = list(tmp_path.rglob("*.ckpt"))
+    assert len(checkpoints) == 1 and (tmp_path / "lightning_logs" / "version_0" / "metrics.csv").is_file()
+    module = load_steering_checkpoint(checkpoints[0])
+    assert module.lora is not None and len(module.components) == 3
+    assert "trained gates:" in capsys.readouterr().out

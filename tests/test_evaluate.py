@@ -1,0 +1,75 @@
+import json
+from pathlib import Path
+
+import pytest
+
+from ipg_lightning.cli import main
+from ipg_lightning.data import PromptTemplate, ReasoningDataModule
+from ipg_lightning.evaluation import evaluate_generations
+from ipg_lightning.steering import gates_for_components
+from ipg_lightning.testing import tiny_causal_lm, tiny_tokenizer
+from ipg_lightning.trajectories import SamplingConfig
+
+COMPONENTS = '["blocks.1.attn.hook_z[0]", "blocks.1.attn.hook_z[3]", "blocks.0.mlp.hook_post[9]"]'
+RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "attribute_tiny.yaml"
+COMMON = ["--data.num_test", "4", "--data.num_val", "2", "--data.num_train", "0", "--max_new_tokens", "16"]
+
+
+def _lines(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_evaluate_writes_metrics_and_generations_matching_an_independent_run(tmp_path):
+    main(["evaluate", "--components", COMPONENTS, "--gamma", "0", "--output_dir", str(tmp_path / "fixed"), *COMMON])
+    summary = json.loads((tmp_path / "fixed" / "metrics.json").read_text())
+    for key in ("accuracy", "answer_rate", "reasoning_length_mean", "reasoning_length_q90", "reflection_rate", "num_completions"):
+        assert key in summary["metrics"]
+    assert summary["steering"]["kind"] == "fixed" and summary["split"] == "test"
+    generations = _lines(tmp_path / "fixed" / "generations.jsonl")
+    assert len(generations) == summary["metrics"]["num_completions"] == 4
+
+    model, tokenizer = tiny_causal_lm("llama"), tiny_tokenizer()
+    data = ReasoningDataModule(num_train=0, num_val=2, num_test=4)
+    data.connect(tokenizer)
+    gates = gates_for_components(model, json.loads(COMPONENTS), 0.0)
+    independent = evaluate_generations(model, tokenizer, list(data.test_dataloader()),
+                                       SamplingConfig(num_samples=1, temperature=0.0, max_new_tokens=16), gates)
+    assert [g["completion"] for g in generations] == [r["completion"] for r in independent.records]
+    assert summary["metrics"] == pytest.approx(independent.metrics)
+
+
+def test_an_exported_checkpoint_evaluates_like_the_steered_model(tmp_path):
+    main(["evaluate", "--components", COMPONENTS, "--gamma", "0", "--output_dir", str(tmp_path / "fixed"), *COMMON])
+    main(["export", "--components", COMPONENTS, "--gamma", "0", "--output_dir", str(tmp_path / "exported"),
+          "--metrics", str(tmp_path / "fixed" / "metrics.json")])
+    main(["evaluate", "--model", str(tmp_path / "exported"), "--output_dir", str(tmp_path / "from_export"), *COMMON])
+    fixed = _lines(tmp_path / "fixed" / "generations.jsonl")
+    exported = _lines(tmp_path / "from_export" / "generations.jsonl")
+    assert [g["completion"] for g in fixed] == [g["completion"] for g in exported]
+    card = json.loads((tmp_path / "exported" / "steering_card.json").read_text())
+    assert card["metrics"]["num_completions"] == 4
+
+
+def test_sweep_table_and_plot_with_gamma_one_equal_to_base(tmp_path):
+    main(["attribute", "--config", str(RECIPE), "--model.steps", "2",
+          "--model.output_dir", str(tmp_path / "report"), "--trainer.enable_progress_bar", "false"])
+    main(["evaluate", "--report", str(tmp_path / "report"), "--ks", "[2, 6]", "--gammas", "[0.0, 1.0, 2.0]",
+          "--output_dir", str(tmp_path / "sweep"), *COMMON])
+    rows = json.loads((tmp_path / "sweep" / "sweep.json").read_text())["rows"]
+    assert len(rows) == 1 + 2 * 3
+    base = rows[0]
+    for row in rows:
+        if row["gamma"] == 1.0:  # gates at 1 change nothing
+            assert {k: v for k, v in row.items() if k not in ("k", "gamma")} == {k: v for k, v in base.items() if k not in ("k", "gamma")}
+    assert (tmp_path / "sweep" / "sweep.png").stat().st_size > 1000
+    assert (tmp_path / "sweep" / "sweep.csv").read_text().splitlines()[0].startswith("k,gamma,accuracy")
+
+
+def test_bad_evaluate_and_export_requests_are_named(tmp_path):
+    with pytest.raises(ValueError, match="Nothing to export"):
+        main(["export", "--output_dir", str(tmp_path / "x")])
+    with pytest.raises(ValueError, match="give --report"):
+        main(["evaluate", "--gammas", "[0.5]", "--output_dir", str(tmp_path / "y"), *COMMON])
+    with pytest.raises(ValueError, match="gamma must be finite and >= 0, got -1"):
+        main(["evaluate", "--components", COMPONENTS, "--gamma", "-1", "--output_dir", str(tmp_path / "z"), *COMMON])
+    assert not any(tmp_path.iterdir())

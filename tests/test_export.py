@@ -1,0 +1,108 @@
+import json
+import subprocess
+import sys
+
+import lightning as L
+import pytest
+import torch
+
+from ipg_lightning.data import PromptTemplate, ReasoningDataModule
+from ipg_lightning.export import export_steered_model, read_card
+from ipg_lightning.learned import GateSteering, LoraSettings
+from ipg_lightning.steering import ComponentSelection, gates_for_components
+from ipg_lightning.testing import tiny_causal_lm, tiny_tokenizer
+
+INPUT = [[5, 17, 30, 42, 8, 61, 9, 23]]
+
+# Runs in a fresh interpreter: only transformers (or, for the loader path, ipg_lightning.load_steered).
+PLAIN_LOADER = """
+import json, sys, torch
+from transformers import AutoModelForCausalLM
+model = AutoModelForCausalLM.from_pretrained(sys.argv[1]).eval()
+assert not any(name.startswith("ipg_lightning") for name in sys.modules), "ipg_lightning was imported"
+"""
+STEERED_LOADER = """
+import json, sys, torch
+from ipg_lightning import load_steered
+model = load_steered(sys.argv[1])
+"""
+REPORT = """
+ids = torch.tensor(json.loads(sys.argv[2]))
+with torch.no_grad():
+    logits = model(ids).logits
+    tokens = model.generate(ids, max_new_tokens=10, do_sample=False, pad_token_id=0)
+print(json.dumps({"logits": logits.tolist(), "tokens": tokens.tolist()}))
+"""
+
+
+def _in_fresh_process(loader: str, path) -> dict:
+    result = subprocess.run([sys.executable, "-c", loader + REPORT, str(path), json.dumps(INPUT)],
+                            capture_output=True, text=True, timeout=300, check=True)
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def _gated_outputs(model, gates):
+    ids = torch.tensor(INPUT)
+    with torch.no_grad(), gates.attach(model):
+        return model(ids).logits, model.generate(ids, max_new_tokens=10, do_sample=False, pad_token_id=0)
+
+
+def _trained_lora_steering(tmp_path):
+    components = ("blocks.0.mlp.hook_post[3]", "blocks.1.attn.hook_z[2]", "blocks.1.hook_mlp_out")
+    module = GateSteering.for_model(tiny_causal_lm("qwen2"), tiny_tokenizer(), selection=ComponentSelection(components=components),
+                                    reward="ipg_lightning.rewards:answer_present", max_new_tokens=6, learning_rate=0.2,
+                                    lora=LoraSettings(r=2, target_modules=["q_proj", "o_proj"]))
+    data = ReasoningDataModule(num_train=4, num_val=2, num_test=2, batch_size=4, template=PromptTemplate(use_chat_template=False))
+    L.Trainer(max_epochs=2, accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
+              limit_val_batches=0, default_root_dir=tmp_path).fit(module, datamodule=data)
+    with torch.no_grad():  # make the adapter matter: B starts at zero and barely moves in 2 steps
+        for name, parameter in module.lm.named_parameters():
+            if "lora_B" in name:
+                parameter.add_(0.3 * torch.randn_like(parameter))
+    return module.eval()
+
+
+def test_folded_export_with_merged_lora_runs_without_ipg_lightning(tmp_path):
+    module = _trained_lora_steering(tmp_path)
+    expected_logits, expected_tokens = _gated_outputs(module.lm, module.gates)
+    card = export_steered_model(module.lm, module.tokenizer, module.gates, tmp_path / "export")
+    assert card["lora_merged"] and card["loader_sites"] == []
+    assert set(card["folded_sites"]) == {"blocks.0.mlp.hook_post", "blocks.1.attn.hook_z", "blocks.1.hook_mlp_out"}
+    assert set(card["gates"]) == {"blocks.0.mlp.hook_post[3]", "blocks.1.attn.hook_z[2]", "blocks.1.hook_mlp_out"}
+    outputs = _in_fresh_process(PLAIN_LOADER, tmp_path / "export")
+    torch.testing.assert_close(torch.tensor(outputs["logits"]), expected_logits, rtol=1e-5, atol=1e-5)
+    assert outputs["tokens"] == expected_tokens.tolist()
+    files = {p.name for p in (tmp_path / "export").iterdir()}
+    assert {"config.json", "model.safetensors", "generation_config.json", "tokenizer.json", "steering_card.json"} <= files
+
+
+def test_residual_gates_travel_in_a_steering_file_and_the_loader_reproduces_them(tmp_path):
+    model, tokenizer = tiny_causal_lm("llama"), tiny_tokenizer()
+    gates = gates_for_components(model, ["blocks.1.hook_resid_post[3]", "blocks.0.attn.hook_z[1]"], 0.0)
+    gates.set_component("blocks.1.hook_resid_post[5]", 1.7)
+    expected_logits, expected_tokens = _gated_outputs(model, gates)
+    card = export_steered_model(model, tokenizer, gates, tmp_path / "export")
+    assert card["loader_sites"] == ["blocks.1.hook_resid_post"] and card["folded_sites"] == ["blocks.0.attn.hook_z"]
+    assert "load_steered" in card["how_to_load"]
+    steered = _in_fresh_process(STEERED_LOADER, tmp_path / "export")
+    torch.testing.assert_close(torch.tensor(steered["logits"]), expected_logits, rtol=1e-5, atol=1e-5)
+    assert steered["tokens"] == expected_tokens.tolist()
+    plain = _in_fresh_process(PLAIN_LOADER, tmp_path / "export")  # without the loader the residual gates are absent
+    assert not torch.allclose(torch.tensor(plain["logits"]), expected_logits, atol=1e-3)
+
+
+def test_export_refuses_to_overwrite_and_leaves_nothing_half_written(tmp_path, monkeypatch):
+    model, tokenizer = tiny_causal_lm("gpt2"), tiny_tokenizer()
+    gates = gates_for_components(model, ["blocks.0.mlp.hook_post[1]"], 0.5)
+    export_steered_model(model, tokenizer, gates, tmp_path / "export")
+    with pytest.raises(FileExistsError, match="already exists"):
+        export_steered_model(model, tokenizer, gates, tmp_path / "export")
+
+    def failing_save(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(type(tokenizer), "save_pretrained", failing_save)
+    with pytest.raises(OSError, match="disk full"):
+        export_steered_model(tiny_causal_lm("gpt2"), tokenizer, gates, tmp_path / "second")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["export"]
+    assert read_card(tmp_path / "export")["folded_sites"] == ["blocks.0.mlp.hook_post"]
