@@ -28,7 +28,7 @@ from ipg_lightning.gates import ComponentGates
 from ipg_lightning.models import load_model_and_tokenizer
 from ipg_lightning.report import AttributionReport
 from ipg_lightning.rewards import load_reward, score_completions
-from ipg_lightning.sites import ArchitectureSpec
+from ipg_lightning.sites import ArchitectureSpec, resolve_architecture, unwrap_model
 from ipg_lightning.trajectories import (
     SamplingConfig,
     Trajectories,
@@ -183,8 +183,6 @@ class IPGAttribution(L.LightningModule):
         self.accumulator = AttributionAccumulator({name: site.size for name, site in self.gates.sites.items()})
 
     def _num_layers(self) -> int:
-        from ipg_lightning.sites import resolve_architecture, unwrap_model
-
         spec = resolve_architecture(self.lm, self.architecture)
         return len(unwrap_model(self.lm).get_submodule(spec.layers))
 

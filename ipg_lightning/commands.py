@@ -69,7 +69,7 @@ def build_steered_model(
     return base
 
 
-def _format_metrics(rows: list[dict[str, Any]]) -> str:
+def _metrics_csv(rows: list[dict[str, Any]]) -> str:
     keys = ["k", "gamma", "accuracy", "answer_rate", "reasoning_length_mean", "reflection_rate", "num_completions"]
     out = io.StringIO()
     writer = csv.DictWriter(out, fieldnames=keys, extrasaction="ignore")
@@ -178,11 +178,11 @@ def _sweep(model, dtype, data, split, selection, gammas, ks, sampling, output_di
             rows.append({"k": top_k, "gamma": value, **metrics})
     with atomic_directory(output_dir, overwrite=overwrite) as staging:
         atomic_write_json(staging / "sweep.json", {"report": selection.report, "split": split, "rows": rows})
-        atomic_write_text(staging / "sweep.csv", _format_metrics(rows))
+        atomic_write_text(staging / "sweep.csv", _metrics_csv(rows))
         from ipg_lightning.plots import plot_sweep
 
         plot_sweep(rows, staging / "sweep.png")
-    print(_format_metrics(rows))
+    print(_metrics_csv(rows))
     print(f"wrote {output_dir}/sweep.json, sweep.csv and sweep.png")
     return {"rows": rows}
 
