@@ -8,6 +8,7 @@ are typed functions whose docstrings are their ``--help``.
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 
@@ -70,6 +71,47 @@ def _selected_values(module) -> list[float]:
     return values
 
 
+class TrainReasonerCLI(LightningCLI):
+    """LightningCLI for ``ipg train-reasoner``, with where to save the finished model."""
+
+    def add_arguments_to_parser(self, parser) -> None:
+        """Add the output options."""
+        parser.add_argument("--output_dir", type=str, default="checkpoints/tiny-reasoner", help="Where the model is saved.")
+        parser.add_argument("--overwrite", type=bool, default=False, help="Replace an existing output_dir.")
+        parser.add_argument("--eval_examples", type=int, default=256, help="Held-out problems measured for the model card.")
+
+
+def train_reasoner(args: list[str]) -> None:
+    """Train the tiny reasoning model from scratch, measure it on held-out problems, save it with a card."""
+    import time
+
+    from ipg_lightning.data import ReasoningDataModule
+    from ipg_lightning.evaluation import evaluate_generations
+    from ipg_lightning.reasoner import ReasonerTraining, elapsed_minutes, save_reasoner
+    from ipg_lightning.trajectories import SamplingConfig
+
+    start = time.perf_counter()
+    cli = TrainReasonerCLI(ReasonerTraining, ReasoningDataModule, run=False, args=args,
+                           trainer_defaults=STEER_TRAINER_DEFAULTS, save_config_kwargs={"overwrite": True},
+                           parser_kwargs={"prog": "ipg train-reasoner", "description": train_reasoner.__doc__})
+    cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    if not cli.trainer.is_global_zero:
+        return
+    module, data = cli.model.eval(), cli.datamodule
+    sampling = SamplingConfig(num_samples=1, temperature=0.0, max_new_tokens=module.hparams.eval_max_new_tokens, batch_size=64)
+    batches = [b for b in data.test_dataloader()][: max(1, cli.config.eval_examples // data.batch_size)]
+    metrics = evaluate_generations(module.lm, module.tokenizer, batches, sampling, progress=True, description="held-out").metrics
+    task = data.synthetic_task
+    settings = {**dict(module.hparams), "task": f"steps {task.min_steps}-{task.max_steps}, operands 1-{task.max_operand}, "
+                f"operations {' '.join(task.operations)}, reflection probability {task.reflection_probability}",
+                "train_examples": len(data.examples["train"]), "epochs": cli.trainer.current_epoch,
+                "wall_time_min": elapsed_minutes(start)}
+    command = "ipg train-reasoner " + " ".join(args)
+    save_reasoner(module, cli.config.output_dir, metrics, settings, command, overwrite=cli.config.overwrite)
+    print(json.dumps(metrics, indent=2))
+    print(f"saved to {cli.config.output_dir} ({settings['wall_time_min']:.1f} min)")
+
+
 def attribute(args: list[str]) -> None:
     """Run IPG attribution (or a baseline method) and write the report to ``--model.output_dir``."""
     from ipg_lightning.attribution import IPGAttribution
@@ -118,7 +160,7 @@ def main(args: list[str] | None = None) -> None:
     """Entry point of the ``ipg`` console script."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     args = sys.argv[1:] if args is None else list(args)
-    lightning_commands = {"attribute": attribute, "steer": steer}
+    lightning_commands = {"attribute": attribute, "steer": steer, "train-reasoner": train_reasoner}
     if args and args[0] in lightning_commands:
         lightning_commands[args[0]](args[1:])
         return

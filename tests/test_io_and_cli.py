@@ -23,22 +23,23 @@ def test_atomic_directory_leaves_nothing_behind_on_failure(tmp_path):
             pass
 
 
-def test_demo_steers_folds_and_writes_a_summary(tmp_path, capsys):
+def test_demo_runs_every_stage_and_writes_a_complete_output(tmp_path, capsys):
     out = tmp_path / "demo"
-    main(["demo", "--out_dir", str(out), "--num_prompts", "4", "--max_new_tokens", "24"])
+    main(["demo", "--model", "tiny:llama", "--out_dir", str(out), "--support_prompts", "4", "--test_prompts", "4",
+          "--steps", "2", "--learning_steps", "1", "--max_new_tokens", "8", "--k", "3"])
     summary = json.loads((out / "summary.json").read_text())
-    assert set(summary["conditions"]) == {"base", "suppressed", "amplified"}
-    assert summary["fold"]["generations_identical"] is True
-    assert summary["fold"]["max_logit_difference"] < 1e-5
-    lines = (out / "generations.jsonl").read_text().splitlines()
-    assert len(lines) == 3 * 4
-    base = [json.loads(line)["completion"] for line in lines if '"condition": "base"' in line]
-    suppressed = [json.loads(line)["completion"] for line in lines if '"condition": "suppressed"' in line]
-    assert base != suppressed  # zeroing a layer's heads changes what the model writes
-    assert "condition" in capsys.readouterr().out
+    assert list(summary["conditions"]) == ["base", "accuracy suppressed", "accuracy amplified", "length suppressed",
+                                           "length amplified", "accuracy learned"]
+    assert summary["export"]["generations_identical"] is True
+    assert len(summary["selected"]["accuracy"]) == 3
+    for name in ("attribution_accuracy", "attribution_length", "exported_learned"):
+        assert (out / name).is_dir()
+    assert len((out / "generations.jsonl").read_text().splitlines()) == 6 * 4
+    printed = capsys.readouterr().out
+    assert "accuracy suppressed" in printed and "wall time" in printed
 
 
 def test_cli_rejects_a_config_typo(capsys):
     with pytest.raises(SystemExit):
-        main(["demo", "--num_promts", "3"])
-    assert "num_promts" in capsys.readouterr().err
+        main(["demo", "--test_promts", "3"])
+    assert "test_promts" in capsys.readouterr().err

@@ -15,11 +15,14 @@ from ipg_lightning.report import AttributionReport
 RECIPE_DIR = Path(__file__).resolve().parents[1] / "recipes"
 RECIPES = sorted(RECIPE_DIR.glob("attribute_*.yaml"))
 STEER_RECIPES = sorted(RECIPE_DIR.glob("steer_*.yaml"))
+FUNCTION_RECIPES = sorted(RECIPE_DIR.glob("evaluate_*.yaml")) + sorted(RECIPE_DIR.glob("export_*.yaml"))
+TRAIN_RECIPES = sorted(RECIPE_DIR.glob("train_*.yaml"))
 TINY = str(RECIPE_DIR / "attribute_tiny.yaml")
 
 
 def test_every_recipe_is_covered():
-    assert {p.name for p in RECIPE_DIR.glob("*.yaml")} == {p.name for p in RECIPES + STEER_RECIPES}
+    covered = RECIPES + STEER_RECIPES + FUNCTION_RECIPES + TRAIN_RECIPES
+    assert {p.name for p in RECIPE_DIR.glob("*.yaml")} == {p.name for p in covered}
 
 
 @pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: p.name)
@@ -65,3 +68,32 @@ def test_tiny_steer_recipe_trains_and_its_checkpoint_reloads(tmp_path, capsys):
     module = load_steering_checkpoint(checkpoints[0])
     assert module.lora is not None and len(module.components) == 3
     assert "trained gates:" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("recipe", FUNCTION_RECIPES, ids=lambda p: p.name)
+def test_evaluate_and_export_recipes_parse(recipe, capsys):
+    command = recipe.name.split("_")[0]
+    with pytest.raises(SystemExit) as exit_info:
+        main([command, "--config", str(recipe), "--print_config"])
+    assert exit_info.value.code == 0
+    assert "output_dir" in capsys.readouterr().out
+
+
+def test_tiny_evaluate_and_export_recipes_run(tmp_path):
+    main(["evaluate", "--config", str(RECIPE_DIR / "evaluate_tiny.yaml"), "--output_dir", str(tmp_path / "eval")])
+    assert json.loads((tmp_path / "eval" / "metrics.json").read_text())["metrics"]["num_completions"] == 8
+    main(["export", "--config", str(RECIPE_DIR / "export_tiny.yaml"), "--output_dir", str(tmp_path / "export")])
+    card = json.loads((tmp_path / "export" / "steering_card.json").read_text())
+    assert card["loader_sites"] == ["blocks.1.hook_resid_post"]
+    assert set(card["folded_sites"]) == {"blocks.0.mlp.hook_post", "blocks.1.attn.hook_z"}
+
+
+@pytest.mark.parametrize("recipe", TRAIN_RECIPES, ids=lambda p: p.name)
+def test_train_recipe_parses(recipe):
+    from ipg_lightning.cli import TrainReasonerCLI
+    from ipg_lightning.reasoner import ReasonerTraining
+
+    cli = TrainReasonerCLI(ReasonerTraining, ReasoningDataModule, run=False, args=["--config", str(recipe)],
+                           trainer_defaults=STEER_TRAINER_DEFAULTS, save_config_callback=None)
+    assert cli.config.output_dir == "checkpoints/tiny-reasoner"
+    assert sum(p.numel() for p in cli.model.lm.parameters()) < 5_000_000

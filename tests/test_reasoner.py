@@ -1,0 +1,62 @@
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from ipg_lightning.data import ArithmeticChainTask, ReasoningDataModule
+from ipg_lightning.reasoner import TINY_REASONER_PATH, TINY_REASONER_TASK, ReasonerTraining, reasoner_tokenizer
+from ipg_lightning.trajectories import completion_log_probs, teacher_forced_trajectories
+
+ROOT = Path(__file__).resolve().parents[1]
+CHECKPOINT = ROOT / TINY_REASONER_PATH
+
+
+def test_training_recipe_uses_the_task_the_demo_assumes():
+    recipe = yaml.safe_load((ROOT / "recipes" / "train_tiny_reasoner.yaml").read_text())
+    assert ArithmeticChainTask(**recipe["data"]["synthetic_task"]) == TINY_REASONER_TASK
+    assert recipe["data"]["seed"] == TINY_REASONER_TASK.seed == 0
+
+
+def test_chat_template_shows_only_the_question():
+    tokenizer = reasoner_tokenizer()
+    messages = [{"role": "user", "content": "Solve the problem step by step.\n\nStart with 3. Add 4. What is the result?"}]
+    assert tokenizer.apply_chat_template(messages, tokenize=False) == "Q: Start with 3. Add 4. What is the result?\nA:"
+
+
+def test_a_few_training_steps_lower_the_solution_loss():
+    import lightning as L
+
+    data = ReasoningDataModule(num_train=64, num_val=4, num_test=4, batch_size=16, synthetic_task=TINY_REASONER_TASK)
+    module = ReasonerTraining(hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64, warmup_steps=2,
+                              learning_rate=1e-2)
+    data.connect(module.tokenizer)
+    batch = next(iter(data.test_dataloader()))
+    trajectories = teacher_forced_trajectories(module.tokenizer, batch["prompt"], batch["solution"])
+
+    def solution_nll():
+        with torch.no_grad():
+            log_probs = completion_log_probs(module.lm, trajectories)
+        return -log_probs.sum().item() / trajectories.num_completion_tokens
+
+    before = solution_nll()
+    L.Trainer(max_steps=30, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
+              enable_model_summary=False, limit_val_batches=0).fit(module, datamodule=data)
+    assert solution_nll() < 0.6 * before  # held-out problems: it learned the format, not the batch
+
+
+@pytest.mark.skipif(not CHECKPOINT.is_dir(), reason="the shipped reasoner is not in this checkout")
+def test_shipped_reasoner_loads_offline_with_a_card_and_room_to_move():
+    model = AutoModelForCausalLM.from_pretrained(CHECKPOINT)
+    tokenizer = AutoTokenizer.from_pretrained(CHECKPOINT)
+    assert model.config.model_type == "llama" and tokenizer.chat_template
+    assert sum(p.numel() for p in model.parameters()) < 5_000_000
+    assert sum(f.stat().st_size for f in CHECKPOINT.iterdir()) < 20 * 2**20
+    measured = json.loads((CHECKPOINT / "metrics.json").read_text())["held_out"]
+    assert 0.1 < measured["accuracy"] < 0.95  # well below 100 %: steering can move it either way
+    assert measured["reasoning_length_max"] > 1.3 * measured["reasoning_length_min"]  # lengths vary
+    card = (CHECKPOINT / "README.md").read_text()
+    assert "ipg train-reasoner --config recipes/train_tiny_reasoner.yaml" in card and "seed 0" in card
+    assert f"{measured['accuracy']:.3f}" in card
