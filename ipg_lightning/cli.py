@@ -114,7 +114,8 @@ def train_reasoner(args: list[str]) -> None:
     batches = [b for b in data.test_dataloader()][: max(1, cli.config.eval_examples // data.batch_size)]
     metrics = evaluate_generations(module.lm, module.tokenizer, batches, sampling, progress=True, description="held-out").metrics
     task = data.synthetic_task
-    settings = {**dict(module.hparams), "task": f"steps {task.min_steps}-{task.max_steps}, operands 1-{task.max_operand}, "
+    hparams = {key: value for key, value in module.hparams.items() if not key.startswith("_")}
+    settings = {**hparams, "task": f"steps {task.min_steps}-{task.max_steps}, operands 1-{task.max_operand}, "
                 f"operations {' '.join(task.operations)}, reflection probability {task.reflection_probability}",
                 "train_examples": len(data.examples["train"]), "epochs": cli.trainer.current_epoch,
                 "wall_time_min": elapsed_minutes(start)}

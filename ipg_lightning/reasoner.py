@@ -27,7 +27,9 @@ from ipg_lightning.trajectories import SamplingConfig, completion_log_probs, sam
 #: Splits deal one seeded stream test-first, so any data module over this task with the same seed
 #: gives test and validation problems the model never saw in training.
 TINY_REASONER_TASK = ArithmeticChainTask(min_steps=1, max_steps=4, max_operand=9, reflection_probability=0.25, seed=0)
-TINY_REASONER_PATH = "checkpoints/tiny-reasoner"
+#: The shipped reasoner, found from the package's own location so the demo runs from any directory
+#: of an editable install or a clone (a wheel does not carry ``checkpoints/``).
+TINY_REASONER_PATH = str(Path(__file__).resolve().parents[1] / "checkpoints" / "tiny-reasoner")
 
 #: The reasoner sees "Q: <question>\nA:" (the instruction of the prompt template is dropped).
 REASONER_CHAT_TEMPLATE = "Q: {{ messages[-1]['content'].split('\n\n')[-1] }}\nA:"
