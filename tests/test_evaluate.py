@@ -4,7 +4,7 @@ from pathlib import Path
 import pytest
 
 from ipg_lightning.cli import main
-from ipg_lightning.data import PromptTemplate, ReasoningDataModule
+from ipg_lightning.data import ReasoningDataModule
 from ipg_lightning.evaluation import evaluate_generations
 from ipg_lightning.steering import gates_for_components
 from ipg_lightning.testing import tiny_causal_lm, tiny_tokenizer

@@ -6,12 +6,16 @@ import torch
 import yaml
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from ipg_lightning.attribution import IPGAttribution
 from ipg_lightning.data import ArithmeticChainTask, ReasoningDataModule
+from ipg_lightning.evaluation import evaluate_generations
+from ipg_lightning.models import load_model_and_tokenizer
 from ipg_lightning.reasoner import TINY_REASONER_PATH, TINY_REASONER_TASK, ReasonerTraining, reasoner_tokenizer
-from ipg_lightning.trajectories import completion_log_probs, teacher_forced_trajectories
+from ipg_lightning.steering import gates_for_components
+from ipg_lightning.trajectories import SamplingConfig, completion_log_probs, teacher_forced_trajectories
 
 ROOT = Path(__file__).resolve().parents[1]
-CHECKPOINT = ROOT / TINY_REASONER_PATH
+CHECKPOINT = Path(TINY_REASONER_PATH)
 
 
 def test_training_recipe_uses_the_task_the_demo_assumes():
@@ -60,3 +64,47 @@ def test_shipped_reasoner_loads_offline_with_a_card_and_room_to_move():
     card = (CHECKPOINT / "README.md").read_text()
     assert "ipg train-reasoner --config recipes/train_tiny_reasoner.yaml" in card and "seed 0" in card
     assert f"{measured['accuracy']:.3f}" in card
+
+
+def _held_out(tokenizer, num_test: int, num_val: int = 16) -> ReasoningDataModule:
+    data = ReasoningDataModule(synthetic_task=TINY_REASONER_TASK, num_train=num_val, num_val=num_val, num_test=num_test,
+                               batch_size=16, seed=0)
+    data.connect(tokenizer)
+    return data
+
+
+@pytest.mark.skipif(not CHECKPOINT.is_dir(), reason="the shipped reasoner is not in this checkout")
+def test_shipped_reasoner_measures_what_its_card_says():
+    model, tokenizer = load_model_and_tokenizer(TINY_REASONER_PATH)
+    data = _held_out(tokenizer, num_test=128)
+    greedy = SamplingConfig(num_samples=1, temperature=0.0, max_new_tokens=160, batch_size=64)
+    measured = evaluate_generations(model, tokenizer, data.test_dataloader(), greedy).metrics
+    card = json.loads((CHECKPOINT / "metrics.json").read_text())["held_out"]
+    assert abs(measured["accuracy"] - card["accuracy"]) < 0.08  # 128 of the card's 512 problems
+    assert measured["answer_rate"] == 1.0
+
+
+@pytest.mark.skipif(not CHECKPOINT.is_dir(), reason="the shipped reasoner is not in this checkout")
+def test_ipg_length_components_turn_reasoning_length_down_and_up():
+    """The demo's claim, on fewer problems: the top IPG length neurons of the last block control how
+    often the reasoner re-checks its steps, so suppressing them shortens reasoning and amplifying
+    them lengthens it, with the same sampling seeds in every condition."""
+    import lightning as L
+
+    model, tokenizer = load_model_and_tokenizer(TINY_REASONER_PATH)
+    data = _held_out(tokenizer, num_test=32)
+    module = IPGAttribution.for_model(model, tokenizer, reward="reasoning_length", families=["mlp_neuron"], layers=[3],
+                                      steps=8, rule="gauss_legendre", num_samples=4, temperature=0.7, top_p=1.0,
+                                      max_new_tokens=160, generation_batch_size=64, seed=0)
+    L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
+              inference_mode=False).validate(module, datamodule=data, verbose=False)
+    assert abs(module.report.metadata["completeness"]["relative_residual"]) < 0.05
+    top = module.report.select(k=4)
+    sampled = SamplingConfig(num_samples=4, temperature=0.7, top_p=1.0, max_new_tokens=160, batch_size=64)
+
+    def mean_length(gamma: float) -> float:
+        gates = gates_for_components(model, top, gamma)
+        return evaluate_generations(model, tokenizer, data.test_dataloader(), sampled, gates).metrics["reasoning_length_mean"]
+
+    base, suppressed, amplified = mean_length(1.0), mean_length(0.0), mean_length(2.0)
+    assert suppressed < base - 3 and amplified > base + 3, (suppressed, base, amplified)

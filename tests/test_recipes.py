@@ -8,8 +8,8 @@ from lightning.pytorch.cli import LightningCLI
 
 from ipg_lightning.attribution import IPGAttribution
 from ipg_lightning.cli import STEER_TRAINER_DEFAULTS, TRAINER_DEFAULTS, SteerCLI, main
-from ipg_lightning.learned import GateSteering, load_steering_checkpoint
 from ipg_lightning.data import ReasoningDataModule
+from ipg_lightning.learned import GateSteering, load_steering_checkpoint
 from ipg_lightning.report import AttributionReport
 
 RECIPE_DIR = Path(__file__).resolve().parents[1] / "recipes"

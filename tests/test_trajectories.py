@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from ipg_lightning.gates import ComponentGates
-from ipg_lightning.testing import tiny_causal_lm, tiny_tokenizer
+from ipg_lightning.testing import tiny_causal_lm
 from ipg_lightning.trajectories import (
     PerRowSampler,
     SamplingConfig,
