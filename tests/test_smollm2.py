@@ -57,3 +57,14 @@ def test_ipg_on_smollm2_is_complete_for_mlp_neurons(smollm2):
     completeness = module.report.metadata["completeness"]
     if module.report.metadata["counts"]["zero_signal_prompts"] < 2:
         assert completeness["relative_residual"] < 0.05
+
+
+def test_demo_preset_runs_every_stage_on_smollm2(tmp_path):
+    from ipg_lightning.demo import demo
+
+    summary = demo(preset="smollm2", out_dir=tmp_path / "demo", support_prompts=2, test_prompts=2, num_samples=2,
+                   eval_samples=1, steps=2, learning_steps=1, max_new_tokens=12, k=2)
+    assert summary["model"] == "smollm2" and summary["site"] == "blocks.29.mlp.hook_post"
+    assert summary["export"]["greedy_generations_identical"] is True
+    assert set(summary["conditions"]) >= {"base", "length suppressed", "length learned"}
+    assert (tmp_path / "demo" / "exported_learned" / "model.safetensors").is_file()
