@@ -12,9 +12,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import functools
 import json
+import logging
 import time
+import warnings
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -65,6 +70,38 @@ def format_table(rows: dict[str, dict[str, float]]) -> str:
     return "\n".join(lines)
 
 
+@contextlib.contextmanager
+def quiet_lightning() -> Iterator[None]:
+    """Silence Lightning's per-Trainer banners ("GPU available", tips) and its known-harmless
+    warnings (frozen modules in eval mode during fit), so the demo's progress bars and table stand out."""
+    logger = logging.getLogger("lightning.pytorch")
+    level = logger.level
+    logger.setLevel(logging.WARNING)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*module\\(s\\) in eval mode.*")
+        warnings.filterwarnings("ignore", message=".*treespec.*")
+        try:
+            yield
+        finally:
+            logger.setLevel(level)
+
+
+def with_quiet_lightning(function: Callable) -> Callable:
+    """Run ``function`` under :func:`quiet_lightning` (the signature stays visible to the CLI)."""
+
+    @functools.wraps(function)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        with quiet_lightning():
+            return function(*args, **kwargs)
+
+    return wrapper
+
+
+def stage(number: int, text: str) -> None:
+    """Announce one of the demo's five stages."""
+    print(f"[{number}/5] {text}", flush=True)
+
+
 def learned_gate_values(steering: GateSteering, components: list[str]) -> dict[str, float]:
     """The trained gate value of each component name."""
     values = {}
@@ -80,6 +117,7 @@ def _trainer(**kwargs: Any) -> L.Trainer:
                      enable_model_summary=False, **kwargs)
 
 
+@with_quiet_lightning
 def demo(
     preset: str = "tiny-reasoner",
     model: str | None = None,
@@ -150,6 +188,8 @@ def demo(
                             "num_samples": num_samples, "temperature": temperature or 1.0, "top_p": 1.0,
                             "max_new_tokens": max_new_tokens, "generation_batch_size": 64, "chunk_size": 32, "seed": seed}
 
+    stage(1, f"IPG attribution of accuracy and of reasoning length over {family} sites of block {layer} "
+             f"({support_prompts} support problems x {num_samples} samples, q={steps} {rule})")
     reports = {}
     for target, reward in (("accuracy", "accuracy"), ("length", "reasoning_length")):
         module = IPGAttribution.for_model(lm, tokenizer, reward=reward, **attribution_settings)
@@ -164,12 +204,16 @@ def demo(
         result = evaluate_generations(evaluated_model or lm, tokenizer, test_batches, sampled, gates, progress=True, description=name)
         rows[name], records[name] = result.metrics, result.records
 
+    stage(2, f"fixed steering of the top {k} components of each: gate {gamma_suppress} and {gamma_amplify}, "
+             f"evaluated on {test_prompts} held-out problems")
     measure("base")
     selected = {target: report.select(k=k) for target, report in reports.items()}
     for target in ("accuracy", "length"):
         for label, gamma in (("suppressed", gamma_suppress), ("amplified", gamma_amplify)):
             measure(f"{target} {label}", gates_for_components(lm, selected[target], gamma))
 
+    stage(3, f"learning the gates of the top {k} length components ({learning_steps} policy-gradient steps on "
+             f"accuracy - {LENGTH_COST} x length), then evaluating them")
     learned = GateSteering.for_model(copy.deepcopy(lm), tokenizer, ComponentSelection(components=tuple(selected["length"])),
                                      reward={"accuracy": 1.0, "reasoning_length": -LENGTH_COST}, num_samples=num_samples,
                                      max_new_tokens=max_new_tokens, generation_batch_size=64, temperature=temperature or 1.0,
@@ -177,6 +221,7 @@ def demo(
     _trainer(max_steps=learning_steps, limit_val_batches=0, enable_progress_bar=True).fit(learned, datamodule=data)
     measure("length learned", learned.gates, learned.lm)
 
+    stage(4, f"writing reports and exporting the learned gates as a plain Hugging Face checkpoint to {out_dir}/")
     with atomic_directory(out_dir, overwrite=overwrite) as staging:
         for target, report in reports.items():
             report.save(staging / f"attribution_{target}")
@@ -184,6 +229,7 @@ def demo(
                                         source={"kind": "learned", "components": selected["length"],
                                                 "reward": f"accuracy - {LENGTH_COST} x reasoning length"},
                                         metrics=rows["length learned"])
+        stage(5, "checking that the exported checkpoint generates what the gated model does")
         gated = evaluate_generations(learned.lm, tokenizer, test_batches, greedy, learned.gates, description="gated (greedy)")
         folded = evaluate_generations(load_model_and_tokenizer(str(staging / "exported_learned"))[0], tokenizer,
                                       test_batches, greedy, description="exported (greedy)")
@@ -204,11 +250,12 @@ def demo(
 
     how = f"sampled at temperature {temperature}, {sampled.num_samples} per problem, same seeds in every condition" \
         if temperature > 0 else "greedy decoding"
-    print(f"\n{model}: top {k} {family} components of block {layer} by IPG; {test_prompts} held-out problems, {how}\n")
+    print(f"\n{preset if model == setting.model else model}: top {k} {family} components of block {layer} by IPG; {test_prompts} held-out problems, {how}\n")
     print(format_table(rows))
     for target, block in completeness.items():
         print(f"completeness ({target}, q={steps} {rule}): sum of scores {block['sum_of_scores']:.4g} vs L(1) - L(0) "
               f"{block['surrogate_delta']:.4g}, residual {block['residual']:.2g}")
+    print("learned gates: " + ", ".join(f"{name} {value:.2f}" for name, value in summary["learned_gates"].items()))
     print(f"exported learned gates (folded {exported['folded_sites']}): greedy generations identical = {export_matches}")
     print(f"wall time {summary['wall_time_s']} s; reports, plots, metrics and the exported model are in {out_dir}/")
     return summary
