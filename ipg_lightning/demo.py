@@ -221,6 +221,8 @@ def demo(
     _trainer(max_steps=learning_steps, limit_val_batches=0, enable_progress_bar=True).fit(learned, datamodule=data)
     measure("length learned", learned.gates, learned.lm)
 
+    # The reference for the export check, taken now: exporting folds the gates into learned.lm in place.
+    gated = evaluate_generations(learned.lm, tokenizer, test_batches, greedy, learned.gates, description="gated (greedy)")
     stage(4, f"writing reports and exporting the learned gates as a plain Hugging Face checkpoint to {out_dir}/")
     with atomic_directory(out_dir, overwrite=overwrite) as staging:
         for target, report in reports.items():
@@ -229,8 +231,7 @@ def demo(
                                         source={"kind": "learned", "components": selected["length"],
                                                 "reward": f"accuracy - {LENGTH_COST} x reasoning length"},
                                         metrics=rows["length learned"])
-        stage(5, "checking that the exported checkpoint generates what the gated model does")
-        gated = evaluate_generations(learned.lm, tokenizer, test_batches, greedy, learned.gates, description="gated (greedy)")
+        stage(5, "checking that the exported checkpoint, loaded fresh, generates what the gated model did")
         folded = evaluate_generations(load_model_and_tokenizer(str(staging / "exported_learned"))[0], tokenizer,
                                       test_batches, greedy, description="exported (greedy)")
         export_matches = [r["completion"] for r in folded.records] == [r["completion"] for r in gated.records]
