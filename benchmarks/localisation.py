@@ -54,7 +54,7 @@ def write_figure(summary: dict, out: Path) -> None:
     base, results, length_curve = summary["base"], summary["results"], summary["length_curve"]
     figure, axes = plt.subplots(1, 3, figsize=(14, 3.8))
     for axis, condition in zip(axes[:2], ("suppress", "amplify")):
-        for method in METHODS:
+        for method in getattr(args, "methods", METHODS):
             means, errors = zip(*(interval(results[method][condition][p]) for p in args.ps))
             axis.errorbar(args.ps, means, yerr=errors, marker="o", capsize=3, label=method)
         axis.axhline(base["accuracy"], color="grey", linestyle="--", label="base")
@@ -85,11 +85,12 @@ def print_tables(summary: dict) -> None:
     args = argparse.Namespace(**summary["settings"])
     base, results, length_curve = summary["base"], summary["results"], summary["length_curve"]
     print(f"\nbase accuracy {base['accuracy']:.3f}, mean length {base['reasoning_length_mean']:.1f} "
-          f"({args.test} held-out problems, {args.seeds} seeds, block {args.layer} MLP neurons)")
+          f"({args.test} held-out problems, {args.seeds} seeds, block {args.layer} MLP neurons, "
+          f"N={getattr(args, 'num_samples', 4)} per support problem)")
     header = "| method | " + " | ".join(f"suppress p={p}" for p in args.ps) + " | " + " | ".join(f"amplify p={p}" for p in args.ps) + " |"
     print(header)
     print("|" + " --- |" * (1 + 2 * len(args.ps)))
-    for method in METHODS:
+    for method in getattr(args, "methods", METHODS):
         cells = [f"{m:.3f} +- {e:.3f}" for condition in ("suppress", "amplify") for m, e in
                  (interval(results[method][condition][p]) for p in args.ps)]
         print(f"| {method} | " + " | ".join(cells) + " |")
@@ -120,6 +121,8 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=5)
     parser.add_argument("--ps", type=int, nargs="+", default=[2, 8, 32])
     parser.add_argument("--support", type=int, default=32)
+    parser.add_argument("--num-samples", type=int, default=4, help="trajectories per support problem (N)")
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     parser.add_argument("--test", type=int, default=128)
     parser.add_argument("--steps", type=int, default=16)
     parser.add_argument("--rule", default="gauss_legendre")
@@ -154,17 +157,17 @@ def main() -> None:
         support.setup()
         support.examples["val"] = support.examples["val"][args.support * seed :]
         module = IPGAttribution.for_model(model, tokenizer, method=method, reward=reward, families=["mlp_neuron"],
-                                          layers=[layer], steps=args.steps, rule=args.rule, num_samples=4, temperature=0.7,
+                                          layers=[layer], steps=args.steps, rule=args.rule, num_samples=args.num_samples, temperature=0.7,
                                           top_p=1.0, max_new_tokens=160, generation_batch_size=64, chunk_size=32, seed=seed)
         L.Trainer(inference_mode=False, logger=False, enable_progress_bar=False, enable_model_summary=False,
                   accelerator="cpu").validate(module, datamodule=support, verbose=False)
         return module.report
 
     results: dict[str, dict[str, dict[int, list[float]]]] = {
-        m: {"suppress": {p: [] for p in args.ps}, "amplify": {p: [] for p in args.ps}} for m in METHODS
+        m: {"suppress": {p: [] for p in args.ps}, "amplify": {p: [] for p in args.ps}} for m in args.methods
     }
     for seed in range(args.seeds):
-        for method in METHODS:
+        for method in args.methods:
             report = attribute(method, seed)
             for p in args.ps:
                 components = report.select(k=p)
