@@ -25,9 +25,7 @@ import time
 import warnings
 from pathlib import Path
 
-import lightning as L
-
-from ipg_lightning.attribution import IPGAttribution
+from ipg_lightning.attribution import IPGAttribution, run_attribution
 from ipg_lightning.data import ReasoningDataModule
 from ipg_lightning.evaluation import evaluate_generations
 from ipg_lightning.io import atomic_write_json
@@ -159,9 +157,7 @@ def main() -> None:
         module = IPGAttribution.for_model(model, tokenizer, method=method, reward=reward, families=["mlp_neuron"],
                                           layers=[layer], steps=args.steps, rule=args.rule, num_samples=args.num_samples, temperature=0.7,
                                           top_p=1.0, max_new_tokens=160, generation_batch_size=64, chunk_size=32, seed=seed)
-        L.Trainer(inference_mode=False, logger=False, enable_progress_bar=False, enable_model_summary=False,
-                  accelerator="cpu").validate(module, datamodule=support, verbose=False)
-        return module.report
+        return run_attribution(module, support, enable_progress_bar=False)
 
     results: dict[str, dict[str, dict[int, list[float]]]] = {
         m: {"suppress": {p: [] for p in args.ps}, "amplify": {p: [] for p in args.ps}} for m in args.methods

@@ -15,9 +15,7 @@ import logging
 import time
 import warnings
 
-import lightning as L
-
-from ipg_lightning.attribution import IPGAttribution
+from ipg_lightning.attribution import IPGAttribution, run_attribution
 from ipg_lightning.data import ReasoningDataModule
 from ipg_lightning.models import load_model_and_tokenizer
 from ipg_lightning.reasoner import TINY_REASONER_PATH, TINY_REASONER_TASK
@@ -45,10 +43,9 @@ def main() -> None:
             module = IPGAttribution.for_model(model, tokenizer, reward=reward, families=["mlp_neuron"], layers=[args.layer],
                                               steps=steps, rule=rule, num_samples=4, temperature=0.7, top_p=1.0,
                                               max_new_tokens=160, generation_batch_size=64, chunk_size=32, seed=0)
-            L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
-                      inference_mode=False).validate(module, datamodule=data, verbose=False)
-            block = module.report.metadata["completeness"]
-            top = [name.split("[")[1].rstrip("]") for name in module.report.select(k=4)]
+            report = run_attribution(module, data, enable_progress_bar=False)
+            block = report.metadata["completeness"]
+            top = [name.split("[")[1].rstrip("]") for name in report.select(k=4)]
             print(f"| {reward} | {rule} | {steps} | {block['sum_of_scores']:.4g} | {block['surrogate_delta']:.4g} | "
                   f"{block['relative_residual']:.2g} | {' '.join(top)} | {time.perf_counter() - start:.1f} |", flush=True)
 

@@ -2,7 +2,7 @@
 and turn them up or down with multiplicative gates, on PyTorch Lightning."""
 
 from ipg_lightning.answers import ExtractedAnswer, answers_match, extract_answer, normalize_answer
-from ipg_lightning.attribution import IPGAttribution
+from ipg_lightning.attribution import IPGAttribution, run_attribution
 from ipg_lightning.data import ArithmeticChainTask, PromptTemplate, ReasoningDataModule, ReasoningExample
 from ipg_lightning.export import export_steered_model, load_steered
 from ipg_lightning.folding import UnfoldableGateError, fold_gates_into_weights
@@ -62,5 +62,6 @@ __all__ = [
     "load_steering_checkpoint",
     "normalize_answer",
     "reasoning_length",
+    "run_attribution",
     "sample_trajectories",
 ]

@@ -387,3 +387,14 @@ class IPGAttribution(L.LightningModule):
             }
         sites = {name: {"family": s.family, "layer": s.layer, "size": s.size} for name, s in self.gates.sites.items()}
         return AttributionReport(scores=self._final_scores(state), sites=sites, metadata=metadata)
+
+
+def run_attribution(module: IPGAttribution, datamodule: L.LightningDataModule, **trainer_kwargs: Any) -> AttributionReport:
+    """One attribution pass (``Trainer(inference_mode=False).validate``) and its report.
+
+    ``trainer_kwargs`` go to the ``Trainer`` (e.g. ``enable_progress_bar=False``, ``devices=2``);
+    by default it runs on the CPU with no logger and no model summary.
+    """
+    settings = {"accelerator": "cpu", "logger": False, "enable_model_summary": False, **trainer_kwargs, "inference_mode": False}
+    L.Trainer(**settings).validate(module, datamodule=datamodule, verbose=False)
+    return module.report

@@ -10,7 +10,7 @@ from __future__ import annotations
 import csv
 import io
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -169,8 +169,7 @@ def _sweep(model, dtype, data, split, selection, gammas, ks, sampling, output_di
     rows = [{"k": 0, "gamma": 1.0, **evaluate_generations(base.model, base.tokenizer, batches, sampling,
                                                            progress=True, description="base").metrics}]
     for top_k in ks:
-        components = ComponentSelection(report=selection.report, k=top_k, signed=selection.signed,
-                                        per_layer=selection.per_layer, family=selection.family).resolve()
+        components = replace(selection, k=top_k).resolve()
         for value in gammas:
             gates = gates_for_components(base.model, components, check_gamma(value))
             metrics = evaluate_generations(base.model, base.tokenizer, batches, sampling, gates, progress=True,

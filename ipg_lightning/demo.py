@@ -14,19 +14,18 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import functools
 import json
 import logging
 import time
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 
-from ipg_lightning.attribution import IPGAttribution
+from ipg_lightning.attribution import IPGAttribution, run_attribution
 from ipg_lightning.data import ReasoningDataModule
 from ipg_lightning.evaluation import evaluate_generations
 from ipg_lightning.export import export_steered_model
@@ -73,7 +72,8 @@ def format_table(rows: dict[str, dict[str, float]]) -> str:
 @contextlib.contextmanager
 def quiet_lightning() -> Iterator[None]:
     """Silence Lightning's per-Trainer banners ("GPU available", tips) and its known-harmless
-    warnings (frozen modules in eval mode during fit), so the demo's progress bars and table stand out."""
+    warnings (frozen modules in eval mode during fit), so the demo's progress bars and table stand out.
+    Also a decorator (``@quiet_lightning()``) that keeps the function's signature for the CLI."""
     logger = logging.getLogger("lightning.pytorch")
     level = logger.level
     logger.setLevel(logging.WARNING)
@@ -84,17 +84,6 @@ def quiet_lightning() -> Iterator[None]:
             yield
         finally:
             logger.setLevel(level)
-
-
-def with_quiet_lightning(function: Callable) -> Callable:
-    """Run ``function`` under :func:`quiet_lightning` (the signature stays visible to the CLI)."""
-
-    @functools.wraps(function)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        with quiet_lightning():
-            return function(*args, **kwargs)
-
-    return wrapper
 
 
 def stage(number: int, text: str) -> None:
@@ -117,7 +106,7 @@ def _trainer(**kwargs: Any) -> L.Trainer:
                      enable_model_summary=False, **kwargs)
 
 
-@with_quiet_lightning
+@quiet_lightning()
 def demo(
     preset: str = "tiny-reasoner",
     model: str | None = None,
@@ -193,8 +182,7 @@ def demo(
     reports = {}
     for target, reward in (("accuracy", "accuracy"), ("length", "reasoning_length")):
         module = IPGAttribution.for_model(lm, tokenizer, reward=reward, **attribution_settings)
-        _trainer(inference_mode=False).validate(module, datamodule=data, verbose=False)
-        reports[target] = module.report
+        reports[target] = run_attribution(module, data)
     completeness = {target: report.metadata["completeness"] for target, report in reports.items()}
 
     rows: dict[str, dict[str, float]] = {}

@@ -6,7 +6,7 @@ import torch
 import yaml
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from ipg_lightning.attribution import IPGAttribution
+from ipg_lightning.attribution import IPGAttribution, run_attribution
 from ipg_lightning.data import ArithmeticChainTask, ReasoningDataModule
 from ipg_lightning.evaluation import evaluate_generations
 from ipg_lightning.models import load_model_and_tokenizer
@@ -89,17 +89,14 @@ def test_ipg_length_components_turn_reasoning_length_down_and_up():
     """The demo's claim, on fewer problems: the top IPG length neurons of the last block control how
     often the reasoner re-checks its steps, so suppressing them shortens reasoning and amplifying
     them lengthens it, with the same sampling seeds in every condition."""
-    import lightning as L
-
     model, tokenizer = load_model_and_tokenizer(TINY_REASONER_PATH)
     data = _held_out(tokenizer, num_test=32)
     module = IPGAttribution.for_model(model, tokenizer, reward="reasoning_length", families=["mlp_neuron"], layers=[3],
                                       steps=8, rule="gauss_legendre", num_samples=4, temperature=0.7, top_p=1.0,
                                       max_new_tokens=160, generation_batch_size=64, seed=0)
-    L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
-              inference_mode=False).validate(module, datamodule=data, verbose=False)
-    assert abs(module.report.metadata["completeness"]["relative_residual"]) < 0.05
-    top = module.report.select(k=4)
+    report = run_attribution(module, data, enable_progress_bar=False)
+    assert abs(report.metadata["completeness"]["relative_residual"]) < 0.05
+    top = report.select(k=4)
     sampled = SamplingConfig(num_samples=4, temperature=0.7, top_p=1.0, max_new_tokens=160, batch_size=64)
 
     def mean_length(gamma: float) -> float:
