@@ -158,6 +158,11 @@ def demo(
     start = time.perf_counter()
     if preset not in PRESETS:
         raise ValueError(f"Unknown demo preset {preset!r}; choose from {sorted(PRESETS)}")
+    counts = {"k": k, "support_prompts": support_prompts, "test_prompts": test_prompts, "num_samples": num_samples,
+              "eval_samples": eval_samples, "steps": steps, "learning_steps": learning_steps}
+    for name, value in counts.items():
+        if value < 1:
+            raise ValueError(f"{name} must be >= 1, got {value}")
     setting = PRESETS[preset]
     model = model or setting.model
     max_new_tokens = max_new_tokens or setting.max_new_tokens

@@ -46,6 +46,12 @@ def test_demo_names_unknown_presets():
         main(["demo", "--preset", "smolm2"])
 
 
+def test_demo_rejects_a_zero_count_before_any_work(tmp_path):
+    with pytest.raises(ValueError, match="k must be >= 1, got 0"):
+        main(["demo", "--model", "tiny:llama", "--k", "0", "--out_dir", str(tmp_path / "demo")])
+    assert not (tmp_path / "demo").exists()
+
+
 def test_cli_rejects_a_config_typo(capsys):
     with pytest.raises(SystemExit):
         main(["demo", "--test_promts", "3"])
