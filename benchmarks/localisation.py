@@ -28,8 +28,8 @@ from pathlib import Path
 from ipg_lightning.attribution import IPGAttribution, run_attribution
 from ipg_lightning.data import ReasoningDataModule
 from ipg_lightning.evaluation import evaluate_generations
-from ipg_lightning.io import atomic_write_json
 from ipg_lightning.models import load_model_and_tokenizer
+from ipg_lightning.outputs import atomic_write_json
 from ipg_lightning.plots import plt
 from ipg_lightning.reasoner import TINY_REASONER_PATH, TINY_REASONER_TASK
 from ipg_lightning.steering import gates_for_components

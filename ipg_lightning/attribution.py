@@ -26,6 +26,7 @@ from ipg_lightning.estimator import AdvantageMethod, QuadratureRule, group_advan
 from ipg_lightning.evaluation import completions_of
 from ipg_lightning.gates import ComponentGates
 from ipg_lightning.models import load_model_and_tokenizer
+from ipg_lightning.outputs import check_output_dir
 from ipg_lightning.report import AttributionReport
 from ipg_lightning.rewards import load_reward, score_completions
 from ipg_lightning.sites import ArchitectureSpec, resolve_architecture, unwrap_model
@@ -37,6 +38,7 @@ from ipg_lightning.trajectories import (
     teacher_forced_trajectories,
     weighted_log_likelihood,
 )
+from ipg_lightning.validation import check_at_least, check_sampling_has_signal
 
 AttributionMethod = Literal["ipg", "grad_x_act", "random", "activation", "mean_diff", "ig_reference"]
 METHODS: tuple[str, ...] = ("ipg", "grad_x_act", "random", "activation", "mean_diff", "ig_reference")
@@ -146,6 +148,16 @@ class IPGAttribution(L.LightningModule):
             raise ValueError(f"estimation must be fixed|resample and path layer|family, got {estimation!r}, {path!r}")
         if not baseline < 1:
             raise ValueError(f"baseline must be < 1 (the path runs from it to 1), got {baseline}")
+        if not families:
+            raise ValueError("families is empty: name at least one site family to attribute, e.g. [mlp_neuron]")
+        if layers is not None and not layers:
+            raise ValueError("layers is empty: name at least one block, or leave it unset for the default (3/4 depth)")
+        check_at_least(1, steps=steps, chunk_size=chunk_size, generation_batch_size=generation_batch_size,
+                       max_new_tokens=max_new_tokens, num_samples=num_samples)
+        if method in ("ipg", "grad_x_act"):
+            check_sampling_has_signal(num_samples, temperature, f"method {method!r}")
+        if output_dir is not None:
+            check_output_dir(output_dir, overwrite)  # refuse now rather than after the run
         self.save_hyperparameters(ignore=[] if isinstance(reward, (str, dict)) else ["reward"])
         self.reward_fn = load_reward(reward)
         self.reward_name = reward if isinstance(reward, (str, dict)) else f"{reward.__module__}:{reward.__qualname__}"

@@ -11,11 +11,15 @@ from __future__ import annotations
 import json
 import os
 import sys
+import warnings
 
+from jsonargparse import ArgumentError
 from lightning.pytorch.cli import LightningCLI
 
+from ipg_lightning.cli_errors import DEBUG_ENV, error_message
 from ipg_lightning.commands import evaluate, export
 from ipg_lightning.demo import demo
+from ipg_lightning.outputs import check_output_dir
 
 
 def prepare_smollm2(output_dir: str | None = None) -> None:
@@ -51,22 +55,25 @@ class SteerCLI(LightningCLI):
         parser.add_argument("--ckpt_path", type=str | None, default=None, help="Resume training from this checkpoint.")
 
 
+def _lightning_cli(cli_class: type[LightningCLI], module_class: type, args: list[str], command: str, help_text: str,
+                   **kwargs) -> LightningCLI:
+    """Parse ``args`` into a module, the data module and a Trainer (nothing runs yet)."""
+    from ipg_lightning.data import ReasoningDataModule
+
+    with warnings.catch_warnings():  # `args` is how this CLI hands over its own arguments, as intended
+        warnings.filterwarnings("ignore", message=".*LightningCLI's args parameter.*")
+        return cli_class(module_class, ReasoningDataModule, run=False, args=args,
+                         parser_kwargs={"prog": f"ipg {command}", "description": help_text, "exit_on_error": False}, **kwargs)
+
+
 def steer(args: list[str]) -> None:
     """Train the gates of selected components (and optionally LoRA) with ``Trainer.fit``."""
-    from ipg_lightning.data import ReasoningDataModule
     from ipg_lightning.learned import GateSteering
 
-    cli = SteerCLI(
-        GateSteering,
-        ReasoningDataModule,
-        run=False,
-        args=args,
-        trainer_defaults=STEER_TRAINER_DEFAULTS,
-        auto_configure_optimizers=False,
-        save_config_kwargs={"overwrite": True},
-        parser_kwargs={"prog": "ipg steer", "description": steer.__doc__},
-    )
-    cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=cli.config.ckpt_path)
+    cli = _lightning_cli(SteerCLI, GateSteering, args, "steer", steer.__doc__, trainer_defaults=STEER_TRAINER_DEFAULTS,
+                         auto_configure_optimizers=False, save_config_kwargs={"overwrite": True})
+    # weights_only: a checkpoint to resume from is read without unpickling code.
+    cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=cli.config.ckpt_path, weights_only=True)
     if cli.trainer.is_global_zero:
         checkpoint = cli.trainer.checkpoint_callback.best_model_path if cli.trainer.checkpoint_callback else None
         gates = {c: round(v, 4) for c, v in zip(cli.model.components, _selected_values(cli.model))}
@@ -98,15 +105,14 @@ def train_reasoner(args: list[str]) -> None:
     """Train the tiny reasoning model from scratch, measure it on held-out problems, save it with a card."""
     import time
 
-    from ipg_lightning.data import ReasoningDataModule
     from ipg_lightning.evaluation import evaluate_generations
     from ipg_lightning.reasoner import ReasonerTraining, elapsed_minutes, save_reasoner
     from ipg_lightning.trajectories import SamplingConfig
 
     start = time.perf_counter()
-    cli = TrainReasonerCLI(ReasonerTraining, ReasoningDataModule, run=False, args=args,
-                           trainer_defaults=STEER_TRAINER_DEFAULTS, save_config_kwargs={"overwrite": True},
-                           parser_kwargs={"prog": "ipg train-reasoner", "description": train_reasoner.__doc__})
+    cli = _lightning_cli(TrainReasonerCLI, ReasonerTraining, args, "train-reasoner", train_reasoner.__doc__,
+                         trainer_defaults=STEER_TRAINER_DEFAULTS, save_config_kwargs={"overwrite": True})
+    check_output_dir(cli.config.output_dir, cli.config.overwrite)  # before training, not after
     cli.trainer.fit(cli.model, datamodule=cli.datamodule)
     if not cli.trainer.is_global_zero:
         return
@@ -129,18 +135,9 @@ def train_reasoner(args: list[str]) -> None:
 def attribute(args: list[str]) -> None:
     """Run IPG attribution (or a baseline method) and write the report to ``--model.output_dir``."""
     from ipg_lightning.attribution import IPGAttribution
-    from ipg_lightning.data import ReasoningDataModule
 
-    cli = LightningCLI(
-        IPGAttribution,
-        ReasoningDataModule,
-        run=False,
-        args=args,
-        trainer_defaults=TRAINER_DEFAULTS,
-        save_config_callback=None,
-        auto_configure_optimizers=False,
-        parser_kwargs={"prog": "ipg attribute", "description": attribute.__doc__},
-    )
+    cli = _lightning_cli(LightningCLI, IPGAttribution, args, "attribute", attribute.__doc__, trainer_defaults=TRAINER_DEFAULTS,
+                         save_config_callback=None, auto_configure_optimizers=False)
     cli.trainer.validate(cli.model, datamodule=cli.datamodule, verbose=False)
     if cli.trainer.is_global_zero:
         print(format_report_summary(cli.model.report, cli.model.hparams.output_dir))
@@ -170,17 +167,39 @@ def format_report_summary(report, output_dir: str | None, top_n: int = 10) -> st
     return "\n".join(lines)
 
 
-def main(args: list[str] | None = None) -> None:
-    """Entry point of the ``ipg`` console script."""
+def run(args: list[str]) -> None:
+    """Run one ``ipg`` command; errors propagate as exceptions (for Python callers and tests)."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    args = sys.argv[1:] if args is None else list(args)
     lightning_commands = {"attribute": attribute, "steer": steer, "train-reasoner": train_reasoner}
     if args and args[0] in lightning_commands:
         lightning_commands[args[0]](args[1:])
         return
     from jsonargparse import CLI
 
-    CLI({**lightning_commands, **FUNCTION_COMMANDS}, args=args, as_positional=False)
+    CLI({**lightning_commands, **FUNCTION_COMMANDS}, args=args, as_positional=False, exit_on_error=False)
+
+
+def main(args: list[str] | None = None) -> None:
+    """Entry point of the ``ipg`` console script: a failed command prints one line and exits non-zero.
+
+    ``--debug`` (anywhere in the arguments) or the environment variable ``IPG_DEBUG=1`` shows the
+    full traceback instead.
+    """
+    args = sys.argv[1:] if args is None else list(args)
+    debug = "--debug" in args or os.environ.get(DEBUG_ENV, "") not in ("", "0")
+    args = [arg for arg in args if arg != "--debug"]
+    if debug:
+        run(args)
+        return
+    command = f"ipg {args[0]}" if args and not args[0].startswith("-") else "ipg"
+    try:
+        run(args)
+    except KeyboardInterrupt:
+        print(f"{command}: interrupted; no output was written under its final name", file=sys.stderr)
+        sys.exit(130)
+    except Exception as error:  # a user-facing command: one line, the traceback on request
+        print(f"{command}: error: {error_message(error)} (--debug shows the traceback)", file=sys.stderr)
+        sys.exit(2 if isinstance(error, ArgumentError) else 1)
 
 
 if __name__ == "__main__":

@@ -10,19 +10,21 @@ from __future__ import annotations
 import csv
 import io
 import json
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from ipg_lightning.data import ReasoningDataModule
+from ipg_lightning.data.sources import SPLITS
 from ipg_lightning.evaluation import evaluate_generations
 from ipg_lightning.export import CARD_FILE, export_steered_model, load_steered
 from ipg_lightning.gates import ComponentGates
-from ipg_lightning.io import atomic_directory, atomic_write_json, atomic_write_text
 from ipg_lightning.learned import load_steering_checkpoint
 from ipg_lightning.models import DTYPES, load_model_and_tokenizer, load_tokenizer
-from ipg_lightning.steering import ComponentSelection, check_gamma, gates_for_components
+from ipg_lightning.outputs import atomic_directory, atomic_write_json, atomic_write_text, check_output_dir
+from ipg_lightning.steering import ComponentSelection, gates_for_components
 from ipg_lightning.trajectories import SamplingConfig
+from ipg_lightning.validation import check_gamma
 
 
 @dataclass
@@ -131,21 +133,33 @@ def evaluate(
         output_dir: where results go (atomically).
         overwrite: replace an existing ``output_dir``.
     """
+    check_output_dir(output_dir, overwrite)
+    if split not in SPLITS:
+        raise ValueError(f"Unknown split {split!r}; choose from {list(SPLITS)}")
+    if temperature == 0 and num_samples > 1:
+        raise ValueError(f"temperature 0 (greedy decoding) gives {num_samples} identical completions per problem: "
+                         "set num_samples 1, or temperature > 0")
     data = data or ReasoningDataModule()
     sampling = SamplingConfig(num_samples=num_samples, temperature=temperature, max_new_tokens=max_new_tokens,
                               batch_size=generation_batch_size)
     if gammas:
         if report is None:
             raise ValueError("A sweep selects components from a report: give --report and --ks (or --k)")
-        sweep_selection = ComponentSelection(report=report, k=1, signed=signed, per_layer=per_layer, family=family)
-        return _sweep(model, dtype, data, split, sweep_selection, gammas, ks or [k], sampling, output_dir, overwrite)
+        top_ks = ks or [k]
+        if any(value is None for value in top_ks):
+            raise ValueError("A sweep needs top-k values: give --ks [..] or --k")
+        for index, value in enumerate(gammas):
+            check_gamma(value, f"gammas[{index}]")
+        selections = [ComponentSelection(report=report, k=top_k, signed=signed, per_layer=per_layer, family=family) for top_k in top_ks]
+        return _sweep(model, dtype, data, split, selections, gammas, sampling, output_dir, overwrite)
+    check_gamma(gamma)
     selection = _selection(report, k, fraction, signed, per_layer, family, components)
     steered = build_steered_model(model, dtype, selection, gamma, steering_checkpoint)
     data.connect(steered.tokenizer)
     batches = list(_loader(data, split))
     result = evaluate_generations(steered.model, steered.tokenizer, batches, sampling, steered.gates, progress=True)
     summary = {"steering": steered.description, "split": split, "data": data.source, "metrics": result.metrics}
-    with atomic_directory(output_dir, overwrite=overwrite) as staging:
+    with atomic_directory(output_dir, overwrite=overwrite, kind="evaluation") as staging:
         atomic_write_json(staging / "metrics.json", summary)
         atomic_write_text(staging / "generations.jsonl", "".join(json.dumps(r) + "\n" for r in result.records))
     print(json.dumps(summary["metrics"], indent=2))
@@ -154,29 +168,24 @@ def evaluate(
 
 
 def _loader(data: ReasoningDataModule, split: str):
-    loaders = {"train": data.train_dataloader, "val": data.val_dataloader, "test": data.test_dataloader}
-    if split not in loaders:
-        raise ValueError(f"Unknown split {split!r}; choose from {list(loaders)}")
-    return loaders[split]()
+    return {"train": data.train_dataloader, "val": data.val_dataloader, "test": data.test_dataloader}[split]()
 
 
-def _sweep(model, dtype, data, split, selection, gammas, ks, sampling, output_dir, overwrite) -> dict[str, Any]:
-    if any(value is None for value in ks):
-        raise ValueError("A sweep needs top-k values: give --ks [..] or --k")
+def _sweep(model, dtype, data, split, selections: list[ComponentSelection], gammas, sampling, output_dir, overwrite) -> dict[str, Any]:
     base = build_steered_model(model, dtype)
     data.connect(base.tokenizer)
     batches = list(_loader(data, split))
     rows = [{"k": 0, "gamma": 1.0, **evaluate_generations(base.model, base.tokenizer, batches, sampling,
                                                            progress=True, description="base").metrics}]
-    for top_k in ks:
-        components = replace(selection, k=top_k).resolve()
+    for selection in selections:
+        components = selection.resolve()
         for value in gammas:
-            gates = gates_for_components(base.model, components, check_gamma(value))
+            gates = gates_for_components(base.model, components, value)
             metrics = evaluate_generations(base.model, base.tokenizer, batches, sampling, gates, progress=True,
-                                           description=f"k={top_k} gamma={value}").metrics
-            rows.append({"k": top_k, "gamma": value, **metrics})
-    with atomic_directory(output_dir, overwrite=overwrite) as staging:
-        atomic_write_json(staging / "sweep.json", {"report": selection.report, "split": split, "rows": rows})
+                                           description=f"k={selection.k} gamma={value}").metrics
+            rows.append({"k": selection.k, "gamma": value, **metrics})
+    with atomic_directory(output_dir, overwrite=overwrite, kind="evaluation sweep") as staging:
+        atomic_write_json(staging / "sweep.json", {"report": selections[0].report, "split": split, "rows": rows})
         atomic_write_text(staging / "sweep.csv", _metrics_csv(rows))
         from ipg_lightning.plots import plot_sweep
 
@@ -224,6 +233,8 @@ def export(
         metrics: a ``metrics.json`` from ``ipg evaluate`` to record in the card.
         overwrite: replace an existing ``output_dir``.
     """
+    check_output_dir(output_dir, overwrite)
+    check_gamma(gamma)
     selection = _selection(report, k, fraction, signed, per_layer, family, components)
     if selection is None and steering_checkpoint is None:
         raise ValueError("Nothing to export: give --report/--components with --gamma, or --steering_checkpoint")

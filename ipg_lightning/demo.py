@@ -30,12 +30,13 @@ from ipg_lightning.data import ReasoningDataModule
 from ipg_lightning.evaluation import evaluate_generations
 from ipg_lightning.export import export_steered_model
 from ipg_lightning.gates import parse_component_name
-from ipg_lightning.io import atomic_directory, atomic_write_json, atomic_write_text
 from ipg_lightning.learned import GateSteering
 from ipg_lightning.models import load_model_and_tokenizer
+from ipg_lightning.outputs import atomic_directory, atomic_write_json, atomic_write_text, check_output_dir
 from ipg_lightning.reasoner import TINY_REASONER_PATH, TINY_REASONER_TASK
 from ipg_lightning.steering import ComponentSelection, gates_for_components
 from ipg_lightning.trajectories import SamplingConfig
+from ipg_lightning.validation import check_at_least, check_gamma
 
 
 @dataclass(frozen=True)
@@ -153,16 +154,17 @@ def demo(
         learning_steps: policy-gradient steps of the learned gates.
         max_new_tokens: generation cap (default: the preset's).
         seed: sampling seed.
-        overwrite: replace an existing ``out_dir``.
+        overwrite: replace an earlier output of this library at ``out_dir`` (never other files).
     """
     start = time.perf_counter()
     if preset not in PRESETS:
         raise ValueError(f"Unknown demo preset {preset!r}; choose from {sorted(PRESETS)}")
     counts = {"k": k, "support_prompts": support_prompts, "test_prompts": test_prompts, "num_samples": num_samples,
               "eval_samples": eval_samples, "steps": steps, "learning_steps": learning_steps}
-    for name, value in counts.items():
-        if value < 1:
-            raise ValueError(f"{name} must be >= 1, got {value}")
+    check_at_least(1, **counts)
+    check_gamma(gamma_suppress, "gamma_suppress")
+    check_gamma(gamma_amplify, "gamma_amplify")
+    check_output_dir(out_dir, overwrite)
     setting = PRESETS[preset]
     model = model or setting.model
     max_new_tokens = max_new_tokens or setting.max_new_tokens
@@ -217,7 +219,7 @@ def demo(
     # The reference for the export check, taken now: exporting folds the gates into learned.lm in place.
     gated = evaluate_generations(learned.lm, tokenizer, test_batches, greedy, learned.gates, description="gated (greedy)")
     stage(4, f"writing reports and exporting the learned gates as a plain Hugging Face checkpoint to {out_dir}/")
-    with atomic_directory(out_dir, overwrite=overwrite) as staging:
+    with atomic_directory(out_dir, overwrite=overwrite, kind="ipg demo output") as staging:
         for target, report in reports.items():
             report.save(staging / f"attribution_{target}")
         exported = export_steered_model(learned.lm, tokenizer, learned.gates, staging / "exported_learned",

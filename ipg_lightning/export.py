@@ -19,7 +19,7 @@ from transformers import AutoModelForCausalLM, PreTrainedModel, PreTrainedTokeni
 
 from ipg_lightning.folding import FOLDABLE_FAMILIES, fold_gates_into_weights
 from ipg_lightning.gates import ComponentGates
-from ipg_lightning.io import atomic_directory, atomic_write_json
+from ipg_lightning.outputs import atomic_directory, atomic_write_json
 from ipg_lightning.sites import discover_sites, parse_site_name
 
 STEERING_FILE = "steering.safetensors"
@@ -82,7 +82,7 @@ def export_steered_model(
             f"re-applied from {STEERING_FILE}; plain from_pretrained gives the model without them"
         ),
     }
-    with atomic_directory(output_dir, overwrite=overwrite) as staging:
+    with atomic_directory(output_dir, overwrite=overwrite, kind="steered model export") as staging:
         model.save_pretrained(staging, safe_serialization=True)
         tokenizer.save_pretrained(staging)
         if unfoldable.sites:

@@ -38,6 +38,7 @@ from ipg_lightning.trajectories import (
     sample_trajectories,
     teacher_forced_trajectories,
 )
+from ipg_lightning.validation import check_at_least, check_gamma, check_sampling_has_signal
 
 STEERING_KEY = "ipg_steering"
 
@@ -110,8 +111,12 @@ class GateSteering(L.LightningModule):
         super().__init__()
         if objective not in ("policy_gradient", "supervised"):
             raise ValueError(f"objective must be 'policy_gradient' or 'supervised', got {objective!r}")
-        if gate_penalty < 0 or kl_coef < 0 or learning_rate <= 0:
-            raise ValueError("gate_penalty and kl_coef must be >= 0 and learning_rate > 0")
+        if not (gate_penalty >= 0 and kl_coef >= 0 and learning_rate > 0):
+            raise ValueError(f"gate_penalty and kl_coef must be >= 0 and learning_rate > 0, got {gate_penalty}, {kl_coef}, {learning_rate}")
+        check_gamma(init_gate, "init_gate")
+        check_at_least(1, max_new_tokens=max_new_tokens, generation_batch_size=generation_batch_size, num_samples=num_samples)
+        if objective == "policy_gradient":
+            check_sampling_has_signal(num_samples, temperature, "the policy_gradient objective")
         # Hyperparameters are stored as plain dicts: Lightning resumes with torch.load(weights_only=True),
         # which refuses pickled classes. save_hyperparameters reads these locals.
         selection, lora, architecture = _plain(selection), _plain(lora), _plain(architecture)

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from ipg_lightning.io import atomic_directory
+from ipg_lightning.outputs import atomic_directory
 from ipg_lightning.testing import TINY_FAMILIES, tiny_causal_lm, tiny_tokenizer
 
 TINY_PREFIX = "tiny:"
@@ -96,7 +96,7 @@ def prepare_smollm2(output_dir: str | Path | None = None) -> Path:
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     model.hf_quantizer = None
-    with atomic_directory(output_dir, overwrite=True) as staging:
+    with atomic_directory(output_dir, overwrite=True, kind="prepared model") as staging:
         model.save_pretrained(staging, safe_serialization=True)
         tokenizer.save_pretrained(staging)
     return output_dir

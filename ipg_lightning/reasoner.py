@@ -18,8 +18,8 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from ipg_lightning.data import ArithmeticChainTask
-from ipg_lightning.io import atomic_directory, atomic_write_text
 from ipg_lightning.metrics import ReasoningAccuracy
+from ipg_lightning.outputs import atomic_directory, atomic_write_text
 from ipg_lightning.testing import tiny_tokenizer
 from ipg_lightning.trajectories import SamplingConfig, completion_log_probs, sample_trajectories, teacher_forced_trajectories
 
@@ -158,7 +158,7 @@ def save_reasoner(module: ReasonerTraining, output_dir: str | Path, metrics: dic
     """Write the trained model, tokenizer, metrics and model card atomically."""
     parameters = sum(p.numel() for p in module.lm.parameters())
     size_mb = parameters * 4 / 2**20
-    with atomic_directory(output_dir, overwrite=overwrite) as staging:
+    with atomic_directory(output_dir, overwrite=overwrite, kind="tiny reasoner checkpoint") as staging:
         module.lm.save_pretrained(staging, safe_serialization=True)
         module.tokenizer.save_pretrained(staging)
         atomic_write_text(staging / "metrics.json", json.dumps({"held_out": metrics, "training": settings}, indent=2) + "\n")

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from ipg_lightning.io import atomic_directory, atomic_write_json
+from ipg_lightning.outputs import atomic_directory, atomic_write_json
 
 SCORES_FILE = "attribution.safetensors"
 METADATA_FILE = "attribution.json"
@@ -100,7 +100,7 @@ class AttributionReport:
     def save(self, directory: str | Path, overwrite: bool = False, top_n: int = 50, plot: bool = True) -> Path:
         """Write the report atomically into ``directory`` (see the module docstring)."""
         directory = Path(directory)
-        with atomic_directory(directory, overwrite=overwrite) as staging:
+        with atomic_directory(directory, overwrite=overwrite, kind="attribution report") as staging:
             save_file({name: t.contiguous().float() for name, t in self.scores.items()}, str(staging / SCORES_FILE))
             payload = {**self.metadata, "sites": self.sites, "top": self.top(top_n)}
             atomic_write_json(staging / METADATA_FILE, payload)

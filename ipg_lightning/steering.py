@@ -7,7 +7,6 @@ object steers generation, trains (``GateSteering``) and folds into weights (``ip
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,6 +47,10 @@ class ComponentSelection:
             raise ValueError("Select components either from a report (report=..., k=...) or by name (components=[...])")
         if self.report is not None and (self.k is None) == (self.fraction is None):
             raise ValueError("Selecting from a report needs exactly one of k or fraction")
+        if self.k is not None and self.k < 1:
+            raise ValueError(f"k must be >= 1, got {self.k}")
+        if self.fraction is not None and not 0 < self.fraction <= 1:
+            raise ValueError(f"fraction must be in (0, 1], got {self.fraction}")
         object.__setattr__(self, "components", tuple(self.components))
 
     def resolve(self) -> list[str]:
@@ -94,9 +97,3 @@ def component_mask(gates: ComponentGates, components: Sequence[str]) -> dict[str
         masks[site_name][index or 0] = 1.0
     return masks
 
-
-def check_gamma(gamma: float) -> float:
-    """Validate a steering value: finite and non-negative."""
-    if not math.isfinite(gamma) or gamma < 0:
-        raise ValueError(f"Steering gamma must be finite and >= 0, got {gamma}")
-    return float(gamma)

@@ -3,7 +3,7 @@ from pathlib import Path
 
 import pytest
 
-from ipg_lightning.cli import main
+from ipg_lightning.cli import run
 from ipg_lightning.data import ReasoningDataModule
 from ipg_lightning.evaluation import evaluate_generations
 from ipg_lightning.steering import gates_for_components
@@ -20,7 +20,7 @@ def _lines(path):
 
 
 def test_evaluate_writes_metrics_and_generations_matching_an_independent_run(tmp_path):
-    main(["evaluate", "--components", COMPONENTS, "--gamma", "0", "--output_dir", str(tmp_path / "fixed"), *COMMON])
+    run(["evaluate", "--components", COMPONENTS, "--gamma", "0", "--output_dir", str(tmp_path / "fixed"), *COMMON])
     summary = json.loads((tmp_path / "fixed" / "metrics.json").read_text())
     for key in ("accuracy", "answer_rate", "reasoning_length_mean", "reasoning_length_q90", "reflection_rate", "num_completions"):
         assert key in summary["metrics"]
@@ -39,10 +39,10 @@ def test_evaluate_writes_metrics_and_generations_matching_an_independent_run(tmp
 
 
 def test_an_exported_checkpoint_evaluates_like_the_steered_model(tmp_path):
-    main(["evaluate", "--components", COMPONENTS, "--gamma", "0", "--output_dir", str(tmp_path / "fixed"), *COMMON])
-    main(["export", "--components", COMPONENTS, "--gamma", "0", "--output_dir", str(tmp_path / "exported"),
+    run(["evaluate", "--components", COMPONENTS, "--gamma", "0", "--output_dir", str(tmp_path / "fixed"), *COMMON])
+    run(["export", "--components", COMPONENTS, "--gamma", "0", "--output_dir", str(tmp_path / "exported"),
           "--metrics", str(tmp_path / "fixed" / "metrics.json")])
-    main(["evaluate", "--model", str(tmp_path / "exported"), "--output_dir", str(tmp_path / "from_export"), *COMMON])
+    run(["evaluate", "--model", str(tmp_path / "exported"), "--output_dir", str(tmp_path / "from_export"), *COMMON])
     fixed = _lines(tmp_path / "fixed" / "generations.jsonl")
     exported = _lines(tmp_path / "from_export" / "generations.jsonl")
     assert [g["completion"] for g in fixed] == [g["completion"] for g in exported]
@@ -51,9 +51,9 @@ def test_an_exported_checkpoint_evaluates_like_the_steered_model(tmp_path):
 
 
 def test_sweep_table_and_plot_with_gamma_one_equal_to_base(tmp_path):
-    main(["attribute", "--config", str(RECIPE), "--model.steps", "2",
+    run(["attribute", "--config", str(RECIPE), "--model.steps", "2",
           "--model.output_dir", str(tmp_path / "report"), "--trainer.enable_progress_bar", "false"])
-    main(["evaluate", "--report", str(tmp_path / "report"), "--ks", "[2, 6]", "--gammas", "[0.0, 1.0, 2.0]",
+    run(["evaluate", "--report", str(tmp_path / "report"), "--ks", "[2, 6]", "--gammas", "[0.0, 1.0, 2.0]",
           "--output_dir", str(tmp_path / "sweep"), *COMMON])
     rows = json.loads((tmp_path / "sweep" / "sweep.json").read_text())["rows"]
     assert len(rows) == 1 + 2 * 3
@@ -67,9 +67,9 @@ def test_sweep_table_and_plot_with_gamma_one_equal_to_base(tmp_path):
 
 def test_bad_evaluate_and_export_requests_are_named(tmp_path):
     with pytest.raises(ValueError, match="Nothing to export"):
-        main(["export", "--output_dir", str(tmp_path / "x")])
+        run(["export", "--output_dir", str(tmp_path / "x")])
     with pytest.raises(ValueError, match="give --report"):
-        main(["evaluate", "--gammas", "[0.5]", "--output_dir", str(tmp_path / "y"), *COMMON])
+        run(["evaluate", "--gammas", "[0.5]", "--output_dir", str(tmp_path / "y"), *COMMON])
     with pytest.raises(ValueError, match="gamma must be finite and >= 0, got -1"):
-        main(["evaluate", "--components", COMPONENTS, "--gamma", "-1", "--output_dir", str(tmp_path / "z"), *COMMON])
+        run(["evaluate", "--components", COMPONENTS, "--gamma", "-1", "--output_dir", str(tmp_path / "z"), *COMMON])
     assert not any(tmp_path.iterdir())

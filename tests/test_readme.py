@@ -5,7 +5,7 @@ from pathlib import Path
 
 import torch
 
-from ipg_lightning.cli import main
+from ipg_lightning.cli import run
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 BLOCKS = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.DOTALL)
@@ -29,7 +29,7 @@ def test_api_example_runs_and_puts_gradients_on_gates():
 
 def test_report_example_runs_on_a_report_from_the_tiny_recipe(tmp_path, monkeypatch):
     recipe = README.parent / "recipes" / "attribute_tiny.yaml"
-    main(["attribute", "--config", str(recipe), "--model.steps", "2", "--trainer.enable_progress_bar", "false",
+    run(["attribute", "--config", str(recipe), "--model.steps", "2", "--trainer.enable_progress_bar", "false",
           "--model.output_dir", str(tmp_path / "outputs" / "attribution_tiny")])
     monkeypatch.chdir(tmp_path)
     namespace: dict = {}

@@ -7,7 +7,7 @@ import pytest
 from lightning.pytorch.cli import LightningCLI
 
 from ipg_lightning.attribution import IPGAttribution
-from ipg_lightning.cli import STEER_TRAINER_DEFAULTS, TRAINER_DEFAULTS, SteerCLI, main
+from ipg_lightning.cli import STEER_TRAINER_DEFAULTS, TRAINER_DEFAULTS, SteerCLI, main, run
 from ipg_lightning.data import ReasoningDataModule
 from ipg_lightning.learned import GateSteering, load_steering_checkpoint
 from ipg_lightning.report import AttributionReport
@@ -36,7 +36,7 @@ def test_recipe_parses_against_the_attribution_entry_point(recipe):
 
 def test_tiny_recipe_runs_end_to_end_with_overrides(tmp_path, capsys):
     out = tmp_path / "report"
-    main(["attribute", "--config", TINY, "--model.steps", "2", "--model.output_dir", str(out),
+    run(["attribute", "--config", TINY, "--model.steps", "2", "--model.output_dir", str(out),
           "--trainer.enable_progress_bar", "false"])
     report = AttributionReport.load(out)
     assert report.metadata["config"]["steps"] == 2
@@ -47,9 +47,11 @@ def test_tiny_recipe_runs_end_to_end_with_overrides(tmp_path, capsys):
 
 
 def test_cli_names_a_bad_option(capsys):
-    with pytest.raises(SystemExit):
+    with pytest.raises(SystemExit) as exit_info:
         main(["attribute", "--config", TINY, "--model.stpes", "3"])
-    assert "stpes" in capsys.readouterr().err
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "stpes" in err and len(err.strip().splitlines()) == 1
 
 
 @pytest.mark.parametrize("recipe", STEER_RECIPES, ids=lambda p: p.name)
@@ -61,7 +63,7 @@ def test_steer_recipe_parses_against_the_steering_entry_point(recipe):
 
 
 def test_tiny_steer_recipe_trains_and_its_checkpoint_reloads(tmp_path, capsys):
-    main(["steer", "--config", str(RECIPE_DIR / "steer_tiny.yaml"), "--trainer.enable_progress_bar", "false",
+    run(["steer", "--config", str(RECIPE_DIR / "steer_tiny.yaml"), "--trainer.enable_progress_bar", "false",
           "--trainer.logger.init_args.save_dir", str(tmp_path)])
     checkpoints = list(tmp_path.rglob("*.ckpt"))
     assert len(checkpoints) == 1 and (tmp_path / "lightning_logs" / "version_0" / "metrics.csv").is_file()
@@ -74,15 +76,15 @@ def test_tiny_steer_recipe_trains_and_its_checkpoint_reloads(tmp_path, capsys):
 def test_evaluate_and_export_recipes_parse(recipe, capsys):
     command = recipe.name.split("_")[0]
     with pytest.raises(SystemExit) as exit_info:
-        main([command, "--config", str(recipe), "--print_config"])
+        run([command, "--config", str(recipe), "--print_config"])
     assert exit_info.value.code == 0
     assert "output_dir" in capsys.readouterr().out
 
 
 def test_tiny_evaluate_and_export_recipes_run(tmp_path):
-    main(["evaluate", "--config", str(RECIPE_DIR / "evaluate_tiny.yaml"), "--output_dir", str(tmp_path / "eval")])
+    run(["evaluate", "--config", str(RECIPE_DIR / "evaluate_tiny.yaml"), "--output_dir", str(tmp_path / "eval")])
     assert json.loads((tmp_path / "eval" / "metrics.json").read_text())["metrics"]["num_completions"] == 8
-    main(["export", "--config", str(RECIPE_DIR / "export_tiny.yaml"), "--output_dir", str(tmp_path / "export")])
+    run(["export", "--config", str(RECIPE_DIR / "export_tiny.yaml"), "--output_dir", str(tmp_path / "export")])
     card = json.loads((tmp_path / "export" / "steering_card.json").read_text())
     assert card["loader_sites"] == ["blocks.1.hook_resid_post"]
     assert set(card["folded_sites"]) == {"blocks.0.mlp.hook_post", "blocks.1.attn.hook_z"}

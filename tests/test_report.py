@@ -39,7 +39,7 @@ def test_save_and_load_round_trip_with_plot(tmp_path):
     report = _report()
     report.save(tmp_path / "report", top_n=3)
     names = sorted(p.name for p in (tmp_path / "report").iterdir())
-    assert names == ["attribution.json", "attribution.png", "attribution.safetensors"]
+    assert names == ["attribution.json", "attribution.png", "attribution.safetensors", "ipg_manifest.json"]
     payload = json.loads((tmp_path / "report" / "attribution.json").read_text())
     assert payload["top"][0] == {"name": "blocks.1.attn.hook_z[3]", "score": 3.0} and len(payload["top"]) == 3
     loaded = AttributionReport.load(tmp_path / "report")

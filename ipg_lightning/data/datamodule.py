@@ -21,6 +21,7 @@ from ipg_lightning.data.sources import (
     REASONING_GYM_PREFIX,
     SPLITS,
     DataSourceError,
+    check_fractions,
     hub_rows,
     is_file_source,
     read_file,
@@ -111,6 +112,12 @@ class ReasoningDataModule(L.LightningDataModule):
             raise ValueError(f"data_files keys must be among {list(SPLITS)}, got {sorted(data_files)}")
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        for split, size in {"num_train": num_train, "num_val": num_val, "num_test": num_test}.items():
+            if size is not None and size < 0:
+                raise ValueError(f"{split} must be >= 0 (or null for all rows of a file), got {size}")
+        check_fractions(val_fraction, test_fraction)
+        if num_workers < 0:
+            raise ValueError(f"num_workers must be >= 0, got {num_workers}")
         self.source = source
         self.data_files = data_files
         self.row_format = row_format

@@ -101,10 +101,15 @@ def read_file(path: str | Path) -> datasets.Dataset:
         raise DataSourceError(f"Could not read {path}: {type(error).__name__}: {error}") from None
 
 
+def check_fractions(val_fraction: float, test_fraction: float) -> None:
+    """Both shares in [0, 1) and together below 1, so that some rows are left for training."""
+    if not (0 <= val_fraction < 1 and 0 <= test_fraction < 1 and val_fraction + test_fraction < 1):
+        raise ValueError(f"val_fraction and test_fraction must be >= 0 with a sum below 1, got {val_fraction} and {test_fraction}")
+
+
 def split_by_fraction(rows: Rows, val_fraction: float, test_fraction: float, seed: int) -> dict[str, Rows]:
     """Shuffle ``rows`` with ``seed`` and cut validation and test shares off the front."""
-    if not (0 <= val_fraction < 1 and 0 <= test_fraction < 1 and val_fraction + test_fraction < 1):
-        raise ValueError(f"Need 0 <= val_fraction + test_fraction < 1, got {val_fraction} + {test_fraction}")
+    check_fractions(val_fraction, test_fraction)
     order = list(range(len(rows)))
     random.Random(seed).shuffle(order)
     num_test, num_val = round(len(rows) * test_fraction), round(len(rows) * val_fraction)

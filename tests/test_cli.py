@@ -1,31 +1,13 @@
 import json
-import stat
 
 import pytest
 
-from ipg_lightning.cli import main
-from ipg_lightning.io import atomic_directory, atomic_write_json
-
-
-def test_atomic_directory_leaves_nothing_behind_on_failure(tmp_path):
-    target = tmp_path / "report"
-    with pytest.raises(KeyboardInterrupt):
-        with atomic_directory(target) as staging:
-            atomic_write_json(staging / "attribution.json", {"half": "written"})
-            raise KeyboardInterrupt
-    assert list(tmp_path.iterdir()) == []
-    with atomic_directory(target) as staging:
-        atomic_write_json(staging / "a.json", {"x": 1})
-    assert json.loads((target / "a.json").read_text()) == {"x": 1}
-    assert stat.S_IMODE(target.stat().st_mode) & 0o055  # readable by others, like a normal directory
-    with pytest.raises(FileExistsError, match="already exists"):
-        with atomic_directory(target):
-            pass
+from ipg_lightning.cli import main, run
 
 
 def test_demo_runs_every_stage_and_writes_a_complete_output(tmp_path, capsys):
     out = tmp_path / "demo"
-    main(["demo", "--model", "tiny:llama", "--out_dir", str(out), "--support_prompts", "4", "--test_prompts", "4",
+    run(["demo", "--model", "tiny:llama", "--out_dir", str(out), "--support_prompts", "4", "--test_prompts", "4",
           "--steps", "2", "--learning_steps", "1", "--max_new_tokens", "8", "--k", "3", "--eval_samples", "2"])
     summary = json.loads((out / "summary.json").read_text())
     assert list(summary["conditions"]) == ["base", "accuracy suppressed", "accuracy amplified", "length suppressed",
@@ -43,16 +25,17 @@ def test_demo_runs_every_stage_and_writes_a_complete_output(tmp_path, capsys):
 
 def test_demo_names_unknown_presets():
     with pytest.raises(ValueError, match="smollm2"):
-        main(["demo", "--preset", "smolm2"])
+        run(["demo", "--preset", "smolm2"])
 
 
 def test_demo_rejects_a_zero_count_before_any_work(tmp_path):
     with pytest.raises(ValueError, match="k must be >= 1, got 0"):
-        main(["demo", "--model", "tiny:llama", "--k", "0", "--out_dir", str(tmp_path / "demo")])
+        run(["demo", "--model", "tiny:llama", "--k", "0", "--out_dir", str(tmp_path / "demo")])
     assert not (tmp_path / "demo").exists()
 
 
 def test_cli_rejects_a_config_typo(capsys):
-    with pytest.raises(SystemExit):
+    with pytest.raises(SystemExit) as exit_info:
         main(["demo", "--test_promts", "3"])
-    assert "test_promts" in capsys.readouterr().err
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.strip() == "ipg demo: error: unrecognized arguments: --test_promts 3 (--debug shows the traceback)"
