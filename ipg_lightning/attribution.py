@@ -25,15 +25,17 @@ from ipg_lightning.activations import mean_completion_activations
 from ipg_lightning.estimator import AdvantageMethod, QuadratureRule, group_advantages, integrate_path, move_along_path
 from ipg_lightning.evaluation import completions_of
 from ipg_lightning.gates import ComponentGates
+from ipg_lightning.identity import IN_MEMORY_MODEL, model_identity
 from ipg_lightning.models import load_model_and_tokenizer
 from ipg_lightning.outputs import check_output_dir
-from ipg_lightning.report import AttributionReport
+from ipg_lightning.report import AttributionReport, UninformativeReportError
 from ipg_lightning.rewards import load_reward, score_completions
 from ipg_lightning.sites import ArchitectureSpec, resolve_architecture, unwrap_model
 from ipg_lightning.trajectories import (
     SamplingConfig,
     Trajectories,
     backward_weighted_log_likelihood,
+    check_context_length,
     sample_trajectories,
     teacher_forced_trajectories,
     weighted_log_likelihood,
@@ -180,7 +182,7 @@ class IPGAttribution(L.LightningModule):
     @classmethod
     def for_model(cls, model: torch.nn.Module, tokenizer: Any, **kwargs: Any) -> IPGAttribution:
         """Attribute an already loaded model (Python API) instead of loading ``model`` by name."""
-        module = cls(model=getattr(model.config, "_name_or_path", "in-memory model") or "in-memory model", **kwargs)
+        module = cls(model=getattr(model.config, "_name_or_path", "") or IN_MEMORY_MODEL, **kwargs)
         module._attach_model(model, tokenizer)
         return module
 
@@ -333,6 +335,8 @@ class IPGAttribution(L.LightningModule):
         if missing:
             raise ValueError(f"ig_reference needs reference solutions; examples {missing[:5]} have none")
         trajectories = teacher_forced_trajectories(self.tokenizer, batch["prompt"], batch["solution"])
+        lengths = [len(p) + len(c) for p, c in zip(trajectories.prompt_ids, trajectories.completion_ids)]
+        check_context_length(self.lm, lengths, [f"{p} {s}" for p, s in zip(batch["prompt"], batch["solution"])])
         weights = torch.ones(len(trajectories))
         counts = dict(prompts=len(batch["prompt"]), signal_prompts=len(batch["prompt"]),
                       trajectories=len(trajectories), tokens=trajectories.num_completion_tokens)
@@ -346,8 +350,30 @@ class IPGAttribution(L.LightningModule):
         self.report = self._build_report(state)
         self.log("mean_reward", float(self.report.metadata["mean_reward"] or 0.0), sync_dist=False)
         output_dir = self.hparams.output_dir
+        reason = self._uninformative_reason(state)
+        if reason is not None:  # refuse to hand out scores that rank nothing; the report stays in memory
+            self.report.metadata["degenerate"] = reason
+            written = " No report was written." if output_dir else ""
+            raise UninformativeReportError(f"The attribution carries no information: {reason}.{written}")
         if output_dir and self.trainer.is_global_zero:
             self.report.save(output_dir, overwrite=self.hparams.overwrite)
+
+    def _uninformative_reason(self, state: dict[str, Any]) -> str | None:
+        method, prompts = self.hparams.method, int(state["prompts"])
+        if prompts == 0:
+            return "no support prompt was attributed (the validation split is empty)"
+        if method in ("ipg", "grad_x_act") and state["signal_prompts"] == 0:
+            mean = state["reward_sum"] / max(state["trajectories"], 1.0)
+            return (f"none of the {prompts} support prompts carried signal: the {self.sampling.num_samples} rewards of each "
+                    f"prompt were all equal (mean reward {mean:.3g}). Draw more samples (num_samples), sample at a higher "
+                    "temperature, or use problems the model solves sometimes but not always")
+        if method == "mean_diff" and 0 in (state["correct_rows"], state["incorrect_rows"]):
+            side = "reward > 0.5" if state["incorrect_rows"] == 0 else "reward <= 0.5"
+            return (f"mean_diff contrasts trajectories with reward > 0.5 against the others, but all {int(state['trajectories'])} "
+                    f"had {side}: use problems the model solves sometimes but not always")
+        if method != "random" and all(torch.count_nonzero(total) == 0 for total in state["score"].values()):
+            return "every score is exactly 0"
+        return None
 
     def _final_scores(self, state: dict[str, Any]) -> dict[str, torch.Tensor]:
         scores = self._dataset_scores(state)
@@ -374,6 +400,7 @@ class IPGAttribution(L.LightningModule):
                        "reward": self.reward_name},
             "effective": {"steps": self.steps, "rule": self.rule},
             "model": self.model_name,
+            "model_identity": model_identity(self.lm, self.model_name),
             "data": {"source": getattr(datamodule, "source", None), "split": "val", "seed": getattr(datamodule, "seed", None)},
             "counts": {
                 "prompts": int(state["prompts"]),

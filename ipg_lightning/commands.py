@@ -17,14 +17,20 @@ from typing import Any
 from ipg_lightning.data import ReasoningDataModule
 from ipg_lightning.data.sources import SPLITS
 from ipg_lightning.evaluation import evaluate_generations
-from ipg_lightning.export import CARD_FILE, export_steered_model, load_steered
+from ipg_lightning.export import CARD_FILE, export_steered_model
 from ipg_lightning.gates import ComponentGates
+from ipg_lightning.identity import IN_MEMORY_MODEL, model_identity
 from ipg_lightning.learned import load_steering_checkpoint
-from ipg_lightning.models import DTYPES, load_model_and_tokenizer, load_tokenizer
+from ipg_lightning.models import load_model_and_tokenizer
 from ipg_lightning.outputs import atomic_directory, atomic_write_json, atomic_write_text, check_output_dir
+from ipg_lightning.report import AttributionReport
+from ipg_lightning.sites import ArchitectureSpec
 from ipg_lightning.steering import ComponentSelection, gates_for_components
 from ipg_lightning.trajectories import SamplingConfig
 from ipg_lightning.validation import check_gamma
+
+#: What ``ipg evaluate`` and ``ipg export`` load when neither a model, a report nor a checkpoint names one.
+DEFAULT_MODEL = "tiny:llama"
 
 
 @dataclass
@@ -38,34 +44,48 @@ class SteeredModel:
 
 
 def _selection(report: str | None, k: int | None, fraction: float | None, signed: bool, per_layer: bool,
-               family: str | None, components: list[str] | None) -> ComponentSelection | None:
+               family: str | None, components: list[str] | None, allow_other_model: bool) -> ComponentSelection | None:
     if report is None and not components:
         return None
     return ComponentSelection(report=report, k=k, fraction=fraction, signed=signed, per_layer=per_layer,
-                              family=family, components=tuple(components or ()))
+                              family=family, components=tuple(components or ()), allow_other_model=allow_other_model)
+
+
+def _default_model(selection: ComponentSelection | None) -> str:
+    """The model a report was computed on (the default when no ``--model`` is given), else the tiny model."""
+    if selection is None or selection.report is None:
+        return DEFAULT_MODEL
+    recorded = AttributionReport.load(selection.report).metadata.get("model")
+    if not recorded or recorded == IN_MEMORY_MODEL:
+        raise ValueError(f"The report {selection.report} does not say which model it was computed on: give --model")
+    return recorded
 
 
 def build_steered_model(
-    model: str, dtype: str = "float32", selection: ComponentSelection | None = None, gamma: float = 1.0,
-    steering_checkpoint: str | None = None,
+    model: str | None = None, dtype: str = "float32", selection: ComponentSelection | None = None, gamma: float = 1.0,
+    steering_checkpoint: str | None = None, allow_other_model: bool = False, architecture: ArchitectureSpec | None = None,
 ) -> SteeredModel:
-    """Load ``model`` and steer it by a selection at ``gamma``, or by a learned checkpoint."""
+    """Load a model and steer it by a selection at ``gamma``, or by a learned checkpoint.
+
+    ``model`` defaults to the one the checkpoint or report was made on. Reports and checkpoints made
+    on a model of another architecture are refused unless ``allow_other_model``. An export directory
+    loads with its unfolded gates (:func:`~ipg_lightning.export.load_steered`).
+    """
     if steering_checkpoint is not None:
         if selection is not None:
             raise ValueError("Give either a steering checkpoint (learned gates) or a selection with gamma, not both")
-        module = load_steering_checkpoint(steering_checkpoint, model=model)
-        description = {"kind": "learned", "checkpoint": str(steering_checkpoint), "components": module.components}
+        module = load_steering_checkpoint(steering_checkpoint, model=model, allow_other_model=allow_other_model)
+        description = {"kind": "learned", "model": module.model_name, "checkpoint": str(steering_checkpoint),
+                       "components": module.components}
         return SteeredModel(module.lm, module.tokenizer, module.gates, description)
-    if Path(model).is_dir() and (Path(model) / CARD_FILE).is_file():
-        loaded = load_steered(model, dtype=DTYPES[dtype])
-        base = SteeredModel(loaded, load_tokenizer(model), None, {"kind": "exported", "path": model})
-    else:
-        lm, tokenizer = load_model_and_tokenizer(model, dtype)
-        base = SteeredModel(lm, tokenizer, None, {"kind": "base", "model": model})
+    model = model or _default_model(selection)
+    lm, tokenizer = load_model_and_tokenizer(model, dtype)
+    kind = "exported" if (Path(model) / CARD_FILE).is_file() else "base"
+    base = SteeredModel(lm, tokenizer, None, {"kind": kind, "model": model})
     if selection is None:
         return base
-    components = selection.resolve()
-    base.gates = gates_for_components(base.model, components, check_gamma(gamma))
+    components = selection.resolve(lm, model, architecture)
+    base.gates = gates_for_components(lm, components, check_gamma(gamma), architecture)
     base.description = {"kind": "fixed", "model": model, "gamma": gamma, "components": components,
                         "report": selection.report, "k": selection.k, "fraction": selection.fraction}
     return base
@@ -81,7 +101,7 @@ def _metrics_csv(rows: list[dict[str, Any]]) -> str:
 
 
 def evaluate(
-    model: str = "tiny:llama",
+    model: str | None = None,
     dtype: str = "float32",
     data: ReasoningDataModule | None = None,
     split: str = "test",
@@ -102,6 +122,8 @@ def evaluate(
     generation_batch_size: int = 16,
     output_dir: str = "outputs/evaluate",
     overwrite: bool = False,
+    allow_other_model: bool = False,
+    architecture: ArchitectureSpec | None = None,
 ) -> dict[str, Any]:
     """Evaluate a base, steered, learned or exported model on a benchmark split.
 
@@ -111,7 +133,8 @@ def evaluate(
     ``sweep.png`` (accuracy and length against gamma, one line per k).
 
     Args:
-        model: local model directory (a plain or an exported checkpoint) or ``tiny:<family>``.
+        model: local model directory (a plain or an exported checkpoint) or ``tiny:<family>``;
+            default: the model the checkpoint or report was made on (else ``tiny:llama``).
         dtype: weights dtype.
         data: the benchmark (a ``ReasoningDataModule``: ``--data.source``, ``--data.num_test``, ...).
         split: which split to evaluate (``test`` by default; never the attribution support set).
@@ -130,8 +153,11 @@ def evaluate(
         temperature: 0 is greedy decoding (the paper's evaluation).
         num_samples: completions per prompt.
         generation_batch_size: completions generated together.
-        output_dir: where results go (atomically).
-        overwrite: replace an existing ``output_dir``.
+        output_dir: where results go (atomically; refused if it exists, unless ``overwrite``).
+        overwrite: replace an earlier output of this library at ``output_dir`` (never other files).
+        allow_other_model: apply a report or checkpoint made on a model of another architecture
+            (refused by default: component indices would mean other units).
+        architecture: module paths of a decoder that is not built in (see ``ArchitectureSpec``).
     """
     check_output_dir(output_dir, overwrite)
     if split not in SPLITS:
@@ -150,15 +176,16 @@ def evaluate(
             raise ValueError("A sweep needs top-k values: give --ks [..] or --k")
         for index, value in enumerate(gammas):
             check_gamma(value, f"gammas[{index}]")
-        selections = [ComponentSelection(report=report, k=top_k, signed=signed, per_layer=per_layer, family=family) for top_k in top_ks]
-        return _sweep(model, dtype, data, split, selections, gammas, sampling, output_dir, overwrite)
+        selections = [_selection(report, top_k, None, signed, per_layer, family, None, allow_other_model) for top_k in top_ks]
+        return _sweep(model, dtype, data, split, selections, gammas, sampling, output_dir, overwrite, architecture)
     check_gamma(gamma)
-    selection = _selection(report, k, fraction, signed, per_layer, family, components)
-    steered = build_steered_model(model, dtype, selection, gamma, steering_checkpoint)
+    selection = _selection(report, k, fraction, signed, per_layer, family, components, allow_other_model)
+    steered = build_steered_model(model, dtype, selection, gamma, steering_checkpoint, allow_other_model, architecture)
     data.connect(steered.tokenizer)
     batches = list(_loader(data, split))
     result = evaluate_generations(steered.model, steered.tokenizer, batches, sampling, steered.gates, progress=True)
-    summary = {"steering": steered.description, "split": split, "data": data.source, "metrics": result.metrics}
+    summary = {"steering": steered.description, "model_identity": model_identity(steered.model, steered.description["model"]),
+               "split": split, "data": data.source, "metrics": result.metrics}
     with atomic_directory(output_dir, overwrite=overwrite, kind="evaluation") as staging:
         atomic_write_json(staging / "metrics.json", summary)
         atomic_write_text(staging / "generations.jsonl", "".join(json.dumps(r) + "\n" for r in result.records))
@@ -171,21 +198,24 @@ def _loader(data: ReasoningDataModule, split: str):
     return {"train": data.train_dataloader, "val": data.val_dataloader, "test": data.test_dataloader}[split]()
 
 
-def _sweep(model, dtype, data, split, selections: list[ComponentSelection], gammas, sampling, output_dir, overwrite) -> dict[str, Any]:
+def _sweep(model, dtype, data, split, selections: list[ComponentSelection], gammas, sampling, output_dir, overwrite,
+           architecture) -> dict[str, Any]:
+    model = model or _default_model(selections[0])
     base = build_steered_model(model, dtype)
     data.connect(base.tokenizer)
     batches = list(_loader(data, split))
     rows = [{"k": 0, "gamma": 1.0, **evaluate_generations(base.model, base.tokenizer, batches, sampling,
                                                            progress=True, description="base").metrics}]
     for selection in selections:
-        components = selection.resolve()
+        components = selection.resolve(base.model, model, architecture)
         for value in gammas:
-            gates = gates_for_components(base.model, components, value)
+            gates = gates_for_components(base.model, components, value, architecture)
             metrics = evaluate_generations(base.model, base.tokenizer, batches, sampling, gates, progress=True,
                                            description=f"k={selection.k} gamma={value}").metrics
             rows.append({"k": selection.k, "gamma": value, **metrics})
     with atomic_directory(output_dir, overwrite=overwrite, kind="evaluation sweep") as staging:
-        atomic_write_json(staging / "sweep.json", {"report": selections[0].report, "split": split, "rows": rows})
+        atomic_write_json(staging / "sweep.json", {"report": selections[0].report, "model_identity": model_identity(base.model, model),
+                                                   "split": split, "rows": rows})
         atomic_write_text(staging / "sweep.csv", _metrics_csv(rows))
         from ipg_lightning.plots import plot_sweep
 
@@ -197,7 +227,7 @@ def _sweep(model, dtype, data, split, selections: list[ComponentSelection], gamm
 
 def export(
     output_dir: str,
-    model: str = "tiny:llama",
+    model: str | None = None,
     dtype: str = "float32",
     report: str | None = None,
     k: int | None = None,
@@ -210,6 +240,8 @@ def export(
     steering_checkpoint: str | None = None,
     metrics: str | None = None,
     overwrite: bool = False,
+    allow_other_model: bool = False,
+    architecture: ArchitectureSpec | None = None,
 ) -> dict[str, Any]:
     """Fold gates (and merge LoRA) into a plain Hugging Face checkpoint with a steering card.
 
@@ -219,7 +251,8 @@ def export(
 
     Args:
         output_dir: new directory for the checkpoint (refused if it exists, unless ``overwrite``).
-        model: the base model (local directory or ``tiny:<family>``).
+        model: the base model (local directory or ``tiny:<family>``); default: the model the
+            checkpoint or report was made on.
         dtype: weights dtype.
         report: attribution report for fixed steering.
         k: top-k components of the report.
@@ -231,17 +264,29 @@ def export(
         gamma: gate value of the selected components.
         steering_checkpoint: learned gates (and LoRA adapter) from ``ipg steer``.
         metrics: a ``metrics.json`` from ``ipg evaluate`` to record in the card.
-        overwrite: replace an existing ``output_dir``.
+        overwrite: replace an earlier output of this library at ``output_dir`` (never other files).
+        allow_other_model: apply a report or checkpoint made on a model of another architecture
+            (refused by default: component indices would mean other units).
+        architecture: module paths of a decoder that is not built in (see ``ArchitectureSpec``).
     """
     check_output_dir(output_dir, overwrite)
     check_gamma(gamma)
-    selection = _selection(report, k, fraction, signed, per_layer, family, components)
+    selection = _selection(report, k, fraction, signed, per_layer, family, components, allow_other_model)
     if selection is None and steering_checkpoint is None:
         raise ValueError("Nothing to export: give --report/--components with --gamma, or --steering_checkpoint")
-    steered = build_steered_model(model, dtype, selection, gamma, steering_checkpoint)
-    known_metrics = json.loads(Path(metrics).read_text())["metrics"] if metrics else None
+    known_metrics = _read_metrics(metrics) if metrics else None
+    steered = build_steered_model(model, dtype, selection, gamma, steering_checkpoint, allow_other_model, architecture)
     card = export_steered_model(steered.model, steered.tokenizer, steered.gates, output_dir,
                                 source=steered.description, metrics=known_metrics, overwrite=overwrite)
     print(f"exported to {output_dir}: folded {card['folded_sites'] or 'nothing'}; "
           f"needs ipg_lightning.load_steered for {card['loader_sites'] or 'nothing'}; LoRA merged: {card['lora_merged']}")
     return card
+
+
+def _read_metrics(path: str) -> dict[str, Any]:
+    """The metrics of an ``ipg evaluate`` output (its ``metrics.json``, or the directory holding it)."""
+    file = Path(path) / "metrics.json" if Path(path).is_dir() else Path(path)
+    try:
+        return json.loads(file.read_text(encoding="utf-8"))["metrics"]
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise ValueError(f"--metrics {path}: not a metrics.json written by `ipg evaluate` ({type(error).__name__}: {error})") from None

@@ -2,8 +2,13 @@
 
 LoRA merges first; neuron, head and sub-layer gates fold exactly into the projection weights.
 Gates that cannot fold (residual-stream coordinates, later SAE features) travel beside the
-checkpoint in ``steering.safetensors`` and are re-applied by :func:`load_steered`. The card
-``steering_card.json`` says which gates were folded and which need the loader. Writing is atomic.
+checkpoint in ``steering.safetensors`` and are re-applied by :func:`load_steered`. Such an export
+says so where plain Hugging Face tooling looks: a ``README.md`` model card and an
+``ipg_lightning_steering`` entry in ``config.json``. The card ``steering_card.json`` says which gates
+were folded and which need the loader, and keeps the card of the export it was made from.
+
+A model loaded from an export by :func:`load_steered` carries its unfolded gates; exporting it again
+keeps them, multiplied with any new gates on the same sites (gates compose exactly). Writing is atomic.
 """
 
 from __future__ import annotations
@@ -18,17 +23,22 @@ from torch import nn
 from transformers import AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
 
 from ipg_lightning.folding import FOLDABLE_FAMILIES, fold_gates_into_weights
-from ipg_lightning.gates import ComponentGates
-from ipg_lightning.outputs import atomic_directory, atomic_write_json
-from ipg_lightning.sites import discover_sites, parse_site_name
+from ipg_lightning.gates import ComponentGates, combined_gates
+from ipg_lightning.identity import IN_MEMORY_MODEL, model_identity
+from ipg_lightning.outputs import atomic_directory, atomic_write_json, atomic_write_text, check_output_dir
+from ipg_lightning.sites import discover_sites, parse_site_name, unwrap_model
 
 STEERING_FILE = "steering.safetensors"
 CARD_FILE = "steering_card.json"
+MODEL_CARD_FILE = "README.md"
+#: ``config.json`` entry of an export whose gates need :func:`load_steered`.
+CONFIG_MARKER = "ipg_lightning_steering"
+_CARRIED_GATES = "_ipg_steering_gates"
 
 
-def _changed(gates: ComponentGates) -> dict[str, float]:
+def _changed(gates: ComponentGates | None) -> dict[str, float]:
     values = {}
-    for name, site in gates.sites.items():
+    for name, site in (gates.sites.items() if gates is not None else ()):
         for index, value in enumerate(gates.gate(name).detach().tolist()):
             if value != 1.0:
                 values[site.component_name(index)] = value
@@ -49,31 +59,49 @@ def split_gates(gates: ComponentGates) -> tuple[ComponentGates, ComponentGates]:
     return foldable, unfoldable
 
 
+def carried_gates(model: nn.Module) -> ComponentGates | None:
+    """The unfolded gates a model loaded by :func:`load_steered` carries (applied by its hooks), if any."""
+    return vars(unwrap_model(model)).get(_CARRIED_GATES)
+
+
+def _source_directory(model: nn.Module) -> Path | None:
+    name = getattr(unwrap_model(model).config, "_name_or_path", "") or ""
+    return Path(name) if name and Path(name).is_dir() else None
+
+
 def export_steered_model(
     model: nn.Module,
     tokenizer: PreTrainedTokenizerBase,
-    gates: ComponentGates,
+    gates: ComponentGates | None,
     output_dir: str | Path,
     source: dict[str, Any] | None = None,
     metrics: dict[str, Any] | None = None,
     overwrite: bool = False,
 ) -> dict[str, Any]:
-    """Merge any LoRA adapter, fold what folds, and save checkpoint, tokenizer and card atomically.
+    """Merge any LoRA adapter, fold what folds, and save checkpoint, tokenizer and cards atomically.
 
-    ``model`` is modified in place (merged and folded). Returns the steering card.
+    ``model`` is modified in place (merged and folded). Gates it carries from an earlier export are
+    kept (multiplied with ``gates`` where both act on a site). Returns the steering card.
     """
+    check_output_dir(output_dir, overwrite)  # before merging and folding change the model
+    source = dict(source or {})
+    source_dir = _source_directory(model)
+    carried = carried_gates(model)
+    name = source.get("model") or source.get("path") or str(source_dir or IN_MEMORY_MODEL)
     merged = hasattr(model, "merge_and_unload")
     if merged:
         model = model.merge_and_unload()
-    foldable, unfoldable = split_gates(gates)
+    foldable, unfoldable = split_gates(combined_gates(carried, gates))
     folded = fold_gates_into_weights(model, foldable) if foldable.sites else []
     card = {
-        "format": "ipg_lightning steering card v1",
-        "source": source or {},
+        "format": "ipg_lightning steering card v2",
+        "source": source,
+        "model_identity": model_identity(model, name),
         "lora_merged": merged,
         "folded_sites": folded,
         "loader_sites": list(unfoldable.sites),
         "gates": _changed(gates),
+        "carried_gates": _changed(carried),
         "metrics": metrics,
         "how_to_load": (
             "AutoModelForCausalLM.from_pretrained(path) reproduces the steered model"
@@ -81,15 +109,89 @@ def export_steered_model(
             else "ipg_lightning.load_steered(path): residual-stream gates cannot fold into weights and are "
             f"re-applied from {STEERING_FILE}; plain from_pretrained gives the model without them"
         ),
+        "previous": read_card(source_dir) if source_dir and (source_dir / CARD_FILE).is_file() else None,
     }
+    source_card = (source_dir / MODEL_CARD_FILE).read_text(encoding="utf-8") if source_dir and (source_dir / MODEL_CARD_FILE).is_file() else None
+    config = model.config
     with atomic_directory(output_dir, overwrite=overwrite, kind="steered model export") as staging:
-        model.save_pretrained(staging, safe_serialization=True)
+        try:
+            if unfoldable.sites:
+                setattr(config, CONFIG_MARKER, {"loader": "ipg_lightning.load_steered", "steering_file": STEERING_FILE,
+                                                "unfolded_sites": list(unfoldable.sites)})
+            elif hasattr(config, CONFIG_MARKER):
+                delattr(config, CONFIG_MARKER)
+            model.save_pretrained(staging, safe_serialization=True)
+        finally:
+            if hasattr(config, CONFIG_MARKER):
+                delattr(config, CONFIG_MARKER)
         tokenizer.save_pretrained(staging)
         if unfoldable.sites:
             save_file({name: unfoldable.gate(name).detach().float().contiguous() for name in unfoldable.sites},
                       str(staging / STEERING_FILE))
         atomic_write_json(staging / CARD_FILE, card)
+        atomic_write_text(staging / MODEL_CARD_FILE, steering_model_card(card, source_card))
     return card
+
+
+def _without_front_matter(text: str) -> str:
+    if text.startswith("---\n") and "\n---" in text[4:]:
+        return text[4:].split("\n---", 1)[1].lstrip("-\n")
+    return text
+
+
+def steering_model_card(card: dict[str, Any], source_card: str | None = None, shown: int = 20) -> str:
+    """The ``README.md`` of an export: how to load it, what was steered, and the source model's card."""
+    needs_loader = bool(card["loader_sites"])
+    lines = ["---", "library_name: transformers", "tags: [ipg_lightning, steering]", "---", "",
+             f"# Steered {card['model_identity']['name']}", ""]
+    if needs_loader:
+        lines += [f"> **Load with `ipg_lightning.load_steered(path)`.** Gates on {', '.join(card['loader_sites'])} cannot be",
+                  f"> folded into weights; they are in `{STEERING_FILE}`. Plain `AutoModelForCausalLM.from_pretrained(path)`",
+                  "> loads the model **without** them (`config.json` marks this under `ipg_lightning_steering`).", ""]
+    else:
+        lines += ["`AutoModelForCausalLM.from_pretrained(path)` reproduces the steered model: every gate is folded into the weights.", ""]
+    lines += [f"Exported by ipg_lightning from {card['source'].get('kind', 'a steered model')} steering. "
+              f"Folded: {', '.join(card['folded_sites']) or 'nothing'}. LoRA merged: {card['lora_merged']}.", ""]
+    steered = {**card["carried_gates"], **card["gates"]}
+    if steered:
+        lines += ["| component | gate |", "| --- | --- |"]
+        lines += [f"| `{name}` | {value:.4g} |" for name, value in list(steered.items())[:shown]]
+        if len(steered) > shown:
+            lines.append(f"| ... {len(steered) - shown} more in `{CARD_FILE}` | |")
+        lines.append("")
+    if card["carried_gates"]:
+        lines += [f"Gates carried from the export this one was made from stay in force (see `previous` in `{CARD_FILE}`).", ""]
+    if card.get("metrics"):
+        lines += ["Measured: " + ", ".join(f"{key} {value:.4g}" for key, value in card["metrics"].items()
+                                           if isinstance(value, (int, float))), ""]
+    if source_card:
+        lines += ["## Card of the source model", "", _without_front_matter(source_card).strip(), ""]
+    return "\n".join(lines)
+
+
+def read_steering_gates(path: str | Path, model: nn.Module) -> ComponentGates | None:
+    """The unfoldable gates of an export directory for ``model`` (None if it has none)."""
+    path = Path(path)
+    steering_file = path / STEERING_FILE
+    if not steering_file.is_file():
+        if getattr(unwrap_model(model).config, CONFIG_MARKER, None):
+            raise FileNotFoundError(f"{path}/config.json says its gates travel in {STEERING_FILE}, which is missing: "
+                                    "copy the whole export directory")
+        return None
+    try:
+        values = load_file(str(steering_file))
+    except Exception as error:  # safetensors raises its own error types for damaged files
+        raise ValueError(f"{steering_file} cannot be read ({error}); re-export the model") from None
+    sites = []
+    for site_name in values:
+        family, layer = parse_site_name(site_name)
+        sites.extend(discover_sites(model, [family], [layer]))
+    gates = ComponentGates(sites)
+    for name, vector in values.items():
+        if vector.shape != gates.gate(name).shape:
+            raise ValueError(f"{steering_file}: {name} has {vector.numel()} gates, the model has {gates.gate(name).numel()}")
+        gates.set_site(name, vector)
+    return gates
 
 
 def load_steered(path: str | Path, **from_pretrained_kwargs: Any) -> PreTrainedModel:
@@ -99,19 +201,12 @@ def load_steered(path: str | Path, **from_pretrained_kwargs: Any) -> PreTrainedM
     """
     path = Path(path)
     model = AutoModelForCausalLM.from_pretrained(path, **from_pretrained_kwargs)
-    steering_file = path / STEERING_FILE
-    if steering_file.is_file():
-        values = load_file(str(steering_file))
-        sites = []
-        for site_name in values:
-            family, layer = parse_site_name(site_name)
-            sites.extend(discover_sites(model, [family], [layer]))
-        gates = ComponentGates(sites)
-        for name, vector in values.items():
-            gates.set_site(name, vector)
-        # The hooks hold the gates (not registered as a submodule, so a re-save stays plain) and move
-        # them to each activation's device, so model.to(...) keeps working.
+    gates = read_steering_gates(path, model)
+    if gates is not None:
+        # The hooks hold the gates (kept off the module tree, so a re-save stays plain) and move
+        # them to each activation's device, so model.to(...) keeps working. A later export keeps them.
         gates.install(model)
+        vars(model)[_CARRIED_GATES] = gates
     return model.eval()
 
 
@@ -120,4 +215,7 @@ def read_card(path: str | Path) -> dict[str, Any]:
     card = Path(path) / CARD_FILE
     if not card.is_file():
         raise FileNotFoundError(f"{path} has no {CARD_FILE}; was it written by `ipg export`?")
-    return json.loads(card.read_text())
+    try:
+        return json.loads(card.read_text(encoding="utf-8"))
+    except ValueError as error:
+        raise ValueError(f"{card} is not valid JSON ({error}); re-export the model") from None

@@ -104,6 +104,9 @@ class ComponentGates(nn.Module):
             raise KeyError(f"No gated site {site_name!r} for component {component_name!r}")
         if index is None and site.size != 1:
             raise ValueError(f"{component_name!r} needs an index: {site_name} has {site.size} components")
+        if index is not None and index >= site.size:
+            raise ValueError(f"{component_name!r} is out of range: {site_name} has {site.size} components (0 to {site.size - 1}) "
+                             "in this model")
         self.gate(site_name)[index or 0] = value
 
     def set_components(self, values: Mapping[str, float]) -> None:
@@ -161,6 +164,24 @@ class ComponentGates(nn.Module):
             return site.edit(output, self.gate(site.name))
 
         return hook
+
+
+def combined_gates(*gate_sets: ComponentGates | None) -> ComponentGates:
+    """One gate set equal to applying all of ``gate_sets`` (the union of their sites, gates multiplied).
+
+    Gates act multiplicatively on the same activation, so steering a model that is already steered
+    composes exactly. ``None`` entries are skipped.
+    """
+    sites: dict[str, Site] = {}
+    for gates in filter(None, gate_sets):
+        for name, site in gates.sites.items():
+            if sites.setdefault(name, site) != site:
+                raise ValueError(f"Cannot combine gates: {name} is {sites[name]} in one set and {site} in another")
+    combined = ComponentGates(list(sites.values()))
+    for gates in filter(None, gate_sets):
+        for name in gates.sites:
+            combined.set_site(name, combined.gate(name).detach() * gates.gate(name).detach())
+    return combined
 
 
 def parse_component_name(component_name: str) -> tuple[str, int | None]:

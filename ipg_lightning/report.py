@@ -24,6 +24,10 @@ METADATA_FILE = "attribution.json"
 PLOT_FILE = "attribution.png"
 
 
+class UninformativeReportError(ValueError):
+    """A report whose scores carry no information (e.g. no prompt carried signal); selecting from it is refused."""
+
+
 @dataclass
 class AttributionReport:
     """Scores of components, keyed by site name (e.g. ``blocks.3.hook_resid_post``).
@@ -81,17 +85,33 @@ class AttributionReport:
             raise ValueError(f"fraction must be in (0, 1], got {fraction}")
         if k is not None and k < 0:
             raise ValueError(f"k must be >= 0, got {k}")
+        self.check_informative()
         ranked = self.ranked(signed=signed, family=family)
+        if not ranked:
+            families = sorted({site["family"] for site in self.sites.values()})
+            raise ValueError(f"The report has no components of family {family!r}; it has {families}")
         groups: dict[Any, list] = {}
         for row in ranked:
             key = self.sites[row[2]]["layer"] if per_layer else None
             groups.setdefault(key, []).append(row)
         chosen = []
-        for rows in groups.values():
+        for key, rows in groups.items():
+            if k is not None and k > len(rows):
+                where = f"layer {key} of the report" if per_layer else "the report"
+                raise ValueError(f"k={k}, but {where} has only {len(rows)} components{f' of family {family}' if family else ''}: "
+                                 f"choose k <= {len(rows)}, or a fraction")
             count = k if k is not None else math.ceil(fraction * len(rows))
             chosen.extend(rows[:count])
         chosen.sort(key=lambda row: row[1] if signed else abs(row[1]), reverse=True)
         return [name for name, _, _ in chosen]
+
+    def check_informative(self) -> None:
+        """Raise :class:`UninformativeReportError` if the scores carry no information to select by."""
+        reason = self.metadata.get("degenerate")
+        if reason is None and all(torch.count_nonzero(vector) == 0 for vector in self.scores.values()):
+            reason = "every score is exactly 0"
+        if reason is not None:
+            raise UninformativeReportError(f"Cannot select components from this report: {reason}")
 
     def top(self, n: int = 20, signed: bool = True) -> list[dict[str, Any]]:
         """The ``n`` highest-ranked components as ``{"name", "score"}`` dicts."""
@@ -117,7 +137,15 @@ class AttributionReport:
         for name in (SCORES_FILE, METADATA_FILE):
             if not (directory / name).is_file():
                 raise FileNotFoundError(f"{directory} is not an attribution report: {name} is missing")
-        metadata = json.loads((directory / METADATA_FILE).read_text())
-        sites = metadata.pop("sites")
+        damaged = "the report is damaged (truncated or edited): run the attribution again"
+        try:
+            metadata = json.loads((directory / METADATA_FILE).read_text(encoding="utf-8"))
+            sites = metadata.pop("sites")
+        except (ValueError, KeyError, AttributeError) as error:
+            raise ValueError(f"{directory / METADATA_FILE} cannot be read ({type(error).__name__}: {error}); {damaged}") from None
+        try:
+            scores = load_file(str(directory / SCORES_FILE))
+        except Exception as error:  # safetensors raises its own error types for damaged files
+            raise ValueError(f"{directory / SCORES_FILE} cannot be read ({error}); {damaged}") from None
         metadata.pop("top", None)
-        return cls(scores=load_file(str(directory / SCORES_FILE)), sites=sites, metadata=metadata)
+        return cls(scores=scores, sites=sites, metadata=metadata)

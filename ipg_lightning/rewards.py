@@ -119,11 +119,7 @@ def load_reward(spec: str | Mapping[str, float] | Reward) -> Reward:
         return CompoundReward(spec)
     if spec in BUILTIN_REWARDS:
         return BUILTIN_REWARDS[spec]
-    if ":" not in spec:
-        raise ValueError(
-            f"Unknown reward {spec!r}: use one of {sorted(BUILTIN_REWARDS)}, a mapping of weights, "
-            "or an import path like 'my_package.rewards:my_reward'"
-        )
+    reward_import_paths(spec)  # a name that is neither built in nor an import path raises
     module_name, _, attribute = spec.partition(":")
     try:
         reward = getattr(importlib.import_module(module_name), attribute)
@@ -132,6 +128,27 @@ def load_reward(spec: str | Mapping[str, float] | Reward) -> Reward:
     if not callable(reward):
         raise ValueError(f"Reward {spec!r} is not callable")
     return reward
+
+
+def reward_import_paths(spec: str | Mapping[str, float] | Reward) -> list[str]:
+    """The import paths a reward setting names, without importing them (importing runs their code).
+
+    Built-in names and callables name none; a name that is neither built in nor ``module:function``
+    raises, so a typo is caught before any work starts.
+
+    >>> reward_import_paths({"accuracy": 1.0, "my_rewards:politeness": 0.1})
+    ['my_rewards:politeness']
+    """
+    if callable(spec):
+        return []
+    names = list(spec) if isinstance(spec, Mapping) else [spec]
+    for name in names:
+        if name not in BUILTIN_REWARDS and ":" not in str(name):
+            raise ValueError(
+                f"Unknown reward {name!r}: use one of {sorted(BUILTIN_REWARDS)}, a mapping of weights, "
+                "or an import path like 'my_package.rewards:my_reward'"
+            )
+    return [str(name) for name in names if name not in BUILTIN_REWARDS]
 
 
 def score_completions(reward: Reward, completions: Sequence[Completion]) -> list[float]:

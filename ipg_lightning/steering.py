@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from ipg_lightning.gates import ComponentGates, parse_component_name
+from ipg_lightning.identity import ModelMismatchError, check_same_model
 from ipg_lightning.report import AttributionReport
 from ipg_lightning.sites import ArchitectureSpec, discover_sites, parse_site_name
 
@@ -32,6 +33,8 @@ class ComponentSelection:
         family: only components of this site family.
         components: explicit component names (used instead of a report), e.g.
             ``["blocks.3.attn.hook_z[2]", "blocks.3.mlp.hook_post[117]"]``.
+        allow_other_model: apply a report computed on a model of another architecture (refused by
+            default: its component indices would mean other units).
     """
 
     report: str | None = None
@@ -41,6 +44,7 @@ class ComponentSelection:
     per_layer: bool = False
     family: str | None = None
     components: tuple[str, ...] = ()
+    allow_other_model: bool = False
 
     def __post_init__(self) -> None:
         if (self.report is None) == (not self.components):
@@ -53,12 +57,38 @@ class ComponentSelection:
             raise ValueError(f"fraction must be in (0, 1], got {self.fraction}")
         object.__setattr__(self, "components", tuple(self.components))
 
-    def resolve(self) -> list[str]:
-        """The selected component names."""
+    def resolve(self, model: nn.Module | None = None, model_name: str = "the model",
+                architecture: ArchitectureSpec | None = None) -> list[str]:
+        """The selected component names; with ``model``, a report must have been computed on that model.
+
+        Args:
+            model: the model the selection will steer. A report from another architecture, or whose
+                site sizes differ from this model's, is refused unless ``allow_other_model``.
+            model_name: how the model is named in messages (its path or alias).
+            architecture: the model's module paths, if it is not a built-in architecture.
+        """
         if self.components:
             return list(self.components)
         report = AttributionReport.load(Path(self.report))
+        if model is not None:
+            what = f"The report {self.report}"
+            check_same_model(report.metadata.get("model_identity"), model, model_name, what, self.allow_other_model)
+            if not self.allow_other_model:
+                check_sites_fit(report.sites, model, what, architecture)
         return report.select(k=self.k, fraction=self.fraction, signed=self.signed, per_layer=self.per_layer, family=self.family)
+
+
+def check_sites_fit(sites: Mapping[str, Mapping], model: nn.Module, what: str, architecture: ArchitectureSpec | None = None) -> None:
+    """Refuse sites (name -> ``{"size": ...}``) that ``model`` does not have at that size."""
+    for site_name, description in sites.items():
+        family, layer = parse_site_name(site_name)
+        try:
+            (site,) = discover_sites(model, [family], [layer], architecture)
+        except ValueError as error:
+            raise ModelMismatchError(f"{what} names {site_name}, which this model does not have: {error}") from None
+        if site.size != description["size"]:
+            raise ModelMismatchError(f"{what} has {description['size']} components at {site_name}, this model has {site.size}: "
+                                     "it was computed on another model")
 
 
 def gates_for_components(

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import inspect
+import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -132,6 +133,25 @@ def _pad(prompts: list[list[int]], completions: list[list[int]], pad_id: int) ->
     }
 
 
+def context_length(model: nn.Module) -> int | None:
+    """The number of positions the model was built for (``max_position_embeddings``), if it says."""
+    return getattr(unwrap_model(model).config, "max_position_embeddings", None)
+
+
+def check_context_length(model: nn.Module, lengths: Sequence[int], texts: Sequence[str], new_tokens: int = 0) -> None:
+    """Refuse a prompt longer than the model's context; warn once if generation would run past it."""
+    context = context_length(model)
+    if not context:
+        return
+    longest = max(range(len(lengths)), key=lambda index: lengths[index])
+    if lengths[longest] > context:
+        raise ValueError(f"A prompt has {lengths[longest]} tokens, more than the model's context of {context} "
+                         f"({texts[longest][:60]!r}...): shorten the prompts or use a model with a longer context")
+    if lengths[longest] + new_tokens > context:  # shown once per setting by Python's warning filter
+        warnings.warn(f"Prompts of up to {lengths[longest]} tokens plus max_new_tokens {new_tokens} exceed the model's "
+                      f"context of {context}: completions that run that long leave the positions it was trained on", stacklevel=3)
+
+
 def prompt_seed(prompt: str) -> int:
     """A stable seed derived from a prompt's text (used when a prompt has no seed of its own)."""
     return int.from_bytes(hashlib.sha256(prompt.encode()).digest()[:4], "little")
@@ -226,6 +246,7 @@ def sample_trajectories(
     encoded = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
     if any(len(ids) == 0 for ids in encoded):
         raise ValueError("A prompt encodes to zero tokens; every prompt needs text")
+    check_context_length(model, [len(ids) for ids in encoded], prompts, config.max_new_tokens)
     rows = [(p, s) for p in range(len(prompts)) for s in range(config.num_samples)]
     generation_config = GenerationConfig(
         do_sample=False,

@@ -4,10 +4,11 @@ import pytest
 import torch
 
 from ipg_lightning.activations import component_values
-from ipg_lightning.attribution import IPGAttribution
+from ipg_lightning.attribution import IPGAttribution, run_attribution
 from ipg_lightning.data import PromptTemplate, ReasoningDataModule
 from ipg_lightning.estimator import quadrature
 from ipg_lightning.gates import ComponentGates
+from ipg_lightning.report import UninformativeReportError
 from ipg_lightning.testing import tiny_causal_lm, tiny_tokenizer
 from ipg_lightning.trajectories import SamplingConfig, sample_trajectories
 
@@ -218,11 +219,18 @@ def test_ig_of_reference_likelihood_is_complete_and_random_is_seeded():
     assert not torch.equal(first.scores["blocks.1.attn.hook_z"], other.scores["blocks.1.attn.hook_z"])
 
 
-def test_zero_signal_prompts_are_counted_and_skipped():
+def test_a_run_where_no_prompt_carries_signal_is_refused_not_written(tmp_path):
     model, tokenizer = tiny_causal_lm("llama"), tiny_tokenizer()
-    report = _run(model, tokenizer, _data(), reward=lambda c: 1.0, families=["attn_head"], layers=[0], steps=2)
+    module = IPGAttribution.for_model(model, tokenizer, reward=lambda c: 1.0, families=["attn_head"], layers=[0], steps=2,
+                                      temperature=1.0, max_new_tokens=10, output_dir=str(tmp_path / "report"))
+    with pytest.raises(UninformativeReportError, match="none of the 4 support prompts carried signal.*No report was written"):
+        run_attribution(module, _data(), enable_progress_bar=False)
+    assert not (tmp_path / "report").exists()
+    report = module.report  # kept in memory for inspection, marked so that nothing selects from it
     assert report.metadata["counts"]["zero_signal_prompts"] == 4
     assert torch.all(report.scores["blocks.0.attn.hook_z"] == 0)
+    with pytest.raises(UninformativeReportError, match="carried signal"):
+        report.select(k=2)
 
 
 def test_default_layer_is_three_quarters_deep_and_bad_options_are_named():

@@ -1,19 +1,23 @@
 import json
+from pathlib import Path
 
 import pytest
 
 from ipg_lightning.cli import main, run
 
+RECIPES = Path(__file__).resolve().parents[1] / "recipes"
+
 
 def test_demo_runs_every_stage_and_writes_a_complete_output(tmp_path, capsys):
     out = tmp_path / "demo"
-    run(["demo", "--model", "tiny:llama", "--out_dir", str(out), "--support_prompts", "4", "--test_prompts", "4",
-          "--steps", "2", "--learning_steps", "1", "--max_new_tokens", "8", "--k", "3", "--eval_samples", "2"])
+    # The shipped reasoner (a random tiny model never solves a problem: its accuracy attribution is refused).
+    run(["demo", "--out_dir", str(out), "--support_prompts", "4", "--test_prompts", "4",
+         "--steps", "2", "--learning_steps", "1", "--max_new_tokens", "64", "--k", "3", "--eval_samples", "2"])
     summary = json.loads((out / "summary.json").read_text())
     assert list(summary["conditions"]) == ["base", "accuracy suppressed", "accuracy amplified", "length suppressed",
                                            "length amplified", "length learned"]
     assert summary["export"]["greedy_generations_identical"] is True
-    assert summary["site"] == "blocks.1.mlp.hook_post"  # the last block of the 2-block tiny model
+    assert summary["site"] == "blocks.3.mlp.hook_post"  # the last block of the 4-block reasoner
     assert set(summary["learned_gates"]) == set(summary["selected"]["length"])
     assert len(summary["selected"]["accuracy"]) == 3
     for name in ("attribution_accuracy", "attribution_length", "exported_learned"):
@@ -39,3 +43,73 @@ def test_cli_rejects_a_config_typo(capsys):
         main(["demo", "--test_promts", "3"])
     assert exit_info.value.code == 2
     assert capsys.readouterr().err.strip() == "ipg demo: error: unrecognized arguments: --test_promts 3 (--debug shows the traceback)"
+
+
+@pytest.fixture(scope="module")
+def bad_inputs(tmp_path_factory):
+    """Files a user might point the CLI at by mistake."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from ipg_lightning.testing import tiny_causal_lm
+
+    root = tmp_path_factory.mktemp("bad")
+    (root / "empty.jsonl").write_text("")
+    (root / "latin1.csv").write_bytes("question,answer\ncaf\xe9 2+2,4\n".encode("latin-1"))
+    (root / "notes.txt").write_text("2+2=4\n")
+    (root / "report").mkdir()
+    (root / "report" / "attribution.json").write_text('{"method": "ipg", "si')
+    (root / "report" / "attribution.safetensors").write_bytes(b"\x00" * 10)
+    (root / "cut.ckpt").write_bytes(b"PK\x03\x04 truncated")
+    tiny_causal_lm("llama").save_pretrained(root / "no_tokenizer")
+    config = AutoConfig.for_model("opt", hidden_size=16, num_hidden_layers=1, num_attention_heads=2, ffn_dim=32,
+                                  vocab_size=128, max_position_embeddings=64, word_embed_proj_dim=16)
+    AutoModelForCausalLM.from_config(config).save_pretrained(root / "opt")
+    from ipg_lightning.testing import tiny_tokenizer
+
+    tiny_tokenizer().save_pretrained(root / "opt")
+    (root / "taken").mkdir()
+    return root
+
+
+COMPONENT = '["blocks.0.mlp.hook_post[1]"]'
+BAD_INPUTS = [  # (arguments, with {root} for the fixture's folder, what the one-line message must name)
+    (["evaluate", "--data.source", "{root}/empty.jsonl"], "empty.jsonl is empty"),
+    (["evaluate", "--data.source", "{root}/latin1.csv"], "latin1.csv is not UTF-8 text (byte 0xe9"),
+    (["evaluate", "--data.source", "{root}/notes.txt"], "notes.txt: unsupported file type '.txt'"),
+    (["evaluate", "--components", '["blocks.0.mlp.hook_post[999]"]'], "'blocks.0.mlp.hook_post[999]' is out of range"),
+    (["evaluate", "--report", "{root}/report", "--k", "2"], "attribution.json cannot be read"),
+    (["evaluate", "--steering_checkpoint", "{root}/cut.ckpt"], "cut.ckpt cannot be read as a checkpoint"),
+    (["evaluate", "--model", "{root}/no_tokenizer"], "no_tokenizer has no tokenizer"),
+    (["evaluate", "--model", "{root}/opt", "--components", COMPONENT], "Architecture 'opt' is not supported"),
+    (["evaluate", "--data.num_test", "-3"], "num_test must be >= 0 (or null for all rows of a file), got -3"),
+    (["evaluate", "--data.num_test", "abc"], "--data.num_test: expected int, got 'abc'"),
+    (["evaluate", "--data.batch_size", "0"], "batch_size must be >= 1, got 0"),
+    (["evaluate", "--output_dir", "{root}/taken"], "taken already exists"),
+    (["export", "--components", COMPONENT, "--metrics", "{root}/missing.json", "--output_dir", "{root}/x"], "--metrics"),
+    (["attribute", "--config", str(RECIPES / "attribute_tiny.yaml"), "--model.rule", "simpson"],
+     "--model.rule: expected one of 'right', 'left', 'midpoint', 'trapezoid', 'gauss_legendre', got 'simpson'"),
+    (["attribute", "--config", str(RECIPES / "attribute_tiny.yaml"), "--model.temperature", "0"], "temperature 0 (greedy decoding)"),
+    (["demo", "--k", "0"], "k must be >= 1, got 0"),
+]
+
+
+@pytest.mark.parametrize("arguments, named", BAD_INPUTS, ids=lambda value: value if isinstance(value, str) else None)
+def test_bad_input_gets_one_line_that_names_it(bad_inputs, tmp_path, monkeypatch, capsys, arguments, named):
+    monkeypatch.chdir(tmp_path)
+    arguments = [argument.replace("{root}", str(bad_inputs)) for argument in arguments]
+    if arguments[0] == "evaluate" and "--output_dir" not in arguments:
+        arguments += ["--output_dir", str(tmp_path / "out"), "--max_new_tokens", "4"]
+    with pytest.raises(SystemExit) as exit_info:
+        main(arguments)
+    assert exit_info.value.code in (1, 2)
+    err = capsys.readouterr().err.strip()
+    messages = [line for line in err.splitlines() if line.startswith("ipg ")]  # other lines: the weights' load bar
+    assert len(messages) == 1 and "Traceback" not in err, err
+    assert named in messages[0], err
+    assert messages[0].startswith(f"ipg {arguments[0]}: error: ") and messages[0].endswith("(--debug shows the traceback)")
+    assert not (tmp_path / "out").exists()
+
+
+def test_debug_shows_the_traceback(capsys):
+    with pytest.raises(ValueError, match="k must be >= 1"):
+        main(["demo", "--k", "0", "--debug"])

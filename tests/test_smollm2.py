@@ -62,8 +62,10 @@ def test_ipg_on_smollm2_is_complete_for_mlp_neurons(smollm2):
 def test_demo_preset_runs_every_stage_on_smollm2(tmp_path):
     from ipg_lightning.demo import demo
 
-    summary = demo(preset="smollm2", out_dir=tmp_path / "demo", support_prompts=2, test_prompts=2, num_samples=2,
-                   eval_samples=1, steps=2, learning_steps=1, max_new_tokens=12, k=2)
+    # SmolLM2 solves about 1 in 8 of these problems; with seed 2 one of the 4 support problems is solved by 1 of
+    # its 4 samples (sampling is seeded per problem), so the accuracy attribution carries signal and is not refused.
+    summary = demo(preset="smollm2", out_dir=tmp_path / "demo", support_prompts=4, test_prompts=2, num_samples=4,
+                   eval_samples=1, steps=2, learning_steps=1, max_new_tokens=48, k=2, seed=2)
     assert summary["model"] == "smollm2" and summary["site"] == "blocks.29.mlp.hook_post"
     assert summary["export"]["greedy_generations_identical"] is True
     assert set(summary["conditions"]) >= {"base", "length suppressed", "length learned"}

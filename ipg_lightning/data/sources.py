@@ -7,6 +7,7 @@ questions, and deal it out test first, then validation, then train, so splits ne
 
 from __future__ import annotations
 
+import codecs
 import json
 import random
 from collections.abc import Mapping
@@ -19,6 +20,8 @@ from ipg_lightning.data.synthetic import ArithmeticChainTask
 
 SPLITS: tuple[str, ...] = ("train", "val", "test")
 FILE_BUILDERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
+#: Suffixes of data files that are not supported: named as such instead of looked up on the hub.
+OTHER_FILE_SUFFIXES = frozenset({".txt", ".tsv", ".xlsx", ".xls", ".gz", ".zip", ".arrow", ".yaml", ".yml", ".md"})
 REASONING_GYM_PREFIX = "reasoning_gym:"
 
 
@@ -75,6 +78,23 @@ def reasoning_gym_rows(task_name: str, sizes: Mapping[str, int], seed: int, task
     return _deal(stream, sizes, f"reasoning-gym task {task_name!r}")
 
 
+def _check_text(path: Path) -> None:
+    """Refuse a text file that is empty or not UTF-8, naming the file and the first bad byte."""
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    offset, blank = 0, True
+    with path.open("rb") as handle:
+        while chunk := handle.read(1 << 20):
+            try:
+                blank = blank and not decoder.decode(chunk).strip()
+            except UnicodeDecodeError as error:
+                byte = chunk[error.start]
+                raise DataSourceError(f"{path} is not UTF-8 text (byte 0x{byte:02x} at offset {offset + error.start}): "
+                                      "re-save it as UTF-8, e.g. `iconv -f latin1 -t utf-8`") from None
+            offset += len(chunk)
+    if blank:
+        raise DataSourceError(f"{path} is empty: it has no rows")
+
+
 def _check_jsonl(path: Path) -> None:
     with path.open(encoding="utf-8") as handle:
         for number, line in enumerate(handle, start=1):
@@ -93,12 +113,15 @@ def read_file(path: str | Path) -> datasets.Dataset:
         raise DataSourceError(f"{path}: unsupported file type {path.suffix!r}; use one of {sorted(FILE_BUILDERS)}")
     if not path.is_file():
         raise DataSourceError(f"Data file not found: {path}")
+    if builder != "parquet":
+        _check_text(path)
     if path.suffix.lower() == ".jsonl":
         _check_jsonl(path)
     try:
         return datasets.load_dataset(builder, data_files=str(path), split="train")
     except Exception as error:  # datasets raises many types; the user needs the file and the reason
-        raise DataSourceError(f"Could not read {path}: {type(error).__name__}: {error}") from None
+        cause = error.__cause__ or error
+        raise DataSourceError(f"Could not read {path}: {type(cause).__name__}: {cause}") from None
 
 
 def check_fractions(val_fraction: float, test_fraction: float) -> None:
@@ -134,5 +157,8 @@ def hub_rows(name: str, config_name: str | None, split: str) -> Rows:
 
 
 def is_file_source(source: str) -> bool:
-    """True if ``source`` names a local file (by suffix) rather than a hub dataset."""
-    return Path(source).suffix.lower() in FILE_BUILDERS
+    """True if ``source`` names a local file rather than a hub dataset: an existing file, a path, or a
+    name with a file suffix (an unsupported one is then refused by :func:`read_file`, naming it)."""
+    path = Path(source)
+    return (path.is_file() or source.startswith((".", "/", "~")) or path.suffix.lower() in FILE_BUILDERS
+            or path.suffix.lower() in OTHER_FILE_SUFFIXES)
