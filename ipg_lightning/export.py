@@ -143,7 +143,7 @@ def steering_model_card(card: dict[str, Any], source_card: str | None = None, sh
     """The ``README.md`` of an export: how to load it, what was steered, and the source model's card."""
     needs_loader = bool(card["loader_sites"])
     lines = ["---", "library_name: transformers", "tags: [ipg_lightning, steering]", "---", "",
-             f"# Steered {card['model_identity']['name']}", ""]
+             f"# Steered {Path(card['model_identity']['name']).name or card['model_identity']['name']}", ""]
     if needs_loader:
         lines += [f"> **Load with `ipg_lightning.load_steered(path)`.** Gates on {', '.join(card['loader_sites'])} cannot be",
                   f"> folded into weights; they are in `{STEERING_FILE}`. Plain `AutoModelForCausalLM.from_pretrained(path)`",

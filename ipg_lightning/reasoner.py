@@ -22,6 +22,7 @@ from ipg_lightning.metrics import ReasoningAccuracy
 from ipg_lightning.outputs import atomic_directory, atomic_write_text
 from ipg_lightning.testing import tiny_tokenizer
 from ipg_lightning.trajectories import SamplingConfig, completion_log_probs, sample_trajectories, teacher_forced_trajectories
+from ipg_lightning.validation import check_at_least
 
 #: The task the shipped reasoner was trained on (recipes/train_tiny_reasoner.yaml uses the same values).
 #: Splits deal one seeded stream test-first, so any data module over this task with the same seed
@@ -74,6 +75,13 @@ class ReasonerTraining(L.LightningModule):
         super().__init__()
         if family not in ("llama", "qwen2"):
             raise ValueError(f"family must be 'llama' or 'qwen2', got {family!r}")
+        check_at_least(1, hidden_size=hidden_size, num_layers=num_layers, num_heads=num_heads,
+                       intermediate_size=intermediate_size, eval_max_new_tokens=eval_max_new_tokens)
+        check_at_least(0, warmup_steps=warmup_steps)
+        if hidden_size % num_heads:
+            raise ValueError(f"hidden_size {hidden_size} must be divisible by num_heads {num_heads}")
+        if not (learning_rate > 0 and weight_decay >= 0):
+            raise ValueError(f"learning_rate must be > 0 and weight_decay >= 0, got {learning_rate} and {weight_decay}")
         self.save_hyperparameters()
         self.tokenizer = reasoner_tokenizer()
         config = AutoConfig.for_model(
