@@ -141,8 +141,8 @@ def check_output_dir(path: str | Path, overwrite: bool = False) -> Path:
     if path.exists() or path.is_symlink():
         if not overwrite:
             raise FileExistsError(
-                f"{path} already exists; choose another output directory, or set overwrite to replace an earlier "
-                "ipg_lightning output there"
+                f"{path} already exists; choose another output directory, or set overwrite (--overwrite true; "
+                "--model.overwrite true for ipg attribute) to replace an earlier ipg_lightning output there"
             )
         _check_replaceable(path)
     return path
