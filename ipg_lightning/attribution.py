@@ -336,7 +336,8 @@ class IPGAttribution(L.LightningModule):
             raise ValueError(f"ig_reference needs reference solutions; examples {missing[:5]} have none")
         trajectories = teacher_forced_trajectories(self.tokenizer, batch["prompt"], batch["solution"])
         lengths = [len(p) + len(c) for p, c in zip(trajectories.prompt_ids, trajectories.completion_ids)]
-        check_context_length(self.lm, lengths, [f"{p} {s}" for p, s in zip(batch["prompt"], batch["solution"])])
+        check_context_length(self.lm, lengths, [f"{p} {s}" for p, s in zip(batch["prompt"], batch["solution"])],
+                             what="prompt with its reference solution")
         weights = torch.ones(len(trajectories))
         counts = dict(prompts=len(batch["prompt"]), signal_prompts=len(batch["prompt"]),
                       trajectories=len(trajectories), tokens=trajectories.num_completion_tokens)

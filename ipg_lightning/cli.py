@@ -12,6 +12,7 @@ import json
 import os
 import sys
 import warnings
+from pathlib import Path
 
 from jsonargparse import ArgumentError
 from lightning.pytorch.cli import LightningCLI
@@ -68,10 +69,12 @@ def _lightning_cli(cli_class: type[LightningCLI], module_class: type, args: list
 
 def steer(args: list[str]) -> None:
     """Train the gates of selected components (and optionally LoRA) with ``Trainer.fit``."""
-    from ipg_lightning.learned import GateSteering
+    from ipg_lightning.learned import GateSteering, read_steering_checkpoint
 
     cli = _lightning_cli(SteerCLI, GateSteering, args, "steer", steer.__doc__, trainer_defaults=STEER_TRAINER_DEFAULTS,
                          auto_configure_optimizers=False, save_config_kwargs={"overwrite": True})
+    if cli.config.ckpt_path is not None and Path(cli.config.ckpt_path).exists():  # not "last", "best", ...
+        read_steering_checkpoint(cli.config.ckpt_path)  # a damaged or foreign file is named before any work
     # weights_only: a checkpoint to resume from is read without unpickling code.
     cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=cli.config.ckpt_path, weights_only=True)
     if cli.trainer.is_global_zero:
@@ -186,7 +189,7 @@ def main(args: list[str] | None = None) -> None:
     full traceback instead.
     """
     args = sys.argv[1:] if args is None else list(args)
-    debug = "--debug" in args or os.environ.get(DEBUG_ENV, "") not in ("", "0")
+    debug = "--debug" in args or os.environ.get(DEBUG_ENV, "").strip().lower() not in ("", "0", "false", "no", "off")
     args = [arg for arg in args if arg != "--debug"]
     if debug:
         run(args)

@@ -33,13 +33,17 @@ _USER_ERRORS = (ValueError, OSError, KeyError, ArgumentError)
 
 
 def exception_chain(error: BaseException) -> Iterator[BaseException]:
-    """``error``, then what caused it, down to the root (explicit causes first, then context)."""
+    """``error``, then what it was raised from (``raise ... from cause``), down to the root.
+
+    Only explicit causes are followed: an error raised while another was being handled is the news,
+    not the one it replaced.
+    """
     seen: set[int] = set()
     current: BaseException | None = error
     while current is not None and id(current) not in seen:
         seen.add(id(current))
         yield current
-        current = current.__cause__ or (None if current.__suppress_context__ else current.__context__)
+        current = current.__cause__
 
 
 def _one_line(text: str) -> str:

@@ -14,10 +14,13 @@ keeps them, multiplied with any new gates on the same sites (gates compose exact
 from __future__ import annotations
 
 import json
+import re
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
@@ -26,7 +29,7 @@ from ipg_lightning.folding import FOLDABLE_FAMILIES, fold_gates_into_weights
 from ipg_lightning.gates import ComponentGates, combined_gates
 from ipg_lightning.identity import IN_MEMORY_MODEL, model_identity
 from ipg_lightning.outputs import atomic_directory, atomic_write_json, atomic_write_text, check_output_dir
-from ipg_lightning.sites import discover_sites, parse_site_name, unwrap_model
+from ipg_lightning.sites import Site, discover_sites, parse_site_name, unwrap_model
 
 STEERING_FILE = "steering.safetensors"
 CARD_FILE = "steering_card.json"
@@ -91,7 +94,8 @@ def export_steered_model(
     merged = hasattr(model, "merge_and_unload")
     if merged:
         model = model.merge_and_unload()
-    foldable, unfoldable = split_gates(combined_gates(carried, gates))
+    combined = combined_gates(carried, gates)
+    foldable, unfoldable = split_gates(combined)
     folded = fold_gates_into_weights(model, foldable) if foldable.sites else []
     card = {
         "format": "ipg_lightning steering card v2",
@@ -102,6 +106,7 @@ def export_steered_model(
         "loader_sites": list(unfoldable.sites),
         "gates": _changed(gates),
         "carried_gates": _changed(carried),
+        "effective_gates": _changed(combined),
         "metrics": metrics,
         "how_to_load": (
             "AutoModelForCausalLM.from_pretrained(path) reproduces the steered model"
@@ -126,23 +131,27 @@ def export_steered_model(
                 delattr(config, CONFIG_MARKER)
         tokenizer.save_pretrained(staging)
         if unfoldable.sites:
-            save_file({name: unfoldable.gate(name).detach().float().contiguous() for name in unfoldable.sites},
-                      str(staging / STEERING_FILE))
+            # The sites travel with the gates (module paths included), so loading needs no architecture table.
+            sites = {name: asdict(site) for name, site in unfoldable.sites.items()}
+            save_file({name: unfoldable.gate(name).detach().float().cpu().contiguous() for name in unfoldable.sites},
+                      str(staging / STEERING_FILE), metadata={"sites": json.dumps(sites)})
         atomic_write_json(staging / CARD_FILE, card)
         atomic_write_text(staging / MODEL_CARD_FILE, steering_model_card(card, source_card))
     return card
 
 
-def _without_front_matter(text: str) -> str:
-    if text.startswith("---\n") and "\n---" in text[4:]:
-        return text[4:].split("\n---", 1)[1].lstrip("-\n")
-    return text
+def _split_front_matter(text: str) -> tuple[list[str], str]:
+    """The YAML front matter lines of a model card (without the fences), and the rest."""
+    match = re.match(r"---\n(.*?)\n---[ \t]*(?:\n|$)", text, flags=re.DOTALL)
+    return (match[1].splitlines(), text[match.end():]) if match else ([], text)
 
 
 def steering_model_card(card: dict[str, Any], source_card: str | None = None, shown: int = 20) -> str:
     """The ``README.md`` of an export: how to load it, what was steered, and the source model's card."""
     needs_loader = bool(card["loader_sites"])
-    lines = ["---", "library_name: transformers", "tags: [ipg_lightning, steering]", "---", "",
+    source_meta, source_body = _split_front_matter(source_card or "")
+    licence = [line for line in source_meta if line.startswith("license")]  # the weights keep their licence
+    lines = ["---", "library_name: transformers", *licence, "tags: [ipg_lightning, steering]", "---", "",
              f"# Steered {Path(card['model_identity']['name']).name or card['model_identity']['name']}", ""]
     if needs_loader:
         lines += [f"> **Load with `ipg_lightning.load_steered(path)`.** Gates on {', '.join(card['loader_sites'])} cannot be",
@@ -152,7 +161,7 @@ def steering_model_card(card: dict[str, Any], source_card: str | None = None, sh
         lines += ["`AutoModelForCausalLM.from_pretrained(path)` reproduces the steered model: every gate is folded into the weights.", ""]
     lines += [f"Exported by ipg_lightning from {card['source'].get('kind', 'a steered model')} steering. "
               f"Folded: {', '.join(card['folded_sites']) or 'nothing'}. LoRA merged: {card['lora_merged']}.", ""]
-    steered = {**card["carried_gates"], **card["gates"]}
+    steered = card["effective_gates"]  # new gates times those carried from the source export
     if steered:
         lines += ["| component | gate |", "| --- | --- |"]
         lines += [f"| `{name}` | {value:.4g} |" for name, value in list(steered.items())[:shown]]
@@ -164,13 +173,17 @@ def steering_model_card(card: dict[str, Any], source_card: str | None = None, sh
     if card.get("metrics"):
         lines += ["Measured: " + ", ".join(f"{key} {value:.4g}" for key, value in card["metrics"].items()
                                            if isinstance(value, (int, float))), ""]
-    if source_card:
-        lines += ["## Card of the source model", "", _without_front_matter(source_card).strip(), ""]
+    if source_body.strip():
+        lines += ["## Card of the source model", "", source_body.strip(), ""]
     return "\n".join(lines)
 
 
 def read_steering_gates(path: str | Path, model: nn.Module) -> ComponentGates | None:
-    """The unfoldable gates of an export directory for ``model`` (None if it has none)."""
+    """The unfoldable gates of an export directory for ``model`` (None if it has none).
+
+    The steering file names each site's module; files written before it did are matched to the model's
+    sites by discovery (built-in architectures only).
+    """
     path = Path(path)
     steering_file = path / STEERING_FILE
     if not steering_file.is_file():
@@ -180,12 +193,17 @@ def read_steering_gates(path: str | Path, model: nn.Module) -> ComponentGates | 
         return None
     try:
         values = load_file(str(steering_file))
+        with safe_open(str(steering_file), "pt") as handle:
+            described = json.loads((handle.metadata() or {}).get("sites", "{}"))
     except Exception as error:  # safetensors raises its own error types for damaged files
         raise ValueError(f"{steering_file} cannot be read ({error}); re-export the model") from None
     sites = []
     for site_name in values:
-        family, layer = parse_site_name(site_name)
-        sites.extend(discover_sites(model, [family], [layer]))
+        if site_name in described:
+            sites.append(Site(**described[site_name]))
+        else:
+            family, layer = parse_site_name(site_name)
+            sites.extend(discover_sites(model, [family], [layer]))
     gates = ComponentGates(sites)
     for name, vector in values.items():
         if vector.shape != gates.gate(name).shape:

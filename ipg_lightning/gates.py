@@ -180,7 +180,8 @@ def combined_gates(*gate_sets: ComponentGates | None) -> ComponentGates:
     combined = ComponentGates(list(sites.values()))
     for gates in filter(None, gate_sets):
         for name in gates.sites:
-            combined.set_site(name, combined.gate(name).detach() * gates.gate(name).detach())
+            current = combined.gate(name).detach()
+            combined.set_site(name, current * gates.gate(name).detach().to(current.device))
     return combined
 
 

@@ -3,8 +3,9 @@
 Component indices only mean something in the model they were computed on: neuron 117 of block 3 is
 another unit, or none at all, in a model of another shape. Reports, steering checkpoints, exports
 and evaluation metrics record a :func:`model_identity` (the model's name, a hash of the
-configuration entries that define its architecture, and its site sizes), and
-:func:`check_same_model` refuses to apply one to a model whose architecture differs.
+configuration entries that fix its shape, and its site sizes), and :func:`check_same_model`
+refuses to apply one to a model of another shape. Models of the same shape (a fine-tune, a copy)
+pass: their component indices name the same units.
 """
 
 from __future__ import annotations
@@ -24,13 +25,14 @@ log = logging.getLogger(__name__)
 #: How a model handed over in Python (not loaded by name) is named in reports and cards.
 IN_MEMORY_MODEL = "in-memory model"
 
-#: Configuration entries that do not change what a component index means (names, dtypes,
-#: runtime flags, special token ids, our own export marker).
-_VOLATILE_CONFIG_KEYS = frozenset({
-    "architectures", "transformers_version", "dtype", "torch_dtype", "use_cache", "output_attentions",
-    "output_hidden_states", "return_dict", "id2label", "label2id", "problem_type", "chunk_size_feed_forward",
-    "bos_token_id", "eos_token_id", "pad_token_id", "quantization_config", "ipg_lightning_steering",
-})
+#: Configuration entries that set how many components each site has and how they are laid out.
+#: Other entries (context length, rope scaling, dropout, token ids, dtypes) leave every component
+#: index meaning the same unit, so a context-extended or re-saved copy of a model keeps its identity.
+_SHAPE_CONFIG_KEYS = (
+    "model_type", "num_hidden_layers", "hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads",
+    "head_dim", "vocab_size", "n_layer", "n_embd", "n_head", "n_inner", "num_local_experts", "num_experts",
+    "moe_intermediate_size", "shared_expert_intermediate_size", "num_experts_per_tok", "parallel_attn", "use_parallel_residual",
+)
 
 
 class ModelMismatchError(ValueError):
@@ -38,9 +40,9 @@ class ModelMismatchError(ValueError):
 
 
 def config_hash(config: Any) -> str:
-    """A short hash of the configuration entries that define the architecture (see :data:`_VOLATILE_CONFIG_KEYS`)."""
-    entries = {key: value for key, value in config.to_dict().items()
-               if not key.startswith("_") and key not in _VOLATILE_CONFIG_KEYS}
+    """A short hash of the configuration entries that fix the model's shape (see :data:`_SHAPE_CONFIG_KEYS`)."""
+    values = config.to_dict()
+    entries = {key: values[key] for key in _SHAPE_CONFIG_KEYS if values.get(key) is not None}
     return hashlib.sha256(json.dumps(entries, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -81,7 +83,9 @@ def check_same_model(recorded: Mapping[str, Any] | None, model: nn.Module, name:
     if not recorded:
         return
     actual = model_identity(model, name)
-    if recorded.get("config_hash") == actual["config_hash"]:
+    recorded_sites, actual_sites = recorded.get("site_sizes") or {}, actual["site_sizes"]
+    same_sites = all(actual_sites.get(family, size) == size for family, size in recorded_sites.items())
+    if recorded.get("config_hash") == actual["config_hash"] and same_sites:
         if recorded.get("name") != name:
             log.info("%s was computed on %s; applying it to %s, which has the same architecture", what, recorded.get("name"), name)
         return

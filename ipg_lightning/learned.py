@@ -117,8 +117,6 @@ class GateSteering(L.LightningModule):
             raise ValueError(f"gate_penalty and kl_coef must be >= 0 and learning_rate > 0, got {gate_penalty}, {kl_coef}, {learning_rate}")
         check_gamma(init_gate, "init_gate")
         check_at_least(1, max_new_tokens=max_new_tokens, generation_batch_size=generation_batch_size, num_samples=num_samples)
-        if objective == "policy_gradient":
-            check_sampling_has_signal(num_samples, temperature, "the policy_gradient objective")
         # Hyperparameters are stored as plain dicts: Lightning resumes with torch.load(weights_only=True),
         # which refuses pickled classes. save_hyperparameters reads these locals.
         selection, lora, architecture = _plain(selection), _plain(lora), _plain(architecture)
@@ -192,8 +190,10 @@ class GateSteering(L.LightningModule):
 
     def setup(self, stage: str) -> None:
         """Import the reward (training only, before the model loads), build the model once, connect the data."""
-        if stage == "fit":
-            self.reward_fn  # noqa: B018 (fail on a bad reward before any work)
+        if stage == "fit":  # training-only settings fail here, before any work (a checkpoint rebuilt to evaluate skips them)
+            if self.hparams.objective == "policy_gradient":
+                check_sampling_has_signal(self.hparams.num_samples, self.hparams.temperature, "the policy_gradient objective")
+            self.reward_fn  # noqa: B018
         self.build()
         datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
         if datamodule is not None and hasattr(datamodule, "connect"):
@@ -311,17 +311,31 @@ class GateSteering(L.LightningModule):
         return {key: value for key, value in self.state_dict().items() if key in trainable}
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Drop the frozen base model from the checkpoint; record the steered components."""
+        """Drop the frozen base model from the checkpoint; record the steered components; never save NaN gates."""
+        self.check_gates_finite()
         checkpoint["state_dict"] = self.trainable_state()
         checkpoint[STEERING_KEY] = {"components": self.components, "model": self.model_name,
                                     "model_identity": model_identity(self.lm, self.model_name),
                                     "lora": asdict(self.lora) if self.lora else None}
 
+    @classmethod
+    def load_from_checkpoint(cls, checkpoint_path: Any, *args: Any, trust_reward: bool = False, **kwargs: Any) -> GateSteering:
+        """Lightning's loader, except that the reward the checkpoint names is imported only with ``trust_reward``.
+
+        Prefer :func:`load_steering_checkpoint`, which also rebuilds the model, gates and adapter.
+        """
+        module = super().load_from_checkpoint(checkpoint_path, *args, **kwargs)
+        module.reward_import_allowed = trust_reward
+        return module
+
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Check that the checkpoint steers the same components as this module."""
-        saved = checkpoint.get(STEERING_KEY, {}).get("components")
+        """Check that the checkpoint steers the same components of the same model as this module."""
+        steering = checkpoint.get(STEERING_KEY, {})
+        saved = steering.get("components")
         if saved is not None and self.components and saved != self.components:
             raise ValueError(f"Checkpoint steers {saved[:5]}..., but this run selected {self.components[:5]}...")
+        if self.lm is not None:
+            check_same_model(steering.get("model_identity"), self.lm, self.model_name, "The checkpoint to resume from")
 
 
 class SteeringCheckpointError(ValueError):

@@ -50,7 +50,7 @@ def load_model_and_tokenizer(name_or_path: str, dtype: str = "float32") -> tuple
     try:  # an export of this library gets its unfolded gates back; any other directory loads plainly
         model = load_steered(name_or_path, dtype=DTYPES[dtype])
     except (OSError, ValueError) as error:
-        raise ModelLoadError(f"Cannot load model {name_or_path!r}: {_first_sentence(error)}.{_offline_hint(name_or_path)}") from None
+        raise ModelLoadError(f"Cannot load model {name_or_path!r}: {_one_line(error)}.{_offline_hint(name_or_path)}") from None
     return model, load_tokenizer(name_or_path)
 
 
@@ -60,9 +60,8 @@ def _check_tokenizer_files(name_or_path: str) -> None:
                              "files of the model it was made from into it")
 
 
-def _first_sentence(error: BaseException) -> str:
-    text = " ".join(str(error).split())
-    return text.split(". ")[0].rstrip(".") if text else type(error).__name__
+def _one_line(error: BaseException) -> str:
+    return " ".join(str(error).split()).rstrip(".") or type(error).__name__
 
 
 def _offline_hint(name_or_path: str) -> str:

@@ -7,12 +7,14 @@ a repository root, the home directory, a symbolic link, or a directory of someon
 :func:`check_output_dir` applies those rules before a run starts, so a refusal costs no work;
 :func:`atomic_directory` applies them again when the result is moved into place.
 
-Results are staged in a hidden sibling directory named after the process that writes it; a stage
-left behind by a killed process is removed the next time that output is written.
+Results are staged in a hidden sibling directory that the writing process holds a lock on; a stage
+nobody holds was left by a killed process and is removed the next time that output is written.
 """
 
 from __future__ import annotations
 
+import fcntl
+import glob
 import json
 import logging
 import os
@@ -44,7 +46,7 @@ def _umask() -> int:
 
 
 def _stage_tag() -> str:
-    """``host-pid`` of this process: a stage left by a dead process on this host is stale."""
+    """``host-pid`` of this process, so that a person can tell whose staging directory it is."""
     return f"{socket.gethostname().replace('.', '_')}-{os.getpid()}"
 
 
@@ -87,8 +89,18 @@ def _package_version() -> str:
         return "unknown"
 
 
+def _relative_files(root: Path) -> set[str]:
+    """Every file and symbolic link under ``root``, as paths relative to it (folders are implied)."""
+    found = set()
+    for folder, folders, files in os.walk(root):
+        links = [name for name in folders if os.path.islink(os.path.join(folder, name))]
+        for name in [*files, *links]:
+            found.add(Path(folder, name).relative_to(root).as_posix())
+    return found
+
+
 def _write_manifest(staging: Path, kind: str) -> None:
-    files = sorted(entry.name for entry in staging.iterdir() if entry.name != MANIFEST_FILE)
+    files = sorted(_relative_files(staging) - {MANIFEST_FILE})
     manifest = {
         "written_by": "ipg_lightning",
         "version": _package_version(),
@@ -118,14 +130,13 @@ def _check_replaceable(path: Path) -> None:
         raise _refuse(path, "it is the home or the root directory", another)
     if (resolved / ".git").exists():
         raise _refuse(path, "it is the root of a repository", another)
-    entries = {entry.name for entry in path.iterdir()}
     manifest = read_manifest(path)
     if manifest is None:
-        if entries:
+        if any(path.iterdir()):
             raise _refuse(path, f"it holds files that ipg_lightning did not write (no {MANIFEST_FILE})",
                           f"{another}, or move those files away first")
         return
-    extra = sorted(entries - set(manifest["files"]) - {MANIFEST_FILE})
+    extra = sorted(_relative_files(path) - set(manifest["files"]) - {MANIFEST_FILE})
     if extra:
         shown = ", ".join(extra[:5]) + (f" and {len(extra) - 5} more" if len(extra) > 5 else "")
         raise _refuse(path, f"it holds entries the earlier run did not write ({shown})", f"{another}, or move them away first")
@@ -135,9 +146,11 @@ def check_output_dir(path: str | Path, overwrite: bool = False) -> Path:
     """Check, before any work starts, that a result may be written to ``path``.
 
     A missing ``path`` is fine. An existing one is refused unless ``overwrite`` is set, and even
-    then unless it is an earlier output of this library (see the module docstring).
+    then unless it is an earlier output of this library (see the module docstring). Stages that a
+    killed run of this output left behind are cleaned up first (:func:`remove_stale_stages`).
     """
     path = Path(path)
+    remove_stale_stages(path)
     if path.exists() or path.is_symlink():
         if not overwrite:
             raise FileExistsError(
@@ -148,33 +161,55 @@ def check_output_dir(path: str | Path, overwrite: bool = False) -> Path:
     return path
 
 
-def _pid_alive(pid: int) -> bool:
+@contextmanager
+def _held(stage: Path) -> Iterator[None]:
+    """Hold an exclusive lock on ``stage`` (a directory) while it is in use; the kernel drops it when the
+    process dies, however it dies, so a stage nobody holds was left by a dead process."""
+    handle = os.open(stage, os.O_RDONLY)
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(handle)
+
+
+def _abandoned(stage: Path) -> bool:
+    try:
+        handle = os.open(stage, os.O_RDONLY)
+    except OSError:
         return False
-    except PermissionError:
-        return True
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        return False  # a live process holds it
+    finally:
+        os.close(handle)
     return True
 
 
 def remove_stale_stages(path: str | Path) -> list[Path]:
-    """Remove staging directories beside ``path`` that a killed process of this host left behind."""
+    """Clean up after a run of this output that was killed while writing it.
+
+    Its staging directory (an unfinished result) is removed. If it was killed while swapping an old
+    result for a new one, so that ``path`` is missing, the old result is first put back.
+    """
     path = Path(path)
     if not path.parent.is_dir():
         return []
-    host = socket.gethostname().replace(".", "_")
     removed = []
-    for candidate in path.parent.glob(f".{path.name}.*"):
-        parts = candidate.name[len(path.name) + 2 :].split(".")
-        if not candidate.is_dir() or len(parts) != 3 or f".{parts[2]}" not in _STAGE_SUFFIXES:
+    for stage in sorted(path.parent.glob(f".{glob.escape(path.name)}.*")):
+        if not (stage.is_dir() and stage.name.endswith(_STAGE_SUFFIXES) and _abandoned(stage)):
             continue
-        owner_host, _, pid = parts[0].rpartition("-")
-        if owner_host != host or not pid.isdigit() or _pid_alive(int(pid)):
-            continue
-        shutil.rmtree(candidate, ignore_errors=True)
-        log.warning("removed %s, left by an interrupted run (process %s)", candidate, pid)
-        removed.append(candidate)
+        displaced = stage / path.name
+        if stage.name.endswith(".replaced") and displaced.is_dir() and not path.exists():
+            try:
+                os.replace(displaced, path)
+            except OSError:  # another process (a DDP rank) got there first
+                continue
+            log.warning("restored %s from %s, left by an interrupted run", path, stage)
+        shutil.rmtree(stage, ignore_errors=True)
+        log.warning("removed %s, left by an interrupted run", stage)
+        removed.append(stage)
     return removed
 
 
@@ -203,20 +238,21 @@ def atomic_directory(path: str | Path, overwrite: bool = False, kind: str = "out
     path = Path(path)
     check_output_dir(path, overwrite)
     path.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale_stages(path)
     tag = _stage_tag()
     staging = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.{tag}.", suffix=".partial"))
     try:
-        yield staging
-        _write_manifest(staging, kind)
-        _make_readable(staging)
-        check_output_dir(path, overwrite)  # the target may have changed while the work ran
-        replaced = None
-        if path.exists():
+        with _held(staging):
+            yield staging
+            _write_manifest(staging, kind)
+            _make_readable(staging)
+            check_output_dir(path, overwrite)  # the target may have changed while the work ran
+            if not path.exists():
+                os.replace(staging, path)
+                return
             replaced = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.{tag}.", suffix=".replaced"))
-            os.replace(path, replaced / path.name)
-        os.replace(staging, path)
-        if replaced is not None:
+            with _held(replaced):
+                os.replace(path, replaced / path.name)
+                os.replace(staging, path)
             shutil.rmtree(replaced, ignore_errors=True)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)

@@ -138,15 +138,16 @@ def context_length(model: nn.Module) -> int | None:
     return getattr(unwrap_model(model).config, "max_position_embeddings", None)
 
 
-def check_context_length(model: nn.Module, lengths: Sequence[int], texts: Sequence[str], new_tokens: int = 0) -> None:
-    """Refuse a prompt longer than the model's context; warn once if generation would run past it."""
+def check_context_length(model: nn.Module, lengths: Sequence[int], texts: Sequence[str], new_tokens: int = 0,
+                         what: str = "prompt") -> None:
+    """Refuse a ``what`` (a prompt) longer than the model's context; warn if generation would run past it."""
     context = context_length(model)
-    if not context:
+    if not context or not lengths:
         return
     longest = max(range(len(lengths)), key=lambda index: lengths[index])
     if lengths[longest] > context:
-        raise ValueError(f"A prompt has {lengths[longest]} tokens, more than the model's context of {context} "
-                         f"({texts[longest][:60]!r}...): shorten the prompts or use a model with a longer context")
+        raise ValueError(f"A {what} has {lengths[longest]} tokens, more than the model's context of {context} "
+                         f"({texts[longest][:60]!r}...): shorten it or use a model with a longer context")
     if lengths[longest] + new_tokens > context:  # shown once per setting by Python's warning filter
         warnings.warn(f"Prompts of up to {lengths[longest]} tokens plus max_new_tokens {new_tokens} exceed the model's "
                       f"context of {context}: completions that run that long leave the positions it was trained on", stacklevel=3)

@@ -1,13 +1,12 @@
 """Outputs: atomic, marked with a manifest, and never replacing what the library did not write."""
 
+import fcntl
 import json
 import os
 import signal
-import socket
 import stat
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -114,20 +113,54 @@ with atomic_directory(sys.argv[1]) as staging:
 """
 
 
-def test_a_stage_left_by_a_killed_process_is_removed_by_the_next_write(tmp_path):
-    target = tmp_path / "report"
+def _killed_while_staging(target: Path) -> None:
     process = subprocess.Popen([sys.executable, "-c", STAGE_AND_HANG, str(target)], stdout=subprocess.PIPE, text=True)
     assert process.stdout.readline().strip() == "staged"
     process.send_signal(signal.SIGKILL)
     process.wait(timeout=30)
+
+
+def test_a_stage_left_by_a_killed_process_is_removed_by_the_next_write(tmp_path):
+    target = tmp_path / "report"
+    _killed_while_staging(target)
     stages = [p for p in tmp_path.iterdir() if p.name.endswith(".partial")]
     assert len(stages) == 1 and not target.exists()
-    live = tmp_path / f".report.{socket.gethostname().replace('.', '_')}-{os.getpid()}.abc123.partial"
-    live.mkdir()  # a stage of a process that is still running (this one) is left alone
-    time.sleep(0.1)
+    live = tmp_path / ".report.otherhost-1.abc123.partial"  # a stage another live process holds: left alone
+    live.mkdir()
+    handle = os.open(live, os.O_RDONLY)
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        with atomic_directory(target) as staging:
+            (staging / "done.txt").write_text("complete")
+        assert sorted(p.name for p in tmp_path.iterdir()) == sorted([live.name, "report"])
+    finally:
+        os.close(handle)
+
+
+def test_an_old_result_displaced_by_a_killed_swap_is_put_back(tmp_path):
+    target = tmp_path / "report"
     with atomic_directory(target) as staging:
-        (staging / "done.txt").write_text("complete")
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([live.name, "report"])
+        (staging / "old.txt").write_text("the earlier result")
+    displaced = tmp_path / ".report.somehost-99999.xyz.replaced"  # killed between the two renames
+    displaced.mkdir()
+    os.replace(target, displaced / "report")
+    with pytest.raises(FileExistsError, match="already exists"):  # restored before anything is decided
+        with atomic_directory(target):
+            raise AssertionError("the restored result must be refused before any work")
+    assert (target / "old.txt").read_text() == "the earlier result" and not displaced.exists()
+
+
+def test_a_file_added_inside_a_sub_directory_of_an_output_is_not_overwritten(tmp_path):
+    target = tmp_path / "demo"
+    with atomic_directory(target) as staging:
+        (staging / "exported").mkdir()
+        (staging / "exported" / "model.safetensors").write_bytes(b"weights")
+    assert read_manifest(target)["files"] == ["exported/model.safetensors"]
+    (target / "exported" / "NOTES.md").write_text("mine")
+    with pytest.raises(UnsafeOverwriteError, match=r"did not write \(exported/NOTES.md\)"):
+        with atomic_directory(target, overwrite=True):
+            pass
+    assert (target / "exported" / "NOTES.md").read_text() == "mine"
 
 
 def test_reports_and_exports_are_readable_by_others(tmp_path):

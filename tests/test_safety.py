@@ -77,12 +77,18 @@ def test_a_pickled_checkpoint_is_refused_without_running_its_code(tmp_path, comm
     assert not marker.exists() and not (tmp_path / "out").exists()
 
 
-def test_the_reward_a_checkpoint_names_is_never_imported_to_evaluate_or_export(tmp_path, monkeypatch, steering_checkpoint):
+def _planted_reward_checkpoint(tmp_path, monkeypatch, steering_checkpoint, module_name):
+    """A copy of the checkpoint whose reward names a module that leaves a marker file when imported."""
     marker = tmp_path / "imported"
-    (tmp_path / "planted_reward.py").write_text(f"open({str(marker)!r}, 'w').close()\ndef reward(completion):\n    return 1.0\n")
+    (tmp_path / f"{module_name}.py").write_text(f"open({str(marker)!r}, 'w').close()\ndef reward(completion):\n    return 1.0\n")
     monkeypatch.syspath_prepend(str(tmp_path))
     planted = _rewritten(steering_checkpoint, tmp_path / "planted.ckpt",
-                         lambda c: c["hyper_parameters"].update(reward="planted_reward:reward"))
+                         lambda c: c["hyper_parameters"].update(reward=f"{module_name}:reward"))
+    return planted, marker
+
+
+def test_the_reward_a_checkpoint_names_is_never_imported_to_evaluate_or_export(tmp_path, monkeypatch, steering_checkpoint):
+    planted, marker = _planted_reward_checkpoint(tmp_path, monkeypatch, steering_checkpoint, "planted_reward")
     run(["evaluate", "--steering_checkpoint", str(planted), "--output_dir", str(tmp_path / "eval"), *QUICK])
     run(["export", "--steering_checkpoint", str(planted), "--output_dir", str(tmp_path / "export")])
     module = load_steering_checkpoint(planted)
@@ -276,3 +282,41 @@ def test_a_fresh_process_sees_the_loader_warning_in_the_exported_config(tmp_path
     result = subprocess.run([sys.executable, "-c", script, str(tmp_path / "x")], capture_output=True, text=True, timeout=120, check=True)
     assert result.stdout.strip() == "ipg_lightning.load_steered"
 
+
+
+def test_an_export_of_a_declared_architecture_loads_without_the_declaration(tmp_path):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from ipg_lightning.sites import ArchitectureSpec
+
+    config = AutoConfig.for_model("opt", hidden_size=16, num_hidden_layers=2, num_attention_heads=2, ffn_dim=32,
+                                  vocab_size=128, max_position_embeddings=64, word_embed_proj_dim=16)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    spec = ArchitectureSpec(layers="model.decoder.layers", attn_out_proj="self_attn.out_proj", mlp_out_proj="fc2")
+    gates = gates_for_components(model, ["blocks.0.hook_resid_post[3]", "blocks.1.mlp.hook_post[5]"], 0.0, spec)
+    expected = _gated_logits(model, gates)
+    export_steered_model(model, tiny_tokenizer(), gates, tmp_path / "opt", source={"kind": "fixed", "model": "tiny opt"})
+    with torch.no_grad():
+        torch.testing.assert_close(load_steered(tmp_path / "opt")(INPUT).logits, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_lightnings_own_loader_does_not_import_a_checkpoints_reward_either(tmp_path, monkeypatch, steering_checkpoint):
+    planted, marker = _planted_reward_checkpoint(tmp_path, monkeypatch, steering_checkpoint, "planted_reward2")
+    module = GateSteering.load_from_checkpoint(planted)
+    with pytest.raises(PermissionError, match="trust_reward=True"):
+        module.reward_fn  # noqa: B018
+    assert not marker.exists()
+
+
+def test_a_checkpoint_with_non_finite_gates_is_never_saved(tmp_path):
+    module = GateSteering.for_model(tiny_causal_lm("llama"), tiny_tokenizer(), ComponentSelection(components=("blocks.0.hook_mlp_out",)),
+                                    reward="ipg_lightning.rewards:answer_present", max_new_tokens=4, num_samples=2)
+    trainer = L.Trainer(max_steps=0, accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
+                        limit_val_batches=0, default_root_dir=tmp_path)
+    data = ReasoningDataModule(num_train=2, num_val=1, num_test=1, batch_size=2, template=PromptTemplate(use_chat_template=False))
+    trainer.fit(module, datamodule=data)
+    module.gates.gate("blocks.0.hook_mlp_out").data.fill_(float("nan"))
+    with pytest.raises(FloatingPointError, match="non-finite"):
+        trainer.save_checkpoint(tmp_path / "nan.ckpt")
+    assert not (tmp_path / "nan.ckpt").exists()
