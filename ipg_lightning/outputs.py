@@ -167,7 +167,10 @@ def _held(stage: Path) -> Iterator[None]:
     process dies, however it dies, so a stage nobody holds was left by a dead process."""
     handle = os.open(stage, os.O_RDONLY)
     try:
-        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        except OSError:  # a filesystem without locks: write anyway; its stages are then never judged stale
+            pass
         yield
     finally:
         os.close(handle)
@@ -181,7 +184,7 @@ def _abandoned(stage: Path) -> bool:
     try:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
-        return False  # a live process holds it
+        return False  # a live process holds it (or locks are unsupported here: keep it)
     finally:
         os.close(handle)
     return True
