@@ -351,7 +351,7 @@ class IPGAttribution(L.LightningModule):
         self.report = self._build_report(state)
         self.log("mean_reward", float(self.report.metadata["mean_reward"] or 0.0), sync_dist=False)
         output_dir = self.hparams.output_dir
-        reason = self._uninformative_reason(state)
+        reason = self._uninformative_reason(state) or self.report.uninformative_reason()
         if reason is not None:  # refuse to hand out scores that rank nothing; the report stays in memory
             self.report.metadata["degenerate"] = reason
             written = " No report was written." if output_dir else ""
@@ -372,8 +372,6 @@ class IPGAttribution(L.LightningModule):
             side = "reward > 0.5" if state["incorrect_rows"] == 0 else "reward <= 0.5"
             return (f"mean_diff contrasts trajectories with reward > 0.5 against the others, but all {int(state['trajectories'])} "
                     f"had {side}: use problems the model solves sometimes but not always")
-        if method != "random" and all(torch.count_nonzero(total) == 0 for total in state["score"].values()):
-            return "every score is exactly 0"
         return None
 
     def _final_scores(self, state: dict[str, Any]) -> dict[str, torch.Tensor]:

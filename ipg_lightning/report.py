@@ -105,11 +105,17 @@ class AttributionReport:
         chosen.sort(key=lambda row: row[1] if signed else abs(row[1]), reverse=True)
         return [name for name, _, _ in chosen]
 
+    def uninformative_reason(self) -> str | None:
+        """Why the scores carry no information to select by (marked at attribution, or all zero), else None."""
+        if self.metadata.get("degenerate"):
+            return self.metadata["degenerate"]
+        if all(torch.count_nonzero(vector) == 0 for vector in self.scores.values()):
+            return "every score is exactly 0"
+        return None
+
     def check_informative(self) -> None:
         """Raise :class:`UninformativeReportError` if the scores carry no information to select by."""
-        reason = self.metadata.get("degenerate")
-        if reason is None and all(torch.count_nonzero(vector) == 0 for vector in self.scores.values()):
-            reason = "every score is exactly 0"
+        reason = self.uninformative_reason()
         if reason is not None:
             raise UninformativeReportError(f"Cannot select components from this report: {reason}")
 
