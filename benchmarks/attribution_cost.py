@@ -47,9 +47,18 @@ def digit_fraction(completion) -> float:
 
 def build_model(hidden: int, layers: int, seed: int = 0):
     config = AutoConfig.for_model(
-        "llama", vocab_size=128, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=4,
-        num_key_value_heads=4, intermediate_size=4 * hidden, max_position_embeddings=1024, tie_word_embeddings=False,
-        bos_token_id=2, eos_token_id=1, pad_token_id=0,
+        "llama",
+        vocab_size=128,
+        hidden_size=hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        intermediate_size=4 * hidden,
+        max_position_embeddings=1024,
+        tie_word_embeddings=False,
+        bos_token_id=2,
+        eos_token_id=1,
+        pad_token_id=0,
     )
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
@@ -84,22 +93,30 @@ def main() -> None:
     torch.set_num_threads(torch.get_num_threads())
 
     model, tokenizer = build_model(args.hidden, args.layers), tiny_tokenizer()
-    data = ReasoningDataModule(num_train=0, num_val=args.prompts, num_test=0, batch_size=args.prompts,
-                               template=PromptTemplate(use_chat_template=False))
+    data = ReasoningDataModule(
+        num_train=0, num_val=args.prompts, num_test=0, batch_size=args.prompts, template=PromptTemplate(use_chat_template=False)
+    )
     data.connect(tokenizer)
     batch = next(iter(data.val_dataloader()))
-    sampling = SamplingConfig(num_samples=args.samples, temperature=1.0, top_p=1.0, max_new_tokens=args.new_tokens,
-                              batch_size=args.prompts * args.samples)
-    settings = dict(reward=digit_fraction, num_samples=args.samples, temperature=1.0, top_p=1.0,
-                    max_new_tokens=args.new_tokens, generation_batch_size=args.prompts * args.samples,
-                    chunk_size=args.prompts * args.samples, steps=args.steps, layers=[0])
+    sampling = SamplingConfig(
+        num_samples=args.samples, temperature=1.0, top_p=1.0, max_new_tokens=args.new_tokens, batch_size=args.prompts * args.samples
+    )
+    settings = dict(
+        reward=digit_fraction,
+        num_samples=args.samples,
+        temperature=1.0,
+        top_p=1.0,
+        max_new_tokens=args.new_tokens,
+        generation_batch_size=args.prompts * args.samples,
+        chunk_size=args.prompts * args.samples,
+        steps=args.steps,
+        layers=[0],
+    )
 
     # The unavoidable parts, timed bare.
     trajectories = sample_trajectories(model, tokenizer, batch["prompt"], sampling, batch["seed"].tolist())
     weights = torch.randn(len(trajectories))
-    sampling_time = median_time(
-        lambda: sample_trajectories(model, tokenizer, batch["prompt"], sampling, batch["seed"].tolist()), args.repeats
-    )
+    sampling_time = median_time(lambda: sample_trajectories(model, tokenizer, batch["prompt"], sampling, batch["seed"].tolist()), args.repeats)
 
     def plain_forward_backward(site) -> None:
         """The same surrogate's forward and backward, stopping at the site's tensor (no gates)."""
@@ -116,13 +133,17 @@ def main() -> None:
 
     forward_time = median_time(lambda: weighted_log_likelihood(model, trajectories, weights, len(trajectories)), args.repeats)
     tokens = trajectories.num_completion_tokens
-    print(f"model: llama, d_model={args.hidden}, {args.layers} layers, "
-          f"{sum(p.numel() for p in model.parameters()) / 1e6:.1f} M parameters; torch threads {torch.get_num_threads()}")
+    print(
+        f"model: llama, d_model={args.hidden}, {args.layers} layers, "
+        f"{sum(p.numel() for p in model.parameters()) / 1e6:.1f} M parameters; torch threads {torch.get_num_threads()}"
+    )
     print(f"work: {args.prompts} prompts x N={args.samples} samples, {tokens} completion tokens, q={args.steps}, sites at layer 0")
     print(f"sampling {sampling_time:.3f} s | teacher-forced forward {forward_time:.3f} s\n")
 
-    header = (f"{'site family':<14}{'components':>11}{'plain f+b s':>12}{'unavoid. s':>12}{'IPG step s':>12}"
-              f"{'IPG/unavoid.':>14}{'ablation s':>12}{'ablation/IPG':>14}")
+    header = (
+        f"{'site family':<14}{'components':>11}{'plain f+b s':>12}{'unavoid. s':>12}{'IPG step s':>12}"
+        f"{'IPG/unavoid.':>14}{'ablation s':>12}{'ablation/IPG':>14}"
+    )
     print(header)
     print("-" * len(header))
     for family in ("attn_head", "attn_out", "resid_post", "mlp_neuron"):
@@ -133,8 +154,9 @@ def main() -> None:
 
         def ipg_step() -> IPGAttribution:
             module = IPGAttribution.for_model(model, tokenizer, families=[family], **settings)
-            trainer = L.Trainer(inference_mode=False, logger=False, enable_progress_bar=False,
-                                enable_model_summary=False, accelerator="cpu", devices=1)
+            trainer = L.Trainer(
+                inference_mode=False, logger=False, enable_progress_bar=False, enable_model_summary=False, accelerator="cpu", devices=1
+            )
             trainer.validate(module, datamodule=data, verbose=False)
             return module
 
@@ -149,11 +171,15 @@ def main() -> None:
                     weighted_log_likelihood(model, trajectories, weights, len(trajectories))
 
         ablation_time = median_time(ablate_subset, 1) * site.size / subset
-        print(f"{family:<14}{site.size:>11}{forward_backward_time:>12.3f}{unavoidable:>12.3f}{ipg_time:>12.3f}"
-              f"{ipg_time / unavoidable:>14.3f}{ablation_time:>12.3f}{ablation_time / ipg_time:>14.2f}")
-    print("\nablation: one teacher-forced forward per component over the same trajectories "
-          f"(timed on {args.ablation_subset} components, scaled linearly); it gives one number per component "
-          "for one gate setting, with no sampling and no integration.")
+        print(
+            f"{family:<14}{site.size:>11}{forward_backward_time:>12.3f}{unavoidable:>12.3f}{ipg_time:>12.3f}"
+            f"{ipg_time / unavoidable:>14.3f}{ablation_time:>12.3f}{ablation_time / ipg_time:>14.2f}"
+        )
+    print(
+        "\nablation: one teacher-forced forward per component over the same trajectories "
+        f"(timed on {args.ablation_subset} components, scaled linearly); it gives one number per component "
+        "for one gate setting, with no sampling and no integration."
+    )
 
 
 if __name__ == "__main__":

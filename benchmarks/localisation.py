@@ -82,24 +82,31 @@ def print_tables(summary: dict) -> None:
     """The Markdown tables recorded in ``benchmarks/RESULTS.md``."""
     args = argparse.Namespace(**summary["settings"])
     base, results, length_curve = summary["base"], summary["results"], summary["length_curve"]
-    print(f"\nbase accuracy {base['accuracy']:.3f}, mean length {base['reasoning_length_mean']:.1f} "
-          f"({args.test} held-out problems, {args.seeds} seeds, block {args.layer} MLP neurons, "
-          f"N={getattr(args, 'num_samples', 4)} per support problem)")
+    print(
+        f"\nbase accuracy {base['accuracy']:.3f}, mean length {base['reasoning_length_mean']:.1f} "
+        f"({args.test} held-out problems, {args.seeds} seeds, block {args.layer} MLP neurons, "
+        f"N={getattr(args, 'num_samples', 4)} per support problem)"
+    )
     header = "| method | " + " | ".join(f"suppress p={p}" for p in args.ps) + " | " + " | ".join(f"amplify p={p}" for p in args.ps) + " |"
     print(header)
     print("|" + " --- |" * (1 + 2 * len(args.ps)))
     for method in getattr(args, "methods", METHODS):
-        cells = [f"{m:.3f} +- {e:.3f}" for condition in ("suppress", "amplify") for m, e in
-                 (interval(results[method][condition][p]) for p in args.ps)]
+        cells = [
+            f"{m:.3f} +- {e:.3f}" for condition in ("suppress", "amplify") for m, e in (interval(results[method][condition][p]) for p in args.ps)
+        ]
         print(f"| {method} | " + " | ".join(cells) + " |")
-    print(f"\nLength control: top-{args.length_k} IPG length neurons of block {args.length_layer} vs {args.length_k} random ones "
-          "(sampled, temperature 0.7, 4 per problem)")
+    print(
+        f"\nLength control: top-{args.length_k} IPG length neurons of block {args.length_layer} vs {args.length_k} random ones "
+        "(sampled, temperature 0.7, 4 per problem)"
+    )
     print("| gamma | IPG: mean length | IPG: accuracy | IPG: reflection | random: mean length | random: accuracy |")
     print("| --- | --- | --- | --- | --- | --- |")
     for row in length_curve:
         ipg, rnd = row["ipg"], row["random"]
-        print(f"| {row['gamma']} | {ipg['reasoning_length_mean']:.1f} | {ipg['accuracy']:.3f} | {ipg['reflection_rate']:.3f} | "
-              f"{rnd['reasoning_length_mean']:.1f} | {rnd['accuracy']:.3f} |")
+        print(
+            f"| {row['gamma']} | {ipg['reasoning_length_mean']:.1f} | {ipg['accuracy']:.3f} | {ipg['reflection_rate']:.3f} | "
+            f"{rnd['reasoning_length_mean']:.1f} | {rnd['accuracy']:.3f} |"
+        )
     print(f"\nwall time {summary['wall_time_s']} s")
 
 
@@ -150,13 +157,28 @@ def main() -> None:
     def attribute(method: str, seed: int, reward: str = "accuracy", layer: int = args.layer):
         # The seeded stream deals test problems first, then validation: support sets never overlap the
         # test problems, and each seed takes the next `support` problems of the validation stream.
-        support = ReasoningDataModule(synthetic_task=TINY_REASONER_TASK, num_test=args.test,
-                                      num_val=args.support * (seed + 1), num_train=0, batch_size=16)
+        support = ReasoningDataModule(
+            synthetic_task=TINY_REASONER_TASK, num_test=args.test, num_val=args.support * (seed + 1), num_train=0, batch_size=16
+        )
         support.setup()
         support.examples["val"] = support.examples["val"][args.support * seed :]
-        module = IPGAttribution.for_model(model, tokenizer, method=method, reward=reward, families=["mlp_neuron"],
-                                          layers=[layer], steps=args.steps, rule=args.rule, num_samples=args.num_samples, temperature=0.7,
-                                          top_p=1.0, max_new_tokens=160, generation_batch_size=64, chunk_size=32, seed=seed)
+        module = IPGAttribution.for_model(
+            model,
+            tokenizer,
+            method=method,
+            reward=reward,
+            families=["mlp_neuron"],
+            layers=[layer],
+            steps=args.steps,
+            rule=args.rule,
+            num_samples=args.num_samples,
+            temperature=0.7,
+            top_p=1.0,
+            max_new_tokens=160,
+            generation_batch_size=64,
+            chunk_size=32,
+            seed=seed,
+        )
         return run_attribution(module, support, enable_progress_bar=False)
 
     results: dict[str, dict[str, dict[int, list[float]]]] = {
@@ -171,13 +193,17 @@ def main() -> None:
                     gates = gates_for_components(model, components, gamma)
                     accuracy = evaluate_generations(model, tokenizer, test_batches, greedy, gates).metrics["accuracy"]
                     results[method][condition][p].append(accuracy)
-            print(f"seed {seed} {method:<13} suppress {[results[method]['suppress'][p][-1] for p in args.ps]} "
-                  f"amplify {[results[method]['amplify'][p][-1] for p in args.ps]}  ({time.perf_counter() - start:.0f} s)",
-                  flush=True)
+            print(
+                f"seed {seed} {method:<13} suppress {[results[method]['suppress'][p][-1] for p in args.ps]} "
+                f"amplify {[results[method]['amplify'][p][-1] for p in args.ps]}  ({time.perf_counter() - start:.0f} s)",
+                flush=True,
+            )
 
     sampled = SamplingConfig(num_samples=4, temperature=0.7, top_p=1.0, max_new_tokens=160, batch_size=128)
-    selections = {"ipg": attribute("ipg", 0, reward="reasoning_length", layer=args.length_layer).select(k=args.length_k),
-                  "random": attribute("random", 0, layer=args.length_layer).select(k=args.length_k)}
+    selections = {
+        "ipg": attribute("ipg", 0, reward="reasoning_length", layer=args.length_layer).select(k=args.length_k),
+        "random": attribute("random", 0, layer=args.length_layer).select(k=args.length_k),
+    }
     length_curve = []
     for gamma in args.gammas:
         row = {"gamma": gamma}
@@ -188,8 +214,14 @@ def main() -> None:
         print(f"gamma {gamma}: {row}", flush=True)
 
     out.mkdir(parents=True, exist_ok=True)
-    summary = {"base": base, "settings": vars(args), "results": results, "length_components": selections,
-               "length_curve": length_curve, "wall_time_s": round(time.perf_counter() - start)}
+    summary = {
+        "base": base,
+        "settings": vars(args),
+        "results": results,
+        "length_components": selections,
+        "length_curve": length_curve,
+        "wall_time_s": round(time.perf_counter() - start),
+    }
     atomic_write_json(out / "results.json", summary)
     write_figure(summary, out)
     print_tables(summary)

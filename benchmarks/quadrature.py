@@ -40,14 +40,30 @@ def main() -> None:
     for reward in ("accuracy", "reasoning_length"):
         for rule, steps in SETTINGS:
             start = time.perf_counter()
-            module = IPGAttribution.for_model(model, tokenizer, reward=reward, families=["mlp_neuron"], layers=[args.layer],
-                                              steps=steps, rule=rule, num_samples=4, temperature=0.7, top_p=1.0,
-                                              max_new_tokens=160, generation_batch_size=64, chunk_size=32, seed=0)
+            module = IPGAttribution.for_model(
+                model,
+                tokenizer,
+                reward=reward,
+                families=["mlp_neuron"],
+                layers=[args.layer],
+                steps=steps,
+                rule=rule,
+                num_samples=4,
+                temperature=0.7,
+                top_p=1.0,
+                max_new_tokens=160,
+                generation_batch_size=64,
+                chunk_size=32,
+                seed=0,
+            )
             report = run_attribution(module, data, enable_progress_bar=False)
             block = report.metadata["completeness"]
             top = [name.split("[")[1].rstrip("]") for name in report.select(k=4)]
-            print(f"| {reward} | {rule} | {steps} | {block['sum_of_scores']:.4g} | {block['surrogate_delta']:.4g} | "
-                  f"{block['relative_residual']:.2g} | {' '.join(top)} | {time.perf_counter() - start:.1f} |", flush=True)
+            print(
+                f"| {reward} | {rule} | {steps} | {block['sum_of_scores']:.4g} | {block['surrogate_delta']:.4g} | "
+                f"{block['relative_residual']:.2g} | {' '.join(top)} | {time.perf_counter() - start:.1f} |",
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

@@ -27,9 +27,7 @@ def component_values(site: Site, activation: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def mean_completion_activations(
-    model: nn.Module, sites: Sequence[Site], trajectories: Trajectories, chunk_size: int = 8
-) -> dict[str, torch.Tensor]:
+def mean_completion_activations(model: nn.Module, sites: Sequence[Site], trajectories: Trajectories, chunk_size: int = 8) -> dict[str, torch.Tensor]:
     """For each site, a (rows, size) tensor: mean component value over each row's generated tokens."""
     root = unwrap_model(model)
     device = next(root.parameters()).device

@@ -44,8 +44,7 @@ from ipg_lightning.validation import check_at_least, check_sampling_has_signal
 
 AttributionMethod = Literal["ipg", "grad_x_act", "random", "activation", "mean_diff", "ig_reference"]
 METHODS: tuple[str, ...] = ("ipg", "grad_x_act", "random", "activation", "mean_diff", "ig_reference")
-_COUNTERS = ("prompts", "signal_prompts", "trajectories", "tokens", "reward_sum", "score_sum", "surrogate_delta",
-             "correct_rows", "incorrect_rows")
+_COUNTERS = ("prompts", "signal_prompts", "trajectories", "tokens", "reward_sum", "score_sum", "surrogate_delta", "correct_rows", "incorrect_rows")
 
 
 class AttributionAccumulator(Metric):
@@ -154,8 +153,9 @@ class IPGAttribution(L.LightningModule):
             raise ValueError("families is empty: name at least one site family to attribute, e.g. [mlp_neuron]")
         if layers is not None and not layers:
             raise ValueError("layers is empty: name at least one block, or leave it unset for the default (3/4 depth)")
-        check_at_least(1, steps=steps, chunk_size=chunk_size, generation_batch_size=generation_batch_size,
-                       max_new_tokens=max_new_tokens, num_samples=num_samples)
+        check_at_least(
+            1, steps=steps, chunk_size=chunk_size, generation_batch_size=generation_batch_size, max_new_tokens=max_new_tokens, num_samples=num_samples
+        )
         if method in ("ipg", "grad_x_act"):
             check_sampling_has_signal(num_samples, temperature, f"method {method!r}")
         if output_dir is not None:
@@ -164,8 +164,13 @@ class IPGAttribution(L.LightningModule):
         self.reward_fn = load_reward(reward)
         self.reward_name = reward if isinstance(reward, (str, dict)) else f"{reward.__module__}:{reward.__qualname__}"
         self.sampling = SamplingConfig(
-            num_samples=num_samples, temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens,
-            stop_strings=tuple(stop_strings or ()), batch_size=generation_batch_size, seed=seed,
+            num_samples=num_samples,
+            temperature=temperature,
+            top_p=top_p,
+            max_new_tokens=max_new_tokens,
+            stop_strings=tuple(stop_strings or ()),
+            batch_size=generation_batch_size,
+            seed=seed,
         )
         if method == "grad_x_act":  # IPG without integration: one point at alpha = 1
             steps, rule = 1, "right"
@@ -211,9 +216,7 @@ class IPGAttribution(L.LightningModule):
     def on_validation_start(self) -> None:
         """Refuse to run under inference mode, where gate gradients cannot exist; keep gates in float32."""
         if torch.is_inference_mode_enabled():
-            raise RuntimeError(
-                "IPG attribution needs gradients inside validation: create the Trainer with inference_mode=False"
-            )
+            raise RuntimeError("IPG attribution needs gradients inside validation: create the Trainer with inference_mode=False")
         # A "bf16-true"/"16-true" Trainer converts every parameter; gates must keep full precision
         # (quadrature points like 0.1 and their gradients); each edit casts them to the activation dtype.
         self.gates.float()
@@ -251,8 +254,9 @@ class IPGAttribution(L.LightningModule):
     def _sampled_step(self, batch: dict[str, Any]) -> None:
         trajectories = self._sample(batch)
         rewards = self._rewards(batch, trajectories)
-        counts = dict(prompts=len(batch["prompt"]), trajectories=len(trajectories),
-                      tokens=trajectories.num_completion_tokens, reward_sum=rewards.sum().item())
+        counts = dict(
+            prompts=len(batch["prompt"]), trajectories=len(trajectories), tokens=trajectories.num_completion_tokens, reward_sum=rewards.sum().item()
+        )
         method = self.hparams.method
         if method in ("activation", "mean_diff"):
             self._activation_step(batch, trajectories, rewards, counts)
@@ -277,8 +281,12 @@ class IPGAttribution(L.LightningModule):
         value_at_one = None
         for group in self._groups():
             result = integrate_path(
-                self.gates, group, lambda alpha: backward_weighted_log_likelihood(self.lm, trajectories, weights, chunk),
-                baseline=self.hparams.baseline, rule=self.rule, steps=self.steps,
+                self.gates,
+                group,
+                lambda alpha: backward_weighted_log_likelihood(self.lm, trajectories, weights, chunk),
+                baseline=self.hparams.baseline,
+                rule=self.rule,
+                steps=self.steps,
             )
             scores.update(result.scores)
             values = dict(zip(result.alphas, result.surrogate_values))
@@ -314,9 +322,7 @@ class IPGAttribution(L.LightningModule):
         total = sum(float(s.double().sum()) for s in scores.values())
         self.accumulator.update(scores=scores, score_sum=total, surrogate_delta=delta, **counts)
 
-    def _activation_step(
-        self, batch: dict[str, Any], trajectories: Trajectories, rewards: torch.Tensor, counts: dict[str, float]
-    ) -> None:
+    def _activation_step(self, batch: dict[str, Any], trajectories: Trajectories, rewards: torch.Tensor, counts: dict[str, float]) -> None:
         sites = list(self.gates.sites.values())
         per_row = mean_completion_activations(self.lm, sites, trajectories, self.hparams.chunk_size)
         prompts, samples = len(batch["prompt"]), self.sampling.num_samples
@@ -327,8 +333,7 @@ class IPGAttribution(L.LightningModule):
         correct = rewards.flatten() > 0.5  # with the accuracy reward: correct vs incorrect
         scores = {name: values[correct].sum(0) for name, values in per_row.items()}
         contrast = {name: values[~correct].sum(0) for name, values in per_row.items()}
-        self.accumulator.update(scores=scores, contrast=contrast, correct_rows=int(correct.sum()),
-                                incorrect_rows=int((~correct).sum()), **counts)
+        self.accumulator.update(scores=scores, contrast=contrast, correct_rows=int(correct.sum()), incorrect_rows=int((~correct).sum()), **counts)
 
     def _reference_step(self, batch: dict[str, Any]) -> None:
         missing = [i for i, solution in zip(batch["id"], batch["solution"]) if not solution]
@@ -336,11 +341,16 @@ class IPGAttribution(L.LightningModule):
             raise ValueError(f"ig_reference needs reference solutions; examples {missing[:5]} have none")
         trajectories = teacher_forced_trajectories(self.tokenizer, batch["prompt"], batch["solution"])
         lengths = [len(p) + len(c) for p, c in zip(trajectories.prompt_ids, trajectories.completion_ids)]
-        check_context_length(self.lm, lengths, [f"{p} {s}" for p, s in zip(batch["prompt"], batch["solution"])],
-                             what="prompt with its reference solution")
+        check_context_length(
+            self.lm, lengths, [f"{p} {s}" for p, s in zip(batch["prompt"], batch["solution"])], what="prompt with its reference solution"
+        )
         weights = torch.ones(len(trajectories))
-        counts = dict(prompts=len(batch["prompt"]), signal_prompts=len(batch["prompt"]),
-                      trajectories=len(trajectories), tokens=trajectories.num_completion_tokens)
+        counts = dict(
+            prompts=len(batch["prompt"]),
+            signal_prompts=len(batch["prompt"]),
+            trajectories=len(trajectories),
+            tokens=trajectories.num_completion_tokens,
+        )
         self._integrate_fixed(trajectories, weights, counts)
 
     # ----------------------------------------------------------------------------- the report
@@ -365,13 +375,17 @@ class IPGAttribution(L.LightningModule):
             return "no support prompt was attributed (the validation split is empty)"
         if method in ("ipg", "grad_x_act") and state["signal_prompts"] == 0:
             mean = state["reward_sum"] / max(state["trajectories"], 1.0)
-            return (f"none of the {prompts} support prompts carried signal: the {self.sampling.num_samples} rewards of each "
-                    f"prompt were all equal (mean reward {mean:.3g}). Draw more samples (num_samples), sample at a higher "
-                    "temperature, or use problems the model solves sometimes but not always")
+            return (
+                f"none of the {prompts} support prompts carried signal: the {self.sampling.num_samples} rewards of each "
+                f"prompt were all equal (mean reward {mean:.3g}). Draw more samples (num_samples), sample at a higher "
+                "temperature, or use problems the model solves sometimes but not always"
+            )
         if method == "mean_diff" and 0 in (state["correct_rows"], state["incorrect_rows"]):
             side = "reward > 0.5" if state["incorrect_rows"] == 0 else "reward <= 0.5"
-            return (f"mean_diff contrasts trajectories with reward > 0.5 against the others, but all {int(state['trajectories'])} "
-                    f"had {side}: use problems the model solves sometimes but not always")
+            return (
+                f"mean_diff contrasts trajectories with reward > 0.5 against the others, but all {int(state['trajectories'])} "
+                f"had {side}: use problems the model solves sometimes but not always"
+            )
         return None
 
     def _final_scores(self, state: dict[str, Any]) -> dict[str, torch.Tensor]:
@@ -395,8 +409,7 @@ class IPGAttribution(L.LightningModule):
         datamodule = getattr(self.trainer, "datamodule", None)
         metadata = {
             "method": self.hparams.method,
-            "config": {**{k: (asdict(v) if isinstance(v, ArchitectureSpec) else v) for k, v in self.hparams.items()},
-                       "reward": self.reward_name},
+            "config": {**{k: (asdict(v) if isinstance(v, ArchitectureSpec) else v) for k, v in self.hparams.items()}, "reward": self.reward_name},
             "effective": {"steps": self.steps, "rule": self.rule},
             "model": self.model_name,
             "model_identity": model_identity(self.lm, self.model_name),

@@ -56,23 +56,36 @@ class SteerCLI(LightningCLI):
         parser.add_argument("--ckpt_path", type=str | None, default=None, help="Resume training from this checkpoint.")
 
 
-def _lightning_cli(cli_class: type[LightningCLI], module_class: type, args: list[str], command: str, help_text: str,
-                   **kwargs) -> LightningCLI:
+def _lightning_cli(cli_class: type[LightningCLI], module_class: type, args: list[str], command: str, help_text: str, **kwargs) -> LightningCLI:
     """Parse ``args`` into a module, the data module and a Trainer (nothing runs yet)."""
     from ipg_lightning.data import ReasoningDataModule
 
     with warnings.catch_warnings():  # `args` is how this CLI hands over its own arguments, as intended
         warnings.filterwarnings("ignore", message=".*LightningCLI's args parameter.*")
-        return cli_class(module_class, ReasoningDataModule, run=False, args=args,
-                         parser_kwargs={"prog": f"ipg {command}", "description": help_text, "exit_on_error": False}, **kwargs)
+        return cli_class(
+            module_class,
+            ReasoningDataModule,
+            run=False,
+            args=args,
+            parser_kwargs={"prog": f"ipg {command}", "description": help_text, "exit_on_error": False},
+            **kwargs,
+        )
 
 
 def steer(args: list[str]) -> None:
     """Train the gates of selected components (and optionally LoRA) with ``Trainer.fit``."""
     from ipg_lightning.learned import GateSteering, read_steering_checkpoint
 
-    cli = _lightning_cli(SteerCLI, GateSteering, args, "steer", steer.__doc__, trainer_defaults=STEER_TRAINER_DEFAULTS,
-                         auto_configure_optimizers=False, save_config_kwargs={"overwrite": True})
+    cli = _lightning_cli(
+        SteerCLI,
+        GateSteering,
+        args,
+        "steer",
+        steer.__doc__,
+        trainer_defaults=STEER_TRAINER_DEFAULTS,
+        auto_configure_optimizers=False,
+        save_config_kwargs={"overwrite": True},
+    )
     if cli.config.ckpt_path is not None and Path(cli.config.ckpt_path).exists():  # not "last", "best", ...
         read_steering_checkpoint(cli.config.ckpt_path)  # a damaged or foreign file is named before any work
     # weights_only: a checkpoint to resume from is read without unpickling code.
@@ -113,8 +126,15 @@ def train_reasoner(args: list[str]) -> None:
     from ipg_lightning.trajectories import SamplingConfig
 
     start = time.perf_counter()
-    cli = _lightning_cli(TrainReasonerCLI, ReasonerTraining, args, "train-reasoner", train_reasoner.__doc__,
-                         trainer_defaults=STEER_TRAINER_DEFAULTS, save_config_kwargs={"overwrite": True})
+    cli = _lightning_cli(
+        TrainReasonerCLI,
+        ReasonerTraining,
+        args,
+        "train-reasoner",
+        train_reasoner.__doc__,
+        trainer_defaults=STEER_TRAINER_DEFAULTS,
+        save_config_kwargs={"overwrite": True},
+    )
     check_output_dir(cli.config.output_dir, cli.config.overwrite)  # before training, not after
     cli.trainer.fit(cli.model, datamodule=cli.datamodule)
     if not cli.trainer.is_global_zero:
@@ -125,10 +145,14 @@ def train_reasoner(args: list[str]) -> None:
     metrics = evaluate_generations(module.lm, module.tokenizer, batches, sampling, progress=True, description="held-out").metrics
     task = data.synthetic_task
     hparams = {key: value for key, value in module.hparams.items() if not key.startswith("_")}
-    settings = {**hparams, "task": f"steps {task.min_steps}-{task.max_steps}, operands 1-{task.max_operand}, "
-                f"operations {' '.join(task.operations)}, reflection probability {task.reflection_probability}",
-                "train_examples": len(data.examples["train"]), "epochs": cli.trainer.current_epoch,
-                "wall_time_min": elapsed_minutes(start)}
+    settings = {
+        **hparams,
+        "task": f"steps {task.min_steps}-{task.max_steps}, operands 1-{task.max_operand}, "
+        f"operations {' '.join(task.operations)}, reflection probability {task.reflection_probability}",
+        "train_examples": len(data.examples["train"]),
+        "epochs": cli.trainer.current_epoch,
+        "wall_time_min": elapsed_minutes(start),
+    }
     command = "ipg train-reasoner " + " ".join(args)
     save_reasoner(module, cli.config.output_dir, metrics, settings, command, overwrite=cli.config.overwrite)
     print(json.dumps(metrics, indent=2))
@@ -139,8 +163,16 @@ def attribute(args: list[str]) -> None:
     """Run IPG attribution (or a baseline method) and write the report to ``--model.output_dir``."""
     from ipg_lightning.attribution import IPGAttribution
 
-    cli = _lightning_cli(LightningCLI, IPGAttribution, args, "attribute", attribute.__doc__, trainer_defaults=TRAINER_DEFAULTS,
-                         save_config_callback=None, auto_configure_optimizers=False)
+    cli = _lightning_cli(
+        LightningCLI,
+        IPGAttribution,
+        args,
+        "attribute",
+        attribute.__doc__,
+        trainer_defaults=TRAINER_DEFAULTS,
+        save_config_callback=None,
+        auto_configure_optimizers=False,
+    )
     cli.trainer.validate(cli.model, datamodule=cli.datamodule, verbose=False)
     if cli.trainer.is_global_zero:
         print(format_report_summary(cli.model.report, cli.model.hparams.output_dir))

@@ -43,12 +43,28 @@ class SteeredModel:
     description: dict[str, Any]
 
 
-def _selection(report: str | None, k: int | None, fraction: float | None, signed: bool, per_layer: bool,
-               family: str | None, components: list[str] | None, allow_other_model: bool) -> ComponentSelection | None:
+def _selection(
+    report: str | None,
+    k: int | None,
+    fraction: float | None,
+    signed: bool,
+    per_layer: bool,
+    family: str | None,
+    components: list[str] | None,
+    allow_other_model: bool,
+) -> ComponentSelection | None:
     if report is None and not components:
         return None
-    return ComponentSelection(report=report, k=k, fraction=fraction, signed=signed, per_layer=per_layer,
-                              family=family, components=tuple(components or ()), allow_other_model=allow_other_model)
+    return ComponentSelection(
+        report=report,
+        k=k,
+        fraction=fraction,
+        signed=signed,
+        per_layer=per_layer,
+        family=family,
+        components=tuple(components or ()),
+        allow_other_model=allow_other_model,
+    )
 
 
 def _default_model(selection: ComponentSelection | None) -> str:
@@ -62,8 +78,13 @@ def _default_model(selection: ComponentSelection | None) -> str:
 
 
 def build_steered_model(
-    model: str | None = None, dtype: str = "float32", selection: ComponentSelection | None = None, gamma: float = 1.0,
-    steering_checkpoint: str | None = None, allow_other_model: bool = False, architecture: ArchitectureSpec | None = None,
+    model: str | None = None,
+    dtype: str = "float32",
+    selection: ComponentSelection | None = None,
+    gamma: float = 1.0,
+    steering_checkpoint: str | None = None,
+    allow_other_model: bool = False,
+    architecture: ArchitectureSpec | None = None,
 ) -> SteeredModel:
     """Load a model and steer it by a selection at ``gamma``, or by a learned checkpoint.
 
@@ -75,8 +96,7 @@ def build_steered_model(
         if selection is not None:
             raise ValueError("Give either a steering checkpoint (learned gates) or a selection with gamma, not both")
         module = load_steering_checkpoint(steering_checkpoint, model=model, allow_other_model=allow_other_model)
-        description = {"kind": "learned", "model": module.model_name, "checkpoint": str(steering_checkpoint),
-                       "components": module.components}
+        description = {"kind": "learned", "model": module.model_name, "checkpoint": str(steering_checkpoint), "components": module.components}
         return SteeredModel(module.lm, module.tokenizer, module.gates, description)
     model = model or _default_model(selection)
     lm, tokenizer = load_model_and_tokenizer(model, dtype)
@@ -86,8 +106,15 @@ def build_steered_model(
         return base
     components = selection.resolve(lm, model, architecture)
     base.gates = gates_for_components(lm, components, check_gamma(gamma), architecture)
-    base.description = {"kind": "fixed", "model": model, "gamma": gamma, "components": components,
-                        "report": selection.report, "k": selection.k, "fraction": selection.fraction}
+    base.description = {
+        "kind": "fixed",
+        "model": model,
+        "gamma": gamma,
+        "components": components,
+        "report": selection.report,
+        "k": selection.k,
+        "fraction": selection.fraction,
+    }
     return base
 
 
@@ -163,11 +190,11 @@ def evaluate(
     if split not in SPLITS:
         raise ValueError(f"Unknown split {split!r}; choose from {list(SPLITS)}")
     if temperature == 0 and num_samples > 1:
-        raise ValueError(f"temperature 0 (greedy decoding) gives {num_samples} identical completions per problem: "
-                         "set num_samples 1, or temperature > 0")
+        raise ValueError(
+            f"temperature 0 (greedy decoding) gives {num_samples} identical completions per problem: set num_samples 1, or temperature > 0"
+        )
     data = data or ReasoningDataModule()
-    sampling = SamplingConfig(num_samples=num_samples, temperature=temperature, max_new_tokens=max_new_tokens,
-                              batch_size=generation_batch_size)
+    sampling = SamplingConfig(num_samples=num_samples, temperature=temperature, max_new_tokens=max_new_tokens, batch_size=generation_batch_size)
     if gammas:
         if report is None:
             raise ValueError("A sweep selects components from a report: give --report and --ks (or --k)")
@@ -184,8 +211,13 @@ def evaluate(
     data.connect(steered.tokenizer)
     batches = list(_loader(data, split))
     result = evaluate_generations(steered.model, steered.tokenizer, batches, sampling, steered.gates, progress=True)
-    summary = {"steering": steered.description, "model_identity": model_identity(steered.model, steered.description["model"]),
-               "split": split, "data": data.source, "metrics": result.metrics}
+    summary = {
+        "steering": steered.description,
+        "model_identity": model_identity(steered.model, steered.description["model"]),
+        "split": split,
+        "data": data.source,
+        "metrics": result.metrics,
+    }
     with atomic_directory(output_dir, overwrite=overwrite, kind="evaluation") as staging:
         atomic_write_json(staging / "metrics.json", summary)
         atomic_write_text(staging / "generations.jsonl", "".join(json.dumps(r) + "\n" for r in result.records))
@@ -198,24 +230,25 @@ def _loader(data: ReasoningDataModule, split: str):
     return {"train": data.train_dataloader, "val": data.val_dataloader, "test": data.test_dataloader}[split]()
 
 
-def _sweep(model, dtype, data, split, selections: list[ComponentSelection], gammas, sampling, output_dir, overwrite,
-           architecture) -> dict[str, Any]:
+def _sweep(model, dtype, data, split, selections: list[ComponentSelection], gammas, sampling, output_dir, overwrite, architecture) -> dict[str, Any]:
     model = model or _default_model(selections[0])
     base = build_steered_model(model, dtype)
     data.connect(base.tokenizer)
     batches = list(_loader(data, split))
-    rows = [{"k": 0, "gamma": 1.0, **evaluate_generations(base.model, base.tokenizer, batches, sampling,
-                                                           progress=True, description="base").metrics}]
+    rows = [{"k": 0, "gamma": 1.0, **evaluate_generations(base.model, base.tokenizer, batches, sampling, progress=True, description="base").metrics}]
     for selection in selections:
         components = selection.resolve(base.model, model, architecture)
         for value in gammas:
             gates = gates_for_components(base.model, components, value, architecture)
-            metrics = evaluate_generations(base.model, base.tokenizer, batches, sampling, gates, progress=True,
-                                           description=f"k={selection.k} gamma={value}").metrics
+            metrics = evaluate_generations(
+                base.model, base.tokenizer, batches, sampling, gates, progress=True, description=f"k={selection.k} gamma={value}"
+            ).metrics
             rows.append({"k": selection.k, "gamma": value, **metrics})
     with atomic_directory(output_dir, overwrite=overwrite, kind="evaluation sweep") as staging:
-        atomic_write_json(staging / "sweep.json", {"report": selections[0].report, "model_identity": model_identity(base.model, model),
-                                                   "split": split, "rows": rows})
+        atomic_write_json(
+            staging / "sweep.json",
+            {"report": selections[0].report, "model_identity": model_identity(base.model, model), "split": split, "rows": rows},
+        )
         atomic_write_text(staging / "sweep.csv", _metrics_csv(rows))
         from ipg_lightning.plots import plot_sweep
 
@@ -276,10 +309,13 @@ def export(
         raise ValueError("Nothing to export: give --report/--components with --gamma, or --steering_checkpoint")
     known_metrics = _read_metrics(metrics) if metrics else None
     steered = build_steered_model(model, dtype, selection, gamma, steering_checkpoint, allow_other_model, architecture)
-    card = export_steered_model(steered.model, steered.tokenizer, steered.gates, output_dir,
-                                source=steered.description, metrics=known_metrics, overwrite=overwrite)
-    print(f"exported to {output_dir}: folded {card['folded_sites'] or 'nothing'}; "
-          f"needs ipg_lightning.load_steered for {card['loader_sites'] or 'nothing'}; LoRA merged: {card['lora_merged']}")
+    card = export_steered_model(
+        steered.model, steered.tokenizer, steered.gates, output_dir, source=steered.description, metrics=known_metrics, overwrite=overwrite
+    )
+    print(
+        f"exported to {output_dir}: folded {card['folded_sites'] or 'nothing'}; "
+        f"needs ipg_lightning.load_steered for {card['loader_sites'] or 'nothing'}; LoRA merged: {card['lora_merged']}"
+    )
     return card
 
 

@@ -52,21 +52,23 @@ class DemoPreset:
 #: ``smollm2``: SmolLM2-135M-Instruct (``ipg prepare-smollm2`` first) on reasoning-gym arithmetic.
 PRESETS = {
     "tiny-reasoner": DemoPreset(TINY_REASONER_PATH, {"synthetic_task": TINY_REASONER_TASK}),
-    "smollm2": DemoPreset("smollm2", {"source": "reasoning_gym:basic_arithmetic",
-                                      "task_kwargs": {"min_terms": 2, "max_terms": 3, "min_digits": 1, "max_digits": 2}},
-                          max_new_tokens=48),
+    "smollm2": DemoPreset(
+        "smollm2",
+        {"source": "reasoning_gym:basic_arithmetic", "task_kwargs": {"min_terms": 2, "max_terms": 3, "min_digits": 1, "max_digits": 2}},
+        max_new_tokens=48,
+    ),
 }
 #: Per-token cost of the learned gates' reward: one "Wait, let me check" step (~15 tokens) costs
 #: about a third of a correct answer.
 LENGTH_COST = 0.02
+
 
 def format_table(rows: dict[str, dict[str, float]]) -> str:
     """A fixed-width table of the headline metrics, one row per condition."""
     header = f"{'condition':<22}{'accuracy':>10}{'answer rate':>13}{'mean length':>13}{'reflection':>12}"
     lines = [header, "-" * len(header)]
     for name, m in rows.items():
-        lines.append(f"{name:<22}{m['accuracy']:>10.3f}{m['answer_rate']:>13.3f}{m['reasoning_length_mean']:>13.1f}"
-                     f"{m['reflection_rate']:>12.3f}")
+        lines.append(f"{name:<22}{m['accuracy']:>10.3f}{m['answer_rate']:>13.3f}{m['reasoning_length_mean']:>13.1f}{m['reflection_rate']:>12.3f}")
     return "\n".join(lines)
 
 
@@ -103,8 +105,7 @@ def learned_gate_values(steering: GateSteering, components: list[str]) -> dict[s
 
 
 def _trainer(**kwargs: Any) -> L.Trainer:
-    return L.Trainer(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
-                     enable_model_summary=False, **kwargs)
+    return L.Trainer(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False, enable_model_summary=False, **kwargs)
 
 
 @quiet_lightning()
@@ -159,8 +160,15 @@ def demo(
     start = time.perf_counter()
     if preset not in PRESETS:
         raise ValueError(f"Unknown demo preset {preset!r}; choose from {sorted(PRESETS)}")
-    counts = {"k": k, "support_prompts": support_prompts, "test_prompts": test_prompts, "num_samples": num_samples,
-              "eval_samples": eval_samples, "steps": steps, "learning_steps": learning_steps}
+    counts = {
+        "k": k,
+        "support_prompts": support_prompts,
+        "test_prompts": test_prompts,
+        "num_samples": num_samples,
+        "eval_samples": eval_samples,
+        "steps": steps,
+        "learning_steps": learning_steps,
+    }
     check_at_least(1, **counts)
     check_gamma(gamma_suppress, "gamma_suppress")
     check_gamma(gamma_amplify, "gamma_amplify")
@@ -169,23 +177,38 @@ def demo(
     model = model or setting.model
     max_new_tokens = max_new_tokens or setting.max_new_tokens
     if model == TINY_REASONER_PATH and not Path(model).is_dir():
-        raise FileNotFoundError(f"The shipped tiny reasoner is not at {model}: run the demo from a clone of the repository "
-                                "(pip install -e .), or train it with `ipg train-reasoner --config recipes/train_tiny_reasoner.yaml`.")
+        raise FileNotFoundError(
+            f"The shipped tiny reasoner is not at {model}: run the demo from a clone of the repository "
+            "(pip install -e .), or train it with `ipg train-reasoner --config recipes/train_tiny_reasoner.yaml`."
+        )
     lm, tokenizer = load_model_and_tokenizer(model)
     layer = lm.config.num_hidden_layers - 1 if layer is None else layer
-    data = ReasoningDataModule(**setting.data, num_test=test_prompts, num_val=support_prompts, num_train=support_prompts,
-                               batch_size=8, seed=seed)
+    data = ReasoningDataModule(**setting.data, num_test=test_prompts, num_val=support_prompts, num_train=support_prompts, batch_size=8, seed=seed)
     data.connect(tokenizer)
     test_batches = list(data.test_dataloader())
     greedy = SamplingConfig(num_samples=1, temperature=0.0, max_new_tokens=max_new_tokens, batch_size=64)
-    sampled = SamplingConfig(num_samples=eval_samples if temperature > 0 else 1, temperature=temperature, top_p=1.0,
-                             max_new_tokens=max_new_tokens, batch_size=64)
-    attribution_settings = {"families": [family], "layers": [layer], "steps": steps, "rule": rule,
-                            "num_samples": num_samples, "temperature": temperature or 1.0, "top_p": 1.0,
-                            "max_new_tokens": max_new_tokens, "generation_batch_size": 64, "chunk_size": 32, "seed": seed}
+    sampled = SamplingConfig(
+        num_samples=eval_samples if temperature > 0 else 1, temperature=temperature, top_p=1.0, max_new_tokens=max_new_tokens, batch_size=64
+    )
+    attribution_settings = {
+        "families": [family],
+        "layers": [layer],
+        "steps": steps,
+        "rule": rule,
+        "num_samples": num_samples,
+        "temperature": temperature or 1.0,
+        "top_p": 1.0,
+        "max_new_tokens": max_new_tokens,
+        "generation_batch_size": 64,
+        "chunk_size": 32,
+        "seed": seed,
+    }
 
-    stage(1, f"IPG attribution of accuracy and of reasoning length over {family} sites of block {layer} "
-             f"({support_prompts} support problems x {num_samples} samples, q={steps} {rule})")
+    stage(
+        1,
+        f"IPG attribution of accuracy and of reasoning length over {family} sites of block {layer} "
+        f"({support_prompts} support problems x {num_samples} samples, q={steps} {rule})",
+    )
     reports = {}
     for target, reward in (("accuracy", "accuracy"), ("length", "reasoning_length")):
         module = IPGAttribution.for_model(lm, tokenizer, reward=reward, **attribution_settings)
@@ -199,20 +222,34 @@ def demo(
         result = evaluate_generations(evaluated_model or lm, tokenizer, test_batches, sampled, gates, progress=True, description=name)
         rows[name], records[name] = result.metrics, result.records
 
-    stage(2, f"fixed steering of the top {k} components of each: gate {gamma_suppress} and {gamma_amplify}, "
-             f"evaluated on {test_prompts} held-out problems")
+    stage(
+        2,
+        f"fixed steering of the top {k} components of each: gate {gamma_suppress} and {gamma_amplify}, evaluated on {test_prompts} held-out problems",
+    )
     measure("base")
     selected = {target: report.select(k=k) for target, report in reports.items()}
     for target in ("accuracy", "length"):
         for label, gamma in (("suppressed", gamma_suppress), ("amplified", gamma_amplify)):
             measure(f"{target} {label}", gates_for_components(lm, selected[target], gamma))
 
-    stage(3, f"learning the gates of the top {k} length components ({learning_steps} policy-gradient steps on "
-             f"accuracy - {LENGTH_COST} x length), then evaluating them")
-    learned = GateSteering.for_model(copy.deepcopy(lm), tokenizer, ComponentSelection(components=tuple(selected["length"])),
-                                     reward={"accuracy": 1.0, "reasoning_length": -LENGTH_COST}, num_samples=num_samples,
-                                     max_new_tokens=max_new_tokens, generation_batch_size=64, temperature=temperature or 1.0,
-                                     learning_rate=0.1, gate_penalty=0.01, seed=seed)
+    stage(
+        3,
+        f"learning the gates of the top {k} length components ({learning_steps} policy-gradient steps on "
+        f"accuracy - {LENGTH_COST} x length), then evaluating them",
+    )
+    learned = GateSteering.for_model(
+        copy.deepcopy(lm),
+        tokenizer,
+        ComponentSelection(components=tuple(selected["length"])),
+        reward={"accuracy": 1.0, "reasoning_length": -LENGTH_COST},
+        num_samples=num_samples,
+        max_new_tokens=max_new_tokens,
+        generation_batch_size=64,
+        temperature=temperature or 1.0,
+        learning_rate=0.1,
+        gate_penalty=0.01,
+        seed=seed,
+    )
     _trainer(max_steps=learning_steps, limit_val_batches=0, enable_progress_bar=True).fit(learned, datamodule=data)
     measure("length learned", learned.gates, learned.lm)
 
@@ -222,35 +259,51 @@ def demo(
     with atomic_directory(out_dir, overwrite=overwrite, kind="ipg demo output") as staging:
         for target, report in reports.items():
             report.save(staging / f"attribution_{target}")
-        exported = export_steered_model(learned.lm, tokenizer, learned.gates, staging / "exported_learned",
-                                        source={"kind": "learned", "components": selected["length"],
-                                                "reward": f"accuracy - {LENGTH_COST} x reasoning length"},
-                                        metrics=rows["length learned"])
+        exported = export_steered_model(
+            learned.lm,
+            tokenizer,
+            learned.gates,
+            staging / "exported_learned",
+            source={"kind": "learned", "components": selected["length"], "reward": f"accuracy - {LENGTH_COST} x reasoning length"},
+            metrics=rows["length learned"],
+        )
         stage(5, "checking that the exported checkpoint, loaded fresh, generates what the gated model did")
-        folded = evaluate_generations(load_model_and_tokenizer(str(staging / "exported_learned"))[0], tokenizer,
-                                      test_batches, greedy, description="exported (greedy)")
+        folded = evaluate_generations(
+            load_model_and_tokenizer(str(staging / "exported_learned"))[0], tokenizer, test_batches, greedy, description="exported (greedy)"
+        )
         export_matches = [r["completion"] for r in folded.records] == [r["completion"] for r in gated.records]
         summary = {
-            "preset": preset, "model": model, "site": next(iter(reports["accuracy"].sites)),
-            "k": k, "gammas": {"suppressed": gamma_suppress, "amplified": gamma_amplify},
+            "preset": preset,
+            "model": model,
+            "site": next(iter(reports["accuracy"].sites)),
+            "k": k,
+            "gammas": {"suppressed": gamma_suppress, "amplified": gamma_amplify},
             "evaluation": {"temperature": temperature, "completions_per_problem": sampled.num_samples, "problems": test_prompts},
             "learned_gates": learned_gate_values(learned, selected["length"]),
-            "selected": selected, "conditions": rows, "completeness": completeness,
+            "selected": selected,
+            "conditions": rows,
+            "completeness": completeness,
             "export": {"folded_sites": exported["folded_sites"], "greedy_generations_identical": export_matches},
             "wall_time_s": round(time.perf_counter() - start, 1),
         }
         atomic_write_json(staging / "summary.json", summary)
         atomic_write_text(staging / "summary.md", format_table(rows) + "\n")
-        atomic_write_text(staging / "generations.jsonl",
-                          "".join(json.dumps({"condition": c, **r}) + "\n" for c, rs in records.items() for r in rs))
+        atomic_write_text(staging / "generations.jsonl", "".join(json.dumps({"condition": c, **r}) + "\n" for c, rs in records.items() for r in rs))
 
-    how = f"sampled at temperature {temperature}, {sampled.num_samples} per problem, same seeds in every condition" \
-        if temperature > 0 else "greedy decoding"
-    print(f"\n{preset if model == setting.model else model}: top {k} {family} components of block {layer} by IPG; {test_prompts} held-out problems, {how}\n")
+    how = (
+        f"sampled at temperature {temperature}, {sampled.num_samples} per problem, same seeds in every condition"
+        if temperature > 0
+        else "greedy decoding"
+    )
+    print(
+        f"\n{preset if model == setting.model else model}: top {k} {family} components of block {layer} by IPG; {test_prompts} held-out problems, {how}\n"
+    )
     print(format_table(rows))
     for target, block in completeness.items():
-        print(f"completeness ({target}, q={steps} {rule}): sum of scores {block['sum_of_scores']:.4g} vs L(1) - L(0) "
-              f"{block['surrogate_delta']:.4g}, residual {block['residual']:.2g}")
+        print(
+            f"completeness ({target}, q={steps} {rule}): sum of scores {block['sum_of_scores']:.4g} vs L(1) - L(0) "
+            f"{block['surrogate_delta']:.4g}, residual {block['residual']:.2g}"
+        )
     print("learned gates: " + ", ".join(f"{name} {value:.2f}" for name, value in summary["learned_gates"].items()))
     print(f"exported learned gates (folded {exported['folded_sites']}): greedy generations identical = {export_matches}")
     print(f"wall time {summary['wall_time_s']} s; reports, plots, metrics and the exported model are in {out_dir}/")

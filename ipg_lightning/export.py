@@ -41,7 +41,7 @@ _CARRIED_GATES = "_ipg_steering_gates"
 
 def _changed(gates: ComponentGates | None) -> dict[str, float]:
     values = {}
-    for name, site in (gates.sites.items() if gates is not None else ()):
+    for name, site in gates.sites.items() if gates is not None else ():
         for index, value in enumerate(gates.gate(name).detach().tolist()):
             if value != 1.0:
                 values[site.component_name(index)] = value
@@ -121,8 +121,11 @@ def export_steered_model(
     with atomic_directory(output_dir, overwrite=overwrite, kind="steered model export") as staging:
         try:
             if unfoldable.sites:
-                setattr(config, CONFIG_MARKER, {"loader": "ipg_lightning.load_steered", "steering_file": STEERING_FILE,
-                                                "unfolded_sites": list(unfoldable.sites)})
+                setattr(
+                    config,
+                    CONFIG_MARKER,
+                    {"loader": "ipg_lightning.load_steered", "steering_file": STEERING_FILE, "unfolded_sites": list(unfoldable.sites)},
+                )
             elif hasattr(config, CONFIG_MARKER):
                 delattr(config, CONFIG_MARKER)
             model.save_pretrained(staging, safe_serialization=True)
@@ -133,8 +136,11 @@ def export_steered_model(
         if unfoldable.sites:
             # The sites travel with the gates (module paths included), so loading needs no architecture table.
             sites = {name: asdict(site) for name, site in unfoldable.sites.items()}
-            save_file({name: unfoldable.gate(name).detach().float().cpu().contiguous() for name in unfoldable.sites},
-                      str(staging / STEERING_FILE), metadata={"sites": json.dumps(sites)})
+            save_file(
+                {name: unfoldable.gate(name).detach().float().cpu().contiguous() for name in unfoldable.sites},
+                str(staging / STEERING_FILE),
+                metadata={"sites": json.dumps(sites)},
+            )
         atomic_write_json(staging / CARD_FILE, card)
         atomic_write_text(staging / MODEL_CARD_FILE, steering_model_card(card, source_card))
     return card
@@ -143,7 +149,7 @@ def export_steered_model(
 def _split_front_matter(text: str) -> tuple[list[str], str]:
     """The YAML front matter lines of a model card (without the fences), and the rest."""
     match = re.match(r"---\n(.*?)\n---[ \t]*(?:\n|$)", text, flags=re.DOTALL)
-    return (match[1].splitlines(), text[match.end():]) if match else ([], text)
+    return (match[1].splitlines(), text[match.end() :]) if match else ([], text)
 
 
 def steering_model_card(card: dict[str, Any], source_card: str | None = None, shown: int = 20) -> str:
@@ -151,16 +157,30 @@ def steering_model_card(card: dict[str, Any], source_card: str | None = None, sh
     needs_loader = bool(card["loader_sites"])
     source_meta, source_body = _split_front_matter(source_card or "")
     licence = [line for line in source_meta if line.startswith("license")]  # the weights keep their licence
-    lines = ["---", "library_name: transformers", *licence, "tags: [ipg_lightning, steering]", "---", "",
-             f"# Steered {Path(card['model_identity']['name']).name or card['model_identity']['name']}", ""]
+    lines = [
+        "---",
+        "library_name: transformers",
+        *licence,
+        "tags: [ipg_lightning, steering]",
+        "---",
+        "",
+        f"# Steered {Path(card['model_identity']['name']).name or card['model_identity']['name']}",
+        "",
+    ]
     if needs_loader:
-        lines += [f"> **Load with `ipg_lightning.load_steered(path)`.** Gates on {', '.join(card['loader_sites'])} cannot be",
-                  f"> folded into weights; they are in `{STEERING_FILE}`. Plain `AutoModelForCausalLM.from_pretrained(path)`",
-                  "> loads the model **without** them (`config.json` marks this under `ipg_lightning_steering`).", ""]
+        lines += [
+            f"> **Load with `ipg_lightning.load_steered(path)`.** Gates on {', '.join(card['loader_sites'])} cannot be",
+            f"> folded into weights; they are in `{STEERING_FILE}`. Plain `AutoModelForCausalLM.from_pretrained(path)`",
+            "> loads the model **without** them (`config.json` marks this under `ipg_lightning_steering`).",
+            "",
+        ]
     else:
         lines += ["`AutoModelForCausalLM.from_pretrained(path)` reproduces the steered model: every gate is folded into the weights.", ""]
-    lines += [f"Exported by ipg_lightning from {card['source'].get('kind', 'a steered model')} steering. "
-              f"Folded: {', '.join(card['folded_sites']) or 'nothing'}. LoRA merged: {card['lora_merged']}.", ""]
+    lines += [
+        f"Exported by ipg_lightning from {card['source'].get('kind', 'a steered model')} steering. "
+        f"Folded: {', '.join(card['folded_sites']) or 'nothing'}. LoRA merged: {card['lora_merged']}.",
+        "",
+    ]
     steered = card["effective_gates"]  # new gates times those carried from the source export
     if steered:
         lines += ["| component | gate |", "| --- | --- |"]
@@ -171,8 +191,7 @@ def steering_model_card(card: dict[str, Any], source_card: str | None = None, sh
     if card["carried_gates"]:
         lines += [f"Gates carried from the export this one was made from stay in force (see `previous` in `{CARD_FILE}`).", ""]
     if card.get("metrics"):
-        lines += ["Measured: " + ", ".join(f"{key} {value:.4g}" for key, value in card["metrics"].items()
-                                           if isinstance(value, (int, float))), ""]
+        lines += ["Measured: " + ", ".join(f"{key} {value:.4g}" for key, value in card["metrics"].items() if isinstance(value, (int, float))), ""]
     if source_body.strip():
         lines += ["## Card of the source model", "", source_body.strip(), ""]
     return "\n".join(lines)
@@ -188,8 +207,7 @@ def read_steering_gates(path: str | Path, model: nn.Module) -> ComponentGates | 
     steering_file = path / STEERING_FILE
     if not steering_file.is_file():
         if getattr(unwrap_model(model).config, CONFIG_MARKER, None):
-            raise FileNotFoundError(f"{path}/config.json says its gates travel in {STEERING_FILE}, which is missing: "
-                                    "copy the whole export directory")
+            raise FileNotFoundError(f"{path}/config.json says its gates travel in {STEERING_FILE}, which is missing: copy the whole export directory")
         return None
     try:
         values = load_file(str(steering_file))

@@ -29,11 +29,7 @@ class UnfoldableGateError(ValueError):
 
 def unfoldable_sites(gates: ComponentGates) -> list[str]:
     """Names of gated sites whose gates differ from 1 and cannot be folded into weights."""
-    return [
-        name
-        for name, site in gates.sites.items()
-        if site.family not in FOLDABLE_FAMILIES and not torch.all(gates.gate(name) == 1)
-    ]
+    return [name for name, site in gates.sites.items() if site.family not in FOLDABLE_FAMILIES and not torch.all(gates.gate(name) == 1)]
 
 
 @torch.no_grad()
@@ -57,8 +53,7 @@ def fold_gates_into_weights(model: nn.Module, gates: ComponentGates) -> list[str
         module = root.get_submodule(site.module_path)
         if hasattr(module, "base_layer"):
             raise UnfoldableGateError(
-                f"{site.module_path} ({name}) is wrapped by a PEFT adapter: merge it first "
-                "(model.merge_and_unload()), then fold."
+                f"{site.module_path} ({name}) is wrapped by a PEFT adapter: merge it first (model.merge_and_unload()), then fold."
             )
     for name, site in to_fold:
         _fold_site(root.get_submodule(site.module_path), site, gates.gate(name).detach())

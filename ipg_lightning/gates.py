@@ -51,9 +51,7 @@ class ComponentGates(nn.Module):
             raise ValueError(f"Sites listed more than once: {duplicated}")
         _check_finite(torch.tensor(init), "init")
         self.sites: dict[str, Site] = {site.name: site for site in sites}
-        self.values = nn.ParameterDict(
-            {_parameter_key(site.name): nn.Parameter(torch.full((site.size,), float(init))) for site in sites}
-        )
+        self.values = nn.ParameterDict({_parameter_key(site.name): nn.Parameter(torch.full((site.size,), float(init))) for site in sites})
 
     @classmethod
     def for_model(
@@ -105,8 +103,7 @@ class ComponentGates(nn.Module):
         if index is None and site.size != 1:
             raise ValueError(f"{component_name!r} needs an index: {site_name} has {site.size} components")
         if index is not None and index >= site.size:
-            raise ValueError(f"{component_name!r} is out of range: {site_name} has {site.size} components (0 to {site.size - 1}) "
-                             "in this model")
+            raise ValueError(f"{component_name!r} is out of range: {site_name} has {site.size} components (0 to {site.size - 1}) in this model")
         self.gate(site_name)[index or 0] = value
 
     def set_components(self, values: Mapping[str, float]) -> None:

@@ -29,9 +29,25 @@ IN_MEMORY_MODEL = "in-memory model"
 #: Other entries (context length, rope scaling, dropout, token ids, dtypes) leave every component
 #: index meaning the same unit, so a context-extended or re-saved copy of a model keeps its identity.
 _SHAPE_CONFIG_KEYS = (
-    "model_type", "num_hidden_layers", "hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads",
-    "head_dim", "vocab_size", "n_layer", "n_embd", "n_head", "n_inner", "num_local_experts", "num_experts",
-    "moe_intermediate_size", "shared_expert_intermediate_size", "num_experts_per_tok", "parallel_attn", "use_parallel_residual",
+    "model_type",
+    "num_hidden_layers",
+    "hidden_size",
+    "intermediate_size",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "head_dim",
+    "vocab_size",
+    "n_layer",
+    "n_embd",
+    "n_head",
+    "n_inner",
+    "num_local_experts",
+    "num_experts",
+    "moe_intermediate_size",
+    "shared_expert_intermediate_size",
+    "num_experts_per_tok",
+    "parallel_attn",
+    "use_parallel_residual",
 )
 
 
@@ -69,12 +85,13 @@ def model_identity(model: nn.Module, name: str) -> dict[str, Any]:
 
 def describe(identity: Mapping[str, Any]) -> str:
     """One line, e.g. ``tiny:llama (llama, 2 blocks, width 64, config 3f2a...)``."""
-    return (f"{identity.get('name')} ({identity.get('model_type')}, {identity.get('num_layers')} blocks, "
-            f"width {identity.get('hidden_size')}, config {identity.get('config_hash')})")
+    return (
+        f"{identity.get('name')} ({identity.get('model_type')}, {identity.get('num_layers')} blocks, "
+        f"width {identity.get('hidden_size')}, config {identity.get('config_hash')})"
+    )
 
 
-def check_same_model(recorded: Mapping[str, Any] | None, model: nn.Module, name: str, what: str,
-                     allow_other_model: bool = False) -> None:
+def check_same_model(recorded: Mapping[str, Any] | None, model: nn.Module, name: str, what: str, allow_other_model: bool = False) -> None:
     """Refuse to apply ``what`` (computed on the ``recorded`` model) to ``model`` if their architectures differ.
 
     Artefacts written before identities were recorded (``recorded`` is None) pass; the caller still
@@ -89,8 +106,7 @@ def check_same_model(recorded: Mapping[str, Any] | None, model: nn.Module, name:
         if recorded.get("name") != name:
             log.info("%s was computed on %s; applying it to %s, which has the same architecture", what, recorded.get("name"), name)
         return
-    message = (f"{what} was computed on {describe(recorded)}, but the model is {describe(actual)}: its component "
-               "indices would mean other units")
+    message = f"{what} was computed on {describe(recorded)}, but the model is {describe(actual)}: its component indices would mean other units"
     if allow_other_model:
         log.warning("%s; going on because allow_other_model is set", message)
         return

@@ -146,8 +146,14 @@ class GateSteering(L.LightningModule):
         module.build(model, tokenizer)
         return module
 
-    def build(self, model: torch.nn.Module | None = None, tokenizer: Any = None, components: list[str] | None = None,
-              recorded_identity: dict[str, Any] | None = None, allow_other_model: bool = False) -> None:
+    def build(
+        self,
+        model: torch.nn.Module | None = None,
+        tokenizer: Any = None,
+        components: list[str] | None = None,
+        recorded_identity: dict[str, Any] | None = None,
+        allow_other_model: bool = False,
+    ) -> None:
         """Load the model (unless given), wrap it with LoRA if configured, and create the gates.
 
         ``components`` (with the ``recorded_identity`` of the model they were trained on) replace the
@@ -164,8 +170,13 @@ class GateSteering(L.LightningModule):
             parameter.requires_grad_(False)
         lora = self.lora
         if lora is not None:
-            config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
-                                target_modules=list(lora.target_modules), fan_in_fan_out=model.config.model_type == "gpt2")
+            config = LoraConfig(
+                r=lora.r,
+                lora_alpha=lora.alpha,
+                lora_dropout=lora.dropout,
+                target_modules=list(lora.target_modules),
+                fan_in_fan_out=model.config.model_type == "gpt2",
+            )
             with torch.random.fork_rng(devices=[]):  # the adapter's init depends on `seed` only
                 torch.manual_seed(self.hparams.seed)
                 model = get_peft_model(model, config)
@@ -212,9 +223,14 @@ class GateSteering(L.LightningModule):
         hp = self.hparams
         if greedy:
             return SamplingConfig(num_samples=1, temperature=0.0, max_new_tokens=hp.max_new_tokens, batch_size=hp.generation_batch_size)
-        return SamplingConfig(num_samples=hp.num_samples, temperature=hp.temperature, top_p=hp.top_p,
-                              max_new_tokens=hp.max_new_tokens, batch_size=hp.generation_batch_size,
-                              seed=hp.seed * 1_000_003 + self.global_step)
+        return SamplingConfig(
+            num_samples=hp.num_samples,
+            temperature=hp.temperature,
+            top_p=hp.top_p,
+            max_new_tokens=hp.max_new_tokens,
+            batch_size=hp.generation_batch_size,
+            seed=hp.seed * 1_000_003 + self.global_step,
+        )
 
     def gate_deviation(self) -> torch.Tensor:
         """``sum (c_i - 1)^2`` over the selected gates (the others are 1 by construction)."""
@@ -279,8 +295,10 @@ class GateSteering(L.LightningModule):
         """Raise ``FloatingPointError`` naming the site if any gate is NaN or infinite."""
         for name in self.gates.sites:
             if not torch.isfinite(self.gates.gate(name)).all():
-                raise FloatingPointError(f"The gates of {name} became non-finite at step {self.global_step}: the training "
-                                         "diverged; lower learning_rate (or raise gate_penalty) and start again")
+                raise FloatingPointError(
+                    f"The gates of {name} became non-finite at step {self.global_step}: the training "
+                    "diverged; lower learning_rate (or raise gate_penalty) and start again"
+                )
 
     # ----------------------------------------------------------------------------- validation
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
@@ -314,9 +332,12 @@ class GateSteering(L.LightningModule):
         """Drop the frozen base model from the checkpoint; record the steered components; never save NaN gates."""
         self.check_gates_finite()
         checkpoint["state_dict"] = self.trainable_state()
-        checkpoint[STEERING_KEY] = {"components": self.components, "model": self.model_name,
-                                    "model_identity": model_identity(self.lm, self.model_name),
-                                    "lora": asdict(self.lora) if self.lora else None}
+        checkpoint[STEERING_KEY] = {
+            "components": self.components,
+            "model": self.model_name,
+            "model_identity": model_identity(self.lm, self.model_name),
+            "lora": asdict(self.lora) if self.lora else None,
+        }
 
     @classmethod
     def load_from_checkpoint(cls, checkpoint_path: Any, *args: Any, trust_reward: bool = False, **kwargs: Any) -> GateSteering:
@@ -378,8 +399,7 @@ def read_steering_checkpoint(path: str | Path) -> dict[str, Any]:
     return checkpoint
 
 
-def load_steering_checkpoint(path: str | Path, model: str | None = None, trust_reward: bool = False,
-                             allow_other_model: bool = False) -> GateSteering:
+def load_steering_checkpoint(path: str | Path, model: str | None = None, trust_reward: bool = False, allow_other_model: bool = False) -> GateSteering:
     """Rebuild a trained :class:`GateSteering` from a Lightning checkpoint (gates and adapter loaded).
 
     Args:
@@ -398,15 +418,16 @@ def load_steering_checkpoint(path: str | Path, model: str | None = None, trust_r
     module = GateSteering(**hparams)
     module.reward_import_allowed = trust_reward
     steering = checkpoint[STEERING_KEY]
-    module.build(components=steering["components"], recorded_identity=steering.get("model_identity"),
-                 allow_other_model=allow_other_model)
+    module.build(components=steering["components"], recorded_identity=steering.get("model_identity"), allow_other_model=allow_other_model)
     own = module.state_dict()
     missing = set(checkpoint["state_dict"]) - set(own)
     if missing:
         raise SteeringCheckpointError(f"{path} holds tensors this model does not have: {sorted(missing)[:5]}")
     for key, tensor in checkpoint["state_dict"].items():
         if tensor.shape != own[key].shape:
-            raise SteeringCheckpointError(f"{path}: {key} has shape {tuple(tensor.shape)}, this model's has {tuple(own[key].shape)}: "
-                                          "the checkpoint was trained on another model")
+            raise SteeringCheckpointError(
+                f"{path}: {key} has shape {tuple(tensor.shape)}, this model's has {tuple(own[key].shape)}: "
+                "the checkpoint was trained on another model"
+            )
     module.load_state_dict(checkpoint["state_dict"], strict=False)
     return module.eval()

@@ -56,8 +56,9 @@ def load_model_and_tokenizer(name_or_path: str, dtype: str = "float32") -> tuple
 
 def _check_tokenizer_files(name_or_path: str) -> None:
     if Path(name_or_path).is_dir() and not any((Path(name_or_path) / name).is_file() for name in TOKENIZER_FILES):
-        raise ModelLoadError(f"{name_or_path} has no tokenizer (none of {', '.join(TOKENIZER_FILES)}): copy the tokenizer "
-                             "files of the model it was made from into it")
+        raise ModelLoadError(
+            f"{name_or_path} has no tokenizer (none of {', '.join(TOKENIZER_FILES)}): copy the tokenizer files of the model it was made from into it"
+        )
 
 
 def _one_line(error: BaseException) -> str:
@@ -67,8 +68,10 @@ def _one_line(error: BaseException) -> str:
 def _offline_hint(name_or_path: str) -> str:
     if Path(name_or_path).is_dir():
         return ""
-    return (" It is not a local directory, and without hub access only local copies load: download the "
-            "weights on a connected machine and point `model` at that directory.")
+    return (
+        " It is not a local directory, and without hub access only local copies load: download the "
+        "weights on a connected machine and point `model` at that directory."
+    )
 
 
 def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:

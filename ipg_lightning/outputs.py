@@ -133,8 +133,7 @@ def _check_replaceable(path: Path) -> None:
     manifest = read_manifest(path)
     if manifest is None:
         if any(path.iterdir()):
-            raise _refuse(path, f"it holds files that ipg_lightning did not write (no {MANIFEST_FILE})",
-                          f"{another}, or move those files away first")
+            raise _refuse(path, f"it holds files that ipg_lightning did not write (no {MANIFEST_FILE})", f"{another}, or move those files away first")
         return
     extra = sorted(_relative_files(path) - set(manifest["files"]) - {MANIFEST_FILE})
     if extra:

@@ -75,8 +75,14 @@ class ReasonerTraining(L.LightningModule):
         super().__init__()
         if family not in ("llama", "qwen2"):
             raise ValueError(f"family must be 'llama' or 'qwen2', got {family!r}")
-        check_at_least(1, hidden_size=hidden_size, num_layers=num_layers, num_heads=num_heads,
-                       intermediate_size=intermediate_size, eval_max_new_tokens=eval_max_new_tokens)
+        check_at_least(
+            1,
+            hidden_size=hidden_size,
+            num_layers=num_layers,
+            num_heads=num_heads,
+            intermediate_size=intermediate_size,
+            eval_max_new_tokens=eval_max_new_tokens,
+        )
         check_at_least(0, warmup_steps=warmup_steps)
         if hidden_size % num_heads:
             raise ValueError(f"hidden_size {hidden_size} must be divisible by num_heads {num_heads}")
@@ -85,10 +91,18 @@ class ReasonerTraining(L.LightningModule):
         self.save_hyperparameters()
         self.tokenizer = reasoner_tokenizer()
         config = AutoConfig.for_model(
-            family, vocab_size=len(self.tokenizer), hidden_size=hidden_size, num_hidden_layers=num_layers,
-            num_attention_heads=num_heads, num_key_value_heads=num_heads, intermediate_size=intermediate_size,
-            max_position_embeddings=512, tie_word_embeddings=True, bos_token_id=self.tokenizer.bos_token_id,
-            eos_token_id=self.tokenizer.eos_token_id, pad_token_id=self.tokenizer.pad_token_id,
+            family,
+            vocab_size=len(self.tokenizer),
+            hidden_size=hidden_size,
+            num_hidden_layers=num_layers,
+            num_attention_heads=num_heads,
+            num_key_value_heads=num_heads,
+            intermediate_size=intermediate_size,
+            max_position_embeddings=512,
+            tie_word_embeddings=True,
+            bos_token_id=self.tokenizer.bos_token_id,
+            eos_token_id=self.tokenizer.eos_token_id,
+            pad_token_id=self.tokenizer.pad_token_id,
         )
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
@@ -112,16 +126,14 @@ class ReasonerTraining(L.LightningModule):
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         """Greedy accuracy on held-out problems."""
-        sampling = SamplingConfig(num_samples=1, temperature=0.0, max_new_tokens=self.hparams.eval_max_new_tokens,
-                                  batch_size=len(batch["prompt"]))
+        sampling = SamplingConfig(num_samples=1, temperature=0.0, max_new_tokens=self.hparams.eval_max_new_tokens, batch_size=len(batch["prompt"]))
         trajectories = sample_trajectories(self.lm, self.tokenizer, batch["prompt"], sampling, batch["seed"].tolist())
         self.val_accuracy.update(trajectories.completions, batch["answer"])
         self.log("val/accuracy", self.val_accuracy, prog_bar=True, batch_size=len(batch["prompt"]))
 
     def configure_optimizers(self):
         """AdamW with linear warm-up and cosine decay over the whole run."""
-        optimizer = torch.optim.AdamW(self.lm.parameters(), lr=self.hparams.learning_rate,
-                                      weight_decay=self.hparams.weight_decay, betas=(0.9, 0.98))
+        optimizer = torch.optim.AdamW(self.lm.parameters(), lr=self.hparams.learning_rate, weight_decay=self.hparams.weight_decay, betas=(0.9, 0.98))
         total = max(self.trainer.estimated_stepping_batches, self.hparams.warmup_steps + 1)
         warmup = self.hparams.warmup_steps
 
@@ -131,38 +143,38 @@ class ReasonerTraining(L.LightningModule):
             progress = (step - warmup) / max(1, total - warmup)
             return 0.05 + 0.95 * 0.5 * (1 + torch.cos(torch.tensor(progress * torch.pi)).item())
 
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": torch.optim.lr_scheduler.LambdaLR(optimizer, schedule),
-                                                         "interval": "step"}}
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": torch.optim.lr_scheduler.LambdaLR(optimizer, schedule), "interval": "step"}}
 
 
 def model_card(metrics: dict[str, Any], settings: dict[str, Any], command: str, parameters: int, size_mb: float) -> str:
     """The README of the shipped checkpoint: task, size, training command, seed and measured figures."""
     return f"""# tiny-reasoner
 
-A {parameters / 1e6:.2f} M-parameter {settings['family']} causal LM ({settings['num_layers']} blocks, width
-{settings['hidden_size']}, {settings['num_heads']} heads, MLP {settings['intermediate_size']}; {size_mb:.1f} MB of float32
+A {parameters / 1e6:.2f} M-parameter {settings["family"]} causal LM ({settings["num_layers"]} blocks, width
+{settings["hidden_size"]}, {settings["num_heads"]} heads, MLP {settings["intermediate_size"]}; {size_mb:.1f} MB of float32
 weights) trained from scratch by ipg_lightning's own Lightning recipe to solve multi-step arithmetic
 with chain-of-thought, ending in a GSM8K-style `#### <answer>` line. It exists so that the project's
 main job and tests have a real reasoner whose accuracy and reasoning length can move.
 
-- Task: `ipg_lightning.data.ArithmeticChainTask` ({settings['task']}); some solution steps are followed by a
+- Task: `ipg_lightning.data.ArithmeticChainTask` ({settings["task"]}); some solution steps are followed by a
   "Wait, let me check: ..." re-computation, so reasoning length varies.
 - Prompt: the tokenizer's chat template shows the model `Q: <question>\\nA:`.
 - Tokenizer: character-level `tokenizers` tokenizer (100 tokens), saved here.
-- Training: `{command}` (seed {settings['seed']}), {settings['wall_time_min']:.1f} min on 2 CPU cores.
+- Training: `{command}` (seed {settings["seed"]}), {settings["wall_time_min"]:.1f} min on 2 CPU cores.
 
-## Measured on {metrics['num_completions']} held-out problems (greedy decoding)
+## Measured on {metrics["num_completions"]} held-out problems (greedy decoding)
 
 | accuracy | answer rate | mean reasoning length (tokens) | median | reflection rate |
 | --- | --- | --- | --- | --- |
-| {metrics['accuracy']:.3f} | {metrics['answer_rate']:.3f} | {metrics['reasoning_length_mean']:.1f} | {metrics['reasoning_length_q50']:.0f} | {metrics['reflection_rate']:.3f} |
+| {metrics["accuracy"]:.3f} | {metrics["answer_rate"]:.3f} | {metrics["reasoning_length_mean"]:.1f} | {metrics["reasoning_length_q50"]:.0f} | {metrics["reflection_rate"]:.3f} |
 
 Load it with `AutoModelForCausalLM.from_pretrained(path)` and `AutoTokenizer.from_pretrained(path)`.
 """
 
 
-def save_reasoner(module: ReasonerTraining, output_dir: str | Path, metrics: dict[str, Any], settings: dict[str, Any],
-                  command: str, overwrite: bool = False) -> Path:
+def save_reasoner(
+    module: ReasonerTraining, output_dir: str | Path, metrics: dict[str, Any], settings: dict[str, Any], command: str, overwrite: bool = False
+) -> Path:
     """Write the trained model, tokenizer, metrics and model card atomically."""
     parameters = sum(p.numel() for p in module.lm.parameters())
     size_mb = parameters * 4 / 2**20

@@ -98,8 +98,10 @@ class AttributionReport:
         for key, rows in groups.items():
             if k is not None and k > len(rows):
                 where = f"layer {key} of the report" if per_layer else "the report"
-                raise ValueError(f"k={k}, but {where} has only {len(rows)} components{f' of family {family}' if family else ''}: "
-                                 f"choose k <= {len(rows)}, or a fraction")
+                raise ValueError(
+                    f"k={k}, but {where} has only {len(rows)} components{f' of family {family}' if family else ''}: "
+                    f"choose k <= {len(rows)}, or a fraction"
+                )
             count = k if k is not None else math.ceil(fraction * len(rows))
             chosen.extend(rows[:count])
         chosen.sort(key=lambda row: row[1] if signed else abs(row[1]), reverse=True)

@@ -168,8 +168,7 @@ def _get_submodule(root: nn.Module, path: str, what: str) -> nn.Module:
         return root.get_submodule(path)
     except AttributeError as error:
         raise UnsupportedArchitectureError(
-            f"Module path {path!r} ({what}) does not exist in {type(root).__name__}: {error}. "
-            "Check the `architecture` module paths."
+            f"Module path {path!r} ({what}) does not exist in {type(root).__name__}: {error}. Check the `architecture` module paths."
         ) from None
 
 

@@ -57,8 +57,7 @@ class ComponentSelection:
             raise ValueError(f"fraction must be in (0, 1], got {self.fraction}")
         object.__setattr__(self, "components", tuple(self.components))
 
-    def resolve(self, model: nn.Module | None = None, model_name: str = "the model",
-                architecture: ArchitectureSpec | None = None) -> list[str]:
+    def resolve(self, model: nn.Module | None = None, model_name: str = "the model", architecture: ArchitectureSpec | None = None) -> list[str]:
         """The selected component names; with ``model``, a report must have been computed on that model.
 
         Args:
@@ -87,8 +86,9 @@ def check_sites_fit(sites: Mapping[str, Mapping], model: nn.Module, what: str, a
         except ValueError as error:
             raise ModelMismatchError(f"{what} names {site_name}, which this model does not have: {error}") from None
         if site.size != description["size"]:
-            raise ModelMismatchError(f"{what} has {description['size']} components at {site_name}, this model has {site.size}: "
-                                     "it was computed on another model")
+            raise ModelMismatchError(
+                f"{what} has {description['size']} components at {site_name}, this model has {site.size}: it was computed on another model"
+            )
 
 
 def gates_for_components(
@@ -126,4 +126,3 @@ def component_mask(gates: ComponentGates, components: Sequence[str]) -> dict[str
         site_name, index = parse_component_name(component)
         masks[site_name][index or 0] = 1.0
     return masks
-

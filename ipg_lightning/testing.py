@@ -20,8 +20,7 @@ _CHARACTERS = list(string.ascii_letters + string.digits + string.punctuation + "
 
 # A minimal chat template so the chat-template code path runs on the tiny tokenizer too.
 _CHAT_TEMPLATE = (
-    "{% for message in messages %}<{{ message['role'] }}>{{ message['content'] }}\n{% endfor %}"
-    "{% if add_generation_prompt %}<assistant>{% endif %}"
+    "{% for message in messages %}<{{ message['role'] }}>{{ message['content'] }}\n{% endfor %}{% if add_generation_prompt %}<assistant>{% endif %}"
 )
 
 
@@ -50,11 +49,17 @@ def tiny_config(family: str = "llama", **overrides):
     if family == "gpt2":
         fields = dict(n_embd=32, n_layer=2, n_head=4, n_inner=64, n_positions=512)
     elif family == "gpt_neox":
-        fields = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
-                      max_position_embeddings=512, rotary_pct=0.5)
+        fields = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, max_position_embeddings=512, rotary_pct=0.5)
     elif family in ("llama", "qwen2", "qwen3", "mistral"):
-        fields = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                      intermediate_size=64, max_position_embeddings=512, tie_word_embeddings=False)
+        fields = dict(
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            intermediate_size=64,
+            max_position_embeddings=512,
+            tie_word_embeddings=False,
+        )
         if family == "qwen3":
             fields["head_dim"] = 8
     else:

@@ -138,19 +138,23 @@ def context_length(model: nn.Module) -> int | None:
     return getattr(unwrap_model(model).config, "max_position_embeddings", None)
 
 
-def check_context_length(model: nn.Module, lengths: Sequence[int], texts: Sequence[str], new_tokens: int = 0,
-                         what: str = "prompt") -> None:
+def check_context_length(model: nn.Module, lengths: Sequence[int], texts: Sequence[str], new_tokens: int = 0, what: str = "prompt") -> None:
     """Refuse a ``what`` (a prompt) longer than the model's context; warn if generation would run past it."""
     context = context_length(model)
     if not context or not lengths:
         return
     longest = max(range(len(lengths)), key=lambda index: lengths[index])
     if lengths[longest] > context:
-        raise ValueError(f"A {what} has {lengths[longest]} tokens, more than the model's context of {context} "
-                         f"({texts[longest][:60]!r}...): shorten it or use a model with a longer context")
+        raise ValueError(
+            f"A {what} has {lengths[longest]} tokens, more than the model's context of {context} "
+            f"({texts[longest][:60]!r}...): shorten it or use a model with a longer context"
+        )
     if lengths[longest] + new_tokens > context:  # shown once per setting by Python's warning filter
-        warnings.warn(f"Prompts of up to {lengths[longest]} tokens plus max_new_tokens {new_tokens} exceed the model's "
-                      f"context of {context}: completions that run that long leave the positions it was trained on", stacklevel=3)
+        warnings.warn(
+            f"Prompts of up to {lengths[longest]} tokens plus max_new_tokens {new_tokens} exceed the model's "
+            f"context of {context}: completions that run that long leave the positions it was trained on",
+            stacklevel=3,
+        )
 
 
 def prompt_seed(prompt: str) -> int:
@@ -184,9 +188,7 @@ class PerRowSampler(LogitsProcessor):
             outside = sorted_probs.cumsum(-1) - sorted_probs >= self.top_p
             sorted_probs = sorted_probs.masked_fill(outside, 0.0)
             probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs)
-        chosen = torch.cat(
-            [torch.multinomial(probs[row], 1, generator=gen) for row, gen in enumerate(self.generators)]
-        )
+        chosen = torch.cat([torch.multinomial(probs[row], 1, generator=gen) for row, gen in enumerate(self.generators)])
         out = torch.full_like(scores, float("-inf"))
         out[torch.arange(len(chosen), device=scores.device), chosen] = 0.0
         return out
@@ -265,10 +267,7 @@ def sample_trajectories(
         padded = _pad([encoded[p] for p, _ in batch_rows], [[] for _ in batch_rows], pad_id)
         processors = LogitsProcessorList()
         if config.temperature > 0:
-            generators = [
-                torch.Generator(device=device).manual_seed(row_seed(config.seed, seeds[p], s))
-                for p, s in batch_rows
-            ]
+            generators = [torch.Generator(device=device).manual_seed(row_seed(config.seed, seeds[p], s)) for p, s in batch_rows]
             processors.append(PerRowSampler(generators, config.temperature, config.top_p))
         output = unwrap_model(model).generate(
             input_ids=padded["input_ids"].to(device),
@@ -291,9 +290,7 @@ def sample_trajectories(
     )
 
 
-def teacher_forced_trajectories(
-    tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str], continuations: Sequence[str]
-) -> Trajectories:
+def teacher_forced_trajectories(tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str], continuations: Sequence[str]) -> Trajectories:
     """Trajectories whose completions are given texts (e.g. reference solutions) followed by EOS."""
     if len(prompts) != len(continuations):
         raise ValueError(f"Got {len(prompts)} prompts but {len(continuations)} continuations")
@@ -350,9 +347,7 @@ def frozen_parameters(model: nn.Module) -> Iterator[nn.Module]:
             parameter.requires_grad_(flag)
 
 
-def _weighted_log_likelihood(
-    model: nn.Module, trajectories: Trajectories, weights: torch.Tensor, chunk_size: int, backward: bool
-) -> float:
+def _weighted_log_likelihood(model: nn.Module, trajectories: Trajectories, weights: torch.Tensor, chunk_size: int, backward: bool) -> float:
     if weights.shape != (len(trajectories),):
         raise ValueError(f"Expected one weight per trajectory ({len(trajectories)}), got shape {tuple(weights.shape)}")
     total = 0.0

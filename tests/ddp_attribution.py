@@ -10,12 +10,26 @@ from ipg_lightning.data import PromptTemplate, ReasoningDataModule
 if __name__ == "__main__":
     devices, output_dir = int(sys.argv[1]), sys.argv[2]
     module = IPGAttribution(
-        model="tiny:llama", families=["attn_head", "mlp_neuron"], layers=[0], steps=3, num_samples=4,
-        temperature=1.0, top_p=1.0, max_new_tokens=8, reward="ipg_lightning.rewards:answer_present",
+        model="tiny:llama",
+        families=["attn_head", "mlp_neuron"],
+        layers=[0],
+        steps=3,
+        num_samples=4,
+        temperature=1.0,
+        top_p=1.0,
+        max_new_tokens=8,
+        reward="ipg_lightning.rewards:answer_present",
         output_dir=output_dir,
     )
     data = ReasoningDataModule(num_train=0, num_val=6, num_test=0, batch_size=1, template=PromptTemplate(use_chat_template=False))
     strategy = "ddp" if devices > 1 else "auto"
-    trainer = L.Trainer(accelerator="cpu", devices=devices, strategy=strategy, inference_mode=False, logger=False,
-                        enable_progress_bar=False, enable_model_summary=False)
+    trainer = L.Trainer(
+        accelerator="cpu",
+        devices=devices,
+        strategy=strategy,
+        inference_mode=False,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
     trainer.validate(module, datamodule=data, verbose=False)

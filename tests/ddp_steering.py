@@ -12,14 +12,22 @@ from ipg_lightning.steering import ComponentSelection
 if __name__ == "__main__":
     devices, output = int(sys.argv[1]), sys.argv[2]
     selection = ComponentSelection(components=("blocks.1.mlp.hook_post[3]", "blocks.0.attn.hook_z[1]", "blocks.1.hook_attn_out"))
-    module = GateSteering(selection=selection, model="tiny:llama", reward="ipg_lightning.rewards:answer_present",
-                          max_new_tokens=8, num_samples=4, learning_rate=0.1)
+    module = GateSteering(
+        selection=selection, model="tiny:llama", reward="ipg_lightning.rewards:answer_present", max_new_tokens=8, num_samples=4, learning_rate=0.1
+    )
     # Every optimisation step sees all 4 prompts: 1 process x batch 4, or 2 processes x batch 2.
-    data = ReasoningDataModule(num_train=4, num_val=2, num_test=2, batch_size=4 // devices,
-                               template=PromptTemplate(use_chat_template=False))
-    trainer = L.Trainer(accelerator="cpu", devices=devices, strategy="ddp" if devices > 1 else "auto", max_epochs=3,
-                        logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                        limit_val_batches=0)
+    data = ReasoningDataModule(num_train=4, num_val=2, num_test=2, batch_size=4 // devices, template=PromptTemplate(use_chat_template=False))
+    trainer = L.Trainer(
+        accelerator="cpu",
+        devices=devices,
+        strategy="ddp" if devices > 1 else "auto",
+        max_epochs=3,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+    )
     trainer.fit(module, datamodule=data)
     if trainer.is_global_zero:
         torch.save(module.trainable_state(), output)

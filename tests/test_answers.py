@@ -49,8 +49,20 @@ def test_no_answer(text):
 
 @pytest.mark.parametrize(
     ("raw", "normalised"),
-    [("12.0", "12"), ("$1,000", "1000"), ("12.", "12"), ("-0", "0"), ("0.50", "0.5"), ("−3", "-3"),
-     ("\\frac{1}{2}", "0.5"), ("2/6", "1/3"), ("50\\%", "50"), ("\\text{ 7 }", "7"), ("x + 1", "x+1"), ("1,5", "1,5")],
+    [
+        ("12.0", "12"),
+        ("$1,000", "1000"),
+        ("12.", "12"),
+        ("-0", "0"),
+        ("0.50", "0.5"),
+        ("−3", "-3"),
+        ("\\frac{1}{2}", "0.5"),
+        ("2/6", "1/3"),
+        ("50\\%", "50"),
+        ("\\text{ 7 }", "7"),
+        ("x + 1", "x+1"),
+        ("1,5", "1,5"),
+    ],
 )
 def test_normalize_answer(raw, normalised):
     assert normalize_answer(raw) == normalised
@@ -58,8 +70,16 @@ def test_normalize_answer(raw, normalised):
 
 @pytest.mark.parametrize(
     ("predicted", "gold", "match"),
-    [("12", "12.00", True), ("0.5", "1/2", True), ("$1,234", "1234", True), ("-4", "4", False), (None, "4", False),
-     ("x+1", "x + 1", True), ("1/3", "0.333", False), ("7", "7.", True)],
+    [
+        ("12", "12.00", True),
+        ("0.5", "1/2", True),
+        ("$1,234", "1234", True),
+        ("-4", "4", False),
+        (None, "4", False),
+        ("x+1", "x + 1", True),
+        ("1/3", "0.333", False),
+        ("7", "7.", True),
+    ],
 )
 def test_answers_match(predicted, gold, match):
     assert answers_match(predicted, gold) is match

@@ -1,4 +1,3 @@
-
 import lightning as L
 import pytest
 import torch
@@ -29,15 +28,15 @@ def starts_with_digit(completion):
 
 
 def _data(num_val=4, batch_size=2, **kwargs):
-    return ReasoningDataModule(num_train=0, num_val=num_val, num_test=0, batch_size=batch_size,
-                               template=PromptTemplate(use_chat_template=False), **kwargs)
+    return ReasoningDataModule(
+        num_train=0, num_val=num_val, num_test=0, batch_size=batch_size, template=PromptTemplate(use_chat_template=False), **kwargs
+    )
 
 
 def _run(model, tokenizer, data, **kwargs):
     settings = dict(reward=digit_fraction, temperature=1.0, top_p=1.0, max_new_tokens=10, num_samples=4)
     module = IPGAttribution.for_model(model, tokenizer, **{**settings, **kwargs})
-    trainer = L.Trainer(inference_mode=False, logger=False, enable_progress_bar=False, enable_model_summary=False,
-                        accelerator="cpu", devices=1)
+    trainer = L.Trainer(inference_mode=False, logger=False, enable_progress_bar=False, enable_model_summary=False, accelerator="cpu", devices=1)
     trainer.validate(module, datamodule=data, verbose=False)
     return module.report
 
@@ -88,8 +87,7 @@ def test_completeness_residual_shrinks_with_q_and_is_small_at_32():
 def test_right_rule_the_papers_also_converges():
     model, tokenizer = tiny_causal_lm("qwen2"), tiny_tokenizer()
     relative = [
-        _run(model, tokenizer, _data(), families=["mlp_neuron"], layers=[1], steps=q)
-        .metadata["completeness"]["relative_residual"] for q in (4, 32)
+        _run(model, tokenizer, _data(), families=["mlp_neuron"], layers=[1], steps=q).metadata["completeness"]["relative_residual"] for q in (4, 32)
     ]
     assert relative[1] < relative[0] and relative[1] < 0.05
 
@@ -97,8 +95,18 @@ def test_right_rule_the_papers_also_converges():
 @pytest.mark.parametrize("advantage", ["rloo", "grpo", "none"])
 def test_planted_neuron_is_ranked_first_with_positive_sign(advantage):
     model, tokenizer, _ = _planted_model(neuron=5)
-    report = _run(model, tokenizer, _data(num_val=6, batch_size=3), families=["mlp_neuron"], layers=[1],
-                  reward=starts_with_digit, max_new_tokens=1, num_samples=8, steps=4, advantage=advantage)
+    report = _run(
+        model,
+        tokenizer,
+        _data(num_val=6, batch_size=3),
+        families=["mlp_neuron"],
+        layers=[1],
+        reward=starts_with_digit,
+        max_new_tokens=1,
+        num_samples=8,
+        steps=4,
+        advantage=advantage,
+    )
     ranked = report.ranked(signed=True)
     assert ranked[0][0] == "blocks.1.mlp.hook_post[5]"
     assert ranked[0][1] > 0
@@ -116,8 +124,7 @@ def _exact_integrated_gradients(model, tokenizer, prompts, digit_ids, steps):
             gates.set_site(site, alpha)
             gates.gate(site).grad = None
             expected = sum(
-                model(torch.tensor([tokenizer(p, add_special_tokens=False)["input_ids"]])).logits[0, -1].softmax(-1)[digit_ids].sum()
-                for p in prompts
+                model(torch.tensor([tokenizer(p, add_special_tokens=False)["input_ids"]])).logits[0, -1].softmax(-1)[digit_ids].sum() for p in prompts
             ) / len(prompts)
             expected.backward()
             total += weight * gates.gate(site).grad.double()
@@ -131,8 +138,19 @@ def test_resample_converges_to_integrated_gradients_of_the_exact_expectation():
     exact = _exact_integrated_gradients(model, tokenizer, prompts, digit_ids, steps=4)
     errors = []
     for samples in (8, 512):
-        report = _run(model, tokenizer, data, families=["mlp_neuron"], layers=[1], reward=starts_with_digit,
-                      max_new_tokens=1, num_samples=samples, steps=4, estimation="resample", generation_batch_size=512)
+        report = _run(
+            model,
+            tokenizer,
+            data,
+            families=["mlp_neuron"],
+            layers=[1],
+            reward=starts_with_digit,
+            max_new_tokens=1,
+            num_samples=samples,
+            steps=4,
+            estimation="resample",
+            generation_batch_size=512,
+        )
         estimate = report.scores["blocks.1.mlp.hook_post"]
         errors.append(((estimate - exact).norm() / exact.norm()).item())
     assert errors[1] < errors[0]
@@ -221,8 +239,17 @@ def test_ig_of_reference_likelihood_is_complete_and_random_is_seeded():
 
 def test_a_run_where_no_prompt_carries_signal_is_refused_not_written(tmp_path):
     model, tokenizer = tiny_causal_lm("llama"), tiny_tokenizer()
-    module = IPGAttribution.for_model(model, tokenizer, reward=lambda c: 1.0, families=["attn_head"], layers=[0], steps=2,
-                                      temperature=1.0, max_new_tokens=10, output_dir=str(tmp_path / "report"))
+    module = IPGAttribution.for_model(
+        model,
+        tokenizer,
+        reward=lambda c: 1.0,
+        families=["attn_head"],
+        layers=[0],
+        steps=2,
+        temperature=1.0,
+        max_new_tokens=10,
+        output_dir=str(tmp_path / "report"),
+    )
     with pytest.raises(UninformativeReportError, match="none of the 4 support prompts carried signal.*No report was written"):
         run_attribution(module, _data(), enable_progress_bar=False)
     assert not (tmp_path / "report").exists()
@@ -253,10 +280,12 @@ def test_inference_mode_is_refused_with_a_clear_message():
 
 def test_gates_stay_float32_under_a_half_precision_trainer():
     model, tokenizer = tiny_causal_lm("llama"), tiny_tokenizer()
-    module = IPGAttribution.for_model(model, tokenizer, reward=digit_fraction, families=["attn_head"], layers=[0],
-                                      steps=2, max_new_tokens=4, temperature=1.0, top_p=1.0)
-    trainer = L.Trainer(inference_mode=False, logger=False, enable_progress_bar=False, enable_model_summary=False,
-                        accelerator="cpu", precision="bf16-true")
+    module = IPGAttribution.for_model(
+        model, tokenizer, reward=digit_fraction, families=["attn_head"], layers=[0], steps=2, max_new_tokens=4, temperature=1.0, top_p=1.0
+    )
+    trainer = L.Trainer(
+        inference_mode=False, logger=False, enable_progress_bar=False, enable_model_summary=False, accelerator="cpu", precision="bf16-true"
+    )
     trainer.validate(module, datamodule=_data(), verbose=False)
     assert module.gates.gate("blocks.0.attn.hook_z").dtype == torch.float32
     assert next(model.parameters()).dtype == torch.bfloat16  # the model itself did run in bf16

@@ -11,11 +11,36 @@ RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 def test_demo_runs_every_stage_and_writes_a_complete_output(tmp_path, capsys):
     out = tmp_path / "demo"
     # The shipped reasoner (a random tiny model never solves a problem: its accuracy attribution is refused).
-    run(["demo", "--out_dir", str(out), "--support_prompts", "4", "--test_prompts", "4",
-         "--steps", "2", "--learning_steps", "1", "--max_new_tokens", "64", "--k", "3", "--eval_samples", "2"])
+    run(
+        [
+            "demo",
+            "--out_dir",
+            str(out),
+            "--support_prompts",
+            "4",
+            "--test_prompts",
+            "4",
+            "--steps",
+            "2",
+            "--learning_steps",
+            "1",
+            "--max_new_tokens",
+            "64",
+            "--k",
+            "3",
+            "--eval_samples",
+            "2",
+        ]
+    )
     summary = json.loads((out / "summary.json").read_text())
-    assert list(summary["conditions"]) == ["base", "accuracy suppressed", "accuracy amplified", "length suppressed",
-                                           "length amplified", "length learned"]
+    assert list(summary["conditions"]) == [
+        "base",
+        "accuracy suppressed",
+        "accuracy amplified",
+        "length suppressed",
+        "length amplified",
+        "length learned",
+    ]
     assert summary["export"]["greedy_generations_identical"] is True
     assert summary["site"] == "blocks.3.mlp.hook_post"  # the last block of the 4-block reasoner
     assert set(summary["learned_gates"]) == set(summary["selected"]["length"])
@@ -61,8 +86,16 @@ def bad_inputs(tmp_path_factory):
     (root / "report" / "attribution.safetensors").write_bytes(b"\x00" * 10)
     (root / "cut.ckpt").write_bytes(b"PK\x03\x04 truncated")
     tiny_causal_lm("llama").save_pretrained(root / "no_tokenizer")
-    config = AutoConfig.for_model("opt", hidden_size=16, num_hidden_layers=1, num_attention_heads=2, ffn_dim=32,
-                                  vocab_size=128, max_position_embeddings=64, word_embed_proj_dim=16)
+    config = AutoConfig.for_model(
+        "opt",
+        hidden_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        ffn_dim=32,
+        vocab_size=128,
+        max_position_embeddings=64,
+        word_embed_proj_dim=16,
+    )
     AutoModelForCausalLM.from_config(config).save_pretrained(root / "opt")
     from ipg_lightning.testing import tiny_tokenizer
 
@@ -86,8 +119,10 @@ BAD_INPUTS = [  # (arguments, with {root} for the fixture's folder, what the one
     (["evaluate", "--data.batch_size", "0"], "batch_size must be >= 1, got 0"),
     (["evaluate", "--output_dir", "{root}/taken"], "taken already exists"),
     (["export", "--components", COMPONENT, "--metrics", "{root}/missing.json", "--output_dir", "{root}/x"], "--metrics"),
-    (["attribute", "--config", str(RECIPES / "attribute_tiny.yaml"), "--model.rule", "simpson"],
-     "--model.rule: expected one of 'right', 'left', 'midpoint', 'trapezoid', 'gauss_legendre', got 'simpson'"),
+    (
+        ["attribute", "--config", str(RECIPES / "attribute_tiny.yaml"), "--model.rule", "simpson"],
+        "--model.rule: expected one of 'right', 'left', 'midpoint', 'trapezoid', 'gauss_legendre', got 'simpson'",
+    ),
     (["attribute", "--config", str(RECIPES / "attribute_tiny.yaml"), "--model.temperature", "0"], "temperature 0 (greedy decoding)"),
     (["demo", "--k", "0"], "k must be >= 1, got 0"),
 ]

@@ -32,16 +32,28 @@ def test_evaluate_writes_metrics_and_generations_matching_an_independent_run(tmp
     data = ReasoningDataModule(num_train=0, num_val=2, num_test=4)
     data.connect(tokenizer)
     gates = gates_for_components(model, json.loads(COMPONENTS), 0.0)
-    independent = evaluate_generations(model, tokenizer, list(data.test_dataloader()),
-                                       SamplingConfig(num_samples=1, temperature=0.0, max_new_tokens=16), gates)
+    independent = evaluate_generations(
+        model, tokenizer, list(data.test_dataloader()), SamplingConfig(num_samples=1, temperature=0.0, max_new_tokens=16), gates
+    )
     assert [g["completion"] for g in generations] == [r["completion"] for r in independent.records]
     assert summary["metrics"] == pytest.approx(independent.metrics)
 
 
 def test_an_exported_checkpoint_evaluates_like_the_steered_model(tmp_path):
     run(["evaluate", "--components", COMPONENTS, "--gamma", "0", "--output_dir", str(tmp_path / "fixed"), *COMMON])
-    run(["export", "--components", COMPONENTS, "--gamma", "0", "--output_dir", str(tmp_path / "exported"),
-          "--metrics", str(tmp_path / "fixed" / "metrics.json")])
+    run(
+        [
+            "export",
+            "--components",
+            COMPONENTS,
+            "--gamma",
+            "0",
+            "--output_dir",
+            str(tmp_path / "exported"),
+            "--metrics",
+            str(tmp_path / "fixed" / "metrics.json"),
+        ]
+    )
     run(["evaluate", "--model", str(tmp_path / "exported"), "--output_dir", str(tmp_path / "from_export"), *COMMON])
     fixed = _lines(tmp_path / "fixed" / "generations.jsonl")
     exported = _lines(tmp_path / "from_export" / "generations.jsonl")
@@ -51,10 +63,33 @@ def test_an_exported_checkpoint_evaluates_like_the_steered_model(tmp_path):
 
 
 def test_sweep_table_and_plot_with_gamma_one_equal_to_base(tmp_path):
-    run(["attribute", "--config", str(RECIPE), "--model.steps", "2",
-          "--model.output_dir", str(tmp_path / "report"), "--trainer.enable_progress_bar", "false"])
-    run(["evaluate", "--report", str(tmp_path / "report"), "--ks", "[2, 6]", "--gammas", "[0.0, 1.0, 2.0]",
-          "--output_dir", str(tmp_path / "sweep"), *COMMON])
+    run(
+        [
+            "attribute",
+            "--config",
+            str(RECIPE),
+            "--model.steps",
+            "2",
+            "--model.output_dir",
+            str(tmp_path / "report"),
+            "--trainer.enable_progress_bar",
+            "false",
+        ]
+    )
+    run(
+        [
+            "evaluate",
+            "--report",
+            str(tmp_path / "report"),
+            "--ks",
+            "[2, 6]",
+            "--gammas",
+            "[0.0, 1.0, 2.0]",
+            "--output_dir",
+            str(tmp_path / "sweep"),
+            *COMMON,
+        ]
+    )
     rows = json.loads((tmp_path / "sweep" / "sweep.json").read_text())["rows"]
     assert len(rows) == 1 + 2 * 3
     base = rows[0]

@@ -36,8 +36,9 @@ print(json.dumps({"logits": logits.tolist(), "tokens": tokens.tolist()}))
 
 
 def _in_fresh_process(loader: str, path) -> dict:
-    result = subprocess.run([sys.executable, "-c", loader + REPORT, str(path), json.dumps(INPUT)],
-                            capture_output=True, text=True, timeout=300, check=True)
+    result = subprocess.run(
+        [sys.executable, "-c", loader + REPORT, str(path), json.dumps(INPUT)], capture_output=True, text=True, timeout=300, check=True
+    )
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
@@ -49,12 +50,25 @@ def _gated_outputs(model, gates):
 
 def _trained_lora_steering(tmp_path):
     components = ("blocks.0.mlp.hook_post[3]", "blocks.1.attn.hook_z[2]", "blocks.1.hook_mlp_out")
-    module = GateSteering.for_model(tiny_causal_lm("qwen2"), tiny_tokenizer(), selection=ComponentSelection(components=components),
-                                    reward="ipg_lightning.rewards:answer_present", max_new_tokens=6, learning_rate=0.2,
-                                    lora=LoraSettings(r=2, target_modules=["q_proj", "o_proj"]))
+    module = GateSteering.for_model(
+        tiny_causal_lm("qwen2"),
+        tiny_tokenizer(),
+        selection=ComponentSelection(components=components),
+        reward="ipg_lightning.rewards:answer_present",
+        max_new_tokens=6,
+        learning_rate=0.2,
+        lora=LoraSettings(r=2, target_modules=["q_proj", "o_proj"]),
+    )
     data = ReasoningDataModule(num_train=4, num_val=2, num_test=2, batch_size=4, template=PromptTemplate(use_chat_template=False))
-    L.Trainer(max_epochs=2, accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
-              limit_val_batches=0, default_root_dir=tmp_path).fit(module, datamodule=data)
+    L.Trainer(
+        max_epochs=2,
+        accelerator="cpu",
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        default_root_dir=tmp_path,
+    ).fit(module, datamodule=data)
     with torch.no_grad():  # make the adapter matter: B starts at zero and barely moves in 2 steps
         for name, parameter in module.lm.named_parameters():
             if "lora_B" in name:

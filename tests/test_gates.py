@@ -126,9 +126,8 @@ def test_hooks_are_removed_on_exit_and_after_an_exception():
     with gates.attach(model):
         assert _hook_count(model) == 10
     assert _hook_count(model) == 0
-    with pytest.raises(RuntimeError, match="boom"):
-        with gates.attach(model):
-            raise RuntimeError("boom")
+    with pytest.raises(RuntimeError, match="boom"), gates.attach(model):
+        raise RuntimeError("boom")
     assert _hook_count(model) == 0
 
 
@@ -177,8 +176,10 @@ def _lora_model(family):
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
 def test_gates_on_a_lora_model_fold_after_merging(family):
     peft_model = _lora_model(family).eval()
-    assert hasattr(unwrap_model(peft_model).get_submodule(
-        "model.layers.0.self_attn.o_proj" if family == "llama" else "transformer.h.0.attn.c_proj"), "base_layer")
+    assert hasattr(
+        unwrap_model(peft_model).get_submodule("model.layers.0.self_attn.o_proj" if family == "llama" else "transformer.h.0.attn.c_proj"),
+        "base_layer",
+    )
     ungated = peft_model(INPUT).logits
     gates = ComponentGates.for_model(peft_model, FOLDABLE)
     with gates.attach(peft_model):

@@ -11,8 +11,14 @@ from ipg_lightning.metrics import AnswerRate, ReasoningAccuracy, ReasoningLength
 from ipg_lightning.metrics import functional as F
 
 COMPLETIONS = [
-    "2 + 2 = 4\n#### 4", "Wait, 3 + 3 = 6. The answer is 6.", "I think it's 10", "no clue",
-    "Let me check: 5 * 2 = 10\n#### 10", "\\boxed{7}", "hmm... #### 9", "The answer is 1,000.",
+    "2 + 2 = 4\n#### 4",
+    "Wait, 3 + 3 = 6. The answer is 6.",
+    "I think it's 10",
+    "no clue",
+    "Let me check: 5 * 2 = 10\n#### 10",
+    "\\boxed{7}",
+    "hmm... #### 9",
+    "The answer is 1,000.",
 ]
 GOLDS = ["4", "6", "11", "3", "10", "8", "9", "1000"]
 LENGTHS = [3.0, 10.0, 7.0, 0.0, 12.0, 1.0, 4.0, 6.0]

@@ -38,10 +38,9 @@ def project(tmp_path, monkeypatch):
 
 def test_atomic_directory_leaves_nothing_behind_on_failure(tmp_path):
     target = tmp_path / "report"
-    with pytest.raises(KeyboardInterrupt):
-        with atomic_directory(target) as staging:
-            atomic_write_json(staging / "attribution.json", {"half": "written"})
-            raise KeyboardInterrupt
+    with pytest.raises(KeyboardInterrupt), atomic_directory(target) as staging:
+        atomic_write_json(staging / "attribution.json", {"half": "written"})
+        raise KeyboardInterrupt
     assert list(tmp_path.iterdir()) == []
     with atomic_directory(target, kind="test output") as staging:
         atomic_write_json(staging / "a.json", {"x": 1})
@@ -49,17 +48,20 @@ def test_atomic_directory_leaves_nothing_behind_on_failure(tmp_path):
     assert stat.S_IMODE(target.stat().st_mode) & 0o055  # readable by others, like a normal directory
     manifest = read_manifest(target)
     assert manifest["kind"] == "test output" and manifest["files"] == ["a.json"]
-    with pytest.raises(FileExistsError, match="already exists"):
-        with atomic_directory(target):
-            pass
+    with pytest.raises(FileExistsError, match="already exists"), atomic_directory(target):
+        pass
 
 
-@pytest.mark.parametrize("command", [
-    ["attribute", "--config", str(RECIPES / "attribute_tiny.yaml"), "--model.overwrite", "true", "--model.output_dir"],
-    ["evaluate", "--config", str(RECIPES / "evaluate_tiny.yaml"), "--overwrite", "true", *QUICK_EVALUATE, "--output_dir"],
-    ["export", "--config", str(RECIPES / "export_tiny.yaml"), "--overwrite", "true", "--output_dir"],
-    ["demo", "--model", "tiny:llama", "--out_dir"],
-], ids=lambda command: command[0])
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["attribute", "--config", str(RECIPES / "attribute_tiny.yaml"), "--model.overwrite", "true", "--model.output_dir"],
+        ["evaluate", "--config", str(RECIPES / "evaluate_tiny.yaml"), "--overwrite", "true", *QUICK_EVALUATE, "--output_dir"],
+        ["export", "--config", str(RECIPES / "export_tiny.yaml"), "--overwrite", "true", "--output_dir"],
+        ["demo", "--model", "tiny:llama", "--out_dir"],
+    ],
+    ids=lambda command: command[0],
+)
 @pytest.mark.parametrize("target", [".", "..", "outputs"])
 def test_overwrite_never_replaces_the_working_directory_its_parents_or_other_files(project, command, target):
     before = _tree(project.parent)
@@ -75,13 +77,11 @@ def test_overwrite_replaces_an_earlier_output_but_not_a_file_added_to_it(project
     with pytest.raises(FileExistsError, match="already exists"):  # overwrite must be asked for
         run(["evaluate", "--config", str(RECIPES / "evaluate_tiny.yaml"), *QUICK_EVALUATE, "--output_dir", "outputs/run"])
     (project / "outputs" / "run" / "metrics.json").write_text("stale\n")
-    run(["evaluate", "--config", str(RECIPES / "evaluate_tiny.yaml"), *QUICK_EVALUATE, "--output_dir", "outputs/run",
-         "--overwrite", "true"])
+    run(["evaluate", "--config", str(RECIPES / "evaluate_tiny.yaml"), *QUICK_EVALUATE, "--output_dir", "outputs/run", "--overwrite", "true"])
     assert json.loads((project / "outputs" / "run" / "metrics.json").read_text())["metrics"]["num_completions"] == 2
     (project / "outputs" / "run" / "analysis.ipynb").write_text("{}")
     with pytest.raises(UnsafeOverwriteError, match=r"entries the earlier run did not write \(analysis.ipynb\)"):
-        run(["evaluate", "--config", str(RECIPES / "evaluate_tiny.yaml"), *QUICK_EVALUATE, "--output_dir", "outputs/run",
-             "--overwrite", "true"])
+        run(["evaluate", "--config", str(RECIPES / "evaluate_tiny.yaml"), *QUICK_EVALUATE, "--output_dir", "outputs/run", "--overwrite", "true"])
     assert (project / "outputs" / "run" / "analysis.ipynb").is_file()
     assert sorted(p.name for p in (project / "outputs").iterdir()) == ["old_run", "run"]  # no stage left behind
 
@@ -95,9 +95,12 @@ def test_an_existing_output_is_refused_before_the_model_loads(tmp_path, monkeypa
     monkeypatch.setattr("ipg_lightning.commands.load_model_and_tokenizer", no_loading)
     monkeypatch.setattr("ipg_lightning.demo.load_model_and_tokenizer", no_loading)
     monkeypatch.setattr("ipg_lightning.attribution.load_model_and_tokenizer", no_loading)
-    for command in (["evaluate", "--output_dir"], ["export", "--components", '["blocks.0.hook_mlp_out"]', "--output_dir"],
-                    ["demo", "--overwrite", "false", "--out_dir"],
-                    ["attribute", "--config", str(RECIPES / "attribute_tiny.yaml"), "--model.output_dir"]):
+    for command in (
+        ["evaluate", "--output_dir"],
+        ["export", "--components", '["blocks.0.hook_mlp_out"]', "--output_dir"],
+        ["demo", "--overwrite", "false", "--out_dir"],
+        ["attribute", "--config", str(RECIPES / "attribute_tiny.yaml"), "--model.output_dir"],
+    ):
         with pytest.raises(FileExistsError, match="already exists"):
             run([*command, str(tmp_path / "taken")])
 
@@ -157,9 +160,8 @@ def test_a_file_added_inside_a_sub_directory_of_an_output_is_not_overwritten(tmp
         (staging / "exported" / "model.safetensors").write_bytes(b"weights")
     assert read_manifest(target)["files"] == ["exported/model.safetensors"]
     (target / "exported" / "NOTES.md").write_text("mine")
-    with pytest.raises(UnsafeOverwriteError, match=r"did not write \(exported/NOTES.md\)"):
-        with atomic_directory(target, overwrite=True):
-            pass
+    with pytest.raises(UnsafeOverwriteError, match=r"did not write \(exported/NOTES.md\)"), atomic_directory(target, overwrite=True):
+        pass
     assert (target / "exported" / "NOTES.md").read_text() == "mine"
 
 
@@ -169,6 +171,10 @@ def test_reports_and_exports_are_readable_by_others(tmp_path):
     report = AttributionReport({"blocks.0.hook_mlp_out": torch.ones(1)}, {"blocks.0.hook_mlp_out": {"family": "mlp_out", "layer": 0, "size": 1}})
     report.save(tmp_path / "report", plot=False)
     run(["export", "--config", str(RECIPES / "export_tiny.yaml"), "--output_dir", str(tmp_path / "export")])
-    for path in [tmp_path / "report" / "attribution.safetensors", tmp_path / "export" / "model.safetensors",
-                 tmp_path / "export" / "steering.safetensors", tmp_path / "export" / MANIFEST_FILE]:
+    for path in [
+        tmp_path / "report" / "attribution.safetensors",
+        tmp_path / "export" / "model.safetensors",
+        tmp_path / "export" / "steering.safetensors",
+        tmp_path / "export" / MANIFEST_FILE,
+    ]:
         assert stat.S_IMODE(path.stat().st_mode) & 0o044 == 0o044, path

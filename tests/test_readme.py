@@ -29,8 +29,19 @@ def test_api_example_runs_and_puts_gradients_on_gates():
 
 def test_report_example_runs_on_a_report_from_the_tiny_recipe(tmp_path, monkeypatch):
     recipe = README.parent / "recipes" / "attribute_tiny.yaml"
-    run(["attribute", "--config", str(recipe), "--model.steps", "2", "--trainer.enable_progress_bar", "false",
-          "--model.output_dir", str(tmp_path / "outputs" / "attribution_tiny")])
+    run(
+        [
+            "attribute",
+            "--config",
+            str(recipe),
+            "--model.steps",
+            "2",
+            "--trainer.enable_progress_bar",
+            "false",
+            "--model.output_dir",
+            str(tmp_path / "outputs" / "attribution_tiny"),
+        ]
+    )
     monkeypatch.chdir(tmp_path)
     namespace: dict = {}
     exec(compile(_block("AttributionReport.load"), str(README), "exec"), namespace)

@@ -34,8 +34,7 @@ def test_a_few_training_steps_lower_the_solution_loss():
     import lightning as L
 
     data = ReasoningDataModule(num_train=64, num_val=4, num_test=4, batch_size=16, synthetic_task=TINY_REASONER_TASK)
-    module = ReasonerTraining(hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64, warmup_steps=2,
-                              learning_rate=1e-2)
+    module = ReasonerTraining(hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64, warmup_steps=2, learning_rate=1e-2)
     data.connect(module.tokenizer)
     batch = next(iter(data.test_dataloader()))
     trajectories = teacher_forced_trajectories(module.tokenizer, batch["prompt"], batch["solution"])
@@ -46,8 +45,15 @@ def test_a_few_training_steps_lower_the_solution_loss():
         return -log_probs.sum().item() / trajectories.num_completion_tokens
 
     before = solution_nll()
-    L.Trainer(max_steps=30, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
-              enable_model_summary=False, limit_val_batches=0).fit(module, datamodule=data)
+    L.Trainer(
+        max_steps=30,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+    ).fit(module, datamodule=data)
     assert solution_nll() < 0.6 * before  # held-out problems: it learned the format, not the batch
 
 
@@ -67,8 +73,7 @@ def test_shipped_reasoner_loads_offline_with_a_card_and_room_to_move():
 
 
 def _held_out(tokenizer, num_test: int, num_val: int = 16) -> ReasoningDataModule:
-    data = ReasoningDataModule(synthetic_task=TINY_REASONER_TASK, num_train=num_val, num_val=num_val, num_test=num_test,
-                               batch_size=16, seed=0)
+    data = ReasoningDataModule(synthetic_task=TINY_REASONER_TASK, num_train=num_val, num_val=num_val, num_test=num_test, batch_size=16, seed=0)
     data.connect(tokenizer)
     return data
 
@@ -91,9 +96,21 @@ def test_ipg_length_components_turn_reasoning_length_down_and_up():
     them lengthens it, with the same sampling seeds in every condition."""
     model, tokenizer = load_model_and_tokenizer(TINY_REASONER_PATH)
     data = _held_out(tokenizer, num_test=32)
-    module = IPGAttribution.for_model(model, tokenizer, reward="reasoning_length", families=["mlp_neuron"], layers=[3],
-                                      steps=8, rule="gauss_legendre", num_samples=4, temperature=0.7, top_p=1.0,
-                                      max_new_tokens=160, generation_batch_size=64, seed=0)
+    module = IPGAttribution.for_model(
+        model,
+        tokenizer,
+        reward="reasoning_length",
+        families=["mlp_neuron"],
+        layers=[3],
+        steps=8,
+        rule="gauss_legendre",
+        num_samples=4,
+        temperature=0.7,
+        top_p=1.0,
+        max_new_tokens=160,
+        generation_batch_size=64,
+        seed=0,
+    )
     report = run_attribution(module, data, enable_progress_bar=False)
     assert abs(report.metadata["completeness"]["relative_residual"]) < 0.05
     top = report.select(k=4)

@@ -27,8 +27,15 @@ def test_every_recipe_is_covered():
 
 @pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: p.name)
 def test_recipe_parses_against_the_attribution_entry_point(recipe):
-    cli = LightningCLI(IPGAttribution, ReasoningDataModule, run=False, args=["--config", str(recipe)],
-                       trainer_defaults=TRAINER_DEFAULTS, save_config_callback=None, auto_configure_optimizers=False)
+    cli = LightningCLI(
+        IPGAttribution,
+        ReasoningDataModule,
+        run=False,
+        args=["--config", str(recipe)],
+        trainer_defaults=TRAINER_DEFAULTS,
+        save_config_callback=None,
+        auto_configure_optimizers=False,
+    )
     assert cli.trainer.validate_loop.inference_mode is False
     assert cli.model.hparams.method in ("ipg", "grad_x_act", "random", "activation", "mean_diff", "ig_reference")
     assert cli.model.lm is None  # weights load in setup, not at parse time
@@ -36,8 +43,7 @@ def test_recipe_parses_against_the_attribution_entry_point(recipe):
 
 def test_tiny_recipe_runs_end_to_end_with_overrides(tmp_path, capsys):
     out = tmp_path / "report"
-    run(["attribute", "--config", TINY, "--model.steps", "2", "--model.output_dir", str(out),
-          "--trainer.enable_progress_bar", "false"])
+    run(["attribute", "--config", TINY, "--model.steps", "2", "--model.output_dir", str(out), "--trainer.enable_progress_bar", "false"])
     report = AttributionReport.load(out)
     assert report.metadata["config"]["steps"] == 2
     assert set(report.scores) == {"blocks.0.mlp.hook_post", "blocks.0.attn.hook_z", "blocks.1.mlp.hook_post", "blocks.1.attn.hook_z"}
@@ -56,15 +62,31 @@ def test_cli_names_a_bad_option(capsys):
 
 @pytest.mark.parametrize("recipe", STEER_RECIPES, ids=lambda p: p.name)
 def test_steer_recipe_parses_against_the_steering_entry_point(recipe):
-    cli = SteerCLI(GateSteering, ReasoningDataModule, run=False, args=["--config", str(recipe)],
-                   trainer_defaults=STEER_TRAINER_DEFAULTS, auto_configure_optimizers=False, save_config_callback=None)
+    cli = SteerCLI(
+        GateSteering,
+        ReasoningDataModule,
+        run=False,
+        args=["--config", str(recipe)],
+        trainer_defaults=STEER_TRAINER_DEFAULTS,
+        auto_configure_optimizers=False,
+        save_config_callback=None,
+    )
     assert cli.model.lm is None and cli.config.ckpt_path is None
     assert cli.model.selection.components or cli.model.selection.report
 
 
 def test_tiny_steer_recipe_trains_and_its_checkpoint_reloads(tmp_path, capsys):
-    run(["steer", "--config", str(RECIPE_DIR / "steer_tiny.yaml"), "--trainer.enable_progress_bar", "false",
-          "--trainer.logger.init_args.save_dir", str(tmp_path)])
+    run(
+        [
+            "steer",
+            "--config",
+            str(RECIPE_DIR / "steer_tiny.yaml"),
+            "--trainer.enable_progress_bar",
+            "false",
+            "--trainer.logger.init_args.save_dir",
+            str(tmp_path),
+        ]
+    )
     checkpoints = list(tmp_path.rglob("*.ckpt"))
     assert len(checkpoints) == 1 and (tmp_path / "lightning_logs" / "version_0" / "metrics.csv").is_file()
     module = load_steering_checkpoint(checkpoints[0])
@@ -95,7 +117,13 @@ def test_train_recipe_parses(recipe):
     from ipg_lightning.cli import TrainReasonerCLI
     from ipg_lightning.reasoner import ReasonerTraining
 
-    cli = TrainReasonerCLI(ReasonerTraining, ReasoningDataModule, run=False, args=["--config", str(recipe)],
-                           trainer_defaults=STEER_TRAINER_DEFAULTS, save_config_callback=None)
+    cli = TrainReasonerCLI(
+        ReasonerTraining,
+        ReasoningDataModule,
+        run=False,
+        args=["--config", str(recipe)],
+        trainer_defaults=STEER_TRAINER_DEFAULTS,
+        save_config_callback=None,
+    )
     assert cli.config.output_dir == "checkpoints/tiny-reasoner"
     assert sum(p.numel() for p in cli.model.lm.parameters()) < 5_000_000

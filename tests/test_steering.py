@@ -1,4 +1,3 @@
-
 import lightning as L
 import pytest
 import torch
@@ -15,19 +14,33 @@ INPUT = torch.tensor([[5, 17, 30, 42, 8]])
 
 
 def _data(num_train=4, batch_size=4, **kwargs):
-    return ReasoningDataModule(num_train=num_train, num_val=2, num_test=2, batch_size=batch_size,
-                               template=PromptTemplate(use_chat_template=False), **kwargs)
+    return ReasoningDataModule(
+        num_train=num_train, num_val=2, num_test=2, batch_size=batch_size, template=PromptTemplate(use_chat_template=False), **kwargs
+    )
 
 
 def _trainer(tmp_path, **kwargs):
-    settings = dict(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False, enable_model_summary=False,
-                    default_root_dir=tmp_path, limit_val_batches=0, max_epochs=2)
+    settings = dict(
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+        limit_val_batches=0,
+        max_epochs=2,
+    )
     return L.Trainer(**{**settings, **kwargs})
 
 
 def _steering(model=None, **kwargs):
-    settings = dict(selection=ComponentSelection(components=SELECTED), reward="ipg_lightning.rewards:answer_present",
-                    max_new_tokens=8, num_samples=4, learning_rate=0.1)
+    settings = dict(
+        selection=ComponentSelection(components=SELECTED),
+        reward="ipg_lightning.rewards:answer_present",
+        max_new_tokens=8,
+        num_samples=4,
+        learning_rate=0.1,
+    )
     model = model or tiny_causal_lm("llama")
     return GateSteering.for_model(model, tiny_tokenizer(), **{**settings, **kwargs})
 
@@ -38,8 +51,9 @@ def test_fixed_steering_gates_set_exactly_the_named_components():
     assert set(gates.sites) == {"blocks.1.attn.hook_z", "blocks.0.hook_resid_post"}
     assert gates.gate("blocks.1.attn.hook_z").tolist() == [1.0, 1.0, 0.0, 1.0]
     assert gates.flat_values().eq(0).sum() == 2
-    per_component = gates_for_components(model, ["blocks.1.attn.hook_z[0]", "blocks.1.attn.hook_z[3]"],
-                                         {"blocks.1.attn.hook_z[0]": 1.5, "blocks.1.attn.hook_z[3]": 0.5})
+    per_component = gates_for_components(
+        model, ["blocks.1.attn.hook_z[0]", "blocks.1.attn.hook_z[3]"], {"blocks.1.attn.hook_z[0]": 1.5, "blocks.1.attn.hook_z[3]": 0.5}
+    )
     assert per_component.gate("blocks.1.attn.hook_z").tolist() == [1.5, 1.0, 1.0, 0.5]
     with pytest.raises(ValueError, match="Unknown site name 'blocks.1.attn.hook_q'"):
         gates_for_components(model, ["blocks.1.attn.hook_q[0]"])
@@ -91,22 +105,27 @@ def test_resuming_from_a_checkpoint_reaches_the_uninterrupted_result(tmp_path):
     trainer.fit(first, datamodule=_data(num_train=4, batch_size=2))
     trainer.save_checkpoint(tmp_path / "epoch1.ckpt")
     resumed = _steering(lora=LoraSettings(r=2, target_modules=["q_proj"]))
-    _trainer(tmp_path / "c", max_epochs=3).fit(resumed, datamodule=_data(num_train=4, batch_size=2),
-                                               ckpt_path=tmp_path / "epoch1.ckpt")
+    _trainer(tmp_path / "c", max_epochs=3).fit(resumed, datamodule=_data(num_train=4, batch_size=2), ckpt_path=tmp_path / "epoch1.ckpt")
     expected, actual = uninterrupted.trainable_state(), resumed.trainable_state()
     assert set(expected) == set(actual)
     for key in expected:
         torch.testing.assert_close(actual[key], expected[key], rtol=1e-5, atol=1e-6)
-    assert not torch.equal(first.trainable_state()["gates.values.blocks__1__mlp__hook_post"],
-                           expected["gates.values.blocks__1__mlp__hook_post"])
+    assert not torch.equal(first.trainable_state()["gates.values.blocks__1__mlp__hook_post"], expected["gates.values.blocks__1__mlp__hook_post"])
 
 
 def test_policy_gradient_raises_the_gate_of_a_neuron_that_drives_the_reward(tmp_path):
     from test_attribution import _planted_model, starts_with_digit
 
     model, tokenizer, _ = _planted_model(neuron=5, target_p=0.3)
-    module = GateSteering.for_model(model, tokenizer, selection=ComponentSelection(components=("blocks.1.mlp.hook_post[5]",)),
-                                    reward=starts_with_digit, max_new_tokens=1, num_samples=8, learning_rate=0.1)
+    module = GateSteering.for_model(
+        model,
+        tokenizer,
+        selection=ComponentSelection(components=("blocks.1.mlp.hook_post[5]",)),
+        reward=starts_with_digit,
+        max_new_tokens=1,
+        num_samples=8,
+        learning_rate=0.1,
+    )
     _trainer(tmp_path, max_epochs=4).fit(module, datamodule=_data(num_train=8, batch_size=4))
     assert module.gates.gate("blocks.1.mlp.hook_post")[5].item() > 1.2
 

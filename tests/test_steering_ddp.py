@@ -9,8 +9,13 @@ SCRIPT = Path(__file__).with_name("ddp_steering.py")
 
 
 def _train(devices, output):
-    subprocess.run([sys.executable, str(SCRIPT), str(devices), str(output)], check=True, timeout=300,
-                   capture_output=True, env={**os.environ, "PL_DISABLE_FORK": "1"})
+    subprocess.run(
+        [sys.executable, str(SCRIPT), str(devices), str(output)],
+        check=True,
+        timeout=300,
+        capture_output=True,
+        env={**os.environ, "PL_DISABLE_FORK": "1"},
+    )
     return torch.load(output)
 
 

@@ -6,9 +6,7 @@ from dataclasses import dataclass
 
 from transformers import PreTrainedTokenizerBase
 
-DEFAULT_INSTRUCTION = (
-    "Solve the problem step by step. Write the final answer on its own line as '#### <answer>'."
-)
+DEFAULT_INSTRUCTION = "Solve the problem step by step. Write the final answer on its own line as '#### <answer>'."
 
 
 @dataclass(frozen=True)

@@ -41,8 +41,7 @@ def _deal(stream: Rows, sizes: Mapping[str, int], label: str) -> dict[str, Rows]
     needed = sum(sizes.values())
     if len(unique) < needed:
         raise DataSourceError(
-            f"{label} gave only {len(unique)} distinct problems, {needed} were asked for; "
-            "lower the split sizes or raise the task's difficulty range"
+            f"{label} gave only {len(unique)} distinct problems, {needed} were asked for; lower the split sizes or raise the task's difficulty range"
         )
     out, start = {}, 0
     for split in ("test", "val", "train"):
@@ -88,8 +87,10 @@ def _check_text(path: Path) -> None:
                 blank = blank and not decoder.decode(chunk).strip()
             except UnicodeDecodeError as error:
                 byte = chunk[error.start]
-                raise DataSourceError(f"{path} is not UTF-8 text (byte 0x{byte:02x} at offset {offset + error.start}): "
-                                      "re-save it as UTF-8, e.g. `iconv -f latin1 -t utf-8`") from None
+                raise DataSourceError(
+                    f"{path} is not UTF-8 text (byte 0x{byte:02x} at offset {offset + error.start}): "
+                    "re-save it as UTF-8, e.g. `iconv -f latin1 -t utf-8`"
+                ) from None
             offset += len(chunk)
     if blank:
         raise DataSourceError(f"{path} is empty: it has no rows")
@@ -160,5 +161,4 @@ def is_file_source(source: str) -> bool:
     """True if ``source`` names a local file rather than a hub dataset: an existing file, a path, or a
     name with a file suffix (an unsupported one is then refused by :func:`read_file`, naming it)."""
     path = Path(source)
-    return (path.is_file() or source.startswith((".", "/", "~")) or path.suffix.lower() in FILE_BUILDERS
-            or path.suffix.lower() in OTHER_FILE_SUFFIXES)
+    return path.is_file() or source.startswith((".", "/", "~")) or path.suffix.lower() in FILE_BUILDERS or path.suffix.lower() in OTHER_FILE_SUFFIXES
