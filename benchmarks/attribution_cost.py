@@ -103,11 +103,7 @@ def main() -> None:
     )
     settings = dict(
         reward=digit_fraction,
-        num_samples=args.samples,
-        temperature=1.0,
-        top_p=1.0,
-        max_new_tokens=args.new_tokens,
-        generation_batch_size=args.prompts * args.samples,
+        sampling=sampling,
         chunk_size=args.prompts * args.samples,
         steps=args.steps,
         layers=[0],

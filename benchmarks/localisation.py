@@ -26,11 +26,11 @@ import warnings
 from pathlib import Path
 
 from ipg_lightning.attribution import IPGAttribution, run_attribution
+from ipg_lightning.attribution.plots import plt
 from ipg_lightning.data import ReasoningDataModule
 from ipg_lightning.evaluation import evaluate_generations
 from ipg_lightning.models import load_model_and_tokenizer
 from ipg_lightning.outputs import atomic_write_json
-from ipg_lightning.plots import plt
 from ipg_lightning.reasoner import TINY_REASONER_PATH, TINY_REASONER_TASK
 from ipg_lightning.steering import gates_for_components
 from ipg_lightning.trajectories import SamplingConfig
@@ -171,13 +171,8 @@ def main() -> None:
             layers=[layer],
             steps=args.steps,
             rule=args.rule,
-            num_samples=args.num_samples,
-            temperature=0.7,
-            top_p=1.0,
-            max_new_tokens=160,
-            generation_batch_size=64,
+            sampling=SamplingConfig(num_samples=args.num_samples, temperature=0.7, top_p=1.0, max_new_tokens=160, batch_size=64, seed=seed),
             chunk_size=32,
-            seed=seed,
         )
         return run_attribution(module, support, enable_progress_bar=False)
 

@@ -19,6 +19,7 @@ from ipg_lightning.attribution import IPGAttribution, run_attribution
 from ipg_lightning.data import ReasoningDataModule
 from ipg_lightning.models import load_model_and_tokenizer
 from ipg_lightning.reasoner import TINY_REASONER_PATH, TINY_REASONER_TASK
+from ipg_lightning.trajectories import SamplingConfig
 
 SETTINGS = (("right", 10), ("right", 40), ("midpoint", 10), ("gauss_legendre", 5), ("gauss_legendre", 10), ("gauss_legendre", 20))
 
@@ -48,13 +49,8 @@ def main() -> None:
                 layers=[args.layer],
                 steps=steps,
                 rule=rule,
-                num_samples=4,
-                temperature=0.7,
-                top_p=1.0,
-                max_new_tokens=160,
-                generation_batch_size=64,
+                sampling=SamplingConfig(num_samples=4, temperature=0.7, top_p=1.0, max_new_tokens=160, batch_size=64, seed=0),
                 chunk_size=32,
-                seed=0,
             )
             report = run_attribution(module, data, enable_progress_bar=False)
             block = report.metadata["completeness"]

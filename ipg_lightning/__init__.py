@@ -1,18 +1,24 @@
 """ipg_lightning: find the components that drive an LLM's reasoning (Integrated Policy Gradient)
 and turn them up or down with multiplicative gates, on PyTorch Lightning."""
 
+from ipg_lightning._moved import install_moved_module_aliases
 from ipg_lightning.answers import ExtractedAnswer, answers_match, extract_answer, normalize_answer
-from ipg_lightning.attribution import IPGAttribution, run_attribution
-from ipg_lightning.data import ArithmeticChainTask, PromptTemplate, ReasoningDataModule, ReasoningExample
-from ipg_lightning.export import export_steered_model, load_steered
+from ipg_lightning.attribution import AttributionReport, IPGAttribution, run_attribution
+from ipg_lightning.data import ArithmeticChainTask, PromptTemplate, ReasoningBatch, ReasoningDataModule, ReasoningExample
+from ipg_lightning.exported import load_steered
 from ipg_lightning.folding import UnfoldableGateError, fold_gates_into_weights
 from ipg_lightning.gates import ComponentGates
-from ipg_lightning.learned import GateSteering, LoraSettings, load_steering_checkpoint
 from ipg_lightning.metrics import AnswerRate, ReasoningAccuracy, ReasoningLength, ReflectionRate
-from ipg_lightning.report import AttributionReport
 from ipg_lightning.rewards import Completion, CompoundReward, accuracy, load_reward, reasoning_length
 from ipg_lightning.sites import ARCHITECTURES, ArchitectureSpec, Site, UnsupportedArchitectureError, discover_sites
-from ipg_lightning.steering import ComponentSelection, gates_for_components
+from ipg_lightning.steering import (
+    ComponentSelection,
+    GateSteering,
+    LoraSettings,
+    export_steered_model,
+    gates_for_components,
+    load_steering_checkpoint,
+)
 from ipg_lightning.trajectories import (
     SamplingConfig,
     Trajectories,
@@ -21,7 +27,9 @@ from ipg_lightning.trajectories import (
     sample_trajectories,
 )
 
-__version__ = "0.1.0"
+__version__ = "0.2.0.dev0"
+
+install_moved_module_aliases()
 
 __all__ = [
     "ARCHITECTURES",
@@ -39,6 +47,7 @@ __all__ = [
     "LoraSettings",
     "PromptTemplate",
     "ReasoningAccuracy",
+    "ReasoningBatch",
     "ReasoningDataModule",
     "ReasoningExample",
     "ReasoningLength",

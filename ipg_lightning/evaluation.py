@@ -11,33 +11,12 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
+from ipg_lightning.completions import completions_of
 from ipg_lightning.gates import ComponentGates
 from ipg_lightning.metrics import AnswerRate, ReasoningAccuracy, ReasoningLength, ReflectionRate
 from ipg_lightning.metrics.functional import DEFAULT_REFLECTION_MARKERS
-from ipg_lightning.rewards import Completion, reasoning_length
-from ipg_lightning.trajectories import SamplingConfig, Trajectories, sample_trajectories
-
-
-def token_counter(tokenizer: PreTrainedTokenizerBase):
-    """A function that counts the tokens of a text the way ``tokenizer`` encodes it (no specials)."""
-    return lambda text: len(tokenizer(text, add_special_tokens=False)["input_ids"])
-
-
-def completions_of(
-    trajectories: Trajectories, prompts: Sequence[str], golds: Sequence[str | None], tokenizer: PreTrainedTokenizerBase
-) -> list[Completion]:
-    """Turn sampled trajectories into :class:`~ipg_lightning.rewards.Completion` records for rewards."""
-    count = token_counter(tokenizer)
-    return [
-        Completion(
-            prompt=prompts[trajectories.prompt_index[row]],
-            text=trajectories.completions[row],
-            num_tokens=len(trajectories.completion_ids[row]),
-            gold=golds[trajectories.prompt_index[row]],
-            count_tokens=count,
-        )
-        for row in range(len(trajectories))
-    ]
+from ipg_lightning.rewards import reasoning_length
+from ipg_lightning.trajectories import SamplingConfig, sample_trajectories
 
 
 @dataclass

@@ -106,6 +106,11 @@ class ComponentGates(nn.Module):
             raise ValueError(f"{component_name!r} is out of range: {site_name} has {site.size} components (0 to {site.size - 1}) in this model")
         self.gate(site_name)[index or 0] = value
 
+    def component_value(self, component_name: str) -> float:
+        """The gate value of one component by name, e.g. ``blocks.3.attn.hook_z[2]``."""
+        site_name, index = parse_component_name(component_name)
+        return float(self.gate(site_name)[index or 0].detach())
+
     def set_components(self, values: Mapping[str, float]) -> None:
         """Set several gates by component name."""
         for name, value in values.items():

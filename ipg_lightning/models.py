@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from ipg_lightning.export import load_steered
+from ipg_lightning.exported import load_steered
 from ipg_lightning.outputs import atomic_directory
 from ipg_lightning.testing import TINY_FAMILIES, tiny_causal_lm, tiny_tokenizer
 

@@ -13,15 +13,16 @@ import time
 from pathlib import Path
 from typing import Any
 
-import lightning as L
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from ipg_lightning.data import ArithmeticChainTask
+from ipg_lightning.data import ArithmeticChainTask, ReasoningBatch, ReasoningDataModule
+from ipg_lightning.evaluation import evaluate_generations
 from ipg_lightning.metrics import ReasoningAccuracy
 from ipg_lightning.outputs import atomic_directory, atomic_write_text
+from ipg_lightning.task import ReasoningTask
 from ipg_lightning.testing import tiny_tokenizer
-from ipg_lightning.trajectories import SamplingConfig, completion_log_probs, sample_trajectories, teacher_forced_trajectories
+from ipg_lightning.trajectories import SamplingConfig, mean_completion_nll, sample_trajectories, teacher_forced_trajectories
 from ipg_lightning.validation import check_at_least
 
 #: The task the shipped reasoner was trained on (recipes/train_tiny_reasoner.yaml uses the same values).
@@ -43,7 +44,7 @@ def reasoner_tokenizer():
     return tokenizer
 
 
-class ReasonerTraining(L.LightningModule):
+class ReasonerTraining(ReasoningTask):
     """Next-token training of a small causal LM on reference solutions (loss on solution tokens only).
 
     Args:
@@ -72,7 +73,7 @@ class ReasonerTraining(L.LightningModule):
         eval_max_new_tokens: int = 160,
         seed: int = 0,
     ) -> None:
-        super().__init__()
+        super().__init__(model_path=None)
         if family not in ("llama", "qwen2"):
             raise ValueError(f"family must be 'llama' or 'qwen2', got {family!r}")
         check_at_least(
@@ -89,10 +90,10 @@ class ReasonerTraining(L.LightningModule):
         if not (learning_rate > 0 and weight_decay >= 0):
             raise ValueError(f"learning_rate must be > 0 and weight_decay >= 0, got {learning_rate} and {weight_decay}")
         self.save_hyperparameters()
-        self.tokenizer = reasoner_tokenizer()
+        tokenizer = reasoner_tokenizer()
         config = AutoConfig.for_model(
             family,
-            vocab_size=len(self.tokenizer),
+            vocab_size=len(tokenizer),
             hidden_size=hidden_size,
             num_hidden_layers=num_layers,
             num_attention_heads=num_heads,
@@ -100,31 +101,25 @@ class ReasonerTraining(L.LightningModule):
             intermediate_size=intermediate_size,
             max_position_embeddings=512,
             tie_word_embeddings=True,
-            bos_token_id=self.tokenizer.bos_token_id,
-            eos_token_id=self.tokenizer.eos_token_id,
-            pad_token_id=self.tokenizer.pad_token_id,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
         )
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            self.lm = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+            model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        self.attach_model(model, tokenizer, freeze=False)
+        self.lm.train()
         self.val_accuracy = ReasoningAccuracy()
 
-    def setup(self, stage: str) -> None:
-        """Hand the tokenizer to the data module."""
-        datamodule = getattr(self.trainer, "datamodule", None)
-        if datamodule is not None and hasattr(datamodule, "connect"):
-            datamodule.connect(self.tokenizer)
-
-    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+    def training_step(self, batch: ReasoningBatch, batch_idx: int) -> torch.Tensor:
         """Mean negative log-likelihood of the solution tokens (and EOS)."""
         trajectories = teacher_forced_trajectories(self.tokenizer, batch["prompt"], batch["solution"])
-        log_probs = completion_log_probs(self.lm, trajectories)
-        mask = trajectories.padded()["completion_mask"][:, -log_probs.shape[1] :].to(log_probs.device)
-        loss = -(log_probs * mask).sum() / mask.sum()
+        loss = mean_completion_nll(self.lm, trajectories)
         self.log("train/loss", loss, prog_bar=True, batch_size=len(batch["prompt"]))
         return loss
 
-    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+    def validation_step(self, batch: ReasoningBatch, batch_idx: int) -> None:
         """Greedy accuracy on held-out problems."""
         sampling = SamplingConfig(num_samples=1, temperature=0.0, max_new_tokens=self.hparams.eval_max_new_tokens, batch_size=len(batch["prompt"]))
         trajectories = sample_trajectories(self.lm, self.tokenizer, batch["prompt"], sampling, batch["seed"].tolist())
@@ -186,6 +181,42 @@ def save_reasoner(
     return Path(output_dir)
 
 
-def elapsed_minutes(start: float) -> float:
-    """Minutes since ``start`` (a ``time.perf_counter()`` reading)."""
-    return (time.perf_counter() - start) / 60
+def measure_and_save_reasoner(
+    module: ReasonerTraining,
+    data: ReasoningDataModule,
+    output_dir: str | Path,
+    started: float,
+    command: str,
+    epochs: int,
+    eval_examples: int = 256,
+    overwrite: bool = False,
+) -> dict[str, Any]:
+    """Measure a trained reasoner greedily on held-out test problems and save it with its model card.
+
+    Args:
+        module: the trained module.
+        data: its data module (the test split is never trained on).
+        output_dir: where the checkpoint goes (atomically).
+        started: ``time.perf_counter()`` when training started, for the card's wall time.
+        command: the command that trained it, for the card.
+        epochs: epochs trained.
+        eval_examples: held-out problems measured (rounded to whole batches).
+        overwrite: replace an earlier output of this library at ``output_dir``.
+
+    Returns the held-out metrics.
+    """
+    module.eval()
+    sampling = SamplingConfig(num_samples=1, temperature=0.0, max_new_tokens=module.hparams.eval_max_new_tokens, batch_size=64)
+    batches = list(data.test_dataloader())[: max(1, eval_examples // data.batch_size)]
+    metrics = evaluate_generations(module.lm, module.tokenizer, batches, sampling, progress=True, description="held-out").metrics
+    task = data.synthetic_task
+    settings = {
+        **module.plain_hparams(),
+        "task": f"steps {task.min_steps}-{task.max_steps}, operands 1-{task.max_operand}, "
+        f"operations {' '.join(task.operations)}, reflection probability {task.reflection_probability}",
+        "train_examples": len(data.examples["train"]),
+        "epochs": epochs,
+        "wall_time_min": (time.perf_counter() - started) / 60,
+    }
+    save_reasoner(module, output_dir, metrics, settings, command, overwrite=overwrite)
+    return {**metrics, "wall_time_min": settings["wall_time_min"]}

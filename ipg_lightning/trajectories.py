@@ -8,7 +8,6 @@ generated tokens only (prompt and padding masked), differentiable with respect t
 
 from __future__ import annotations
 
-import hashlib
 import inspect
 import warnings
 from collections.abc import Iterator, Sequence
@@ -20,6 +19,7 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList, PreTrainedTokenizerBase
 
+from ipg_lightning.seeds import prompt_seed, row_seed
 from ipg_lightning.sites import unwrap_model
 
 
@@ -155,17 +155,6 @@ def check_context_length(model: nn.Module, lengths: Sequence[int], texts: Sequen
             f"context of {context}: completions that run that long leave the positions it was trained on",
             stacklevel=3,
         )
-
-
-def prompt_seed(prompt: str) -> int:
-    """A stable seed derived from a prompt's text (used when a prompt has no seed of its own)."""
-    return int.from_bytes(hashlib.sha256(prompt.encode()).digest()[:4], "little")
-
-
-def row_seed(global_seed: int, prompt_seed_value: int, sample: int) -> int:
-    """The seed of one completion: a hash of the global seed, the prompt's seed and the sample index."""
-    key = f"{global_seed}:{prompt_seed_value}:{sample}".encode()
-    return int.from_bytes(hashlib.sha256(key).digest()[:8], "little") & ((1 << 63) - 1)
 
 
 class PerRowSampler(LogitsProcessor):
@@ -329,6 +318,22 @@ def completion_log_probs(model: nn.Module, trajectories: Trajectories) -> torch.
     targets = batch["input_ids"][:, prompt_width:]
     log_probs = torch.log_softmax(logits.float(), dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
     return log_probs * completion_mask[:, prompt_width:]
+
+
+def completion_mask(trajectories: Trajectories, log_probs: torch.Tensor) -> torch.Tensor:
+    """The 0/1 mask of generated tokens aligned with ``completion_log_probs(model, trajectories)``."""
+    return trajectories.padded()["completion_mask"][:, -log_probs.shape[1] :].to(log_probs.device)
+
+
+def mean_completion_nll(model: nn.Module, trajectories: Trajectories) -> torch.Tensor:
+    """Mean negative log-likelihood of the completion tokens (teacher forcing; padding excluded).
+
+    The loss of next-token training on reference solutions, differentiable like
+    :func:`completion_log_probs`.
+    """
+    log_probs = completion_log_probs(model, trajectories)
+    mask = completion_mask(trajectories, log_probs)
+    return -(log_probs * mask).sum() / mask.sum().clamp(min=1)
 
 
 @contextmanager

@@ -6,18 +6,16 @@ import lightning as L
 
 from ipg_lightning.attribution import IPGAttribution
 from ipg_lightning.data import PromptTemplate, ReasoningDataModule
+from ipg_lightning.trajectories import SamplingConfig
 
 if __name__ == "__main__":
     devices, output_dir = int(sys.argv[1]), sys.argv[2]
     module = IPGAttribution(
-        model="tiny:llama",
+        model_path="tiny:llama",
         families=["attn_head", "mlp_neuron"],
         layers=[0],
         steps=3,
-        num_samples=4,
-        temperature=1.0,
-        top_p=1.0,
-        max_new_tokens=8,
+        sampling=SamplingConfig(num_samples=4, temperature=1.0, top_p=1.0, max_new_tokens=8),
         reward="ipg_lightning.rewards:answer_present",
         output_dir=output_dir,
     )

@@ -6,14 +6,19 @@ import lightning as L
 import torch
 
 from ipg_lightning.data import PromptTemplate, ReasoningDataModule
-from ipg_lightning.learned import GateSteering
 from ipg_lightning.steering import ComponentSelection
+from ipg_lightning.steering.learned import GateSteering
+from ipg_lightning.trajectories import SamplingConfig
 
 if __name__ == "__main__":
     devices, output = int(sys.argv[1]), sys.argv[2]
     selection = ComponentSelection(components=("blocks.1.mlp.hook_post[3]", "blocks.0.attn.hook_z[1]", "blocks.1.hook_attn_out"))
     module = GateSteering(
-        selection=selection, model="tiny:llama", reward="ipg_lightning.rewards:answer_present", max_new_tokens=8, num_samples=4, learning_rate=0.1
+        selection=selection,
+        model_path="tiny:llama",
+        reward="ipg_lightning.rewards:answer_present",
+        sampling=SamplingConfig(max_new_tokens=8, num_samples=4, temperature=1.0, top_p=1.0),
+        learning_rate=0.1,
     )
     # Every optimisation step sees all 4 prompts: 1 process x batch 4, or 2 processes x batch 2.
     data = ReasoningDataModule(num_train=4, num_val=2, num_test=2, batch_size=4 // devices, template=PromptTemplate(use_chat_template=False))

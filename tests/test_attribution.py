@@ -2,12 +2,12 @@ import lightning as L
 import pytest
 import torch
 
-from ipg_lightning.activations import component_values
 from ipg_lightning.attribution import IPGAttribution, run_attribution
+from ipg_lightning.attribution.activations import component_values
+from ipg_lightning.attribution.estimator import quadrature
+from ipg_lightning.attribution.report import UninformativeReportError
 from ipg_lightning.data import PromptTemplate, ReasoningDataModule
-from ipg_lightning.estimator import quadrature
 from ipg_lightning.gates import ComponentGates
-from ipg_lightning.report import UninformativeReportError
 from ipg_lightning.testing import tiny_causal_lm, tiny_tokenizer
 from ipg_lightning.trajectories import SamplingConfig, sample_trajectories
 
@@ -33,9 +33,10 @@ def _data(num_val=4, batch_size=2, **kwargs):
     )
 
 
-def _run(model, tokenizer, data, **kwargs):
-    settings = dict(reward=digit_fraction, temperature=1.0, top_p=1.0, max_new_tokens=10, num_samples=4)
-    module = IPGAttribution.for_model(model, tokenizer, **{**settings, **kwargs})
+def _run(model, tokenizer, data, sampling=None, **kwargs):
+    """Attribute with test sampling settings (full temperature, 10 tokens, N = 4) updated by ``sampling``."""
+    sampling = SamplingConfig(**{"temperature": 1.0, "top_p": 1.0, "max_new_tokens": 10, "num_samples": 4, **(sampling or {})})
+    module = IPGAttribution.for_model(model, tokenizer, **{"reward": digit_fraction, **kwargs}, sampling=sampling)
     trainer = L.Trainer(inference_mode=False, logger=False, enable_progress_bar=False, enable_model_summary=False, accelerator="cpu", devices=1)
     trainer.validate(module, datamodule=data, verbose=False)
     return module.report
@@ -102,8 +103,7 @@ def test_planted_neuron_is_ranked_first_with_positive_sign(advantage):
         families=["mlp_neuron"],
         layers=[1],
         reward=starts_with_digit,
-        max_new_tokens=1,
-        num_samples=8,
+        sampling={"max_new_tokens": 1, "num_samples": 8},
         steps=4,
         advantage=advantage,
     )
@@ -145,11 +145,9 @@ def test_resample_converges_to_integrated_gradients_of_the_exact_expectation():
             families=["mlp_neuron"],
             layers=[1],
             reward=starts_with_digit,
-            max_new_tokens=1,
-            num_samples=samples,
+            sampling={"max_new_tokens": 1, "num_samples": samples, "batch_size": 512},
             steps=4,
             estimation="resample",
-            generation_batch_size=512,
         )
         estimate = report.scores["blocks.1.mlp.hook_post"]
         errors.append(((estimate - exact).norm() / exact.norm()).item())
@@ -164,7 +162,7 @@ def test_same_seed_same_report_and_batch_size_does_not_matter():
     first = _run(model, tokenizer, _data(num_val=4, batch_size=2), **settings)
     again = _run(model, tokenizer, _data(num_val=4, batch_size=2), **settings)
     one_by_one = _run(model, tokenizer, _data(num_val=4, batch_size=1), **settings)
-    other_seed = _run(model, tokenizer, _data(num_val=4, batch_size=2), seed=1, **settings)
+    other_seed = _run(model, tokenizer, _data(num_val=4, batch_size=2), sampling={"seed": 1}, **settings)
     assert first.scores["blocks.0.hook_attn_out"].shape == (1,)
     for name, scores in first.scores.items():
         assert torch.equal(scores, again.scores[name])
@@ -232,7 +230,7 @@ def test_ig_of_reference_likelihood_is_complete_and_random_is_seeded():
     assert report.metadata["counts"]["trajectories"] == 4  # one reference solution per prompt
     first = _run(model, tokenizer, _data(), method="random", families=["attn_head"], layers=[0, 1])
     again = _run(model, tokenizer, _data(), method="random", families=["attn_head"], layers=[0, 1])
-    other = _run(model, tokenizer, _data(), method="random", families=["attn_head"], layers=[0, 1], seed=7)
+    other = _run(model, tokenizer, _data(), method="random", families=["attn_head"], layers=[0, 1], sampling={"seed": 7})
     assert torch.equal(first.scores["blocks.1.attn.hook_z"], again.scores["blocks.1.attn.hook_z"])
     assert not torch.equal(first.scores["blocks.1.attn.hook_z"], other.scores["blocks.1.attn.hook_z"])
 
@@ -246,8 +244,7 @@ def test_a_run_where_no_prompt_carries_signal_is_refused_not_written(tmp_path):
         families=["attn_head"],
         layers=[0],
         steps=2,
-        temperature=1.0,
-        max_new_tokens=10,
+        sampling=SamplingConfig(temperature=1.0, max_new_tokens=10),
         output_dir=str(tmp_path / "report"),
     )
     with pytest.raises(UninformativeReportError, match="none of the 4 support prompts carried signal.*No report was written"):
@@ -272,7 +269,11 @@ def test_default_layer_is_three_quarters_deep_and_bad_options_are_named():
 
 
 def test_inference_mode_is_refused_with_a_clear_message():
-    module = IPGAttribution.for_model(tiny_causal_lm("llama"), tiny_tokenizer(), max_new_tokens=4)
+    module = IPGAttribution.for_model(
+        tiny_causal_lm("llama"),
+        tiny_tokenizer(),
+        sampling=SamplingConfig(max_new_tokens=4),
+    )
     trainer = L.Trainer(logger=False, enable_progress_bar=False, enable_model_summary=False, accelerator="cpu")
     with pytest.raises(RuntimeError, match="inference_mode=False"):
         trainer.validate(module, datamodule=_data(), verbose=False)
@@ -281,7 +282,13 @@ def test_inference_mode_is_refused_with_a_clear_message():
 def test_gates_stay_float32_under_a_half_precision_trainer():
     model, tokenizer = tiny_causal_lm("llama"), tiny_tokenizer()
     module = IPGAttribution.for_model(
-        model, tokenizer, reward=digit_fraction, families=["attn_head"], layers=[0], steps=2, max_new_tokens=4, temperature=1.0, top_p=1.0
+        model,
+        tokenizer,
+        reward=digit_fraction,
+        families=["attn_head"],
+        layers=[0],
+        steps=2,
+        sampling=SamplingConfig(max_new_tokens=4, temperature=1.0, top_p=1.0),
     )
     trainer = L.Trainer(
         inference_mode=False, logger=False, enable_progress_bar=False, enable_model_summary=False, accelerator="cpu", precision="bf16-true"

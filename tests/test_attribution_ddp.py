@@ -5,7 +5,7 @@ from pathlib import Path
 
 import torch
 
-from ipg_lightning.report import AttributionReport
+from ipg_lightning.attribution.report import AttributionReport
 
 SCRIPT = Path(__file__).with_name("ddp_attribution.py")
 

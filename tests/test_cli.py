@@ -59,7 +59,7 @@ def test_demo_names_unknown_presets():
 
 def test_demo_rejects_a_zero_count_before_any_work(tmp_path):
     with pytest.raises(ValueError, match="k must be >= 1, got 0"):
-        run(["demo", "--model", "tiny:llama", "--k", "0", "--out_dir", str(tmp_path / "demo")])
+        run(["demo", "--model_path", "tiny:llama", "--k", "0", "--out_dir", str(tmp_path / "demo")])
     assert not (tmp_path / "demo").exists()
 
 
@@ -109,21 +109,21 @@ BAD_INPUTS = [  # (arguments, with {root} for the fixture's folder, what the one
     (["evaluate", "--data.source", "{root}/empty.jsonl"], "empty.jsonl is empty"),
     (["evaluate", "--data.source", "{root}/latin1.csv"], "latin1.csv is not UTF-8 text (byte 0xe9"),
     (["evaluate", "--data.source", "{root}/notes.txt"], "notes.txt: unsupported file type '.txt'"),
-    (["evaluate", "--components", '["blocks.0.mlp.hook_post[999]"]'], "'blocks.0.mlp.hook_post[999]' is out of range"),
-    (["evaluate", "--report", "{root}/report", "--k", "2"], "attribution.json cannot be read"),
+    (["evaluate", "--selection.components", '["blocks.0.mlp.hook_post[999]"]'], "'blocks.0.mlp.hook_post[999]' is out of range"),
+    (["evaluate", "--selection.report", "{root}/report", "--selection.k", "2"], "attribution.json cannot be read"),
     (["evaluate", "--steering_checkpoint", "{root}/cut.ckpt"], "cut.ckpt cannot be read as a checkpoint"),
-    (["evaluate", "--model", "{root}/no_tokenizer"], "no_tokenizer has no tokenizer"),
-    (["evaluate", "--model", "{root}/opt", "--components", COMPONENT], "Architecture 'opt' is not supported"),
+    (["evaluate", "--model_path", "{root}/no_tokenizer"], "no_tokenizer has no tokenizer"),
+    (["evaluate", "--model_path", "{root}/opt", "--selection.components", COMPONENT], "Architecture 'opt' is not supported"),
     (["evaluate", "--data.num_test", "-3"], "num_test must be >= 0 (or null for all rows of a file), got -3"),
     (["evaluate", "--data.num_test", "abc"], "--data.num_test: expected int, got 'abc'"),
     (["evaluate", "--data.batch_size", "0"], "batch_size must be >= 1, got 0"),
     (["evaluate", "--output_dir", "{root}/taken"], "taken already exists"),
-    (["export", "--components", COMPONENT, "--metrics", "{root}/missing.json", "--output_dir", "{root}/x"], "--metrics"),
+    (["export", "--selection.components", COMPONENT, "--metrics", "{root}/missing.json", "--output_dir", "{root}/x"], "--metrics"),
     (
         ["attribute", "--config", str(RECIPES / "attribute_tiny.yaml"), "--model.rule", "simpson"],
         "--model.rule: expected one of 'right', 'left', 'midpoint', 'trapezoid', 'gauss_legendre', got 'simpson'",
     ),
-    (["attribute", "--config", str(RECIPES / "attribute_tiny.yaml"), "--model.temperature", "0"], "temperature 0 (greedy decoding)"),
+    (["attribute", "--config", str(RECIPES / "attribute_tiny.yaml"), "--model.sampling.temperature", "0"], "temperature 0 (greedy decoding)"),
     (["demo", "--k", "0"], "k must be >= 1, got 0"),
 ]
 
@@ -133,7 +133,7 @@ def test_bad_input_gets_one_line_that_names_it(bad_inputs, tmp_path, monkeypatch
     monkeypatch.chdir(tmp_path)
     arguments = [argument.replace("{root}", str(bad_inputs)) for argument in arguments]
     if arguments[0] == "evaluate" and "--output_dir" not in arguments:
-        arguments += ["--output_dir", str(tmp_path / "out"), "--max_new_tokens", "4"]
+        arguments += ["--output_dir", str(tmp_path / "out"), "--sampling.max_new_tokens", "4"]
     with pytest.raises(SystemExit) as exit_info:
         main(arguments)
     assert exit_info.value.code in (1, 2)

@@ -12,7 +12,7 @@ from ipg_lightning.trajectories import SamplingConfig
 
 COMPONENTS = '["blocks.1.attn.hook_z[0]", "blocks.1.attn.hook_z[3]", "blocks.0.mlp.hook_post[9]"]'
 RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "attribute_tiny.yaml"
-COMMON = ["--data.num_test", "4", "--data.num_val", "2", "--data.num_train", "0", "--max_new_tokens", "16"]
+COMMON = ["--data.num_test", "4", "--data.num_val", "2", "--data.num_train", "0", "--sampling.max_new_tokens", "16"]
 
 
 def _lines(path):
@@ -20,7 +20,7 @@ def _lines(path):
 
 
 def test_evaluate_writes_metrics_and_generations_matching_an_independent_run(tmp_path):
-    run(["evaluate", "--components", COMPONENTS, "--gamma", "0", "--output_dir", str(tmp_path / "fixed"), *COMMON])
+    run(["evaluate", "--selection.components", COMPONENTS, "--gamma", "0", "--output_dir", str(tmp_path / "fixed"), *COMMON])
     summary = json.loads((tmp_path / "fixed" / "metrics.json").read_text())
     for key in ("accuracy", "answer_rate", "reasoning_length_mean", "reasoning_length_q90", "reflection_rate", "num_completions"):
         assert key in summary["metrics"]
@@ -40,11 +40,11 @@ def test_evaluate_writes_metrics_and_generations_matching_an_independent_run(tmp
 
 
 def test_an_exported_checkpoint_evaluates_like_the_steered_model(tmp_path):
-    run(["evaluate", "--components", COMPONENTS, "--gamma", "0", "--output_dir", str(tmp_path / "fixed"), *COMMON])
+    run(["evaluate", "--selection.components", COMPONENTS, "--gamma", "0", "--output_dir", str(tmp_path / "fixed"), *COMMON])
     run(
         [
             "export",
-            "--components",
+            "--selection.components",
             COMPONENTS,
             "--gamma",
             "0",
@@ -54,7 +54,7 @@ def test_an_exported_checkpoint_evaluates_like_the_steered_model(tmp_path):
             str(tmp_path / "fixed" / "metrics.json"),
         ]
     )
-    run(["evaluate", "--model", str(tmp_path / "exported"), "--output_dir", str(tmp_path / "from_export"), *COMMON])
+    run(["evaluate", "--model_path", str(tmp_path / "exported"), "--output_dir", str(tmp_path / "from_export"), *COMMON])
     fixed = _lines(tmp_path / "fixed" / "generations.jsonl")
     exported = _lines(tmp_path / "from_export" / "generations.jsonl")
     assert [g["completion"] for g in fixed] == [g["completion"] for g in exported]
@@ -79,7 +79,7 @@ def test_sweep_table_and_plot_with_gamma_one_equal_to_base(tmp_path):
     run(
         [
             "evaluate",
-            "--report",
+            "--selection.report",
             str(tmp_path / "report"),
             "--ks",
             "[2, 6]",
@@ -103,8 +103,8 @@ def test_sweep_table_and_plot_with_gamma_one_equal_to_base(tmp_path):
 def test_bad_evaluate_and_export_requests_are_named(tmp_path):
     with pytest.raises(ValueError, match="Nothing to export"):
         run(["export", "--output_dir", str(tmp_path / "x")])
-    with pytest.raises(ValueError, match="give --report"):
+    with pytest.raises(ValueError, match="give --selection.report"):
         run(["evaluate", "--gammas", "[0.5]", "--output_dir", str(tmp_path / "y"), *COMMON])
     with pytest.raises(ValueError, match="gamma must be finite and >= 0, got -1"):
-        run(["evaluate", "--components", COMPONENTS, "--gamma", "-1", "--output_dir", str(tmp_path / "z"), *COMMON])
+        run(["evaluate", "--selection.components", COMPONENTS, "--gamma", "-1", "--output_dir", str(tmp_path / "z"), *COMMON])
     assert not any(tmp_path.iterdir())

@@ -7,10 +7,12 @@ import pytest
 import torch
 
 from ipg_lightning.data import PromptTemplate, ReasoningDataModule
-from ipg_lightning.export import export_steered_model, read_card
-from ipg_lightning.learned import GateSteering, LoraSettings
+from ipg_lightning.exported import read_card
 from ipg_lightning.steering import ComponentSelection, gates_for_components
+from ipg_lightning.steering.export import export_steered_model
+from ipg_lightning.steering.learned import GateSteering, LoraSettings
 from ipg_lightning.testing import tiny_causal_lm, tiny_tokenizer
+from ipg_lightning.trajectories import SamplingConfig
 
 INPUT = [[5, 17, 30, 42, 8, 61, 9, 23]]
 
@@ -24,6 +26,7 @@ assert not any(name.startswith("ipg_lightning") for name in sys.modules), "ipg_l
 STEERED_LOADER = """
 import json, sys, torch
 from ipg_lightning import load_steered
+from ipg_lightning.trajectories import SamplingConfig
 model = load_steered(sys.argv[1])
 """
 REPORT = """
@@ -55,7 +58,7 @@ def _trained_lora_steering(tmp_path):
         tiny_tokenizer(),
         selection=ComponentSelection(components=components),
         reward="ipg_lightning.rewards:answer_present",
-        max_new_tokens=6,
+        sampling=SamplingConfig(max_new_tokens=6, temperature=1.0, top_p=1.0),
         learning_rate=0.2,
         lora=LoraSettings(r=2, target_modules=["q_proj", "o_proj"]),
     )

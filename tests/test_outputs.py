@@ -11,12 +11,12 @@ from pathlib import Path
 
 import pytest
 
+from ipg_lightning.attribution.report import AttributionReport
 from ipg_lightning.cli import run
 from ipg_lightning.outputs import MANIFEST_FILE, UnsafeOverwriteError, atomic_directory, atomic_write_json, read_manifest
-from ipg_lightning.report import AttributionReport
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
-QUICK_EVALUATE = ["--data.num_test", "2", "--data.num_val", "1", "--data.num_train", "0", "--max_new_tokens", "4"]
+QUICK_EVALUATE = ["--data.num_test", "2", "--data.num_val", "1", "--data.num_train", "0", "--sampling.max_new_tokens", "4"]
 
 
 def _tree(root: Path) -> dict[str, bytes]:
@@ -58,7 +58,7 @@ def test_atomic_directory_leaves_nothing_behind_on_failure(tmp_path):
         ["attribute", "--config", str(RECIPES / "attribute_tiny.yaml"), "--model.overwrite", "true", "--model.output_dir"],
         ["evaluate", "--config", str(RECIPES / "evaluate_tiny.yaml"), "--overwrite", "true", *QUICK_EVALUATE, "--output_dir"],
         ["export", "--config", str(RECIPES / "export_tiny.yaml"), "--overwrite", "true", "--output_dir"],
-        ["demo", "--model", "tiny:llama", "--out_dir"],
+        ["demo", "--model_path", "tiny:llama", "--out_dir"],
     ],
     ids=lambda command: command[0],
 )
@@ -92,12 +92,11 @@ def test_an_existing_output_is_refused_before_the_model_loads(tmp_path, monkeypa
     def no_loading(*args, **kwargs):
         raise AssertionError("the model was loaded before the output directory was checked")
 
-    monkeypatch.setattr("ipg_lightning.commands.load_model_and_tokenizer", no_loading)
-    monkeypatch.setattr("ipg_lightning.demo.load_model_and_tokenizer", no_loading)
-    monkeypatch.setattr("ipg_lightning.attribution.load_model_and_tokenizer", no_loading)
+    for module in ("steering.loading", "cli.demo", "task"):
+        monkeypatch.setattr(f"ipg_lightning.{module}.load_model_and_tokenizer", no_loading)
     for command in (
         ["evaluate", "--output_dir"],
-        ["export", "--components", '["blocks.0.hook_mlp_out"]', "--output_dir"],
+        ["export", "--selection.components", '["blocks.0.hook_mlp_out"]', "--output_dir"],
         ["demo", "--overwrite", "false", "--out_dir"],
         ["attribute", "--config", str(RECIPES / "attribute_tiny.yaml"), "--model.output_dir"],
     ):

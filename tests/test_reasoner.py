@@ -104,12 +104,7 @@ def test_ipg_length_components_turn_reasoning_length_down_and_up():
         layers=[3],
         steps=8,
         rule="gauss_legendre",
-        num_samples=4,
-        temperature=0.7,
-        top_p=1.0,
-        max_new_tokens=160,
-        generation_batch_size=64,
-        seed=0,
+        sampling=SamplingConfig(num_samples=4, temperature=0.7, top_p=1.0, max_new_tokens=160, batch_size=64, seed=0),
     )
     report = run_attribution(module, data, enable_progress_bar=False)
     assert abs(report.metadata["completeness"]["relative_residual"]) < 0.05

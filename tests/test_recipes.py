@@ -4,13 +4,13 @@ import json
 from pathlib import Path
 
 import pytest
-from lightning.pytorch.cli import LightningCLI
 
 from ipg_lightning.attribution import IPGAttribution
-from ipg_lightning.cli import STEER_TRAINER_DEFAULTS, TRAINER_DEFAULTS, SteerCLI, main, run
+from ipg_lightning.attribution.report import AttributionReport
+from ipg_lightning.cli import main, run
+from ipg_lightning.cli.lightning_commands import parse_attribute, parse_steer, parse_train_reasoner
 from ipg_lightning.data import ReasoningDataModule
-from ipg_lightning.learned import GateSteering, load_steering_checkpoint
-from ipg_lightning.report import AttributionReport
+from ipg_lightning.steering.learned import GateSteering, load_steering_checkpoint
 
 RECIPE_DIR = Path(__file__).resolve().parents[1] / "recipes"
 RECIPES = sorted(RECIPE_DIR.glob("attribute_*.yaml"))
@@ -27,15 +27,8 @@ def test_every_recipe_is_covered():
 
 @pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: p.name)
 def test_recipe_parses_against_the_attribution_entry_point(recipe):
-    cli = LightningCLI(
-        IPGAttribution,
-        ReasoningDataModule,
-        run=False,
-        args=["--config", str(recipe)],
-        trainer_defaults=TRAINER_DEFAULTS,
-        save_config_callback=None,
-        auto_configure_optimizers=False,
-    )
+    cli = parse_attribute(["--config", str(recipe)])
+    assert isinstance(cli.model, IPGAttribution) and isinstance(cli.datamodule, ReasoningDataModule)
     assert cli.trainer.validate_loop.inference_mode is False
     assert cli.model.hparams.method in ("ipg", "grad_x_act", "random", "activation", "mean_diff", "ig_reference")
     assert cli.model.lm is None  # weights load in setup, not at parse time
@@ -62,15 +55,8 @@ def test_cli_names_a_bad_option(capsys):
 
 @pytest.mark.parametrize("recipe", STEER_RECIPES, ids=lambda p: p.name)
 def test_steer_recipe_parses_against_the_steering_entry_point(recipe):
-    cli = SteerCLI(
-        GateSteering,
-        ReasoningDataModule,
-        run=False,
-        args=["--config", str(recipe)],
-        trainer_defaults=STEER_TRAINER_DEFAULTS,
-        auto_configure_optimizers=False,
-        save_config_callback=None,
-    )
+    cli = parse_steer(["--config", str(recipe)])
+    assert isinstance(cli.model, GateSteering)
     assert cli.model.lm is None and cli.config.ckpt_path is None
     assert cli.model.selection.components or cli.model.selection.report
 
@@ -114,16 +100,9 @@ def test_tiny_evaluate_and_export_recipes_run(tmp_path):
 
 @pytest.mark.parametrize("recipe", TRAIN_RECIPES, ids=lambda p: p.name)
 def test_train_recipe_parses(recipe):
-    from ipg_lightning.cli import TrainReasonerCLI
     from ipg_lightning.reasoner import ReasonerTraining
 
-    cli = TrainReasonerCLI(
-        ReasonerTraining,
-        ReasoningDataModule,
-        run=False,
-        args=["--config", str(recipe)],
-        trainer_defaults=STEER_TRAINER_DEFAULTS,
-        save_config_callback=None,
-    )
+    cli = parse_train_reasoner(["--config", str(recipe)])
+    assert isinstance(cli.model, ReasonerTraining)
     assert cli.config.output_dir == "checkpoints/tiny-reasoner"
     assert sum(p.numel() for p in cli.model.lm.parameters()) < 5_000_000

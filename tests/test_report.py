@@ -3,7 +3,7 @@ import json
 import pytest
 import torch
 
-from ipg_lightning.report import AttributionReport
+from ipg_lightning.attribution.report import AttributionReport
 
 
 def _report():

@@ -13,19 +13,20 @@ import pytest
 import torch
 
 from ipg_lightning.attribution import IPGAttribution
+from ipg_lightning.attribution.report import AttributionReport, UninformativeReportError
 from ipg_lightning.cli import run
 from ipg_lightning.data import PromptTemplate, ReasoningDataModule
-from ipg_lightning.export import CONFIG_MARKER, export_steered_model, load_steered, read_card
+from ipg_lightning.exported import CONFIG_MARKER, load_steered, read_card
 from ipg_lightning.identity import ModelMismatchError, model_identity
-from ipg_lightning.learned import GateSteering, SteeringCheckpointError, load_steering_checkpoint
-from ipg_lightning.report import AttributionReport, UninformativeReportError
 from ipg_lightning.steering import ComponentSelection, gates_for_components
+from ipg_lightning.steering.export import export_steered_model
+from ipg_lightning.steering.learned import GateSteering, SteeringCheckpointError, load_steering_checkpoint
 from ipg_lightning.testing import tiny_causal_lm, tiny_tokenizer
 from ipg_lightning.trajectories import SamplingConfig, sample_trajectories
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 REASONER = str(Path(__file__).resolve().parents[1] / "checkpoints" / "tiny-reasoner")
-QUICK = ["--data.num_test", "2", "--data.num_val", "1", "--data.num_train", "0", "--max_new_tokens", "4"]
+QUICK = ["--data.num_test", "2", "--data.num_val", "1", "--data.num_train", "0", "--sampling.max_new_tokens", "4"]
 INPUT = torch.tensor([[5, 17, 30, 42, 8, 61, 9, 23]])
 
 
@@ -33,7 +34,7 @@ def _no_loading(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("a model was loaded before the settings were checked")
 
-    for module in ("commands", "attribution", "learned", "demo"):
+    for module in ("steering.loading", "task", "steering.learned", "cli.demo"):
         monkeypatch.setattr(f"ipg_lightning.{module}.load_model_and_tokenizer", refuse)
 
 
@@ -43,10 +44,9 @@ def steering_checkpoint(tmp_path_factory):
     root = tmp_path_factory.mktemp("steer")
     module = GateSteering(
         selection=ComponentSelection(components=("blocks.1.mlp.hook_post[3]", "blocks.0.attn.hook_z[1]")),
-        model="tiny:llama",
+        model_path="tiny:llama",
         reward="ipg_lightning.rewards:answer_present",
-        max_new_tokens=6,
-        num_samples=2,
+        sampling=SamplingConfig(max_new_tokens=6, num_samples=2, temperature=1.0, top_p=1.0),
     )
     data = ReasoningDataModule(num_train=2, num_val=1, num_test=1, batch_size=2, template=PromptTemplate(use_chat_template=False))
     trainer = L.Trainer(
@@ -129,9 +129,9 @@ def test_damaged_and_diverged_checkpoints_are_named(tmp_path, steering_checkpoin
         (["--data.num_test", "-3"], "num_test must be >= 0"),
         (["--data.val_fraction", "0.7", "--data.test_fraction", "0.5"], "sum below 1"),
         (["--split", "dev"], "Unknown split 'dev'"),
-        (["--temperature", "0", "--num_samples", "3"], "identical completions"),
-        (["--components", '["blocks.0.mlp.hook_post[1]"]', "--gamma", "-0.5"], "gamma must be finite and >= 0"),
-        (["--report", "r", "--k", "0"], "k must be >= 1"),
+        (["--sampling.temperature", "0", "--sampling.num_samples", "3"], "identical completions"),
+        (["--selection.components", '["blocks.0.mlp.hook_post[1]"]', "--gamma", "-0.5"], "gamma must be finite and >= 0"),
+        (["--selection.report", "r", "--selection.k", "0"], "k must be >= 1"),
     ],
 )
 def test_evaluate_refuses_bad_settings_before_loading_a_model(tmp_path, monkeypatch, flags, message):
@@ -146,8 +146,8 @@ def test_evaluate_refuses_bad_settings_before_loading_a_model(tmp_path, monkeypa
     [
         (["--model.steps", "0"], "steps must be >= 1, got 0"),
         (["--model.chunk_size", "0"], "chunk_size must be >= 1, got 0"),
-        (["--model.num_samples", "1"], "num_samples must be >= 2"),
-        (["--model.temperature", "0"], "temperature 0 .* identical samples"),
+        (["--model.sampling.num_samples", "1"], "num_samples must be >= 2"),
+        (["--model.sampling.temperature", "0"], "temperature 0 .* identical samples"),
         (["--model.families", "[]"], "families is empty"),
         (["--model.layers", "[]"], "layers is empty"),
     ],
@@ -184,7 +184,19 @@ def test_re_exporting_an_export_keeps_its_residual_gates_and_composes_new_ones(t
     expected = _gated_logits(tiny_causal_lm("llama"), first, second)  # A then B on the original model
 
     export_steered_model(tiny_causal_lm("llama"), tiny_tokenizer(), first, tmp_path / "a", source={"kind": "fixed", "model": "tiny:llama"})
-    run(["export", "--model", str(tmp_path / "a"), "--components", json.dumps(second_names), "--gamma", "1.5", "--output_dir", str(tmp_path / "ab")])
+    run(
+        [
+            "export",
+            "--model_path",
+            str(tmp_path / "a"),
+            "--selection.components",
+            json.dumps(second_names),
+            "--gamma",
+            "1.5",
+            "--output_dir",
+            str(tmp_path / "ab"),
+        ]
+    )
     card = read_card(tmp_path / "ab")
     assert card["loader_sites"] == ["blocks.1.hook_resid_post"] and card["previous"]["gates"]["blocks.1.hook_resid_post[3]"] == 0.5
     assert card["carried_gates"] == {"blocks.1.hook_resid_post[3]": 0.5}
@@ -232,14 +244,27 @@ def test_a_report_of_another_model_is_refused_naming_both(tmp_path):
     identity = AttributionReport.load(tmp_path / "report").metadata["model_identity"]
     assert identity == model_identity(tiny_causal_lm("llama"), "tiny:llama")
     with pytest.raises(ModelMismatchError, match=r"computed on tiny:llama \(llama, 2 blocks.*the model is .*tiny-reasoner \(llama, 4 blocks"):
-        run(["evaluate", "--report", str(tmp_path / "report"), "--k", "2", "--model", REASONER, "--output_dir", str(tmp_path / "e"), *QUICK])
+        run(
+            [
+                "evaluate",
+                "--selection.report",
+                str(tmp_path / "report"),
+                "--selection.k",
+                "2",
+                "--model_path",
+                REASONER,
+                "--output_dir",
+                str(tmp_path / "e"),
+                *QUICK,
+            ]
+        )
     with pytest.raises(ModelMismatchError):
         run(
             [
                 "steer",
                 "--config",
                 str(RECIPES / "steer_tiny.yaml"),
-                "--model.model",
+                "--model.model_path",
                 REASONER,
                 "--model.selection.components",
                 "[]",
@@ -255,7 +280,7 @@ def test_a_report_of_another_model_is_refused_naming_both(tmp_path):
                 str(tmp_path / "s"),
             ]
         )
-    run(["evaluate", "--report", str(tmp_path / "report"), "--k", "2", "--output_dir", str(tmp_path / "same"), *QUICK])
+    run(["evaluate", "--selection.report", str(tmp_path / "report"), "--selection.k", "2", "--output_dir", str(tmp_path / "same"), *QUICK])
     metrics = json.loads((tmp_path / "same" / "metrics.json").read_text())
     assert metrics["steering"]["model"] == "tiny:llama"  # the report's own model by default
     assert metrics["model_identity"]["config_hash"] == identity["config_hash"]
@@ -270,8 +295,10 @@ def test_a_report_without_an_identity_is_still_checked_by_its_site_sizes(tmp_pat
 
 def test_a_checkpoint_of_another_model_is_refused(tmp_path, steering_checkpoint):
     with pytest.raises(ModelMismatchError, match="steering checkpoint was computed on tiny:llama .* the model is tiny:qwen2"):
-        run(["evaluate", "--steering_checkpoint", str(steering_checkpoint), "--model", "tiny:qwen2", "--output_dir", str(tmp_path / "e"), *QUICK])
-    assert load_steering_checkpoint(steering_checkpoint).model_name == "tiny:llama"
+        run(
+            ["evaluate", "--steering_checkpoint", str(steering_checkpoint), "--model_path", "tiny:qwen2", "--output_dir", str(tmp_path / "e"), *QUICK]
+        )
+    assert load_steering_checkpoint(steering_checkpoint).model_path == "tiny:llama"
 
 
 # ----------------------------------------------------------------------------- 7. meaningless results
@@ -289,7 +316,12 @@ def test_selecting_more_components_than_exist_is_an_error_not_a_silent_cut():
 
 def test_a_mean_diff_run_without_both_outcomes_is_refused():
     module = IPGAttribution.for_model(
-        tiny_causal_lm("llama"), tiny_tokenizer(), method="mean_diff", families=["mlp_out"], layers=[0], max_new_tokens=4, temperature=1.0
+        tiny_causal_lm("llama"),
+        tiny_tokenizer(),
+        method="mean_diff",
+        families=["mlp_out"],
+        layers=[0],
+        sampling=SamplingConfig(max_new_tokens=4, temperature=1.0),
     )
     data = ReasoningDataModule(num_train=0, num_val=2, num_test=0, batch_size=2, template=PromptTemplate(use_chat_template=False))
     with pytest.raises(UninformativeReportError, match="all 8 had reward <= 0.5"):
@@ -313,8 +345,7 @@ def test_training_stops_when_a_gate_turns_non_finite(tmp_path):
         tiny_tokenizer(),
         ComponentSelection(components=("blocks.0.hook_mlp_out",)),
         reward="ipg_lightning.rewards:answer_present",
-        max_new_tokens=4,
-        num_samples=2,
+        sampling=SamplingConfig(max_new_tokens=4, num_samples=2, temperature=1.0, top_p=1.0),
     )
     module.gates.gate("blocks.0.hook_mlp_out").data.fill_(float("inf"))
     data = ReasoningDataModule(num_train=2, num_val=1, num_test=1, batch_size=2, template=PromptTemplate(use_chat_template=False))
@@ -379,8 +410,7 @@ def test_a_checkpoint_with_non_finite_gates_is_never_saved(tmp_path):
         tiny_tokenizer(),
         ComponentSelection(components=("blocks.0.hook_mlp_out",)),
         reward="ipg_lightning.rewards:answer_present",
-        max_new_tokens=4,
-        num_samples=2,
+        sampling=SamplingConfig(max_new_tokens=4, num_samples=2, temperature=1.0, top_p=1.0),
     )
     trainer = L.Trainer(
         max_steps=0,

@@ -15,6 +15,7 @@ from ipg_lightning.data import ReasoningDataModule
 from ipg_lightning.folding import fold_gates_into_weights
 from ipg_lightning.models import load_model_and_tokenizer
 from ipg_lightning.steering import gates_for_components
+from ipg_lightning.trajectories import SamplingConfig
 
 pytestmark = [
     pytest.mark.slow,
@@ -63,10 +64,7 @@ def test_ipg_on_smollm2_is_complete_for_mlp_neurons(smollm2):
         steps=8,
         rule="midpoint",
         reward="ipg_lightning.rewards:answer_present",
-        num_samples=4,
-        temperature=1.0,
-        top_p=1.0,
-        max_new_tokens=12,
+        sampling=SamplingConfig(num_samples=4, temperature=1.0, top_p=1.0, max_new_tokens=12),
     )
     L.Trainer(inference_mode=False, logger=False, enable_progress_bar=False, enable_model_summary=False, accelerator="cpu").validate(
         module, datamodule=data, verbose=False
@@ -79,7 +77,7 @@ def test_ipg_on_smollm2_is_complete_for_mlp_neurons(smollm2):
 
 
 def test_demo_preset_runs_every_stage_on_smollm2(tmp_path):
-    from ipg_lightning.demo import demo
+    from ipg_lightning.cli.demo import demo
 
     # SmolLM2 solves about 1 in 8 of these problems; with seed 2 one of the 4 support problems is solved by 1 of
     # its 4 samples (sampling is seeded per problem), so the accuracy attribution carries signal and is not refused.

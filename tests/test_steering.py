@@ -2,12 +2,12 @@ import lightning as L
 import pytest
 import torch
 
+from ipg_lightning.attribution.report import AttributionReport
 from ipg_lightning.data import PromptTemplate, ReasoningDataModule
-from ipg_lightning.learned import GateSteering, LoraSettings, load_steering_checkpoint
-from ipg_lightning.report import AttributionReport
 from ipg_lightning.steering import ComponentSelection, gates_for_components
+from ipg_lightning.steering.learned import GateSteering, LoraSettings, load_steering_checkpoint
 from ipg_lightning.testing import tiny_causal_lm, tiny_tokenizer
-from ipg_lightning.trajectories import completion_log_probs, teacher_forced_trajectories
+from ipg_lightning.trajectories import SamplingConfig, completion_log_probs, teacher_forced_trajectories
 
 SELECTED = ("blocks.1.mlp.hook_post[3]", "blocks.1.mlp.hook_post[7]", "blocks.0.attn.hook_z[1]")
 INPUT = torch.tensor([[5, 17, 30, 42, 8]])
@@ -33,12 +33,11 @@ def _trainer(tmp_path, **kwargs):
     return L.Trainer(**{**settings, **kwargs})
 
 
-def _steering(model=None, **kwargs):
+def _steering(model=None, seed=0, **kwargs):
     settings = dict(
         selection=ComponentSelection(components=SELECTED),
         reward="ipg_lightning.rewards:answer_present",
-        max_new_tokens=8,
-        num_samples=4,
+        sampling=SamplingConfig(temperature=1.0, top_p=1.0, max_new_tokens=8, num_samples=4, seed=seed),
         learning_rate=0.1,
     )
     model = model or tiny_causal_lm("llama")
@@ -69,7 +68,9 @@ def test_selection_from_a_report(tmp_path):
     with pytest.raises(ValueError, match="either from a report"):
         ComponentSelection()
     with pytest.raises(ValueError, match="exactly one of k or fraction"):
-        ComponentSelection(report=str(tmp_path / "r"))
+        ComponentSelection(report=str(tmp_path / "r")).check_count()
+    with pytest.raises(ValueError, match="exactly one of k or fraction"):
+        ComponentSelection(report=str(tmp_path / "r"), k=2, fraction=0.5)
 
 
 def test_training_moves_only_selected_gates_and_checkpoints_only_what_trained(tmp_path):
@@ -90,7 +91,9 @@ def test_training_moves_only_selected_gates_and_checkpoints_only_what_trained(tm
     assert len(checkpoint["state_dict"]) == 6  # 2 gate vectors + lora A/B in 2 layers
     assert checkpoint["ipg_steering"]["components"] == list(SELECTED)
     assert "optimizer_states" in checkpoint
-    restored = load_steering_checkpoint(tmp_path / "gates.ckpt")
+    with pytest.raises(ValueError, match="never saved under a path: pass the model"):
+        load_steering_checkpoint(tmp_path / "gates.ckpt")  # trained on a model handed over in memory
+    restored = load_steering_checkpoint(tmp_path / "gates.ckpt", model="tiny:llama")
     assert torch.equal(restored.gates.gate("blocks.1.mlp.hook_post"), module.gates.gate("blocks.1.mlp.hook_post"))
     with restored.gates.attach(restored.lm), module.gates.attach(module.lm):
         torch.testing.assert_close(restored.lm(INPUT).logits, module.lm(INPUT).logits)
@@ -122,8 +125,7 @@ def test_policy_gradient_raises_the_gate_of_a_neuron_that_drives_the_reward(tmp_
         tokenizer,
         selection=ComponentSelection(components=("blocks.1.mlp.hook_post[5]",)),
         reward=starts_with_digit,
-        max_new_tokens=1,
-        num_samples=8,
+        sampling=SamplingConfig(max_new_tokens=1, num_samples=8),
         learning_rate=0.1,
     )
     _trainer(tmp_path, max_epochs=4).fit(module, datamodule=_data(num_train=8, batch_size=4))

@@ -1,5 +1,6 @@
 """Reasoning data: examples, sources, prompt templates, the built-in task and the DataModule."""
 
+from ipg_lightning.data.batch import ReasoningBatch, require_solutions
 from ipg_lightning.data.datamodule import ReasoningDataModule
 from ipg_lightning.data.examples import BadRowError, ColumnSpec, ReasoningExample
 from ipg_lightning.data.prompts import PromptTemplate
@@ -12,6 +13,8 @@ __all__ = [
     "ColumnSpec",
     "DataSourceError",
     "PromptTemplate",
+    "ReasoningBatch",
     "ReasoningDataModule",
     "ReasoningExample",
+    "require_solutions",
 ]

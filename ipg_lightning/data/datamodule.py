@@ -15,6 +15,7 @@ from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from torch.utils.data import DataLoader, Sampler
 from transformers import PreTrainedTokenizerBase
 
+from ipg_lightning.data.batch import ReasoningBatch
 from ipg_lightning.data.examples import BadRowError, ColumnSpec, ReasoningExample, RowFormat, detect_format, parse_row
 from ipg_lightning.data.prompts import PromptTemplate
 from ipg_lightning.data.sources import (
@@ -30,7 +31,7 @@ from ipg_lightning.data.sources import (
     synthetic_rows,
 )
 from ipg_lightning.data.synthetic import ArithmeticChainTask
-from ipg_lightning.trajectories import prompt_seed
+from ipg_lightning.seeds import prompt_seed
 
 
 class EpochShuffleSampler(Sampler[int]):
@@ -215,7 +216,7 @@ class ReasoningDataModule(L.LightningDataModule):
             raise DataSourceError(f"The {split} split of {self.source!r} is empty")
         return datasets.Dataset.from_list([asdict(example) for example in self.examples[split]])
 
-    def collate(self, rows: list[dict[str, Any]]) -> dict[str, Any]:
+    def collate(self, rows: list[dict[str, Any]]) -> ReasoningBatch:
         """Batch rows: prompt texts rendered with the template, plus ids, gold answers and seeds."""
         return {
             "id": [row["id"] for row in rows],
@@ -240,6 +241,13 @@ class ReasoningDataModule(L.LightningDataModule):
             collate_fn=self.collate,
             num_workers=self.num_workers,
         )
+
+    def dataloader(self, split: str) -> DataLoader:
+        """The loader of ``split`` (``train``, ``val`` or ``test``), as Lightning would get it."""
+        loaders = {"train": self.train_dataloader, "val": self.val_dataloader, "test": self.test_dataloader}
+        if split not in loaders:
+            raise ValueError(f"Unknown split {split!r}; choose from {list(loaders)}")
+        return loaders[split]()
 
     def train_dataloader(self) -> DataLoader:
         """Training prompts, shuffled by ``(seed, epoch)``."""

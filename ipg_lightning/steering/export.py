@@ -2,12 +2,12 @@
 
 LoRA merges first; neuron, head and sub-layer gates fold exactly into the projection weights.
 Gates that cannot fold (residual-stream coordinates, later SAE features) travel beside the
-checkpoint in ``steering.safetensors`` and are re-applied by :func:`load_steered`. Such an export
+checkpoint in ``steering.safetensors`` and are re-applied by :func:`~ipg_lightning.exported.load_steered`. Such an export
 says so where plain Hugging Face tooling looks: a ``README.md`` model card and an
 ``ipg_lightning_steering`` entry in ``config.json``. The card ``steering_card.json`` says which gates
 were folded and which need the loader, and keeps the card of the export it was made from.
 
-A model loaded from an export by :func:`load_steered` carries its unfolded gates; exporting it again
+A model loaded from an export by :func:`~ipg_lightning.exported.load_steered` carries its unfolded gates; exporting it again
 keeps them, multiplied with any new gates on the same sites (gates compose exactly). Writing is atomic.
 """
 
@@ -20,23 +20,16 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
-from transformers import AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import PreTrainedTokenizerBase
 
+from ipg_lightning.exported import CARD_FILE, CONFIG_MARKER, MODEL_CARD_FILE, STEERING_FILE, carried_gates, read_card
 from ipg_lightning.folding import FOLDABLE_FAMILIES, fold_gates_into_weights
 from ipg_lightning.gates import ComponentGates, combined_gates
 from ipg_lightning.identity import IN_MEMORY_MODEL, model_identity
 from ipg_lightning.outputs import atomic_directory, atomic_write_json, atomic_write_text, check_output_dir
-from ipg_lightning.sites import Site, discover_sites, parse_site_name, unwrap_model
-
-STEERING_FILE = "steering.safetensors"
-CARD_FILE = "steering_card.json"
-MODEL_CARD_FILE = "README.md"
-#: ``config.json`` entry of an export whose gates need :func:`load_steered`.
-CONFIG_MARKER = "ipg_lightning_steering"
-_CARRIED_GATES = "_ipg_steering_gates"
+from ipg_lightning.sites import unwrap_model
 
 
 def _changed(gates: ComponentGates | None) -> dict[str, float]:
@@ -60,11 +53,6 @@ def split_gates(gates: ComponentGates) -> tuple[ComponentGates, ComponentGates]:
         for name in subset.sites:
             subset.set_site(name, gates.gate(name).detach())
     return foldable, unfoldable
-
-
-def carried_gates(model: nn.Module) -> ComponentGates | None:
-    """The unfolded gates a model loaded by :func:`load_steered` carries (applied by its hooks), if any."""
-    return vars(unwrap_model(model)).get(_CARRIED_GATES)
 
 
 def _source_directory(model: nn.Module) -> Path | None:
@@ -195,63 +183,3 @@ def steering_model_card(card: dict[str, Any], source_card: str | None = None, sh
     if source_body.strip():
         lines += ["## Card of the source model", "", source_body.strip(), ""]
     return "\n".join(lines)
-
-
-def read_steering_gates(path: str | Path, model: nn.Module) -> ComponentGates | None:
-    """The unfoldable gates of an export directory for ``model`` (None if it has none).
-
-    The steering file names each site's module; files written before it did are matched to the model's
-    sites by discovery (built-in architectures only).
-    """
-    path = Path(path)
-    steering_file = path / STEERING_FILE
-    if not steering_file.is_file():
-        if getattr(unwrap_model(model).config, CONFIG_MARKER, None):
-            raise FileNotFoundError(f"{path}/config.json says its gates travel in {STEERING_FILE}, which is missing: copy the whole export directory")
-        return None
-    try:
-        values = load_file(str(steering_file))
-        with safe_open(str(steering_file), "pt") as handle:
-            described = json.loads((handle.metadata() or {}).get("sites", "{}"))
-    except Exception as error:  # safetensors raises its own error types for damaged files
-        raise ValueError(f"{steering_file} cannot be read ({error}); re-export the model") from None
-    sites = []
-    for site_name in values:
-        if site_name in described:
-            sites.append(Site(**described[site_name]))
-        else:
-            family, layer = parse_site_name(site_name)
-            sites.extend(discover_sites(model, [family], [layer]))
-    gates = ComponentGates(sites)
-    for name, vector in values.items():
-        if vector.shape != gates.gate(name).shape:
-            raise ValueError(f"{steering_file}: {name} has {vector.numel()} gates, the model has {gates.gate(name).numel()}")
-        gates.set_site(name, vector)
-    return gates
-
-
-def load_steered(path: str | Path, **from_pretrained_kwargs: Any) -> PreTrainedModel:
-    """Load an exported checkpoint and re-apply its unfoldable gates (if any) for good.
-
-    >>> # model = ipg_lightning.load_steered("outputs/steered")   # one line, any device/dtype kwargs
-    """
-    path = Path(path)
-    model = AutoModelForCausalLM.from_pretrained(path, **from_pretrained_kwargs)
-    gates = read_steering_gates(path, model)
-    if gates is not None:
-        # The hooks hold the gates (kept off the module tree, so a re-save stays plain) and move
-        # them to each activation's device, so model.to(...) keeps working. A later export keeps them.
-        gates.install(model)
-        vars(model)[_CARRIED_GATES] = gates
-    return model.eval()
-
-
-def read_card(path: str | Path) -> dict[str, Any]:
-    """The steering card of an exported checkpoint."""
-    card = Path(path) / CARD_FILE
-    if not card.is_file():
-        raise FileNotFoundError(f"{path} has no {CARD_FILE}; was it written by `ipg export`?")
-    try:
-        return json.loads(card.read_text(encoding="utf-8"))
-    except ValueError as error:
-        raise ValueError(f"{card} is not valid JSON ({error}); re-export the model") from None

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from ipg_lightning.attribution.plots import plot_attribution
 from ipg_lightning.outputs import atomic_directory, atomic_write_json
 
 SCORES_FILE = "attribution.safetensors"
@@ -125,6 +126,29 @@ class AttributionReport:
         """The ``n`` highest-ranked components as ``{"name", "score"}`` dicts."""
         return [{"name": name, "score": score} for name, score, _ in self.ranked(signed)[:n]]
 
+    def summary(self, output_dir: str | Path | None = None, top_n: int = 10) -> str:
+        """A few lines to read after attribution: counts, mean reward, completeness, the top components."""
+        meta = self.metadata
+        counts = meta["counts"]
+        lines = [
+            f"method {meta['method']} on {meta['model']}: {counts['prompts']} prompts, {counts['trajectories']} trajectories, "
+            f"{counts['completion_tokens']} completion tokens, {meta['wall_time_s']} s",
+        ]
+        if meta["mean_reward"] is not None:
+            lines.append(f"mean reward at gates = 1: {meta['mean_reward']:.4f}")
+        if counts.get("zero_signal_prompts") is not None:
+            lines.append(f"zero-signal prompts (all N rewards equal, skipped): {counts['zero_signal_prompts']}")
+        if "completeness" in meta:
+            c = meta["completeness"]
+            lines.append(
+                f"completeness: sum of scores {c['sum_of_scores']:.6g} vs {c['target']} {c['surrogate_delta']:.6g} "
+                f"(residual {c['residual']:.3g}, relative {c['relative_residual']:.3g})"
+            )
+        lines.append(f"top {top_n}:")
+        lines += [f"  {row['name']:<36} {row['score']:+.6g}" for row in self.top(top_n)]
+        lines.append(f"report written to {output_dir}" if output_dir else "report kept in memory only (no output_dir given)")
+        return "\n".join(lines)
+
     def save(self, directory: str | Path, overwrite: bool = False, top_n: int = 50, plot: bool = True) -> Path:
         """Write the report atomically into ``directory`` (see the module docstring)."""
         directory = Path(directory)
@@ -133,9 +157,7 @@ class AttributionReport:
             payload = {**self.metadata, "sites": self.sites, "top": self.top(top_n)}
             atomic_write_json(staging / METADATA_FILE, payload)
             if plot:
-                from ipg_lightning.plots import plot_attribution
-
-                plot_attribution(self, staging / PLOT_FILE)
+                plot_attribution(self.scores, self.sites, self.top(20), self.metadata.get("method", "?"), staging / PLOT_FILE)
         return directory
 
     @classmethod

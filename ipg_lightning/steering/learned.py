@@ -1,12 +1,9 @@
 """Learned steering: train the gates of selected components with the Lightning Trainer.
 
 Only the selected gates move (every other gate is held at 1 by a gradient mask, the base weights
-are frozen); a PEFT LoRA adapter can be trained jointly. Objectives (``ipg-method.md`` section 4):
-
-- ``policy_gradient``: on-policy REINFORCE with the RLOO advantage on the reward, plus
-  ``gate_penalty * sum (c_i - 1)^2`` and/or ``kl_coef * KL(pi_c || pi_base)`` (k3 estimator on the
-  sampled tokens);
-- ``supervised``: cross-entropy of reference reasoning traces (teacher forcing), plus the penalty.
+are frozen); a PEFT LoRA adapter can be trained jointly. The objectives are in
+:mod:`~ipg_lightning.steering.objectives` (``docs/method.md`` section 7); every one of them gets the
+penalty ``gate_penalty * sum (c_i - 1)^2``.
 
 Checkpoints hold only what was trained (gates, adapter, optimizer state) and the resolved component
 names; :func:`load_steering_checkpoint` rebuilds a steered model from one.
@@ -15,64 +12,37 @@ names; :func:`load_steering_checkpoint` rebuilds a steered model from one.
 from __future__ import annotations
 
 import inspect
-import pickle
-from dataclasses import asdict, dataclass, field, is_dataclass
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Literal
 
-import lightning as L
 import torch
-from peft import LoraConfig, get_peft_model
+from torch import nn
+from transformers import PreTrainedTokenizerBase
 
-from ipg_lightning.estimator import group_advantages
-from ipg_lightning.evaluation import completions_of
+from ipg_lightning.completions import completions_of
+from ipg_lightning.data import ReasoningBatch
 from ipg_lightning.gates import ComponentGates
-from ipg_lightning.identity import check_same_model, model_identity
+from ipg_lightning.identity import IN_MEMORY_MODEL, check_same_model, model_identity
 from ipg_lightning.metrics import AnswerRate, ReasoningAccuracy, ReasoningLength, ReflectionRate
 from ipg_lightning.models import load_model_and_tokenizer
-from ipg_lightning.rewards import Reward, load_reward, reasoning_length, reward_import_paths, score_completions
+from ipg_lightning.rewards import Reward, load_reward, reasoning_length, reward_import_paths
 from ipg_lightning.sites import ArchitectureSpec
-from ipg_lightning.steering import ComponentSelection, component_mask, gates_for_components
-from ipg_lightning.trajectories import (
-    SamplingConfig,
-    Trajectories,
-    completion_log_probs,
-    sample_trajectories,
-    teacher_forced_trajectories,
-)
+from ipg_lightning.steering.checkpoint import STEERING_KEY, SteeringCheckpointError, migrate_hparams, read_steering_checkpoint
+from ipg_lightning.steering.lora import LoraSettings, add_lora_adapter
+from ipg_lightning.steering.objectives import OBJECTIVES
+from ipg_lightning.steering.selection import ComponentSelection, component_mask, gates_for_components
+from ipg_lightning.task import ReasoningTask, plain
+from ipg_lightning.trajectories import SamplingConfig, sample_trajectories
 from ipg_lightning.validation import check_at_least, check_gamma, check_sampling_has_signal
 
-STEERING_KEY = "ipg_steering"
 
-
-@dataclass(frozen=True)
-class LoraSettings:
-    """A PEFT LoRA adapter trained together with the gates.
-
-    Args:
-        r: adapter rank.
-        alpha: LoRA scaling numerator (``lora_alpha``).
-        dropout: dropout on the adapter input.
-        target_modules: module names or suffixes to adapt (e.g. ``[q_proj, v_proj]``).
-    """
-
-    r: int = 8
-    alpha: int = 16
-    dropout: float = 0.0
-    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
-
-
-def _plain(settings: Any) -> dict[str, Any] | None:
-    """A dataclass (or dict, or None) as a plain dict (or None)."""
-    return asdict(settings) if is_dataclass(settings) else (dict(settings) if settings is not None else None)
-
-
-class GateSteering(L.LightningModule):
+class GateSteering(ReasoningTask):
     """Train the gates of selected components (optionally with a LoRA adapter) by ``Trainer.fit``.
 
     Args:
         selection: which components to steer (top-k of a report, or names).
-        model: local Hugging Face model directory, or ``tiny:<family>``.
+        model_path: local Hugging Face model directory, or an alias (``tiny:<family>``, ``smollm2``).
         dtype: weights dtype.
         init_gate: starting value of the selected gates (1 = start from the unsteered model).
         objective: ``policy_gradient`` (reward-driven) or ``supervised`` (reference traces).
@@ -81,19 +51,17 @@ class GateSteering(L.LightningModule):
         kl_coef: coefficient of the KL divergence to the unsteered base model.
         lora: train a LoRA adapter jointly (None: gates only).
         learning_rate: Adam learning rate (gates and adapter).
-        num_samples: trajectories per prompt for the policy gradient.
-        temperature: training sampling temperature.
-        top_p: training nucleus mass.
-        max_new_tokens: generation cap, in training and validation.
-        generation_batch_size: completions generated together.
-        seed: sampling seed; mixed with the global step so every step draws new samples.
+        sampling: how training trajectories are sampled (N per prompt, temperature, top-p, max new
+            tokens, generation batch size, seed); the seed is mixed with the global step so every
+            step draws new samples, and also seeds the adapter. Validation decodes greedily with the
+            same ``max_new_tokens``.
         architecture: module paths for an architecture that is not built in.
     """
 
     def __init__(
         self,
         selection: ComponentSelection,
-        model: str = "tiny:llama",
+        model_path: str = "tiny:llama",
         dtype: str = "float32",
         init_gate: float = 1.0,
         objective: Literal["policy_gradient", "supervised"] = "policy_gradient",
@@ -102,36 +70,29 @@ class GateSteering(L.LightningModule):
         kl_coef: float = 0.0,
         lora: LoraSettings | None = None,
         learning_rate: float = 0.05,
-        num_samples: int = 4,
-        temperature: float = 1.0,
-        top_p: float = 1.0,
-        max_new_tokens: int = 512,
-        generation_batch_size: int = 16,
-        seed: int = 0,
+        sampling: SamplingConfig = SamplingConfig(temperature=1.0, top_p=1.0),
         architecture: ArchitectureSpec | None = None,
     ) -> None:
-        super().__init__()
-        if objective not in ("policy_gradient", "supervised"):
-            raise ValueError(f"objective must be 'policy_gradient' or 'supervised', got {objective!r}")
+        super().__init__(model_path, dtype, plain(architecture))
+        if objective not in OBJECTIVES:
+            raise ValueError(f"objective must be one of {list(OBJECTIVES)}, got {objective!r}")
         if not (gate_penalty >= 0 and kl_coef >= 0 and learning_rate > 0):
             raise ValueError(f"gate_penalty and kl_coef must be >= 0 and learning_rate > 0, got {gate_penalty}, {kl_coef}, {learning_rate}")
         check_gamma(init_gate, "init_gate")
-        check_at_least(1, max_new_tokens=max_new_tokens, generation_batch_size=generation_batch_size, num_samples=num_samples)
         # Hyperparameters are stored as plain dicts: Lightning resumes with torch.load(weights_only=True),
         # which refuses pickled classes. save_hyperparameters reads these locals.
-        selection, lora, architecture = _plain(selection), _plain(lora), _plain(architecture)
-        self.save_hyperparameters(ignore=[] if isinstance(reward, (str, dict)) else ["reward"])
+        selection, lora, architecture, sampling = plain(selection), plain(lora), plain(architecture), plain(sampling)
+        self.save_hyperparameters(ignore=[] if isinstance(reward, str | dict) else ["reward"])
         self.selection = ComponentSelection(**selection)
+        self.selection.check_count()
         self.lora = LoraSettings(**lora) if lora is not None else None
-        self.architecture = ArchitectureSpec(**architecture) if architecture is not None else None
+        self.sampling = SamplingConfig(**sampling)
+        check_at_least(1, max_new_tokens=self.sampling.max_new_tokens)
         reward_import_paths(reward)  # names are checked now; an import path is imported only to train (setup("fit"))
         self._reward_spec = reward
         self._reward: Reward | None = None
         #: False for a module rebuilt from a checkpoint whose reward names code, unless the caller trusts it.
         self.reward_import_allowed = True
-        self.model_name = model
-        self.lm = None
-        self.tokenizer = None
         self.gates: ComponentGates | None = None
         self.components: list[str] = []
         self.strict_loading = False  # checkpoints hold only the trained tensors
@@ -140,16 +101,14 @@ class GateSteering(L.LightningModule):
 
     # ----------------------------------------------------------------------------- building
     @classmethod
-    def for_model(cls, model: torch.nn.Module, tokenizer: Any, selection: ComponentSelection, **kwargs: Any) -> GateSteering:
-        """Steer an already loaded model (Python API)."""
-        module = cls(selection=selection, **kwargs)
-        module.build(model, tokenizer)
-        return module
+    def for_model(cls, model: nn.Module, tokenizer: PreTrainedTokenizerBase, selection: ComponentSelection, **kwargs: Any) -> GateSteering:
+        """Steer an already loaded model (Python API) instead of one loaded by path."""
+        return super().for_model(model, tokenizer, selection=selection, **kwargs)
 
     def build(
         self,
-        model: torch.nn.Module | None = None,
-        tokenizer: Any = None,
+        model: nn.Module | None = None,
+        tokenizer: PreTrainedTokenizerBase | None = None,
         components: list[str] | None = None,
         recorded_identity: dict[str, Any] | None = None,
         allow_other_model: bool = False,
@@ -163,25 +122,21 @@ class GateSteering(L.LightningModule):
         if self.lm is not None:
             return
         if model is None:
-            model, tokenizer = load_model_and_tokenizer(self.model_name, self.hparams.dtype)
-        check_same_model(recorded_identity, model, self.model_name, "The steering checkpoint", allow_other_model)
-        components = components or self.selection.resolve(model, self.model_name, self.architecture)
-        for parameter in model.parameters():
-            parameter.requires_grad_(False)
-        lora = self.lora
-        if lora is not None:
-            config = LoraConfig(
-                r=lora.r,
-                lora_alpha=lora.alpha,
-                lora_dropout=lora.dropout,
-                target_modules=list(lora.target_modules),
-                fan_in_fan_out=model.config.model_type == "gpt2",
-            )
-            with torch.random.fork_rng(devices=[]):  # the adapter's init depends on `seed` only
-                torch.manual_seed(self.hparams.seed)
-                model = get_peft_model(model, config)
-        self.lm, self.tokenizer = model.eval(), tokenizer
-        self.components = components
+            model, tokenizer = load_model_and_tokenizer(self.model_path, self.weights_dtype)
+        check_same_model(recorded_identity, model, self.model_path, "The steering checkpoint", allow_other_model)
+        self.components = list(components or [])
+        self.attach_model(model, tokenizer)
+
+    def load_model(self) -> None:
+        """Build the steered model once (see :meth:`build`)."""
+        self.build()
+
+    def configure_components(self) -> None:
+        """Resolve the selection on this model, add the adapter, and create the gates with their gradient mask."""
+        if not self.components:
+            self.components = self.selection.resolve(self.lm, self.model_path, self.architecture)
+        if self.lora is not None:
+            self.lm = add_lora_adapter(self.lm, self.lora, self.sampling.seed).eval()
         self.gates = gates_for_components(self.lm, self.components, self.hparams.init_gate, self.architecture)
         for name, mask in component_mask(self.gates, self.components).items():
             self.gates.gate(name).register_hook(lambda gradient, mask=mask: gradient * mask.to(gradient.device))
@@ -203,12 +158,9 @@ class GateSteering(L.LightningModule):
         """Import the reward (training only, before the model loads), build the model once, connect the data."""
         if stage == "fit":  # training-only settings fail here, before any work (a checkpoint rebuilt to evaluate skips them)
             if self.hparams.objective == "policy_gradient":
-                check_sampling_has_signal(self.hparams.num_samples, self.hparams.temperature, "the policy_gradient objective")
+                check_sampling_has_signal(self.sampling.num_samples, self.sampling.temperature, "the policy_gradient objective")
             self.reward_fn  # noqa: B018
-        self.build()
-        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
-        if datamodule is not None and hasattr(datamodule, "connect"):
-            datamodule.connect(self.tokenizer)
+        super().setup(stage)
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         """Adam over the gates and, if present, the LoRA adapter."""
@@ -219,71 +171,22 @@ class GateSteering(L.LightningModule):
         self.gates.float()
 
     # ----------------------------------------------------------------------------- training
-    def _sampling(self, greedy: bool) -> SamplingConfig:
-        hp = self.hparams
-        if greedy:
-            return SamplingConfig(num_samples=1, temperature=0.0, max_new_tokens=hp.max_new_tokens, batch_size=hp.generation_batch_size)
-        return SamplingConfig(
-            num_samples=hp.num_samples,
-            temperature=hp.temperature,
-            top_p=hp.top_p,
-            max_new_tokens=hp.max_new_tokens,
-            batch_size=hp.generation_batch_size,
-            seed=hp.seed * 1_000_003 + self.global_step,
-        )
+    def training_sampling(self) -> SamplingConfig:
+        """This step's sampling: the configured one, its seed mixed with the global step."""
+        return replace(self.sampling, seed=self.sampling.seed * 1_000_003 + self.global_step)
 
     def gate_deviation(self) -> torch.Tensor:
         """``sum (c_i - 1)^2`` over the selected gates (the others are 1 by construction)."""
         return sum(((self.gates.gate(name) - 1) ** 2).sum() for name in self.gates.sites)
 
-    def _log_probs(self, trajectories: Trajectories) -> tuple[torch.Tensor, torch.Tensor]:
-        with self.gates.attach(self.lm):
-            log_probs = completion_log_probs(self.lm, trajectories)
-        mask = trajectories.padded()["completion_mask"][:, -log_probs.shape[1] :].to(log_probs.device)
-        return log_probs, mask
-
-    def _kl_to_base(self, trajectories: Trajectories, log_probs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        with torch.no_grad():
-            disable = getattr(self.lm, "disable_adapter", None)
-            if disable is not None:
-                with disable():
-                    base = completion_log_probs(self.lm, trajectories)
-            else:
-                base = completion_log_probs(self.lm, trajectories)
-        log_ratio = base - log_probs
-        k3 = torch.exp(log_ratio) - 1 - log_ratio  # >= 0, unbiased for KL(pi_c || pi_base)
-        return (k3 * mask).sum() / mask.sum().clamp(min=1)
-
-    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
-        """One optimisation step of the chosen objective."""
-        prompts = len(batch["prompt"])
-        if self.hparams.objective == "supervised":
-            missing = [i for i, solution in zip(batch["id"], batch["solution"]) if not solution]
-            if missing:
-                raise ValueError(f"The supervised objective needs reference solutions; examples {missing[:5]} have none")
-            trajectories = teacher_forced_trajectories(self.tokenizer, batch["prompt"], batch["solution"])
-            log_probs, mask = self._log_probs(trajectories)
-            objective = -(log_probs * mask).sum() / mask.sum()
-            self.log("train/nll", objective.detach(), prog_bar=True, batch_size=prompts)
-        else:
-            with torch.no_grad(), self.gates.attach(self.lm):
-                trajectories = sample_trajectories(self.lm, self.tokenizer, batch["prompt"], self._sampling(False), batch["seed"].tolist())
-            completions = completions_of(trajectories, batch["prompt"], batch["answer"], self.tokenizer)
-            rewards = torch.tensor(score_completions(self.reward_fn, completions)).view(prompts, self.hparams.num_samples)
-            advantages, _ = group_advantages(rewards, "rloo")
-            log_probs, mask = self._log_probs(trajectories)
-            weights = (advantages.flatten() / self.hparams.num_samples).to(log_probs)
-            objective = -(weights * log_probs.sum(-1)).sum() / prompts
-            if self.hparams.kl_coef > 0:
-                kl = self._kl_to_base(trajectories, log_probs, mask)
-                objective = objective + self.hparams.kl_coef * kl
-                self.log("train/kl", kl.detach(), batch_size=prompts)
-            self.log("train/reward", rewards.mean(), prog_bar=True, batch_size=prompts)
+    def training_step(self, batch: ReasoningBatch, batch_idx: int) -> torch.Tensor:
+        """One optimisation step of the chosen objective, plus the gate penalty."""
+        loss = OBJECTIVES[self.hparams.objective](self, batch)
         penalty = self.gate_deviation()
-        self.log("train/gate_deviation", penalty.detach(), batch_size=prompts)
-        return objective + self.hparams.gate_penalty * penalty
+        self.log("train/gate_deviation", penalty.detach(), batch_size=len(batch["prompt"]))
+        return loss + self.hparams.gate_penalty * penalty
 
-    def on_train_batch_start(self, batch: dict[str, Any], batch_idx: int) -> None:
+    def on_train_batch_start(self, batch: ReasoningBatch, batch_idx: int) -> None:
         """Stop before sampling with gates that became NaN or infinite (the run diverged)."""
         self.check_gates_finite()
 
@@ -301,10 +204,11 @@ class GateSteering(L.LightningModule):
                 )
 
     # ----------------------------------------------------------------------------- validation
-    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+    def validation_step(self, batch: ReasoningBatch, batch_idx: int) -> None:
         """Greedy generations with the current gates, into the reasoning metrics."""
+        greedy = SamplingConfig(num_samples=1, temperature=0.0, max_new_tokens=self.sampling.max_new_tokens, batch_size=self.sampling.batch_size)
         with self.gates.attach(self.lm):
-            trajectories = sample_trajectories(self.lm, self.tokenizer, batch["prompt"], self._sampling(True), batch["seed"].tolist())
+            trajectories = sample_trajectories(self.lm, self.tokenizer, batch["prompt"], greedy, batch["seed"].tolist())
         completions = completions_of(trajectories, batch["prompt"], batch["answer"], self.tokenizer)
         texts = [c.text for c in completions]
         self.val_accuracy.update(texts, batch["answer"])
@@ -328,15 +232,19 @@ class GateSteering(L.LightningModule):
         trainable = {name for name, parameter in self.named_parameters() if parameter.requires_grad}
         return {key: value for key, value in self.state_dict().items() if key in trainable}
 
+    def gate_values(self) -> dict[str, float]:
+        """The current gate value of each steered component, by name."""
+        return {name: float(self.gates.component_value(name)) for name in self.components}
+
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Drop the frozen base model from the checkpoint; record the steered components; never save NaN gates."""
         self.check_gates_finite()
         checkpoint["state_dict"] = self.trainable_state()
         checkpoint[STEERING_KEY] = {
             "components": self.components,
-            "model": self.model_name,
-            "model_identity": model_identity(self.lm, self.model_name),
-            "lora": asdict(self.lora) if self.lora else None,
+            "model": self.model_path,
+            "model_identity": model_identity(self.lm, self.model_path),
+            "lora": plain(self.lora) if self.lora else None,
         }
 
     @classmethod
@@ -356,47 +264,7 @@ class GateSteering(L.LightningModule):
         if saved is not None and self.components and saved != self.components:
             raise ValueError(f"Checkpoint steers {saved[:5]}..., but this run selected {self.components[:5]}...")
         if self.lm is not None:
-            check_same_model(steering.get("model_identity"), self.lm, self.model_name, "The checkpoint to resume from")
-
-
-class SteeringCheckpointError(ValueError):
-    """A file that is not a readable ``ipg steer`` checkpoint; the message names it and why."""
-
-
-def read_steering_checkpoint(path: str | Path) -> dict[str, Any]:
-    """Read a ``GateSteering`` checkpoint as plain data, never unpickling code, and check its structure.
-
-    Only tensors and plain Python values load (``torch.load(weights_only=True)``); a file holding
-    anything else is refused before any of it runs. Non-finite tensors (a diverged run) are refused.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"Steering checkpoint not found: {path}")
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
-        raise SteeringCheckpointError(
-            f"{path} holds Python objects beyond tensors and plain values; refusing to unpickle it, since that can run "
-            "code. Steering checkpoints written by `ipg steer` hold only plain data"
-        ) from None
-    except Exception as error:  # torch raises EOFError, RuntimeError, ... for truncated or foreign files
-        reason = str(error).split(".")[0].strip() or type(error).__name__
-        raise SteeringCheckpointError(f"{path} cannot be read as a checkpoint ({reason}); is it truncated, or not a checkpoint?") from None
-    steering = checkpoint.get(STEERING_KEY) if isinstance(checkpoint, dict) else None
-    if not isinstance(steering, dict):
-        raise SteeringCheckpointError(f"{path} is not a GateSteering checkpoint (no {STEERING_KEY!r} entry); use one written by `ipg steer`")
-    components = steering.get("components")
-    state = checkpoint.get("state_dict")
-    if not (isinstance(components, list) and components and all(isinstance(c, str) for c in components)):
-        raise SteeringCheckpointError(f"{path}: {STEERING_KEY}.components must be a non-empty list of component names")
-    if not (isinstance(state, dict) and all(isinstance(v, torch.Tensor) for v in state.values())):
-        raise SteeringCheckpointError(f"{path}: state_dict must map names to tensors")
-    if not isinstance(checkpoint.get("hyper_parameters"), dict):
-        raise SteeringCheckpointError(f"{path}: hyper_parameters are missing")
-    for key, tensor in state.items():
-        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
-            raise SteeringCheckpointError(f"{path}: {key} holds non-finite values (NaN or inf): the run diverged; use an earlier checkpoint")
-    return checkpoint
+            check_same_model(steering.get("model_identity"), self.lm, self.model_path, "The checkpoint to resume from")
 
 
 def load_steering_checkpoint(path: str | Path, model: str | None = None, trust_reward: bool = False, allow_other_model: bool = False) -> GateSteering:
@@ -412,9 +280,11 @@ def load_steering_checkpoint(path: str | Path, model: str | None = None, trust_r
     checkpoint = read_steering_checkpoint(path)
     accepted = inspect.signature(GateSteering.__init__).parameters
     # LightningCLI adds private entries (e.g. "_instantiator") to the saved hyperparameters.
-    hparams = {key: value for key, value in checkpoint["hyper_parameters"].items() if key in accepted}
+    hparams = {key: value for key, value in migrate_hparams(checkpoint["hyper_parameters"]).items() if key in accepted}
     if model is not None:
-        hparams["model"] = model
+        hparams["model_path"] = model
+    elif hparams.get("model_path") == IN_MEMORY_MODEL:
+        raise SteeringCheckpointError(f"{path} was trained on a model that was never saved under a path: pass the model to load it on")
     module = GateSteering(**hparams)
     module.reward_import_allowed = trust_reward
     steering = checkpoint[STEERING_KEY]

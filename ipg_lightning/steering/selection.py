@@ -14,9 +14,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ipg_lightning.attribution.report import AttributionReport
 from ipg_lightning.gates import ComponentGates, parse_component_name
 from ipg_lightning.identity import ModelMismatchError, check_same_model
-from ipg_lightning.report import AttributionReport
 from ipg_lightning.sites import ArchitectureSpec, discover_sites, parse_site_name
 
 
@@ -27,14 +27,13 @@ class ComponentSelection:
     Args:
         report: directory of an attribution report (``ipg attribute`` output).
         k: number of top components (globally, or per layer with ``per_layer``).
-        fraction: or a share of the candidates instead of ``k``.
+        fraction: or a share of the candidates instead of ``k``. A selection from a report needs
+            one of the two before it resolves; a sweep may leave both out and give its own top-k values.
         signed: rank by signed score (the paper's default) or by absolute score.
         per_layer: take the top of each layer separately.
         family: only components of this site family.
         components: explicit component names (used instead of a report), e.g.
             ``["blocks.3.attn.hook_z[2]", "blocks.3.mlp.hook_post[117]"]``.
-        allow_other_model: apply a report computed on a model of another architecture (refused by
-            default: its component indices would mean other units).
     """
 
     report: str | None = None
@@ -44,20 +43,30 @@ class ComponentSelection:
     per_layer: bool = False
     family: str | None = None
     components: tuple[str, ...] = ()
-    allow_other_model: bool = False
 
     def __post_init__(self) -> None:
         if (self.report is None) == (not self.components):
             raise ValueError("Select components either from a report (report=..., k=...) or by name (components=[...])")
-        if self.report is not None and (self.k is None) == (self.fraction is None):
-            raise ValueError("Selecting from a report needs exactly one of k or fraction")
+        if self.k is not None and self.fraction is not None:
+            raise ValueError("Selecting from a report needs exactly one of k or fraction, not both")
         if self.k is not None and self.k < 1:
             raise ValueError(f"k must be >= 1, got {self.k}")
         if self.fraction is not None and not 0 < self.fraction <= 1:
             raise ValueError(f"fraction must be in (0, 1], got {self.fraction}")
         object.__setattr__(self, "components", tuple(self.components))
 
-    def resolve(self, model: nn.Module | None = None, model_name: str = "the model", architecture: ArchitectureSpec | None = None) -> list[str]:
+    def check_count(self) -> None:
+        """Refuse a selection from a report that says neither how many (``k``) nor what share (``fraction``)."""
+        if self.report is not None and self.k is None and self.fraction is None:
+            raise ValueError("Selecting from a report needs exactly one of k or fraction")
+
+    def resolve(
+        self,
+        model: nn.Module | None = None,
+        model_name: str = "the model",
+        architecture: ArchitectureSpec | None = None,
+        allow_other_model: bool = False,
+    ) -> list[str]:
         """The selected component names; with ``model``, a report must have been computed on that model.
 
         Args:
@@ -65,14 +74,17 @@ class ComponentSelection:
                 site sizes differ from this model's, is refused unless ``allow_other_model``.
             model_name: how the model is named in messages (its path or alias).
             architecture: the model's module paths, if it is not a built-in architecture.
+            allow_other_model: apply a report computed on a model of another architecture (refused
+                by default: its component indices would mean other units).
         """
         if self.components:
             return list(self.components)
+        self.check_count()
         report = AttributionReport.load(Path(self.report))
         if model is not None:
             what = f"The report {self.report}"
-            check_same_model(report.metadata.get("model_identity"), model, model_name, what, self.allow_other_model)
-            if not self.allow_other_model:
+            check_same_model(report.metadata.get("model_identity"), model, model_name, what, allow_other_model)
+            if not allow_other_model:
                 check_sites_fit(report.sites, model, what, architecture)
         return report.select(k=self.k, fraction=self.fraction, signed=self.signed, per_layer=self.per_layer, family=self.family)
 

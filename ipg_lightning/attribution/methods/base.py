@@ -1,0 +1,86 @@
+"""What every attribution method provides to :class:`~ipg_lightning.attribution.IPGAttribution`.
+
+A method is a small strategy object: the LightningModule samples nothing and decides nothing on
+its own; it calls the method's :meth:`~AttributionMethod.step` on every batch, and at the end asks
+it for the scores, for a reason the run carries no information, and for its report metadata.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar, Protocol
+
+import torch
+from torch import nn
+from transformers import PreTrainedTokenizerBase
+
+from ipg_lightning.attribution.accumulator import AttributionAccumulator
+from ipg_lightning.data import ReasoningBatch
+from ipg_lightning.gates import ComponentGates
+from ipg_lightning.trajectories import SamplingConfig, Trajectories
+
+
+class AttributionRun(Protocol):
+    """What a method reads and writes while it runs; :class:`~ipg_lightning.attribution.IPGAttribution` provides it."""
+
+    lm: nn.Module
+    tokenizer: PreTrainedTokenizerBase
+    gates: ComponentGates
+    sampling: SamplingConfig
+    accumulator: AttributionAccumulator
+    hparams: Any
+
+    def sample(self, batch: ReasoningBatch) -> Trajectories:
+        """N trajectories per prompt from the model as currently gated."""
+
+    def rewards(self, batch: ReasoningBatch, trajectories: Trajectories) -> torch.Tensor:
+        """The (prompts x N) reward matrix."""
+
+    def sample_counts(self, batch: ReasoningBatch, trajectories: Trajectories, rewards: torch.Tensor) -> dict[str, float]:
+        """The counters of a sampled step."""
+
+    def log(self, name: str, value: Any, **kwargs: Any) -> None:
+        """Log a value (Lightning's ``LightningModule.log``)."""
+
+
+class AttributionMethod:
+    """One attribution method, bound to the module that runs it.
+
+    Class attributes say what the method is; subclasses implement :meth:`step` and, where the
+    per-prompt mean of the accumulated scores is not the answer, :meth:`scores`.
+    """
+
+    #: The name used in recipes, the CLI and reports.
+    name: ClassVar[str]
+    #: Needs N sampled rewards per prompt that can differ (policy-gradient methods).
+    needs_reward_signal: ClassVar[bool] = False
+    #: Its scores add up to a quantity the report checks (the completeness block).
+    has_completeness: ClassVar[bool] = False
+
+    def __init__(self, task: AttributionRun) -> None:
+        self.task = task
+
+    @property
+    def quadrature(self) -> tuple[str, int]:
+        """The quadrature ``(rule, steps)`` this method actually uses."""
+        return self.task.hparams.rule, self.task.hparams.steps
+
+    def step(self, batch: ReasoningBatch) -> None:
+        """Attribute one batch of support prompts: add sums and counters to ``task.accumulator``."""
+        raise NotImplementedError
+
+    def scores(self, state: dict[str, Any]) -> dict[str, torch.Tensor]:
+        """Final per-site scores from the reduced state: by default per-prompt means of the score sums."""
+        prompts = max(state["prompts"], 1.0)
+        return {name: (total / prompts).float() for name, total in state["score"].items()}
+
+    def uninformative_reason(self, state: dict[str, Any]) -> str | None:
+        """Why the reduced state ranks nothing (beyond an empty support set), else None."""
+        return None
+
+    def counts(self, state: dict[str, Any]) -> dict[str, int | None]:
+        """Method-specific counters for the report's ``counts`` block."""
+        return {"zero_signal_prompts": None, "correct_trajectories": None}
+
+    def completeness_target(self) -> str:
+        """What the scores should add up to (for methods with a completeness check)."""
+        return "L(1) - L(baseline)"

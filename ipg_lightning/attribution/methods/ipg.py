@@ -1,0 +1,113 @@
+"""Integrated Policy Gradient, and its one-point special case ``grad_x_act``.
+
+Sample N trajectories per prompt with the gates at 1, score them, take group advantages, then
+integrate the policy-gradient surrogate along the gate path (``docs/method.md`` section 3): over
+the same trajectories at every quadrature point (``estimation: fixed``, exactly Integrated
+Gradients of the surrogate) or over fresh on-policy samples (``estimation: resample``).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from ipg_lightning.attribution.estimator import group_advantages, integrate_path, move_along_path
+from ipg_lightning.attribution.methods.base import AttributionMethod
+from ipg_lightning.attribution.paths import integrate_fixed, path_groups
+from ipg_lightning.data import ReasoningBatch
+from ipg_lightning.trajectories import backward_weighted_log_likelihood
+
+
+class IntegratedPolicyGradient(AttributionMethod):
+    """IPG: the policy gradient integrated along the straight gate path from the baseline to 1."""
+
+    name = "ipg"
+    needs_reward_signal = True
+    has_completeness = True
+
+    def step(self, batch: ReasoningBatch) -> None:
+        """Sample, score, take advantages, and integrate along every path (prompts without signal skipped)."""
+        task = self.task
+        trajectories = task.sample(batch)
+        rewards = task.rewards(batch, trajectories)
+        counts = task.sample_counts(batch, trajectories, rewards)
+        advantages, has_signal = group_advantages(rewards, task.hparams.advantage)
+        counts["signal_prompts"] = int(has_signal.sum())
+        task.log("zero_signal_prompts", float((~has_signal).sum()), prog_bar=True, reduce_fx="sum", batch_size=len(batch["prompt"]))
+        if not has_signal.any():
+            task.accumulator.update(**counts)
+            return
+        if task.hparams.estimation == "resample":
+            scores, delta = self._integrate_resampled(batch, rewards)
+        else:
+            rows = [row for row in range(len(trajectories)) if has_signal[trajectories.prompt_index[row]]]
+            weights = (advantages.flatten()[rows] / task.sampling.num_samples).float()
+            scores, delta = integrate_fixed(
+                task.lm,
+                task.gates,
+                trajectories.select(rows),
+                weights,
+                task.hparams.path,
+                task.hparams.baseline,
+                self.quadrature,
+                task.hparams.chunk_size,
+            )
+        task.accumulator.update(scores=scores, score_sum=_total(scores), surrogate_delta=delta, **counts)
+
+    def _integrate_resampled(self, batch: ReasoningBatch, rewards_at_one: torch.Tensor) -> tuple[dict[str, torch.Tensor], float]:
+        task = self.task
+        hparams = task.hparams
+
+        def on_policy_gradient(alpha: float) -> float:
+            fresh = task.sample(batch)
+            advantages, _ = group_advantages(task.rewards(batch, fresh), hparams.advantage)
+            weights = (advantages.flatten() / task.sampling.num_samples).float()
+            return backward_weighted_log_likelihood(task.lm, fresh, weights, hparams.chunk_size)
+
+        rule, steps = self.quadrature
+        scores, delta = {}, 0.0
+        reward_at_one = rewards_at_one.mean(1).sum().item()
+        for group in path_groups(task.gates, hparams.path):
+            result = integrate_path(task.gates, group, on_policy_gradient, hparams.baseline, rule, steps)
+            scores.update(result.scores)
+            move_along_path(task.gates, group, hparams.baseline, 0.0)
+            reward_at_baseline = task.rewards(batch, task.sample(batch)).mean(1).sum().item()
+            task.gates.reset(1.0)
+            delta += reward_at_one - reward_at_baseline  # J(1) - J(c'), summed over prompts
+        return scores, delta
+
+    def uninformative_reason(self, state: dict[str, Any]) -> str | None:
+        """No prompt had N rewards that differ: there is no policy gradient to integrate."""
+        if state["signal_prompts"] > 0:
+            return None
+        prompts, num_samples = int(state["prompts"]), self.task.sampling.num_samples
+        mean = state["reward_sum"] / max(state["trajectories"], 1.0)
+        return (
+            f"none of the {prompts} support prompts carried signal: the {num_samples} rewards of each "
+            f"prompt were all equal (mean reward {mean:.3g}). Draw more samples (num_samples), sample at a higher "
+            "temperature, or use problems the model solves sometimes but not always"
+        )
+
+    def counts(self, state: dict[str, Any]) -> dict[str, int | None]:
+        """Prompts whose N rewards were all equal (skipped)."""
+        return {"zero_signal_prompts": int(state["prompts"] - state["signal_prompts"]), "correct_trajectories": None}
+
+    def completeness_target(self) -> str:
+        """L(1) - L(c') over fixed trajectories; the expected reward J(1) - J(c') when resampling."""
+        return "J(1) - J(baseline)" if self.task.hparams.estimation == "resample" else "L(1) - L(baseline)"
+
+
+class GradientTimesActivation(IntegratedPolicyGradient):
+    """``grad_x_act``: IPG without integration, one quadrature point at alpha = 1."""
+
+    name = "grad_x_act"
+
+    @property
+    def quadrature(self) -> tuple[str, int]:
+        """One right-endpoint point, whatever ``rule`` and ``steps`` say."""
+        return "right", 1
+
+
+def _total(scores: dict[str, torch.Tensor]) -> float:
+    return sum(float(vector.double().sum()) for vector in scores.values())

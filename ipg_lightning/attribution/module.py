@@ -1,0 +1,234 @@
+"""IPG attribution as a Lightning validation loop; the method itself is a strategy object.
+
+Each validation step is one attribution step over a batch of support prompts, delegated to the
+chosen :mod:`method <ipg_lightning.attribution.methods>` (IPG: sample N trajectories per prompt,
+score them, take group advantages, integrate the policy-gradient surrogate along the gate path;
+``docs/method.md`` section 3). Sums accumulate in DDP-reducible state and become an
+:class:`~ipg_lightning.attribution.report.AttributionReport` at the end.
+
+Run it with ``Trainer(inference_mode=False).validate(...)``: Lightning evaluates under
+``torch.inference_mode`` by default, and tensors made there can never take part in autograd, so
+the gate gradients IPG needs would be impossible. With ``inference_mode=False`` Lightning uses
+``torch.no_grad`` instead, and each step turns gradients back on for its backward passes.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Literal
+
+import lightning as L
+import torch
+
+from ipg_lightning.attribution.accumulator import AttributionAccumulator
+from ipg_lightning.attribution.estimator import AdvantageMethod, QuadratureRule
+from ipg_lightning.attribution.methods import METHODS, AttributionMethodName
+from ipg_lightning.attribution.report import AttributionReport, UninformativeReportError
+from ipg_lightning.completions import reward_matrix
+from ipg_lightning.data import ReasoningBatch
+from ipg_lightning.gates import ComponentGates
+from ipg_lightning.identity import model_identity
+from ipg_lightning.outputs import check_output_dir
+from ipg_lightning.rewards import load_reward
+from ipg_lightning.sites import ArchitectureSpec, resolve_architecture, unwrap_model
+from ipg_lightning.task import ReasoningTask, plain
+from ipg_lightning.trajectories import SamplingConfig, Trajectories, sample_trajectories
+from ipg_lightning.validation import check_at_least, check_sampling_has_signal
+
+
+class IPGAttribution(ReasoningTask):
+    """Attribute a reward to model components with Integrated Policy Gradient (or a baseline).
+
+    Args:
+        model_path: local Hugging Face model directory, or an alias (``tiny:<family>``, ``smollm2``).
+        dtype: weights dtype (``float32``, ``bfloat16``, ``float16``, ``auto``).
+        families: site families to attribute (``resid_post``, ``mlp_neuron``, ``attn_head``,
+            ``attn_out``, ``mlp_out``).
+        layers: blocks to attribute; default one mid-to-late block (at 3/4 depth), as in the paper.
+        method: ``ipg``; or a baseline: ``grad_x_act`` (IPG without integration: one point at
+            alpha = 1), ``random``, ``activation`` (mean activation magnitude), ``mean_diff``
+            (mean activation of trajectories with reward > 0.5, i.e. correct ones under the accuracy
+            reward, minus that of the others), ``ig_reference``
+            (Integrated Gradients of the teacher-forced likelihood of reference solutions).
+        reward: a built-in reward name, an import path ``pkg.module:function``, or a mapping of weights.
+        advantage: ``rloo`` (default, unbiased), ``grpo`` (the paper's), or ``none``.
+        steps: number of quadrature points q (paper: 10).
+        rule: quadrature rule: ``right`` (paper: alpha_k = k/q), ``left``, ``midpoint``,
+            ``trapezoid``, ``gauss_legendre``.
+        baseline: the baseline gate value c' (paper: 0).
+        estimation: ``fixed`` (sample once at c = 1, teacher-force at every point) or ``resample``
+            (fresh on-policy samples at every point; N x q generations per prompt).
+        path: ``layer`` (each site's gates move alone) or ``family`` (all sites of a family together).
+        sampling: how trajectories are sampled (N, temperature, top-p, max new tokens, stop strings,
+            generation batch size, seed); the seed also draws the ``random`` baseline.
+        chunk_size: trajectories per teacher-forced forward/backward (bounds memory).
+        architecture: module paths for an architecture that is not built in.
+        output_dir: where the report is written at the end of validation (None: keep it in memory).
+        overwrite: replace an earlier report of this library at ``output_dir``.
+    """
+
+    def __init__(
+        self,
+        model_path: str = "tiny:llama",
+        dtype: str = "float32",
+        families: list[str] = ["resid_post"],  # noqa: B006 (jsonargparse needs a literal default)
+        layers: list[int] | None = None,
+        method: AttributionMethodName = "ipg",
+        reward: str | dict[str, float] = "accuracy",
+        advantage: AdvantageMethod = "rloo",
+        steps: int = 10,
+        rule: QuadratureRule = "right",
+        baseline: float = 0.0,
+        estimation: Literal["fixed", "resample"] = "fixed",
+        path: Literal["layer", "family"] = "layer",
+        sampling: SamplingConfig = SamplingConfig(),
+        chunk_size: int = 8,
+        architecture: ArchitectureSpec | None = None,
+        output_dir: str | None = None,
+        overwrite: bool = False,
+    ) -> None:
+        super().__init__(model_path, dtype, architecture)
+        sampling = SamplingConfig(**sampling) if isinstance(sampling, dict) else sampling
+        self._check_settings(method, estimation, path, baseline, families, layers, steps, chunk_size, sampling)
+        if output_dir is not None:
+            check_output_dir(output_dir, overwrite)  # refuse now rather than after the run
+        self.save_hyperparameters(ignore=[] if isinstance(reward, str | dict) else ["reward"])
+        self.reward_fn = load_reward(reward)
+        self.reward_name = reward if isinstance(reward, str | dict) else f"{reward.__module__}:{reward.__qualname__}"
+        self.sampling = sampling
+        self.method = METHODS[method](self)
+        self.gates: ComponentGates | None = None
+        self.accumulator: AttributionAccumulator | None = None
+        self.report: AttributionReport | None = None
+        self._started = 0.0
+
+    @staticmethod
+    def _check_settings(method, estimation, path, baseline, families, layers, steps, chunk_size, sampling) -> None:
+        if method not in METHODS:
+            raise ValueError(f"Unknown method {method!r}; choose from {list(METHODS)}")
+        if estimation not in ("fixed", "resample") or path not in ("layer", "family"):
+            raise ValueError(f"estimation must be fixed|resample and path layer|family, got {estimation!r}, {path!r}")
+        if not baseline < 1:
+            raise ValueError(f"baseline must be < 1 (the path runs from it to 1), got {baseline}")
+        if not families:
+            raise ValueError("families is empty: name at least one site family to attribute, e.g. [mlp_neuron]")
+        if layers is not None and not layers:
+            raise ValueError("layers is empty: name at least one block, or leave it unset for the default (3/4 depth)")
+        check_at_least(1, steps=steps, chunk_size=chunk_size)
+        if METHODS[method].needs_reward_signal:
+            check_sampling_has_signal(sampling.num_samples, sampling.temperature, f"method {method!r}")
+
+    def configure_components(self) -> None:
+        """Gates on the attributed sites (default: the block at 3/4 depth) and the score accumulator."""
+        spec = resolve_architecture(self.lm, self.architecture)
+        num_layers = len(unwrap_model(self.lm).get_submodule(spec.layers))
+        layers = self.hparams.layers if self.hparams.layers is not None else [round(0.75 * (num_layers - 1))]
+        self.gates = ComponentGates.for_model(self.lm, self.hparams.families, layers, self.architecture)
+        self.accumulator = AttributionAccumulator({name: site.size for name, site in self.gates.sites.items()})
+
+    def on_validation_start(self) -> None:
+        """Refuse to run under inference mode, where gate gradients cannot exist; keep gates in float32."""
+        if torch.is_inference_mode_enabled():
+            raise RuntimeError("IPG attribution needs gradients inside validation: create the Trainer with inference_mode=False")
+        # A "bf16-true"/"16-true" Trainer converts every parameter; gates must keep full precision
+        # (quadrature points like 0.1 and their gradients); each edit casts them to the activation dtype.
+        self.gates.float()
+        self.accumulator.reset()
+        self._started = time.perf_counter()
+
+    def validation_step(self, batch: ReasoningBatch, batch_idx: int) -> None:
+        """One attribution step of the method over a batch of prompts; results go to the accumulator."""
+        with torch.enable_grad(), self.gates.attach(self.lm):
+            self.method.step(batch)
+
+    # ----------------------------------------------------------------------------- what methods use
+    def sample(self, batch: ReasoningBatch) -> Trajectories:
+        """N trajectories per prompt of the batch from the model as currently gated."""
+        return sample_trajectories(self.lm, self.tokenizer, batch["prompt"], self.sampling, batch["seed"].tolist())
+
+    def rewards(self, batch: ReasoningBatch, trajectories: Trajectories) -> torch.Tensor:
+        """The (prompts x N) reward matrix of the batch's trajectories."""
+        return reward_matrix(self.reward_fn, trajectories, batch["prompt"], batch["answer"], self.tokenizer)
+
+    @staticmethod
+    def sample_counts(batch: ReasoningBatch, trajectories: Trajectories, rewards: torch.Tensor) -> dict[str, float]:
+        """Counters of a sampled step: prompts, trajectories, completion tokens, summed reward."""
+        return {
+            "prompts": len(batch["prompt"]),
+            "trajectories": len(trajectories),
+            "tokens": trajectories.num_completion_tokens,
+            "reward_sum": rewards.sum().item(),
+        }
+
+    # ----------------------------------------------------------------------------- the report
+    def on_validation_epoch_end(self) -> None:
+        """Reduce the state across processes, build the report, and write it on rank 0."""
+        state = self.accumulator.compute()
+        self.accumulator.reset()
+        self.report = self._build_report(state)
+        self.log("mean_reward", float(self.report.metadata["mean_reward"] or 0.0), sync_dist=False)
+        output_dir = self.hparams.output_dir
+        reason = self._uninformative_reason(state) or self.report.uninformative_reason()
+        if reason is not None:  # refuse to hand out scores that rank nothing; the report stays in memory
+            self.report.metadata["degenerate"] = reason
+            written = " No report was written." if output_dir else ""
+            raise UninformativeReportError(f"The attribution carries no information: {reason}.{written}")
+        if output_dir and self.trainer.is_global_zero:
+            self.report.save(output_dir, overwrite=self.hparams.overwrite)
+
+    def _uninformative_reason(self, state: dict[str, Any]) -> str | None:
+        if int(state["prompts"]) == 0:
+            return "no support prompt was attributed (the validation split is empty)"
+        return self.method.uninformative_reason(state)
+
+    def _build_report(self, state: dict[str, Any]) -> AttributionReport:
+        scores = self.method.scores(state)
+        # torchmetrics squeezes one-element results to 0-dim; sub-layer sites keep their (1,) shape.
+        scores = {name: scores[name].reshape(site.size) for name, site in self.gates.sites.items()}
+        sites = {name: {"family": s.family, "layer": s.layer, "size": s.size} for name, s in self.gates.sites.items()}
+        return AttributionReport(scores=scores, sites=sites, metadata=self._report_metadata(state))
+
+    def _report_metadata(self, state: dict[str, Any]) -> dict[str, Any]:
+        datamodule = getattr(self.trainer, "datamodule", None)
+        rule, steps = self.method.quadrature
+        metadata = {
+            "method": self.hparams.method,
+            "config": {**plain(dict(self.hparams)), "reward": self.reward_name},
+            "effective": {"steps": steps, "rule": rule},
+            "model": self.model_path,
+            "model_identity": model_identity(self.lm, self.model_path),
+            "data": {"source": getattr(datamodule, "source", None), "split": "val", "seed": getattr(datamodule, "seed", None)},
+            "counts": {
+                "prompts": int(state["prompts"]),
+                "trajectories": int(state["trajectories"]),
+                "zero_signal_prompts": self.method.counts(state)["zero_signal_prompts"],
+                "completion_tokens": int(state["tokens"]),
+                "correct_trajectories": self.method.counts(state)["correct_trajectories"],
+            },
+            "mean_reward": state["reward_sum"] / state["trajectories"] if state["trajectories"] else None,
+            "wall_time_s": round(time.perf_counter() - self._started, 3),
+            "world_size": self.trainer.world_size,
+        }
+        if self.method.has_completeness:
+            prompts = max(state["prompts"], 1.0)
+            total, delta = state["score_sum"] / prompts, state["surrogate_delta"] / prompts
+            metadata["completeness"] = {
+                "sum_of_scores": total,
+                "target": self.method.completeness_target(),
+                "surrogate_delta": delta,
+                "residual": total - delta,
+                "relative_residual": abs(total - delta) / max(abs(delta), 1e-12),
+                "note": "per-prompt means; sum over all paths",
+            }
+        return metadata
+
+
+def run_attribution(module: IPGAttribution, datamodule: L.LightningDataModule, **trainer_kwargs: Any) -> AttributionReport:
+    """One attribution pass (``Trainer(inference_mode=False).validate``) and its report.
+
+    ``trainer_kwargs`` go to the ``Trainer`` (e.g. ``enable_progress_bar=False``, ``devices=2``);
+    by default it runs on the CPU with no logger and no model summary.
+    """
+    settings = {"accelerator": "cpu", "logger": False, "enable_model_summary": False, **trainer_kwargs, "inference_mode": False}
+    L.Trainer(**settings).validate(module, datamodule=datamodule, verbose=False)
+    return module.report

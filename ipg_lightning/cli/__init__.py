@@ -1,0 +1,12 @@
+"""The ``ipg`` command line: a thin layer over the library.
+
+- :mod:`~ipg_lightning.cli.main`: :func:`main` (the console script) and :func:`run` (for Python callers);
+- :mod:`~ipg_lightning.cli.lightning_commands`: ``attribute``, ``steer``, ``train-reasoner`` (LightningCLIs);
+- :mod:`~ipg_lightning.cli.commands`: ``evaluate``, ``export``, ``prepare-smollm2`` (typed functions);
+- :mod:`~ipg_lightning.cli.demo`: ``ipg demo``, the main job, as five stage functions;
+- :mod:`~ipg_lightning.cli.errors`: one-line error messages.
+"""
+
+from ipg_lightning.cli.main import main, run
+
+__all__ = ["main", "run"]

