@@ -51,9 +51,9 @@ def write_figure(summary: dict, out: Path) -> None:
     args = argparse.Namespace(**summary["settings"])
     base, results, length_curve = summary["base"], summary["results"], summary["length_curve"]
     figure, axes = plt.subplots(1, 3, figsize=(14, 3.8))
-    for axis, condition in zip(axes[:2], ("suppress", "amplify")):
+    for axis, condition in zip(axes[:2], ("suppress", "amplify"), strict=True):
         for method in getattr(args, "methods", METHODS):
-            means, errors = zip(*(interval(results[method][condition][p]) for p in args.ps))
+            means, errors = zip(*(interval(results[method][condition][p]) for p in args.ps), strict=True)
             axis.errorbar(args.ps, means, yerr=errors, marker="o", capsize=3, label=method)
         axis.axhline(base["accuracy"], color="grey", linestyle="--", label="base")
         axis.set_xscale("log", base=2)

@@ -12,8 +12,9 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
 from ipg_lightning.completions import completions_of
+from ipg_lightning.data import ReasoningBatch
 from ipg_lightning.gates import ComponentGates
-from ipg_lightning.metrics import AnswerRate, ReasoningAccuracy, ReasoningLength, ReflectionRate
+from ipg_lightning.metrics import ReasoningMetrics
 from ipg_lightning.metrics.functional import DEFAULT_REFLECTION_MARKERS
 from ipg_lightning.rewards import reasoning_length
 from ipg_lightning.trajectories import SamplingConfig, sample_trajectories
@@ -30,7 +31,7 @@ class EvaluationResult:
 def evaluate_generations(
     model: nn.Module,
     tokenizer: PreTrainedTokenizerBase,
-    batches: Iterable[dict[str, Any]],
+    batches: Iterable[ReasoningBatch],
     sampling: SamplingConfig,
     gates: ComponentGates | None = None,
     reflection_markers: Sequence[str] = DEFAULT_REFLECTION_MARKERS,
@@ -40,7 +41,7 @@ def evaluate_generations(
     """Sample completions for every batch of a :class:`~ipg_lightning.data.ReasoningDataModule`
     loader (with ``gates`` attached if given) and compute accuracy, answer rate, reasoning length
     and reflection rate."""
-    accuracy, answers, reflection, length = ReasoningAccuracy(), AnswerRate(), ReflectionRate(reflection_markers), ReasoningLength()
+    metrics = ReasoningMetrics(reflection_markers)
     records: list[dict[str, Any]] = []
     context = gates.attach(model) if gates is not None else nullcontext()
     batches = list(batches)
@@ -48,13 +49,8 @@ def evaluate_generations(
         for batch in tqdm(batches, desc=description, unit="batch", disable=not progress):
             trajectories = sample_trajectories(model, tokenizer, batch["prompt"], sampling, prompt_seeds=batch["seed"].tolist())
             completions = completions_of(trajectories, batch["prompt"], batch["answer"], tokenizer)
-            texts = [c.text for c in completions]
-            golds = [c.gold for c in completions]
             lengths = [reasoning_length(c) for c in completions]
-            accuracy.update(texts, golds)
-            answers.update(texts)
-            reflection.update(texts)
-            length.update(lengths)
+            metrics.update([c.text for c in completions], [c.gold for c in completions], lengths)
             for row, completion in enumerate(completions):
                 records.append(
                     {
@@ -66,12 +62,4 @@ def evaluate_generations(
                         "reasoning_length": lengths[row],
                     }
                 )
-    length_summary = {f"reasoning_length_{k}": v.item() for k, v in length.compute().items()}
-    metrics = {
-        "accuracy": accuracy.compute().item(),
-        "answer_rate": answers.compute().item(),
-        "reflection_rate": reflection.compute().item(),
-        **length_summary,
-        "num_completions": len(records),
-    }
-    return EvaluationResult(metrics=metrics, records=records)
+    return EvaluationResult(metrics={**metrics.compute(), "num_completions": len(records)}, records=records)

@@ -65,15 +65,11 @@ def _fold_site(module: nn.Module, site: Site, gate: torch.Tensor) -> None:
     # nn.Linear stores (out, in); GPT-2's Conv1D stores (in, out).
     input_dim = 0 if type(module).__name__ == "Conv1D" else 1
     gate = gate.to(device=weight.device, dtype=torch.float32)
-    if site.family == "mlp_neuron":
-        column_scale = gate
-    elif site.family == "attn_head":
-        column_scale = gate.repeat_interleave(site.head_dim)
-    else:  # whole sub-layer: the output is scaled, so weight and bias both are.
+    if not site.hooks_input:  # whole sub-layer: the output is scaled, so weight and bias both are.
         weight.copy_(weight.float() * gate[0])
         if module.bias is not None:
             module.bias.copy_(module.bias.float() * gate[0])
         return
     shape = [1, 1]
     shape[input_dim] = -1
-    weight.copy_(weight.float() * column_scale.view(shape))
+    weight.copy_(weight.float() * site.channel_gates(gate).view(shape))

@@ -111,6 +111,19 @@ class ComponentGates(nn.Module):
         site_name, index = parse_component_name(component_name)
         return float(self.gate(site_name)[index or 0].detach())
 
+    def check_finite(self, when: str) -> None:
+        """Raise ``FloatingPointError`` naming the site if any gate is NaN or infinite (a diverged training run).
+
+        Args:
+            when: where the check runs, for the message (e.g. ``"at step 12"``).
+        """
+        for name in self.sites:
+            if not torch.isfinite(self.gate(name)).all():
+                raise FloatingPointError(
+                    f"The gates of {name} became non-finite {when}: the training diverged; "
+                    "lower learning_rate (or raise gate_penalty) and start again"
+                )
+
     def set_components(self, values: Mapping[str, float]) -> None:
         """Set several gates by component name."""
         for name, value in values.items():

@@ -13,6 +13,7 @@ nobody holds was left by a killed process and is removed the next time that outp
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import glob
 import json
@@ -166,10 +167,8 @@ def _held(stage: Path) -> Iterator[None]:
     process dies, however it dies, so a stage nobody holds was left by a dead process."""
     handle = os.open(stage, os.O_RDONLY)
     try:
-        try:
+        with contextlib.suppress(OSError):  # a filesystem without locks: write anyway; its stages are then never judged stale
             fcntl.flock(handle, fcntl.LOCK_EX)
-        except OSError:  # a filesystem without locks: write anyway; its stages are then never judged stale
-            pass
         yield
     finally:
         os.close(handle)

@@ -161,7 +161,8 @@ main job and tests have a real reasoner whose accuracy and reasoning length can 
 
 | accuracy | answer rate | mean reasoning length (tokens) | median | reflection rate |
 | --- | --- | --- | --- | --- |
-| {metrics["accuracy"]:.3f} | {metrics["answer_rate"]:.3f} | {metrics["reasoning_length_mean"]:.1f} | {metrics["reasoning_length_q50"]:.0f} | {metrics["reflection_rate"]:.3f} |
+| {metrics["accuracy"]:.3f} | {metrics["answer_rate"]:.3f} | {metrics["reasoning_length_mean"]:.1f} \
+| {metrics["reasoning_length_q50"]:.0f} | {metrics["reflection_rate"]:.3f} |
 
 Load it with `AutoModelForCausalLM.from_pretrained(path)` and `AutoTokenizer.from_pretrained(path)`.
 """

@@ -151,6 +151,34 @@ def reward_import_paths(spec: str | Mapping[str, float] | Reward) -> list[str]:
     return [str(name) for name in names if name not in BUILTIN_REWARDS]
 
 
+class DeferredReward:
+    """A reward setting whose import paths are imported on first use, and only while that is allowed.
+
+    Names are checked at once (:func:`reward_import_paths`); the code an import path names runs only
+    when :meth:`get` is first called with ``import_allowed`` true.
+
+    Args:
+        spec: a built-in name, an import path, a mapping of weights, or a callable.
+    """
+
+    def __init__(self, spec: str | Mapping[str, float] | Reward) -> None:
+        self.import_paths = reward_import_paths(spec)
+        self.spec = spec
+        self.import_allowed = True
+        self._reward: Reward | None = None
+
+    def get(self) -> Reward:
+        """The reward, imported on first use; ``PermissionError`` if it names code and importing is not allowed."""
+        if self._reward is None:
+            if self.import_paths and not self.import_allowed:
+                raise PermissionError(
+                    f"This module was rebuilt from a checkpoint whose reward imports {self.import_paths}, which runs that code; "
+                    "pass trust_reward=True to load_steering_checkpoint if you trust the checkpoint"
+                )
+            self._reward = load_reward(self.spec)
+        return self._reward
+
+
 def score_completions(reward: Reward, completions: Sequence[Completion]) -> list[float]:
     """Apply ``reward`` to each completion, checking that every result is a finite number."""
     scores = []

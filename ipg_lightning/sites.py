@@ -104,14 +104,22 @@ class Site:
             raise IndexError(f"{self.name} has {self.size} components, got index {index}")
         return self.name if self.size == 1 else f"{self.name}[{index}]"
 
+    def channel_gates(self, gate: torch.Tensor) -> torch.Tensor:
+        """``gate`` (size,) spread over the hooked channels: each head's gate repeated over its slice."""
+        return gate.repeat_interleave(self.head_dim) if self.head_dim > 1 else gate
+
     def edit(self, activation: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
         """Scale ``activation`` (batch, seq, width) by ``gate`` (size,) at every position."""
-        gate = gate.to(device=activation.device, dtype=activation.dtype)
+        return activation * self.channel_gates(gate.to(device=activation.device, dtype=activation.dtype))
+
+    def component_values(self, activation: torch.Tensor) -> torch.Tensor:
+        """(batch, seq, width) activation -> (batch, seq, size) per-component values: the signed value of a
+        coordinate or neuron, the L2 norm of a head's slice, the L2 norm of a whole sub-layer's output."""
         if self.family == "attn_head":
-            shape = activation.shape
-            heads = activation.reshape(*shape[:-1], self.size, self.head_dim)
-            return (heads * gate[:, None]).reshape(shape)
-        return activation * gate
+            return activation.reshape(*activation.shape[:-1], self.size, self.head_dim).norm(dim=-1)
+        if self.size == 1:
+            return activation.norm(dim=-1, keepdim=True)
+        return activation
 
 
 def parse_site_name(site_name: str) -> tuple[str, int]:
@@ -205,10 +213,8 @@ def discover_sites(
 def _make_site(root: nn.Module, spec: ArchitectureSpec, family: str, layer: int, block_path: str) -> Site:
     if family == "resid_post":
         return Site(family, layer, block_path, root.config.hidden_size)
-    if family in ("attn_head", "attn_out"):
-        path = f"{block_path}.{spec.attn_out_proj}"
-    else:
-        path = f"{block_path}.{spec.mlp_out_proj}"
+    projection = spec.attn_out_proj if family in ("attn_head", "attn_out") else spec.mlp_out_proj
+    path = f"{block_path}.{projection}"
     in_features, _ = projection_shape(_get_submodule(root, path, family))
     if family == "mlp_neuron":
         return Site(family, layer, path, in_features)

@@ -117,7 +117,7 @@ def _pad(prompts: list[list[int]], completions: list[list[int]], pad_id: int) ->
     input_ids = torch.full((rows, prompt_width + completion_width), pad_id, dtype=torch.long)
     attention_mask = torch.zeros_like(input_ids)
     completion_mask = torch.zeros_like(input_ids)
-    for row, (prompt, completion) in enumerate(zip(prompts, completions)):
+    for row, (prompt, completion) in enumerate(zip(prompts, completions, strict=True)):
         start = prompt_width - len(prompt)
         end = prompt_width + len(completion)
         input_ids[row, start:prompt_width] = torch.tensor(prompt)

@@ -3,7 +3,6 @@ import pytest
 import torch
 
 from ipg_lightning.attribution import IPGAttribution, run_attribution
-from ipg_lightning.attribution.activations import component_values
 from ipg_lightning.attribution.estimator import quadrature
 from ipg_lightning.attribution.report import UninformativeReportError
 from ipg_lightning.data import PromptTemplate, ReasoningDataModule
@@ -120,7 +119,7 @@ def _exact_integrated_gradients(model, tokenizer, prompts, digit_ids, steps):
     total = torch.zeros(64, dtype=torch.float64)
     alphas, weights = quadrature("right", steps)
     with gates.attach(model):
-        for alpha, weight in zip(alphas, weights):
+        for alpha, weight in zip(alphas, weights, strict=True):
             gates.set_site(site, alpha)
             gates.gate(site).grad = None
             expected = sum(
@@ -189,7 +188,7 @@ def _manual_site_means(model, tokenizer, prompts, seeds, sampling, layer):
     for row in range(len(trajectories)):
         prompt, completion = trajectories.prompt_ids[row], trajectories.completion_ids[row]
         captured = {}
-        handle = projection.register_forward_pre_hook(lambda m, args: captured.update(h=args[0]))
+        handle = projection.register_forward_pre_hook(lambda m, args, captured=captured: captured.update(h=args[0]))
         with torch.no_grad():
             model(torch.tensor([prompt + completion]))
         handle.remove()
@@ -220,7 +219,7 @@ def test_component_values_of_heads_are_slice_norms():
     site = ComponentGates.for_model(model, ["attn_head"], layers=[0]).sites["blocks.0.attn.hook_z"]
     activation = torch.zeros(1, 1, 32)
     activation[0, 0, 8:16] = 3.0 / (8**0.5)
-    assert component_values(site, activation)[0, 0].tolist() == pytest.approx([0.0, 3.0, 0.0, 0.0])
+    assert site.component_values(activation)[0, 0].tolist() == pytest.approx([0.0, 3.0, 0.0, 0.0])
 
 
 def test_ig_of_reference_likelihood_is_complete_and_random_is_seeded():

@@ -27,7 +27,7 @@ LENGTHS = [3.0, 10.0, 7.0, 0.0, 12.0, 1.0, 4.0, 6.0]
 def _reference_accuracy(completions, golds):
     """Independent: plain string comparison of extracted values with gold normalised by hand."""
     hits = 0
-    for text, gold in zip(completions, golds):
+    for text, gold in zip(completions, golds, strict=True):
         found = extract_answer(text)
         hits += found is not None and found.value == gold.replace(",", "")
     return hits / len(completions)

@@ -146,9 +146,8 @@ def test_an_old_result_displaced_by_a_killed_swap_is_put_back(tmp_path):
     displaced = tmp_path / ".report.somehost-99999.xyz.replaced"  # killed between the two renames
     displaced.mkdir()
     os.replace(target, displaced / "report")
-    with pytest.raises(FileExistsError, match="already exists"):  # restored before anything is decided
-        with atomic_directory(target):
-            raise AssertionError("the restored result must be refused before any work")
+    with pytest.raises(FileExistsError, match="already exists"), atomic_directory(target):  # restored before anything is decided
+        raise AssertionError("the restored result must be refused before any work")
     assert (target / "old.txt").read_text() == "the earlier result" and not displaced.exists()
 
 

@@ -366,7 +366,10 @@ def test_a_fresh_process_sees_the_loader_warning_in_the_exported_config(tmp_path
     """What a plain Hugging Face user sees: the marker is in the config transformers loads."""
     model = tiny_causal_lm("llama")
     export_steered_model(model, tiny_tokenizer(), gates_for_components(model, ["blocks.1.hook_resid_post[0]"], 0.0), tmp_path / "x")
-    script = "import sys; from transformers import AutoConfig; print(AutoConfig.from_pretrained(sys.argv[1]).to_dict()['ipg_lightning_steering']['loader'])"
+    script = (
+        "import sys; from transformers import AutoConfig; "
+        "print(AutoConfig.from_pretrained(sys.argv[1]).to_dict()['ipg_lightning_steering']['loader'])"
+    )
     result = subprocess.run([sys.executable, "-c", script, str(tmp_path / "x")], capture_output=True, text=True, timeout=120, check=True)
     assert result.stdout.strip() == "ipg_lightning.load_steered"
 

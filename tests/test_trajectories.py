@@ -69,7 +69,7 @@ def test_stop_strings_cut_completions_at_the_stop(model, tokenizer):
     stop = next(c[3:5] for c in plain.completions if len(c) >= 5)
     stopped = sample_trajectories(model, tokenizer, PROMPTS, _config(max_new_tokens=24, top_p=1.0, stop_strings=(stop,)))
     hits = 0
-    for before, after in zip(plain.completions, stopped.completions):
+    for before, after in zip(plain.completions, stopped.completions, strict=True):
         if stop in before:
             hits += 1
             assert after.endswith(stop) and stop not in after[:-1]

@@ -17,15 +17,6 @@ from ipg_lightning.sites import Site, unwrap_model
 from ipg_lightning.trajectories import Trajectories
 
 
-def component_values(site: Site, activation: torch.Tensor) -> torch.Tensor:
-    """(batch, seq, width) activation -> (batch, seq, site.size) per-component values."""
-    if site.family == "attn_head":
-        return activation.reshape(*activation.shape[:-1], site.size, site.head_dim).norm(dim=-1)
-    if site.size == 1:
-        return activation.norm(dim=-1, keepdim=True)
-    return activation
-
-
 @torch.no_grad()
 def mean_completion_activations(model: nn.Module, sites: Sequence[Site], trajectories: Trajectories, chunk_size: int = 8) -> dict[str, torch.Tensor]:
     """For each site, a (rows, size) tensor: mean component value over each row's generated tokens."""
@@ -37,10 +28,10 @@ def mean_completion_activations(model: nn.Module, sites: Sequence[Site], traject
         mask = batch.pop("completion_mask").float()
         captured: dict[str, torch.Tensor] = {}
 
-        def recorder(site: Site):
+        def recorder(site: Site, captured: dict[str, torch.Tensor] = captured):
             def hook(module, args, output=None):
                 value = args[0] if site.hooks_input else (output[0] if isinstance(output, tuple) else output)
-                captured[site.name] = component_values(site, value.float())
+                captured[site.name] = site.component_values(value.float())
 
             return hook
 

@@ -131,7 +131,7 @@ def integrate_path(
     totals = {name: torch.zeros_like(gates.gate(name), dtype=torch.float64) for name in site_names}
     values = []
     try:
-        for alpha, weight in zip(alphas, weights):
+        for alpha, weight in zip(alphas, weights, strict=True):
             move_along_path(gates, site_names, baseline, alpha)
             for name in gates.sites:
                 gates.gate(name).grad = None

@@ -1,5 +1,5 @@
 """Reasoning metrics: torchmetrics classes over a pure functional core (``functional``)."""
 
-from ipg_lightning.metrics.reasoning import AnswerRate, ReasoningAccuracy, ReasoningLength, ReflectionRate
+from ipg_lightning.metrics.reasoning import AnswerRate, ReasoningAccuracy, ReasoningLength, ReasoningMetrics, ReflectionRate
 
-__all__ = ["AnswerRate", "ReasoningAccuracy", "ReasoningLength", "ReflectionRate"]
+__all__ = ["AnswerRate", "ReasoningAccuracy", "ReasoningLength", "ReasoningMetrics", "ReflectionRate"]

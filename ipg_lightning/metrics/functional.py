@@ -37,7 +37,7 @@ def correct_counts(completions: Sequence[str], golds: Sequence[str]) -> torch.Te
     """Per completion, 1 if its extracted final answer matches the gold answer, else 0."""
     _check_lengths(completions, golds)
     hits = []
-    for text, gold in zip(completions, golds):
+    for text, gold in zip(completions, golds, strict=True):
         found = extract_answer(text)
         hits.append(answers_match(found.value if found else None, gold))
     return torch.tensor(hits, dtype=torch.long)

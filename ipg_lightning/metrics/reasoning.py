@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+from torch import nn
 from torchmetrics import Metric
 from torchmetrics.utilities import dim_zero_cat
 
@@ -126,3 +127,35 @@ class ReasoningLength(Metric):
     def compute(self) -> dict[str, torch.Tensor]:
         """Summary statistics of all lengths seen so far."""
         return F.length_summary(dim_zero_cat(self.lengths), self.quantiles)
+
+
+class ReasoningMetrics(nn.Module):
+    """The four reasoning metrics of one set of completions, updated together.
+
+    Args:
+        reflection_markers: phrases that count as re-checking a step (see :class:`ReflectionRate`).
+    """
+
+    def __init__(self, reflection_markers: Sequence[str] = F.DEFAULT_REFLECTION_MARKERS) -> None:
+        super().__init__()
+        self.accuracy = ReasoningAccuracy()
+        self.answer_rate = AnswerRate()
+        self.reflection_rate = ReflectionRate(reflection_markers)
+        self.reasoning_length = ReasoningLength()
+
+    def update(self, completions: Sequence[str], golds: Sequence[str | None], lengths: Sequence[float]) -> None:
+        """Add completions with their gold answers and reasoning lengths."""
+        self.accuracy.update(completions, golds)
+        self.answer_rate.update(completions)
+        self.reflection_rate.update(completions)
+        self.reasoning_length.update(lengths)
+
+    def compute(self) -> dict[str, float]:
+        """Accuracy, answer rate, reflection rate, and the reasoning-length mean and quantiles, as floats."""
+        lengths = {f"reasoning_length_{key}": value.item() for key, value in self.reasoning_length.compute().items()}
+        return {
+            "accuracy": self.accuracy.compute().item(),
+            "answer_rate": self.answer_rate.compute().item(),
+            "reflection_rate": self.reflection_rate.compute().item(),
+            **lengths,
+        }

@@ -105,33 +105,36 @@ def export_steered_model(
         "previous": read_card(source_dir) if source_dir and (source_dir / CARD_FILE).is_file() else None,
     }
     source_card = (source_dir / MODEL_CARD_FILE).read_text(encoding="utf-8") if source_dir and (source_dir / MODEL_CARD_FILE).is_file() else None
-    config = model.config
     with atomic_directory(output_dir, overwrite=overwrite, kind="steered model export") as staging:
-        try:
-            if unfoldable.sites:
-                setattr(
-                    config,
-                    CONFIG_MARKER,
-                    {"loader": "ipg_lightning.load_steered", "steering_file": STEERING_FILE, "unfolded_sites": list(unfoldable.sites)},
-                )
-            elif hasattr(config, CONFIG_MARKER):
-                delattr(config, CONFIG_MARKER)
-            model.save_pretrained(staging, safe_serialization=True)
-        finally:
-            if hasattr(config, CONFIG_MARKER):
-                delattr(config, CONFIG_MARKER)
+        _save_marked_checkpoint(model, staging, unfoldable)
         tokenizer.save_pretrained(staging)
         if unfoldable.sites:
-            # The sites travel with the gates (module paths included), so loading needs no architecture table.
-            sites = {name: asdict(site) for name, site in unfoldable.sites.items()}
-            save_file(
-                {name: unfoldable.gate(name).detach().float().cpu().contiguous() for name in unfoldable.sites},
-                str(staging / STEERING_FILE),
-                metadata={"sites": json.dumps(sites)},
-            )
+            _save_steering_file(unfoldable, staging / STEERING_FILE)
         atomic_write_json(staging / CARD_FILE, card)
         atomic_write_text(staging / MODEL_CARD_FILE, steering_model_card(card, source_card))
     return card
+
+
+def _save_marked_checkpoint(model: nn.Module, directory: Path, unfoldable: ComponentGates) -> None:
+    """Save the weights; a model with unfolded gates gets the ``config.json`` entry that says it needs the loader."""
+    config = model.config
+    try:
+        if unfoldable.sites:
+            marker = {"loader": "ipg_lightning.load_steered", "steering_file": STEERING_FILE, "unfolded_sites": list(unfoldable.sites)}
+            setattr(config, CONFIG_MARKER, marker)
+        elif hasattr(config, CONFIG_MARKER):
+            delattr(config, CONFIG_MARKER)
+        model.save_pretrained(directory, safe_serialization=True)
+    finally:  # the marker describes the saved files, never the model in memory
+        if hasattr(config, CONFIG_MARKER):
+            delattr(config, CONFIG_MARKER)
+
+
+def _save_steering_file(unfoldable: ComponentGates, path: Path) -> None:
+    """The unfolded gates, with their sites (module paths included) so loading needs no architecture table."""
+    sites = {name: asdict(site) for name, site in unfoldable.sites.items()}
+    values = {name: unfoldable.gate(name).detach().float().cpu().contiguous() for name in unfoldable.sites}
+    save_file(values, str(path), metadata={"sites": json.dumps(sites)})
 
 
 def _split_front_matter(text: str) -> tuple[list[str], str]:

@@ -24,9 +24,9 @@ from ipg_lightning.completions import completions_of
 from ipg_lightning.data import ReasoningBatch
 from ipg_lightning.gates import ComponentGates
 from ipg_lightning.identity import IN_MEMORY_MODEL, check_same_model, model_identity
-from ipg_lightning.metrics import AnswerRate, ReasoningAccuracy, ReasoningLength, ReflectionRate
+from ipg_lightning.metrics import ReasoningMetrics
 from ipg_lightning.models import load_model_and_tokenizer
-from ipg_lightning.rewards import Reward, load_reward, reasoning_length, reward_import_paths
+from ipg_lightning.rewards import DeferredReward, Reward, reasoning_length
 from ipg_lightning.sites import ArchitectureSpec
 from ipg_lightning.steering.checkpoint import STEERING_KEY, SteeringCheckpointError, migrate_hparams, read_steering_checkpoint
 from ipg_lightning.steering.lora import LoraSettings, add_lora_adapter
@@ -88,16 +88,13 @@ class GateSteering(ReasoningTask):
         self.lora = LoraSettings(**lora) if lora is not None else None
         self.sampling = SamplingConfig(**sampling)
         check_at_least(1, max_new_tokens=self.sampling.max_new_tokens)
-        reward_import_paths(reward)  # names are checked now; an import path is imported only to train (setup("fit"))
-        self._reward_spec = reward
-        self._reward: Reward | None = None
-        #: False for a module rebuilt from a checkpoint whose reward names code, unless the caller trusts it.
-        self.reward_import_allowed = True
+        #: Names are checked now; an import path is imported only to train (setup("fit")), and for a module
+        #: rebuilt from a checkpoint only if the caller trusts it (``reward.import_allowed``).
+        self.reward = DeferredReward(reward)
         self.gates: ComponentGates | None = None
         self.components: list[str] = []
         self.strict_loading = False  # checkpoints hold only the trained tensors
-        self.val_accuracy, self.val_answer_rate = ReasoningAccuracy(), AnswerRate()
-        self.val_reflection, self.val_length = ReflectionRate(), ReasoningLength()
+        self.val_metrics = ReasoningMetrics()
 
     # ----------------------------------------------------------------------------- building
     @classmethod
@@ -144,15 +141,7 @@ class GateSteering(ReasoningTask):
     @property
     def reward_fn(self) -> Reward:
         """The reward, imported on first use (an import path runs that module's code)."""
-        if self._reward is None:
-            paths = reward_import_paths(self._reward_spec)
-            if paths and not self.reward_import_allowed:
-                raise PermissionError(
-                    f"This module was rebuilt from a checkpoint whose reward imports {paths}, which runs that code; "
-                    "pass trust_reward=True to load_steering_checkpoint if you trust the checkpoint"
-                )
-            self._reward = load_reward(self._reward_spec)
-        return self._reward
+        return self.reward.get()
 
     def setup(self, stage: str) -> None:
         """Import the reward (training only, before the model loads), build the model once, connect the data."""
@@ -188,20 +177,11 @@ class GateSteering(ReasoningTask):
 
     def on_train_batch_start(self, batch: ReasoningBatch, batch_idx: int) -> None:
         """Stop before sampling with gates that became NaN or infinite (the run diverged)."""
-        self.check_gates_finite()
+        self.gates.check_finite(f"at step {self.global_step}")
 
     def on_train_end(self) -> None:
         """Refuse to end a run (and hand out its gates) whose last step made a gate non-finite."""
-        self.check_gates_finite()
-
-    def check_gates_finite(self) -> None:
-        """Raise ``FloatingPointError`` naming the site if any gate is NaN or infinite."""
-        for name in self.gates.sites:
-            if not torch.isfinite(self.gates.gate(name)).all():
-                raise FloatingPointError(
-                    f"The gates of {name} became non-finite at step {self.global_step}: the training "
-                    "diverged; lower learning_rate (or raise gate_penalty) and start again"
-                )
+        self.gates.check_finite(f"at step {self.global_step}")
 
     # ----------------------------------------------------------------------------- validation
     def validation_step(self, batch: ReasoningBatch, batch_idx: int) -> None:
@@ -210,21 +190,19 @@ class GateSteering(ReasoningTask):
         with self.gates.attach(self.lm):
             trajectories = sample_trajectories(self.lm, self.tokenizer, batch["prompt"], greedy, batch["seed"].tolist())
         completions = completions_of(trajectories, batch["prompt"], batch["answer"], self.tokenizer)
-        texts = [c.text for c in completions]
-        self.val_accuracy.update(texts, batch["answer"])
-        self.val_answer_rate.update(texts)
-        self.val_reflection.update(texts)
-        self.val_length.update([reasoning_length(c) for c in completions])
-        size = len(texts)
-        self.log("val/accuracy", self.val_accuracy, prog_bar=True, batch_size=size)
-        self.log("val/answer_rate", self.val_answer_rate, batch_size=size)
-        self.log("val/reflection_rate", self.val_reflection, batch_size=size)
+        metrics = self.val_metrics
+        metrics.update([c.text for c in completions], [c.gold for c in completions], [reasoning_length(c) for c in completions])
+        size = len(completions)
+        self.log("val/accuracy", metrics.accuracy, prog_bar=True, batch_size=size)
+        self.log("val/answer_rate", metrics.answer_rate, batch_size=size)
+        self.log("val/reflection_rate", metrics.reflection_rate, batch_size=size)
 
     def on_validation_epoch_end(self) -> None:
         """Log the reasoning-length distribution (a dict-valued metric)."""
-        if self.val_length.update_count:
-            self.log_dict({f"val/reasoning_length_{k}": v for k, v in self.val_length.compute().items()})
-        self.val_length.reset()
+        length = self.val_metrics.reasoning_length
+        if length.update_count:
+            self.log_dict({f"val/reasoning_length_{k}": v for k, v in length.compute().items()})
+        length.reset()
 
     # ----------------------------------------------------------------------------- checkpoints
     def trainable_state(self) -> dict[str, torch.Tensor]:
@@ -238,7 +216,7 @@ class GateSteering(ReasoningTask):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Drop the frozen base model from the checkpoint; record the steered components; never save NaN gates."""
-        self.check_gates_finite()
+        self.gates.check_finite(f"at step {self.global_step}")
         checkpoint["state_dict"] = self.trainable_state()
         checkpoint[STEERING_KEY] = {
             "components": self.components,
@@ -254,7 +232,7 @@ class GateSteering(ReasoningTask):
         Prefer :func:`load_steering_checkpoint`, which also rebuilds the model, gates and adapter.
         """
         module = super().load_from_checkpoint(checkpoint_path, *args, **kwargs)
-        module.reward_import_allowed = trust_reward
+        module.reward.import_allowed = trust_reward
         return module
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -286,7 +264,7 @@ def load_steering_checkpoint(path: str | Path, model: str | None = None, trust_r
     elif hparams.get("model_path") == IN_MEMORY_MODEL:
         raise SteeringCheckpointError(f"{path} was trained on a model that was never saved under a path: pass the model to load it on")
     module = GateSteering(**hparams)
-    module.reward_import_allowed = trust_reward
+    module.reward.import_allowed = trust_reward
     steering = checkpoint[STEERING_KEY]
     module.build(components=steering["components"], recorded_identity=steering.get("model_identity"), allow_other_model=allow_other_model)
     own = module.state_dict()
