@@ -1,6 +1,6 @@
 """Fold gate values into projection weights, so a plain model reproduces the gated one.
 
-Exact folds (``../shared/ipg-method.md`` section 5):
+Exact folds (``docs/method.md`` section 8):
 
 - MLP-neuron gate ``c_i`` scales input column ``i`` of the MLP down-projection;
 - attention-head gate ``c_h`` scales the input columns of head ``h`` in the attention output projection;

@@ -13,12 +13,10 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Literal
 
 import torch
 from torch import nn
 
-SiteFamily = Literal["resid_post", "mlp_neuron", "attn_head", "attn_out", "mlp_out"]
 SITE_FAMILIES: tuple[str, ...] = ("resid_post", "mlp_neuron", "attn_head", "attn_out", "mlp_out")
 
 # Hook names in the TransformerLens vocabulary, per family.

@@ -1,6 +1,6 @@
 """The Integrated Policy Gradient estimator: advantages, quadrature and the path integral.
 
-``../shared/ipg-method.md`` section 3. For a group of sites whose gates move together from the
+``docs/method.md`` section 3 (completeness: section 4). For a group of sites whose gates move together from the
 baseline ``c'`` to 1 (all other gates stay at 1)::
 
     IPG_i = (1 - c'_i) * sum_k w_k * dL/dc_i at c' + alpha_k (1 - c')
