@@ -71,11 +71,10 @@ def _planted_model(neuron=5, target_p=0.5):
     return model, tokenizer, digit_ids
 
 
-def test_completeness_residual_shrinks_with_q_and_is_small_at_32():
-    model, tokenizer = tiny_causal_lm("llama"), tiny_tokenizer()
+def test_completeness_residual_shrinks_with_q_and_is_small_at_32(tiny_llama, tokenizer):
     residuals = []
     for steps in (2, 8, 32):
-        report = _run(model, tokenizer, _data(), families=["attn_head"], layers=[0], steps=steps, rule="midpoint")
+        report = _run(tiny_llama, tokenizer, _data(), families=["attn_head"], layers=[0], steps=steps, rule="midpoint")
         completeness = report.metadata["completeness"]
         residuals.append(abs(completeness["residual"]))
     assert residuals[0] > residuals[1] > residuals[2]
@@ -84,8 +83,8 @@ def test_completeness_residual_shrinks_with_q_and_is_small_at_32():
     assert abs(completeness["surrogate_delta"]) > 1e-3  # the check is not vacuous
 
 
-def test_right_rule_the_papers_also_converges():
-    model, tokenizer = tiny_causal_lm("qwen2"), tiny_tokenizer()
+def test_right_rule_the_papers_also_converges(tiny_model, tokenizer):
+    model = tiny_model("qwen2")
     relative = [
         _run(model, tokenizer, _data(), families=["mlp_neuron"], layers=[1], steps=q).metadata["completeness"]["relative_residual"] for q in (4, 32)
     ]
@@ -155,8 +154,8 @@ def test_resample_converges_to_integrated_gradients_of_the_exact_expectation():
     assert report.metadata["completeness"]["target"] == "J(1) - J(baseline)"
 
 
-def test_same_seed_same_report_and_batch_size_does_not_matter():
-    model, tokenizer = tiny_causal_lm("gpt2"), tiny_tokenizer()
+def test_same_seed_same_report_and_batch_size_does_not_matter(tiny_model, tokenizer):
+    model = tiny_model("gpt2")
     settings = dict(families=["attn_head", "mlp_neuron", "attn_out", "mlp_out"], layers=[0], steps=3)
     first = _run(model, tokenizer, _data(num_val=4, batch_size=2), **settings)
     again = _run(model, tokenizer, _data(num_val=4, batch_size=2), **settings)
@@ -169,11 +168,10 @@ def test_same_seed_same_report_and_batch_size_does_not_matter():
         assert not torch.allclose(scores, other_seed.scores[name])
 
 
-def test_grad_x_act_is_ipg_without_integration():
-    model, tokenizer = tiny_causal_lm("llama"), tiny_tokenizer()
-    baseline = _run(model, tokenizer, _data(), method="grad_x_act", families=["attn_head"], layers=[1], steps=10)
-    single_point = _run(model, tokenizer, _data(), families=["attn_head"], layers=[1], steps=1, rule="right")
-    integrated = _run(model, tokenizer, _data(), families=["attn_head"], layers=[1], steps=10)
+def test_grad_x_act_is_ipg_without_integration(tiny_llama, tokenizer):
+    baseline = _run(tiny_llama, tokenizer, _data(), method="grad_x_act", families=["attn_head"], layers=[1], steps=10)
+    single_point = _run(tiny_llama, tokenizer, _data(), families=["attn_head"], layers=[1], steps=1, rule="right")
+    integrated = _run(tiny_llama, tokenizer, _data(), families=["attn_head"], layers=[1], steps=10)
     name = "blocks.1.attn.hook_z"
     assert baseline.metadata["effective"] == {"steps": 1, "rule": "right"}
     assert torch.equal(baseline.scores[name], single_point.scores[name])
@@ -196,48 +194,44 @@ def _manual_site_means(model, tokenizer, prompts, seeds, sampling, layer):
     return trajectories, torch.stack(rows)
 
 
-def test_activation_and_mean_diff_baselines_match_independent_computations():
-    model, tokenizer = tiny_causal_lm("llama"), tiny_tokenizer()
+def test_activation_and_mean_diff_baselines_match_independent_computations(tiny_llama, tokenizer):
     data = _data(num_val=4, batch_size=4)
     batch = next(iter(data.val_dataloader()))
     sampling = SamplingConfig(num_samples=4, temperature=1.0, top_p=1.0, max_new_tokens=10)
-    trajectories, means = _manual_site_means(model, tokenizer, batch["prompt"], batch["seed"].tolist(), sampling, layer=0)
-    activation = _run(model, tokenizer, data, method="activation", families=["mlp_neuron"], layers=[0])
+    trajectories, means = _manual_site_means(tiny_llama, tokenizer, batch["prompt"], batch["seed"].tolist(), sampling, layer=0)
+    activation = _run(tiny_llama, tokenizer, data, method="activation", families=["mlp_neuron"], layers=[0])
     expected = means.abs().view(4, 4, -1).mean(1).mean(0)
     torch.testing.assert_close(activation.scores["blocks.0.mlp.hook_post"], expected, rtol=1e-4, atol=1e-5)
 
     correct = torch.tensor([any(ch.isdigit() for ch in text) for text in trajectories.completions])
     assert 0 < correct.sum() < len(correct)  # both groups are populated
-    mean_diff = _run(model, tokenizer, data, method="mean_diff", reward=has_digit, families=["mlp_neuron"], layers=[0])
+    mean_diff = _run(tiny_llama, tokenizer, data, method="mean_diff", reward=has_digit, families=["mlp_neuron"], layers=[0])
     assert mean_diff.metadata["counts"]["correct_trajectories"] == int(correct.sum())
     expected = (means[correct].sum(0) / max(int(correct.sum()), 1)) - (means[~correct].sum(0) / max(int((~correct).sum()), 1))
     torch.testing.assert_close(mean_diff.scores["blocks.0.mlp.hook_post"], expected, rtol=1e-4, atol=1e-5)
 
 
-def test_component_values_of_heads_are_slice_norms():
-    model = tiny_causal_lm("llama")
-    site = ComponentGates.for_model(model, ["attn_head"], layers=[0]).sites["blocks.0.attn.hook_z"]
+def test_component_values_of_heads_are_slice_norms(tiny_llama):
+    site = ComponentGates.for_model(tiny_llama, ["attn_head"], layers=[0]).sites["blocks.0.attn.hook_z"]
     activation = torch.zeros(1, 1, 32)
     activation[0, 0, 8:16] = 3.0 / (8**0.5)
     assert site.component_values(activation)[0, 0].tolist() == pytest.approx([0.0, 3.0, 0.0, 0.0])
 
 
-def test_ig_of_reference_likelihood_is_complete_and_random_is_seeded():
-    model, tokenizer = tiny_causal_lm("llama"), tiny_tokenizer()
-    report = _run(model, tokenizer, _data(), method="ig_reference", families=["attn_head"], layers=[0], steps=32, rule="midpoint")
+def test_ig_of_reference_likelihood_is_complete_and_random_is_seeded(tiny_llama, tokenizer):
+    report = _run(tiny_llama, tokenizer, _data(), method="ig_reference", families=["attn_head"], layers=[0], steps=32, rule="midpoint")
     assert report.metadata["completeness"]["relative_residual"] < 1e-3
     assert report.metadata["counts"]["trajectories"] == 4  # one reference solution per prompt
-    first = _run(model, tokenizer, _data(), method="random", families=["attn_head"], layers=[0, 1])
-    again = _run(model, tokenizer, _data(), method="random", families=["attn_head"], layers=[0, 1])
-    other = _run(model, tokenizer, _data(), method="random", families=["attn_head"], layers=[0, 1], sampling={"seed": 7})
+    first = _run(tiny_llama, tokenizer, _data(), method="random", families=["attn_head"], layers=[0, 1])
+    again = _run(tiny_llama, tokenizer, _data(), method="random", families=["attn_head"], layers=[0, 1])
+    other = _run(tiny_llama, tokenizer, _data(), method="random", families=["attn_head"], layers=[0, 1], sampling={"seed": 7})
     assert torch.equal(first.scores["blocks.1.attn.hook_z"], again.scores["blocks.1.attn.hook_z"])
     assert not torch.equal(first.scores["blocks.1.attn.hook_z"], other.scores["blocks.1.attn.hook_z"])
 
 
-def test_a_run_where_no_prompt_carries_signal_is_refused_not_written(tmp_path):
-    model, tokenizer = tiny_causal_lm("llama"), tiny_tokenizer()
+def test_a_run_where_no_prompt_carries_signal_is_refused_not_written(tmp_path, tiny_llama, tokenizer):
     module = IPGAttribution.for_model(
-        model,
+        tiny_llama,
         tokenizer,
         reward=lambda c: 1.0,
         families=["attn_head"],
@@ -256,8 +250,8 @@ def test_a_run_where_no_prompt_carries_signal_is_refused_not_written(tmp_path):
         report.select(k=2)
 
 
-def test_default_layer_is_three_quarters_deep_and_bad_options_are_named():
-    module = IPGAttribution.for_model(tiny_causal_lm("llama", num_hidden_layers=4), tiny_tokenizer())
+def test_default_layer_is_three_quarters_deep_and_bad_options_are_named(tiny_model, tokenizer):
+    module = IPGAttribution.for_model(tiny_model(num_hidden_layers=4), tokenizer)
     assert list(module.gates.sites) == ["blocks.2.hook_resid_post"]
     with pytest.raises(ValueError, match="Unknown method 'ipgg'"):
         IPGAttribution(method="ipgg")
@@ -267,10 +261,10 @@ def test_default_layer_is_three_quarters_deep_and_bad_options_are_named():
         IPGAttribution(reward="acuracy")
 
 
-def test_inference_mode_is_refused_with_a_clear_message():
+def test_inference_mode_is_refused_with_a_clear_message(tiny_llama, tokenizer):
     module = IPGAttribution.for_model(
-        tiny_causal_lm("llama"),
-        tiny_tokenizer(),
+        tiny_llama,
+        tokenizer,
         sampling=SamplingConfig(max_new_tokens=4),
     )
     trainer = L.Trainer(logger=False, enable_progress_bar=False, enable_model_summary=False, accelerator="cpu")
@@ -278,10 +272,9 @@ def test_inference_mode_is_refused_with_a_clear_message():
         trainer.validate(module, datamodule=_data(), verbose=False)
 
 
-def test_gates_stay_float32_under_a_half_precision_trainer():
-    model, tokenizer = tiny_causal_lm("llama"), tiny_tokenizer()
+def test_gates_stay_float32_under_a_half_precision_trainer(tiny_llama, tokenizer):
     module = IPGAttribution.for_model(
-        model,
+        tiny_llama,
         tokenizer,
         reward=digit_fraction,
         families=["attn_head"],
@@ -294,5 +287,5 @@ def test_gates_stay_float32_under_a_half_precision_trainer():
     )
     trainer.validate(module, datamodule=_data(), verbose=False)
     assert module.gates.gate("blocks.0.attn.hook_z").dtype == torch.float32
-    assert next(model.parameters()).dtype == torch.bfloat16  # the model itself did run in bf16
+    assert next(tiny_llama.parameters()).dtype == torch.bfloat16  # the model itself did run in bf16
     assert torch.isfinite(module.report.scores["blocks.0.attn.hook_z"]).all()

@@ -25,10 +25,10 @@ def _all_ids(module, split):
     return [example.id for example in module.examples[split]]
 
 
-def test_gsm8k_jsonl_is_parsed_split_and_batched(tmp_path):
+def test_gsm8k_jsonl_is_parsed_split_and_batched(tmp_path, tokenizer):
     path = _write_jsonl(tmp_path / "gsm.jsonl", GSM8K_ROWS)
     module = ReasoningDataModule(source=str(path), val_fraction=0.2, test_fraction=0.2, batch_size=3, num_train=None)
-    module.connect(tiny_tokenizer())
+    module.connect(tokenizer)
     module.setup()
     sizes = {split: len(module.examples[split]) for split in ("train", "val", "test")}
     assert sizes == {"train": 12, "val": 4, "test": 4}

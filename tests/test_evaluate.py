@@ -7,7 +7,6 @@ from ipg_lightning.cli import run
 from ipg_lightning.data import ReasoningDataModule
 from ipg_lightning.evaluation import evaluate_generations
 from ipg_lightning.steering import gates_for_components
-from ipg_lightning.testing import tiny_causal_lm, tiny_tokenizer
 from ipg_lightning.trajectories import SamplingConfig
 
 COMPONENTS = '["blocks.1.attn.hook_z[0]", "blocks.1.attn.hook_z[3]", "blocks.0.mlp.hook_post[9]"]'
@@ -19,7 +18,7 @@ def _lines(path):
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
-def test_evaluate_writes_metrics_and_generations_matching_an_independent_run(tmp_path):
+def test_evaluate_writes_metrics_and_generations_matching_an_independent_run(tmp_path, tiny_llama, tokenizer):
     run(["evaluate", "--selection.components", COMPONENTS, "--gamma", "0", "--output_dir", str(tmp_path / "fixed"), *COMMON])
     summary = json.loads((tmp_path / "fixed" / "metrics.json").read_text())
     for key in ("accuracy", "answer_rate", "reasoning_length_mean", "reasoning_length_q90", "reflection_rate", "num_completions"):
@@ -28,12 +27,11 @@ def test_evaluate_writes_metrics_and_generations_matching_an_independent_run(tmp
     generations = _lines(tmp_path / "fixed" / "generations.jsonl")
     assert len(generations) == summary["metrics"]["num_completions"] == 4
 
-    model, tokenizer = tiny_causal_lm("llama"), tiny_tokenizer()
     data = ReasoningDataModule(num_train=0, num_val=2, num_test=4)
     data.connect(tokenizer)
-    gates = gates_for_components(model, json.loads(COMPONENTS), 0.0)
+    gates = gates_for_components(tiny_llama, json.loads(COMPONENTS), 0.0)
     independent = evaluate_generations(
-        model, tokenizer, list(data.test_dataloader()), SamplingConfig(num_samples=1, temperature=0.0, max_new_tokens=16), gates
+        tiny_llama, tokenizer, list(data.test_dataloader()), SamplingConfig(num_samples=1, temperature=0.0, max_new_tokens=16), gates
     )
     assert [g["completion"] for g in generations] == [r["completion"] for r in independent.records]
     assert summary["metrics"] == pytest.approx(independent.metrics)

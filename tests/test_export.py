@@ -93,12 +93,11 @@ def test_folded_export_with_merged_lora_runs_without_ipg_lightning(tmp_path):
     assert {"config.json", "model.safetensors", "generation_config.json", "tokenizer.json", "steering_card.json"} <= files
 
 
-def test_residual_gates_travel_in_a_steering_file_and_the_loader_reproduces_them(tmp_path):
-    model, tokenizer = tiny_causal_lm("llama"), tiny_tokenizer()
-    gates = gates_for_components(model, ["blocks.1.hook_resid_post[3]", "blocks.0.attn.hook_z[1]"], 0.0)
+def test_residual_gates_travel_in_a_steering_file_and_the_loader_reproduces_them(tmp_path, tiny_llama, tokenizer):
+    gates = gates_for_components(tiny_llama, ["blocks.1.hook_resid_post[3]", "blocks.0.attn.hook_z[1]"], 0.0)
     gates.set_component("blocks.1.hook_resid_post[5]", 1.7)
-    expected_logits, expected_tokens = _gated_outputs(model, gates)
-    card = export_steered_model(model, tokenizer, gates, tmp_path / "export")
+    expected_logits, expected_tokens = _gated_outputs(tiny_llama, gates)
+    card = export_steered_model(tiny_llama, tokenizer, gates, tmp_path / "export")
     assert card["loader_sites"] == ["blocks.1.hook_resid_post"] and card["folded_sites"] == ["blocks.0.attn.hook_z"]
     assert "load_steered" in card["how_to_load"]
     steered = _in_fresh_process(STEERED_LOADER, tmp_path / "export")
@@ -108,8 +107,8 @@ def test_residual_gates_travel_in_a_steering_file_and_the_loader_reproduces_them
     assert not torch.allclose(torch.tensor(plain["logits"]), expected_logits, atol=1e-3)
 
 
-def test_export_refuses_to_overwrite_and_leaves_nothing_half_written(tmp_path, monkeypatch):
-    model, tokenizer = tiny_causal_lm("gpt2"), tiny_tokenizer()
+def test_export_refuses_to_overwrite_and_leaves_nothing_half_written(tmp_path, monkeypatch, tiny_model, tokenizer):
+    model = tiny_model("gpt2")
     gates = gates_for_components(model, ["blocks.0.mlp.hook_post[1]"], 0.5)
     export_steered_model(model, tokenizer, gates, tmp_path / "export")
     with pytest.raises(FileExistsError, match="already exists"):
@@ -120,6 +119,6 @@ def test_export_refuses_to_overwrite_and_leaves_nothing_half_written(tmp_path, m
 
     monkeypatch.setattr(type(tokenizer), "save_pretrained", failing_save)
     with pytest.raises(OSError, match="disk full"):
-        export_steered_model(tiny_causal_lm("gpt2"), tokenizer, gates, tmp_path / "second")
+        export_steered_model(tiny_model("gpt2"), tokenizer, gates, tmp_path / "second")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["export"]
     assert read_card(tmp_path / "export")["folded_sites"] == ["blocks.0.mlp.hook_post"]

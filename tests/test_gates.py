@@ -26,8 +26,8 @@ def _random_gates(model, families, seed=1):
 
 
 @pytest.mark.parametrize("family", TINY_FAMILIES)
-def test_gates_at_one_change_nothing(family):
-    model = tiny_causal_lm(family)
+def test_gates_at_one_change_nothing(family, tiny_model):
+    model = tiny_model(family)
     expected = model(INPUT).logits
     gates = ComponentGates.for_model(model, SITE_FAMILIES)
     with gates.attach(model):
@@ -35,8 +35,8 @@ def test_gates_at_one_change_nothing(family):
 
 
 @pytest.mark.parametrize("family", TINY_FAMILIES)
-def test_neuron_gate_at_zero_equals_zeroing_the_down_projection_column(family):
-    model = tiny_causal_lm(family)
+def test_neuron_gate_at_zero_equals_zeroing_the_down_projection_column(family, tiny_model):
+    model = tiny_model(family)
     gates = ComponentGates.for_model(model, ["mlp_neuron"], layers=[0])
     site = next(iter(gates.sites.values()))
     gates.set_component(site.component_name(7), 0.0)
@@ -54,8 +54,8 @@ def test_neuron_gate_at_zero_equals_zeroing_the_down_projection_column(family):
 
 
 @pytest.mark.parametrize("family", TINY_FAMILIES)
-def test_head_gates_equal_a_manual_per_head_sum(family):
-    model = tiny_causal_lm(family)
+def test_head_gates_equal_a_manual_per_head_sum(family, tiny_model):
+    model = tiny_model(family)
     gates = ComponentGates.for_model(model, ["attn_head"], layers=[1])
     site = next(iter(gates.sites.values()))
     values = torch.tensor([0.0, 1.5, 1.0, 0.25])
@@ -82,8 +82,8 @@ def test_head_gates_equal_a_manual_per_head_sum(family):
 
 
 @pytest.mark.parametrize("family", TINY_FAMILIES)
-def test_folded_model_reproduces_gated_logits_and_greedy_generation(family):
-    model = tiny_causal_lm(family)
+def test_folded_model_reproduces_gated_logits_and_greedy_generation(family, tiny_model):
+    model = tiny_model(family)
     gates = _random_gates(model, FOLDABLE)
     with gates.attach(model):
         gated_logits = model(INPUT).logits
@@ -96,8 +96,8 @@ def test_folded_model_reproduces_gated_logits_and_greedy_generation(family):
     assert not torch.allclose(model(INPUT).logits, gated_logits)
 
 
-def test_gates_apply_to_every_position_under_kv_cache():
-    model = tiny_causal_lm("qwen2")
+def test_gates_apply_to_every_position_under_kv_cache(tiny_model):
+    model = tiny_model("qwen2")
     gates = _random_gates(model, ["resid_post", "attn_head"])
     with gates.attach(model):
         cached = model.generate(INPUT, max_new_tokens=10, do_sample=False, pad_token_id=0, use_cache=True)
@@ -108,20 +108,19 @@ def test_gates_apply_to_every_position_under_kv_cache():
     assert torch.equal(cached, tokens)
 
 
-def test_residual_gates_refuse_to_fold_and_change_nothing():
-    model = tiny_causal_lm("llama")
-    gates = _random_gates(model, ["resid_post", "mlp_neuron"])
-    before = copy.deepcopy(model.state_dict())
+def test_residual_gates_refuse_to_fold_and_change_nothing(tiny_llama):
+    gates = _random_gates(tiny_llama, ["resid_post", "mlp_neuron"])
+    before = copy.deepcopy(tiny_llama.state_dict())
     with pytest.raises(UnfoldableGateError, match="blocks.0.hook_resid_post"):
-        fold_gates_into_weights(model, gates)
-    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+        fold_gates_into_weights(tiny_llama, gates)
+    assert all(torch.equal(before[k], v) for k, v in tiny_llama.state_dict().items())
     gates.set_site("blocks.0.hook_resid_post", 1.0)
     gates.set_site("blocks.1.hook_resid_post", 1.0)
-    assert fold_gates_into_weights(model, gates) == ["blocks.0.mlp.hook_post", "blocks.1.mlp.hook_post"]
+    assert fold_gates_into_weights(tiny_llama, gates) == ["blocks.0.mlp.hook_post", "blocks.1.mlp.hook_post"]
 
 
-def test_hooks_are_removed_on_exit_and_after_an_exception():
-    model = tiny_causal_lm("gpt2")
+def test_hooks_are_removed_on_exit_and_after_an_exception(tiny_model):
+    model = tiny_model("gpt2")
     gates = ComponentGates.for_model(model, SITE_FAMILIES)
     with gates.attach(model):
         assert _hook_count(model) == 10
@@ -131,8 +130,8 @@ def test_hooks_are_removed_on_exit_and_after_an_exception():
     assert _hook_count(model) == 0
 
 
-def test_gate_values_are_validated_by_name():
-    gates = ComponentGates.for_model(tiny_causal_lm("llama"), ["mlp_neuron", "attn_out"], layers=[0])
+def test_gate_values_are_validated_by_name(tiny_llama):
+    gates = ComponentGates.for_model(tiny_llama, ["mlp_neuron", "attn_out"], layers=[0])
     with pytest.raises(ValueError, match=r"blocks.0.mlp.hook_post\[2\] must be finite, got nan"):
         gates.set_component("blocks.0.mlp.hook_post[2]", float("nan"))
     with pytest.raises(ValueError, match="blocks.0.mlp.hook_post must be finite, got inf"):
@@ -147,20 +146,19 @@ def test_gate_values_are_validated_by_name():
     assert gates.flat_values().shape == (gates.num_components,) == (65,)
 
 
-def test_gate_gradient_is_the_activation_times_its_gradient():
-    """dL/dc_i = sum_t h_{t,i} dL/dh_{t,i} at c = 1 (ipg-method.md section 3)."""
-    model = tiny_causal_lm("llama")
-    gates = ComponentGates.for_model(model, ["resid_post"], layers=[0])
-    block = model.get_submodule("model.layers.0")
+def test_gate_gradient_is_the_activation_times_its_gradient(tiny_llama):
+    """dL/dc_i = sum_t h_{t,i} dL/dh_{t,i} at c = 1 (docs/method.md section 3)."""
+    gates = ComponentGates.for_model(tiny_llama, ["resid_post"], layers=[0])
+    block = tiny_llama.get_submodule("model.layers.0")
     captured = {}
 
     def keep(module, args, output):
         output.retain_grad()
         captured["h"] = output
 
-    with gates.attach(model):
+    with gates.attach(tiny_llama):
         handle = block.register_forward_hook(keep)
-        model(INPUT).logits[0, -1, 3].backward()
+        tiny_llama(INPUT).logits[0, -1, 3].backward()
         handle.remove()
     expected = (captured["h"] * captured["h"].grad).sum(dim=(0, 1))
     torch.testing.assert_close(gates.gate("blocks.0.hook_resid_post").grad, expected, rtol=1e-4, atol=1e-6)

@@ -10,7 +10,6 @@ from ipg_lightning.rewards import (
     reasoning_span_end,
     score_completions,
 )
-from ipg_lightning.testing import tiny_tokenizer
 
 
 def _completion(text, gold="7", tokenizer=None):
@@ -29,16 +28,14 @@ def test_accuracy_and_answer_present():
         accuracy(_completion("#### 7", gold=None))
 
 
-def test_reasoning_length_counts_tokens_before_think_end_or_marker():
-    tokenizer = tiny_tokenizer()  # one token per character
-    assert reasoning_length(_completion("abc</think>#### 7", tokenizer=tokenizer)) == 3
+def test_reasoning_length_counts_tokens_before_think_end_or_marker(tokenizer):
+    assert reasoning_length(_completion("abc</think>#### 7", tokenizer=tokenizer)) == 3  # the tiny tokenizer has one token per character
     assert reasoning_length(_completion("1+6=7\n#### 7", tokenizer=tokenizer)) == 6
     assert reasoning_length(_completion("so it is 7", tokenizer=tokenizer)) == 10  # no marker: all tokens
     assert reasoning_span_end("xx The answer is 7") == 3
 
 
-def test_compound_reward_is_a_weighted_sum():
-    tokenizer = tiny_tokenizer()
+def test_compound_reward_is_a_weighted_sum(tokenizer):
     completion = _completion("1+6=7\n#### 7", tokenizer=tokenizer)
     reward = CompoundReward({"accuracy": 2.0, "reasoning_length": -0.5})
     assert reward(completion) == 2.0 * 1 - 0.5 * 6

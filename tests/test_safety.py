@@ -21,7 +21,6 @@ from ipg_lightning.identity import ModelMismatchError, model_identity
 from ipg_lightning.steering import ComponentSelection, gates_for_components
 from ipg_lightning.steering.export import export_steered_model
 from ipg_lightning.steering.learned import GateSteering, SteeringCheckpointError, load_steering_checkpoint
-from ipg_lightning.testing import tiny_causal_lm, tiny_tokenizer
 from ipg_lightning.trajectories import SamplingConfig, sample_trajectories
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
@@ -177,13 +176,13 @@ def _gated_logits(model, *gate_sets):
         return model(INPUT).logits
 
 
-def test_re_exporting_an_export_keeps_its_residual_gates_and_composes_new_ones(tmp_path):
-    first = gates_for_components(tiny_causal_lm("llama"), ["blocks.1.hook_resid_post[3]", "blocks.0.mlp.hook_post[2]"], 0.5)
+def test_re_exporting_an_export_keeps_its_residual_gates_and_composes_new_ones(tmp_path, tiny_model, tokenizer):
+    first = gates_for_components(tiny_model("llama"), ["blocks.1.hook_resid_post[3]", "blocks.0.mlp.hook_post[2]"], 0.5)
     second_names = ["blocks.1.hook_resid_post[3]", "blocks.1.hook_resid_post[7]", "blocks.0.attn.hook_z[1]"]
-    second = gates_for_components(tiny_causal_lm("llama"), second_names, 1.5)
-    expected = _gated_logits(tiny_causal_lm("llama"), first, second)  # A then B on the original model
+    second = gates_for_components(tiny_model("llama"), second_names, 1.5)
+    expected = _gated_logits(tiny_model("llama"), first, second)  # A then B on the original model
 
-    export_steered_model(tiny_causal_lm("llama"), tiny_tokenizer(), first, tmp_path / "a", source={"kind": "fixed", "model": "tiny:llama"})
+    export_steered_model(tiny_model("llama"), tokenizer, first, tmp_path / "a", source={"kind": "fixed", "model": "tiny:llama"})
     run(
         [
             "export",
@@ -204,10 +203,10 @@ def test_re_exporting_an_export_keeps_its_residual_gates_and_composes_new_ones(t
         torch.testing.assert_close(load_steered(tmp_path / "ab")(INPUT).logits, expected, rtol=1e-5, atol=1e-5)
 
 
-def test_an_export_that_needs_the_loader_says_so_to_plain_hugging_face_tooling(tmp_path):
+def test_an_export_that_needs_the_loader_says_so_to_plain_hugging_face_tooling(tmp_path, tokenizer):
     model = load_steered(REASONER)
     gates = gates_for_components(model, ["blocks.2.hook_resid_post[5]"], 0.0)
-    export_steered_model(model, tiny_tokenizer(), gates, tmp_path / "export", source={"kind": "fixed", "model": REASONER})
+    export_steered_model(model, tokenizer, gates, tmp_path / "export", source={"kind": "fixed", "model": REASONER})
     config = json.loads((tmp_path / "export" / "config.json").read_text())
     assert config[CONFIG_MARKER]["loader"] == "ipg_lightning.load_steered"
     card = (tmp_path / "export" / "README.md").read_text()
@@ -219,15 +218,14 @@ def test_an_export_that_needs_the_loader_says_so_to_plain_hugging_face_tooling(t
         load_steered(tmp_path / "resaved")
 
 
-def test_a_folded_export_has_no_marker_and_its_card_says_plain_loading_works(tmp_path):
-    model = tiny_causal_lm("llama")
-    export_steered_model(model, tiny_tokenizer(), gates_for_components(model, ["blocks.0.mlp.hook_post[1]"], 0.0), tmp_path / "x")
+def test_a_folded_export_has_no_marker_and_its_card_says_plain_loading_works(tmp_path, tiny_llama, tokenizer):
+    export_steered_model(tiny_llama, tokenizer, gates_for_components(tiny_llama, ["blocks.0.mlp.hook_post[1]"], 0.0), tmp_path / "x")
     assert CONFIG_MARKER not in json.loads((tmp_path / "x" / "config.json").read_text())
     assert "reproduces the steered model" in (tmp_path / "x" / "README.md").read_text()
 
 
 # ----------------------------------------------------------------------------- 6. identity checks
-def test_a_report_of_another_model_is_refused_naming_both(tmp_path):
+def test_a_report_of_another_model_is_refused_naming_both(tmp_path, tiny_llama):
     run(
         [
             "attribute",
@@ -242,7 +240,7 @@ def test_a_report_of_another_model_is_refused_naming_both(tmp_path):
         ]
     )
     identity = AttributionReport.load(tmp_path / "report").metadata["model_identity"]
-    assert identity == model_identity(tiny_causal_lm("llama"), "tiny:llama")
+    assert identity == model_identity(tiny_llama, "tiny:llama")
     with pytest.raises(ModelMismatchError, match=r"computed on tiny:llama \(llama, 2 blocks.*the model is .*tiny-reasoner \(llama, 4 blocks"):
         run(
             [
@@ -314,10 +312,10 @@ def test_selecting_more_components_than_exist_is_an_error_not_a_silent_cut():
         zeros.select(k=1)
 
 
-def test_a_mean_diff_run_without_both_outcomes_is_refused():
+def test_a_mean_diff_run_without_both_outcomes_is_refused(tiny_llama, tokenizer):
     module = IPGAttribution.for_model(
-        tiny_causal_lm("llama"),
-        tiny_tokenizer(),
+        tiny_llama,
+        tokenizer,
         method="mean_diff",
         families=["mlp_out"],
         layers=[0],
@@ -330,19 +328,18 @@ def test_a_mean_diff_run_without_both_outcomes_is_refused():
         )
 
 
-def test_a_prompt_longer_than_the_context_is_refused():
-    model, tokenizer = tiny_causal_lm("llama"), tiny_tokenizer()
-    context = model.config.max_position_embeddings
+def test_a_prompt_longer_than_the_context_is_refused(tiny_llama, tokenizer):
+    context = tiny_llama.config.max_position_embeddings
     with pytest.raises(ValueError, match=f"more than the model's context of {context}"):
-        sample_trajectories(model, tokenizer, ["1 + 1 = " * context], SamplingConfig(num_samples=1, temperature=0, max_new_tokens=2))
+        sample_trajectories(tiny_llama, tokenizer, ["1 + 1 = " * context], SamplingConfig(num_samples=1, temperature=0, max_new_tokens=2))
     with pytest.warns(UserWarning, match="exceed the model's context"):
-        sample_trajectories(model, tokenizer, ["1+1="], SamplingConfig(num_samples=1, temperature=0, max_new_tokens=context))
+        sample_trajectories(tiny_llama, tokenizer, ["1+1="], SamplingConfig(num_samples=1, temperature=0, max_new_tokens=context))
 
 
-def test_training_stops_when_a_gate_turns_non_finite(tmp_path):
+def test_training_stops_when_a_gate_turns_non_finite(tmp_path, tiny_llama, tokenizer):
     module = GateSteering.for_model(
-        tiny_causal_lm("llama"),
-        tiny_tokenizer(),
+        tiny_llama,
+        tokenizer,
         ComponentSelection(components=("blocks.0.hook_mlp_out",)),
         reward="ipg_lightning.rewards:answer_present",
         sampling=SamplingConfig(max_new_tokens=4, num_samples=2, temperature=1.0, top_p=1.0),
@@ -362,10 +359,9 @@ def test_training_stops_when_a_gate_turns_non_finite(tmp_path):
         ).fit(module, datamodule=data)
 
 
-def test_a_fresh_process_sees_the_loader_warning_in_the_exported_config(tmp_path):
+def test_a_fresh_process_sees_the_loader_warning_in_the_exported_config(tmp_path, tiny_llama, tokenizer):
     """What a plain Hugging Face user sees: the marker is in the config transformers loads."""
-    model = tiny_causal_lm("llama")
-    export_steered_model(model, tiny_tokenizer(), gates_for_components(model, ["blocks.1.hook_resid_post[0]"], 0.0), tmp_path / "x")
+    export_steered_model(tiny_llama, tokenizer, gates_for_components(tiny_llama, ["blocks.1.hook_resid_post[0]"], 0.0), tmp_path / "x")
     script = (
         "import sys; from transformers import AutoConfig; "
         "print(AutoConfig.from_pretrained(sys.argv[1]).to_dict()['ipg_lightning_steering']['loader'])"
@@ -374,7 +370,7 @@ def test_a_fresh_process_sees_the_loader_warning_in_the_exported_config(tmp_path
     assert result.stdout.strip() == "ipg_lightning.load_steered"
 
 
-def test_an_export_of_a_declared_architecture_loads_without_the_declaration(tmp_path):
+def test_an_export_of_a_declared_architecture_loads_without_the_declaration(tmp_path, tokenizer):
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from ipg_lightning.sites import ArchitectureSpec
@@ -394,7 +390,7 @@ def test_an_export_of_a_declared_architecture_loads_without_the_declaration(tmp_
     spec = ArchitectureSpec(layers="model.decoder.layers", attn_out_proj="self_attn.out_proj", mlp_out_proj="fc2")
     gates = gates_for_components(model, ["blocks.0.hook_resid_post[3]", "blocks.1.mlp.hook_post[5]"], 0.0, spec)
     expected = _gated_logits(model, gates)
-    export_steered_model(model, tiny_tokenizer(), gates, tmp_path / "opt", source={"kind": "fixed", "model": "tiny opt"})
+    export_steered_model(model, tokenizer, gates, tmp_path / "opt", source={"kind": "fixed", "model": "tiny opt"})
     with torch.no_grad():
         torch.testing.assert_close(load_steered(tmp_path / "opt")(INPUT).logits, expected, rtol=1e-5, atol=1e-5)
 
@@ -407,10 +403,10 @@ def test_lightnings_own_loader_does_not_import_a_checkpoints_reward_either(tmp_p
     assert not marker.exists()
 
 
-def test_a_checkpoint_with_non_finite_gates_is_never_saved(tmp_path):
+def test_a_checkpoint_with_non_finite_gates_is_never_saved(tmp_path, tiny_llama, tokenizer):
     module = GateSteering.for_model(
-        tiny_causal_lm("llama"),
-        tiny_tokenizer(),
+        tiny_llama,
+        tokenizer,
         ComponentSelection(components=("blocks.0.hook_mlp_out",)),
         reward="ipg_lightning.rewards:answer_present",
         sampling=SamplingConfig(max_new_tokens=4, num_samples=2, temperature=1.0, top_p=1.0),

@@ -9,12 +9,12 @@ from ipg_lightning.sites import (
     UnsupportedArchitectureError,
     discover_sites,
 )
-from ipg_lightning.testing import TINY_FAMILIES, tiny_causal_lm
+from ipg_lightning.testing import TINY_FAMILIES
 
 
 @pytest.mark.parametrize("family", TINY_FAMILIES)
-def test_discovers_every_site_family_with_sizes_from_config(family):
-    model = tiny_causal_lm(family)
+def test_discovers_every_site_family_with_sizes_from_config(family, tiny_model):
+    model = tiny_model(family)
     sites = discover_sites(model, SITE_FAMILIES, layers=[-1])
     by_family = {site.family: site for site in sites}
     assert {site.layer for site in sites} == {1}
@@ -26,8 +26,8 @@ def test_discovers_every_site_family_with_sizes_from_config(family):
         model.get_submodule(site.module_path)  # the path resolves on the real model
 
 
-def test_names_follow_transformerlens_vocabulary():
-    sites = {s.family: s for s in discover_sites(tiny_causal_lm("llama"), SITE_FAMILIES, layers=[1])}
+def test_names_follow_transformerlens_vocabulary(tiny_llama):
+    sites = {s.family: s for s in discover_sites(tiny_llama, SITE_FAMILIES, layers=[1])}
     assert sites["resid_post"].component_name(17) == "blocks.1.hook_resid_post[17]"
     assert sites["mlp_neuron"].component_name(3) == "blocks.1.mlp.hook_post[3]"
     assert sites["attn_head"].component_name(2) == "blocks.1.attn.hook_z[2]"
@@ -61,22 +61,21 @@ def test_declared_architecture_makes_an_unknown_model_work():
     ]
 
 
-def test_wrong_declared_path_names_the_path():
+def test_wrong_declared_path_names_the_path(tiny_llama):
     spec = ArchitectureSpec(layers="model.layers", attn_out_proj="attn.out", mlp_out_proj="mlp.down_proj")
     with pytest.raises(UnsupportedArchitectureError, match="'model.layers.0.attn.out'"):
-        discover_sites(tiny_causal_lm("llama"), ["attn_head"], layers=[0], architecture=spec)
+        discover_sites(tiny_llama, ["attn_head"], layers=[0], architecture=spec)
 
 
-def test_bad_family_and_layer_are_named():
-    model = tiny_causal_lm("llama")
+def test_bad_family_and_layer_are_named(tiny_llama):
     with pytest.raises(ValueError, match="resid_pre"):
-        discover_sites(model, ["resid_pre"])
+        discover_sites(tiny_llama, ["resid_pre"])
     with pytest.raises(ValueError, match="Layer 5 is out of range for a model with 2 blocks"):
-        discover_sites(model, layers=[5])
+        discover_sites(tiny_llama, layers=[5])
 
 
-def test_head_edit_scales_only_that_heads_slice():
-    site = discover_sites(tiny_causal_lm("llama"), ["attn_head"], layers=[0])[0]
+def test_head_edit_scales_only_that_heads_slice(tiny_llama):
+    site = discover_sites(tiny_llama, ["attn_head"], layers=[0])[0]
     activation = torch.ones(1, 2, 32)
     out = site.edit(activation, torch.tensor([1.0, 0.0, 2.0, 1.0]))
     assert torch.equal(out[..., 8:16], torch.zeros(1, 2, 8))

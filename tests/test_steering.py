@@ -44,8 +44,8 @@ def _steering(model=None, seed=0, **kwargs):
     return GateSteering.for_model(model, tiny_tokenizer(), **{**settings, **kwargs})
 
 
-def test_fixed_steering_gates_set_exactly_the_named_components():
-    model = tiny_causal_lm("qwen3")
+def test_fixed_steering_gates_set_exactly_the_named_components(tiny_model):
+    model = tiny_model("qwen3")
     gates = gates_for_components(model, ["blocks.1.attn.hook_z[2]", "blocks.0.hook_resid_post[4]"], 0.0)
     assert set(gates.sites) == {"blocks.1.attn.hook_z", "blocks.0.hook_resid_post"}
     assert gates.gate("blocks.1.attn.hook_z").tolist() == [1.0, 1.0, 0.0, 1.0]

@@ -51,12 +51,11 @@ def test_greedy_matches_transformers_generate(model, tokenizer):
     assert trajectories.completion_ids[0] == expected
 
 
-def test_completions_end_at_eos_inclusive(tokenizer):
-    model = tiny_causal_lm("llama")
+def test_completions_end_at_eos_inclusive(tokenizer, tiny_llama):
     with torch.no_grad():
-        model.lm_head.bias = None
-        model.lm_head.weight[1] += 50 * model.lm_head.weight[40]  # make EOS (id 1) likely early
-    trajectories = sample_trajectories(model, tokenizer, PROMPTS, _config(max_new_tokens=30))
+        tiny_llama.lm_head.bias = None
+        tiny_llama.lm_head.weight[1] += 50 * tiny_llama.lm_head.weight[40]  # make EOS (id 1) likely early
+    trajectories = sample_trajectories(tiny_llama, tokenizer, PROMPTS, _config(max_new_tokens=30))
     ended = [ids for ids in trajectories.completion_ids if ids and ids[-1] == 1]
     assert ended, "the biased model should emit EOS"
     assert all(1 not in ids[:-1] for ids in trajectories.completion_ids)
