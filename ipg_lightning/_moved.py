@@ -2,7 +2,8 @@
 
 Version 0.2 grouped the modules into ``attribution/``, ``steering/`` and ``cli/``. Importing an old
 path (``ipg_lightning.report``) gives the new module (``ipg_lightning.attribution.report``) and says
-where it went; every public name kept its meaning.
+where it went. Names that moved to another module than their old one's successor are listed in
+``CHANGELOG.md``.
 """
 
 from __future__ import annotations

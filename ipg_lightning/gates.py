@@ -139,7 +139,7 @@ class ComponentGates(nn.Module):
         """Install the gate hooks on ``model`` until the returned handles are removed.
 
         Prefer :meth:`attach`, which always removes them; this is for a steered model that keeps
-        its gates for life (see :func:`ipg_lightning.export.load_steered`).
+        its gates for life (see :func:`ipg_lightning.exported.load_steered`).
         """
         root = unwrap_model(model)
         handles: list[RemovableHandle] = []

@@ -70,7 +70,7 @@ def _offline_hint(name_or_path: str) -> str:
         return ""
     return (
         " It is not a local directory, and without hub access only local copies load: download the "
-        "weights on a connected machine and point `model` at that directory."
+        "weights on a connected machine and point `model_path` at that directory."
     )
 
 

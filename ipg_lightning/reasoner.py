@@ -121,7 +121,7 @@ class ReasonerTraining(ReasoningTask):
 
     def validation_step(self, batch: ReasoningBatch, batch_idx: int) -> None:
         """Greedy accuracy on held-out problems."""
-        sampling = SamplingConfig(num_samples=1, temperature=0.0, max_new_tokens=self.hparams.eval_max_new_tokens, batch_size=len(batch["prompt"]))
+        sampling = SamplingConfig.greedy(self.hparams.eval_max_new_tokens, batch_size=len(batch["prompt"]))
         trajectories = sample_trajectories(self.lm, self.tokenizer, batch["prompt"], sampling, batch["seed"].tolist())
         self.val_accuracy.update(trajectories.completions, batch["answer"])
         self.log("val/accuracy", self.val_accuracy, prog_bar=True, batch_size=len(batch["prompt"]))
@@ -207,7 +207,7 @@ def measure_and_save_reasoner(
     Returns the held-out metrics.
     """
     module.eval()
-    sampling = SamplingConfig(num_samples=1, temperature=0.0, max_new_tokens=module.hparams.eval_max_new_tokens, batch_size=64)
+    sampling = SamplingConfig.greedy(module.hparams.eval_max_new_tokens, batch_size=64)
     batches = list(data.test_dataloader())[: max(1, eval_examples // data.batch_size)]
     metrics = evaluate_generations(module.lm, module.tokenizer, batches, sampling, progress=True, description="held-out").metrics
     task = data.synthetic_task

@@ -54,8 +54,13 @@ class ReasoningTask(L.LightningModule):
 
     @classmethod
     def for_model(cls, model: nn.Module, tokenizer: PreTrainedTokenizerBase, **kwargs: Any) -> ReasoningTask:
-        """The task over an already loaded model (Python API) instead of one loaded by path."""
-        module = cls(model_path=model_name(model), **kwargs)
+        """The task over an already loaded model (Python API) instead of one loaded by path.
+
+        Reports and checkpoints name the model by its source path (``config._name_or_path``), or by
+        ``model_path`` if given (e.g. the alias it can be loaded again with), else ``in-memory model``.
+        """
+        kwargs.setdefault("model_path", model_name(model))
+        module = cls(**kwargs)
         module.attach_model(model, tokenizer)
         return module
 

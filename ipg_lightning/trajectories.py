@@ -56,6 +56,11 @@ class SamplingConfig:
             raise ValueError("max_new_tokens and batch_size must be >= 1")
         object.__setattr__(self, "stop_strings", tuple(self.stop_strings))
 
+    @classmethod
+    def greedy(cls, max_new_tokens: int = 512, batch_size: int = 16) -> SamplingConfig:
+        """Greedy decoding, one completion per prompt (the paper's evaluation)."""
+        return cls(num_samples=1, temperature=0.0, max_new_tokens=max_new_tokens, batch_size=batch_size)
+
 
 @dataclass
 class Trajectories:

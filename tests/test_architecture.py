@@ -117,18 +117,30 @@ def test_a_checkpoint_with_the_old_flat_hyperparameters_loads_with_the_same_sett
     sampling = SamplingConfig(num_samples=2, temperature=1.0, top_p=1.0, max_new_tokens=4, batch_size=8, seed=3)
     module = GateSteering.for_model(tiny_llama, tokenizer, ComponentSelection(components=("blocks.0.hook_mlp_out",)), sampling=sampling)
     data = ReasoningDataModule(num_train=2, num_val=1, num_test=1, batch_size=2, template=PromptTemplate(use_chat_template=False))
-    trainer = L.Trainer(max_steps=1, accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0)
+    trainer = L.Trainer(
+        max_steps=1,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        default_root_dir=tmp_path,
+    )
     trainer.fit(module, datamodule=data)
     trainer.save_checkpoint(tmp_path / "new.ckpt")
     checkpoint = torch.load(tmp_path / "new.ckpt", weights_only=True)
     hparams = checkpoint["hyper_parameters"]
-    flat = {key: value for key, value in hparams.items() if key not in ("model_path", "sampling")}
+    flat = {key: value for key, value in hparams.items() if key not in ("model_path", "sampling", "allow_other_model")}
     flat.update(model="tiny:llama", num_samples=2, temperature=1.0, top_p=1.0, max_new_tokens=4, generation_batch_size=8, seed=3)
+    flat["selection"] = {**flat["selection"], "allow_other_model": False}  # a field of ComponentSelection in 0.1
     checkpoint["hyper_parameters"] = flat  # as version 0.1 wrote it
     torch.save(checkpoint, tmp_path / "old.ckpt")
     migrated = migrate_hparams(flat)
     assert migrated["model_path"] == "tiny:llama" and "model" not in migrated and "num_samples" not in migrated
-    assert SamplingConfig(**migrated["sampling"]) == sampling
+    assert SamplingConfig(**migrated["sampling"]) == sampling and migrated["allow_other_model"] is False
     restored = load_steering_checkpoint(tmp_path / "old.ckpt")
     assert restored.model_path == "tiny:llama" and restored.sampling == sampling
     assert restored.gates.component_value("blocks.0.hook_mlp_out") == module.gates.component_value("blocks.0.hook_mlp_out")
+    by_lightning = GateSteering.load_from_checkpoint(tmp_path / "old.ckpt")  # Lightning's own loader, same names
+    assert by_lightning.model_path == "tiny:llama" and by_lightning.sampling == sampling and by_lightning.selection == module.selection

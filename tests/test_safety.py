@@ -278,6 +278,9 @@ def test_a_report_of_another_model_is_refused_naming_both(tmp_path, tiny_llama):
                 str(tmp_path / "s"),
             ]
         )
+    other = GateSteering(ComponentSelection(report=str(tmp_path / "report"), k=2), model_path=REASONER, allow_other_model=True)
+    other.build()  # asked for explicitly, the report's components are steered on the other model
+    assert other.components == AttributionReport.load(tmp_path / "report").select(k=2)
     run(["evaluate", "--selection.report", str(tmp_path / "report"), "--selection.k", "2", "--output_dir", str(tmp_path / "same"), *QUICK])
     metrics = json.loads((tmp_path / "same" / "metrics.json").read_text())
     assert metrics["steering"]["model"] == "tiny:llama"  # the report's own model by default

@@ -31,7 +31,7 @@ from ipg_lightning.identity import model_identity
 from ipg_lightning.outputs import check_output_dir
 from ipg_lightning.rewards import load_reward
 from ipg_lightning.sites import ArchitectureSpec, resolve_architecture, unwrap_model
-from ipg_lightning.task import ReasoningTask, plain
+from ipg_lightning.task import ReasoningTask
 from ipg_lightning.trajectories import SamplingConfig, Trajectories, sample_trajectories
 from ipg_lightning.validation import check_at_least, check_sampling_has_signal
 
@@ -193,7 +193,7 @@ class IPGAttribution(ReasoningTask):
         rule, steps = self.method.quadrature
         metadata = {
             "method": self.hparams.method,
-            "config": {**plain(dict(self.hparams)), "reward": self.reward_name},
+            "config": {**self.plain_hparams(), "reward": self.reward_name},
             "effective": {"steps": steps, "rule": rule},
             "model": self.model_path,
             "model_identity": model_identity(self.lm, self.model_path),

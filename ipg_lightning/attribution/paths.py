@@ -15,6 +15,11 @@ from ipg_lightning.gates import ComponentGates
 from ipg_lightning.trajectories import Trajectories, backward_weighted_log_likelihood, weighted_log_likelihood
 
 
+def score_total(scores: dict[str, torch.Tensor]) -> float:
+    """The sum of every component's score (in float64): what completeness compares with the target."""
+    return sum(float(vector.double().sum()) for vector in scores.values())
+
+
 def path_groups(gates: ComponentGates, path: str) -> list[list[str]]:
     """The groups of sites whose gates move together: one per site (``layer``) or per family (``family``)."""
     if path == "layer":

@@ -25,8 +25,8 @@ from ipg_lightning.steering.sweep import gamma_sweep, plot_sweep, sweep_csv
 from ipg_lightning.trajectories import SamplingConfig
 from ipg_lightning.validation import check_gamma
 
-#: Evaluation decodes greedily by default (the paper's evaluation).
-GREEDY = SamplingConfig(num_samples=1, temperature=0.0, top_p=1.0, max_new_tokens=512)
+#: Evaluation decodes greedily by default (the paper's evaluation); with a temperature it samples at top-p 0.8.
+EVALUATION_SAMPLING = SamplingConfig(num_samples=1, temperature=0.0, top_p=0.8, max_new_tokens=512)
 
 
 def evaluate(
@@ -39,7 +39,7 @@ def evaluate(
     gammas: list[float] | None = None,
     ks: list[int] | None = None,
     steering_checkpoint: str | None = None,
-    sampling: SamplingConfig = GREEDY,
+    sampling: SamplingConfig = EVALUATION_SAMPLING,
     output_dir: str = "outputs/evaluate",
     overwrite: bool = False,
     allow_other_model: bool = False,
@@ -65,7 +65,8 @@ def evaluate(
         gammas: sweep these gate values (fixed steering from ``selection.report``).
         ks: sweep these top-k values (default: ``[selection.k]``).
         steering_checkpoint: a ``GateSteering`` checkpoint (learned gates) to evaluate.
-        sampling: how completions are generated (default greedy, one per problem).
+        sampling: how completions are generated (default greedy, one per problem; a temperature > 0
+            samples at top-p 0.8 unless ``sampling.top_p`` says otherwise).
         output_dir: where results go (atomically; refused if it exists, unless ``overwrite``).
         overwrite: replace an earlier output of this library at ``output_dir`` (never other files).
         allow_other_model: apply a report or checkpoint made on a model of another architecture

@@ -283,7 +283,7 @@ def prepare_run(settings: dict[str, Any]) -> DemoRun:
     )
     data.connect(tokenizer)
     temperature, max_new_tokens = settings["temperature"], settings["max_new_tokens"]
-    greedy = SamplingConfig(num_samples=1, temperature=0.0, max_new_tokens=max_new_tokens, batch_size=64)
+    greedy = SamplingConfig.greedy(max_new_tokens, batch_size=64)
     sampled = SamplingConfig(
         num_samples=settings["eval_samples"] if temperature > 0 else 1,
         temperature=temperature,

@@ -28,13 +28,17 @@ from ipg_lightning.metrics import ReasoningMetrics
 from ipg_lightning.models import load_model_and_tokenizer
 from ipg_lightning.rewards import DeferredReward, Reward, reasoning_length
 from ipg_lightning.sites import ArchitectureSpec
-from ipg_lightning.steering.checkpoint import STEERING_KEY, SteeringCheckpointError, migrate_hparams, read_steering_checkpoint
+from ipg_lightning.steering.checkpoint import STEERING_KEY, SteeringCheckpointError, migrate_hparams, read_steering_checkpoint, renamed_hparams
 from ipg_lightning.steering.lora import LoraSettings, add_lora_adapter
 from ipg_lightning.steering.objectives import OBJECTIVES
 from ipg_lightning.steering.selection import ComponentSelection, component_mask, gates_for_components
 from ipg_lightning.task import ReasoningTask, plain
 from ipg_lightning.trajectories import SamplingConfig, sample_trajectories
 from ipg_lightning.validation import check_at_least, check_gamma, check_sampling_has_signal
+
+#: How ``GateSteering`` samples unless told otherwise: full temperature, no nucleus cut, N = 4, 512 new
+#: tokens. Change single settings with ``dataclasses.replace(STEERING_SAMPLING, max_new_tokens=64)``.
+STEERING_SAMPLING = SamplingConfig(temperature=1.0, top_p=1.0)
 
 
 class GateSteering(ReasoningTask):
@@ -56,6 +60,8 @@ class GateSteering(ReasoningTask):
             step draws new samples, and also seeds the adapter. Validation decodes greedily with the
             same ``max_new_tokens``.
         architecture: module paths for an architecture that is not built in.
+        allow_other_model: steer components of a report computed on a model of another architecture
+            (refused by default: its component indices would mean other units).
     """
 
     def __init__(
@@ -70,8 +76,9 @@ class GateSteering(ReasoningTask):
         kl_coef: float = 0.0,
         lora: LoraSettings | None = None,
         learning_rate: float = 0.05,
-        sampling: SamplingConfig = SamplingConfig(temperature=1.0, top_p=1.0),
+        sampling: SamplingConfig = STEERING_SAMPLING,
         architecture: ArchitectureSpec | None = None,
+        allow_other_model: bool = False,
     ) -> None:
         super().__init__(model_path, dtype, plain(architecture))
         if objective not in OBJECTIVES:
@@ -131,7 +138,7 @@ class GateSteering(ReasoningTask):
     def configure_components(self) -> None:
         """Resolve the selection on this model, add the adapter, and create the gates with their gradient mask."""
         if not self.components:
-            self.components = self.selection.resolve(self.lm, self.model_path, self.architecture)
+            self.components = self.selection.resolve(self.lm, self.model_path, self.architecture, self.hparams.allow_other_model)
         if self.lora is not None:
             self.lm = add_lora_adapter(self.lm, self.lora, self.sampling.seed).eval()
         self.gates = gates_for_components(self.lm, self.components, self.hparams.init_gate, self.architecture)
@@ -146,8 +153,8 @@ class GateSteering(ReasoningTask):
     def setup(self, stage: str) -> None:
         """Import the reward (training only, before the model loads), build the model once, connect the data."""
         if stage == "fit":  # training-only settings fail here, before any work (a checkpoint rebuilt to evaluate skips them)
-            if self.hparams.objective == "policy_gradient":
-                check_sampling_has_signal(self.sampling.num_samples, self.sampling.temperature, "the policy_gradient objective")
+            if OBJECTIVES[self.hparams.objective].samples:
+                check_sampling_has_signal(self.sampling.num_samples, self.sampling.temperature, f"the {self.hparams.objective} objective")
             self.reward_fn  # noqa: B018
         super().setup(stage)
 
@@ -170,7 +177,7 @@ class GateSteering(ReasoningTask):
 
     def training_step(self, batch: ReasoningBatch, batch_idx: int) -> torch.Tensor:
         """One optimisation step of the chosen objective, plus the gate penalty."""
-        loss = OBJECTIVES[self.hparams.objective](self, batch)
+        loss = OBJECTIVES[self.hparams.objective].loss(self, batch)
         penalty = self.gate_deviation()
         self.log("train/gate_deviation", penalty.detach(), batch_size=len(batch["prompt"]))
         return loss + self.hparams.gate_penalty * penalty
@@ -186,7 +193,7 @@ class GateSteering(ReasoningTask):
     # ----------------------------------------------------------------------------- validation
     def validation_step(self, batch: ReasoningBatch, batch_idx: int) -> None:
         """Greedy generations with the current gates, into the reasoning metrics."""
-        greedy = SamplingConfig(num_samples=1, temperature=0.0, max_new_tokens=self.sampling.max_new_tokens, batch_size=self.sampling.batch_size)
+        greedy = SamplingConfig.greedy(self.sampling.max_new_tokens, self.sampling.batch_size)
         with self.gates.attach(self.lm):
             trajectories = sample_trajectories(self.lm, self.tokenizer, batch["prompt"], greedy, batch["seed"].tolist())
         completions = completions_of(trajectories, batch["prompt"], batch["answer"], self.tokenizer)
@@ -231,6 +238,8 @@ class GateSteering(ReasoningTask):
 
         Prefer :func:`load_steering_checkpoint`, which also rebuilds the model, gates and adapter.
         """
+        if isinstance(checkpoint_path, str | Path) and Path(checkpoint_path).is_file():
+            kwargs = {**renamed_hparams(read_steering_checkpoint(checkpoint_path)["hyper_parameters"]), **kwargs}
         module = super().load_from_checkpoint(checkpoint_path, *args, **kwargs)
         module.reward.import_allowed = trust_reward
         return module

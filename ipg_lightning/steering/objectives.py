@@ -11,7 +11,7 @@ measures, and returns the loss before the gate penalty (which the module adds fo
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 import torch
 from torch import nn
@@ -80,10 +80,17 @@ def policy_gradient_loss(module: SteeringRun, batch: ReasoningBatch) -> torch.Te
     return loss
 
 
+class Objective(NamedTuple):
+    """A training objective: its loss, and whether it samples (then N rewards per prompt must be able to differ)."""
+
+    loss: Callable[[SteeringRun, ReasoningBatch], torch.Tensor]
+    samples: bool
+
+
 #: Every objective by name.
-OBJECTIVES: dict[str, Callable[[SteeringRun, ReasoningBatch], torch.Tensor]] = {
-    "policy_gradient": policy_gradient_loss,
-    "supervised": supervised_loss,
+OBJECTIVES: dict[str, Objective] = {
+    "policy_gradient": Objective(policy_gradient_loss, samples=True),
+    "supervised": Objective(supervised_loss, samples=False),
 }
 
 

@@ -1,7 +1,7 @@
 """Attribution methods, one class each; :data:`METHODS` maps their names to them.
 
-Adding a method means adding a subclass of :class:`AttributionMethod` and listing it here (and in
-:data:`AttributionMethodName`, which the command line validates against).
+Adding a method means adding a subclass of :class:`AttributionMethod` and listing it here; the
+command line's choices (:data:`AttributionMethodName`) follow from this list.
 """
 
 from typing import Literal
@@ -11,8 +11,6 @@ from ipg_lightning.attribution.methods.base import AttributionMethod
 from ipg_lightning.attribution.methods.ipg import GradientTimesActivation, IntegratedPolicyGradient
 from ipg_lightning.attribution.methods.random import RandomScores
 from ipg_lightning.attribution.methods.reference import ReferenceIntegratedGradients
-
-AttributionMethodName = Literal["ipg", "grad_x_act", "random", "activation", "mean_diff", "ig_reference"]
 
 #: Every attribution method by name.
 METHODS: dict[str, type[AttributionMethod]] = {
@@ -26,6 +24,9 @@ METHODS: dict[str, type[AttributionMethod]] = {
         ReferenceIntegratedGradients,
     )
 }
+
+#: The method names, as the type the command line validates against.
+AttributionMethodName = Literal[tuple(METHODS)]  # noqa: UP007 (built from the registry)
 
 __all__ = [
     "METHODS",

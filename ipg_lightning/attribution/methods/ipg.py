@@ -14,7 +14,7 @@ import torch
 
 from ipg_lightning.attribution.estimator import group_advantages, integrate_path, move_along_path
 from ipg_lightning.attribution.methods.base import AttributionMethod
-from ipg_lightning.attribution.paths import integrate_fixed, path_groups
+from ipg_lightning.attribution.paths import integrate_fixed, path_groups, score_total
 from ipg_lightning.data import ReasoningBatch
 from ipg_lightning.trajectories import backward_weighted_log_likelihood
 
@@ -53,7 +53,7 @@ class IntegratedPolicyGradient(AttributionMethod):
                 self.quadrature,
                 task.hparams.chunk_size,
             )
-        task.accumulator.update(scores=scores, score_sum=_total(scores), surrogate_delta=delta, **counts)
+        task.accumulator.update(scores=scores, score_sum=score_total(scores), surrogate_delta=delta, **counts)
 
     def _integrate_resampled(self, batch: ReasoningBatch, rewards_at_one: torch.Tensor) -> tuple[dict[str, torch.Tensor], float]:
         task = self.task
@@ -107,7 +107,3 @@ class GradientTimesActivation(IntegratedPolicyGradient):
     def quadrature(self) -> tuple[str, int]:
         """One right-endpoint point, whatever ``rule`` and ``steps`` say."""
         return "right", 1
-
-
-def _total(scores: dict[str, torch.Tensor]) -> float:
-    return sum(float(vector.double().sum()) for vector in scores.values())

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from ipg_lightning.attribution.methods.base import AttributionMethod
-from ipg_lightning.attribution.paths import integrate_fixed
+from ipg_lightning.attribution.paths import integrate_fixed, score_total
 from ipg_lightning.data import ReasoningBatch, require_solutions
 from ipg_lightning.trajectories import check_context_length, teacher_forced_trajectories
 
@@ -33,11 +33,10 @@ class ReferenceIntegratedGradients(AttributionMethod):
         scores, delta = integrate_fixed(
             task.lm, task.gates, trajectories, weights, hparams.path, hparams.baseline, self.quadrature, hparams.chunk_size
         )
-        total = sum(float(vector.double().sum()) for vector in scores.values())
         prompts = len(batch["prompt"])
         task.accumulator.update(
             scores=scores,
-            score_sum=total,
+            score_sum=score_total(scores),
             surrogate_delta=delta,
             prompts=prompts,
             signal_prompts=prompts,
