@@ -19,9 +19,6 @@ from torch import nn
 from ipg_lightning.gates import ComponentGates
 from ipg_lightning.sites import Site, unwrap_model
 
-#: Site families whose gates fold exactly into weights.
-FOLDABLE_FAMILIES: tuple[str, ...] = ("mlp_neuron", "attn_head", "attn_out", "mlp_out")
-
 
 class UnfoldableGateError(ValueError):
     """Raised when asked to fold gates that have no exact weight equivalent."""
@@ -29,7 +26,7 @@ class UnfoldableGateError(ValueError):
 
 def unfoldable_sites(gates: ComponentGates) -> list[str]:
     """Names of gated sites whose gates differ from 1 and cannot be folded into weights."""
-    return [name for name, site in gates.sites.items() if site.family not in FOLDABLE_FAMILIES and not torch.all(gates.gate(name) == 1)]
+    return [name for name, site in gates.sites.items() if not site.foldable and not torch.all(gates.gate(name) == 1)]
 
 
 @torch.no_grad()
@@ -43,8 +40,8 @@ def fold_gates_into_weights(model: nn.Module, gates: ComponentGates) -> list[str
     refused = unfoldable_sites(gates)
     if refused:
         raise UnfoldableGateError(
-            f"Cannot fold gates of {refused} into weights: residual-stream gates have no exact weight "
-            "equivalent (the next RMSNorm/LayerNorm couples the coordinates). Keep them as a steering "
+            f"Cannot fold gates of {refused} into weights: residual-stream gates, and sub-layer gates after a "
+            "norm, have no exact weight equivalent (a norm couples the coordinates). Keep them as a steering "
             "file applied at load time instead of approximating."
         )
     root = unwrap_model(model)

@@ -1,12 +1,15 @@
 """Component sites of Hugging Face causal LMs: what can be gated, and where it lives.
 
 A *site* is one place in the network (e.g. the residual stream after block 3); its *components*
-are the scalar units there (the coordinates of that residual vector). Sites are discovered from the
-model: the per-architecture table below only says where the decoder blocks and the two output
-projections of each block are. Component names follow the TransformerLens vocabulary
-(``blocks.3.hook_resid_post[117]``) so reports compare with other tools.
+are the scalar units there (the coordinates of that residual vector). Where the decoder blocks and
+each block's two output projections are is found from the model itself
+(:mod:`ipg_lightning.discovery`); :data:`ARCHITECTURES` overrides that only where discovery cannot
+decide, and users can declare an :class:`ArchitectureSpec`. Component names follow the
+TransformerLens vocabulary (``blocks.3.hook_resid_post[117]``) so reports compare with other tools.
 
-New site families (for example SAE features) subclass :class:`Site` and override :meth:`Site.edit`.
+Each site family is one entry of :data:`FAMILIES` (a :class:`SiteFamily`): its report name, which
+sub-layer holds it, and whether its gate scales a projection's input channels or a module's output.
+Everything else (the edit, folding, activation values) follows from those fields in :class:`Site`.
 """
 
 from __future__ import annotations
@@ -17,16 +20,41 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-SITE_FAMILIES: tuple[str, ...] = ("resid_post", "mlp_neuron", "attn_head", "attn_out", "mlp_out")
+from ipg_lightning.discovery import DiscoveryError, discover_layout
 
-# Hook names in the TransformerLens vocabulary, per family.
-_HOOK_NAMES = {
-    "resid_post": "blocks.{layer}.hook_resid_post",
-    "mlp_neuron": "blocks.{layer}.mlp.hook_post",
-    "attn_head": "blocks.{layer}.attn.hook_z",
-    "attn_out": "blocks.{layer}.hook_attn_out",
-    "mlp_out": "blocks.{layer}.hook_mlp_out",
+
+@dataclass(frozen=True)
+class SiteFamily:
+    """One kind of site.
+
+    Args:
+        name: the family's name in recipes and reports (``mlp_neuron``).
+        hook_name: its TransformerLens-style site name, with ``{layer}``.
+        sublayer: ``attn`` or ``mlp`` for a site inside that sub-layer; None for the block output.
+        hooks_input: the gate scales the input channels of the sub-layer's output projection (one
+            gate per channel, or per head with ``per_head``); otherwise it scales a module's whole output.
+        per_head: one gate per attention head (a slice of ``head_dim`` channels).
+    """
+
+    name: str
+    hook_name: str
+    sublayer: str | None
+    hooks_input: bool
+    per_head: bool = False
+
+
+#: Every site family by name.
+FAMILIES: dict[str, SiteFamily] = {
+    family.name: family
+    for family in (
+        SiteFamily("resid_post", "blocks.{layer}.hook_resid_post", sublayer=None, hooks_input=False),
+        SiteFamily("mlp_neuron", "blocks.{layer}.mlp.hook_post", sublayer="mlp", hooks_input=True),
+        SiteFamily("attn_head", "blocks.{layer}.attn.hook_z", sublayer="attn", hooks_input=True, per_head=True),
+        SiteFamily("attn_out", "blocks.{layer}.hook_attn_out", sublayer="attn", hooks_input=False),
+        SiteFamily("mlp_out", "blocks.{layer}.hook_mlp_out", sublayer="mlp", hooks_input=False),
+    )
 }
+SITE_FAMILIES: tuple[str, ...] = tuple(FAMILIES)
 
 
 @dataclass(frozen=True)
@@ -37,6 +65,9 @@ class ArchitectureSpec:
         layers: dotted path from the model root to the list of decoder blocks.
         attn_out_proj: dotted path, inside one block, to the attention output projection.
         mlp_out_proj: dotted path, inside one block, to the MLP down-projection.
+        attn_out_norm: a norm applied to the attention output before the residual add (Gemma 2/3,
+            OLMo 2), if any: the ``attn_out`` gate then scales that norm's output.
+        mlp_out_norm: the same for the MLP output.
 
     Example (a config entry for an architecture that is not built in)::
 
@@ -47,25 +78,17 @@ class ArchitectureSpec:
     layers: str
     attn_out_proj: str
     mlp_out_proj: str
+    attn_out_norm: str | None = None
+    mlp_out_norm: str | None = None
 
 
-_LLAMA_LIKE = ArchitectureSpec("model.layers", "self_attn.o_proj", "mlp.down_proj")
-
-#: Built-in architectures, keyed by ``config.model_type``. Only architectures whose out-projection
-#: output is added straight into the residual stream are listed, so that sub-layer gates fold exactly.
-ARCHITECTURES: dict[str, ArchitectureSpec] = {
-    "llama": _LLAMA_LIKE,
-    "mistral": _LLAMA_LIKE,
-    "qwen2": _LLAMA_LIKE,
-    "qwen3": _LLAMA_LIKE,
-    "phi3": _LLAMA_LIKE,
-    "gpt2": ArchitectureSpec("transformer.h", "attn.c_proj", "mlp.c_proj"),
-    "gpt_neox": ArchitectureSpec("gpt_neox.layers", "attention.dense", "mlp.dense_4h_to_h"),
-}
+#: Module layouts by ``config.model_type`` for the architectures where discovery cannot decide;
+#: every other model's layout is discovered (:func:`~ipg_lightning.discovery.discover_layout`).
+ARCHITECTURES: dict[str, ArchitectureSpec] = {}
 
 
 class UnsupportedArchitectureError(ValueError):
-    """Raised when a model's architecture is not in :data:`ARCHITECTURES` and none was declared."""
+    """Raised when a model's layout can neither be discovered nor was declared."""
 
 
 @dataclass(frozen=True)
@@ -78,6 +101,8 @@ class Site:
         module_path: dotted path (from the unwrapped model root) of the module the hook goes on.
         size: number of components (gates) at this site.
         head_dim: width of one head's slice of the projection input (``attn_head`` only).
+        foldable: whether the gates fold exactly into the weights of ``module_path`` (a projection);
+            residual-stream gates and gates after a norm do not, and travel in a steering file.
     """
 
     family: str
@@ -85,16 +110,22 @@ class Site:
     module_path: str
     size: int
     head_dim: int = 1
+    foldable: bool = True
+
+    @property
+    def kind(self) -> SiteFamily:
+        """The site's family."""
+        return FAMILIES[self.family]
 
     @property
     def name(self) -> str:
         """The site's hook name, e.g. ``blocks.3.hook_resid_post``."""
-        return _HOOK_NAMES[self.family].format(layer=self.layer)
+        return self.kind.hook_name.format(layer=self.layer)
 
     @property
     def hooks_input(self) -> bool:
         """True if the gate scales the module's input (a forward pre-hook), else its output."""
-        return self.family in ("mlp_neuron", "attn_head")
+        return self.kind.hooks_input
 
     def component_name(self, index: int) -> str:
         """Name of one component, e.g. ``blocks.3.attn.hook_z[2]``; scalar sites have no index."""
@@ -113,7 +144,7 @@ class Site:
     def component_values(self, activation: torch.Tensor) -> torch.Tensor:
         """(batch, seq, width) activation -> (batch, seq, size) per-component values: the signed value of a
         coordinate or neuron, the L2 norm of a head's slice, the L2 norm of a whole sub-layer's output."""
-        if self.family == "attn_head":
+        if self.kind.per_head:
             return activation.reshape(*activation.shape[:-1], self.size, self.head_dim).norm(dim=-1)
         if self.size == 1:
             return activation.norm(dim=-1, keepdim=True)
@@ -126,13 +157,13 @@ def parse_site_name(site_name: str) -> tuple[str, int]:
     >>> parse_site_name("blocks.12.hook_resid_post")
     ('resid_post', 12)
     """
-    for family, template in _HOOK_NAMES.items():
-        prefix, suffix = template.split("{layer}")
+    for family, kind in FAMILIES.items():
+        prefix, suffix = kind.hook_name.split("{layer}")
         if site_name.startswith(prefix) and site_name.endswith(suffix):
             layer = site_name[len(prefix) : len(site_name) - len(suffix)]
             if layer.isdigit():
                 return family, int(layer)
-    examples = ", ".join(template.format(layer=3) for template in _HOOK_NAMES.values())
+    examples = ", ".join(kind.hook_name.format(layer=3) for kind in FAMILIES.values())
     raise ValueError(f"Unknown site name {site_name!r}; site names look like {examples}")
 
 
@@ -143,19 +174,20 @@ def unwrap_model(model: nn.Module) -> nn.Module:
 
 
 def resolve_architecture(model: nn.Module, architecture: ArchitectureSpec | None = None) -> ArchitectureSpec:
-    """Return the module layout of ``model``: ``architecture`` if given, else the built-in entry."""
+    """Return the module layout of ``model``: ``architecture`` if given, else an override, else discovered."""
     if architecture is not None:
         return architecture
-    model_type = getattr(getattr(unwrap_model(model), "config", None), "model_type", None)
+    root = unwrap_model(model)
+    model_type = getattr(getattr(root, "config", None), "model_type", None)
     if model_type in ARCHITECTURES:
         return ARCHITECTURES[model_type]
-    raise UnsupportedArchitectureError(
-        f"Architecture {model_type!r} is not supported out of the box. Supported model types: "
-        f"{', '.join(sorted(ARCHITECTURES))}. For another decoder, declare its module paths, e.g. "
-        "in config `architecture: {layers: model.layers, attn_out_proj: self_attn.o_proj, "
-        "mlp_out_proj: mlp.down_proj}` or in Python "
-        "`ArchitectureSpec(layers='model.layers', attn_out_proj='self_attn.o_proj', mlp_out_proj='mlp.down_proj')`."
-    )
+    try:
+        return ArchitectureSpec(**discover_layout(root))
+    except DiscoveryError as error:
+        raise UnsupportedArchitectureError(
+            f"Architecture {model_type!r} is not supported out of the box: {error}; e.g. in config "
+            "`architecture: {layers: model.layers, attn_out_proj: self_attn.o_proj, mlp_out_proj: mlp.down_proj}`"
+        ) from None
 
 
 def projection_shape(module: nn.Module) -> tuple[int, int]:
@@ -209,16 +241,17 @@ def discover_sites(
 
 
 def _make_site(root: nn.Module, spec: ArchitectureSpec, family: str, layer: int, block_path: str) -> Site:
-    if family == "resid_post":
-        return Site(family, layer, block_path, root.config.hidden_size)
-    projection = spec.attn_out_proj if family in ("attn_head", "attn_out") else spec.mlp_out_proj
+    kind = FAMILIES[family]
+    if kind.sublayer is None:  # the block's output: the residual stream
+        return Site(family, layer, block_path, root.config.hidden_size, foldable=False)
+    projection, norm = (spec.attn_out_proj, spec.attn_out_norm) if kind.sublayer == "attn" else (spec.mlp_out_proj, spec.mlp_out_norm)
     path = f"{block_path}.{projection}"
     in_features, _ = projection_shape(_get_submodule(root, path, family))
-    if family == "mlp_neuron":
+    if not kind.hooks_input:  # the whole sub-layer: what it adds to the residual stream, after its own norm if it has one
+        return Site(family, layer, f"{block_path}.{norm}" if norm else path, 1, foldable=norm is None)
+    if not kind.per_head:
         return Site(family, layer, path, in_features)
-    if family == "attn_head":
-        num_heads = root.config.num_attention_heads
-        if in_features % num_heads:
-            raise ValueError(f"{path} has {in_features} inputs, not divisible by {num_heads} heads")
-        return Site(family, layer, path, num_heads, head_dim=in_features // num_heads)
-    return Site(family, layer, path, 1)
+    num_heads = root.config.num_attention_heads
+    if in_features % num_heads:
+        raise ValueError(f"{path} has {in_features} inputs, not divisible by {num_heads} heads")
+    return Site(family, layer, path, num_heads, head_dim=in_features // num_heads)

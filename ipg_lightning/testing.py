@@ -12,8 +12,28 @@ import torch
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerFast
 
-#: Architectures with a tiny config here; each is a family of :data:`ipg_lightning.sites.ARCHITECTURES`.
-TINY_FAMILIES: tuple[str, ...] = ("llama", "qwen2", "qwen3", "mistral", "gpt2", "gpt_neox")
+#: Decoder types with a tiny config here (every dense decoder type the tests cover); ``tiny:<type>``
+#: loads one. The first six are the original tiny families; the order is the test matrix's.
+TINY_FAMILIES: tuple[str, ...] = (
+    "llama", "qwen2", "qwen3", "mistral", "gpt2", "gpt_neox",
+    "phi3", "gemma", "gemma2", "gemma3_text", "olmo", "olmo2", "granite", "phi", "stablelm",
+    "starcoder2", "cohere", "gptj", "opt", "bloom", "falcon", "smollm3",
+)  # fmt: skip
+
+#: Per-type settings beyond the shared tiny sizes: the names some configs use for the same sizes,
+#: and explicit head dimensions where a type's default would not divide the tiny width.
+_TINY_EXTRAS: dict[str, dict] = {
+    "gpt2": dict(n_embd=32, n_layer=2, n_head=4, n_inner=64, n_positions=512, tie_word_embeddings=True),
+    "gpt_neox": dict(rotary_pct=0.5),
+    "gptj": dict(n_embd=32, n_layer=2, n_head=4, n_inner=64, rotary_dim=4, n_positions=512),
+    "opt": dict(ffn_dim=64, word_embed_proj_dim=32),
+    "bloom": dict(n_layer=2, n_head=4),
+    "falcon": dict(num_kv_heads=4),
+    "qwen3": dict(head_dim=8),
+    "gemma": dict(head_dim=8),
+    "gemma2": dict(head_dim=8),
+    "gemma3_text": dict(head_dim=8),
+}
 
 _SPECIAL_TOKENS = ["<pad>", "<eos>", "<bos>", "<unk>"]
 _CHARACTERS = list(string.ascii_letters + string.digits + string.punctuation + " \n")
@@ -44,27 +64,23 @@ def tiny_tokenizer(chat_template: bool = False) -> PreTrainedTokenizerFast:
 
 
 def tiny_config(family: str = "llama", **overrides):
-    """A 2-block config of ``family`` with width 32, 4 heads and a 128-token vocabulary."""
-    common = dict(vocab_size=128, bos_token_id=2, eos_token_id=1, pad_token_id=0)
-    if family == "gpt2":
-        fields = dict(n_embd=32, n_layer=2, n_head=4, n_inner=64, n_positions=512)
-    elif family == "gpt_neox":
-        fields = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, max_position_embeddings=512, rotary_pct=0.5)
-    elif family in ("llama", "qwen2", "qwen3", "mistral"):
-        fields = dict(
-            hidden_size=32,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            intermediate_size=64,
-            max_position_embeddings=512,
-            tie_word_embeddings=False,
-        )
-        if family == "qwen3":
-            fields["head_dim"] = 8
-    else:
+    """A 2-block config of decoder type ``family`` with width 32, 4 heads and a 128-token vocabulary."""
+    if family not in TINY_FAMILIES:
         raise ValueError(f"No tiny config for {family!r}; choose from {list(TINY_FAMILIES)}")
-    return AutoConfig.for_model(family, **{**common, **fields, **overrides})
+    fields = dict(
+        vocab_size=128,
+        bos_token_id=2,
+        eos_token_id=1,
+        pad_token_id=0,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=512,
+        tie_word_embeddings=False,
+    )
+    return AutoConfig.for_model(family, **{**fields, **_TINY_EXTRAS.get(family, {}), **overrides})
 
 
 def tiny_causal_lm(family: str = "llama", seed: int = 0, **overrides) -> PreTrainedModel:
@@ -84,3 +100,20 @@ def tiny_causal_lm(family: str = "llama", seed: int = 0, **overrides) -> PreTrai
         if embeddings.padding_idx is not None:
             embeddings.weight[embeddings.padding_idx] = embeddings.weight[-1].roll(1)
     return model.eval()
+
+
+def coverage_table() -> str:
+    """The README's coverage table: for every tiny decoder type, how each site family's gates are applied.
+
+    ``folds`` means the gate folds exactly into a projection's weights; ``loader`` that it is applied
+    by hooks and travels in an export's steering file (``load_steered``). Every cell is also checked by
+    the test matrix (gates at 1 change nothing, folding and the loader reproduce the gated model).
+    """
+    from ipg_lightning.sites import SITE_FAMILIES, discover_sites
+
+    lines = ["| decoder type | " + " | ".join(f"`{family}`" for family in SITE_FAMILIES) + " |", "| --- |" + " --- |" * len(SITE_FAMILIES)]
+    for family in TINY_FAMILIES:
+        sites = discover_sites(tiny_causal_lm(family), SITE_FAMILIES, layers=[0])
+        cells = ["folds" if site.foldable else "loader" for site in sites]
+        lines.append(f"| `{family}` | " + " | ".join(cells) + " |")
+    return "\n".join(lines)

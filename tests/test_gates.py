@@ -4,9 +4,11 @@ import pytest
 import torch
 from peft import LoraConfig, get_peft_model
 
+from ipg_lightning.exported import load_steered
 from ipg_lightning.folding import UnfoldableGateError, fold_gates_into_weights
 from ipg_lightning.gates import ComponentGates
 from ipg_lightning.sites import SITE_FAMILIES, projection_shape, unwrap_model
+from ipg_lightning.steering.export import export_steered_model
 from ipg_lightning.testing import TINY_FAMILIES, tiny_causal_lm
 
 FOLDABLE = ["mlp_neuron", "attn_head", "attn_out", "mlp_out"]
@@ -85,11 +87,14 @@ def test_head_gates_equal_a_manual_per_head_sum(family, tiny_model):
 def test_folded_model_reproduces_gated_logits_and_greedy_generation(family, tiny_model):
     model = tiny_model(family)
     gates = _random_gates(model, FOLDABLE)
+    for name, site in gates.sites.items():  # gates after a post-sub-layer norm travel in a steering file instead
+        if not site.foldable:
+            gates.set_site(name, 1.0)
     with gates.attach(model):
         gated_logits = model(INPUT).logits
         gated_tokens = model.generate(INPUT, max_new_tokens=12, do_sample=False, pad_token_id=0)
     folded = copy.deepcopy(model)
-    assert set(fold_gates_into_weights(folded, gates)) == set(gates.sites)
+    assert set(fold_gates_into_weights(folded, gates)) == {name for name, site in gates.sites.items() if site.foldable}
     assert _hook_count(folded) == 0
     torch.testing.assert_close(folded(INPUT).logits, gated_logits, rtol=1e-5, atol=1e-5)
     assert torch.equal(folded.generate(INPUT, max_new_tokens=12, do_sample=False, pad_token_id=0), gated_tokens)
@@ -191,3 +196,49 @@ def test_gates_on_a_lora_model_fold_after_merging(family):
     merged = peft_model.merge_and_unload()
     fold_gates_into_weights(merged, gates)
     torch.testing.assert_close(merged(INPUT).logits, gated, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", TINY_FAMILIES)
+def test_every_gate_survives_export_and_the_one_line_loader(family, tiny_model, tokenizer, tmp_path):
+    """Folded gates and unfoldable ones (residual, and sub-layer gates after a norm) together reproduce the gated model."""
+    model = tiny_model(family)
+    gates = _random_gates(model, SITE_FAMILIES)
+    with gates.attach(model):
+        gated_logits = model(INPUT).logits
+        gated_tokens = model.generate(INPUT, max_new_tokens=8, do_sample=False, pad_token_id=0)
+    card = export_steered_model(model, tokenizer, gates, tmp_path / "export")
+    assert set(card["loader_sites"]) == {name for name, site in gates.sites.items() if not site.foldable}
+    reloaded = load_steered(tmp_path / "export")
+    torch.testing.assert_close(reloaded(INPUT).logits, gated_logits, rtol=1e-5, atol=1e-5)
+    assert torch.equal(reloaded.generate(INPUT, max_new_tokens=8, do_sample=False, pad_token_id=0), gated_tokens)
+
+
+@pytest.mark.parametrize("family", ["gemma2", "gemma3_text", "olmo2"])
+def test_a_sub_layer_gate_after_a_post_norm_scales_what_the_sub_layer_adds(family, tiny_model):
+    """Post-norm blocks add norm(o_proj(...)); a gate of 0.5 must halve that term (on o_proj's output the norm would undo it)."""
+    model = tiny_model(family)
+    gates = ComponentGates.for_model(model, ["attn_out"], layers=[1])
+    site = next(iter(gates.sites.values()))
+    assert site.module_path == "model.layers.1.post_attention_layernorm" and not site.foldable
+    block = model.model.layers[1]
+
+    def run(gate: float) -> dict:
+        seen = {}
+        gates.set_site(site.name, gate)
+        with gates.attach(model):  # hooks registered after the gate's see what it wrote
+            handles = [
+                block.register_forward_pre_hook(
+                    lambda m, args, kwargs: seen.update(residual=kwargs.get("hidden_states", args[0] if args else None)), with_kwargs=True
+                ),
+                block.post_attention_layernorm.register_forward_hook(lambda m, args, out: seen.update(attn=out)),
+                block.post_feedforward_layernorm.register_forward_hook(lambda m, args, out: seen.update(mlp=out)),
+                block.register_forward_hook(lambda m, args, out: seen.update(out=out[0] if isinstance(out, tuple) else out)),
+            ]
+            model(INPUT)
+        for handle in handles:
+            handle.remove()
+        return seen
+
+    plain, halved = run(1.0), run(0.5)
+    torch.testing.assert_close(halved["attn"], 0.5 * plain["attn"], rtol=1e-5, atol=1e-6)  # the term added to the residual
+    torch.testing.assert_close(halved["out"], halved["residual"] + 0.5 * plain["attn"] + halved["mlp"], rtol=1e-5, atol=1e-5)

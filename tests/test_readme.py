@@ -46,3 +46,12 @@ def test_report_example_runs_on_a_report_from_the_tiny_recipe(tmp_path, monkeypa
     namespace: dict = {}
     exec(compile(_block("AttributionReport.load"), str(README), "exec"), namespace)
     assert len(namespace["report"].select(k=10)) == 10
+
+
+def test_the_coverage_table_is_the_one_the_code_generates():
+    from ipg_lightning.testing import coverage_table
+
+    shown = re.search(r"<!-- coverage-table -->\n(.*?)\n<!-- /coverage-table -->", README.read_text(), flags=re.DOTALL)
+    assert shown is not None, "README.md has no <!-- coverage-table --> block"
+    expected = coverage_table()
+    assert shown.group(1).strip() == expected, f"Regenerate the README coverage table; it should read:\n{expected}"

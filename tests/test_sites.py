@@ -1,6 +1,6 @@
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, BloomConfig
+from transformers import AutoModelForCausalLM, BloomConfig, MixtralConfig
 
 from ipg_lightning.sites import (
     ARCHITECTURES,
@@ -19,7 +19,8 @@ def test_discovers_every_site_family_with_sizes_from_config(family, tiny_model):
     by_family = {site.family: site for site in sites}
     assert {site.layer for site in sites} == {1}
     assert by_family["resid_post"].size == 32
-    assert by_family["mlp_neuron"].size == 64
+    mlp_width = 4 * 32 if family in ("bloom", "falcon") else 64  # these configs fix the MLP at 4 x hidden
+    assert by_family["mlp_neuron"].size == mlp_width
     assert (by_family["attn_head"].size, by_family["attn_head"].head_dim) == (4, 8)
     assert by_family["attn_out"].size == by_family["mlp_out"].size == 1
     for site in sites:
@@ -42,14 +43,29 @@ def _tiny_bloom():
     return AutoModelForCausalLM.from_config(config)
 
 
-def test_unknown_architecture_lists_supported_ones_and_how_to_declare():
+def test_an_undiscoverable_model_is_refused_listing_what_was_found_and_how_to_declare():
+    config = MixtralConfig(
+        vocab_size=128,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=64,
+        num_local_experts=2,
+        num_experts_per_tok=1,
+    )
     with pytest.raises(UnsupportedArchitectureError) as error:
-        discover_sites(_tiny_bloom())
+        discover_sites(AutoModelForCausalLM.from_config(config))
     message = str(error.value)
-    assert "'bloom'" in message
-    for model_type in ARCHITECTURES:
-        assert model_type in message
+    assert "'mixtral'" in message and "model.layers (2)" in message and "self_attn.o_proj" in message
     assert "attn_out_proj" in message and "mlp_out_proj" in message
+    assert ARCHITECTURES == {}  # no override is needed by any decoder the tests build
+
+
+def test_discovery_finds_what_a_declared_layout_says():
+    spec = ArchitectureSpec(layers="transformer.h", attn_out_proj="self_attention.dense", mlp_out_proj="mlp.dense_4h_to_h")
+    declared = discover_sites(_tiny_bloom(), ["mlp_neuron", "attn_head", "mlp_out"], layers=[1], architecture=spec)
+    assert discover_sites(_tiny_bloom(), ["mlp_neuron", "attn_head", "mlp_out"], layers=[1]) == declared
 
 
 def test_declared_architecture_makes_an_unknown_model_work():

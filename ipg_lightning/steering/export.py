@@ -25,7 +25,7 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from ipg_lightning.exported import CARD_FILE, CONFIG_MARKER, MODEL_CARD_FILE, STEERING_FILE, carried_gates, read_card
-from ipg_lightning.folding import FOLDABLE_FAMILIES, fold_gates_into_weights
+from ipg_lightning.folding import fold_gates_into_weights
 from ipg_lightning.gates import ComponentGates, combined_gates
 from ipg_lightning.identity import IN_MEMORY_MODEL, model_identity
 from ipg_lightning.outputs import atomic_directory, atomic_write_json, atomic_write_text, check_output_dir
@@ -47,7 +47,7 @@ def split_gates(gates: ComponentGates) -> tuple[ComponentGates, ComponentGates]:
     for name, site in gates.sites.items():
         if torch.all(gates.gate(name) == 1):
             continue
-        parts[site.family not in FOLDABLE_FAMILIES].append(site)
+        parts[not site.foldable].append(site)
     foldable, unfoldable = ComponentGates(parts[0]), ComponentGates(parts[1])
     for subset in (foldable, unfoldable):
         for name in subset.sites:

@@ -1,0 +1,55 @@
+"""Every tiny decoder type: discovery under PEFT, and IPG completeness on every foldable site family.
+
+(The gate, fold, generate and export checks of the same matrix are in ``test_gates.py``.)
+"""
+
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+
+from ipg_lightning.attribution.estimator import integrate_path, move_along_path
+from ipg_lightning.gates import ComponentGates
+from ipg_lightning.sites import SITE_FAMILIES, discover_sites
+from ipg_lightning.testing import TINY_FAMILIES
+from ipg_lightning.trajectories import backward_weighted_log_likelihood, teacher_forced_trajectories, weighted_log_likelihood
+
+INPUT = torch.tensor([[5, 17, 30, 42, 8, 61, 9, 23]])
+SUB_LAYER_AND_UNIT_FAMILIES = ["mlp_neuron", "attn_head", "attn_out", "mlp_out"]
+#: Quadrature points where q = 32 is not enough for a 1e-3 residual on these random tiny models: the
+#: tiny Gemma 3's head path is steep near gate 0 (residual 0.19 at q = 16, 1.2e-3 at 32, 3e-6 at 128),
+#: and OPT's ReLU MLP puts kinks on the path, where Gauss-Legendre converges slowly (3.7e-3 at 32, 8e-4 at 128).
+STEPS = {"gemma3_text": 128, "opt": 128}
+
+
+@pytest.mark.parametrize("family", TINY_FAMILIES)
+def test_a_peft_wrapped_model_has_the_same_sites_and_gates_at_one_change_nothing(family, tiny_model):
+    model = tiny_model(family)
+    plain_sites = discover_sites(model, SITE_FAMILIES, layers=[1])
+    targets = sorted({site.module_path.rsplit(".", 1)[-1] for site in plain_sites if site.hooks_input})
+    wrapped = get_peft_model(model, LoraConfig(r=2, target_modules=targets, fan_in_fan_out=family == "gpt2"))
+    assert discover_sites(wrapped, SITE_FAMILIES, layers=[1]) == plain_sites
+    expected = wrapped(INPUT).logits
+    gates = ComponentGates.for_model(wrapped, SITE_FAMILIES)
+    with gates.attach(wrapped):
+        assert torch.equal(wrapped(INPUT).logits, expected)
+
+
+@pytest.mark.parametrize("family", TINY_FAMILIES)
+def test_ipg_scores_add_up_to_the_surrogate_change_at_q32(family, tiny_model, tokenizer):
+    """Completeness of the path integral over fixed trajectories, per site family (Gauss-Legendre, q = 32 unless noted)."""
+    model = tiny_model(family)
+    trajectories = teacher_forced_trajectories(tokenizer, ["Q: 3 + 4 =", "Q: 9 - 2 ="], [" 7 #### 7", " 7 #### 7"])
+    weights = torch.tensor([1.0, -0.5])
+    gates = ComponentGates.for_model(model, SUB_LAYER_AND_UNIT_FAMILIES, layers=[1])
+    steps = STEPS.get(family, 32)
+    with gates.attach(model):
+        for name in gates.sites:
+            result = integrate_path(
+                gates, [name], lambda alpha: backward_weighted_log_likelihood(model, trajectories, weights), rule="gauss_legendre", steps=steps
+            )
+            at_one = weighted_log_likelihood(model, trajectories, weights)
+            move_along_path(gates, [name], 0.0, 0.0)
+            at_zero = weighted_log_likelihood(model, trajectories, weights)
+            gates.reset(1.0)
+            total = float(result.scores[name].double().sum())
+            assert abs(total - (at_one - at_zero)) <= 1e-3 * max(1.0, abs(at_one - at_zero)), (name, total, at_one - at_zero)
