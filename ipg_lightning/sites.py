@@ -64,10 +64,13 @@ class ArchitectureSpec:
     Args:
         layers: dotted path from the model root to the list of decoder blocks.
         attn_out_proj: dotted path, inside one block, to the attention output projection.
-        mlp_out_proj: dotted path, inside one block, to the MLP down-projection.
+        mlp_out_proj: dotted path, inside one block, to the MLP down-projection; None for a
+            mixture-of-experts MLP, which has one per expert (see ``mlp_block``).
         attn_out_norm: a norm applied to the attention output before the residual add (Gemma 2/3,
             OLMo 2), if any: the ``attn_out`` gate then scales that norm's output.
         mlp_out_norm: the same for the MLP output.
+        mlp_block: the MLP module itself, where its output is the MLP's contribution and there is no
+            single down-projection (a mixture of experts): ``mlp_out`` gates its output.
 
     Example (a config entry for an architecture that is not built in)::
 
@@ -77,9 +80,10 @@ class ArchitectureSpec:
 
     layers: str
     attn_out_proj: str
-    mlp_out_proj: str
+    mlp_out_proj: str | None
     attn_out_norm: str | None = None
     mlp_out_norm: str | None = None
+    mlp_block: str | None = None
 
 
 #: Module layouts by ``config.model_type`` for the architectures where discovery cannot decide;
@@ -245,6 +249,13 @@ def _make_site(root: nn.Module, spec: ArchitectureSpec, family: str, layer: int,
     if kind.sublayer is None:  # the block's output: the residual stream
         return Site(family, layer, block_path, root.config.hidden_size, foldable=False)
     projection, norm = (spec.attn_out_proj, spec.attn_out_norm) if kind.sublayer == "attn" else (spec.mlp_out_proj, spec.mlp_out_norm)
+    if projection is None:  # a mixture-of-experts MLP: only its whole output is one place
+        if kind.hooks_input:
+            raise ValueError(
+                f"Block {layer} has no single MLP down-projection: its MLP ({block_path}.{spec.mlp_block}) is a mixture of experts, "
+                f"so {family} sites do not exist there (expert sites are not built yet); use mlp_out, attn_head, attn_out or resid_post"
+            )
+        return Site(family, layer, f"{block_path}.{norm or spec.mlp_block}", 1, foldable=False)
     path = f"{block_path}.{projection}"
     in_features, _ = projection_shape(_get_submodule(root, path, family))
     if not kind.hooks_input:  # the whole sub-layer: what it adds to the residual stream, after its own norm if it has one

@@ -20,6 +20,10 @@ TINY_FAMILIES: tuple[str, ...] = (
     "starcoder2", "cohere", "gptj", "opt", "bloom", "falcon", "smollm3",
 )  # fmt: skip
 
+#: Mixture-of-experts decoder types with a tiny config here (their experts are fused 3-D weights: no
+#: ``mlp_neuron`` sites yet; ``mlp_out`` gates the whole MoE block's output).
+TINY_MOE_FAMILIES: tuple[str, ...] = ("mixtral", "qwen2_moe", "qwen3_moe", "gpt_oss")
+
 #: Per-type settings beyond the shared tiny sizes: the names some configs use for the same sizes,
 #: and explicit head dimensions where a type's default would not divide the tiny width.
 _TINY_EXTRAS: dict[str, dict] = {
@@ -33,6 +37,10 @@ _TINY_EXTRAS: dict[str, dict] = {
     "gemma": dict(head_dim=8),
     "gemma2": dict(head_dim=8),
     "gemma3_text": dict(head_dim=8),
+    "mixtral": dict(num_local_experts=4, num_experts_per_tok=2),
+    "qwen2_moe": dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16, shared_expert_intermediate_size=32),
+    "qwen3_moe": dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16, head_dim=8),
+    "gpt_oss": dict(num_local_experts=4, num_experts_per_tok=2, head_dim=8),
 }
 
 _SPECIAL_TOKENS = ["<pad>", "<eos>", "<bos>", "<unk>"]
@@ -65,8 +73,8 @@ def tiny_tokenizer(chat_template: bool = False) -> PreTrainedTokenizerFast:
 
 def tiny_config(family: str = "llama", **overrides):
     """A 2-block config of decoder type ``family`` with width 32, 4 heads and a 128-token vocabulary."""
-    if family not in TINY_FAMILIES:
-        raise ValueError(f"No tiny config for {family!r}; choose from {list(TINY_FAMILIES)}")
+    if family not in TINY_FAMILIES + TINY_MOE_FAMILIES:
+        raise ValueError(f"No tiny config for {family!r}; choose from {list(TINY_FAMILIES + TINY_MOE_FAMILIES)}")
     fields = dict(
         vocab_size=128,
         bos_token_id=2,
@@ -106,14 +114,21 @@ def coverage_table() -> str:
     """The README's coverage table: for every tiny decoder type, how each site family's gates are applied.
 
     ``folds`` means the gate folds exactly into a projection's weights; ``loader`` that it is applied
-    by hooks and travels in an export's steering file (``load_steered``). Every cell is also checked by
+    by hooks and travels in an export's steering file (``load_steered``); ``-`` that the model has no
+    such site. Every cell is also checked by
     the test matrix (gates at 1 change nothing, folding and the loader reproduce the gated model).
     """
     from ipg_lightning.sites import SITE_FAMILIES, discover_sites
 
     lines = ["| decoder type | " + " | ".join(f"`{family}`" for family in SITE_FAMILIES) + " |", "| --- |" + " --- |" * len(SITE_FAMILIES)]
-    for family in TINY_FAMILIES:
-        sites = discover_sites(tiny_causal_lm(family), SITE_FAMILIES, layers=[0])
-        cells = ["folds" if site.foldable else "loader" for site in sites]
+    for family in TINY_FAMILIES + TINY_MOE_FAMILIES:
+        model, cells = tiny_causal_lm(family), []
+        for site_family in SITE_FAMILIES:
+            try:
+                (site,) = discover_sites(model, [site_family], layers=[0])
+            except ValueError:  # the model has no site of this family (a mixture-of-experts MLP)
+                cells.append("-")
+                continue
+            cells.append("folds" if site.foldable else "loader")
         lines.append(f"| `{family}` | " + " | ".join(cells) + " |")
     return "\n".join(lines)

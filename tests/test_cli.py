@@ -86,7 +86,7 @@ def bad_inputs(tmp_path_factory):
     (root / "report" / "attribution.safetensors").write_bytes(b"\x00" * 10)
     (root / "cut.ckpt").write_bytes(b"PK\x03\x04 truncated")
     tiny_causal_lm("llama").save_pretrained(root / "no_tokenizer")
-    config = AutoConfig.for_model(  # mixture-of-experts with fused expert weights: no layout to discover yet
+    config = AutoConfig.for_model(  # mixture-of-experts with fused expert weights: no single MLP down-projection
         "mixtral",
         hidden_size=16,
         num_hidden_layers=1,
@@ -115,7 +115,7 @@ BAD_INPUTS = [  # (arguments, with {root} for the fixture's folder, what the one
     (["evaluate", "--selection.report", "{root}/report", "--selection.k", "2"], "attribution.json cannot be read"),
     (["evaluate", "--steering_checkpoint", "{root}/cut.ckpt"], "cut.ckpt cannot be read as a checkpoint"),
     (["evaluate", "--model_path", "{root}/no_tokenizer"], "no_tokenizer has no tokenizer"),
-    (["evaluate", "--model_path", "{root}/moe", "--selection.components", COMPONENT], "Architecture 'mixtral' is not supported"),
+    (["evaluate", "--model_path", "{root}/moe", "--selection.components", COMPONENT], "its MLP (model.layers.0.mlp) is a mixture of experts"),
     (["evaluate", "--data.num_test", "-3"], "num_test must be >= 0 (or null for all rows of a file), got -3"),
     (["evaluate", "--data.num_test", "abc"], "--data.num_test: expected int, got 'abc'"),
     (["evaluate", "--data.batch_size", "0"], "batch_size must be >= 1, got 0"),

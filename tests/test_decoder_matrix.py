@@ -1,4 +1,4 @@
-"""Every tiny decoder type: discovery under PEFT, and IPG completeness on every foldable site family.
+"""Every tiny decoder type: discovery under PEFT, IPG completeness, and the mixture-of-experts types.
 
 (The gate, fold, generate and export checks of the same matrix are in ``test_gates.py``.)
 """
@@ -8,9 +8,11 @@ import torch
 from peft import LoraConfig, get_peft_model
 
 from ipg_lightning.attribution.estimator import integrate_path, move_along_path
+from ipg_lightning.exported import load_steered
 from ipg_lightning.gates import ComponentGates
 from ipg_lightning.sites import SITE_FAMILIES, discover_sites
-from ipg_lightning.testing import TINY_FAMILIES
+from ipg_lightning.steering.export import export_steered_model
+from ipg_lightning.testing import TINY_FAMILIES, TINY_MOE_FAMILIES
 from ipg_lightning.trajectories import backward_weighted_log_likelihood, teacher_forced_trajectories, weighted_log_likelihood
 
 INPUT = torch.tensor([[5, 17, 30, 42, 8, 61, 9, 23]])
@@ -53,3 +55,72 @@ def test_ipg_scores_add_up_to_the_surrogate_change_at_q32(family, tiny_model, to
             gates.reset(1.0)
             total = float(result.scores[name].double().sum())
             assert abs(total - (at_one - at_zero)) <= 1e-3 * max(1.0, abs(at_one - at_zero)), (name, total, at_one - at_zero)
+
+
+MOE_SITE_FAMILIES = ["resid_post", "attn_head", "attn_out", "mlp_out"]
+
+
+@pytest.mark.parametrize("family", TINY_MOE_FAMILIES)
+def test_moe_models_have_every_site_but_single_mlp_neurons(family, tiny_model):
+    model = tiny_model(family)
+    expected = model(INPUT).logits
+    gates = ComponentGates.for_model(model, MOE_SITE_FAMILIES)
+    with gates.attach(model):
+        assert torch.equal(model(INPUT).logits, expected)
+    assert gates.sites["blocks.1.hook_mlp_out"].module_path == "model.layers.1.mlp" and not gates.sites["blocks.1.hook_mlp_out"].foldable
+    with pytest.raises(ValueError, match="is a mixture of experts, so mlp_neuron sites do not exist there"):
+        discover_sites(model, ["mlp_neuron"])
+    wrapped = get_peft_model(model, LoraConfig(r=2, target_modules=["o_proj"]))
+    assert discover_sites(wrapped, MOE_SITE_FAMILIES, layers=[1]) == discover_sites(model, MOE_SITE_FAMILIES, layers=[1])
+
+
+@pytest.mark.parametrize("family", TINY_MOE_FAMILIES)
+def test_the_moe_mlp_gate_scales_what_the_experts_add_and_leaves_the_router_alone(family, tiny_model):
+    model = tiny_model(family)
+    gates = ComponentGates.for_model(model, ["mlp_out"], layers=[1])
+    block = model.model.layers[1]
+    router = next(module for name, module in block.mlp.named_children() if name in ("gate", "router"))
+
+    def run(gate: float) -> dict:
+        seen = {}
+        gates.set_site("blocks.1.hook_mlp_out", gate)
+        with gates.attach(model):
+            handles = [
+                block.mlp.register_forward_hook(lambda m, args, out: seen.update(mlp=out[0] if isinstance(out, tuple) else out)),
+                router.register_forward_hook(lambda m, args, out: seen.update(router=out[0] if isinstance(out, tuple) else out)),
+                block.register_forward_hook(lambda m, args, out: seen.update(out=out[0] if isinstance(out, tuple) else out)),
+            ]
+            model(INPUT)
+        for handle in handles:
+            handle.remove()
+        return seen
+
+    plain, halved = run(1.0), run(0.5)
+    assert torch.equal(halved["router"], plain["router"])  # routing is untouched
+    torch.testing.assert_close(halved["mlp"], 0.5 * plain["mlp"], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(halved["out"], plain["out"] - 0.5 * plain["mlp"], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", TINY_MOE_FAMILIES)
+def test_moe_gates_survive_export_and_their_ipg_scores_add_up(family, tiny_model, tokenizer, tmp_path):
+    model = tiny_model(family)
+    gates = ComponentGates.for_model(model, ["mlp_out", "attn_head"], layers=[1])
+    trajectories = teacher_forced_trajectories(tokenizer, ["Q: 3 + 4 =", "Q: 9 - 2 ="], [" 7 #### 7", " 7 #### 7"])
+    weights = torch.tensor([1.0, -0.5])
+    name = "blocks.1.hook_mlp_out"  # after the routing of its block: a smooth path (gates before a router make it piecewise)
+    with gates.attach(model):
+        result = integrate_path(
+            gates, [name], lambda alpha: backward_weighted_log_likelihood(model, trajectories, weights), rule="gauss_legendre", steps=32
+        )
+        at_one = weighted_log_likelihood(model, trajectories, weights)
+        move_along_path(gates, [name], 0.0, 0.0)
+        at_zero = weighted_log_likelihood(model, trajectories, weights)
+    gates.reset(1.0)
+    assert abs(float(result.scores[name].double().sum()) - (at_one - at_zero)) <= 1e-3 * max(1.0, abs(at_one - at_zero))
+    gates.set_site(name, 0.3)
+    gates.set_site("blocks.1.attn.hook_z", torch.tensor([0.0, 1.5, 1.0, 0.5]))
+    with gates.attach(model):
+        gated = model(INPUT).logits
+    card = export_steered_model(model, tokenizer, gates, tmp_path / "export")
+    assert card["loader_sites"] == [name] and card["folded_sites"] == ["blocks.1.attn.hook_z"]
+    torch.testing.assert_close(load_steered(tmp_path / "export")(INPUT).logits, gated, rtol=1e-5, atol=1e-5)

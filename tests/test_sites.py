@@ -1,6 +1,6 @@
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, BloomConfig, MixtralConfig
+from transformers import AutoModelForCausalLM, BloomConfig
 
 from ipg_lightning.sites import (
     ARCHITECTURES,
@@ -43,21 +43,12 @@ def _tiny_bloom():
     return AutoModelForCausalLM.from_config(config)
 
 
-def test_an_undiscoverable_model_is_refused_listing_what_was_found_and_how_to_declare():
-    config = MixtralConfig(
-        vocab_size=128,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        intermediate_size=64,
-        num_local_experts=2,
-        num_experts_per_tok=1,
-    )
+def test_an_undiscoverable_model_is_refused_listing_what_was_found_and_how_to_declare(tiny_llama):
+    tiny_llama.config.num_hidden_layers = 3  # a config that does not describe the model: no list of 3 blocks
     with pytest.raises(UnsupportedArchitectureError) as error:
-        discover_sites(AutoModelForCausalLM.from_config(config))
+        discover_sites(tiny_llama)
     message = str(error.value)
-    assert "'mixtral'" in message and "model.layers (2)" in message and "self_attn.o_proj" in message
+    assert "'llama'" in message and "model.layers (2)" in message and "ArchitectureSpec(layers=" in message
     assert "attn_out_proj" in message and "mlp_out_proj" in message
     assert ARCHITECTURES == {}  # no override is needed by any decoder the tests build
 
