@@ -42,3 +42,31 @@ def tiny_model():
 def tiny_llama(tiny_model):
     """A fresh ``tiny_causal_lm("llama")`` (seed 0) for each test."""
     return tiny_model("llama")
+
+
+@pytest.fixture
+def run_gated():
+    """A function ``run(model, gates, inputs, outputs, input_ids) -> {name: tensor}``: one forward pass
+    with ``gates`` attached, recording the first positional input of each module in ``inputs`` and the
+    output (first element of a tuple) of each module in ``outputs``, as the gates left them."""
+
+    def run(model, gates, inputs: dict, outputs: dict, input_ids) -> dict:
+        seen = {}
+
+        def record_input(name):  # copies: some blocks add into these tensors in place later (Falcon's mlp_output += attention)
+            return lambda module, args, kwargs: seen.update({name: kwargs.get("hidden_states", args[0] if args else None).clone()})
+
+        def record_output(name):
+            return lambda module, args, out: seen.update({name: (out[0] if isinstance(out, tuple) else out).clone()})
+
+        with gates.attach(model):  # hooks registered after the gates' see what the gates wrote
+            handles = [module.register_forward_pre_hook(record_input(name), with_kwargs=True) for name, module in inputs.items()]
+            handles += [module.register_forward_hook(record_output(name)) for name, module in outputs.items()]
+            try:
+                model(input_ids)
+            finally:
+                for handle in handles:
+                    handle.remove()
+        return seen
+
+    return run

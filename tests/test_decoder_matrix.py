@@ -10,7 +10,7 @@ from peft import LoraConfig, get_peft_model
 from ipg_lightning.attribution.estimator import integrate_path, move_along_path
 from ipg_lightning.exported import load_steered
 from ipg_lightning.gates import ComponentGates
-from ipg_lightning.sites import SITE_FAMILIES, discover_sites
+from ipg_lightning.sites import SITE_FAMILIES, discover_sites, resolve_architecture
 from ipg_lightning.steering.export import export_steered_model
 from ipg_lightning.testing import TINY_FAMILIES, TINY_MOE_FAMILIES
 from ipg_lightning.trajectories import backward_weighted_log_likelihood, teacher_forced_trajectories, weighted_log_likelihood
@@ -75,25 +75,15 @@ def test_moe_models_have_every_site_but_single_mlp_neurons(family, tiny_model):
 
 
 @pytest.mark.parametrize("family", TINY_MOE_FAMILIES)
-def test_the_moe_mlp_gate_scales_what_the_experts_add_and_leaves_the_router_alone(family, tiny_model):
+def test_the_moe_mlp_gate_scales_what_the_experts_add_and_leaves_the_router_alone(family, tiny_model, run_gated):
     model = tiny_model(family)
     gates = ComponentGates.for_model(model, ["mlp_out"], layers=[1])
     block = model.model.layers[1]
     router = next(module for name, module in block.mlp.named_children() if name in ("gate", "router"))
 
     def run(gate: float) -> dict:
-        seen = {}
         gates.set_site("blocks.1.hook_mlp_out", gate)
-        with gates.attach(model):
-            handles = [
-                block.mlp.register_forward_hook(lambda m, args, out: seen.update(mlp=out[0] if isinstance(out, tuple) else out)),
-                router.register_forward_hook(lambda m, args, out: seen.update(router=out[0] if isinstance(out, tuple) else out)),
-                block.register_forward_hook(lambda m, args, out: seen.update(out=out[0] if isinstance(out, tuple) else out)),
-            ]
-            model(INPUT)
-        for handle in handles:
-            handle.remove()
-        return seen
+        return run_gated(model, gates, {}, {"mlp": block.mlp, "router": router, "out": block}, INPUT)
 
     plain, halved = run(1.0), run(0.5)
     assert torch.equal(halved["router"], plain["router"])  # routing is untouched
@@ -124,3 +114,17 @@ def test_moe_gates_survive_export_and_their_ipg_scores_add_up(family, tiny_model
     card = export_steered_model(model, tokenizer, gates, tmp_path / "export")
     assert card["loader_sites"] == [name] and card["folded_sites"] == ["blocks.1.attn.hook_z"]
     torch.testing.assert_close(load_steered(tmp_path / "export")(INPUT).logits, gated, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", TINY_FAMILIES)
+def test_a_sub_layer_gate_removes_exactly_its_share_of_what_the_block_adds(family, tiny_model, run_gated):
+    """mlp_out at 0.5 in the last block: the block's output loses half of what its MLP added (after any post-norm)."""
+    model = tiny_model(family)
+    gates = ComponentGates.for_model(model, ["mlp_out"], layers=[1])
+    site = gates.sites["blocks.1.hook_mlp_out"]
+    block = model.get_submodule(f"{resolve_architecture(model).layers}.1")
+    term = model.get_submodule(site.module_path)
+    plain = run_gated(model, gates, {}, {"term": term, "out": block}, INPUT)
+    gates.set_site(site.name, 0.5)
+    halved = run_gated(model, gates, {}, {"out": block}, INPUT)
+    torch.testing.assert_close(halved["out"], plain["out"] - 0.5 * plain["term"], rtol=1e-5, atol=1e-5)

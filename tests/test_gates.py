@@ -214,7 +214,7 @@ def test_every_gate_survives_export_and_the_one_line_loader(family, tiny_model, 
 
 
 @pytest.mark.parametrize("family", ["gemma2", "gemma3_text", "olmo2"])
-def test_a_sub_layer_gate_after_a_post_norm_scales_what_the_sub_layer_adds(family, tiny_model):
+def test_a_sub_layer_gate_after_a_post_norm_scales_what_the_sub_layer_adds(family, tiny_model, run_gated):
     """Post-norm blocks add norm(o_proj(...)); a gate of 0.5 must halve that term (on o_proj's output the norm would undo it)."""
     model = tiny_model(family)
     gates = ComponentGates.for_model(model, ["attn_out"], layers=[1])
@@ -223,21 +223,9 @@ def test_a_sub_layer_gate_after_a_post_norm_scales_what_the_sub_layer_adds(famil
     block = model.model.layers[1]
 
     def run(gate: float) -> dict:
-        seen = {}
         gates.set_site(site.name, gate)
-        with gates.attach(model):  # hooks registered after the gate's see what it wrote
-            handles = [
-                block.register_forward_pre_hook(
-                    lambda m, args, kwargs: seen.update(residual=kwargs.get("hidden_states", args[0] if args else None)), with_kwargs=True
-                ),
-                block.post_attention_layernorm.register_forward_hook(lambda m, args, out: seen.update(attn=out)),
-                block.post_feedforward_layernorm.register_forward_hook(lambda m, args, out: seen.update(mlp=out)),
-                block.register_forward_hook(lambda m, args, out: seen.update(out=out[0] if isinstance(out, tuple) else out)),
-            ]
-            model(INPUT)
-        for handle in handles:
-            handle.remove()
-        return seen
+        outputs = {"attn": block.post_attention_layernorm, "mlp": block.post_feedforward_layernorm, "out": block}
+        return run_gated(model, gates, {"residual": block}, outputs, INPUT)
 
     plain, halved = run(1.0), run(0.5)
     torch.testing.assert_close(halved["attn"], 0.5 * plain["attn"], rtol=1e-5, atol=1e-6)  # the term added to the residual
