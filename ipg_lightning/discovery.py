@@ -88,10 +88,10 @@ def probe_block(root: nn.Module, blocks_path: str, containers: tuple[str, ...] =
     handles = []
 
     def recorder(path: str, kind: str):
-        def hook(module, args, output):
-            first = args[0] if args and isinstance(args[0], torch.Tensor) else None
+        def hook(module, args, output):  # copies: blocks may add into these tensors in place later (Falcon)
+            first = args[0].clone() if args and isinstance(args[0], torch.Tensor) else None
             result = output[0] if isinstance(output, tuple) else output
-            calls.append(ProbedCall(path, kind, first, result if isinstance(result, torch.Tensor) else None))
+            calls.append(ProbedCall(path, kind, first, result.clone() if isinstance(result, torch.Tensor) else None))
 
         return hook
 
@@ -99,7 +99,6 @@ def probe_block(root: nn.Module, blocks_path: str, containers: tuple[str, ...] =
     projections = [path for path, kind in kinds.items() if kind == "projection"]
     for path, kind in kinds.items():
         inside_a_projection = any(path.startswith(f"{outer}.") for outer in projections)  # a PEFT wrapper's own layers
-
         if kind is not None and not inside_a_projection:
             handles.append(block.get_submodule(path).register_forward_hook(recorder(path, kind)))
     vocab = getattr(root.config, "vocab_size", 8) or 8
