@@ -27,6 +27,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from ipg_lightning.experts import find_experts
+
 #: Names of a block's attention and MLP containers.
 _ATTENTION = re.compile(r"^(self_attn|attn|attention|self_attention|mixer)$")
 _MLP = re.compile(r"^(mlp|feed_forward|ffn|block_sparse_moe)$")
@@ -142,6 +144,7 @@ def discover_layout(model: nn.Module) -> dict[str, str | None]:
         moe = _last(calls, lambda call: call.kind == "container")
         if attn_out is None or moe is None or _width(attn_out) != hidden:
             raise DiscoveryError(f"Could not find the attention output projection of the mixture-of-experts block {type(block).__name__}")
+        shared = _last(projections, lambda call: call.path.startswith(f"{mlp}.shared_expert.") and _width(call) == hidden)
         layout = {
             "layers": layers,
             "attn_out_proj": attn_out.path,
@@ -149,6 +152,8 @@ def discover_layout(model: nn.Module) -> dict[str, str | None]:
             "attn_out_norm": _norm_reading(calls, attn_out),
             "mlp_out_norm": _norm_reading(calls, moe),
             "mlp_block": mlp,
+            "experts": find_experts(block.get_submodule(mlp), mlp, hidden),
+            "shared_expert_proj": shared.path if shared is not None else None,
         }
         _cache[model] = layout
         return layout
@@ -173,6 +178,8 @@ def discover_layout(model: nn.Module) -> dict[str, str | None]:
         "attn_out_norm": _norm_reading(calls, attn_out),
         "mlp_out_norm": _norm_reading(calls, mlp_out),
         "mlp_block": None,
+        "experts": None,
+        "shared_expert_proj": None,
     }
     _cache[model] = layout
     return layout

@@ -18,7 +18,7 @@ from torch import nn
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
 from ipg_lightning.gates import ComponentGates
-from ipg_lightning.sites import Site, discover_sites, parse_site_name, unwrap_model
+from ipg_lightning.sites import Site, find_site, unwrap_model
 
 STEERING_FILE = "steering.safetensors"
 CARD_FILE = "steering_card.json"
@@ -56,8 +56,7 @@ def read_steering_gates(path: str | Path, model: nn.Module) -> ComponentGates | 
         if site_name in described:
             sites.append(Site(**described[site_name]))
         else:
-            family, layer = parse_site_name(site_name)
-            sites.extend(discover_sites(model, [family], [layer]))
+            sites.append(find_site(model, site_name))
     gates = ComponentGates(sites)
     for name, vector in values.items():
         if vector.shape != gates.gate(name).shape:

@@ -4,7 +4,9 @@ Exact folds (``docs/method.md`` section 8):
 
 - MLP-neuron gate ``c_i`` scales input column ``i`` of the MLP down-projection;
 - attention-head gate ``c_h`` scales the input columns of head ``h`` in the attention output projection;
-- sub-layer gates scale the whole projection, bias included.
+- sub-layer gates scale the whole projection, bias included;
+- expert-neuron and whole-expert gates scale the fused expert weights they act on (and a whole
+  expert's bias).
 
 Residual-stream gates have no exact fold (RMSNorm couples the coordinates), so folding them
 refuses. LoRA adapters must be merged first (``merge_and_unload``): a gate on a LoRA-wrapped
@@ -58,6 +60,11 @@ def fold_gates_into_weights(model: nn.Module, gates: ComponentGates) -> list[str
 
 
 def _fold_site(module: nn.Module, site: Site, gate: torch.Tensor) -> None:
+    if site.kind.scales_weight:  # fused expert weights: multiply them (and a whole expert's bias) by the gate factor
+        for name in filter(None, (site.parameter, site.bias)):
+            parameter = getattr(module, name)
+            parameter.copy_(parameter.float() * site.weight_multiplier(parameter.shape, gate.to(parameter.device, torch.float32)))
+        return
     weight = module.weight
     # nn.Linear stores (out, in); GPT-2's Conv1D stores (in, out).
     input_dim = 0 if type(module).__name__ == "Conv1D" else 1

@@ -26,6 +26,7 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
+from ipg_lightning.experts import WeightGateHandle, gate_weight
 from ipg_lightning.sites import ArchitectureSpec, Site, discover_sites, unwrap_model
 
 _COMPONENT_NAME = re.compile(r"^(?P<site>.+?)(?:\[(?P<index>\d+)\])?$")
@@ -142,10 +143,13 @@ class ComponentGates(nn.Module):
         its gates for life (see :func:`ipg_lightning.exported.load_steered`).
         """
         root = unwrap_model(model)
-        handles: list[RemovableHandle] = []
+        handles: list[RemovableHandle | WeightGateHandle] = []
         try:
+            handles += self._gate_expert_weights(root)
             for site in self.sites.values():
                 module = root.get_submodule(site.module_path)
+                if site.kind.scales_weight:
+                    continue
                 if site.hooks_input:
                     handles.append(module.register_forward_pre_hook(self._input_hook(site)))
                 else:
@@ -165,6 +169,28 @@ class ComponentGates(nn.Module):
         finally:
             for handle in handles:
                 handle.remove()
+
+    def _gate_expert_weights(self, root: nn.Module) -> list[WeightGateHandle]:
+        """Reparametrise fused expert weights (and biases) as weight x the product of their sites' gate factors."""
+        groups: dict[tuple[str, str], list[Site]] = {}
+        for site in self.sites.values():
+            if site.kind.scales_weight:
+                groups.setdefault((site.module_path, site.parameter), []).append(site)
+                if site.bias is not None:
+                    groups.setdefault((site.module_path, site.bias), []).append(site)
+        handles = []
+        for (path, name), sites in groups.items():
+            module = root.get_submodule(path)
+            shape = getattr(module, name).shape
+
+            def multiplier(sites: list[Site] = sites, shape: torch.Size = shape) -> torch.Tensor:
+                factor = torch.ones((), device=self.gate(sites[0].name).device)
+                for site in sites:
+                    factor = factor * site.weight_multiplier(shape, self.gate(site.name))
+                return factor
+
+            handles.append(gate_weight(module, name, multiplier))
+        return handles
 
     def _input_hook(self, site: Site):
         def hook(module: nn.Module, args: tuple) -> tuple:

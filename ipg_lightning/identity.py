@@ -18,7 +18,7 @@ from typing import Any
 
 from torch import nn
 
-from ipg_lightning.sites import SITE_FAMILIES, UnsupportedArchitectureError, discover_sites, unwrap_model
+from ipg_lightning.sites import FAMILIES, UnsupportedArchitectureError, discover_sites, unwrap_model
 
 log = logging.getLogger(__name__)
 
@@ -65,12 +65,12 @@ def config_hash(config: Any) -> str:
 def site_sizes(model: nn.Module) -> dict[str, int]:
     """Components per site of each family (in the first block); families the model has no site of are left out."""
     sizes = {}
-    for family in SITE_FAMILIES:
+    for family in FAMILIES:
         try:
-            (site,) = discover_sites(model, [family], [0])
+            sites = discover_sites(model, [family], [0])
         except (UnsupportedArchitectureError, ValueError, TypeError):
             continue
-        sizes[family] = site.size
+        sizes[family] = sites[0].size
     return sizes
 
 

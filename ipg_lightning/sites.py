@@ -14,6 +14,7 @@ Everything else (the edit, folding, activation values) follows from those fields
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
@@ -21,6 +22,7 @@ import torch
 from torch import nn
 
 from ipg_lightning.discovery import DiscoveryError, discover_layout
+from ipg_lightning.experts import ExpertLayout
 
 
 @dataclass(frozen=True)
@@ -34,6 +36,10 @@ class SiteFamily:
         hooks_input: the gate scales the input channels of the sub-layer's output projection (one
             gate per channel, or per head with ``per_head``); otherwise it scales a module's whole output.
         per_head: one gate per attention head (a slice of ``head_dim`` channels).
+        scales_weight: the gate scales fused expert weights instead of an activation
+            (:mod:`ipg_lightning.experts`); ``per_expert`` then says one site per expert (its hidden
+            channels) rather than one gate per whole expert.
+        per_expert: one site per expert.
     """
 
     name: str
@@ -41,6 +47,8 @@ class SiteFamily:
     sublayer: str | None
     hooks_input: bool
     per_head: bool = False
+    scales_weight: bool = False
+    per_expert: bool = False
 
 
 #: Every site family by name.
@@ -52,9 +60,16 @@ FAMILIES: dict[str, SiteFamily] = {
         SiteFamily("attn_head", "blocks.{layer}.attn.hook_z", sublayer="attn", hooks_input=True, per_head=True),
         SiteFamily("attn_out", "blocks.{layer}.hook_attn_out", sublayer="attn", hooks_input=False),
         SiteFamily("mlp_out", "blocks.{layer}.hook_mlp_out", sublayer="mlp", hooks_input=False),
+        SiteFamily("expert_neuron", "blocks.{layer}.mlp.experts.{expert}.hook_post", "mlp", False, scales_weight=True, per_expert=True),
+        SiteFamily("expert", "blocks.{layer}.mlp.hook_expert", sublayer="mlp", hooks_input=False, scales_weight=True),
+        SiteFamily("shared_expert_neuron", "blocks.{layer}.mlp.shared_expert.hook_post", sublayer="mlp", hooks_input=True),
+        SiteFamily("shared_expert", "blocks.{layer}.mlp.hook_shared_expert_out", sublayer="mlp", hooks_input=False),
     )
 }
-SITE_FAMILIES: tuple[str, ...] = tuple(FAMILIES)
+#: The families every dense decoder has (a mixture-of-experts MLP has no ``mlp_neuron`` sites).
+SITE_FAMILIES: tuple[str, ...] = ("resid_post", "mlp_neuron", "attn_head", "attn_out", "mlp_out")
+#: The families of mixture-of-experts MLPs (``shared_expert*`` only where a shared expert exists).
+EXPERT_SITE_FAMILIES: tuple[str, ...] = ("expert_neuron", "expert", "shared_expert_neuron", "shared_expert")
 
 
 @dataclass(frozen=True)
@@ -71,6 +86,8 @@ class ArchitectureSpec:
         mlp_out_norm: the same for the MLP output.
         mlp_block: the MLP module itself, where its output is the MLP's contribution and there is no
             single down-projection (a mixture of experts): ``mlp_out`` gates its output.
+        experts: the fused experts of a mixture-of-experts MLP.
+        shared_expert_proj: the down-projection of a shared expert (Qwen2-MoE), inside one block.
 
     Example (a config entry for an architecture that is not built in)::
 
@@ -84,6 +101,8 @@ class ArchitectureSpec:
     attn_out_norm: str | None = None
     mlp_out_norm: str | None = None
     mlp_block: str | None = None
+    experts: ExpertLayout | None = None
+    shared_expert_proj: str | None = None
 
 
 #: Module layouts by ``config.model_type`` for the architectures where discovery cannot decide;
@@ -107,6 +126,10 @@ class Site:
         head_dim: width of one head's slice of the projection input (``attn_head`` only).
         foldable: whether the gates fold exactly into the weights of ``module_path`` (a projection);
             residual-stream gates and gates after a norm do not, and travel in a steering file.
+        expert: the expert of an ``expert_neuron`` site.
+        parameter: for gates that scale fused expert weights, the parameter of ``module_path`` they scale.
+        input_axis: the axis of that parameter over an expert's hidden channels.
+        bias: the per-expert bias a whole-expert gate also scales.
     """
 
     family: str
@@ -115,6 +138,10 @@ class Site:
     size: int
     head_dim: int = 1
     foldable: bool = True
+    expert: int | None = None
+    parameter: str | None = None
+    input_axis: int = 2
+    bias: str | None = None
 
     @property
     def kind(self) -> SiteFamily:
@@ -124,7 +151,7 @@ class Site:
     @property
     def name(self) -> str:
         """The site's hook name, e.g. ``blocks.3.hook_resid_post``."""
-        return self.kind.hook_name.format(layer=self.layer)
+        return self.kind.hook_name.format(layer=self.layer, expert=self.expert)
 
     @property
     def hooks_input(self) -> bool:
@@ -145,6 +172,17 @@ class Site:
         """Scale ``activation`` (batch, seq, width) by ``gate`` (size,) at every position."""
         return activation * self.channel_gates(gate.to(device=activation.device, dtype=activation.dtype))
 
+    def weight_multiplier(self, shape: torch.Size, gate: torch.Tensor) -> torch.Tensor:
+        """For a gate on fused expert weights of ``shape`` (experts first): the factor, broadcastable to
+        ``shape``, that the weight is multiplied by (differentiable in ``gate``)."""
+        if not self.kind.per_expert:  # one gate per whole expert
+            return gate.view(-1, *([1] * (len(shape) - 1)))
+        factor_shape = [shape[0]] + [1] * (len(shape) - 1)
+        factor_shape[self.input_axis] = shape[self.input_axis]
+        factor = torch.ones(factor_shape, dtype=gate.dtype, device=gate.device)
+        factor[self.expert] = gate.view(factor_shape[1:])
+        return factor
+
     def component_values(self, activation: torch.Tensor) -> torch.Tensor:
         """(batch, seq, width) activation -> (batch, seq, size) per-component values: the signed value of a
         coordinate or neuron, the L2 norm of a head's slice, the L2 norm of a whole sub-layer's output."""
@@ -162,12 +200,11 @@ def parse_site_name(site_name: str) -> tuple[str, int]:
     ('resid_post', 12)
     """
     for family, kind in FAMILIES.items():
-        prefix, suffix = kind.hook_name.split("{layer}")
-        if site_name.startswith(prefix) and site_name.endswith(suffix):
-            layer = site_name[len(prefix) : len(site_name) - len(suffix)]
-            if layer.isdigit():
-                return family, int(layer)
-    examples = ", ".join(kind.hook_name.format(layer=3) for kind in FAMILIES.values())
+        pattern = re.escape(kind.hook_name).replace(r"\{layer\}", r"(?P<layer>\d+)").replace(r"\{expert\}", r"\d+")
+        match = re.fullmatch(pattern, site_name)
+        if match:
+            return family, int(match.group("layer"))
+    examples = ", ".join(kind.hook_name.format(layer=3, expert=0) for kind in FAMILIES.values())
     raise ValueError(f"Unknown site name {site_name!r}; site names look like {examples}")
 
 
@@ -225,9 +262,9 @@ def discover_sites(
     Negative layer indices count from the end. Works on plain and PEFT-wrapped models.
     """
     families = list(families)
-    unknown = [family for family in families if family not in SITE_FAMILIES]
+    unknown = [family for family in families if family not in FAMILIES]
     if unknown:
-        raise ValueError(f"Unknown site families {unknown}; choose from {list(SITE_FAMILIES)}")
+        raise ValueError(f"Unknown site families {unknown}; choose from {list(FAMILIES)}")
     spec = resolve_architecture(model, architecture)
     root = unwrap_model(model)
     blocks = _get_submodule(root, spec.layers, "decoder blocks")
@@ -240,29 +277,57 @@ def discover_sites(
         layer %= num_layers
         block_path = f"{spec.layers}.{layer}"
         for family in families:
-            sites.append(_make_site(root, spec, family, layer, block_path))
+            sites.extend(_make_sites(root, spec, family, layer, block_path))
     return sites
 
 
-def _make_site(root: nn.Module, spec: ArchitectureSpec, family: str, layer: int, block_path: str) -> Site:
+def _make_sites(root: nn.Module, spec: ArchitectureSpec, family: str, layer: int, block_path: str) -> list[Site]:
     kind = FAMILIES[family]
     if kind.sublayer is None:  # the block's output: the residual stream
-        return Site(family, layer, block_path, root.config.hidden_size, foldable=False)
+        return [Site(family, layer, block_path, root.config.hidden_size, foldable=False)]
+    if kind.scales_weight or family.startswith("shared_expert"):
+        return _expert_sites(root, spec, kind, layer, block_path)
     projection, norm = (spec.attn_out_proj, spec.attn_out_norm) if kind.sublayer == "attn" else (spec.mlp_out_proj, spec.mlp_out_norm)
     if projection is None:  # a mixture-of-experts MLP: only its whole output is one place
         if kind.hooks_input:
             raise ValueError(
                 f"Block {layer} has no single MLP down-projection: its MLP ({block_path}.{spec.mlp_block}) is a mixture of experts, "
-                f"so {family} sites do not exist there (expert sites are not built yet); use mlp_out, attn_head, attn_out or resid_post"
+                f"so {family} sites do not exist there; use expert_neuron, expert, mlp_out, attn_head, attn_out or resid_post"
             )
-        return Site(family, layer, f"{block_path}.{norm or spec.mlp_block}", 1, foldable=False)
+        return [Site(family, layer, f"{block_path}.{norm or spec.mlp_block}", 1, foldable=False)]
     path = f"{block_path}.{projection}"
     in_features, _ = projection_shape(_get_submodule(root, path, family))
     if not kind.hooks_input:  # the whole sub-layer: what it adds to the residual stream, after its own norm if it has one
-        return Site(family, layer, f"{block_path}.{norm}" if norm else path, 1, foldable=norm is None)
+        return [Site(family, layer, f"{block_path}.{norm}" if norm else path, 1, foldable=norm is None)]
     if not kind.per_head:
-        return Site(family, layer, path, in_features)
+        return [Site(family, layer, path, in_features)]
     num_heads = root.config.num_attention_heads
     if in_features % num_heads:
         raise ValueError(f"{path} has {in_features} inputs, not divisible by {num_heads} heads")
-    return Site(family, layer, path, num_heads, head_dim=in_features // num_heads)
+    return [Site(family, layer, path, num_heads, head_dim=in_features // num_heads)]
+
+
+def _expert_sites(root: nn.Module, spec: ArchitectureSpec, kind: SiteFamily, layer: int, block_path: str) -> list[Site]:
+    """Sites of the mixture-of-experts families: expert neurons, whole experts, the shared expert."""
+    if kind.scales_weight:
+        experts = spec.experts
+        if experts is None:
+            raise ValueError(f"Block {layer} has no fused mixture-of-experts weights, so {kind.name} sites do not exist there")
+        path, fields = f"{block_path}.{experts.path}", {"parameter": experts.parameter, "input_axis": experts.input_axis}
+        if kind.per_expert:
+            return [Site(kind.name, layer, path, experts.width, expert=index, **fields) for index in range(experts.count)]
+        return [Site(kind.name, layer, path, experts.count, bias=experts.bias, **fields)]
+    if spec.shared_expert_proj is None:
+        raise ValueError(f"Block {layer} has no shared expert, so {kind.name} sites do not exist there")
+    path = f"{block_path}.{spec.shared_expert_proj}"
+    in_features, _ = projection_shape(_get_submodule(root, path, kind.name))
+    return [Site(kind.name, layer, path, in_features if kind.hooks_input else 1)]
+
+
+def find_site(model: nn.Module, site_name: str, architecture: ArchitectureSpec | None = None) -> Site:
+    """The site of ``model`` called ``site_name`` (e.g. ``blocks.1.mlp.experts.3.hook_post``)."""
+    family, layer = parse_site_name(site_name)
+    for site in discover_sites(model, [family], [layer], architecture):
+        if site.name == site_name:
+            return site
+    raise ValueError(f"{site_name} does not exist in this model")

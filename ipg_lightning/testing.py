@@ -118,15 +118,15 @@ def coverage_table() -> str:
     such site. Every cell is also checked by
     the test matrix (gates at 1 change nothing, folding and the loader reproduce the gated model).
     """
-    from ipg_lightning.sites import SITE_FAMILIES, discover_sites
+    from ipg_lightning.sites import FAMILIES, discover_sites
 
-    lines = ["| decoder type | " + " | ".join(f"`{family}`" for family in SITE_FAMILIES) + " |", "| --- |" + " --- |" * len(SITE_FAMILIES)]
+    lines = ["| decoder type | " + " | ".join(f"`{family}`" for family in FAMILIES) + " |", "| --- |" + " --- |" * len(FAMILIES)]
     for family in TINY_FAMILIES + TINY_MOE_FAMILIES:
         model, cells = tiny_causal_lm(family), []
-        for site_family in SITE_FAMILIES:
+        for site_family in FAMILIES:
             try:
-                (site,) = discover_sites(model, [site_family], layers=[0])
-            except ValueError:  # the model has no site of this family (a mixture-of-experts MLP)
+                site = discover_sites(model, [site_family], layers=[0])[0]
+            except ValueError:  # the model has no site of this family
                 cells.append("-")
                 continue
             cells.append("folds" if site.foldable else "loader")

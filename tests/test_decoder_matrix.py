@@ -10,7 +10,7 @@ from peft import LoraConfig, get_peft_model
 from ipg_lightning.attribution.estimator import integrate_path, move_along_path
 from ipg_lightning.exported import load_steered
 from ipg_lightning.gates import ComponentGates
-from ipg_lightning.sites import SITE_FAMILIES, discover_sites, resolve_architecture
+from ipg_lightning.sites import EXPERT_SITE_FAMILIES, SITE_FAMILIES, discover_sites, find_site, resolve_architecture
 from ipg_lightning.steering.export import export_steered_model
 from ipg_lightning.testing import TINY_FAMILIES, TINY_MOE_FAMILIES
 from ipg_lightning.trajectories import backward_weighted_log_likelihood, teacher_forced_trajectories, weighted_log_likelihood
@@ -21,6 +21,22 @@ SUB_LAYER_AND_UNIT_FAMILIES = ["mlp_neuron", "attn_head", "attn_out", "mlp_out"]
 #: tiny Gemma 3's head path is steep near gate 0 (residual 0.19 at q = 16, 1.2e-3 at 32, 3e-6 at 128),
 #: and OPT's ReLU MLP puts kinks on the path, where Gauss-Legendre converges slowly (3.7e-3 at 32, 8e-4 at 128).
 STEPS = {"gemma3_text": 128, "opt": 128}
+
+
+def _assert_scores_add_up(model, gates, name, tokenizer, steps=32):
+    """IPG over fixed teacher-forced trajectories along the path of site ``name``: the scores sum to L(1) - L(0) within 1e-3."""
+    trajectories = teacher_forced_trajectories(tokenizer, ["Q: 3 + 4 =", "Q: 9 - 2 ="], [" 7 #### 7", " 7 #### 7"])
+    weights = torch.tensor([1.0, -0.5])
+    with gates.attach(model):
+        result = integrate_path(
+            gates, [name], lambda alpha: backward_weighted_log_likelihood(model, trajectories, weights), rule="gauss_legendre", steps=steps
+        )
+        at_one = weighted_log_likelihood(model, trajectories, weights)
+        move_along_path(gates, [name], 0.0, 0.0)
+        at_zero = weighted_log_likelihood(model, trajectories, weights)
+        gates.reset(1.0)
+    total = float(result.scores[name].double().sum())
+    assert abs(total - (at_one - at_zero)) <= 1e-3 * max(1.0, abs(at_one - at_zero)), (name, total, at_one - at_zero)
 
 
 @pytest.mark.parametrize("family", TINY_FAMILIES)
@@ -40,21 +56,9 @@ def test_a_peft_wrapped_model_has_the_same_sites_and_gates_at_one_change_nothing
 def test_ipg_scores_add_up_to_the_surrogate_change_at_q32(family, tiny_model, tokenizer):
     """Completeness of the path integral over fixed trajectories, per site family (Gauss-Legendre, q = 32 unless noted)."""
     model = tiny_model(family)
-    trajectories = teacher_forced_trajectories(tokenizer, ["Q: 3 + 4 =", "Q: 9 - 2 ="], [" 7 #### 7", " 7 #### 7"])
-    weights = torch.tensor([1.0, -0.5])
     gates = ComponentGates.for_model(model, SUB_LAYER_AND_UNIT_FAMILIES, layers=[1])
-    steps = STEPS.get(family, 32)
-    with gates.attach(model):
-        for name in gates.sites:
-            result = integrate_path(
-                gates, [name], lambda alpha: backward_weighted_log_likelihood(model, trajectories, weights), rule="gauss_legendre", steps=steps
-            )
-            at_one = weighted_log_likelihood(model, trajectories, weights)
-            move_along_path(gates, [name], 0.0, 0.0)
-            at_zero = weighted_log_likelihood(model, trajectories, weights)
-            gates.reset(1.0)
-            total = float(result.scores[name].double().sum())
-            assert abs(total - (at_one - at_zero)) <= 1e-3 * max(1.0, abs(at_one - at_zero)), (name, total, at_one - at_zero)
+    for name in gates.sites:
+        _assert_scores_add_up(model, gates, name, tokenizer, steps=STEPS.get(family, 32))
 
 
 MOE_SITE_FAMILIES = ["resid_post", "attn_head", "attn_out", "mlp_out"]
@@ -68,7 +72,7 @@ def test_moe_models_have_every_site_but_single_mlp_neurons(family, tiny_model):
     with gates.attach(model):
         assert torch.equal(model(INPUT).logits, expected)
     assert gates.sites["blocks.1.hook_mlp_out"].module_path == "model.layers.1.mlp" and not gates.sites["blocks.1.hook_mlp_out"].foldable
-    with pytest.raises(ValueError, match="is a mixture of experts, so mlp_neuron sites do not exist there"):
+    with pytest.raises(ValueError, match="is a mixture of experts, so mlp_neuron sites do not exist there; use expert_neuron"):
         discover_sites(model, ["mlp_neuron"])
     wrapped = get_peft_model(model, LoraConfig(r=2, target_modules=["o_proj"]))
     assert discover_sites(wrapped, MOE_SITE_FAMILIES, layers=[1]) == discover_sites(model, MOE_SITE_FAMILIES, layers=[1])
@@ -95,18 +99,8 @@ def test_the_moe_mlp_gate_scales_what_the_experts_add_and_leaves_the_router_alon
 def test_moe_gates_survive_export_and_their_ipg_scores_add_up(family, tiny_model, tokenizer, tmp_path):
     model = tiny_model(family)
     gates = ComponentGates.for_model(model, ["mlp_out", "attn_head"], layers=[1])
-    trajectories = teacher_forced_trajectories(tokenizer, ["Q: 3 + 4 =", "Q: 9 - 2 ="], [" 7 #### 7", " 7 #### 7"])
-    weights = torch.tensor([1.0, -0.5])
     name = "blocks.1.hook_mlp_out"  # after the routing of its block: a smooth path (gates before a router make it piecewise)
-    with gates.attach(model):
-        result = integrate_path(
-            gates, [name], lambda alpha: backward_weighted_log_likelihood(model, trajectories, weights), rule="gauss_legendre", steps=32
-        )
-        at_one = weighted_log_likelihood(model, trajectories, weights)
-        move_along_path(gates, [name], 0.0, 0.0)
-        at_zero = weighted_log_likelihood(model, trajectories, weights)
-    gates.reset(1.0)
-    assert abs(float(result.scores[name].double().sum()) - (at_one - at_zero)) <= 1e-3 * max(1.0, abs(at_one - at_zero))
+    _assert_scores_add_up(model, gates, name, tokenizer)
     gates.set_site(name, 0.3)
     gates.set_site("blocks.1.attn.hook_z", torch.tensor([0.0, 1.5, 1.0, 0.5]))
     with gates.attach(model):
@@ -128,3 +122,51 @@ def test_a_sub_layer_gate_removes_exactly_its_share_of_what_the_block_adds(famil
     gates.set_site(site.name, 0.5)
     halved = run_gated(model, gates, {}, {"out": block}, INPUT)
     torch.testing.assert_close(halved["out"], plain["out"] - 0.5 * plain["term"], rtol=1e-5, atol=1e-5)
+
+
+def _expert_families(family):
+    return list(EXPERT_SITE_FAMILIES) if family == "qwen2_moe" else ["expert_neuron", "expert"]
+
+
+@pytest.mark.parametrize("family", TINY_MOE_FAMILIES)
+def test_expert_gates_equal_editing_the_fused_expert_weights_by_hand(family, tiny_model):
+    model = tiny_model(family)
+    gates = ComponentGates.for_model(model, ["expert_neuron", "expert"], layers=[1])
+    assert find_site(model, "blocks.1.mlp.experts.2.hook_post") == gates.sites["blocks.1.mlp.experts.2.hook_post"]
+    gates.set_component("blocks.1.mlp.experts.2.hook_post[5]", 0.0)
+    gates.set_component("blocks.1.mlp.hook_expert[1]", 0.5)
+    with gates.attach(model):
+        gated = model(INPUT).logits
+    assert [name for name, _ in model.named_parameters()] == [name for name, _ in tiny_model(family).named_parameters()]  # restored
+    manual = tiny_model(family)
+    experts = manual.model.layers[1].mlp.experts
+    with torch.no_grad():
+        if experts.down_proj.shape[1] == 32:  # (experts, hidden, width): F.linear layout, channels last
+            experts.down_proj[2, :, 5] = 0
+        else:  # (experts, width, hidden): x @ W layout
+            experts.down_proj[2, 5, :] = 0
+        experts.down_proj[1] *= 0.5
+        if getattr(experts, "down_proj_bias", None) is not None:
+            experts.down_proj_bias[1] *= 0.5
+    torch.testing.assert_close(gated, manual(INPUT).logits, rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(gated, model(INPUT).logits)
+
+
+@pytest.mark.parametrize("family", TINY_MOE_FAMILIES)
+def test_expert_gates_fold_export_and_add_up(family, tiny_model, tokenizer, tmp_path):
+    model = tiny_model(family)
+    names = _expert_families(family)
+    gates = ComponentGates.for_model(model, names, layers=[1])
+    for name in ["blocks.1.mlp.experts.0.hook_post", "blocks.1.mlp.hook_expert"]:  # after the block's routing: smooth paths
+        _assert_scores_add_up(model, gates, name, tokenizer)
+    generator = torch.Generator().manual_seed(1)
+    for name, site in gates.sites.items():
+        gates.set_site(name, torch.rand(site.size, generator=generator) * 2)
+    with gates.attach(model):
+        gated_logits = model(INPUT).logits
+        gated_tokens = model.generate(INPUT, max_new_tokens=8, do_sample=False, pad_token_id=0)
+    card = export_steered_model(model, tokenizer, gates, tmp_path / "export")
+    assert set(card["folded_sites"]) == set(gates.sites) and card["loader_sites"] == []
+    reloaded = load_steered(tmp_path / "export")
+    torch.testing.assert_close(reloaded(INPUT).logits, gated_logits, rtol=1e-5, atol=1e-5)
+    assert torch.equal(reloaded.generate(INPUT, max_new_tokens=8, do_sample=False, pad_token_id=0), gated_tokens)

@@ -20,6 +20,9 @@ from ipg_lightning.trajectories import Trajectories
 @torch.no_grad()
 def mean_completion_activations(model: nn.Module, sites: Sequence[Site], trajectories: Trajectories, chunk_size: int = 8) -> dict[str, torch.Tensor]:
     """For each site, a (rows, size) tensor: mean component value over each row's generated tokens."""
+    unreadable = [site.name for site in sites if site.kind.scales_weight]
+    if unreadable:
+        raise ValueError(f"Activation baselines cannot read {unreadable}: fused expert weights have no activation a hook can see")
     root = unwrap_model(model)
     device = next(root.parameters()).device
     results: dict[str, list[torch.Tensor]] = {site.name: [] for site in sites}

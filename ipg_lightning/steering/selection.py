@@ -17,7 +17,7 @@ from torch import nn
 from ipg_lightning.attribution.report import AttributionReport
 from ipg_lightning.gates import ComponentGates, parse_component_name
 from ipg_lightning.identity import ModelMismatchError, check_same_model
-from ipg_lightning.sites import ArchitectureSpec, discover_sites, parse_site_name
+from ipg_lightning.sites import ArchitectureSpec, find_site
 
 
 @dataclass(frozen=True)
@@ -92,9 +92,8 @@ class ComponentSelection:
 def check_sites_fit(sites: Mapping[str, Mapping], model: nn.Module, what: str, architecture: ArchitectureSpec | None = None) -> None:
     """Refuse sites (name -> ``{"size": ...}``) that ``model`` does not have at that size."""
     for site_name, description in sites.items():
-        family, layer = parse_site_name(site_name)
         try:
-            (site,) = discover_sites(model, [family], [layer], architecture)
+            site = find_site(model, site_name, architecture)
         except ValueError as error:
             raise ModelMismatchError(f"{what} names {site_name}, which this model does not have: {error}") from None
         if site.size != description["size"]:
@@ -122,8 +121,7 @@ def gates_for_components(
         by_site.setdefault(site_name, []).append(name)
     sites = []
     for site_name in by_site:
-        family, layer = parse_site_name(site_name)
-        sites.extend(discover_sites(model, [family], [layer], architecture))
+        sites.append(find_site(model, site_name, architecture))
     gates = ComponentGates(sites)
     for name in components:
         value = values[name] if isinstance(values, Mapping) else values
