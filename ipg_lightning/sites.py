@@ -17,6 +17,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from torch import nn
@@ -40,6 +41,7 @@ class SiteFamily:
             (:mod:`ipg_lightning.experts`); ``per_expert`` then says one site per expert (its hidden
             channels) rather than one gate per whole expert.
         per_expert: one site per expert.
+        shared_expert: the site is on a mixture-of-experts MLP's shared expert.
     """
 
     name: str
@@ -49,6 +51,7 @@ class SiteFamily:
     per_head: bool = False
     scales_weight: bool = False
     per_expert: bool = False
+    shared_expert: bool = False
 
 
 #: Every site family by name.
@@ -62,10 +65,12 @@ FAMILIES: dict[str, SiteFamily] = {
         SiteFamily("mlp_out", "blocks.{layer}.hook_mlp_out", sublayer="mlp", hooks_input=False),
         SiteFamily("expert_neuron", "blocks.{layer}.mlp.experts.{expert}.hook_post", "mlp", False, scales_weight=True, per_expert=True),
         SiteFamily("expert", "blocks.{layer}.mlp.hook_expert", sublayer="mlp", hooks_input=False, scales_weight=True),
-        SiteFamily("shared_expert_neuron", "blocks.{layer}.mlp.shared_expert.hook_post", sublayer="mlp", hooks_input=True),
-        SiteFamily("shared_expert", "blocks.{layer}.mlp.hook_shared_expert_out", sublayer="mlp", hooks_input=False),
+        SiteFamily("shared_expert_neuron", "blocks.{layer}.mlp.shared_expert.hook_post", "mlp", hooks_input=True, shared_expert=True),
+        SiteFamily("shared_expert", "blocks.{layer}.mlp.hook_shared_expert_out", "mlp", hooks_input=False, shared_expert=True),
     )
 }
+#: Every site family name, as the type the command line validates against.
+SiteFamilyName = Literal[tuple(FAMILIES)]  # noqa: UP007 (built from the table)
 #: The families every dense decoder has (a mixture-of-experts MLP has no ``mlp_neuron`` sites).
 SITE_FAMILIES: tuple[str, ...] = ("resid_post", "mlp_neuron", "attn_head", "attn_out", "mlp_out")
 #: The families of mixture-of-experts MLPs (``shared_expert*`` only where a shared expert exists).
@@ -285,7 +290,7 @@ def _make_sites(root: nn.Module, spec: ArchitectureSpec, family: str, layer: int
     kind = FAMILIES[family]
     if kind.sublayer is None:  # the block's output: the residual stream
         return [Site(family, layer, block_path, root.config.hidden_size, foldable=False)]
-    if kind.scales_weight or family.startswith("shared_expert"):
+    if kind.scales_weight or kind.shared_expert:
         return _expert_sites(root, spec, kind, layer, block_path)
     projection, norm = (spec.attn_out_proj, spec.attn_out_norm) if kind.sublayer == "attn" else (spec.mlp_out_proj, spec.mlp_out_norm)
     if projection is None:  # a mixture-of-experts MLP: only its whole output is one place

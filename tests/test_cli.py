@@ -126,6 +126,10 @@ BAD_INPUTS = [  # (arguments, with {root} for the fixture's folder, what the one
         "--model.rule: expected one of 'right', 'left', 'midpoint', 'trapezoid', 'gauss_legendre', got 'simpson'",
     ),
     (["attribute", "--config", str(RECIPES / "attribute_tiny.yaml"), "--model.sampling.temperature", "0"], "temperature 0 (greedy decoding)"),
+    (
+        ["attribute", "--config", str(RECIPES / "attribute_tiny.yaml"), "--model.families", "[mlp_neurons]"],
+        "--model.families: expected one of 'resid_post', 'mlp_neuron', 'attn_head', 'attn_out', 'mlp_out', 'expert_neuron'",
+    ),
     (["demo", "--k", "0"], "k must be >= 1, got 0"),
 ]
 

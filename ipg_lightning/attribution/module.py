@@ -30,7 +30,7 @@ from ipg_lightning.gates import ComponentGates
 from ipg_lightning.identity import model_identity
 from ipg_lightning.outputs import check_output_dir
 from ipg_lightning.rewards import load_reward
-from ipg_lightning.sites import ArchitectureSpec, resolve_architecture, unwrap_model
+from ipg_lightning.sites import ArchitectureSpec, SiteFamilyName, resolve_architecture, unwrap_model
 from ipg_lightning.task import ReasoningTask
 from ipg_lightning.trajectories import SamplingConfig, Trajectories, sample_trajectories
 from ipg_lightning.validation import check_at_least, check_sampling_has_signal
@@ -43,7 +43,8 @@ class IPGAttribution(ReasoningTask):
         model_path: local Hugging Face model directory, or an alias (``tiny:<family>``, ``smollm2``).
         dtype: weights dtype (``float32``, ``bfloat16``, ``float16``, ``auto``).
         families: site families to attribute (``resid_post``, ``mlp_neuron``, ``attn_head``,
-            ``attn_out``, ``mlp_out``).
+            ``attn_out``, ``mlp_out``; for mixture-of-experts models also ``expert_neuron``,
+            ``expert``, ``shared_expert_neuron``, ``shared_expert``).
         layers: blocks to attribute; default one mid-to-late block (at 3/4 depth), as in the paper.
         method: ``ipg``; or a baseline: ``grad_x_act`` (IPG without integration: one point at
             alpha = 1), ``random``, ``activation`` (mean activation magnitude), ``mean_diff``
@@ -71,7 +72,7 @@ class IPGAttribution(ReasoningTask):
         self,
         model_path: str = "tiny:llama",
         dtype: str = "float32",
-        families: list[str] = ["resid_post"],  # noqa: B006 (jsonargparse needs a literal default)
+        families: list[SiteFamilyName] = ["resid_post"],  # noqa: B006 (jsonargparse needs a literal default)
         layers: list[int] | None = None,
         method: AttributionMethodName = "ipg",
         reward: str | dict[str, float] = "accuracy",

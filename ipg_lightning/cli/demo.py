@@ -36,6 +36,7 @@ from ipg_lightning.gates import ComponentGates
 from ipg_lightning.models import load_model_and_tokenizer
 from ipg_lightning.outputs import atomic_directory, atomic_write_json, atomic_write_text, check_output_dir
 from ipg_lightning.reasoner import TINY_REASONER_PATH, TINY_REASONER_TASK
+from ipg_lightning.sites import SiteFamilyName
 from ipg_lightning.steering import ComponentSelection, GateSteering, export_steered_model, gates_for_components
 from ipg_lightning.trajectories import SamplingConfig
 from ipg_lightning.validation import check_at_least, check_gamma
@@ -307,7 +308,7 @@ def demo(
     preset: str = "tiny-reasoner",
     model_path: str | None = None,
     out_dir: Path = Path("outputs/demo"),
-    family: str = "mlp_neuron",
+    family: SiteFamilyName = "mlp_neuron",
     layer: int | None = None,
     k: int = 4,
     gamma_suppress: float = 0.0,
