@@ -3,12 +3,17 @@
 (The gate, fold, generate and export checks of the same matrix are in ``test_gates.py``.)
 """
 
+from pathlib import Path
+
 import pytest
 import torch
 from peft import LoraConfig, get_peft_model
 
+from ipg_lightning.attribution import AttributionReport
 from ipg_lightning.attribution.estimator import integrate_path, move_along_path
+from ipg_lightning.cli import run
 from ipg_lightning.exported import load_steered
+from ipg_lightning.folding import fold_gates_into_weights
 from ipg_lightning.gates import ComponentGates
 from ipg_lightning.sites import EXPERT_SITE_FAMILIES, SITE_FAMILIES, discover_sites, find_site, resolve_architecture
 from ipg_lightning.steering.export import export_steered_model
@@ -170,3 +175,40 @@ def test_expert_gates_fold_export_and_add_up(family, tiny_model, tokenizer, tmp_
     reloaded = load_steered(tmp_path / "export")
     torch.testing.assert_close(reloaded(INPUT).logits, gated_logits, rtol=1e-5, atol=1e-5)
     assert torch.equal(reloaded.generate(INPUT, max_new_tokens=8, do_sample=False, pad_token_id=0), gated_tokens)
+
+
+@pytest.mark.parametrize("family", ["qwen3", "gemma3_text", "olmo2"])
+def test_heads_wider_than_hidden_over_heads_gate_and_fold_exactly(family, tiny_model):
+    model = tiny_model(family, head_dim=16)  # 4 heads x 16 = 64 channels into o_proj, hidden 32
+    gates = ComponentGates.for_model(model, ["attn_head"], layers=[0, 1])
+    site = gates.sites["blocks.1.attn.hook_z"]
+    assert (site.size, site.head_dim) == (4, 16)
+    for name in gates.sites:
+        gates.set_site(name, torch.tensor([0.0, 1.5, 1.0, 0.25]))
+    with gates.attach(model):
+        gated = model(INPUT).logits
+    fold_gates_into_weights(model, gates)
+    torch.testing.assert_close(model(INPUT).logits, gated, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("family", "families"), [("gemma3_text", "[attn_out, mlp_out]"), ("olmo2", "[attn_out, mlp_out]"), ("qwen3_moe", "[expert_neuron, expert]")]
+)
+def test_ipg_attribute_runs_on_the_command_line(family, families, tmp_path):
+    recipe = str(Path(__file__).resolve().parents[1] / "recipes" / "attribute_tiny.yaml")
+    arguments = ["attribute", "--config", recipe, "--model.model_path", f"tiny:{family}", "--model.families", families, "--model.layers", "[1]"]
+    run(
+        [
+            *arguments,
+            "--model.steps",
+            "16",
+            "--model.rule",
+            "gauss_legendre",
+            "--model.output_dir",
+            str(tmp_path / "r"),
+            "--trainer.enable_progress_bar",
+            "false",
+        ]
+    )
+    report = AttributionReport.load(tmp_path / "r")
+    assert report.metadata["model"] == f"tiny:{family}" and report.metadata["completeness"]["relative_residual"] < 0.05
