@@ -45,7 +45,7 @@ def _assert_scores_add_up(model, gates, name, tokenizer, steps=32):
 
 
 @pytest.mark.parametrize("family", TINY_FAMILIES)
-def test_a_peft_wrapped_model_has_the_same_sites_and_gates_at_one_change_nothing(family, tiny_model):
+def test_a_peft_wrapped_model_has_the_same_sites_gates_through_the_adapter_and_folds_after_merging(family, tiny_model):
     model = tiny_model(family)
     plain_sites = discover_sites(model, SITE_FAMILIES, layers=[1])
     targets = sorted({site.module_path.rsplit(".", 1)[-1] for site in plain_sites if site.hooks_input})
@@ -55,6 +55,19 @@ def test_a_peft_wrapped_model_has_the_same_sites_and_gates_at_one_change_nothing
     gates = ComponentGates.for_model(wrapped, SITE_FAMILIES)
     with gates.attach(wrapped):
         assert torch.equal(wrapped(INPUT).logits, expected)
+    # Non-trivial gates act through the adapter's wrappers; after merging, the foldable ones fold exactly.
+    generator = torch.Generator().manual_seed(1)
+    for name, site in gates.sites.items():
+        gates.set_site(name, torch.rand(site.size, generator=generator) * 2 if site.foldable else torch.ones(site.size))
+    with torch.no_grad():
+        for parameter_name, parameter in wrapped.named_parameters():
+            if "lora_B" in parameter_name:  # a trained-looking adapter, not the identity it starts as
+                parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.1)
+    with gates.attach(wrapped):
+        gated = wrapped(INPUT).logits
+    merged = wrapped.merge_and_unload()
+    fold_gates_into_weights(merged, gates)
+    torch.testing.assert_close(merged(INPUT).logits, gated, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("family", TINY_FAMILIES)
