@@ -136,6 +136,12 @@ def discover_layout(model: nn.Module) -> dict[str, str | None]:
     block = model.get_submodule(layers)[0]
     attention, mlp = _container(block, _ATTENTION), _container(block, _MLP)
     experts = mlp is not None and any(parameter.dim() == 3 for parameter in block.get_submodule(mlp).parameters())
+    expert_lists = [] if mlp is None else [name for name, module in block.get_submodule(mlp).named_modules() if isinstance(module, nn.ModuleList)]
+    if expert_lists:  # one module per expert: the "last projection" would be one expert's, not the MLP's
+        raise DiscoveryError(
+            f"The MLP of {type(block).__name__} holds its experts as a module list ({mlp}.{expert_lists[0]}), which is not supported yet "
+            "(fused 3-D expert weights are); declare an ArchitectureSpec to gate its attention and residual sites"
+        )
     calls = probe_block(model, layers, containers=(mlp,) if experts else ())
     hidden = getattr(model.config, "hidden_size", None)
     projections = [call for call in calls if call.kind == "projection"]

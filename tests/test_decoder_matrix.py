@@ -15,7 +15,14 @@ from ipg_lightning.cli import run
 from ipg_lightning.exported import load_steered
 from ipg_lightning.folding import fold_gates_into_weights
 from ipg_lightning.gates import ComponentGates
-from ipg_lightning.sites import EXPERT_SITE_FAMILIES, SITE_FAMILIES, discover_sites, find_site, resolve_architecture
+from ipg_lightning.sites import (
+    EXPERT_SITE_FAMILIES,
+    SITE_FAMILIES,
+    UnsupportedArchitectureError,
+    discover_sites,
+    find_site,
+    resolve_architecture,
+)
 from ipg_lightning.steering.export import export_steered_model
 from ipg_lightning.testing import TINY_FAMILIES, TINY_MOE_FAMILIES
 from ipg_lightning.trajectories import backward_weighted_log_likelihood, teacher_forced_trajectories, weighted_log_likelihood
@@ -225,3 +232,10 @@ def test_ipg_attribute_runs_on_the_command_line(family, families, tmp_path):
     )
     report = AttributionReport.load(tmp_path / "r")
     assert report.metadata["model"] == f"tiny:{family}" and report.metadata["completeness"]["relative_residual"] < 0.05
+
+
+def test_experts_held_as_a_module_list_are_refused_rather_than_mistaken_for_the_mlp(tiny_llama):
+    mlp = tiny_llama.model.layers[0].mlp
+    mlp.experts = torch.nn.ModuleList([torch.nn.Linear(8, 8)])  # the shape of per-expert layouts in older or remote-code models
+    with pytest.raises(UnsupportedArchitectureError, match=r"holds its experts as a module list \(mlp.experts\)"):
+        discover_sites(tiny_llama, ["mlp_out"])
