@@ -70,3 +70,17 @@ def run_gated():
         return seen
 
     return run
+
+
+@pytest.fixture
+def quiet_trainer(tmp_path):
+    """A factory ``make(**overrides)`` of CPU Trainers that log, print and validate nothing, rooted in ``tmp_path``."""
+    import lightning as L
+
+    def make(**overrides):
+        settings = dict(
+            accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0, default_root_dir=tmp_path
+        )
+        return L.Trainer(**{**settings, **overrides})
+
+    return make

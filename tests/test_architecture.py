@@ -7,7 +7,6 @@ import typing
 import warnings
 from pathlib import Path
 
-import lightning as L
 import pytest
 import torch
 
@@ -113,20 +112,11 @@ def test_a_new_method_is_one_class_and_the_module_needs_no_change(monkeypatch, t
     assert "completeness" not in report.metadata
 
 
-def test_a_checkpoint_with_the_old_flat_hyperparameters_loads_with_the_same_settings(tmp_path, tiny_llama, tokenizer):
+def test_a_checkpoint_with_the_old_flat_hyperparameters_loads_with_the_same_settings(tmp_path, tiny_llama, tokenizer, quiet_trainer):
     sampling = SamplingConfig(num_samples=2, temperature=1.0, top_p=1.0, max_new_tokens=4, batch_size=8, seed=3)
     module = GateSteering.for_model(tiny_llama, tokenizer, ComponentSelection(components=("blocks.0.hook_mlp_out",)), sampling=sampling)
     data = ReasoningDataModule(num_train=2, num_val=1, num_test=1, batch_size=2, template=PromptTemplate(use_chat_template=False))
-    trainer = L.Trainer(
-        max_steps=1,
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        limit_val_batches=0,
-        default_root_dir=tmp_path,
-    )
+    trainer = quiet_trainer(max_steps=1, enable_checkpointing=False)
     trainer.fit(module, datamodule=data)
     trainer.save_checkpoint(tmp_path / "new.ckpt")
     checkpoint = torch.load(tmp_path / "new.ckpt", weights_only=True)

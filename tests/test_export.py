@@ -2,7 +2,6 @@ import json
 import subprocess
 import sys
 
-import lightning as L
 import pytest
 import torch
 
@@ -51,7 +50,7 @@ def _gated_outputs(model, gates):
         return model(ids).logits, model.generate(ids, max_new_tokens=10, do_sample=False, pad_token_id=0)
 
 
-def _trained_lora_steering(tmp_path):
+def _trained_lora_steering(quiet_trainer):
     components = ("blocks.0.mlp.hook_post[3]", "blocks.1.attn.hook_z[2]", "blocks.1.hook_mlp_out")
     module = GateSteering.for_model(
         tiny_causal_lm("qwen2"),
@@ -63,15 +62,7 @@ def _trained_lora_steering(tmp_path):
         lora=LoraSettings(r=2, target_modules=["q_proj", "o_proj"]),
     )
     data = ReasoningDataModule(num_train=4, num_val=2, num_test=2, batch_size=4, template=PromptTemplate(use_chat_template=False))
-    L.Trainer(
-        max_epochs=2,
-        accelerator="cpu",
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        limit_val_batches=0,
-        default_root_dir=tmp_path,
-    ).fit(module, datamodule=data)
+    quiet_trainer(max_epochs=2).fit(module, datamodule=data)
     with torch.no_grad():  # make the adapter matter: B starts at zero and barely moves in 2 steps
         for name, parameter in module.lm.named_parameters():
             if "lora_B" in name:
@@ -79,8 +70,8 @@ def _trained_lora_steering(tmp_path):
     return module.eval()
 
 
-def test_folded_export_with_merged_lora_runs_without_ipg_lightning(tmp_path):
-    module = _trained_lora_steering(tmp_path)
+def test_folded_export_with_merged_lora_runs_without_ipg_lightning(tmp_path, quiet_trainer):
+    module = _trained_lora_steering(quiet_trainer)
     expected_logits, expected_tokens = _gated_outputs(module.lm, module.gates)
     card = export_steered_model(module.lm, module.tokenizer, module.gates, tmp_path / "export")
     assert card["lora_merged"] and card["loader_sites"] == []

@@ -339,7 +339,7 @@ def test_a_prompt_longer_than_the_context_is_refused(tiny_llama, tokenizer):
         sample_trajectories(tiny_llama, tokenizer, ["1+1="], SamplingConfig(num_samples=1, temperature=0, max_new_tokens=context))
 
 
-def test_training_stops_when_a_gate_turns_non_finite(tmp_path, tiny_llama, tokenizer):
+def test_training_stops_when_a_gate_turns_non_finite(tmp_path, tiny_llama, tokenizer, quiet_trainer):
     module = GateSteering.for_model(
         tiny_llama,
         tokenizer,
@@ -350,16 +350,7 @@ def test_training_stops_when_a_gate_turns_non_finite(tmp_path, tiny_llama, token
     module.gates.gate("blocks.0.hook_mlp_out").data.fill_(float("inf"))
     data = ReasoningDataModule(num_train=2, num_val=1, num_test=1, batch_size=2, template=PromptTemplate(use_chat_template=False))
     with pytest.raises(FloatingPointError, match="became non-finite at step"):
-        L.Trainer(
-            max_steps=1,
-            accelerator="cpu",
-            logger=False,
-            enable_progress_bar=False,
-            enable_checkpointing=False,
-            enable_model_summary=False,
-            limit_val_batches=0,
-            default_root_dir=tmp_path,
-        ).fit(module, datamodule=data)
+        quiet_trainer(max_steps=1, enable_checkpointing=False).fit(module, datamodule=data)
 
 
 def test_a_fresh_process_sees_the_loader_warning_in_the_exported_config(tmp_path, tiny_llama, tokenizer):
@@ -406,7 +397,7 @@ def test_lightnings_own_loader_does_not_import_a_checkpoints_reward_either(tmp_p
     assert not marker.exists()
 
 
-def test_a_checkpoint_with_non_finite_gates_is_never_saved(tmp_path, tiny_llama, tokenizer):
+def test_a_checkpoint_with_non_finite_gates_is_never_saved(tmp_path, tiny_llama, tokenizer, quiet_trainer):
     module = GateSteering.for_model(
         tiny_llama,
         tokenizer,
@@ -414,15 +405,7 @@ def test_a_checkpoint_with_non_finite_gates_is_never_saved(tmp_path, tiny_llama,
         reward="ipg_lightning.rewards:answer_present",
         sampling=SamplingConfig(max_new_tokens=4, num_samples=2, temperature=1.0, top_p=1.0),
     )
-    trainer = L.Trainer(
-        max_steps=0,
-        accelerator="cpu",
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        limit_val_batches=0,
-        default_root_dir=tmp_path,
-    )
+    trainer = quiet_trainer(max_steps=0)
     data = ReasoningDataModule(num_train=2, num_val=1, num_test=1, batch_size=2, template=PromptTemplate(use_chat_template=False))
     trainer.fit(module, datamodule=data)
     module.gates.gate("blocks.0.hook_mlp_out").data.fill_(float("nan"))
