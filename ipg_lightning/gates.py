@@ -53,6 +53,8 @@ class ComponentGates(nn.Module):
         _check_finite(torch.tensor(init), "init")
         self.sites: dict[str, Site] = {site.name: site for site in sites}
         self.values = nn.ParameterDict({_parameter_key(site.name): nn.Parameter(torch.full((site.size,), float(init))) for site in sites})
+        # The SAEs of sae_feature sites move with their gates (the model holds them off its module tree).
+        self.saes = nn.ModuleDict({_parameter_key(site.name): site.sae for site in sites if site.sae is not None})
 
     @classmethod
     def for_model(

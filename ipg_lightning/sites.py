@@ -16,12 +16,13 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
-from typing import Literal
+from dataclasses import dataclass, field, fields
+from typing import Any, Literal
 
 import torch
 from torch import nn
 
+from ipg_lightning.autoencoder import SparseAutoencoder, attached_saes
 from ipg_lightning.discovery import DiscoveryError, discover_layout
 from ipg_lightning.experts import ExpertLayout
 
@@ -42,6 +43,8 @@ class SiteFamily:
             channels) rather than one gate per whole expert.
         per_expert: one site per expert.
         shared_expert: the site is on a mixture-of-experts MLP's shared expert.
+        sae: the components are the features of a sparse autoencoder spliced in at a whole-output
+            site (``point``: ``hook_resid_post``, ``hook_mlp_out`` or ``hook_attn_out``).
     """
 
     name: str
@@ -52,6 +55,7 @@ class SiteFamily:
     scales_weight: bool = False
     per_expert: bool = False
     shared_expert: bool = False
+    sae: bool = False
 
 
 #: Every site family by name.
@@ -67,6 +71,7 @@ FAMILIES: dict[str, SiteFamily] = {
         SiteFamily("expert", "blocks.{layer}.mlp.hook_expert", sublayer="mlp", hooks_input=False, scales_weight=True),
         SiteFamily("shared_expert_neuron", "blocks.{layer}.mlp.shared_expert.hook_post", "mlp", hooks_input=True, shared_expert=True),
         SiteFamily("shared_expert", "blocks.{layer}.mlp.hook_shared_expert_out", "mlp", hooks_input=False, shared_expert=True),
+        SiteFamily("sae_feature", "blocks.{layer}.{point}.sae", sublayer=None, hooks_input=False, sae=True),
     )
 }
 #: Every site family name, as the type the command line validates against.
@@ -75,6 +80,8 @@ SiteFamilyName = Literal[tuple(FAMILIES)]  # noqa: UP007 (built from the table)
 SITE_FAMILIES: tuple[str, ...] = ("resid_post", "mlp_neuron", "attn_head", "attn_out", "mlp_out")
 #: The families of mixture-of-experts MLPs (``shared_expert*`` only where a shared expert exists).
 EXPERT_SITE_FAMILIES: tuple[str, ...] = ("expert_neuron", "expert", "shared_expert_neuron", "shared_expert")
+#: Where an SAE can be spliced in: its hook point's family (each is a sub-layer's or the block's whole output).
+SAE_POINTS: dict[str, str] = {"hook_resid_post": "resid_post", "hook_mlp_out": "mlp_out", "hook_attn_out": "attn_out"}
 
 
 @dataclass(frozen=True)
@@ -135,6 +142,8 @@ class Site:
         parameter: for gates that scale fused expert weights, the parameter of ``module_path`` they scale.
         input_axis: the axis of that parameter over an expert's hidden channels.
         bias: the per-expert bias a whole-expert gate also scales.
+        point: for SAE features, the hook point the SAE reads (``hook_resid_post``).
+        sae: for SAE features, the autoencoder (not part of the site's identity or description).
     """
 
     family: str
@@ -147,6 +156,8 @@ class Site:
     parameter: str | None = None
     input_axis: int = 2
     bias: str | None = None
+    point: str | None = None
+    sae: SparseAutoencoder | None = field(default=None, compare=False, repr=False)
 
     @property
     def kind(self) -> SiteFamily:
@@ -156,7 +167,7 @@ class Site:
     @property
     def name(self) -> str:
         """The site's hook name, e.g. ``blocks.3.hook_resid_post``."""
-        return self.kind.hook_name.format(layer=self.layer, expert=self.expert)
+        return self.kind.hook_name.format(layer=self.layer, expert=self.expert, point=self.point)
 
     @property
     def hooks_input(self) -> bool:
@@ -169,12 +180,19 @@ class Site:
             raise IndexError(f"{self.name} has {self.size} components, got index {index}")
         return self.name if self.size == 1 else f"{self.name}[{index}]"
 
+    def description(self) -> dict[str, Any]:
+        """The site's fields as plain values (for files), without the SAE it may hold."""
+        return {item.name: getattr(self, item.name) for item in fields(self) if item.name != "sae"}
+
     def channel_gates(self, gate: torch.Tensor) -> torch.Tensor:
         """``gate`` (size,) spread over the hooked channels: each head's gate repeated over its slice."""
         return gate.repeat_interleave(self.head_dim) if self.head_dim > 1 else gate
 
     def edit(self, activation: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
-        """Scale ``activation`` (batch, seq, width) by ``gate`` (size,) at every position."""
+        """Scale ``activation`` (batch, seq, width) by ``gate`` (size,) at every position; SAE features are
+        scaled inside the activation's decomposition (:meth:`SparseAutoencoder.splice`)."""
+        if self.sae is not None:
+            return self.sae.splice(activation, gate)
         return activation * self.channel_gates(gate.to(device=activation.device, dtype=activation.dtype))
 
     def weight_multiplier(self, shape: torch.Size, gate: torch.Tensor) -> torch.Tensor:
@@ -190,7 +208,10 @@ class Site:
 
     def component_values(self, activation: torch.Tensor) -> torch.Tensor:
         """(batch, seq, width) activation -> (batch, seq, size) per-component values: the signed value of a
-        coordinate or neuron, the L2 norm of a head's slice, the L2 norm of a whole sub-layer's output."""
+        coordinate or neuron, the L2 norm of a head's slice, the L2 norm of a whole sub-layer's output, an
+        SAE feature's activation."""
+        if self.sae is not None:
+            return self.sae.encode(activation)
         if self.kind.per_head:
             return activation.reshape(*activation.shape[:-1], self.size, self.head_dim).norm(dim=-1)
         if self.size == 1:
@@ -206,10 +227,11 @@ def parse_site_name(site_name: str) -> tuple[str, int]:
     """
     for family, kind in FAMILIES.items():
         pattern = re.escape(kind.hook_name).replace(r"\{layer\}", r"(?P<layer>\d+)").replace(r"\{expert\}", r"\d+")
+        pattern = pattern.replace(r"\{point\}", "(?:" + "|".join(SAE_POINTS) + ")")
         match = re.fullmatch(pattern, site_name)
         if match:
             return family, int(match.group("layer"))
-    examples = ", ".join(kind.hook_name.format(layer=3, expert=0) for kind in FAMILIES.values())
+    examples = ", ".join(kind.hook_name.format(layer=3, expert=0, point="hook_resid_post") for kind in FAMILIES.values())
     raise ValueError(f"Unknown site name {site_name!r}; site names look like {examples}")
 
 
@@ -283,11 +305,36 @@ def discover_sites(
         block_path = f"{spec.layers}.{layer}"
         for family in families:
             sites.extend(_make_sites(root, spec, family, layer, block_path))
+    if "sae_feature" in families and not any(site.kind.sae for site in sites):
+        attached = list(attached_saes(root)) or "none"
+        raise ValueError(
+            f"No SAE is attached at layers {list(chosen)}, so there are no sae_feature sites there (attached: {attached}); "
+            "attach one with `saes: [path/to/sae]` (ipg_lightning.sae.attach_sae in Python), or attribute its layer"
+        )
     return sites
+
+
+def sae_site_name(hook_name: str) -> str:
+    """Where an SAE reading ``hook_name`` is spliced, as its site's name: ``blocks.3.hook_resid_post.sae``.
+
+    ``blocks.L.hook_resid_pre`` is the same activation as ``blocks.{L-1}.hook_resid_post`` and is named so.
+    """
+    match = re.fullmatch(r"blocks\.(\d+)\.(hook_\w+)", hook_name)
+    layer, point = (int(match[1]), match[2]) if match else (None, None)
+    if point == "hook_resid_pre" and layer:
+        layer, point = layer - 1, "hook_resid_post"
+    if point not in SAE_POINTS:
+        raise ValueError(
+            f"An SAE at {hook_name!r} cannot be spliced in: supported hook points are blocks.L.hook_resid_post, "
+            "blocks.L.hook_mlp_out, blocks.L.hook_attn_out and blocks.L.hook_resid_pre (L >= 1)"
+        )
+    return f"blocks.{layer}.{point}.sae"
 
 
 def _make_sites(root: nn.Module, spec: ArchitectureSpec, family: str, layer: int, block_path: str) -> list[Site]:
     kind = FAMILIES[family]
+    if kind.sae:
+        return _sae_sites(root, spec, layer, block_path)
     if kind.sublayer is None:  # the block's output: the residual stream
         return [Site(family, layer, block_path, root.config.hidden_size, foldable=False)]
     if kind.scales_weight or kind.shared_expert:
@@ -327,6 +374,24 @@ def _expert_sites(root: nn.Module, spec: ArchitectureSpec, kind: SiteFamily, lay
     path = f"{block_path}.{spec.shared_expert_proj}"
     in_features, _ = projection_shape(_get_submodule(root, path, kind.name))
     return [Site(kind.name, layer, path, in_features if kind.hooks_input else 1)]
+
+
+def _sae_sites(root: nn.Module, spec: ArchitectureSpec, layer: int, block_path: str) -> list[Site]:
+    """The features of each SAE attached at block ``layer``, spliced where its hook point's family hooks."""
+    sites = []
+    for name, sae in attached_saes(root).items():
+        point_family, sae_layer = parse_site_name(name.removesuffix(".sae"))
+        if sae_layer != layer:
+            continue
+        width = root.config.hidden_size
+        if sae.d_in != width:
+            raise ValueError(
+                f"The SAE at {sae.hook_name} reads {sae.d_in} channels, but {name.removesuffix('.sae')} of this model has {width}: "
+                "it was trained for another model"
+            )
+        (host,) = _make_sites(root, spec, point_family, layer, block_path)
+        sites.append(Site("sae_feature", layer, host.module_path, sae.d_sae, foldable=False, point=name.split(".")[2], sae=sae))
+    return sites
 
 
 def find_site(model: nn.Module, site_name: str, architecture: ArchitectureSpec | None = None) -> Site:

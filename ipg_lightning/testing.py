@@ -12,6 +12,8 @@ import torch
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerFast
 
+from ipg_lightning.autoencoder import SparseAutoencoder
+
 #: Decoder types with a tiny config here (every dense decoder type the tests cover); ``tiny:<type>``
 #: loads one. The first six are the original tiny families; the order is the test matrix's.
 TINY_FAMILIES: tuple[str, ...] = (
@@ -108,6 +110,21 @@ def tiny_causal_lm(family: str = "llama", seed: int = 0, **overrides) -> PreTrai
         if embeddings.padding_idx is not None:
             embeddings.weight[embeddings.padding_idx] = embeddings.weight[-1].roll(1)
     return model.eval()
+
+
+def random_sae(
+    d_in: int = 32, hook_name: str = "blocks.1.hook_resid_post", d_sae: int = 64, activation: str = "topk", k: int | None = 8, seed: int = 0, **fields
+) -> SparseAutoencoder:
+    """A sparse autoencoder with random (seeded) weights, scaled so that its features fire on tiny-model activations."""
+    generator = torch.Generator().manual_seed(seed)
+    sae = SparseAutoencoder(d_in, d_sae, hook_name, activation=activation, k=k if activation == "topk" else None, **fields)
+    with torch.no_grad():
+        sae.W_dec.copy_(torch.nn.functional.normalize(torch.randn(d_sae, d_in, generator=generator), dim=-1))
+        sae.W_enc.copy_(sae.W_dec.T + 0.1 * torch.randn(d_in, d_sae, generator=generator))
+        sae.b_enc.copy_(0.05 * torch.randn(d_sae, generator=generator))
+        sae.b_dec.copy_(0.05 * torch.randn(d_in, generator=generator))
+        sae.threshold.copy_(0.1 * torch.rand(d_sae, generator=generator))
+    return sae
 
 
 def coverage_table() -> str:

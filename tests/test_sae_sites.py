@@ -1,0 +1,108 @@
+"""SAE features as sites: the splice is exact at gates 1, a gate of 0 removes exactly one decoder
+contribution, and everything that works for a site family works for them (generate, PEFT, errors)."""
+
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+
+from ipg_lightning.gates import ComponentGates
+from ipg_lightning.sae import attach_sae, attached_saes, detach_saes
+from ipg_lightning.sites import discover_sites, find_site, sae_site_name
+from ipg_lightning.testing import random_sae
+
+IDS = torch.tensor([[5, 9, 14, 3, 22, 7, 30, 11]])
+
+
+def independent_topk_features(sae, z):
+    """The format's equations, written out: ReLU of the k largest of (z - b_dec) W_enc + b_enc, others 0."""
+    pre = (z - sae.b_dec) @ sae.W_enc + sae.b_enc
+    kth = pre.sort(dim=-1, descending=True).values[..., sae.k - 1 : sae.k]
+    return torch.where(pre >= kth, pre.clamp(min=0), torch.zeros(()))
+
+
+@pytest.fixture
+def model_with_sae(tiny_llama):
+    sae = random_sae(hook_name="blocks.1.hook_resid_post", d_sae=64, k=8)
+    attach_sae(tiny_llama, sae)
+    return tiny_llama, sae
+
+
+def test_sae_features_are_a_site_family(model_with_sae):
+    model, sae = model_with_sae
+    (site,) = discover_sites(model, ["sae_feature"], [1])
+    assert (site.name, site.size, site.foldable, site.module_path) == ("blocks.1.hook_resid_post.sae", 64, False, "model.layers.1")
+    assert site.component_name(17) == "blocks.1.hook_resid_post.sae[17]"
+    assert find_site(model, "blocks.1.hook_resid_post.sae").sae is sae
+    assert [site.family for site in discover_sites(model, ["sae_feature", "mlp_neuron"], [0, 1])] == ["mlp_neuron", "sae_feature", "mlp_neuron"]
+
+
+def test_gates_at_one_change_nothing_in_forward_and_generate(model_with_sae):
+    model, _ = model_with_sae
+    gates = ComponentGates.for_model(model, ["sae_feature"], [1])
+    plain = model(IDS).logits
+    plain_generated = model.generate(IDS, max_new_tokens=12, do_sample=False)
+    with gates.attach(model):
+        gated = model(IDS).logits
+        gated_generated = model.generate(IDS, max_new_tokens=12, do_sample=False)
+    assert (gated - plain).abs().max() < 1e-5
+    assert torch.equal(gated_generated, plain_generated)
+
+
+def test_gate_zero_subtracts_that_features_decoder_contribution(model_with_sae, run_gated):
+    model, sae = model_with_sae
+    block = model.model.layers[1]
+    plain = run_gated(model, ComponentGates([]), {}, {"block": block}, IDS)["block"]
+    features = independent_topk_features(sae, plain)
+    feature = int(features[0].abs().sum(0).argmax())  # one that fires somewhere
+    gates = ComponentGates.for_model(model, ["sae_feature"], [1])
+    gates.set_component(f"blocks.1.hook_resid_post.sae[{feature}]", 0.0)
+    gated = run_gated(model, gates, {}, {"block": block}, IDS)["block"]
+    by_hand = plain - features[..., feature : feature + 1] * sae.W_dec[feature]
+    assert features[..., feature].abs().max() > 0.1
+    assert torch.allclose(gated, by_hand, atol=1e-5)
+
+
+def test_an_sae_on_the_mlp_output_is_spliced_where_mlp_out_hooks(tiny_llama, run_gated):
+    sae = random_sae(hook_name="blocks.0.hook_mlp_out", k=4, seed=1)
+    attach_sae(tiny_llama, sae)
+    (site,) = discover_sites(tiny_llama, ["sae_feature"], [0])
+    assert site.module_path == "model.layers.0.mlp.down_proj"
+    down = tiny_llama.model.layers[0].mlp.down_proj
+    plain = run_gated(tiny_llama, ComponentGates([]), {}, {"down": down}, IDS)["down"]
+    gates = ComponentGates([site], init=0.5)
+    gated = run_gated(tiny_llama, gates, {}, {"down": down}, IDS)["down"]
+    assert torch.allclose(gated, plain - 0.5 * independent_topk_features(sae, plain) @ sae.W_dec, atol=1e-5)
+
+
+def test_peft_wrapped_model_gates_sae_features_like_the_plain_one(model_with_sae):
+    model, _ = model_with_sae
+    gates = ComponentGates.for_model(model, ["sae_feature"], [1], init=0.0)
+    with gates.attach(model):
+        expected = model(IDS).logits
+    wrapped = get_peft_model(model, LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights=True))
+    with gates.attach(wrapped):
+        assert torch.allclose(wrapped(IDS).logits, expected, atol=1e-5)
+    assert discover_sites(wrapped, ["sae_feature"], [1])[0].name == "blocks.1.hook_resid_post.sae"
+
+
+def test_mismatched_or_missing_saes_are_refused_by_name(tiny_llama):
+    with pytest.raises(ValueError, match="reads 48 channels.*has 32"):
+        attach_sae(tiny_llama, random_sae(d_in=48))
+    assert not attached_saes(tiny_llama)  # a refused SAE is not left attached
+    with pytest.raises(ValueError, match="Layer 7 is out of range"):
+        attach_sae(tiny_llama, random_sae(hook_name="blocks.7.hook_resid_post"))
+    with pytest.raises(ValueError, match="hook_z.*cannot be spliced"):
+        attach_sae(tiny_llama, random_sae(hook_name="blocks.1.attn.hook_z"))
+    with pytest.raises(ValueError, match="No SAE is attached at layers \\[1\\]"):
+        discover_sites(tiny_llama, ["sae_feature"], [1])
+    attach_sae(tiny_llama, random_sae())
+    with pytest.raises(ValueError, match="Another SAE is attached at blocks.1.hook_resid_post.sae"):
+        attach_sae(tiny_llama, random_sae(seed=1))
+    detach_saes(tiny_llama)
+    assert not attached_saes(tiny_llama)
+
+
+def test_resid_pre_is_the_previous_blocks_output():
+    assert sae_site_name("blocks.3.hook_resid_pre") == "blocks.2.hook_resid_post.sae"
+    with pytest.raises(ValueError, match="cannot be spliced"):
+        sae_site_name("blocks.0.hook_resid_pre")
