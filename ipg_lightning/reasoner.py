@@ -32,6 +32,8 @@ TINY_REASONER_TASK = ArithmeticChainTask(min_steps=1, max_steps=4, max_operand=9
 #: The shipped reasoner, found from the package's own location so the demo runs from any directory
 #: of an editable install or a clone (a wheel does not carry ``checkpoints/``).
 TINY_REASONER_PATH = str(Path(__file__).resolve().parents[1] / "checkpoints" / "tiny-reasoner")
+#: The shipped TopK SAE on the reasoner's residual stream after block 2 (recipes/train_tiny_sae.yaml).
+TINY_REASONER_SAE_PATH = str(Path(__file__).resolve().parents[1] / "checkpoints" / "tiny-reasoner-sae")
 
 #: The reasoner sees "Q: <question>\nA:" (the instruction of the prompt template is dropped).
 REASONER_CHAT_TEMPLATE = "Q: {{ messages[-1]['content'].split('\n\n')[-1] }}\nA:"

@@ -2,7 +2,7 @@
 
 import sys
 
-import lightning as L
+from ddp_trainer import ddp_trainer
 
 from ipg_lightning.attribution import IPGAttribution
 from ipg_lightning.data import PromptTemplate, ReasoningDataModule
@@ -20,14 +20,5 @@ if __name__ == "__main__":
         output_dir=output_dir,
     )
     data = ReasoningDataModule(num_train=0, num_val=6, num_test=0, batch_size=1, template=PromptTemplate(use_chat_template=False))
-    strategy = "ddp" if devices > 1 else "auto"
-    trainer = L.Trainer(
-        accelerator="cpu",
-        devices=devices,
-        strategy=strategy,
-        inference_mode=False,
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-    )
+    trainer = ddp_trainer(devices, inference_mode=False)
     trainer.validate(module, datamodule=data, verbose=False)

@@ -2,8 +2,8 @@
 
 import sys
 
-import lightning as L
 import torch
+from ddp_trainer import ddp_trainer
 
 from ipg_lightning.data import PromptTemplate, ReasoningDataModule
 from ipg_lightning.steering import ComponentSelection
@@ -22,17 +22,7 @@ if __name__ == "__main__":
     )
     # Every optimisation step sees all 4 prompts: 1 process x batch 4, or 2 processes x batch 2.
     data = ReasoningDataModule(num_train=4, num_val=2, num_test=2, batch_size=4 // devices, template=PromptTemplate(use_chat_template=False))
-    trainer = L.Trainer(
-        accelerator="cpu",
-        devices=devices,
-        strategy="ddp" if devices > 1 else "auto",
-        max_epochs=3,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        limit_val_batches=0,
-    )
+    trainer = ddp_trainer(devices, max_epochs=3, limit_val_batches=0)
     trainer.fit(module, datamodule=data)
     if trainer.is_global_zero:
         torch.save(module.trainable_state(), output)

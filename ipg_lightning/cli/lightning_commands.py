@@ -1,4 +1,4 @@
-"""The ``ipg`` commands that are LightningCLIs: ``attribute``, ``steer`` and ``train-reasoner``.
+"""The ``ipg`` commands that are LightningCLIs: ``attribute``, ``steer``, ``train-reasoner`` and ``train-sae``.
 
 Each parses a LightningModule, :class:`~ipg_lightning.data.ReasoningDataModule` and a ``Trainer``
 from a recipe and the command line (``--config recipe.yaml``, ``--model.steps 16``,
@@ -162,3 +162,41 @@ def train_reasoner(args: list[str]) -> None:
     )
     print(json.dumps(metrics, indent=2))
     print(f"saved to {cli.config.output_dir} ({metrics['wall_time_min']:.1f} min)")
+
+
+def parse_train_sae(args: list[str]) -> CommandCLI:
+    """The parsed ``ipg train-sae`` command, with where the finished SAE goes."""
+    from ipg_lightning.sae.training import SAETraining
+
+    outputs = {
+        "output_dir": (str, "outputs/sae", "Where the SAE is saved (SAELens layout, with a card)."),
+        "overwrite": (bool, False, "Replace an existing output_dir."),
+    }
+    logger = {"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": "outputs/train_sae"}}
+    return lightning_cli(
+        SAETraining,
+        args,
+        "train-sae",
+        train_sae.__doc__,
+        trainer_defaults={**FIT_TRAINER_DEFAULTS, "logger": logger},
+        extra_arguments=outputs,
+        save_config_kwargs={"overwrite": True},
+    )
+
+
+def train_sae(args: list[str]) -> None:
+    """Train a TopK sparse autoencoder on one site's activations, measure it, and save it in the SAELens layout."""
+    from ipg_lightning.sae import save_sae
+
+    started = time.perf_counter()
+    cli = parse_train_sae(args)
+    check_output_dir(cli.config.output_dir, cli.config.overwrite)  # before training, not after
+    cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    (measured,) = cli.trainer.validate(cli.model, datamodule=cli.datamodule, verbose=False)
+    if not cli.trainer.is_global_zero:
+        return
+    metrics = {key.removeprefix("val/"): round(float(value), 5) for key, value in measured.items()}
+    card = {**cli.model.card(metrics), "wall_time_min": round((time.perf_counter() - started) / 60, 2), "command": "ipg train-sae " + " ".join(args)}
+    save_sae(cli.model.sae, cli.config.output_dir, card=card, model_name=cli.model.model_path, overwrite=cli.config.overwrite)
+    print(json.dumps(metrics, indent=2))
+    print(f"saved to {cli.config.output_dir} ({card['wall_time_min']:.1f} min)")

@@ -1,6 +1,6 @@
 """The ``ipg`` command line: which command runs, and how a failure is shown.
 
-``attribute``, ``steer`` and ``train-reasoner`` are LightningCLIs
+``attribute``, ``steer``, ``train-reasoner`` and ``train-sae`` are LightningCLIs
 (:mod:`~ipg_lightning.cli.lightning_commands`); ``demo``, ``evaluate``, ``export`` and
 ``prepare-smollm2`` are typed functions whose docstrings are their ``--help``
 (:mod:`~ipg_lightning.cli.commands`, :mod:`~ipg_lightning.cli.demo`).
@@ -16,9 +16,9 @@ from jsonargparse import CLI, ArgumentError
 from ipg_lightning.cli.commands import evaluate, export, prepare_smollm2
 from ipg_lightning.cli.demo import demo
 from ipg_lightning.cli.errors import DEBUG_ENV, error_message
-from ipg_lightning.cli.lightning_commands import attribute, steer, train_reasoner
+from ipg_lightning.cli.lightning_commands import attribute, steer, train_reasoner, train_sae
 
-LIGHTNING_COMMANDS = {"attribute": attribute, "steer": steer, "train-reasoner": train_reasoner}
+LIGHTNING_COMMANDS = {"attribute": attribute, "steer": steer, "train-reasoner": train_reasoner, "train-sae": train_sae}
 FUNCTION_COMMANDS = {"demo": demo, "evaluate": evaluate, "export": export, "prepare-smollm2": prepare_smollm2}
 
 

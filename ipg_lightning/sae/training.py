@@ -1,0 +1,242 @@
+"""Train a TopK sparse autoencoder on one site's activations of a frozen model (``ipg train-sae``).
+
+Each training step reads the site's activations on a batch of texts (the data module's prompts,
+or with ``traces`` prompts followed by completions the model samples itself, where the reasoning
+features live) and takes one Adam step on the SAE. The practice follows Gao et al. (2024),
+"Scaling and evaluating sparse autoencoders":
+
+- inputs are scaled by one constant so their mean norm is sqrt(d_in) (as SAELens'
+  ``expected_average_only_in`` does while training); the constant is folded into the weights when saved;
+- ``b_dec`` starts at the activations' mean, the decoder rows are random unit vectors and the
+  encoder starts as the decoder's transpose;
+- decoder rows are kept at unit norm (the gradient component along each row is removed before the
+  step, and rows are renormalised after it);
+- an auxiliary loss (AuxK) lets the ``aux_k`` largest pre-activations of *dead* features (none fired
+  for ``dead_after_tokens`` tokens) reconstruct the residual error, so they come back to life.
+
+Validation logs torchmetrics: the fraction of variance unexplained, L0, the dead-feature fraction,
+and the change in the model's next-token loss (on sampled completions when ``traces`` is set) when
+the reconstruction replaces the activation.
+All statistics reduce over DDP ranks, so the module runs under DDP unchanged.
+"""
+
+from __future__ import annotations
+
+import math
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from torchmetrics import MeanMetric
+
+from ipg_lightning.autoencoder import SparseAutoencoder
+from ipg_lightning.data import ReasoningBatch
+from ipg_lightning.sae.metrics import DeadFeatureFraction, FractionOfVarianceUnexplained
+from ipg_lightning.sites import ArchitectureSpec, Site, find_site, sae_site_name, unwrap_model
+from ipg_lightning.task import ReasoningTask
+from ipg_lightning.trajectories import SamplingConfig, Trajectories, sample_trajectories, teacher_forced_trajectories
+from ipg_lightning.validation import check_at_least
+
+
+class SAETraining(ReasoningTask):
+    """Train a TopK SAE on the activations at ``hook_name`` of a frozen causal LM.
+
+    Args:
+        model_path: the model (a local directory or an alias such as ``tiny-reasoner``).
+        dtype: weights dtype of the model.
+        hook_name: where the SAE reads (``blocks.L.hook_resid_post``, ``blocks.L.hook_mlp_out``,
+            ``blocks.L.hook_attn_out``).
+        expansion: features per input channel (``d_sae = expansion * d_in``).
+        k: active features per token.
+        learning_rate: Adam learning rate.
+        aux_k: dead features the auxiliary loss may use per token (default ``d_in // 2``).
+        aux_coefficient: weight of the auxiliary loss (Gao et al.: 1/32).
+        dead_after_tokens: a feature that has not fired for this many training tokens is dead.
+        traces: sample completions of each prompt with these settings and read the activations on
+            prompt and completion tokens (None: prompts only).
+        seed: seed of the initial weights.
+        architecture: module paths for a decoder that is not built in.
+    """
+
+    def __init__(
+        self,
+        model_path: str = "tiny-reasoner",
+        dtype: str = "float32",
+        hook_name: str = "blocks.2.hook_resid_post",
+        expansion: int = 8,
+        k: int = 16,
+        learning_rate: float = 1e-3,
+        aux_k: int | None = None,
+        aux_coefficient: float = 1 / 32,
+        dead_after_tokens: int = 20_000,
+        traces: SamplingConfig | None = None,
+        seed: int = 0,
+        architecture: ArchitectureSpec | None = None,
+    ) -> None:
+        super().__init__(model_path, dtype, architecture)
+        sae_site_name(hook_name)  # an unsupported hook point fails here, before the model loads
+        check_at_least(1, expansion=expansion, k=k, dead_after_tokens=dead_after_tokens)
+        if not learning_rate > 0:
+            raise ValueError(f"learning_rate must be > 0, got {learning_rate}")
+        self.save_hyperparameters()
+        self.strict_loading = False  # checkpoints hold the SAE and its training state, not the frozen model
+        self.traces = SamplingConfig(**traces) if isinstance(traces, dict) else traces
+        self.sae: SparseAutoencoder | None = None
+        self.site: Site | None = None
+
+    def configure_components(self) -> None:
+        """Find the site the SAE reads and create the SAE (initialised from data at the first step)."""
+        site_name = sae_site_name(self.hparams.hook_name).removesuffix(".sae")
+        self.site = find_site(self.lm, site_name, self.architecture)
+        d_in = unwrap_model(self.lm).config.hidden_size
+        d_sae = self.hparams.expansion * d_in
+        if self.hparams.k > d_sae:
+            raise ValueError(f"k = {self.hparams.k} exceeds the SAE's {d_sae} features")
+        self.sae = SparseAutoencoder(d_in, d_sae, site_name, activation="topk", k=self.hparams.k, normalization="constant_scale")
+        self.aux_k = min(self.hparams.aux_k or d_in // 2, d_sae)
+        self.register_buffer("tokens_since_fired", torch.zeros(d_sae), persistent=True)
+        self.register_buffer("initialised", torch.tensor(False), persistent=True)
+        self.fvu = FractionOfVarianceUnexplained(d_in)
+        self.dead = DeadFeatureFraction(d_sae)
+        self.l0 = MeanMetric()
+        self.loss_increase = MeanMetric()
+
+    # ------------------------------------------------------------------------------- activations
+    def texts(self, batch: ReasoningBatch) -> Trajectories:
+        """The batch's prompts, followed by sampled completions when ``traces`` is set."""
+        if self.traces is None:
+            return teacher_forced_trajectories(self.tokenizer, batch["prompt"], [""] * len(batch["prompt"]))
+        return sample_trajectories(self.lm, self.tokenizer, batch["prompt"], self.traces, prompt_seeds=batch["seed"].tolist())
+
+    @contextmanager
+    def _site_hook(self, replace: bool = False):
+        """Record the site's activation (``self._seen``); with ``replace``, continue from its reconstruction."""
+        module = unwrap_model(self.lm).get_submodule(self.site.module_path)
+
+        def hook(module, args, output):
+            value = output[0] if isinstance(output, tuple) else output
+            self._seen = value
+            if not replace:
+                return None
+            reconstruction = self.sae(value).to(value.dtype)
+            return (reconstruction, *output[1:]) if isinstance(output, tuple) else reconstruction
+
+        handle = module.register_forward_hook(hook)
+        try:
+            yield
+        finally:
+            handle.remove()
+
+    def _forward(self, trajectories: Trajectories, replace: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(activations at real tokens (tokens, d_in), next-token losses (rows, seq - 1), the mask of those that count)."""
+        batch = {key: value.to(self.device) for key, value in trajectories.padded().items()}
+        batch.pop("completion_mask")
+        with torch.no_grad(), self._site_hook(replace):
+            logits = self.lm(**batch, use_cache=False).logits
+        mask = batch["attention_mask"].bool()
+        losses = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), batch["input_ids"][:, 1:].flatten(), reduction="none")
+        # The loss that matters is on the reasoning (sampled completions); on prompts only, every next token.
+        targets = trajectories.padded()["completion_mask"].to(self.device).bool() if self.traces is not None else mask
+        return self._seen[mask].float(), losses.view(logits.shape[0], -1), mask[:, :-1] & targets[:, 1:]
+
+    # ---------------------------------------------------------------------------------- training
+    @torch.no_grad()
+    def _initialise(self, activations: torch.Tensor) -> None:
+        """Scale, ``b_dec`` and decoder from the first batch (statistics averaged over DDP ranks)."""
+        reduce = self.trainer.strategy.reduce if self._trainer is not None else (lambda value, **_: value)
+        mean_norm = reduce(activations.norm(dim=-1).mean(), reduce_op="mean")
+        self.sae.input_scale = float(math.sqrt(self.sae.d_in) / mean_norm.clamp(min=1e-12))
+        generator = torch.Generator().manual_seed(self.hparams.seed)
+        decoder = torch.nn.functional.normalize(torch.randn(self.sae.d_sae, self.sae.d_in, generator=generator), dim=-1)
+        self.sae.W_dec.copy_(decoder)
+        self.sae.W_enc.copy_(decoder.T)
+        self.sae.b_enc.zero_()
+        self.sae.b_dec.copy_(reduce(activations.mean(0) * self.sae.input_scale, reduce_op="mean"))
+        self.initialised.fill_(True)
+
+    def sae_losses(self, activations: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(reconstruction loss, auxiliary loss, features) on (tokens, d_in) activations, in the scaled space."""
+        sae = self.sae
+        x = activations * sae.input_scale
+        pre = sae.pre_activations(activations)
+        features = sae.activate(pre)
+        reconstruction = features @ sae.W_dec + sae.b_dec
+        variance = (x - x.mean(0)).pow(2).sum().clamp(min=1e-12)
+        loss = (x - reconstruction).pow(2).sum() / variance
+        dead = self.tokens_since_fired >= self.hparams.dead_after_tokens
+        aux = torch.zeros((), device=x.device)
+        if dead.any():
+            error = (x - reconstruction).detach()
+            dead_pre = pre.masked_fill(~dead, -torch.inf)
+            values, indices = dead_pre.topk(min(self.aux_k, int(dead.sum())), dim=-1)
+            revived = torch.zeros_like(pre).scatter(-1, indices, torch.relu(values))
+            aux = (error - revived @ sae.W_dec).pow(2).sum() / (error - error.mean(0)).pow(2).sum().clamp(min=1e-12)
+        return loss, aux, features
+
+    def training_step(self, batch: ReasoningBatch, batch_idx: int) -> torch.Tensor:
+        """One Adam step of the SAE on the batch's activations."""
+        activations, _, _ = self._forward(self.texts(batch))
+        if not self.initialised:
+            self._initialise(activations)
+        loss, aux, features = self.sae_losses(activations)
+        fired = (features != 0).any(0)
+        self.tokens_since_fired.add_(activations.shape[0]).masked_fill_(fired, 0)
+        dead_fraction = (self.tokens_since_fired >= self.hparams.dead_after_tokens).float().mean()
+        size = activations.shape[0]
+        self.log_dict({"train/fvu": loss, "train/aux_loss": aux, "train/dead_fraction": dead_fraction}, prog_bar=True, batch_size=size)
+        return loss + self.hparams.aux_coefficient * aux
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        """Remove each decoder row's gradient component along the row (the step keeps unit norm to first order)."""
+        weight = self.sae.W_dec
+        if weight.grad is not None:
+            weight.grad -= (weight.grad * weight).sum(-1, keepdim=True) * weight
+
+    def on_train_batch_end(self, outputs: Any, batch: ReasoningBatch, batch_idx: int) -> None:
+        """Put the decoder rows back at unit norm."""
+        with torch.no_grad():
+            self.sae.W_dec.copy_(torch.nn.functional.normalize(self.sae.W_dec, dim=-1))
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        """Adam over the SAE's trainable parameters (the model is frozen)."""
+        return torch.optim.Adam([p for p in self.sae.parameters() if p.requires_grad], lr=self.hparams.learning_rate)
+
+    # -------------------------------------------------------------------------------- validation
+    def validation_step(self, batch: ReasoningBatch, batch_idx: int) -> None:
+        """Reconstruction, sparsity and the model's loss with the reconstruction spliced in."""
+        trajectories = self.texts(batch)
+        activations, clean, mask = self._forward(trajectories)
+        _, spliced, _ = self._forward(trajectories, replace=True)
+        with torch.no_grad():
+            features = self.sae.encode(activations)
+            self.fvu.update(activations, self.sae.decode(features, activations))
+        self.dead.update(features)
+        self.l0.update((features != 0).sum(-1).float())
+        self.loss_increase.update((spliced - clean)[mask])
+        metrics = {"val/fvu": self.fvu, "val/l0": self.l0, "val/dead_fraction": self.dead, "val/loss_increase": self.loss_increase}
+        self.log_dict(metrics, on_epoch=True, batch_size=activations.shape[0])
+
+    # ------------------------------------------------------------------------------- checkpoints
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Keep the SAE and its training state, not the frozen model; record the input scale."""
+        checkpoint["state_dict"] = {key: value for key, value in checkpoint["state_dict"].items() if not key.startswith("lm.")}
+        checkpoint["sae_input_scale"] = self.sae.input_scale
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Restore the input scale (the weights come back through the state dict)."""
+        self.load_model()
+        self.sae.input_scale = float(checkpoint["sae_input_scale"])
+
+    def card(self, metrics: dict[str, float]) -> dict[str, Any]:
+        """What ``ipg train-sae`` writes beside the SAE: settings, metrics and training volume."""
+        return {
+            "format": "ipg_lightning SAE card v1",
+            "model": self.model_path,
+            "hook_name": self.sae.hook_name,
+            "d_in": self.sae.d_in,
+            "d_sae": self.sae.d_sae,
+            "k": self.sae.k,
+            "settings": self.plain_hparams(),
+            "steps": self.global_step,
+            "metrics": metrics,
+        }
