@@ -1,8 +1,9 @@
 """Reading what ``ipg export`` writes: the one-line loader and the steering card.
 
 An export is a plain Hugging Face checkpoint. Gates that fold into weights are already in it; gates
-that cannot fold (residual-stream coordinates) travel beside it in ``steering.safetensors``, with the
-module of each site in its metadata, and :func:`load_steered` re-applies them. ``steering_card.json``
+that cannot fold (residual-stream coordinates, SAE features) travel beside it in
+``steering.safetensors``, with the module of each site in its metadata and the SAE of each SAE
+feature site, and :func:`load_steered` re-applies them. ``steering_card.json``
 says what was folded and what needs the loader. Writing lives in :mod:`ipg_lightning.steering.export`.
 """
 
@@ -12,11 +13,13 @@ import json
 from pathlib import Path
 from typing import Any
 
+import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 from torch import nn
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
+from ipg_lightning.autoencoder import SparseAutoencoder, attached_saes
 from ipg_lightning.gates import ComponentGates
 from ipg_lightning.sites import Site, find_site, unwrap_model
 
@@ -26,6 +29,8 @@ MODEL_CARD_FILE = "README.md"
 #: ``config.json`` entry of an export whose gates need :func:`load_steered`.
 CONFIG_MARKER = "ipg_lightning_steering"
 CARRIED_GATES_ATTRIBUTE = "_ipg_steering_gates"
+#: Separates a site's name from its SAE's tensor names in the steering file.
+SAE_KEY = "/sae/"
 
 
 def carried_gates(model: nn.Module) -> ComponentGates | None:
@@ -48,21 +53,33 @@ def read_steering_gates(path: str | Path, model: nn.Module) -> ComponentGates | 
     try:
         values = load_file(str(steering_file))
         with safe_open(str(steering_file), "pt") as handle:
-            described = json.loads((handle.metadata() or {}).get("sites", "{}"))
+            metadata = handle.metadata() or {}
+        described, sae_configs = json.loads(metadata.get("sites", "{}")), json.loads(metadata.get("saes", "{}"))
     except Exception as error:  # safetensors raises its own error types for damaged files
         raise ValueError(f"{steering_file} cannot be read ({error}); re-export the model") from None
+    saes = {name: _carried_sae(name, config, values) for name, config in sae_configs.items()}
     sites = []
-    for site_name in values:
+    for site_name in [name for name in values if SAE_KEY not in name]:
         if site_name in described:
-            sites.append(Site(**described[site_name]))
+            sites.append(Site(**described[site_name], sae=saes.get(site_name)))
         else:
             sites.append(find_site(model, site_name))
     gates = ComponentGates(sites)
-    for name, vector in values.items():
-        if vector.shape != gates.gate(name).shape:
-            raise ValueError(f"{steering_file}: {name} has {vector.numel()} gates, the model has {gates.gate(name).numel()}")
-        gates.set_site(name, vector)
+    for site in sites:
+        vector = values[site.name]
+        if vector.shape != gates.gate(site.name).shape:
+            raise ValueError(f"{steering_file}: {site.name} has {vector.numel()} gates, the model has {gates.gate(site.name).numel()}")
+        gates.set_site(site.name, vector)
+    attached_saes(unwrap_model(model)).update(saes)
     return gates
+
+
+def _carried_sae(site_name: str, config: dict[str, Any], values: dict[str, torch.Tensor]) -> SparseAutoencoder:
+    """The SAE of an SAE-feature site as the steering file carries it (config in metadata, weights under ``<site>/sae/``)."""
+    sae = SparseAutoencoder(**config)
+    prefix = f"{site_name}{SAE_KEY}"
+    sae.load_state_dict({key.removeprefix(prefix): tensor for key, tensor in values.items() if key.startswith(prefix)})
+    return sae.requires_grad_(False)
 
 
 def load_steered(path: str | Path, **from_pretrained_kwargs: Any) -> PreTrainedModel:

@@ -30,6 +30,8 @@ def test_demo_runs_every_stage_and_writes_a_complete_output(tmp_path, capsys):
             "3",
             "--eval_samples",
             "2",
+            "--sae_steps",
+            "2",
         ]
     )
     summary = json.loads((out / "summary.json").read_text())
@@ -40,14 +42,20 @@ def test_demo_runs_every_stage_and_writes_a_complete_output(tmp_path, capsys):
         "length suppressed",
         "length amplified",
         "length learned",
+        "accuracy suppr. (SAE)",
+        "length suppr. (SAE)",
+        "length learned (SAE)",
     ]
     assert summary["export"]["greedy_generations_identical"] is True
+    sae = summary["sae"]
+    assert sae["site"] == "blocks.2.hook_resid_post.sae" and len(sae["selected"]["length"]) == 3
+    assert sae["export"] == {"folded_sites": [], "loader_sites": ["blocks.2.hook_resid_post.sae"], "greedy_generations_identical": True}
     assert summary["site"] == "blocks.3.mlp.hook_post"  # the last block of the 4-block reasoner
     assert set(summary["learned_gates"]) == set(summary["selected"]["length"])
     assert len(summary["selected"]["accuracy"]) == 3
-    for name in ("attribution_accuracy", "attribution_length", "exported_learned"):
+    for name in ("attribution_accuracy", "attribution_length", "attribution_length_sae", "exported_learned", "exported_learned_sae"):
         assert (out / name).is_dir()
-    assert len((out / "generations.jsonl").read_text().splitlines()) == 6 * 4 * 2  # 2 sampled completions each
+    assert len((out / "generations.jsonl").read_text().splitlines()) == 9 * 4 * 2  # 2 sampled completions each
     printed = capsys.readouterr().out
     assert "accuracy suppressed" in printed and "wall time" in printed
 

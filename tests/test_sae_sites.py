@@ -106,3 +106,81 @@ def test_resid_pre_is_the_previous_blocks_output():
     assert sae_site_name("blocks.3.hook_resid_pre") == "blocks.2.hook_resid_post.sae"
     with pytest.raises(ValueError, match="cannot be spliced"):
         sae_site_name("blocks.0.hook_resid_pre")
+
+
+def test_export_carries_the_sae_with_its_gates_and_load_steered_reapplies_them(tmp_path, model_with_sae, tokenizer):
+    from test_export import PLAIN_LOADER, STEERED_LOADER, _gated_outputs, _in_fresh_process
+
+    from ipg_lightning.steering import gates_for_components
+    from ipg_lightning.steering.export import export_steered_model
+
+    model, _ = model_with_sae
+    plain_logits, _ = _gated_outputs(model, ComponentGates([]))
+    gates = gates_for_components(model, ["blocks.1.hook_resid_post.sae[3]", "blocks.1.hook_resid_post.sae[9]", "blocks.0.mlp.hook_post[2]"], 0.0)
+    gates.set_component("blocks.1.hook_resid_post.sae[3]", 3.0)
+    expected_logits, expected_tokens = _gated_outputs(model, gates)
+    assert not torch.allclose(expected_logits, plain_logits, atol=1e-3)  # the feature gates matter here
+    card = export_steered_model(model, tokenizer, gates, tmp_path / "export")
+    assert card["folded_sites"] == ["blocks.0.mlp.hook_post"] and card["loader_sites"] == card["carried_saes"] == ["blocks.1.hook_resid_post.sae"]
+    steered = _in_fresh_process(STEERED_LOADER, tmp_path / "export")
+    torch.testing.assert_close(torch.tensor(steered["logits"]), expected_logits, rtol=1e-5, atol=1e-5)
+    assert steered["tokens"] == expected_tokens.tolist()
+    plain = _in_fresh_process(PLAIN_LOADER, tmp_path / "export")  # without the loader the SAE gates are absent
+    assert not torch.allclose(torch.tensor(plain["logits"]), expected_logits, atol=1e-3)
+
+
+def test_ipg_over_sae_features_is_complete_at_q_32(tmp_path, tiny_llama, tokenizer):
+    from test_attribution import _data, _run
+
+    from ipg_lightning.sae import save_sae
+
+    save_sae(random_sae(hook_name="blocks.1.hook_resid_post", k=8), tmp_path / "sae")
+    report = _run(tiny_llama, tokenizer, _data(), families=["sae_feature"], layers=[1], steps=32, rule="midpoint", saes=[str(tmp_path / "sae")])
+    completeness = report.metadata["completeness"]
+    assert completeness["relative_residual"] < 1e-3 and abs(completeness["surrogate_delta"]) > 1e-3
+    assert list(report.sites) == ["blocks.1.hook_resid_post.sae"] and report.sites["blocks.1.hook_resid_post.sae"]["size"] == 64
+    assert report.metadata["saes"] == {"blocks.1.hook_resid_post.sae": str((tmp_path / "sae").resolve())}
+
+
+@pytest.mark.parametrize("method", ["grad_x_act", "activation", "mean_diff", "ig_reference", "random"])
+def test_every_baseline_scores_sae_features(model_with_sae, tokenizer, method):
+    from test_attribution import _data, _run, has_digit
+
+    model, _ = model_with_sae
+    report = _run(model, tokenizer, _data(), families=["sae_feature"], layers=[1], method=method, steps=4, reward=has_digit)
+    scores = report.scores["blocks.1.hook_resid_post.sae"]
+    assert scores.shape == (64,) and torch.isfinite(scores).all() and scores.abs().sum() > 0
+
+
+def test_learned_gates_on_sae_features_train_and_reload_with_their_sae(tmp_path, tiny_llama, tokenizer, quiet_trainer):
+    from ipg_lightning.data import PromptTemplate, ReasoningDataModule
+    from ipg_lightning.sae import save_sae
+    from ipg_lightning.steering import ComponentSelection
+    from ipg_lightning.steering.learned import GateSteering, load_steering_checkpoint
+    from ipg_lightning.trajectories import SamplingConfig
+
+    sae = random_sae(hook_name="blocks.1.hook_resid_post", k=8)
+    save_sae(sae, tmp_path / "sae")
+    with torch.no_grad():  # two features that fire often
+        firing = (sae.encode(tiny_llama(IDS, output_hidden_states=True).hidden_states[2]) != 0).sum((0, 1))
+    components = tuple(f"blocks.1.hook_resid_post.sae[{int(index)}]" for index in firing.topk(2).indices)
+    module = GateSteering.for_model(
+        tiny_llama,
+        tokenizer,
+        model_path="tiny:llama",
+        selection=ComponentSelection(components=components, saes=(str(tmp_path / "sae"),)),
+        reward="ipg_lightning.rewards:answer_present",
+        sampling=SamplingConfig(max_new_tokens=8, num_samples=4, temperature=1.0, top_p=1.0),
+        learning_rate=0.2,
+    )
+    data = ReasoningDataModule(num_train=4, num_val=2, num_test=2, batch_size=4, template=PromptTemplate(use_chat_template=False))
+    trainer = quiet_trainer(max_epochs=2)
+    trainer.fit(module, datamodule=data)
+    trained = module.gate_values()
+    assert any(value != 1.0 for value in trained.values())
+    gate = module.gates.gate("blocks.1.hook_resid_post.sae")
+    assert int((gate.detach() != 1).sum()) == 2  # only the selected features moved
+    trainer.save_checkpoint(tmp_path / "gates.ckpt")
+    restored = load_steering_checkpoint(tmp_path / "gates.ckpt")  # a fresh tiny:llama: the SAE comes back from the selection
+    assert restored.gate_values() == pytest.approx(trained)
+    assert restored.gates.sites["blocks.1.hook_resid_post.sae"].sae is not None

@@ -30,6 +30,7 @@ from ipg_lightning.gates import ComponentGates
 from ipg_lightning.identity import model_identity
 from ipg_lightning.outputs import check_output_dir
 from ipg_lightning.rewards import load_reward
+from ipg_lightning.sae import attach_saes
 from ipg_lightning.sites import ArchitectureSpec, SiteFamilyName, resolve_architecture, unwrap_model
 from ipg_lightning.task import ReasoningTask
 from ipg_lightning.trajectories import SamplingConfig, Trajectories, sample_trajectories
@@ -43,8 +44,8 @@ class IPGAttribution(ReasoningTask):
         model_path: local Hugging Face model directory, or an alias (``tiny:<family>``, ``smollm2``).
         dtype: weights dtype (``float32``, ``bfloat16``, ``float16``, ``auto``).
         families: site families to attribute (``resid_post``, ``mlp_neuron``, ``attn_head``,
-            ``attn_out``, ``mlp_out``; for mixture-of-experts models also ``expert_neuron``,
-            ``expert``, ``shared_expert_neuron``, ``shared_expert``).
+            ``attn_out``, ``mlp_out``; ``sae_feature`` with ``saes``; for mixture-of-experts models
+            also ``expert_neuron``, ``expert``, ``shared_expert_neuron``, ``shared_expert``).
         layers: blocks to attribute; default one mid-to-late block (at 3/4 depth), as in the paper.
         method: ``ipg``; or a baseline: ``grad_x_act`` (IPG without integration: one point at
             alpha = 1), ``random``, ``activation`` (mean activation magnitude), ``mean_diff``
@@ -64,6 +65,8 @@ class IPGAttribution(ReasoningTask):
             generation batch size, seed); the seed also draws the ``random`` baseline.
         chunk_size: trajectories per teacher-forced forward/backward (bounds memory).
         architecture: module paths for an architecture that is not built in.
+        saes: SAE directories (SAELens, sparsify or dictionary_learning layout) to splice in; their
+            features are the ``sae_feature`` family at the SAEs' layers.
         output_dir: where the report is written at the end of validation (None: keep it in memory).
         overwrite: replace an earlier report of this library at ``output_dir``.
     """
@@ -85,6 +88,7 @@ class IPGAttribution(ReasoningTask):
         sampling: SamplingConfig = SamplingConfig(),
         chunk_size: int = 8,
         architecture: ArchitectureSpec | None = None,
+        saes: list[str] = [],  # noqa: B006 (jsonargparse needs a literal default)
         output_dir: str | None = None,
         overwrite: bool = False,
     ) -> None:
@@ -120,10 +124,11 @@ class IPGAttribution(ReasoningTask):
             check_sampling_has_signal(sampling.num_samples, sampling.temperature, f"method {method!r}")
 
     def configure_components(self) -> None:
-        """Gates on the attributed sites (default: the block at 3/4 depth) and the score accumulator."""
+        """SAEs spliced in, gates on the attributed sites (default: the block at 3/4 depth), the score accumulator."""
         spec = resolve_architecture(self.lm, self.architecture)
         num_layers = len(unwrap_model(self.lm).get_submodule(spec.layers))
         layers = self.hparams.layers if self.hparams.layers is not None else [round(0.75 * (num_layers - 1))]
+        attach_saes(self.lm, self.hparams.saes, self.architecture)
         self.gates = ComponentGates.for_model(self.lm, self.hparams.families, layers, self.architecture)
         self.accumulator = AttributionAccumulator({name: site.size for name, site in self.gates.sites.items()})
 
@@ -210,6 +215,9 @@ class IPGAttribution(ReasoningTask):
             "wall_time_s": round(time.perf_counter() - self._started, 3),
             "world_size": self.trainer.world_size,
         }
+        saes = {name: site.sae.source or "in-memory SAE" for name, site in self.gates.sites.items() if site.sae is not None}
+        if saes:  # where the sae_feature sites' SAEs come from: steering and evaluating the report attach them again
+            metadata["saes"] = saes
         if self.method.has_completeness:
             prompts = max(state["prompts"], 1.0)
             total, delta = state["score_sum"] / prompts, state["surrogate_delta"] / prompts

@@ -5,9 +5,13 @@
 2. fixed steering of the top-k components of each: suppressed (gate 0) and amplified (gate > 1);
 3. learned gates on the top length components, a few policy-gradient steps on "be right, think
    shorter" (accuracy minus a per-token cost);
-4. evaluation of every condition on held-out test problems, sampled with the same per-problem seeds
-   in every condition so that differences come from the gates, not from the draw;
-5. export of the learned gates as a plain Hugging Face checkpoint, checked to generate the same.
+4. the same over the features of the preset's SAE (the paper's best variant): IPG of both rewards,
+   the top features suppressed, learned gates on the top length features;
+5. export of the learned gates as Hugging Face checkpoints (neuron gates folded; SAE feature gates
+   carried with their SAE in the steering file), each checked to generate the same when loaded fresh.
+
+Every condition is evaluated on held-out test problems, sampled with the same per-problem seeds in
+every condition so that differences come from the gates, not from the draw.
 
 Each stage is a function over a :class:`DemoRun`; :func:`demo` is the typed command that runs them.
 """
@@ -35,7 +39,8 @@ from ipg_lightning.evaluation import evaluate_generations
 from ipg_lightning.gates import ComponentGates
 from ipg_lightning.models import load_model_and_tokenizer
 from ipg_lightning.outputs import atomic_directory, atomic_write_json, atomic_write_text, check_output_dir
-from ipg_lightning.reasoner import TINY_REASONER_PATH, TINY_REASONER_TASK
+from ipg_lightning.reasoner import TINY_REASONER_PATH, TINY_REASONER_SAE_PATH, TINY_REASONER_TASK
+from ipg_lightning.sae import load_sae
 from ipg_lightning.sites import SiteFamilyName
 from ipg_lightning.steering import ComponentSelection, GateSteering, export_steered_model, gates_for_components
 from ipg_lightning.trajectories import SamplingConfig
@@ -49,12 +54,13 @@ class DemoPreset:
     model_path: str
     data: dict[str, Any] = field(default_factory=dict)
     max_new_tokens: int = 160
+    sae: str | None = None
 
 
-#: ``tiny-reasoner``: the shipped reasoner on the task it was trained for (held-out problems);
+#: ``tiny-reasoner``: the shipped reasoner on the task it was trained for (held-out problems), with its SAE;
 #: ``smollm2``: SmolLM2-135M-Instruct (``ipg prepare-smollm2`` first) on reasoning-gym arithmetic.
 PRESETS = {
-    "tiny-reasoner": DemoPreset(TINY_REASONER_PATH, {"synthetic_task": TINY_REASONER_TASK}),
+    "tiny-reasoner": DemoPreset(TINY_REASONER_PATH, {"synthetic_task": TINY_REASONER_TASK}, sae=TINY_REASONER_SAE_PATH),
     "smollm2": DemoPreset(
         "smollm2",
         {"source": "reasoning_gym:basic_arithmetic", "task_kwargs": {"min_terms": 2, "max_terms": 3, "min_digits": 1, "max_digits": 2}},
@@ -124,8 +130,8 @@ def quiet_lightning() -> Iterator[None]:
 
 
 def stage(number: int, text: str) -> None:
-    """Announce one of the demo's five stages."""
-    print(f"[{number}/5] {text}", flush=True)
+    """Announce one of the demo's six stages."""
+    print(f"[{number}/6] {text}", flush=True)
 
 
 def attribute_accuracy_and_length(run: DemoRun) -> dict[str, AttributionReport]:
@@ -136,14 +142,13 @@ def attribute_accuracy_and_length(run: DemoRun) -> dict[str, AttributionReport]:
         f"IPG attribution of accuracy and of reasoning length over {s['family']} sites of block {s['layer']} "
         f"({s['support_prompts']} support problems x {s['num_samples']} samples, q={s['steps']} {s['rule']})",
     )
-    settings = {
-        "families": [s["family"]],
-        "layers": [s["layer"]],
-        "steps": s["steps"],
-        "rule": s["rule"],
-        "sampling": run.support_sampling,
-        "chunk_size": 32,
-    }
+    return _attribute_both(run, families=[s["family"]], layers=[s["layer"]])
+
+
+def _attribute_both(run: DemoRun, **sites: Any) -> dict[str, AttributionReport]:
+    """IPG reports of accuracy and of reasoning length over ``sites`` (families, layers, saes; or other settings)."""
+    s = run.settings
+    settings = {"steps": s["steps"], "rule": s["rule"], "sampling": run.support_sampling, "chunk_size": 32, **sites}
     return {
         target: run_attribution(IPGAttribution.for_model(run.lm, run.tokenizer, reward=reward, **settings), run.data)
         for target, reward in (("accuracy", "accuracy"), ("length", "reasoning_length"))
@@ -166,18 +171,19 @@ def steer_top_components(run: DemoRun, reports: dict[str, AttributionReport]) ->
     return selected
 
 
-def learn_length_gates(run: DemoRun, components: list[str]) -> GateSteering:
+def learn_length_gates(run: DemoRun, selection: ComponentSelection, condition: str = "length learned") -> GateSteering:
     """Stage 3: a few policy-gradient steps on the gates of the top length components, then their evaluation."""
     s = run.settings
-    stage(
-        3,
-        f"learning the gates of the top {s['k']} length components ({s['learning_steps']} policy-gradient steps on "
-        f"accuracy - {LENGTH_COST} x length), then evaluating them",
-    )
+    if condition == "length learned":
+        stage(
+            3,
+            f"learning the gates of the top {s['k']} length components ({s['learning_steps']} policy-gradient steps on "
+            f"accuracy - {LENGTH_COST} x length), then evaluating them",
+        )
     learned = GateSteering.for_model(
         copy.deepcopy(run.lm),
         run.tokenizer,
-        selection=ComponentSelection(components=tuple(components)),
+        selection=selection,
         reward={"accuracy": 1.0, "reasoning_length": -LENGTH_COST},
         sampling=run.support_sampling,
         learning_rate=0.1,
@@ -194,33 +200,59 @@ def learn_length_gates(run: DemoRun, components: list[str]) -> GateSteering:
         enable_progress_bar=True,
     )
     trainer.fit(learned, datamodule=run.data)
-    run.measure("length learned", learned.gates, learned.lm)
+    run.measure(condition, learned.gates, learned.lm)
     return learned
 
 
-def export_and_check(run: DemoRun, learned: GateSteering, components: list[str], directory: Path) -> dict[str, Any]:
-    """Stages 4-5: export the learned gates and check that the export, loaded fresh, generates what the gated model did."""
+def steer_sae_features(run: DemoRun, sae_path: str) -> tuple[dict[str, AttributionReport], dict[str, list[str]], GateSteering]:
+    """Stage 4: IPG over the SAE's features, the top features of each report suppressed, learned gates on the top length features."""
+    s = run.settings
+    sae = load_sae(sae_path)
+    stage(
+        4,
+        f"the same over the {sae.d_sae} features of the SAE at {sae.hook_name} (k = {sae.k}): IPG of both rewards, "
+        f"top {s['k']} features suppressed, learned gates on the top length features",
+    )
+    layer = int(sae.hook_name.split(".")[1])
+    reports = _attribute_both(run, families=["sae_feature"], layers=[layer], saes=[sae_path], steps=s["sae_steps"])
+    selected = {target: report.select(k=s["k"]) for target, report in reports.items()}
+    for target in ("accuracy", "length"):
+        run.measure(f"{target} suppr. (SAE)", gates_for_components(run.lm, selected[target], s["gamma_suppress"]))
+    learned = learn_length_gates(run, ComponentSelection(components=tuple(selected["length"]), saes=(sae_path,)), "length learned (SAE)")
+    return reports, selected, learned
+
+
+def export_and_check(run: DemoRun, learned: GateSteering, condition: str, directory: Path) -> dict[str, Any]:
+    """Export learned gates and check that the export, loaded fresh, generates what the gated model did."""
     # The reference, taken first: exporting folds the gates into learned.lm in place.
     gated = evaluate_generations(learned.lm, run.tokenizer, run.test_batches, run.greedy, learned.gates, description="gated (greedy)")
-    source = {"kind": "learned", "components": components, "reward": f"accuracy - {LENGTH_COST} x reasoning length"}
-    card = export_steered_model(learned.lm, run.tokenizer, learned.gates, directory, source=source, metrics=run.rows["length learned"])
-    stage(5, "checking that the exported checkpoint, loaded fresh, generates what the gated model did")
-    exported = load_model_and_tokenizer(str(directory))[0]
-    folded = evaluate_generations(exported, run.tokenizer, run.test_batches, run.greedy, description="exported (greedy)")
-    identical = [r["completion"] for r in folded.records] == [r["completion"] for r in gated.records]
-    return {"folded_sites": card["folded_sites"], "greedy_generations_identical": identical}
+    source = {"kind": "learned", "components": learned.components, "reward": f"accuracy - {LENGTH_COST} x reasoning length"}
+    card = export_steered_model(learned.lm, run.tokenizer, learned.gates, directory, source=source, metrics=run.rows[condition])
+    exported = load_model_and_tokenizer(str(directory))[0]  # re-applies what did not fold (ipg_lightning.load_steered)
+    reloaded = evaluate_generations(exported, run.tokenizer, run.test_batches, run.greedy, description="exported (greedy)")
+    identical = [r["completion"] for r in reloaded.records] == [r["completion"] for r in gated.records]
+    return {"folded_sites": card["folded_sites"], "loader_sites": card["loader_sites"], "greedy_generations_identical": identical}
 
 
 def write_outputs(
-    run: DemoRun, out_dir: Path, overwrite: bool, reports: dict[str, AttributionReport], learned: GateSteering, selected: dict[str, list[str]]
+    run: DemoRun,
+    out_dir: Path,
+    overwrite: bool,
+    reports: dict[str, AttributionReport],
+    learned: GateSteering,
+    selected: dict[str, list[str]],
+    sae_part: tuple[dict[str, AttributionReport], dict[str, list[str]], GateSteering] | None = None,
 ) -> dict[str, Any]:
-    """Stage 4 (and 5): reports, the export and its check, the summary and generations, written atomically."""
+    """Stages 5 and 6: reports, the exports and their checks, the summary and generations, written atomically."""
     s = run.settings
-    stage(4, f"writing reports and exporting the learned gates as a plain Hugging Face checkpoint to {out_dir}/")
+    stage(5, f"writing reports and exporting the learned gates as Hugging Face checkpoints to {out_dir}/")
     with atomic_directory(out_dir, overwrite=overwrite, kind="ipg demo output") as staging:
         for target, report in reports.items():
             report.save(staging / f"attribution_{target}")
-        export = export_and_check(run, learned, selected["length"], staging / "exported_learned")
+        for target, report in (sae_part[0] if sae_part else {}).items():
+            report.save(staging / f"attribution_{target}_sae")
+        stage(6, "checking that each exported checkpoint, loaded fresh, generates what the gated model did")
+        export = export_and_check(run, learned, "length learned", staging / "exported_learned")
         summary = {
             "preset": s["preset"],
             "model": s["model_path"],
@@ -233,8 +265,18 @@ def write_outputs(
             "conditions": run.rows,
             "completeness": {target: report.metadata["completeness"] for target, report in reports.items()},
             "export": export,
-            "wall_time_s": round(time.perf_counter() - s["started"], 1),
         }
+        if sae_part:
+            sae_reports, sae_selected, sae_learned = sae_part
+            summary["sae"] = {
+                "path": next(iter(sae_reports["accuracy"].metadata["saes"].values())),
+                "site": next(iter(sae_reports["accuracy"].sites)),
+                "selected": sae_selected,
+                "learned_gates": {name: round(value, 4) for name, value in sae_learned.gate_values().items()},
+                "completeness": {target: report.metadata["completeness"] for target, report in sae_reports.items()},
+                "export": export_and_check(run, sae_learned, "length learned (SAE)", staging / "exported_learned_sae"),
+            }
+        summary["wall_time_s"] = round(time.perf_counter() - s["started"], 1)
         atomic_write_json(staging / "summary.json", summary)
         atomic_write_text(staging / "summary.md", format_table(run.rows) + "\n")
         lines = [json.dumps({"condition": condition, **record}) + "\n" for condition, records in run.records.items() for record in records]
@@ -250,17 +292,26 @@ def print_summary(run: DemoRun, summary: dict[str, Any], title: str, out_dir: Pa
         if s["temperature"] > 0
         else "greedy decoding"
     )
-    print(f"\n{title}: top {s['k']} {s['family']} components of block {s['layer']} by IPG; {s['test_prompts']} held-out problems, {how}\n")
+    features = f" and of the SAE at {summary['sae']['site'].removesuffix('.sae')}" if "sae" in summary else ""
+    print(f"\n{title}: top {s['k']} {s['family']} components of block {s['layer']}{features} by IPG; {s['test_prompts']} held-out problems, {how}\n")
     print(format_table(run.rows))
-    for target, block in summary["completeness"].items():
+    completeness = {f"{target}, {s['family']}": block for target, block in summary["completeness"].items()}
+    completeness.update({f"{target}, SAE features": block for target, block in summary.get("sae", {}).get("completeness", {}).items()})
+    for what, block in completeness.items():
+        steps = s["sae_steps"] if what.endswith("SAE features") else s["steps"]
         print(
-            f"completeness ({target}, q={s['steps']} {s['rule']}): sum of scores {block['sum_of_scores']:.4g} vs L(1) - L(0) "
+            f"completeness ({what}, q={steps} {s['rule']}): sum of scores {block['sum_of_scores']:.4g} vs L(1) - L(0) "
             f"{block['surrogate_delta']:.4g}, residual {block['residual']:.2g}"
         )
     print("learned gates: " + ", ".join(f"{name} {value:.2f}" for name, value in summary["learned_gates"].items()))
-    export = summary["export"]
-    print(f"exported learned gates (folded {export['folded_sites']}): greedy generations identical = {export['greedy_generations_identical']}")
-    print(f"wall time {summary['wall_time_s']} s; reports, plots, metrics and the exported model are in {out_dir}/")
+    exports = {"learned gates": summary["export"]}
+    if "sae" in summary:
+        print("learned SAE feature gates: " + ", ".join(f"{name} {value:.2f}" for name, value in summary["sae"]["learned_gates"].items()))
+        exports["learned SAE feature gates"] = summary["sae"]["export"]
+    for what, export in exports.items():
+        kept = f", carried by the loader {export['loader_sites']}" if export["loader_sites"] else ""
+        print(f"exported {what} (folded {export['folded_sites']}{kept}): greedy generations identical = {export['greedy_generations_identical']}")
+    print(f"wall time {summary['wall_time_s']} s; reports, plots, metrics and the exported models are in {out_dir}/")
 
 
 def prepare_run(settings: dict[str, Any]) -> DemoRun:
@@ -322,6 +373,8 @@ def demo(
     rule: str = "gauss_legendre",
     learning_steps: int = 8,
     max_new_tokens: int | None = None,
+    sae_features: bool = True,
+    sae_steps: int = 32,
     seed: int = 0,
     overwrite: bool = True,
 ) -> dict[str, Any]:
@@ -349,6 +402,10 @@ def demo(
             completeness gap with fewer points on these smooth paths).
         learning_steps: policy-gradient steps of the learned gates.
         max_new_tokens: generation cap (default: the preset's).
+        sae_features: also attribute and steer the features of the preset's SAE (the tiny reasoner
+            ships one; SmolLM2 has none; another ``model_path`` skips them).
+        sae_steps: IPG quadrature points over SAE features: gating all of them off removes the whole
+            reconstructed residual stream, a rougher path than one block's neurons, so it needs more.
         seed: sampling seed.
         overwrite: replace an earlier output of this library at ``out_dir`` (never other files).
     """
@@ -364,6 +421,7 @@ def demo(
         eval_samples=eval_samples,
         steps=steps,
         learning_steps=learning_steps,
+        sae_steps=sae_steps,
     )
     check_gamma(gamma_suppress, "gamma_suppress")
     check_gamma(gamma_amplify, "gamma_amplify")
@@ -376,7 +434,10 @@ def demo(
     run = prepare_run(settings)
     reports = attribute_accuracy_and_length(run)
     selected = steer_top_components(run, reports)
-    learned = learn_length_gates(run, selected["length"])
-    summary = write_outputs(run, out_dir, overwrite, reports, learned, selected)
+    learned = learn_length_gates(run, ComponentSelection(components=tuple(selected["length"])))
+    own_model = settings["model_path"] == PRESETS[preset].model_path  # the preset's SAE reads its own model only
+    sae_path = PRESETS[preset].sae if sae_features and own_model else None
+    sae_part = steer_sae_features(run, sae_path) if sae_path else None
+    summary = write_outputs(run, out_dir, overwrite, reports, learned, selected, sae_part)
     print_summary(run, summary, preset if settings["model_path"] == PRESETS[preset].model_path else settings["model_path"], out_dir)
     return summary

@@ -1,8 +1,8 @@
 """Export a steered model as a plain Hugging Face checkpoint.
 
 LoRA merges first; neuron, head and sub-layer gates fold exactly into the projection weights.
-Gates that cannot fold (residual-stream coordinates, later SAE features) travel beside the
-checkpoint in ``steering.safetensors`` and are re-applied by :func:`~ipg_lightning.exported.load_steered`. Such an export
+Gates that cannot fold (residual-stream coordinates, gates after a norm, SAE features with their
+SAE) travel beside the checkpoint in ``steering.safetensors`` and are re-applied by :func:`~ipg_lightning.exported.load_steered`. Such an export
 says so where plain Hugging Face tooling looks: a ``README.md`` model card and an
 ``ipg_lightning_steering`` entry in ``config.json``. The card ``steering_card.json`` says which gates
 were folded and which need the loader, and keeps the card of the export it was made from.
@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +23,7 @@ from safetensors.torch import save_file
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
-from ipg_lightning.exported import CARD_FILE, CONFIG_MARKER, MODEL_CARD_FILE, STEERING_FILE, carried_gates, read_card
+from ipg_lightning.exported import CARD_FILE, CONFIG_MARKER, MODEL_CARD_FILE, SAE_KEY, STEERING_FILE, carried_gates, read_card
 from ipg_lightning.folding import fold_gates_into_weights
 from ipg_lightning.gates import ComponentGates, combined_gates
 from ipg_lightning.identity import IN_MEMORY_MODEL, model_identity
@@ -92,6 +91,7 @@ def export_steered_model(
         "lora_merged": merged,
         "folded_sites": folded,
         "loader_sites": list(unfoldable.sites),
+        "carried_saes": [name for name, site in unfoldable.sites.items() if site.sae is not None],
         "gates": _changed(gates),
         "carried_gates": _changed(carried),
         "effective_gates": _changed(combined),
@@ -99,8 +99,8 @@ def export_steered_model(
         "how_to_load": (
             "AutoModelForCausalLM.from_pretrained(path) reproduces the steered model"
             if not unfoldable.sites
-            else "ipg_lightning.load_steered(path): residual-stream gates cannot fold into weights and are "
-            f"re-applied from {STEERING_FILE}; plain from_pretrained gives the model without them"
+            else f"ipg_lightning.load_steered(path): gates on {', '.join(unfoldable.sites)} cannot fold into weights and are "
+            f"re-applied from {STEERING_FILE} (with the SAEs of SAE features); plain from_pretrained gives the model without them"
         ),
         "previous": read_card(source_dir) if source_dir and (source_dir / CARD_FILE).is_file() else None,
     }
@@ -131,10 +131,16 @@ def _save_marked_checkpoint(model: nn.Module, directory: Path, unfoldable: Compo
 
 
 def _save_steering_file(unfoldable: ComponentGates, path: Path) -> None:
-    """The unfolded gates, with their sites (module paths included) so loading needs no architecture table."""
-    sites = {name: asdict(site) for name, site in unfoldable.sites.items()}
+    """The unfolded gates, with their sites (module paths included) so loading needs no architecture table,
+    and the SAE of each SAE-feature site (its weights under ``<site>/sae/<name>``, its config in the metadata)."""
+    sites = {name: site.description() for name, site in unfoldable.sites.items()}
     values = {name: unfoldable.gate(name).detach().float().cpu().contiguous() for name in unfoldable.sites}
-    save_file(values, str(path), metadata={"sites": json.dumps(sites)})
+    saes = {}
+    for name, site in unfoldable.sites.items():
+        if site.sae is not None:
+            saes[name] = site.sae.config()
+            values.update({f"{name}{SAE_KEY}{key}": tensor.detach().float().cpu().contiguous() for key, tensor in site.sae.state_dict().items()})
+    save_file(values, str(path), metadata={"sites": json.dumps(sites), "saes": json.dumps(saes)})
 
 
 def _split_front_matter(text: str) -> tuple[list[str], str]:

@@ -136,7 +136,9 @@ class GateSteering(ReasoningTask):
         self.build()
 
     def configure_components(self) -> None:
-        """Resolve the selection on this model, add the adapter, and create the gates with their gradient mask."""
+        """Splice in the SAEs the selection needs, resolve it on this model, add the adapter, and create the
+        gates with their gradient mask."""
+        self.selection.attach_saes(self.lm, self.architecture)
         if not self.components:
             self.components = self.selection.resolve(self.lm, self.model_path, self.architecture, self.hparams.allow_other_model)
         if self.lora is not None:

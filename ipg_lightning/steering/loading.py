@@ -80,6 +80,7 @@ def load_steered_model(
     kind = "exported" if (Path(model_path) / CARD_FILE).is_file() else "base"
     if selection is None:
         return SteeredModel(lm, tokenizer, None, {"kind": kind, "model": model_path})
+    selection.attach_saes(lm, architecture)
     components = selection.resolve(lm, model_path, architecture, allow_other_model)
     gates = gates_for_components(lm, components, check_gamma(gamma), architecture)
     description = {

@@ -17,6 +17,7 @@ from torch import nn
 from ipg_lightning.attribution.report import AttributionReport
 from ipg_lightning.gates import ComponentGates, parse_component_name
 from ipg_lightning.identity import ModelMismatchError, check_same_model
+from ipg_lightning.sae import attach_saes
 from ipg_lightning.sites import ArchitectureSpec, find_site
 
 
@@ -34,6 +35,8 @@ class ComponentSelection:
         family: only components of this site family.
         components: explicit component names (used instead of a report), e.g.
             ``["blocks.3.attn.hook_z[2]", "blocks.3.mlp.hook_post[117]"]``.
+        saes: SAE directories whose features (``...hook_resid_post.sae[i]``) are selected; default:
+            the SAEs the report was computed with.
     """
 
     report: str | None = None
@@ -43,6 +46,7 @@ class ComponentSelection:
     per_layer: bool = False
     family: str | None = None
     components: tuple[str, ...] = ()
+    saes: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if (self.report is None) == (not self.components):
@@ -54,6 +58,21 @@ class ComponentSelection:
         if self.fraction is not None and not 0 < self.fraction <= 1:
             raise ValueError(f"fraction must be in (0, 1], got {self.fraction}")
         object.__setattr__(self, "components", tuple(self.components))
+        object.__setattr__(self, "saes", tuple(self.saes))
+
+    def sae_paths(self) -> list[str]:
+        """The SAEs the selected features need: ``saes`` if given, else those the report recorded."""
+        if self.saes or self.report is None:
+            return list(self.saes)
+        recorded = AttributionReport.load(Path(self.report)).metadata.get("saes", {})
+        missing = [path for path in recorded.values() if not Path(path).is_dir()]
+        if missing:
+            raise FileNotFoundError(f"The report {self.report} was computed with SAEs that are not at {missing} any more; give their paths as `saes`")
+        return list(recorded.values())
+
+    def attach_saes(self, model: nn.Module, architecture: ArchitectureSpec | None = None) -> None:
+        """Splice the SAEs the selection needs into ``model`` (before it resolves against the model)."""
+        attach_saes(model, self.sae_paths(), architecture)
 
     def check_count(self) -> None:
         """Refuse a selection from a report that says neither how many (``k``) nor what share (``fraction``)."""
