@@ -6,7 +6,11 @@ block, and measure held-out accuracy (test split, greedy) with them suppressed (
 amplified (gate 1.5), for several p. A better method moves accuracy more with fewer components.
 Seeds change the support problems and the sampling; intervals are mean +- 1.96 standard errors.
 
-Then the length-control curve: the top-k IPG components of the reasoning-length reward (last
+With ``--sae-methods``, the same for the features of an SAE at a site of the same block (the shipped
+SAE reads block 2's residual output), as rows marked ``[SAE]``: p of its 1024 features against p of
+the block's 384 MLP neurons.
+
+Then the length-control curve (``--skip-length`` leaves it out): the top-k IPG components of the reasoning-length reward (last
 block) scaled by gamma, against k random neurons of the same block, with mean reasoning length and
 accuracy per gamma. Length is measured on sampled completions (temperature 0.7, 4 per problem, the
 same seeds in every condition): greedy decoding almost never takes the "Wait, let me check" branch.
@@ -31,7 +35,7 @@ from ipg_lightning.data import ReasoningDataModule
 from ipg_lightning.evaluation import evaluate_generations
 from ipg_lightning.models import load_model_and_tokenizer
 from ipg_lightning.outputs import atomic_write_json
-from ipg_lightning.reasoner import TINY_REASONER_PATH, TINY_REASONER_TASK
+from ipg_lightning.reasoner import TINY_REASONER_PATH, TINY_REASONER_SAE_PATH, TINY_REASONER_TASK
 from ipg_lightning.steering import gates_for_components
 from ipg_lightning.trajectories import SamplingConfig
 
@@ -50,9 +54,9 @@ def write_figure(summary: dict, out: Path) -> None:
     """Suppression and enhancement curves per method, and the length-control curve (atomically)."""
     args = argparse.Namespace(**summary["settings"])
     base, results, length_curve = summary["base"], summary["results"], summary["length_curve"]
-    figure, axes = plt.subplots(1, 3, figsize=(14, 3.8))
+    figure, axes = plt.subplots(1, 3 if length_curve else 2, figsize=(14 if length_curve else 9.5, 3.8))
     for axis, condition in zip(axes[:2], ("suppress", "amplify"), strict=True):
-        for method in getattr(args, "methods", METHODS):
+        for method in results:
             means, errors = zip(*(interval(results[method][condition][p]) for p in args.ps), strict=True)
             axis.errorbar(args.ps, means, yerr=errors, marker="o", capsize=3, label=method)
         axis.axhline(base["accuracy"], color="grey", linestyle="--", label="base")
@@ -61,21 +65,27 @@ def write_figure(summary: dict, out: Path) -> None:
         axis.set_ylabel("held-out accuracy")
         axis.set_title(f"{condition} (gate {'0' if condition == 'suppress' else '1.5'})")
     axes[0].legend(fontsize=7)
-    gammas = [r["gamma"] for r in length_curve]
-    twin = axes[2].twinx()
-    for name, style in (("ipg", "-"), ("random", ":")):
-        axes[2].plot(gammas, [r[name]["reasoning_length_mean"] for r in length_curve], "o" + style, color="tab:blue", label=f"{name} length")
-        twin.plot(gammas, [r[name]["accuracy"] for r in length_curve], "s" + style, color="tab:red", label=f"{name} accuracy")
-    axes[2].set_xlabel(f"gamma on {args.length_k} block-{args.length_layer} neurons")
-    axes[2].set_ylabel("mean reasoning length (tokens)")
-    twin.set_ylabel("accuracy", color="tab:red")
-    twin.set_ylim(0, 1)
-    axes[2].legend(fontsize=7, loc="upper left")
-    twin.legend(fontsize=7, loc="lower right")
-    axes[2].set_title("length control")
+    if length_curve:
+        _length_panel(axes[2], length_curve, args)
     figure.tight_layout()
     figure.savefig(out / "localisation.png.tmp", dpi=110, format="png")
     (out / "localisation.png.tmp").replace(out / "localisation.png")
+
+
+def _length_panel(axis, length_curve: list[dict], args: argparse.Namespace) -> None:
+    """Mean reasoning length and accuracy against gamma, IPG against random components."""
+    gammas = [r["gamma"] for r in length_curve]
+    twin = axis.twinx()
+    for name, style in (("ipg", "-"), ("random", ":")):
+        axis.plot(gammas, [r[name]["reasoning_length_mean"] for r in length_curve], "o" + style, color="tab:blue", label=f"{name} length")
+        twin.plot(gammas, [r[name]["accuracy"] for r in length_curve], "s" + style, color="tab:red", label=f"{name} accuracy")
+    axis.set_xlabel(f"gamma on {args.length_k} block-{args.length_layer} neurons")
+    axis.set_ylabel("mean reasoning length (tokens)")
+    twin.set_ylabel("accuracy", color="tab:red")
+    twin.set_ylim(0, 1)
+    axis.legend(fontsize=7, loc="upper left")
+    twin.legend(fontsize=7, loc="lower right")
+    axis.set_title("length control")
 
 
 def print_tables(summary: dict) -> None:
@@ -84,17 +94,21 @@ def print_tables(summary: dict) -> None:
     base, results, length_curve = summary["base"], summary["results"], summary["length_curve"]
     print(
         f"\nbase accuracy {base['accuracy']:.3f}, mean length {base['reasoning_length_mean']:.1f} "
-        f"({args.test} held-out problems, {args.seeds} seeds, block {args.layer} MLP neurons, "
+        f"({args.test} held-out problems, {args.seeds} seeds, block {args.layer} MLP neurons"
+        f"{' and SAE features' if getattr(args, 'sae_methods', None) else ''}, "
         f"N={getattr(args, 'num_samples', 4)} per support problem)"
     )
     header = "| method | " + " | ".join(f"suppress p={p}" for p in args.ps) + " | " + " | ".join(f"amplify p={p}" for p in args.ps) + " |"
     print(header)
     print("|" + " --- |" * (1 + 2 * len(args.ps)))
-    for method in getattr(args, "methods", METHODS):
+    for method in results:
         cells = [
             f"{m:.3f} +- {e:.3f}" for condition in ("suppress", "amplify") for m, e in (interval(results[method][condition][p]) for p in args.ps)
         ]
         print(f"| {method} | " + " | ".join(cells) + " |")
+    if not length_curve:
+        print(f"\nwall time {summary['wall_time_s']} s")
+        return
     print(
         f"\nLength control: top-{args.length_k} IPG length neurons of block {args.length_layer} vs {args.length_k} random ones "
         "(sampled, temperature 0.7, 4 per problem)"
@@ -134,6 +148,10 @@ def main() -> None:
     parser.add_argument("--gammas", type=float, nargs="+", default=[0.0, 0.5, 1.0, 1.5, 2.0, 3.0])
     parser.add_argument("--length-layer", type=int, default=3)
     parser.add_argument("--length-k", type=int, default=4)
+    parser.add_argument("--sae-methods", nargs="*", default=[], choices=METHODS, help="also rank the features of --sae with these methods")
+    parser.add_argument("--sae", default=TINY_REASONER_SAE_PATH, help="SAE directory whose features --sae-methods rank")
+    parser.add_argument("--sae-steps", type=int, default=32, help="quadrature points over SAE features (a rougher path)")
+    parser.add_argument("--skip-length", action="store_true", help="leave out the length-control curve")
     parser.add_argument("--out", default="benchmarks/localisation")
     parser.add_argument("--from-results", action="store_true", help="redraw the figure and tables from OUT/results.json")
     args = parser.parse_args()
@@ -154,7 +172,7 @@ def main() -> None:
     test_batches = list(test_data.test_dataloader())
     base = evaluate_generations(model, tokenizer, test_batches, greedy).metrics
 
-    def attribute(method: str, seed: int, reward: str = "accuracy", layer: int = args.layer):
+    def attribute(method: str, seed: int, reward: str = "accuracy", layer: int = args.layer, family: str = "mlp_neuron"):
         # The seeded stream deals test problems first, then validation: support sets never overlap the
         # test problems, and each seed takes the next `support` problems of the validation stream.
         support = ReasoningDataModule(
@@ -167,40 +185,47 @@ def main() -> None:
             tokenizer,
             method=method,
             reward=reward,
-            families=["mlp_neuron"],
+            families=[family],
             layers=[layer],
-            steps=args.steps,
+            saes=[args.sae] if family == "sae_feature" else [],
+            steps=args.sae_steps if family == "sae_feature" else args.steps,
             rule=args.rule,
             sampling=SamplingConfig(num_samples=args.num_samples, temperature=0.7, top_p=1.0, max_new_tokens=160, batch_size=64, seed=seed),
             chunk_size=32,
         )
         return run_attribution(module, support, enable_progress_bar=False)
 
+    rows = [(method, method, "mlp_neuron") for method in args.methods]
+    rows += [(f"{method} [SAE]", method, "sae_feature") for method in args.sae_methods]
     results: dict[str, dict[str, dict[int, list[float]]]] = {
-        m: {"suppress": {p: [] for p in args.ps}, "amplify": {p: [] for p in args.ps}} for m in args.methods
+        row: {"suppress": {p: [] for p in args.ps}, "amplify": {p: [] for p in args.ps}} for row, _, _ in rows
     }
     for seed in range(args.seeds):
-        for method in args.methods:
-            report = attribute(method, seed)
+        for row, method, family in rows:
+            report = attribute(method, seed, family=family)
             for p in args.ps:
                 components = report.select(k=p)
                 for condition, gamma in (("suppress", 0.0), ("amplify", 1.5)):
                     gates = gates_for_components(model, components, gamma)
                     accuracy = evaluate_generations(model, tokenizer, test_batches, greedy, gates).metrics["accuracy"]
-                    results[method][condition][p].append(accuracy)
+                    results[row][condition][p].append(accuracy)
             print(
-                f"seed {seed} {method:<13} suppress {[results[method]['suppress'][p][-1] for p in args.ps]} "
-                f"amplify {[results[method]['amplify'][p][-1] for p in args.ps]}  ({time.perf_counter() - start:.0f} s)",
+                f"seed {seed} {row:<19} suppress {[results[row]['suppress'][p][-1] for p in args.ps]} "
+                f"amplify {[results[row]['amplify'][p][-1] for p in args.ps]}  ({time.perf_counter() - start:.0f} s)",
                 flush=True,
             )
 
     sampled = SamplingConfig(num_samples=4, temperature=0.7, top_p=1.0, max_new_tokens=160, batch_size=128)
-    selections = {
-        "ipg": attribute("ipg", 0, reward="reasoning_length", layer=args.length_layer).select(k=args.length_k),
-        "random": attribute("random", 0, layer=args.length_layer).select(k=args.length_k),
-    }
+    selections = (
+        {}
+        if args.skip_length
+        else {
+            "ipg": attribute("ipg", 0, reward="reasoning_length", layer=args.length_layer).select(k=args.length_k),
+            "random": attribute("random", 0, layer=args.length_layer).select(k=args.length_k),
+        }
+    )
     length_curve = []
-    for gamma in args.gammas:
+    for gamma in args.gammas if selections else []:
         row = {"gamma": gamma}
         for name, components in selections.items():
             metrics = evaluate_generations(model, tokenizer, test_batches, sampled, gates_for_components(model, components, gamma)).metrics

@@ -132,14 +132,17 @@ def coverage_table() -> str:
 
     ``folds`` means the gate folds exactly into a projection's weights; ``loader`` that it is applied
     by hooks and travels in an export's steering file (``load_steered``); ``-`` that the model has no
-    such site. Every cell is also checked by
-    the test matrix (gates at 1 change nothing, folding and the loader reproduce the gated model).
+    such site. ``sae_feature`` is measured with an SAE attached at block 0's residual output. Every
+    cell is also checked by the test matrix (gates at 1 change nothing, folding and the loader
+    reproduce the gated model).
     """
+    from ipg_lightning.autoencoder import attached_saes
     from ipg_lightning.sites import FAMILIES, discover_sites
 
     lines = ["| decoder type | " + " | ".join(f"`{family}`" for family in FAMILIES) + " |", "| --- |" + " --- |" * len(FAMILIES)]
     for family in TINY_FAMILIES + TINY_MOE_FAMILIES:
         model, cells = tiny_causal_lm(family), []
+        attached_saes(model)["blocks.0.hook_resid_post.sae"] = random_sae(model.config.hidden_size, "blocks.0.hook_resid_post")
         for site_family in FAMILIES:
             try:
                 site = discover_sites(model, [site_family], layers=[0])[0]

@@ -239,3 +239,26 @@ def test_experts_held_as_a_module_list_are_refused_rather_than_mistaken_for_the_
     mlp.experts = torch.nn.ModuleList([torch.nn.Linear(8, 8)])  # the shape of per-expert layouts in older or remote-code models
     with pytest.raises(UnsupportedArchitectureError, match=r"holds its experts as a module list \(mlp.experts\)"):
         discover_sites(tiny_llama, ["mlp_out"])
+
+
+@pytest.mark.parametrize("family", TINY_FAMILIES + TINY_MOE_FAMILIES)
+def test_sae_features_splice_into_every_decoder_type(family, tiny_model):
+    from ipg_lightning.sae import attach_sae
+    from ipg_lightning.testing import random_sae
+
+    model = tiny_model(family)
+    width = model.config.hidden_size
+    for point in ("hook_resid_post", "hook_mlp_out", "hook_attn_out"):
+        attach_sae(model, random_sae(width, f"blocks.1.{point}", k=4))
+    gates = ComponentGates.for_model(model, ["sae_feature"], layers=[1])
+    assert sorted(gates.sites) == ["blocks.1.hook_attn_out.sae", "blocks.1.hook_mlp_out.sae", "blocks.1.hook_resid_post.sae"]
+    ids = torch.tensor([[3, 8, 15, 4, 22, 9]])
+    with torch.no_grad():
+        plain = model(ids).logits
+        with gates.attach(model):
+            unchanged = model(ids).logits
+        gates.reset(0.0)
+        with gates.attach(model):
+            removed = model(ids).logits
+    assert (unchanged - plain).abs().max() < 1e-5
+    assert (removed - plain).abs().max() > 1e-4  # the splice sits where the model reads it

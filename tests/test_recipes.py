@@ -8,7 +8,7 @@ import pytest
 from ipg_lightning.attribution import IPGAttribution
 from ipg_lightning.attribution.report import AttributionReport
 from ipg_lightning.cli import main, run
-from ipg_lightning.cli.lightning_commands import parse_attribute, parse_steer, parse_train_reasoner
+from ipg_lightning.cli.lightning_commands import parse_attribute, parse_steer, parse_train_reasoner, parse_train_sae
 from ipg_lightning.data import ReasoningDataModule
 from ipg_lightning.steering.learned import GateSteering, load_steering_checkpoint
 
@@ -16,12 +16,13 @@ RECIPE_DIR = Path(__file__).resolve().parents[1] / "recipes"
 RECIPES = sorted(RECIPE_DIR.glob("attribute_*.yaml"))
 STEER_RECIPES = sorted(RECIPE_DIR.glob("steer_*.yaml"))
 FUNCTION_RECIPES = sorted(RECIPE_DIR.glob("evaluate_*.yaml")) + sorted(RECIPE_DIR.glob("export_*.yaml"))
-TRAIN_RECIPES = sorted(RECIPE_DIR.glob("train_*.yaml"))
+TRAIN_RECIPES = sorted(RECIPE_DIR.glob("train_tiny_reasoner*.yaml"))
+SAE_RECIPES = sorted(RECIPE_DIR.glob("train_*sae.yaml"))
 TINY = str(RECIPE_DIR / "attribute_tiny.yaml")
 
 
 def test_every_recipe_is_covered():
-    covered = RECIPES + STEER_RECIPES + FUNCTION_RECIPES + TRAIN_RECIPES
+    covered = RECIPES + STEER_RECIPES + FUNCTION_RECIPES + TRAIN_RECIPES + SAE_RECIPES
     assert {p.name for p in RECIPE_DIR.glob("*.yaml")} == {p.name for p in covered}
 
 
@@ -106,3 +107,16 @@ def test_train_recipe_parses(recipe):
     assert isinstance(cli.model, ReasonerTraining)
     assert cli.config.output_dir == "checkpoints/tiny-reasoner"
     assert sum(p.numel() for p in cli.model.lm.parameters()) < 5_000_000
+
+
+@pytest.mark.parametrize("recipe", SAE_RECIPES, ids=lambda p: p.name)
+def test_sae_recipe_parses_to_the_shipped_sae_settings(recipe):
+    from ipg_lightning.reasoner import TINY_REASONER_SAE_PATH
+    from ipg_lightning.sae import load_sae
+    from ipg_lightning.sae.training import SAETraining
+
+    cli = parse_train_sae(["--config", str(recipe)])
+    assert isinstance(cli.model, SAETraining) and cli.model.traces is not None
+    shipped = load_sae(TINY_REASONER_SAE_PATH)
+    assert cli.config.output_dir == "checkpoints/tiny-reasoner-sae"
+    assert (cli.model.hparams.hook_name, cli.model.hparams.k) == (shipped.hook_name, shipped.k)

@@ -30,7 +30,7 @@ from ipg_lightning.gates import ComponentGates
 from ipg_lightning.identity import model_identity
 from ipg_lightning.outputs import check_output_dir
 from ipg_lightning.rewards import load_reward
-from ipg_lightning.sae import attach_saes
+from ipg_lightning.sae import IN_MEMORY_SAE, attach_saes
 from ipg_lightning.sites import ArchitectureSpec, SiteFamilyName, resolve_architecture, unwrap_model
 from ipg_lightning.task import ReasoningTask
 from ipg_lightning.trajectories import SamplingConfig, Trajectories, sample_trajectories
@@ -215,7 +215,7 @@ class IPGAttribution(ReasoningTask):
             "wall_time_s": round(time.perf_counter() - self._started, 3),
             "world_size": self.trainer.world_size,
         }
-        saes = {name: site.sae.source or "in-memory SAE" for name, site in self.gates.sites.items() if site.sae is not None}
+        saes = {name: site.sae.source or IN_MEMORY_SAE for name, site in self.gates.sites.items() if site.sae is not None}
         if saes:  # where the sae_feature sites' SAEs come from: steering and evaluating the report attach them again
             metadata["saes"] = saes
         if self.method.has_completeness:

@@ -8,4 +8,7 @@ from ipg_lightning.autoencoder import SparseAutoencoder, attached_saes
 from ipg_lightning.sae.attach import attach_sae, attach_saes, detach_saes
 from ipg_lightning.sae.formats import load_sae, save_sae
 
-__all__ = ["SparseAutoencoder", "attach_sae", "attach_saes", "attached_saes", "detach_saes", "load_sae", "save_sae"]
+#: How a report names an SAE that was attached in memory and never saved.
+IN_MEMORY_SAE = "in-memory SAE"
+
+__all__ = ["IN_MEMORY_SAE", "SparseAutoencoder", "attach_sae", "attach_saes", "attached_saes", "detach_saes", "load_sae", "save_sae"]

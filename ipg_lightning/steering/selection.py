@@ -17,7 +17,7 @@ from torch import nn
 from ipg_lightning.attribution.report import AttributionReport
 from ipg_lightning.gates import ComponentGates, parse_component_name
 from ipg_lightning.identity import ModelMismatchError, check_same_model
-from ipg_lightning.sae import attach_saes
+from ipg_lightning.sae import IN_MEMORY_SAE, attach_saes
 from ipg_lightning.sites import ArchitectureSpec, find_site
 
 
@@ -66,6 +66,8 @@ class ComponentSelection:
             return list(self.saes)
         recorded = AttributionReport.load(Path(self.report)).metadata.get("saes", {})
         missing = [path for path in recorded.values() if not Path(path).is_dir()]
+        if IN_MEMORY_SAE in missing:
+            raise ValueError(f"The report {self.report} used an SAE that was never saved: save it (save_sae) and pass its path as `saes`")
         if missing:
             raise FileNotFoundError(f"The report {self.report} was computed with SAEs that are not at {missing} any more; give their paths as `saes`")
         return list(recorded.values())
