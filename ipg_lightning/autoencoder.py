@@ -10,8 +10,8 @@ scales each feature, and the model continues from
 so the SAE's reconstruction error is kept and gates at 1 leave the model exactly unchanged.
 
 The encoder covers the architectures in use: ``relu`` (standard), ``topk`` (the k largest
-pre-activations, after a ReLU), ``jumprelu`` and ``batchtopk`` (at inference both keep a
-pre-activation above its feature's threshold). Per-token activation normalisation as SAELens
+pre-activations, after a ReLU) and ``jumprelu`` (a pre-activation above its feature's threshold;
+BatchTopK SAEs are this at inference, with one threshold shared by all features). Per-token activation normalisation as SAELens
 defines it is applied before encoding and undone after decoding. Reading and writing the file formats lives in
 :mod:`ipg_lightning.sae`; a model carries the SAEs spliced into it (:func:`attached_saes`).
 """
@@ -24,8 +24,9 @@ from typing import Literal
 import torch
 from torch import nn
 
-SAEActivation = Literal["relu", "topk", "jumprelu", "batchtopk"]
-#: How inputs are normalised before encoding (SAELens ``normalize_activations``).
+SAEActivation = Literal["relu", "topk", "jumprelu"]
+#: How inputs are normalised before encoding: SAELens' per-token ``normalize_activations``, or this
+#: library's ``constant_scale`` (a training-time scale, folded into the weights when saved).
 SAENormalization = Literal["none", "constant_scale", "constant_norm_rescale", "layer_norm"]
 _ATTACHED = "_ipg_saes"
 
@@ -39,7 +40,7 @@ class SparseAutoencoder(nn.Module):
         hook_name: where it reads, as a TransformerLens-style site name (``blocks.3.hook_resid_post``,
             ``blocks.3.hook_mlp_out``, ``blocks.3.hook_attn_out``; ``blocks.L.hook_resid_pre`` is the
             output of block L - 1).
-        activation: ``relu``, ``topk``, ``jumprelu`` or ``batchtopk``.
+        activation: ``relu``, ``topk`` or ``jumprelu``.
         k: the number of active features of a ``topk`` SAE.
         apply_b_dec_to_input: subtract ``b_dec`` from the input before encoding.
         normalization: ``none``; ``constant_scale`` (inputs multiplied by ``input_scale``, outputs
@@ -124,7 +125,7 @@ class SparseAutoencoder(nn.Module):
         if self.activation == "topk":  # the k largest pre-activations, then ReLU; all others 0
             values, indices = pre.topk(self.k, dim=-1)
             return torch.zeros_like(pre).scatter(-1, indices, torch.relu(values))
-        return torch.where(pre > self.threshold, torch.relu(pre), torch.zeros_like(pre))  # jumprelu, batchtopk
+        return torch.where(pre > self.threshold, torch.relu(pre), torch.zeros_like(pre))  # jumprelu
 
     def encode(self, z: torch.Tensor) -> torch.Tensor:
         """(..., d_in) activations -> (..., d_sae) feature activations."""
@@ -179,3 +180,15 @@ def attached_saes(model: nn.Module) -> dict[str, SparseAutoencoder]:
     They are kept off the module tree, so ``save_pretrained`` and the model's identity never see them.
     """
     return vars(model).setdefault(_ATTACHED, {})
+
+
+def same_sae(first: SparseAutoencoder | None, second: SparseAutoencoder | None) -> bool:
+    """Whether two SAEs (or None) encode and decode alike: the same object, or equal settings and weights."""
+    if first is second:
+        return True
+    if first is None or second is None or first.config() != second.config():
+        return False
+    return all(
+        torch.equal(a.detach().cpu().float(), b.detach().cpu().float())
+        for a, b in zip(first.state_dict().values(), second.state_dict().values(), strict=True)
+    )

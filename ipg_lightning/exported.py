@@ -19,9 +19,9 @@ from safetensors.torch import load_file
 from torch import nn
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
-from ipg_lightning.autoencoder import SparseAutoencoder, attached_saes
+from ipg_lightning.autoencoder import SparseAutoencoder
 from ipg_lightning.gates import ComponentGates
-from ipg_lightning.sites import Site, find_site, unwrap_model
+from ipg_lightning.sites import Site, find_site, splice_sae, unwrap_model
 
 STEERING_FILE = "steering.safetensors"
 CARD_FILE = "steering_card.json"
@@ -57,28 +57,38 @@ def read_steering_gates(path: str | Path, model: nn.Module) -> ComponentGates | 
         described, sae_configs = json.loads(metadata.get("sites", "{}")), json.loads(metadata.get("saes", "{}"))
     except Exception as error:  # safetensors raises its own error types for damaged files
         raise ValueError(f"{steering_file} cannot be read ({error}); re-export the model") from None
-    saes = {name: _carried_sae(name, config, values) for name, config in sae_configs.items()}
-    sites = []
-    for site_name in [name for name in values if SAE_KEY not in name]:
-        if site_name in described:
-            sites.append(Site(**described[site_name], sae=saes.get(site_name)))
-        else:
-            sites.append(find_site(model, site_name))
+    try:
+        saes = {name: _carried_sae(name, config, values) for name, config in sae_configs.items()}
+        sites = []
+        for site_name in [name for name in values if SAE_KEY not in name]:
+            if site_name in described:
+                sites.append(Site(**described[site_name], sae=saes.get(site_name)))
+            else:
+                sites.append(find_site(model, site_name))
+        missing = [site.name for site in sites if site.kind.sae and site.sae is None]
+        if missing:
+            raise ValueError(f"no SAE is stored for {missing}")
+    except (TypeError, ValueError, RuntimeError) as error:
+        raise ValueError(f"{steering_file} cannot be read ({error}); re-export the model") from None
     gates = ComponentGates(sites)
     for site in sites:
         vector = values[site.name]
         if vector.shape != gates.gate(site.name).shape:
             raise ValueError(f"{steering_file}: {site.name} has {vector.numel()} gates, the model has {gates.gate(site.name).numel()}")
         gates.set_site(site.name, vector)
-    attached_saes(unwrap_model(model)).update(saes)
+    for sae in saes.values():
+        splice_sae(model, sae)
     return gates
 
 
 def _carried_sae(site_name: str, config: dict[str, Any], values: dict[str, torch.Tensor]) -> SparseAutoencoder:
     """The SAE of an SAE-feature site as the steering file carries it (config in metadata, weights under ``<site>/sae/``)."""
+    config = dict(config)
+    source = config.pop("source", None)
     sae = SparseAutoencoder(**config)
     prefix = f"{site_name}{SAE_KEY}"
     sae.load_state_dict({key.removeprefix(prefix): tensor for key, tensor in values.items() if key.startswith(prefix)})
+    sae.source = source
     return sae.requires_grad_(False)
 
 

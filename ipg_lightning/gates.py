@@ -26,6 +26,7 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
+from ipg_lightning.autoencoder import same_sae
 from ipg_lightning.experts import WeightGateHandle, gate_weight
 from ipg_lightning.sites import ArchitectureSpec, Site, discover_sites, unwrap_model
 
@@ -220,6 +221,10 @@ def combined_gates(*gate_sets: ComponentGates | None) -> ComponentGates:
         for name, site in gates.sites.items():
             if sites.setdefault(name, site) != site:
                 raise ValueError(f"Cannot combine gates: {name} is {sites[name]} in one set and {site} in another")
+            if not same_sae(sites[name].sae, site.sae):
+                raise ValueError(
+                    f"Cannot combine gates: {name} holds a different SAE in each set; gates on features of different SAEs do not compose"
+                )
     combined = ComponentGates(list(sites.values()))
     for gates in filter(None, gate_sets):
         for name in gates.sites:

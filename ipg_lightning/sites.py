@@ -314,10 +314,34 @@ def discover_sites(
     return sites
 
 
-def sae_site_name(hook_name: str) -> str:
-    """Where an SAE reading ``hook_name`` is spliced, as its site's name: ``blocks.3.hook_resid_post.sae``.
+@dataclass(frozen=True)
+class SAEPoint:
+    """Where an SAE is spliced: the block and the whole-output point whose activation it reads.
 
-    ``blocks.L.hook_resid_pre`` is the same activation as ``blocks.{L-1}.hook_resid_post`` and is named so.
+    Args:
+        layer: the block.
+        point: ``hook_resid_post``, ``hook_mlp_out`` or ``hook_attn_out``.
+    """
+
+    layer: int
+    point: str
+
+    @property
+    def activation_name(self) -> str:
+        """The activation it reads, e.g. ``blocks.3.hook_resid_post``."""
+        return f"blocks.{self.layer}.{self.point}"
+
+    @property
+    def site_name(self) -> str:
+        """The name of its features' site, e.g. ``blocks.3.hook_resid_post.sae``."""
+        return f"{self.activation_name}.sae"
+
+
+def sae_point(hook_name: str) -> SAEPoint:
+    """Where an SAE reading ``hook_name`` is spliced; ``blocks.L.hook_resid_pre`` is block L - 1's output.
+
+    >>> sae_point("blocks.3.hook_resid_pre").site_name
+    'blocks.2.hook_resid_post.sae'
     """
     match = re.fullmatch(r"blocks\.(\d+)\.(hook_\w+)", hook_name)
     layer, point = (int(match[1]), match[2]) if match else (None, None)
@@ -328,7 +352,33 @@ def sae_site_name(hook_name: str) -> str:
             f"An SAE at {hook_name!r} cannot be spliced in: supported hook points are blocks.L.hook_resid_post, "
             "blocks.L.hook_mlp_out, blocks.L.hook_attn_out and blocks.L.hook_resid_pre (L >= 1)"
         )
-    return f"blocks.{layer}.{point}.sae"
+    return SAEPoint(layer, point)
+
+
+def splice_sae(model: nn.Module, sae: SparseAutoencoder, architecture: ArchitectureSpec | None = None) -> str:
+    """Splice ``sae`` into ``model`` at its hook point (its features become ``sae_feature`` sites); return the site name.
+
+    The SAE is frozen and moved to the model's device (it keeps its own dtype: ``encode`` casts the
+    activation to it). Splicing the same SAE (or one loaded from the same directory) again does
+    nothing. Raises ``ValueError`` naming the problem when the model has no such hook point, its
+    width differs, or another SAE sits there; a refused SAE is not left attached.
+    """
+    root = unwrap_model(model)
+    where = sae_point(sae.hook_name)
+    saes = attached_saes(root)
+    present = saes.get(where.site_name)
+    if present is sae or (present is not None and sae.source is not None and present.source == sae.source):
+        return where.site_name
+    if present is not None:
+        raise ValueError(f"Another SAE is attached at {where.site_name} already; detach it first (ipg_lightning.sae.detach_saes)")
+    saes[where.site_name] = sae
+    try:
+        discover_sites(root, ["sae_feature"], [where.layer], architecture)
+    except Exception:
+        del saes[where.site_name]
+        raise
+    sae.requires_grad_(False).to(device=next(root.parameters()).device)
+    return where.site_name
 
 
 def _make_sites(root: nn.Module, spec: ArchitectureSpec, family: str, layer: int, block_path: str) -> list[Site]:
@@ -379,18 +429,18 @@ def _expert_sites(root: nn.Module, spec: ArchitectureSpec, kind: SiteFamily, lay
 def _sae_sites(root: nn.Module, spec: ArchitectureSpec, layer: int, block_path: str) -> list[Site]:
     """The features of each SAE attached at block ``layer``, spliced where its hook point's family hooks."""
     sites = []
-    for name, sae in attached_saes(root).items():
-        point_family, sae_layer = parse_site_name(name.removesuffix(".sae"))
-        if sae_layer != layer:
+    for sae in attached_saes(root).values():
+        where = sae_point(sae.hook_name)
+        if where.layer != layer:
             continue
         width = root.config.hidden_size
         if sae.d_in != width:
             raise ValueError(
-                f"The SAE at {sae.hook_name} reads {sae.d_in} channels, but {name.removesuffix('.sae')} of this model has {width}: "
+                f"The SAE at {sae.hook_name} reads {sae.d_in} channels, but {where.activation_name} of this model has {width}: "
                 "it was trained for another model"
             )
-        (host,) = _make_sites(root, spec, point_family, layer, block_path)
-        sites.append(Site("sae_feature", layer, host.module_path, sae.d_sae, foldable=False, point=name.split(".")[2], sae=sae))
+        (host,) = _make_sites(root, spec, SAE_POINTS[where.point], layer, block_path)
+        sites.append(Site("sae_feature", layer, host.module_path, sae.d_sae, foldable=False, point=where.point, sae=sae))
     return sites
 
 

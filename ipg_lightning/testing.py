@@ -12,7 +12,7 @@ import torch
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerFast
 
-from ipg_lightning.autoencoder import SparseAutoencoder
+from ipg_lightning.autoencoder import SAEActivation, SparseAutoencoder
 
 #: Decoder types with a tiny config here (every dense decoder type the tests cover); ``tiny:<type>``
 #: loads one. The first six are the original tiny families; the order is the test matrix's.
@@ -113,7 +113,13 @@ def tiny_causal_lm(family: str = "llama", seed: int = 0, **overrides) -> PreTrai
 
 
 def random_sae(
-    d_in: int = 32, hook_name: str = "blocks.1.hook_resid_post", d_sae: int = 64, activation: str = "topk", k: int | None = 8, seed: int = 0, **fields
+    d_in: int = 32,
+    hook_name: str = "blocks.1.hook_resid_post",
+    d_sae: int = 64,
+    activation: SAEActivation = "topk",
+    k: int | None = 8,
+    seed: int = 0,
+    **fields,
 ) -> SparseAutoencoder:
     """A sparse autoencoder with random (seeded) weights, scaled so that its features fire on tiny-model activations."""
     generator = torch.Generator().manual_seed(seed)
@@ -136,13 +142,12 @@ def coverage_table() -> str:
     cell is also checked by the test matrix (gates at 1 change nothing, folding and the loader
     reproduce the gated model).
     """
-    from ipg_lightning.autoencoder import attached_saes
-    from ipg_lightning.sites import FAMILIES, discover_sites
+    from ipg_lightning.sites import FAMILIES, discover_sites, splice_sae
 
     lines = ["| decoder type | " + " | ".join(f"`{family}`" for family in FAMILIES) + " |", "| --- |" + " --- |" * len(FAMILIES)]
     for family in TINY_FAMILIES + TINY_MOE_FAMILIES:
         model, cells = tiny_causal_lm(family), []
-        attached_saes(model)["blocks.0.hook_resid_post.sae"] = random_sae(model.config.hidden_size, "blocks.0.hook_resid_post")
+        splice_sae(model, random_sae(model.config.hidden_size, "blocks.0.hook_resid_post"))
         for site_family in FAMILIES:
             try:
                 site = discover_sites(model, [site_family], layers=[0])[0]

@@ -228,3 +228,50 @@ def test_saelens_itself_loads_what_we_save(tmp_path, z):
     save_sae(sae, tmp_path / "sae")
     theirs = sae_lens.SAE.load_from_disk(str(tmp_path / "sae"), device="cpu")
     assert torch.allclose(theirs.encode(z), sae.encode(z), atol=1e-5)
+
+
+def test_torch_files_that_inflate_or_are_damaged_are_refused(tmp_path):
+    import zipfile
+
+    from ipg_lightning.sae.torch_zip import read_torch_tensors
+
+    torch.save({"w": torch.ones(1).expand(3000, 3000)}, tmp_path / "inflated.pt")  # 4 bytes stored, 36 MB asked for
+    with pytest.raises(UnsafeTorchFileError, match="would repeat the 1 elements it stores"):
+        read_torch_tensors(tmp_path / "inflated.pt")
+    torch.save({"w": torch.zeros(4)}, tmp_path / "plain.pt")
+    with zipfile.ZipFile(tmp_path / "plain.pt") as source, zipfile.ZipFile(tmp_path / "deflated.pt", "w", zipfile.ZIP_DEFLATED) as target:
+        for info in source.infolist():
+            target.writestr(info.filename, source.read(info.filename))
+    with pytest.raises(UnsafeTorchFileError, match="compressed members"):
+        read_torch_tensors(tmp_path / "deflated.pt")
+    with zipfile.ZipFile(tmp_path / "plain.pt") as source, zipfile.ZipFile(tmp_path / "truncated.pt", "w") as target:
+        for info in source.infolist():
+            data = source.read(info.filename)
+            target.writestr(info.filename, data[: len(data) // 2] if info.filename.endswith("data.pkl") else data)
+    with pytest.raises(UnsafeTorchFileError, match="damaged or not a torch.save state dict"):
+        read_torch_tensors(tmp_path / "truncated.pt")
+    assert torch.equal(read_torch_tensors(tmp_path / "plain.pt")["w"], torch.zeros(4))
+
+
+def test_a_saelens_checkpoint_keeps_its_activation_scale(tmp_path, tensors, z):
+    weights = {name: tensors[name] for name in ("W_enc", "b_enc", "W_dec", "b_dec")}
+    directory = write_saelens(
+        tmp_path / "sae", weights, architecture="standard", normalize_activations="expected_average_only_in", hook_name="blocks.0.hook_resid_post"
+    )
+    assert load_sae(directory).normalization == "none"  # a final SAE: the scale is in its weights
+    (directory / "activation_scaler.json").write_text(json.dumps({"scaling_factor": 0.25}))
+    sae = load_sae(directory)  # a training checkpoint: inputs times 0.25, outputs divided by it
+    features = torch.relu((z * 0.25 - tensors["b_dec"]) @ tensors["W_enc"] + tensors["b_enc"])
+    check(sae, z, features, (features @ tensors["W_dec"] + tensors["b_dec"]) / 0.25)
+
+
+def test_dictionary_learning_points_that_are_not_block_outputs_are_refused(tmp_path, tensors):
+    state = {"encoder.weight": tensors["W_enc"].T, "encoder.bias": tensors["b_enc"], "decoder.weight": tensors["W_dec"].T, "b_dec": tensors["b_dec"]}
+    directory = write_dictionary_learning(tmp_path / "a", state, "AutoEncoderTopK", k=K, submodule_name="embed")
+    with pytest.raises(SAEFormatError, match="submodule 'embed' .* is not a point"):
+        load_sae(directory)
+    directory = write_dictionary_learning(tmp_path / "b", state, "AutoEncoderTopK", k=K)
+    config = json.loads((directory / "config.json").read_text())
+    (directory / "config.json").write_text(json.dumps({**config, "buffer": {"io": "in"}}))
+    with pytest.raises(SAEFormatError, match="buffer io 'in'"):
+        load_sae(directory)

@@ -1,13 +1,15 @@
 """SAE features as sites: the splice is exact at gates 1, a gate of 0 removes exactly one decoder
 contribution, and everything that works for a site family works for them (generate, PEFT, errors)."""
 
+import dataclasses
+
 import pytest
 import torch
 from peft import LoraConfig, get_peft_model
 
-from ipg_lightning.gates import ComponentGates
+from ipg_lightning.gates import ComponentGates, combined_gates
 from ipg_lightning.sae import attach_sae, attached_saes, detach_saes
-from ipg_lightning.sites import discover_sites, find_site, sae_site_name
+from ipg_lightning.sites import discover_sites, find_site, sae_point
 from ipg_lightning.testing import random_sae
 
 IDS = torch.tensor([[5, 9, 14, 3, 22, 7, 30, 11]])
@@ -103,9 +105,9 @@ def test_mismatched_or_missing_saes_are_refused_by_name(tiny_llama):
 
 
 def test_resid_pre_is_the_previous_blocks_output():
-    assert sae_site_name("blocks.3.hook_resid_pre") == "blocks.2.hook_resid_post.sae"
+    assert sae_point("blocks.3.hook_resid_pre").site_name == "blocks.2.hook_resid_post.sae"
     with pytest.raises(ValueError, match="cannot be spliced"):
-        sae_site_name("blocks.0.hook_resid_pre")
+        sae_point("blocks.0.hook_resid_pre")
 
 
 def test_export_carries_the_sae_with_its_gates_and_load_steered_reapplies_them(tmp_path, model_with_sae, tokenizer):
@@ -184,3 +186,22 @@ def test_learned_gates_on_sae_features_train_and_reload_with_their_sae(tmp_path,
     restored = load_steering_checkpoint(tmp_path / "gates.ckpt")  # a fresh tiny:llama: the SAE comes back from the selection
     assert restored.gate_values() == pytest.approx(trained)
     assert restored.gates.sites["blocks.1.hook_resid_post.sae"].sae is not None
+
+
+def test_a_loaded_export_can_be_steered_again_with_the_same_sae(tmp_path, tiny_llama, tokenizer):
+    from ipg_lightning.exported import load_steered
+    from ipg_lightning.sae import save_sae
+    from ipg_lightning.steering import gates_for_components
+    from ipg_lightning.steering.export import export_steered_model
+
+    save_sae(random_sae(), tmp_path / "sae")
+    attach_sae(tiny_llama, tmp_path / "sae")
+    export_steered_model(tiny_llama, tokenizer, gates_for_components(tiny_llama, ["blocks.1.hook_resid_post.sae[2]"], 0.5), tmp_path / "export")
+    loaded = load_steered(tmp_path / "export")
+    assert attach_sae(loaded, tmp_path / "sae") == "blocks.1.hook_resid_post.sae"  # recognised by its source, not read again
+    with pytest.raises(ValueError, match="Another SAE is attached"):
+        attach_sae(loaded, random_sae(seed=3))
+    (site,) = discover_sites(loaded, ["sae_feature"], [1])
+    other = ComponentGates([dataclasses.replace(site, sae=random_sae(seed=3))])
+    with pytest.raises(ValueError, match="holds a different SAE in each set"):
+        combined_gates(ComponentGates([site]), other)

@@ -95,6 +95,8 @@ class IPGAttribution(ReasoningTask):
         super().__init__(model_path, dtype, architecture)
         sampling = SamplingConfig(**sampling) if isinstance(sampling, dict) else sampling
         self._check_settings(method, estimation, path, baseline, families, layers, steps, chunk_size, sampling)
+        if saes and "sae_feature" not in families:
+            raise ValueError(f"saes are given but families {list(families)} has no sae_feature: add it, or leave saes out")
         if output_dir is not None:
             check_output_dir(output_dir, overwrite)  # refuse now rather than after the run
         self.save_hyperparameters(ignore=[] if isinstance(reward, str | dict) else ["reward"])

@@ -41,7 +41,7 @@ from ipg_lightning.models import load_model_and_tokenizer
 from ipg_lightning.outputs import atomic_directory, atomic_write_json, atomic_write_text, check_output_dir
 from ipg_lightning.reasoner import TINY_REASONER_PATH, TINY_REASONER_SAE_PATH, TINY_REASONER_TASK
 from ipg_lightning.sae import load_sae
-from ipg_lightning.sites import SiteFamilyName
+from ipg_lightning.sites import SiteFamilyName, sae_point
 from ipg_lightning.steering import ComponentSelection, GateSteering, export_steered_model, gates_for_components
 from ipg_lightning.trajectories import SamplingConfig
 from ipg_lightning.validation import check_at_least, check_gamma
@@ -171,10 +171,10 @@ def steer_top_components(run: DemoRun, reports: dict[str, AttributionReport]) ->
     return selected
 
 
-def learn_length_gates(run: DemoRun, selection: ComponentSelection, condition: str = "length learned") -> GateSteering:
+def learn_length_gates(run: DemoRun, selection: ComponentSelection, condition: str = "length learned", announce: bool = True) -> GateSteering:
     """Stage 3: a few policy-gradient steps on the gates of the top length components, then their evaluation."""
     s = run.settings
-    if condition == "length learned":
+    if announce:
         stage(
             3,
             f"learning the gates of the top {s['k']} length components ({s['learning_steps']} policy-gradient steps on "
@@ -213,12 +213,14 @@ def steer_sae_features(run: DemoRun, sae_path: str) -> tuple[dict[str, Attributi
         f"the same over the {sae.d_sae} features of the SAE at {sae.hook_name} (k = {sae.k}): IPG of both rewards, "
         f"top {s['k']} features suppressed, learned gates on the top length features",
     )
-    layer = int(sae.hook_name.split(".")[1])
+    layer = sae_point(sae.hook_name).layer
     reports = _attribute_both(run, families=["sae_feature"], layers=[layer], saes=[sae_path], steps=s["sae_steps"])
     selected = {target: report.select(k=s["k"]) for target, report in reports.items()}
     for target in ("accuracy", "length"):
         run.measure(f"{target} suppr. (SAE)", gates_for_components(run.lm, selected[target], s["gamma_suppress"]))
-    learned = learn_length_gates(run, ComponentSelection(components=tuple(selected["length"]), saes=(sae_path,)), "length learned (SAE)")
+    learned = learn_length_gates(
+        run, ComponentSelection(components=tuple(selected["length"]), saes=(sae_path,)), "length learned (SAE)", announce=False
+    )
     return reports, selected, learned
 
 

@@ -9,8 +9,9 @@
   ``W_dec`` (d_sae, d_in), ``b_dec``); top-k. ``layers.N`` is the output of decoder block N, i.e.
   ``blocks.N.hook_resid_post``; ``layers.N.mlp`` is that block's MLP output.
 - **dictionary_learning**: ``ae.pt`` (a ``torch.save`` state dict) with ``config.json``; read
-  without unpickling (:mod:`ipg_lightning.sae.torch_zip`). ``BatchTopKSAE`` (its threshold at
-  inference), ``AutoEncoderTopK`` and the standard ``AutoEncoder``.
+  without unpickling (:mod:`ipg_lightning.sae.torch_zip`). ``BatchTopKSAE`` and
+  ``MatryoshkaBatchTopKSAE`` (a JumpReLU with their one threshold, as at inference),
+  ``AutoEncoderTopK``, the standard ``AutoEncoder`` and ``JumpReluAutoEncoder``.
 
 :func:`load_sae` tells the formats apart by their files; a config it cannot honour is refused with a
 message that names the setting.
@@ -19,6 +20,7 @@ message that names the setting.
 from __future__ import annotations
 
 import json
+import logging
 import re
 from pathlib import Path
 from typing import Any
@@ -33,20 +35,28 @@ from ipg_lightning.sae.torch_zip import read_torch_tensors
 SAELENS_WEIGHTS, SAELENS_CONFIG = "sae_weights.safetensors", "cfg.json"
 SPARSIFY_WEIGHTS, SPARSIFY_CONFIG = "sae.safetensors", "cfg.json"
 DICTIONARY_WEIGHTS, DICTIONARY_CONFIG = "ae.pt", "config.json"
+SAELENS_SCALER = "activation_scaler.json"
 CARD_FILE = "sae_card.json"
 #: The SAELens version whose ``cfg.json`` layout :func:`save_sae` writes.
 SAELENS_LAYOUT_VERSION = "6.0.0"
+
+
+logger = logging.getLogger(__name__)
 
 
 class SAEFormatError(ValueError):
     """An SAE file that cannot be read, or whose config asks for something not supported."""
 
 
-def load_sae(path: str | Path) -> SparseAutoencoder:
-    """The SAE saved at ``path`` (a directory in the SAELens, sparsify or dictionary_learning layout), frozen."""
+def sae_directory(path: str | Path) -> Path:
+    """The directory of an SAE given by its directory or by its weights file (``ae.pt``, ``sae_weights.safetensors``, ...)."""
     path = Path(path)
-    if path.is_file() and path.name == DICTIONARY_WEIGHTS:
-        path = path.parent
+    return path.parent if path.is_file() and path.name in (DICTIONARY_WEIGHTS, SAELENS_WEIGHTS, SPARSIFY_WEIGHTS) else path
+
+
+def load_sae(path: str | Path) -> SparseAutoencoder:
+    """The SAE saved at ``path`` (a directory in the SAELens, sparsify or dictionary_learning layout, or its weights file), frozen."""
+    path = sae_directory(path)
     if not path.is_dir():
         raise FileNotFoundError(f"No SAE directory at {path}")
     files = {child.name for child in path.iterdir()}
@@ -90,7 +100,7 @@ def _build(config: dict[str, Any], weights: dict[str, torch.Tensor], where: Path
     """An SAE from constructor arguments and ``W_enc``/``b_enc``/``W_dec``/``b_dec``[/``threshold``], shapes checked."""
     sae = SparseAutoencoder(**config)
     expected = {"W_enc": (sae.d_in, sae.d_sae), "b_enc": (sae.d_sae,), "W_dec": (sae.d_sae, sae.d_in), "b_dec": (sae.d_in,)}
-    if sae.activation in ("jumprelu", "batchtopk"):
+    if sae.activation == "jumprelu":
         expected["threshold"] = (sae.d_sae,)
     for name, shape in expected.items():
         if name not in weights:
@@ -136,9 +146,10 @@ def _read_saelens(path: Path) -> SparseAutoencoder:
     if setting("reshape_activations", default="none") != "none":
         raise SAEFormatError(f"{path}/{SAELENS_CONFIG}: reshape_activations {setting('reshape_activations')!r} is not supported (only 'none')")
     normalization = setting("normalize_activations", default="none")
-    # expected_average_only_in (True in old files) only scales while training; a saved SAE reads raw activations.
-    normalization = "none" if normalization in (False, True, "expected_average_only_in") else normalization
-    if normalization not in ("none", "constant_norm_rescale", "layer_norm"):
+    input_scale = 1.0
+    if normalization in (False, True, "expected_average_only_in"):  # True in old files: a dataset-wide constant
+        normalization, input_scale = _saelens_scale(path)
+    elif normalization not in ("none", "constant_norm_rescale", "layer_norm"):
         raise SAEFormatError(
             f"{path}/{SAELENS_CONFIG}: normalize_activations {normalization!r} is not supported; "
             "supported: none, expected_average_only_in, constant_norm_rescale, layer_norm"
@@ -151,9 +162,12 @@ def _read_saelens(path: Path) -> SparseAutoencoder:
     if scale is not None:  # SAELens < 6: a per-feature factor on the features before decoding
         weights["W_dec"] = weights["W_dec"] * scale.reshape(-1, 1)
     if architecture == "topk" and setting("rescale_acts_by_decoder_norm", default=False):
-        norms = weights["W_dec"].norm(dim=-1)  # features scaled by decoder norms: fold the norms into the weights
+        norms = weights["W_dec"].norm(dim=-1).clamp_min(1e-12)  # features scaled by decoder norms: fold the norms into the weights
         weights.update(W_enc=weights["W_enc"] * norms, b_enc=weights["b_enc"] * norms, W_dec=weights["W_dec"] / norms.reshape(-1, 1))
     kwargs = setting("activation_fn_kwargs", default={})
+    missing = [key for key in ("d_in", "d_sae") if setting(key) is None]
+    if missing:
+        raise SAEFormatError(f"{path}/{SAELENS_CONFIG} has no {' or '.join(missing)}")
     fields = {
         "d_in": int(setting("d_in")),
         "d_sae": int(setting("d_sae")),
@@ -162,8 +176,24 @@ def _read_saelens(path: Path) -> SparseAutoencoder:
         "k": int(setting("k", default=kwargs.get("k", 100))) if architecture == "topk" else None,  # SAELens' own default is 100
         "apply_b_dec_to_input": bool(setting("apply_b_dec_to_input", default=True)),
         "normalization": normalization,
+        "input_scale": input_scale,
     }
     return _build(fields, weights, path / SAELENS_WEIGHTS)
+
+
+def _saelens_scale(path: Path) -> tuple[str, float]:
+    """The constant input scale of an ``expected_average_only_in`` SAE: SAELens folds it into the weights
+    when training ends, so a final SAE reads raw activations; a checkpoint keeps it in ``activation_scaler.json``."""
+    scaler = path / SAELENS_SCALER
+    factor = _read_json(scaler).get("scaling_factor") if scaler.is_file() else None
+    if factor is not None:
+        return "constant_scale", float(factor)
+    logger.info(
+        "%s says normalize_activations expected_average_only_in: read as already folded into the weights, as SAELens' own "
+        "load_from_disk does (a release that needs SAELens' norm_scaling_factor gives wrong features)",
+        path,
+    )
+    return "none", 1.0
 
 
 def save_sae(
@@ -208,7 +238,8 @@ def save_sae(
 
 def sae_card_markdown(card: dict[str, Any], sae: SparseAutoencoder) -> str:
     """A short model card for a trained SAE: what it reads, its size and measured quality."""
-    lines = [f"# TopK SAE at `{sae.hook_name}`", "", f"{sae.d_sae} features over {sae.d_in} channels, k = {sae.k}.", ""]
+    size = f"{sae.d_sae} features over {sae.d_in} channels" + (f", k = {sae.k}" if sae.k else "")
+    lines = [f"# {sae.activation} SAE at `{sae.hook_name}`", "", f"{size}.", ""]
     lines += ["Written by `ipg train-sae` in the SAELens layout (`cfg.json`, `sae_weights.safetensors`).", ""]
     metrics = card.get("metrics") or {}
     if metrics:
@@ -232,7 +263,7 @@ def sparsify_hook_name(directory_name: str) -> str:
     if match is None:
         raise SAEFormatError(
             f"sparsify hook point {directory_name!r} is not one ipg_lightning can splice: "
-            "use layers.N (block output), layers.N.mlp or layers.N.self_attn"
+            "sparsify names the hook point by the directory: name it layers.N (block output), layers.N.mlp or layers.N.self_attn"
         )
     point = {None: "hook_resid_post", ".mlp": "hook_mlp_out"}.get(match[2], "hook_attn_out")
     return f"blocks.{match[1]}.{point}"
@@ -262,8 +293,8 @@ def _read_sparsify(path: Path) -> SparseAutoencoder:
 
 # --------------------------------------------------------------------------- dictionary_learning
 _DICTIONARY_CLASSES = {
-    "BatchTopKSAE": "batchtopk",
-    "MatryoshkaBatchTopKSAE": "batchtopk",
+    "BatchTopKSAE": "jumprelu",  # at inference: its one threshold for every feature
+    "MatryoshkaBatchTopKSAE": "jumprelu",
     "AutoEncoderTopK": "topk",
     "AutoEncoder": "relu",
     "JumpReluAutoEncoder": "jumprelu",
@@ -273,15 +304,18 @@ _DICTIONARY_CLASSES = {
 def dictionary_learning_hook_name(submodule_name: str | None, layer: int | None) -> str:
     """The site a dictionary_learning SAE reads: ``resid_post_layer_3`` -> ``blocks.3.hook_resid_post``.
 
-    ``submodule_name`` is a free label; where it does not name the point, ``layer`` means that block's
-    output (as SAELens' importer reads it).
+    ``submodule_name`` is a label; without one, ``layer`` means that block's output (as SAELens'
+    importer reads it). A label that names something else is refused rather than guessed.
     """
     match = re.fullmatch(r"(resid_post|mlp_out|attn_out)_layer_(\d+)", submodule_name or "")
     if match:
         return f"blocks.{match[2]}.hook_{match[1]}"
-    if isinstance(layer, int):
+    if not submodule_name and isinstance(layer, int):
         return f"blocks.{layer}.hook_resid_post"
-    raise SAEFormatError(f"dictionary_learning config names neither a layer nor a submodule like resid_post_layer_N (got {submodule_name!r})")
+    raise SAEFormatError(
+        f"dictionary_learning submodule {submodule_name!r} (layer {layer}) is not a point ipg_lightning can splice: "
+        "set trainer.submodule_name in config.json to resid_post_layer_N, mlp_out_layer_N or attn_out_layer_N"
+    )
 
 
 def _dictionary_weights(state: dict[str, torch.Tensor], activation: str, where: Path) -> dict[str, torch.Tensor]:
@@ -295,7 +329,7 @@ def _dictionary_weights(state: dict[str, torch.Tensor], activation: str, where: 
     if "threshold" in state:
         weights["threshold"] = state["threshold"]
     if activation == "relu":  # the library's loader rescales to unit decoder norms: feature values times the norms
-        norms = weights["W_dec"].norm(dim=-1)
+        norms = weights["W_dec"].norm(dim=-1).clamp_min(1e-12)
         weights.update(W_enc=weights["W_enc"] * norms, b_enc=weights["b_enc"] * norms, W_dec=weights["W_dec"] / norms.reshape(-1, 1))
     return weights
 
@@ -306,6 +340,11 @@ def _read_dictionary_learning(path: Path) -> SparseAutoencoder:
     dict_class = trainer.get("dict_class")
     if dict_class not in _DICTIONARY_CLASSES:
         raise SAEFormatError(f"{path}/{DICTIONARY_CONFIG}: dict_class {dict_class!r} is not supported; supported: {sorted(_DICTIONARY_CLASSES)}")
+    io = (config.get("buffer") or {}).get("io", "out") if isinstance(config.get("buffer"), dict) else "out"
+    if io != "out":
+        raise SAEFormatError(
+            f"{path}/{DICTIONARY_CONFIG}: buffer io {io!r} means the SAE reads a module's input; only SAEs on outputs (io 'out') splice in"
+        )
     state = read_torch_tensors(path / DICTIONARY_WEIGHTS)
     if isinstance(state, dict) and "ae" in state:
         raise SAEFormatError(f"{path}/{DICTIONARY_WEIGHTS} is a mid-training backup (its biases are not yet rescaled); use the final ae.pt")
@@ -315,12 +354,14 @@ def _read_dictionary_learning(path: Path) -> SparseAutoencoder:
     weights = _dictionary_weights(state, activation, path / DICTIONARY_WEIGHTS)
     d_in, d_sae = weights["W_enc"].shape
     k = state["k"].item() if "k" in state else trainer.get("k")
+    if activation == "topk" and k is None:
+        raise SAEFormatError(f"{path}: a {dict_class} needs k, in ae.pt or in config.json's trainer settings")
     fields = {
         "d_in": d_in,
         "d_sae": d_sae,
         "hook_name": dictionary_learning_hook_name(trainer.get("submodule_name"), trainer.get("layer")),
         "activation": activation,
         "k": int(k) if activation == "topk" else None,
-        "apply_b_dec_to_input": activation != "jumprelu",
+        "apply_b_dec_to_input": dict_class != "JumpReluAutoEncoder",  # the only class that encodes x itself
     }
     return _build(fields, weights, path / DICTIONARY_WEIGHTS)

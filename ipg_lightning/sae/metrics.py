@@ -22,7 +22,6 @@ class FractionOfVarianceUnexplained(Metric):
     def __init__(self, width: int, **kwargs) -> None:
         super().__init__(**kwargs)
         self.add_state("squared_error", torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
-        self.add_state("total", torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
         self.add_state("squares", torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
         self.add_state("count", torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
         self.add_state("sums", torch.zeros(width, dtype=torch.float64), dist_reduce_fx="sum")

@@ -11,8 +11,10 @@ writes them.
 
 from __future__ import annotations
 
+import math
 import pickletools
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +32,6 @@ _STORAGE_DTYPES = {
     "ByteStorage": torch.uint8,
     "BoolStorage": torch.bool,
 }
-_MARK = object()
 #: Opcodes that push their argument (numbers and strings).
 _LITERALS = {"BININT", "BININT1", "BININT2", "LONG1", "BINFLOAT", "BINUNICODE", "SHORT_BINUNICODE", "BINUNICODE8", "SHORT_BINSTRING", "BINSTRING"}
 
@@ -40,6 +41,11 @@ class UnsafeTorchFileError(ValueError):
 
 
 def _rebuild_tensor(storage: torch.Tensor, offset: int, size: tuple, stride: tuple, *_: Any) -> torch.Tensor:
+    """The tensor a state dict stores; it may not hold more elements than its storage (no stride-0 inflation)."""
+    if not all(isinstance(value, int) and value >= 0 for value in (offset, *size, *stride)) or len(size) != len(stride):
+        raise UnsafeTorchFileError(f"a tensor with offset {offset}, size {size} and stride {stride} is malformed")
+    if math.prod(size) > storage.numel():
+        raise UnsafeTorchFileError(f"a tensor of size {tuple(size)} would repeat the {storage.numel()} elements it stores")
     return storage.as_strided(size, stride, offset).clone()
 
 
@@ -63,25 +69,33 @@ def read_torch_tensors(path: str | Path) -> Any:
         raise UnsafeTorchFileError(f"{path} is not a torch zip file (a legacy or damaged .pt); re-save it with a current torch.save") from None
     with archive:
         names = archive.namelist()
-        pickle_name = next((name for name in names if name.endswith("data.pkl")), None)
+        pickle_name = next((name for name in names if name.endswith("/data.pkl") and name.count("/") == 1), None)
         if pickle_name is None:
             raise UnsafeTorchFileError(f"{path} has no data.pkl: not a file written by torch.save")
+        if any(info.compress_type != zipfile.ZIP_STORED for info in archive.infolist()):  # torch never compresses: a zip bomb
+            raise UnsafeTorchFileError(f"{path} has compressed members, which torch.save never writes; refusing to inflate them")
         prefix = pickle_name[: -len("data.pkl")]
         byteorder = f"{prefix}byteorder"
         if byteorder in names and archive.read(byteorder).decode().strip() != "little":
             raise UnsafeTorchFileError(f"{path} was written on a big-endian machine, which is not supported")
-        return _interpret(archive.read(pickle_name), lambda key: archive.read(f"{prefix}data/{key}"), path)
+        try:
+            return _interpret(archive.read(pickle_name), lambda key: archive.read(f"{prefix}data/{key}"), path)
+        except UnsafeTorchFileError:
+            raise
+        except Exception as error:  # a damaged pickle: stack underflow, unknown memo, odd storage length, ...
+            raise UnsafeTorchFileError(f"{path} is damaged or not a torch.save state dict ({type(error).__name__}: {error})") from None
 
 
-def _interpret(data: bytes, storage_bytes: Any, path: Path) -> Any:
+def _interpret(data: bytes, storage_bytes: Callable[[str], bytes], path: Path) -> Any:
     """Run the pickle opcodes in ``data`` on a stack of plain values; tensors come from ``storage_bytes(key)``."""
     stack: list[Any] = []
+    marks: list[int] = []  # stack heights at each MARK
     memo: dict[int, Any] = {}
     storages: dict[str, torch.Tensor] = {}
 
     def pop_mark() -> list[Any]:
-        index = len(stack) - 1 - stack[::-1].index(_MARK)
-        items = stack[index + 1 :]
+        index = marks.pop()
+        items = stack[index:]
         del stack[index:]
         return items
 
@@ -92,7 +106,7 @@ def _interpret(data: bytes, storage_bytes: Any, path: Path) -> Any:
         if name == "STOP":
             return stack.pop()
         if name == "MARK":
-            stack.append(_MARK)
+            marks.append(len(stack))
         elif name in ("EMPTY_DICT", "EMPTY_LIST", "EMPTY_TUPLE"):
             stack.append({"EMPTY_DICT": {}, "EMPTY_LIST": [], "EMPTY_TUPLE": ()}[name])
         elif name in ("NONE", "NEWTRUE", "NEWFALSE"):

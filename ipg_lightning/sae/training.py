@@ -17,12 +17,14 @@ features live) and takes one Adam step on the SAE. The practice follows Gao et a
 Validation logs torchmetrics: the fraction of variance unexplained, L0, the dead-feature fraction,
 and the change in the model's next-token loss (on sampled completions when ``traces`` is set) when
 the reconstruction replaces the activation.
-All statistics reduce over DDP ranks, so the module runs under DDP unchanged.
+The initialisation statistics, the dead-feature counts and the metrics reduce over DDP ranks, so
+the module runs under DDP unchanged and every rank holds the same SAE.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -32,7 +34,7 @@ from torchmetrics import MeanMetric
 from ipg_lightning.autoencoder import SparseAutoencoder
 from ipg_lightning.data import ReasoningBatch
 from ipg_lightning.sae.metrics import DeadFeatureFraction, FractionOfVarianceUnexplained
-from ipg_lightning.sites import ArchitectureSpec, Site, find_site, sae_site_name, unwrap_model
+from ipg_lightning.sites import ArchitectureSpec, Site, find_site, sae_point, unwrap_model
 from ipg_lightning.task import ReasoningTask
 from ipg_lightning.trajectories import SamplingConfig, Trajectories, sample_trajectories, teacher_forced_trajectories
 from ipg_lightning.validation import check_at_least
@@ -74,7 +76,7 @@ class SAETraining(ReasoningTask):
         architecture: ArchitectureSpec | None = None,
     ) -> None:
         super().__init__(model_path, dtype, architecture)
-        sae_site_name(hook_name)  # an unsupported hook point fails here, before the model loads
+        sae_point(hook_name)  # an unsupported hook point fails here, before the model loads
         check_at_least(1, expansion=expansion, k=k, dead_after_tokens=dead_after_tokens)
         if not learning_rate > 0:
             raise ValueError(f"learning_rate must be > 0, got {learning_rate}")
@@ -83,10 +85,11 @@ class SAETraining(ReasoningTask):
         self.traces = SamplingConfig(**traces) if isinstance(traces, dict) else traces
         self.sae: SparseAutoencoder | None = None
         self.site: Site | None = None
+        self._seen: torch.Tensor | None = None  # the site's activation in the last forward pass
 
     def configure_components(self) -> None:
         """Find the site the SAE reads and create the SAE (initialised from data at the first step)."""
-        site_name = sae_site_name(self.hparams.hook_name).removesuffix(".sae")
+        site_name = sae_point(self.hparams.hook_name).activation_name
         self.site = find_site(self.lm, site_name, self.architecture)
         d_in = unwrap_model(self.lm).config.hidden_size
         d_sae = self.hparams.expansion * d_in
@@ -94,7 +97,7 @@ class SAETraining(ReasoningTask):
             raise ValueError(f"k = {self.hparams.k} exceeds the SAE's {d_sae} features")
         self.sae = SparseAutoencoder(d_in, d_sae, site_name, activation="topk", k=self.hparams.k, normalization="constant_scale")
         self.aux_k = min(self.hparams.aux_k or d_in // 2, d_sae)
-        self.register_buffer("tokens_since_fired", torch.zeros(d_sae), persistent=True)
+        self.register_buffer("tokens_since_fired", torch.zeros(d_sae, dtype=torch.long), persistent=True)
         self.register_buffer("initialised", torch.tensor(False), persistent=True)
         self.fvu = FractionOfVarianceUnexplained(d_in)
         self.dead = DeadFeatureFraction(d_sae)
@@ -109,11 +112,11 @@ class SAETraining(ReasoningTask):
         return sample_trajectories(self.lm, self.tokenizer, batch["prompt"], self.traces, prompt_seeds=batch["seed"].tolist())
 
     @contextmanager
-    def _site_hook(self, replace: bool = False):
+    def _site_hook(self, replace: bool = False) -> Iterator[None]:
         """Record the site's activation (``self._seen``); with ``replace``, continue from its reconstruction."""
         module = unwrap_model(self.lm).get_submodule(self.site.module_path)
 
-        def hook(module, args, output):
+        def hook(module: torch.nn.Module, args: tuple, output: Any) -> Any:
             value = output[0] if isinstance(output, tuple) else output
             self._seen = value
             if not replace:
@@ -130,13 +133,13 @@ class SAETraining(ReasoningTask):
     def _forward(self, trajectories: Trajectories, replace: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(activations at real tokens (tokens, d_in), next-token losses (rows, seq - 1), the mask of those that count)."""
         batch = {key: value.to(self.device) for key, value in trajectories.padded().items()}
-        batch.pop("completion_mask")
+        completion_mask = batch.pop("completion_mask").bool()
         with torch.no_grad(), self._site_hook(replace):
             logits = self.lm(**batch, use_cache=False).logits
         mask = batch["attention_mask"].bool()
         losses = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), batch["input_ids"][:, 1:].flatten(), reduction="none")
         # The loss that matters is on the reasoning (sampled completions); on prompts only, every next token.
-        targets = trajectories.padded()["completion_mask"].to(self.device).bool() if self.traces is not None else mask
+        targets = completion_mask if self.traces is not None else mask
         return self._seen[mask].float(), losses.view(logits.shape[0], -1), mask[:, :-1] & targets[:, 1:]
 
     # ---------------------------------------------------------------------------------- training
@@ -179,8 +182,11 @@ class SAETraining(ReasoningTask):
         if not self.initialised:
             self._initialise(activations)
         loss, aux, features = self.sae_losses(activations)
-        fired = (features != 0).any(0)
-        self.tokens_since_fired.add_(activations.shape[0]).masked_fill_(fired, 0)
+        # Counted over all DDP ranks (a feature that fires on any rank is alive), so every rank agrees.
+        reduce = self.trainer.strategy.reduce
+        fired = reduce((features != 0).any(0).float(), reduce_op="sum") > 0
+        tokens = int(reduce(torch.tensor(float(activations.shape[0]), device=self.device), reduce_op="sum"))
+        self.tokens_since_fired.add_(tokens).masked_fill_(fired, 0)
         dead_fraction = (self.tokens_since_fired >= self.hparams.dead_after_tokens).float().mean()
         size = activations.shape[0]
         self.log_dict({"train/fvu": loss, "train/aux_loss": aux, "train/dead_fraction": dead_fraction}, prog_bar=True, batch_size=size)
@@ -223,8 +229,12 @@ class SAETraining(ReasoningTask):
         checkpoint["sae_input_scale"] = self.sae.input_scale
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Restore the input scale (the weights come back through the state dict)."""
+        """Restore the input scale (the weights come back through the state dict); refuse a checkpoint without the SAE."""
         self.load_model()
+        needed = {key for key in self.state_dict() if not key.startswith("lm.")}
+        missing = sorted(needed - set(checkpoint.get("state_dict", {})))
+        if missing or "sae_input_scale" not in checkpoint:
+            raise ValueError(f"The checkpoint holds no SAE for {self.hparams.hook_name} (missing {missing[:3]}); is it ipg train-sae's?")
         self.sae.input_scale = float(checkpoint["sae_input_scale"])
 
     def card(self, metrics: dict[str, float]) -> dict[str, Any]:

@@ -138,7 +138,7 @@ def _save_steering_file(unfoldable: ComponentGates, path: Path) -> None:
     saes = {}
     for name, site in unfoldable.sites.items():
         if site.sae is not None:
-            saes[name] = site.sae.config()
+            saes[name] = {**site.sae.config(), "source": site.sae.source}
             values.update({f"{name}{SAE_KEY}{key}": tensor.detach().float().cpu().contiguous() for key, tensor in site.sae.state_dict().items()})
     save_file(values, str(path), metadata={"sites": json.dumps(sites), "saes": json.dumps(saes)})
 
