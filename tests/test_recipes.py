@@ -17,7 +17,7 @@ RECIPES = sorted(RECIPE_DIR.glob("attribute_*.yaml"))
 STEER_RECIPES = sorted(RECIPE_DIR.glob("steer_*.yaml"))
 FUNCTION_RECIPES = sorted(RECIPE_DIR.glob("evaluate_*.yaml")) + sorted(RECIPE_DIR.glob("export_*.yaml"))
 TRAIN_RECIPES = sorted(RECIPE_DIR.glob("train_tiny_reasoner*.yaml"))
-SAE_RECIPES = sorted(RECIPE_DIR.glob("train_*sae.yaml"))
+SAE_RECIPES = sorted(RECIPE_DIR.glob("train_*sae*.yaml"))
 TINY = str(RECIPE_DIR / "attribute_tiny.yaml")
 
 
@@ -109,14 +109,16 @@ def test_train_recipe_parses(recipe):
     assert sum(p.numel() for p in cli.model.lm.parameters()) < 5_000_000
 
 
-@pytest.mark.parametrize("recipe", SAE_RECIPES, ids=lambda p: p.name)
-def test_sae_recipe_parses_to_the_shipped_sae_settings(recipe):
+def test_sae_recipes_parse_and_the_tiny_one_is_the_shipped_sae():
     from ipg_lightning.reasoner import TINY_REASONER_SAE_PATH
     from ipg_lightning.sae import load_sae
     from ipg_lightning.sae.training import SAETraining
 
-    cli = parse_train_sae(["--config", str(recipe)])
-    assert isinstance(cli.model, SAETraining) and cli.model.traces is not None
-    shipped = load_sae(TINY_REASONER_SAE_PATH)
-    assert cli.config.output_dir == "checkpoints/tiny-reasoner-sae"
-    assert (cli.model.hparams.hook_name, cli.model.hparams.k) == (shipped.hook_name, shipped.k)
+    parsed = {recipe.name: parse_train_sae(["--config", str(recipe)]) for recipe in SAE_RECIPES}
+    assert set(parsed) == {"train_tiny_sae.yaml", "train_sae_qwen_math_gsm8k.yaml"}
+    assert all(isinstance(cli.model, SAETraining) and cli.model.traces is not None and cli.model.lm is None for cli in parsed.values())
+    tiny, shipped = parsed["train_tiny_sae.yaml"], load_sae(TINY_REASONER_SAE_PATH)
+    assert tiny.config.output_dir == "checkpoints/tiny-reasoner-sae"
+    assert (tiny.model.hparams.hook_name, tiny.model.hparams.k) == (shipped.hook_name, shipped.k)
+    paper = parsed["train_sae_qwen_math_gsm8k.yaml"].model.hparams
+    assert (paper.hook_name, paper.expansion, paper.k) == ("blocks.21.hook_resid_post", 16, 32)  # the paper's IPG-SAE

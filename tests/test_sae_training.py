@@ -140,3 +140,68 @@ def test_the_shipped_sae_meets_its_card(tokenizer):
     assert measured["val/fvu"] == pytest.approx(card["metrics"]["fvu"], abs=0.01)
     assert measured["val/dead_fraction"] == pytest.approx(card["metrics"]["dead_fraction"], abs=0.01)
     attach_sae(module.lm, sae)  # and it splices into the model it was trained for
+
+
+def test_the_papers_sae_recipes_run_on_a_tiny_qwen2_in_bfloat16(tmp_path):
+    """The Qwen2.5-Math recipes' code path (bf16 weights, sampled traces, then attribution over the SAE's
+    features) on a tiny random model of the same architecture (built-in problems: the tiny model's
+    512-token context is shorter than reasoning-gym's character-tokenised prompts)."""
+    recipes = Path(__file__).resolve().parents[1] / "recipes"
+    small = [
+        "--data.source",
+        "synthetic",
+        "--data.num_val",
+        "2",
+        "--data.batch_size",
+        "2",
+        "--trainer.accelerator",
+        "cpu",
+        "--trainer.logger",
+        "false",
+        "--trainer.enable_progress_bar",
+        "false",
+    ]
+    sae_dir = tmp_path / "sae"
+    run(
+        [
+            "train-sae",
+            "--config",
+            str(recipes / "train_sae_qwen_math_gsm8k.yaml"),
+            "--model.model_path",
+            "tiny:qwen2",
+            "--model.hook_name",
+            "blocks.1.hook_resid_post",
+        ]
+        + [
+            "--model.expansion",
+            "2",
+            "--model.k",
+            "4",
+            "--model.traces.max_new_tokens",
+            "8",
+            "--data.num_train",
+            "4",
+            "--trainer.enable_checkpointing",
+            "false",
+        ]
+        + [*small, "--trainer.default_root_dir", str(tmp_path), "--output_dir", str(sae_dir)]
+    )
+    assert load_sae(sae_dir).hook_name == "blocks.1.hook_resid_post"
+    report = tmp_path / "report"
+    run(
+        ["attribute", "--config", str(recipes / "attribute_qwen_math_gsm8k_sae.yaml"), "--model.model_path", "tiny:qwen2", "--model.layers", "[1]"]
+        + ["--model.saes", f"[{sae_dir}]", "--model.steps", "2", "--model.sampling.max_new_tokens", "8", "--model.sampling.temperature", "1.0"]
+        + [
+            "--model.reward",
+            "ipg_lightning.rewards:answer_present",
+            "--model.method",
+            "grad_x_act",
+            "--data.num_test",
+            "0",
+            *small,
+            "--model.output_dir",
+            str(report),
+        ]
+    )
+    scores = json.loads((report / "attribution.json").read_text())
+    assert scores["saes"] == {"blocks.1.hook_resid_post.sae": str(sae_dir.resolve())} and scores["config"]["dtype"] == "bfloat16"
