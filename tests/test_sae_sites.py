@@ -205,3 +205,23 @@ def test_a_loaded_export_can_be_steered_again_with_the_same_sae(tmp_path, tiny_l
     other = ComponentGates([dataclasses.replace(site, sae=random_sae(seed=3))])
     with pytest.raises(ValueError, match="holds a different SAE in each set"):
         combined_gates(ComponentGates([site]), other)
+
+
+def test_a_selection_of_neurons_from_a_mixed_report_needs_no_sae(tmp_path, tiny_model, tokenizer):
+    from test_attribution import _data, _run, has_digit
+
+    from ipg_lightning.sae import save_sae
+    from ipg_lightning.steering import ComponentSelection
+
+    save_sae(random_sae(hook_name="blocks.1.hook_resid_post", k=8), tmp_path / "sae")
+    report = _run(
+        tiny_model(), tokenizer, _data(), families=["sae_feature", "mlp_neuron"], layers=[1], steps=2, reward=has_digit, saes=[str(tmp_path / "sae")]
+    )
+    report.save(tmp_path / "report")
+    (tmp_path / "sae").rename(tmp_path / "moved")  # the SAE is not where the report says any more
+    fresh = tiny_model()
+    neurons = ComponentSelection(report=str(tmp_path / "report"), k=3, family="mlp_neuron")
+    neurons.attach_saes(fresh)
+    assert all(name.startswith("blocks.1.mlp.hook_post[") for name in neurons.resolve(fresh))
+    with pytest.raises(FileNotFoundError, match="not at"):
+        ComponentSelection(report=str(tmp_path / "report"), k=3).attach_saes(fresh)

@@ -62,8 +62,8 @@ class ComponentSelection:
 
     def sae_paths(self) -> list[str]:
         """The SAEs the selected features need: ``saes`` if given, else those the report recorded."""
-        if self.saes or self.report is None:
-            return list(self.saes)
+        if self.saes or self.report is None or self.family not in (None, "sae_feature"):
+            return list(self.saes)  # a selection of another family needs none of the report's SAEs
         recorded = AttributionReport.load(Path(self.report)).metadata.get("saes", {})
         missing = [path for path in recorded.values() if not Path(path).is_dir()]
         if IN_MEMORY_SAE in missing:
@@ -106,7 +106,8 @@ class ComponentSelection:
             what = f"The report {self.report}"
             check_same_model(report.metadata.get("model_identity"), model, model_name, what, allow_other_model)
             if not allow_other_model:
-                check_sites_fit(report.sites, model, what, architecture)
+                candidates = {name: site for name, site in report.sites.items() if self.family in (None, site["family"])}
+                check_sites_fit(candidates, model, what, architecture)
         return report.select(k=self.k, fraction=self.fraction, signed=self.signed, per_layer=self.per_layer, family=self.family)
 
 
