@@ -162,30 +162,45 @@ def check_context_length(model: nn.Module, lengths: Sequence[int], texts: Sequen
         )
 
 
-class PerRowSampler(LogitsProcessor):
-    """Samples each row's next token with that row's own generator (temperature and top-p).
+def row_uniforms(seed: int, steps: int) -> torch.Tensor:
+    """The ``steps`` uniforms one completion samples with, from its own CPU generator (the same on every device)."""
+    return torch.rand(steps, generator=torch.Generator().manual_seed(seed))
 
-    It returns scores that are ``-inf`` everywhere but the sampled token, so greedy decoding in
-    ``generate`` emits exactly the sampled token while ``generate`` keeps handling the KV cache,
-    EOS, stop strings and padding.
+
+class InverseCDFSampler(LogitsProcessor):
+    """Samples every row's next token at once, by inverse CDF from that row's own pre-drawn uniforms.
+
+    Row r's uniforms ``u[r, t]`` (one per step) come from a generator seeded for that completion
+    alone, so what a row draws never depends on its batch; the draw itself is one batched op per
+    step: the token where the (temperature, top-p) distribution's cumulative probability first
+    exceeds ``u``. The chosen token's score is set to ``+inf``, so greedy decoding in ``generate``
+    emits it while ``generate`` keeps handling the KV cache, EOS, stop strings and padding.
+
+    Args:
+        uniforms: (rows, max_new_tokens) uniforms in [0, 1).
+        temperature: sampling temperature (> 0).
+        top_p: nucleus mass; tokens outside the smallest set reaching it are never drawn.
     """
 
-    def __init__(self, generators: Sequence[torch.Generator], temperature: float, top_p: float) -> None:
-        self.generators = list(generators)
+    def __init__(self, uniforms: torch.Tensor, temperature: float, top_p: float) -> None:
+        self.uniforms = uniforms
         self.temperature = temperature
         self.top_p = top_p
+        self.step = 0
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         probs = torch.softmax(scores.float() / self.temperature, dim=-1)
+        order = None
         if self.top_p < 1:
-            sorted_probs, order = probs.sort(dim=-1, descending=True)
-            outside = sorted_probs.cumsum(-1) - sorted_probs >= self.top_p
-            sorted_probs = sorted_probs.masked_fill(outside, 0.0)
-            probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs)
-        chosen = torch.cat([torch.multinomial(probs[row], 1, generator=gen) for row, gen in enumerate(self.generators)])
-        out = torch.full_like(scores, float("-inf"))
-        out[torch.arange(len(chosen), device=scores.device), chosen] = 0.0
-        return out
+            probs, order = probs.sort(dim=-1, descending=True)
+            probs = probs.masked_fill(probs.cumsum(-1) - probs >= self.top_p, 0.0)
+        cdf = probs.cumsum(-1)
+        target = self.uniforms[:, self.step : self.step + 1].to(cdf) * cdf[:, -1:]
+        self.step += 1
+        chosen = torch.searchsorted(cdf, target, right=True).clamp_(max=cdf.shape[-1] - 1)
+        if order is not None:
+            chosen = order.gather(-1, chosen)
+        return scores.scatter_(-1, chosen, float("inf"))
 
 
 def _eos_ids(model: nn.Module, tokenizer: PreTrainedTokenizerBase) -> list[int]:
@@ -261,8 +276,8 @@ def sample_trajectories(
         padded = _pad([encoded[p] for p, _ in batch_rows], [[] for _ in batch_rows], pad_id)
         processors = LogitsProcessorList()
         if config.temperature > 0:
-            generators = [torch.Generator(device=device).manual_seed(row_seed(config.seed, seeds[p], s)) for p, s in batch_rows]
-            processors.append(PerRowSampler(generators, config.temperature, config.top_p))
+            uniforms = torch.stack([row_uniforms(row_seed(config.seed, seeds[p], s), config.max_new_tokens) for p, s in batch_rows])
+            processors.append(InverseCDFSampler(uniforms.to(device), config.temperature, config.top_p))
         output = unwrap_model(model).generate(
             input_ids=padded["input_ids"].to(device),
             attention_mask=padded["attention_mask"].to(device),

@@ -4,7 +4,7 @@ import torch
 from ipg_lightning.gates import ComponentGates
 from ipg_lightning.testing import tiny_causal_lm
 from ipg_lightning.trajectories import (
-    PerRowSampler,
+    InverseCDFSampler,
     SamplingConfig,
     Trajectories,
     backward_weighted_log_likelihood,
@@ -79,12 +79,22 @@ def test_stop_strings_cut_completions_at_the_stop(model, tokenizer):
 
 
 def test_top_p_keeps_only_the_nucleus():
-    scores = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]])).repeat(200, 1)
-    generators = [torch.Generator().manual_seed(i) for i in range(200)]
-    out = PerRowSampler(generators, temperature=1.0, top_p=0.7)(None, scores)
-    chosen = out.argmax(-1)
+    scores = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]])).repeat(2000, 1)
+    uniforms = torch.rand(2000, 1, generator=torch.Generator().manual_seed(0))
+    chosen = InverseCDFSampler(uniforms, temperature=1.0, top_p=0.7)(None, scores.clone()).argmax(-1)
     assert set(chosen.tolist()) == {0, 1}  # 0.5 + 0.3 covers 0.7; tokens 2 and 3 never drawn
-    assert torch.isinf(out).sum() == 200 * 3
+    assert (chosen == 0).float().mean().item() == pytest.approx(0.5 / 0.8, abs=0.03)  # renormalised over the nucleus
+
+
+def test_inverse_cdf_draws_follow_the_tempered_distribution():
+    logits = torch.tensor([[2.0, 1.0, 0.0, -1.0, 0.5]])
+    uniforms = torch.rand(20000, 1, generator=torch.Generator().manual_seed(1))
+    chosen = InverseCDFSampler(uniforms, temperature=0.7, top_p=1.0)(None, logits.repeat(20000, 1)).argmax(-1)
+    frequencies = torch.bincount(chosen, minlength=5).float() / 20000
+    torch.testing.assert_close(frequencies, torch.softmax(logits[0] / 0.7, -1), atol=0.01, rtol=0)
+    # and exactly where u falls in the cumulative distribution
+    cdf = torch.softmax(logits[0] / 0.7, -1).cumsum(0)
+    assert torch.equal(chosen, torch.bucketize(uniforms[:, 0], cdf, right=True).clamp(max=4))
 
 
 def test_log_probs_match_an_independent_per_row_computation(model, tokenizer):
