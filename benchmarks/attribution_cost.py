@@ -87,6 +87,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--ablation-subset", type=int, default=32)
+    parser.add_argument("--layer", type=int, default=0, help="the attributed block (the paper: 3/4 depth)")
+    parser.add_argument("--families", nargs="+", default=["attn_head", "attn_out", "resid_post", "mlp_neuron"])
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
@@ -106,7 +108,7 @@ def main() -> None:
         sampling=sampling,
         chunk_size=args.prompts * args.samples,
         steps=args.steps,
-        layers=[0],
+        layers=[args.layer],
     )
 
     # The unavoidable parts, timed bare.
@@ -133,23 +135,23 @@ def main() -> None:
         f"model: llama, d_model={args.hidden}, {args.layers} layers, "
         f"{sum(p.numel() for p in model.parameters()) / 1e6:.1f} M parameters; torch threads {torch.get_num_threads()}"
     )
-    print(f"work: {args.prompts} prompts x N={args.samples} samples, {tokens} completion tokens, q={args.steps}, sites at layer 0")
+    print(f"work: {args.prompts} prompts x N={args.samples} samples, {tokens} completion tokens, q={args.steps}, sites at layer {args.layer}")
     print(f"sampling {sampling_time:.3f} s | teacher-forced forward {forward_time:.3f} s\n")
 
     header = (
         f"{'site family':<14}{'components':>11}{'plain f+b s':>12}{'unavoid. s':>12}{'IPG step s':>12}"
-        f"{'IPG/unavoid.':>14}{'ablation s':>12}{'ablation/IPG':>14}"
+        f"{'IPG/unavoid.':>14}{'uncached s':>12}{'uncached/unav.':>16}{'ablation s':>12}{'ablation/IPG':>14}"
     )
     print(header)
     print("-" * len(header))
-    for family in ("attn_head", "attn_out", "resid_post", "mlp_neuron"):
-        gates = ComponentGates.for_model(model, [family], layers=[0])
+    for family in args.families:
+        gates = ComponentGates.for_model(model, [family], layers=[args.layer])
         site = next(iter(gates.sites.values()))
         forward_backward_time = median_time(lambda: plain_forward_backward(site), args.repeats)
         unavoidable = sampling_time + args.steps * forward_backward_time
 
-        def ipg_step() -> IPGAttribution:
-            module = IPGAttribution.for_model(model, tokenizer, families=[family], **settings)
+        def ipg_step(reuse_prefix: bool = True) -> IPGAttribution:
+            module = IPGAttribution.for_model(model, tokenizer, families=[family], reuse_prefix=reuse_prefix, **settings)
             trainer = L.Trainer(
                 inference_mode=False, logger=False, enable_progress_bar=False, enable_model_summary=False, accelerator="cpu", devices=1
             )
@@ -157,6 +159,7 @@ def main() -> None:
             return module
 
         ipg_time = median_time(ipg_step, args.repeats)
+        uncached_time = median_time(lambda: ipg_step(reuse_prefix=False), args.repeats)
         subset = min(site.size, args.ablation_subset)
 
         def ablate_subset() -> None:
@@ -169,7 +172,8 @@ def main() -> None:
         ablation_time = median_time(ablate_subset, 1) * site.size / subset
         print(
             f"{family:<14}{site.size:>11}{forward_backward_time:>12.3f}{unavoidable:>12.3f}{ipg_time:>12.3f}"
-            f"{ipg_time / unavoidable:>14.3f}{ablation_time:>12.3f}{ablation_time / ipg_time:>14.2f}"
+            f"{ipg_time / unavoidable:>14.3f}{uncached_time:>12.3f}{uncached_time / unavoidable:>16.3f}"
+            f"{ablation_time:>12.3f}{ablation_time / ipg_time:>14.2f}"
         )
     print(
         "\nablation: one teacher-forced forward per component over the same trajectories "

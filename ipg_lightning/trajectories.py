@@ -11,7 +11,7 @@ from __future__ import annotations
 import inspect
 import warnings
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 
 import torch
@@ -19,6 +19,7 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList, PreTrainedTokenizerBase
 
+from ipg_lightning.frozen_prefix import FrozenPrefix
 from ipg_lightning.seeds import prompt_seed, row_seed
 from ipg_lightning.sites import unwrap_model
 
@@ -372,13 +373,16 @@ def frozen_parameters(model: nn.Module) -> Iterator[nn.Module]:
             parameter.requires_grad_(flag)
 
 
-def _weighted_log_likelihood(model: nn.Module, trajectories: Trajectories, weights: torch.Tensor, chunk_size: int, backward: bool) -> float:
+def _weighted_log_likelihood(
+    model: nn.Module, trajectories: Trajectories, weights: torch.Tensor, chunk_size: int, backward: bool, prefix: FrozenPrefix | None
+) -> float:
     if weights.shape != (len(trajectories),):
         raise ValueError(f"Expected one weight per trajectory ({len(trajectories)}), got shape {tuple(weights.shape)}")
     total = 0.0
     with frozen_parameters(model), torch.set_grad_enabled(backward):
         for rows, chunk in trajectories.chunks(chunk_size):
-            log_probs = completion_log_probs(model, chunk)
+            with prefix.reuse((rows.start, rows.stop)) if prefix is not None else nullcontext():
+                log_probs = completion_log_probs(model, chunk)
             chunk_weights = weights[rows.start : rows.stop].to(device=log_probs.device, dtype=torch.float32)
             surrogate = (chunk_weights * log_probs.sum(-1)).sum()
             if backward and surrogate.requires_grad:
@@ -387,9 +391,14 @@ def _weighted_log_likelihood(model: nn.Module, trajectories: Trajectories, weigh
     return total
 
 
-def weighted_log_likelihood(model: nn.Module, trajectories: Trajectories, weights: torch.Tensor, chunk_size: int = 8) -> float:
-    """The value of ``L = sum_r weights[r] * sum_t log pi(a_t^r | ...)``, without gradients."""
-    return _weighted_log_likelihood(model, trajectories, weights, chunk_size, backward=False)
+def weighted_log_likelihood(
+    model: nn.Module, trajectories: Trajectories, weights: torch.Tensor, chunk_size: int = 8, prefix: FrozenPrefix | None = None
+) -> float:
+    """The value of ``L = sum_r weights[r] * sum_t log pi(a_t^r | ...)``, without gradients.
+
+    ``prefix`` replays the frozen blocks below the gates from an earlier pass over the same chunks.
+    """
+    return _weighted_log_likelihood(model, trajectories, weights, chunk_size, backward=False, prefix=prefix)
 
 
 def backward_weighted_log_likelihood(
@@ -397,11 +406,13 @@ def backward_weighted_log_likelihood(
     trajectories: Trajectories,
     weights: torch.Tensor,
     chunk_size: int = 8,
+    prefix: FrozenPrefix | None = None,
 ) -> float:
     """Backpropagate ``L = sum_r weights[r] * sum_t log pi(a_t^r | ...)`` in chunks of rows.
 
     This is the policy-gradient surrogate with ``weights`` as advantages: gradients accumulate into
     the ``.grad`` of the attached gates, the model's own parameters are frozen, and peak memory is
-    bounded by ``chunk_size`` rows. Returns the value of ``L``.
+    bounded by ``chunk_size`` rows. ``prefix`` replays the frozen blocks below the gates from an
+    earlier pass over the same chunks (:mod:`ipg_lightning.frozen_prefix`). Returns the value of ``L``.
     """
-    return _weighted_log_likelihood(model, trajectories, weights, chunk_size, backward=True)
+    return _weighted_log_likelihood(model, trajectories, weights, chunk_size, backward=True, prefix=prefix)

@@ -64,6 +64,8 @@ class IPGAttribution(ReasoningTask):
         sampling: how trajectories are sampled (N, temperature, top-p, max new tokens, stop strings,
             generation batch size, seed); the seed also draws the ``random`` baseline.
         chunk_size: trajectories per teacher-forced forward/backward (bounds memory).
+        reuse_prefix: with fixed estimation, run the frozen blocks below the lowest attributed block
+            once per chunk instead of once per quadrature point (the same scores, less work).
         architecture: module paths for an architecture that is not built in.
         saes: SAE directories (SAELens, sparsify or dictionary_learning layout) to splice in; their
             features are the ``sae_feature`` family at the SAEs' layers.
@@ -87,6 +89,7 @@ class IPGAttribution(ReasoningTask):
         path: Literal["layer", "family"] = "layer",
         sampling: SamplingConfig = SamplingConfig(),
         chunk_size: int = 8,
+        reuse_prefix: bool = True,
         architecture: ArchitectureSpec | None = None,
         saes: list[str] = [],  # noqa: B006 (jsonargparse needs a literal default)
         output_dir: str | None = None,

@@ -11,7 +11,9 @@ import torch
 from torch import nn
 
 from ipg_lightning.attribution.estimator import integrate_path, move_along_path
+from ipg_lightning.frozen_prefix import FrozenPrefix
 from ipg_lightning.gates import ComponentGates
+from ipg_lightning.sites import ArchitectureSpec
 from ipg_lightning.trajectories import Trajectories, backward_weighted_log_likelihood, weighted_log_likelihood
 
 
@@ -39,6 +41,8 @@ def integrate_fixed(
     baseline: float,
     quadrature: tuple[str, int],
     chunk_size: int,
+    architecture: ArchitectureSpec | None = None,
+    reuse_prefix: bool = True,
 ) -> tuple[dict[str, torch.Tensor], float]:
     """Integrated gradients of ``L(c) = sum_n w_n sum_t log pi_c(a_t^n)`` over ``trajectories``, along every path.
 
@@ -51,14 +55,19 @@ def integrate_fixed(
         baseline: the gate value c' where every path starts.
         quadrature: the rule and number of points.
         chunk_size: trajectories per teacher-forced forward/backward.
+        architecture: module paths of a decoder that is not built in.
+        reuse_prefix: run the frozen blocks below the lowest gated one once per chunk instead of once
+            per pass (:mod:`ipg_lightning.frozen_prefix`; the scores are the same).
 
     Returns the per-site scores and ``sum over paths of L(1) - L(c')``, computed from the quadrature
     points where they include the ends, else by one extra forward pass.
     """
     rule, steps = quadrature
+    # Every pass reads the same chunks and moves only these gates: the blocks below them run once per chunk.
+    prefix = FrozenPrefix(lm, min(site.layer for site in gates.sites.values()), architecture) if reuse_prefix else None
 
     def gradient_at(alpha: float) -> float:
-        return backward_weighted_log_likelihood(lm, trajectories, weights, chunk_size)
+        return backward_weighted_log_likelihood(lm, trajectories, weights, chunk_size, prefix)
 
     scores, delta, value_at_one = {}, 0.0, None
     for group in path_groups(gates, path):
@@ -68,11 +77,11 @@ def integrate_fixed(
         if value_at_one is None:
             value_at_one = values.get(1.0)
             if value_at_one is None:
-                value_at_one = weighted_log_likelihood(lm, trajectories, weights, chunk_size)
+                value_at_one = weighted_log_likelihood(lm, trajectories, weights, chunk_size, prefix)
         value_at_baseline = values.get(0.0)
         if value_at_baseline is None:
             move_along_path(gates, group, baseline, 0.0)
-            value_at_baseline = weighted_log_likelihood(lm, trajectories, weights, chunk_size)
+            value_at_baseline = weighted_log_likelihood(lm, trajectories, weights, chunk_size, prefix)
             gates.reset(1.0)
         delta += value_at_one - value_at_baseline
     return scores, delta

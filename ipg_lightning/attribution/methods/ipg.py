@@ -52,6 +52,8 @@ class IntegratedPolicyGradient(AttributionMethod):
                 task.hparams.baseline,
                 self.quadrature,
                 task.hparams.chunk_size,
+                task.architecture,
+                task.hparams.reuse_prefix,
             )
         task.accumulator.update(scores=scores, score_sum=score_total(scores), surrogate_delta=delta, **counts)
 

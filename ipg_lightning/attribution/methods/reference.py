@@ -31,7 +31,16 @@ class ReferenceIntegratedGradients(AttributionMethod):
         weights = torch.ones(len(trajectories))
         hparams = task.hparams
         scores, delta = integrate_fixed(
-            task.lm, task.gates, trajectories, weights, hparams.path, hparams.baseline, self.quadrature, hparams.chunk_size
+            task.lm,
+            task.gates,
+            trajectories,
+            weights,
+            hparams.path,
+            hparams.baseline,
+            self.quadrature,
+            hparams.chunk_size,
+            task.architecture,
+            hparams.reuse_prefix,
         )
         prompts = len(batch["prompt"])
         task.accumulator.update(
