@@ -24,8 +24,6 @@ the module runs under DDP unchanged and every rank holds the same SAE.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -33,6 +31,7 @@ from torchmetrics import MeanMetric
 
 from ipg_lightning.autoencoder import SparseAutoencoder
 from ipg_lightning.data import ReasoningBatch
+from ipg_lightning.sae.activations import SitePass, site_pass
 from ipg_lightning.sae.metrics import DeadFeatureFraction, FractionOfVarianceUnexplained
 from ipg_lightning.sites import ArchitectureSpec, Site, find_site, sae_point, unwrap_model
 from ipg_lightning.task import ReasoningTask
@@ -85,7 +84,6 @@ class SAETraining(ReasoningTask):
         self.traces = SamplingConfig(**traces) if isinstance(traces, dict) else traces
         self.sae: SparseAutoencoder | None = None
         self.site: Site | None = None
-        self._seen: torch.Tensor | None = None  # the site's activation in the last forward pass
 
     def configure_components(self) -> None:
         """Find the site the SAE reads and create the SAE (initialised from data at the first step)."""
@@ -111,36 +109,10 @@ class SAETraining(ReasoningTask):
             return teacher_forced_trajectories(self.tokenizer, batch["prompt"], [""] * len(batch["prompt"]))
         return sample_trajectories(self.lm, self.tokenizer, batch["prompt"], self.traces, prompt_seeds=batch["seed"].tolist())
 
-    @contextmanager
-    def _site_hook(self, replace: bool = False) -> Iterator[None]:
-        """Record the site's activation (``self._seen``); with ``replace``, continue from its reconstruction."""
-        module = unwrap_model(self.lm).get_submodule(self.site.module_path)
-
-        def hook(module: torch.nn.Module, args: tuple, output: Any) -> Any:
-            value = output[0] if isinstance(output, tuple) else output
-            self._seen = value
-            if not replace:
-                return None
-            reconstruction = self.sae(value).to(value.dtype)
-            return (reconstruction, *output[1:]) if isinstance(output, tuple) else reconstruction
-
-        handle = module.register_forward_hook(hook)
-        try:
-            yield
-        finally:
-            handle.remove()
-
-    def _forward(self, trajectories: Trajectories, replace: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(activations at real tokens (tokens, d_in), next-token losses (rows, seq - 1), the mask of those that count)."""
-        batch = {key: value.to(self.device) for key, value in trajectories.padded().items()}
-        completion_mask = batch.pop("completion_mask").bool()
-        with torch.no_grad(), self._site_hook(replace):
-            logits = self.lm(**batch, use_cache=False).logits
-        mask = batch["attention_mask"].bool()
-        losses = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), batch["input_ids"][:, 1:].flatten(), reduction="none")
-        # The loss that matters is on the reasoning (sampled completions); on prompts only, every next token.
-        targets = completion_mask if self.traces is not None else mask
-        return self._seen[mask].float(), losses.view(logits.shape[0], -1), mask[:, :-1] & targets[:, 1:]
+    def _forward(self, trajectories: Trajectories, replace: bool = False) -> SitePass:
+        """The site's activations and the next-token losses; the loss that matters is on the reasoning
+        (sampled completions), or on every next token of prompts alone. ``replace``: with the reconstruction."""
+        return site_pass(self.lm, self.site, trajectories, self.sae if replace else None, completions_only=self.traces is not None)
 
     # ---------------------------------------------------------------------------------- training
     @torch.no_grad()
