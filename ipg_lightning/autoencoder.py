@@ -128,7 +128,9 @@ class SparseAutoencoder(nn.Module):
         return torch.where(pre > self.threshold, torch.relu(pre), torch.zeros_like(pre))  # jumprelu
 
     def encode(self, z: torch.Tensor) -> torch.Tensor:
-        """(..., d_in) activations -> (..., d_sae) feature activations."""
+        """(..., d_in) activations -> (..., d_sae) feature activations; an SAE on another device follows ``z``."""
+        if self.W_enc.device != z.device:  # e.g. a model moved after load_steered spliced its SAE in
+            self.to(z.device)
         return self.activate(self.pre_activations(z.to(self.W_enc.dtype)))
 
     def decode(self, features: torch.Tensor, z: torch.Tensor | None = None) -> torch.Tensor:
@@ -165,10 +167,8 @@ class SparseAutoencoder(nn.Module):
     def splice(self, z: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
         """``z`` with each feature scaled by its gate and the reconstruction error kept: ``z + ((g - 1) f) W_dec``.
 
-        Computed in the SAE's dtype and returned in ``z``'s; an SAE on another device follows ``z``.
+        Computed in the SAE's dtype and returned in ``z``'s.
         """
-        if self.W_dec.device != z.device:
-            self.to(z.device)
         features = self.encode(z)
         change = self.feature_contributions(features, gate.to(features) - 1, z)
         return z + change.to(z.dtype)
