@@ -12,7 +12,8 @@ Measured in one process, on one model and the same tokens:
 3. Per-component ablation of the same family (one teacher-forced forward per component with its
    gate at 0), the brute-force alternative, timed on a subset and scaled linearly.
 
-Run: ``python benchmarks/attribution_cost.py [--hidden 256 --layers 4 --new-tokens 64]``
+Run: ``python benchmarks/attribution_cost.py [--hidden 256 --layers 4 --new-tokens 64]``; on a GPU
+add ``--device cuda --dtype bfloat16`` (the Trainer then runs on that device).
 """
 
 from __future__ import annotations
@@ -23,13 +24,13 @@ import statistics
 import time
 import warnings
 
-import lightning as L
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from ipg_lightning.attribution import IPGAttribution
+from ipg_lightning.attribution import IPGAttribution, run_attribution
 from ipg_lightning.data import PromptTemplate, ReasoningDataModule
 from ipg_lightning.gates import ComponentGates
+from ipg_lightning.models import DTYPES
 from ipg_lightning.testing import tiny_tokenizer
 from ipg_lightning.trajectories import (
     SamplingConfig,
@@ -45,7 +46,7 @@ def digit_fraction(completion) -> float:
     return sum(ch.isdigit() for ch in completion.text) / max(len(completion.text), 1)
 
 
-def build_model(hidden: int, layers: int, seed: int = 0):
+def build_model(hidden: int, layers: int, seed: int = 0, dtype: torch.dtype = torch.float32):
     config = AutoConfig.for_model(
         "llama",
         vocab_size=128,
@@ -61,7 +62,7 @@ def build_model(hidden: int, layers: int, seed: int = 0):
         pad_token_id=0,
     )
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype).eval()
     with torch.no_grad():
         embeddings = model.get_input_embeddings()
         embeddings.weight[0] = embeddings.weight[-1]  # no all-zero pad row (see ipg_lightning.testing)
@@ -89,12 +90,15 @@ def main() -> None:
     parser.add_argument("--ablation-subset", type=int, default=32)
     parser.add_argument("--layer", type=int, default=0, help="the attributed block (the paper: 3/4 depth)")
     parser.add_argument("--families", nargs="+", default=["attn_head", "attn_out", "resid_post", "mlp_neuron"])
+    parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
     torch.set_num_threads(torch.get_num_threads())
 
-    model, tokenizer = build_model(args.hidden, args.layers), tiny_tokenizer()
+    device = torch.device(args.device)
+    model, tokenizer = build_model(args.hidden, args.layers, dtype=DTYPES[args.dtype]).to(device), tiny_tokenizer()
     data = ReasoningDataModule(
         num_train=0, num_val=args.prompts, num_test=0, batch_size=args.prompts, template=PromptTemplate(use_chat_template=False)
     )
@@ -113,7 +117,7 @@ def main() -> None:
 
     # The unavoidable parts, timed bare.
     trajectories = sample_trajectories(model, tokenizer, batch["prompt"], sampling, batch["seed"].tolist())
-    weights = torch.randn(len(trajectories))
+    weights = torch.randn(len(trajectories), device=device)
     sampling_time = median_time(lambda: sample_trajectories(model, tokenizer, batch["prompt"], sampling, batch["seed"].tolist()), args.repeats)
 
     def plain_forward_backward(site) -> None:
@@ -132,7 +136,7 @@ def main() -> None:
     forward_time = median_time(lambda: weighted_log_likelihood(model, trajectories, weights, len(trajectories)), args.repeats)
     tokens = trajectories.num_completion_tokens
     print(
-        f"model: llama, d_model={args.hidden}, {args.layers} layers, "
+        f"model: llama, d_model={args.hidden}, {args.layers} layers, {args.dtype} on {device}, "
         f"{sum(p.numel() for p in model.parameters()) / 1e6:.1f} M parameters; torch threads {torch.get_num_threads()}"
     )
     print(f"work: {args.prompts} prompts x N={args.samples} samples, {tokens} completion tokens, q={args.steps}, sites at layer {args.layer}")
@@ -145,17 +149,14 @@ def main() -> None:
     print(header)
     print("-" * len(header))
     for family in args.families:
-        gates = ComponentGates.for_model(model, [family], layers=[args.layer])
+        gates = ComponentGates.for_model(model, [family], layers=[args.layer]).to(device)
         site = next(iter(gates.sites.values()))
         forward_backward_time = median_time(lambda: plain_forward_backward(site), args.repeats)
         unavoidable = sampling_time + args.steps * forward_backward_time
 
         def ipg_step(reuse_prefix: bool = True) -> IPGAttribution:
             module = IPGAttribution.for_model(model, tokenizer, families=[family], reuse_prefix=reuse_prefix, **settings)
-            trainer = L.Trainer(
-                inference_mode=False, logger=False, enable_progress_bar=False, enable_model_summary=False, accelerator="cpu", devices=1
-            )
-            trainer.validate(module, datamodule=data, verbose=False)
+            run_attribution(module, data, device, enable_progress_bar=False)
             return module
 
         ipg_time = median_time(ipg_step, args.repeats)

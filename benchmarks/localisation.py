@@ -29,11 +29,13 @@ import time
 import warnings
 from pathlib import Path
 
+import torch
+
 from ipg_lightning.attribution import IPGAttribution, run_attribution
 from ipg_lightning.attribution.plots import plt
 from ipg_lightning.data import ReasoningDataModule
 from ipg_lightning.evaluation import evaluate_generations
-from ipg_lightning.models import load_model_and_tokenizer
+from ipg_lightning.models import DTYPES, load_model_and_tokenizer
 from ipg_lightning.outputs import atomic_write_json
 from ipg_lightning.reasoner import TINY_REASONER_PATH, TINY_REASONER_SAE_PATH, TINY_REASONER_TASK
 from ipg_lightning.steering import gates_for_components
@@ -152,6 +154,8 @@ def main() -> None:
     parser.add_argument("--sae", default=TINY_REASONER_SAE_PATH, help="SAE directory whose features --sae-methods rank")
     parser.add_argument("--sae-steps", type=int, default=32, help="quadrature points over SAE features (a rougher path)")
     parser.add_argument("--skip-length", action="store_true", help="leave out the length-control curve")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
     parser.add_argument("--out", default="benchmarks/localisation")
     parser.add_argument("--from-results", action="store_true", help="redraw the figure and tables from OUT/results.json")
     args = parser.parse_args()
@@ -165,7 +169,9 @@ def main() -> None:
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
     start = time.perf_counter()
 
-    model, tokenizer = load_model_and_tokenizer(args.model)
+    model, tokenizer = load_model_and_tokenizer(args.model, args.dtype)
+    device = torch.device(args.device)
+    model.to(device)
     greedy = SamplingConfig(num_samples=1, temperature=0.0, max_new_tokens=160, batch_size=128)
     test_data = ReasoningDataModule(synthetic_task=TINY_REASONER_TASK, num_test=args.test, num_val=0, num_train=0, batch_size=128)
     test_data.connect(tokenizer)
@@ -193,7 +199,7 @@ def main() -> None:
             sampling=SamplingConfig(num_samples=args.num_samples, temperature=0.7, top_p=1.0, max_new_tokens=160, batch_size=64, seed=seed),
             chunk_size=32,
         )
-        return run_attribution(module, support, enable_progress_bar=False)
+        return run_attribution(module, support, enable_progress_bar=False, device=device)
 
     rows = [(method, method, "mlp_neuron") for method in args.methods]
     rows += [(f"{method} [SAE]", method, "sae_feature") for method in args.sae_methods]
@@ -206,7 +212,7 @@ def main() -> None:
             for p in args.ps:
                 components = report.select(k=p)
                 for condition, gamma in (("suppress", 0.0), ("amplify", 1.5)):
-                    gates = gates_for_components(model, components, gamma)
+                    gates = gates_for_components(model, components, gamma).to(device)
                     accuracy = evaluate_generations(model, tokenizer, test_batches, greedy, gates).metrics["accuracy"]
                     results[row][condition][p].append(accuracy)
             print(
@@ -228,7 +234,7 @@ def main() -> None:
     for gamma in args.gammas if selections else []:
         row = {"gamma": gamma}
         for name, components in selections.items():
-            metrics = evaluate_generations(model, tokenizer, test_batches, sampled, gates_for_components(model, components, gamma)).metrics
+            metrics = evaluate_generations(model, tokenizer, test_batches, sampled, gates_for_components(model, components, gamma).to(device)).metrics
             row[name] = {key: metrics[key] for key in ("reasoning_length_mean", "accuracy", "reflection_rate")}
         length_curve.append(row)
         print(f"gamma {gamma}: {row}", flush=True)

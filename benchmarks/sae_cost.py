@@ -10,6 +10,7 @@ process and interleaved, medians of several repeats:
   the features, at the same q.
 
     python benchmarks/sae_cost.py --repeats 3
+    python benchmarks/sae_cost.py --device cuda          # on a GPU (the SAE stays float32)
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ import logging
 import statistics
 import time
 import warnings
+
+import torch
 
 from ipg_lightning.attribution import IPGAttribution, run_attribution
 from ipg_lightning.data import ReasoningDataModule
@@ -35,10 +38,13 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--prompts", type=int, default=16)
     parser.add_argument("--steps", type=int, default=16)
+    parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     args = parser.parse_args()
+    device = torch.device(args.device)
     warnings.filterwarnings("ignore")
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
     model, tokenizer = load_model_and_tokenizer(TINY_REASONER_PATH)
+    model.to(device)
     attach_sae(model, TINY_REASONER_SAE_PATH)
     data = ReasoningDataModule(synthetic_task=TINY_REASONER_TASK, num_train=0, num_val=args.prompts, num_test=0, batch_size=args.prompts)
     data.connect(tokenizer)
@@ -47,8 +53,8 @@ def main() -> None:
     sampling = SamplingConfig(num_samples=4, temperature=0.7, top_p=1.0, max_new_tokens=160, batch_size=64)
     conditions = {
         "plain": None,
-        "neuron gates": ComponentGates.for_model(model, ["mlp_neuron"], [2]),
-        "SAE feature gates": ComponentGates.for_model(model, ["sae_feature"], [2]),
+        "neuron gates": ComponentGates.for_model(model, ["mlp_neuron"], [2]).to(device),
+        "SAE feature gates": ComponentGates.for_model(model, ["sae_feature"], [2]).to(device),
     }
     times: dict[str, list[float]] = {name: [] for name in [*conditions, "IPG step, neurons", "IPG step, SAE features"]}
     for _ in range(args.repeats):
@@ -65,7 +71,7 @@ def main() -> None:
                 model, tokenizer, families=[family], layers=[2], steps=args.steps, rule="gauss_legendre", sampling=sampling, chunk_size=32
             )
             start = time.perf_counter()
-            run_attribution(module, data, enable_progress_bar=False)
+            run_attribution(module, data, enable_progress_bar=False, device=device)
             times[name].append(time.perf_counter() - start)
     median = {name: statistics.median(values) for name, values in times.items()}
     print(f"{args.prompts} prompts x 4 samples, 160 new tokens; IPG q = {args.steps}; medians of {args.repeats}")

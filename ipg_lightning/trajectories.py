@@ -11,7 +11,7 @@ from __future__ import annotations
 import inspect
 import warnings
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -19,9 +19,10 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList, PreTrainedTokenizerBase
 
-from ipg_lightning.frozen_prefix import FrozenPrefix
+from ipg_lightning.passes import TeacherForcedPasses
 from ipg_lightning.seeds import prompt_seed, row_seed
 from ipg_lightning.sites import unwrap_model
+from ipg_lightning.token_log_probs import target_log_probs
 
 
 @dataclass(frozen=True)
@@ -337,7 +338,7 @@ def completion_log_probs(model: nn.Module, trajectories: Trajectories) -> torch.
     logits = model(**batch, use_cache=False, **extra).logits
     logits = logits[:, -(completion_width + 1) : -1]
     targets = batch["input_ids"][:, prompt_width:]
-    log_probs = torch.log_softmax(logits.float(), dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    log_probs = target_log_probs(logits, targets)
     return log_probs * completion_mask[:, prompt_width:]
 
 
@@ -374,31 +375,33 @@ def frozen_parameters(model: nn.Module) -> Iterator[nn.Module]:
 
 
 def _weighted_log_likelihood(
-    model: nn.Module, trajectories: Trajectories, weights: torch.Tensor, chunk_size: int, backward: bool, prefix: FrozenPrefix | None
+    model: nn.Module, trajectories: Trajectories, weights: torch.Tensor, chunk_size: int, backward: bool, passes: TeacherForcedPasses | None
 ) -> float:
     if weights.shape != (len(trajectories),):
         raise ValueError(f"Expected one weight per trajectory ({len(trajectories)}), got shape {tuple(weights.shape)}")
+    passes = passes if passes is not None else TeacherForcedPasses(model, chunk_size)
     total = 0.0
     with frozen_parameters(model), torch.set_grad_enabled(backward):
-        for rows, chunk in trajectories.chunks(chunk_size):
-            with prefix.reuse((rows.start, rows.stop)) if prefix is not None else nullcontext():
+        for rows, chunk in passes.chunks(trajectories):
+            with passes.run(rows):
                 log_probs = completion_log_probs(model, chunk)
-            chunk_weights = weights[rows.start : rows.stop].to(device=log_probs.device, dtype=torch.float32)
-            surrogate = (chunk_weights * log_probs.sum(-1)).sum()
-            if backward and surrogate.requires_grad:
-                surrogate.backward()
+                chunk_weights = weights[rows.start : rows.stop].to(device=log_probs.device, dtype=torch.float32)
+                surrogate = (chunk_weights * log_probs.sum(-1)).sum()
+                if backward and surrogate.requires_grad:
+                    surrogate.backward()
             total += surrogate.item()
     return total
 
 
 def weighted_log_likelihood(
-    model: nn.Module, trajectories: Trajectories, weights: torch.Tensor, chunk_size: int = 8, prefix: FrozenPrefix | None = None
+    model: nn.Module, trajectories: Trajectories, weights: torch.Tensor, chunk_size: int = 8, passes: TeacherForcedPasses | None = None
 ) -> float:
     """The value of ``L = sum_r weights[r] * sum_t log pi(a_t^r | ...)``, without gradients.
 
-    ``prefix`` replays the frozen blocks below the gates from an earlier pass over the same chunks.
+    ``passes`` (:class:`~ipg_lightning.passes.TeacherForcedPasses`) decides the chunks instead of
+    ``chunk_size`` and replays or checkpoints blocks, the same way for every pass over ``trajectories``.
     """
-    return _weighted_log_likelihood(model, trajectories, weights, chunk_size, backward=False, prefix=prefix)
+    return _weighted_log_likelihood(model, trajectories, weights, chunk_size, backward=False, passes=passes)
 
 
 def backward_weighted_log_likelihood(
@@ -406,13 +409,14 @@ def backward_weighted_log_likelihood(
     trajectories: Trajectories,
     weights: torch.Tensor,
     chunk_size: int = 8,
-    prefix: FrozenPrefix | None = None,
+    passes: TeacherForcedPasses | None = None,
 ) -> float:
     """Backpropagate ``L = sum_r weights[r] * sum_t log pi(a_t^r | ...)`` in chunks of rows.
 
     This is the policy-gradient surrogate with ``weights`` as advantages: gradients accumulate into
     the ``.grad`` of the attached gates, the model's own parameters are frozen, and peak memory is
-    bounded by ``chunk_size`` rows. ``prefix`` replays the frozen blocks below the gates from an
-    earlier pass over the same chunks (:mod:`ipg_lightning.frozen_prefix`). Returns the value of ``L``.
+    bounded by ``chunk_size`` rows. ``passes`` (:class:`~ipg_lightning.passes.TeacherForcedPasses`)
+    decides the chunks instead (by rows and tokens), and replays the frozen blocks below the gates
+    or checkpoints the live ones, the same way for every pass over ``trajectories``. Returns the value of ``L``.
     """
-    return _weighted_log_likelihood(model, trajectories, weights, chunk_size, backward=True, prefix=prefix)
+    return _weighted_log_likelihood(model, trajectories, weights, chunk_size, backward=True, passes=passes)

@@ -168,6 +168,18 @@ def test_same_seed_same_report_and_batch_size_does_not_matter(tiny_model, tokeni
         assert not torch.allclose(scores, other_seed.scores[name])
 
 
+def test_memory_limits_keep_the_scores_and_the_report_records_the_peak(tiny_model, tokenizer):
+    model = tiny_model("llama", num_hidden_layers=3)
+    settings = dict(families=["mlp_neuron", "attn_head"], layers=[1], steps=3, chunk_size=16)
+    plain = _run(model, tokenizer, _data(num_val=4, batch_size=2), **settings)
+    bounded = _run(model, tokenizer, _data(num_val=4, batch_size=2), memory={"chunk_tokens": 30, "checkpoint_blocks": True}, **settings)
+    for name, scores in plain.scores.items():
+        torch.testing.assert_close(bounded.scores[name], scores, rtol=0, atol=1e-6)
+    assert bounded.metadata["memory"]["chunk_tokens"] == 30 and plain.metadata["memory"]["chunk_tokens"] is None
+    assert bounded.metadata["config"]["memory"] == {"chunk_tokens": 30, "checkpoint_blocks": True}
+    assert plain.metadata["memory"]["peak_gb"] > 0.05  # the CPU process's resident set: torch alone holds more
+
+
 def test_grad_x_act_is_ipg_without_integration(tiny_llama, tokenizer):
     baseline = _run(tiny_llama, tokenizer, _data(), method="grad_x_act", families=["attn_head"], layers=[1], steps=10)
     single_point = _run(tiny_llama, tokenizer, _data(), families=["attn_head"], layers=[1], steps=1, rule="right")

@@ -28,7 +28,9 @@ from ipg_lightning.completions import reward_matrix
 from ipg_lightning.data import ReasoningBatch
 from ipg_lightning.gates import ComponentGates
 from ipg_lightning.identity import model_identity
+from ipg_lightning.memory import PeakMemory
 from ipg_lightning.outputs import check_output_dir
+from ipg_lightning.passes import GIB, MemoryLimits, TeacherForcedPasses
 from ipg_lightning.rewards import load_reward
 from ipg_lightning.sae import IN_MEMORY_SAE, attach_saes
 from ipg_lightning.sites import ArchitectureSpec, SiteFamilyName, resolve_architecture, unwrap_model
@@ -66,6 +68,9 @@ class IPGAttribution(ReasoningTask):
         chunk_size: trajectories per teacher-forced forward/backward (bounds memory).
         reuse_prefix: with fixed estimation, run the frozen blocks below the lowest attributed block
             once per chunk instead of once per quadrature point (the same scores, less work).
+        memory: bounds for long traces (:class:`~ipg_lightning.passes.MemoryLimits`): tokens per
+            chunk, or a budget in GiB that chooses them, and activation checkpointing of the blocks
+            from the attributed one up. The report records the peak memory of the run.
         architecture: module paths for an architecture that is not built in.
         saes: SAE directories (SAELens, sparsify or dictionary_learning layout) to splice in; their
             features are the ``sae_feature`` family at the SAEs' layers.
@@ -90,6 +95,7 @@ class IPGAttribution(ReasoningTask):
         sampling: SamplingConfig = SamplingConfig(),
         chunk_size: int = 8,
         reuse_prefix: bool = True,
+        memory: MemoryLimits = MemoryLimits(),
         architecture: ArchitectureSpec | None = None,
         saes: list[str] = [],  # noqa: B006 (jsonargparse needs a literal default)
         output_dir: str | None = None,
@@ -106,11 +112,14 @@ class IPGAttribution(ReasoningTask):
         self.reward_fn = load_reward(reward)
         self.reward_name = reward if isinstance(reward, str | dict) else f"{reward.__module__}:{reward.__qualname__}"
         self.sampling = sampling
+        self.memory = MemoryLimits(**memory) if isinstance(memory, dict) else memory
         self.method = METHODS[method](self)
         self.gates: ComponentGates | None = None
         self.accumulator: AttributionAccumulator | None = None
         self.report: AttributionReport | None = None
         self._started = 0.0
+        self._peak_bytes = 0
+        self._chunk_tokens: set[int] = set()
 
     @staticmethod
     def _check_settings(method, estimation, path, baseline, families, layers, steps, chunk_size, sampling) -> None:
@@ -146,11 +155,24 @@ class IPGAttribution(ReasoningTask):
         self.gates.float()
         self.accumulator.reset()
         self._started = time.perf_counter()
+        self._peak_bytes, self._chunk_tokens = 0, set()
 
     def validation_step(self, batch: ReasoningBatch, batch_idx: int) -> None:
         """One attribution step of the method over a batch of prompts; results go to the accumulator."""
-        with torch.enable_grad(), self.gates.attach(self.lm):
+        with torch.enable_grad(), self.gates.attach(self.lm), PeakMemory(self.device) as meter:
             self.method.step(batch)
+        self._peak_bytes = max(self._peak_bytes, meter.peak_bytes)
+
+    def teacher_forced_passes(self, reuse_prefix: bool | None = None) -> TeacherForcedPasses:
+        """How the passes over one set of trajectories run: chunks by rows and tokens, replayed and checkpointed blocks."""
+        first_live_layer = min(site.layer for site in self.gates.sites.values())
+        reuse = self.hparams.reuse_prefix if reuse_prefix is None else reuse_prefix
+        return TeacherForcedPasses(self.lm, self.hparams.chunk_size, first_live_layer, self.memory, reuse, self.architecture)
+
+    def note_chunk_tokens(self, passes: TeacherForcedPasses) -> None:
+        """Remember the tokens per chunk the passes used (chosen by a memory budget), for the report."""
+        if passes.chunk_tokens is not None:
+            self._chunk_tokens.add(passes.chunk_tokens)
 
     # ----------------------------------------------------------------------------- what methods use
     def sample(self, batch: ReasoningBatch) -> Trajectories:
@@ -218,6 +240,11 @@ class IPGAttribution(ReasoningTask):
             },
             "mean_reward": state["reward_sum"] / state["trajectories"] if state["trajectories"] else None,
             "wall_time_s": round(time.perf_counter() - self._started, 3),
+            "memory": {
+                "peak_gb": round(self._peak_bytes / GIB, 3),
+                "measured": "allocated CUDA tensors" if self.device.type == "cuda" else "the process's resident set",
+                "chunk_tokens": min(self._chunk_tokens) if self._chunk_tokens else None,
+            },
             "world_size": self.trainer.world_size,
         }
         saes = {name: site.sae.source or IN_MEMORY_SAE for name, site in self.gates.sites.items() if site.sae is not None}
@@ -237,12 +264,17 @@ class IPGAttribution(ReasoningTask):
         return metadata
 
 
-def run_attribution(module: IPGAttribution, datamodule: L.LightningDataModule, **trainer_kwargs: Any) -> AttributionReport:
+def run_attribution(
+    module: IPGAttribution, datamodule: L.LightningDataModule, device: str | torch.device = "cpu", **trainer_kwargs: Any
+) -> AttributionReport:
     """One attribution pass (``Trainer(inference_mode=False).validate``) and its report.
 
-    ``trainer_kwargs`` go to the ``Trainer`` (e.g. ``enable_progress_bar=False``, ``devices=2``);
-    by default it runs on the CPU with no logger and no model summary.
+    ``device`` (``cpu``, ``cuda``, ``cuda:N``) picks the Trainer's accelerator; ``trainer_kwargs`` go
+    to the ``Trainer`` (e.g. ``enable_progress_bar=False``, ``devices=2``). By default it runs on the
+    CPU with no logger and no model summary.
     """
-    settings = {"accelerator": "cpu", "logger": False, "enable_model_summary": False, **trainer_kwargs, "inference_mode": False}
+    device = torch.device(device)
+    placement = {"accelerator": "gpu", "devices": [device.index or 0]} if device.type == "cuda" else {"accelerator": device.type}
+    settings = {**placement, "logger": False, "enable_model_summary": False, **trainer_kwargs, "inference_mode": False}
     L.Trainer(**settings).validate(module, datamodule=datamodule, verbose=False)
     return module.report

@@ -11,9 +11,8 @@ import torch
 from torch import nn
 
 from ipg_lightning.attribution.estimator import integrate_path, move_along_path
-from ipg_lightning.frozen_prefix import FrozenPrefix
 from ipg_lightning.gates import ComponentGates
-from ipg_lightning.sites import ArchitectureSpec
+from ipg_lightning.passes import TeacherForcedPasses
 from ipg_lightning.trajectories import Trajectories, backward_weighted_log_likelihood, weighted_log_likelihood
 
 
@@ -40,9 +39,7 @@ def integrate_fixed(
     path: str,
     baseline: float,
     quadrature: tuple[str, int],
-    chunk_size: int,
-    architecture: ArchitectureSpec | None = None,
-    reuse_prefix: bool = True,
+    passes: TeacherForcedPasses,
 ) -> tuple[dict[str, torch.Tensor], float]:
     """Integrated gradients of ``L(c) = sum_n w_n sum_t log pi_c(a_t^n)`` over ``trajectories``, along every path.
 
@@ -54,20 +51,17 @@ def integrate_fixed(
         path: ``layer`` or ``family`` (see :func:`path_groups`).
         baseline: the gate value c' where every path starts.
         quadrature: the rule and number of points.
-        chunk_size: trajectories per teacher-forced forward/backward.
-        architecture: module paths of a decoder that is not built in.
-        reuse_prefix: run the frozen blocks below the lowest gated one once per chunk instead of once
-            per pass (:mod:`ipg_lightning.frozen_prefix`; the scores are the same).
+        passes: how every pass over ``trajectories`` runs: the chunks, the frozen blocks replayed
+            below the lowest gate, the checkpointed ones above (:mod:`ipg_lightning.passes`; the
+            scores are the same whichever is chosen).
 
     Returns the per-site scores and ``sum over paths of L(1) - L(c')``, computed from the quadrature
     points where they include the ends, else by one extra forward pass.
     """
     rule, steps = quadrature
-    # Every pass reads the same chunks and moves only these gates: the blocks below them run once per chunk.
-    prefix = FrozenPrefix(lm, min(site.layer for site in gates.sites.values()), architecture) if reuse_prefix else None
 
     def gradient_at(alpha: float) -> float:
-        return backward_weighted_log_likelihood(lm, trajectories, weights, chunk_size, prefix)
+        return backward_weighted_log_likelihood(lm, trajectories, weights, passes=passes)
 
     scores, delta, value_at_one = {}, 0.0, None
     for group in path_groups(gates, path):
@@ -77,11 +71,11 @@ def integrate_fixed(
         if value_at_one is None:
             value_at_one = values.get(1.0)
             if value_at_one is None:
-                value_at_one = weighted_log_likelihood(lm, trajectories, weights, chunk_size, prefix)
+                value_at_one = weighted_log_likelihood(lm, trajectories, weights, passes=passes)
         value_at_baseline = values.get(0.0)
         if value_at_baseline is None:
             move_along_path(gates, group, baseline, 0.0)
-            value_at_baseline = weighted_log_likelihood(lm, trajectories, weights, chunk_size, prefix)
+            value_at_baseline = weighted_log_likelihood(lm, trajectories, weights, passes=passes)
             gates.reset(1.0)
         delta += value_at_one - value_at_baseline
     return scores, delta

@@ -43,6 +43,7 @@ class IntegratedPolicyGradient(AttributionMethod):
         else:
             rows = [row for row in range(len(trajectories)) if has_signal[trajectories.prompt_index[row]]]
             weights = (advantages.flatten()[rows] / task.sampling.num_samples).float()
+            passes = task.teacher_forced_passes()
             scores, delta = integrate_fixed(
                 task.lm,
                 task.gates,
@@ -51,10 +52,9 @@ class IntegratedPolicyGradient(AttributionMethod):
                 task.hparams.path,
                 task.hparams.baseline,
                 self.quadrature,
-                task.hparams.chunk_size,
-                task.architecture,
-                task.hparams.reuse_prefix,
+                passes,
             )
+            task.note_chunk_tokens(passes)
         task.accumulator.update(scores=scores, score_sum=score_total(scores), surrogate_delta=delta, **counts)
 
     def _integrate_resampled(self, batch: ReasoningBatch, rewards_at_one: torch.Tensor) -> tuple[dict[str, torch.Tensor], float]:
@@ -65,7 +65,10 @@ class IntegratedPolicyGradient(AttributionMethod):
             fresh = task.sample(batch)
             advantages, _ = group_advantages(task.rewards(batch, fresh), hparams.advantage)
             weights = (advantages.flatten() / task.sampling.num_samples).float()
-            return backward_weighted_log_likelihood(task.lm, fresh, weights, hparams.chunk_size)
+            passes = task.teacher_forced_passes(reuse_prefix=False)  # fresh trajectories: nothing to replay
+            value = backward_weighted_log_likelihood(task.lm, fresh, weights, passes=passes)
+            task.note_chunk_tokens(passes)
+            return value
 
         rule, steps = self.quadrature
         scores, delta = {}, 0.0

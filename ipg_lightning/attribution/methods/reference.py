@@ -30,6 +30,7 @@ class ReferenceIntegratedGradients(AttributionMethod):
         check_context_length(task.lm, lengths, texts, what="prompt with its reference solution")
         weights = torch.ones(len(trajectories))
         hparams = task.hparams
+        passes = task.teacher_forced_passes()
         scores, delta = integrate_fixed(
             task.lm,
             task.gates,
@@ -38,10 +39,9 @@ class ReferenceIntegratedGradients(AttributionMethod):
             hparams.path,
             hparams.baseline,
             self.quadrature,
-            hparams.chunk_size,
-            task.architecture,
-            hparams.reuse_prefix,
+            passes,
         )
+        task.note_chunk_tokens(passes)
         prompts = len(batch["prompt"])
         task.accumulator.update(
             scores=scores,
