@@ -29,6 +29,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ipg_lightning.frozen_prefix import FrozenPrefix
+from ipg_lightning.local_credit import local_credit
 from ipg_lightning.memory import PeakMemory, peak_is_resettable
 from ipg_lightning.sites import ArchitectureSpec, resolve_architecture, unwrap_model
 
@@ -102,6 +103,8 @@ class TeacherForcedPasses:
         limits: token and memory bounds (:class:`MemoryLimits`).
         reuse_prefix: replay the frozen blocks below ``first_live_layer`` after the first pass.
         architecture: module paths of a decoder that is not built in.
+        local_credit: the ``local`` credit path: backward reaches position t's hidden state only
+            from the log-probability of the token predicted there (:mod:`ipg_lightning.local_credit`).
     """
 
     def __init__(
@@ -112,6 +115,7 @@ class TeacherForcedPasses:
         limits: MemoryLimits = MemoryLimits(),
         reuse_prefix: bool = False,
         architecture: ArchitectureSpec | None = None,
+        local_credit: bool = False,
     ) -> None:
         self.chunk_size, self.limits = chunk_size, limits
         self.device = next(unwrap_model(model).parameters()).device
@@ -122,6 +126,7 @@ class TeacherForcedPasses:
         self.logits_bytes_per_token = head.shape[0] * head.element_size()
         self.prefix = FrozenPrefix(model, first_live_layer, architecture) if reuse_prefix else None
         self.checkpointed = blocks[first_live_layer:] if limits.checkpoint_blocks else []
+        self.local = blocks[first_live_layer:] if local_credit else []
         self.chunk_tokens = limits.chunk_tokens
         self.layout: list[range] | None = None  # set by the first complete pass
         self._trajectories: Trajectories | None = None
@@ -164,6 +169,8 @@ class TeacherForcedPasses:
         with ExitStack() as stack:
             if self.prefix is not None:
                 stack.enter_context(self.prefix.reuse((rows.start, rows.stop)))
+            if self.local and torch.is_grad_enabled():  # outside the checkpointing: recomputation runs it again
+                stack.enter_context(local_credit(self.local))
             if self.checkpointed and torch.is_grad_enabled():
                 stack.enter_context(_checkpointed(self.checkpointed))
             yield

@@ -180,6 +180,19 @@ def test_memory_limits_keep_the_scores_and_the_report_records_the_peak(tiny_mode
     assert plain.metadata["memory"]["peak_gb"] > 0.05  # the CPU process's resident set: torch alone holds more
 
 
+def test_local_credit_runs_through_the_trainer_and_says_completeness_does_not_apply(tiny_model, tokenizer):
+    model = tiny_model("llama", num_hidden_layers=3)
+    settings = dict(families=["mlp_neuron"], layers=[1], steps=2)
+    full = _run(model, tokenizer, _data(num_val=2, batch_size=2), **settings)
+    local = _run(model, tokenizer, _data(num_val=2, batch_size=2), credit="local", **settings)
+    name = "blocks.1.mlp.hook_post"
+    assert not torch.allclose(local.scores[name], full.scores[name])
+    assert torch.corrcoef(torch.stack([local.scores[name], full.scores[name]]))[0, 1] > 0  # same trajectories, part of the credit
+    assert "credit: local" in local.metadata["completeness"]["note"] and "credit" not in full.metadata["completeness"]["note"]
+    with pytest.raises(ValueError, match="credit must be full|local"):
+        IPGAttribution.for_model(model, tokenizer, credit="global")
+
+
 def test_grad_x_act_is_ipg_without_integration(tiny_llama, tokenizer):
     baseline = _run(tiny_llama, tokenizer, _data(), method="grad_x_act", families=["attn_head"], layers=[1], steps=10)
     single_point = _run(tiny_llama, tokenizer, _data(), families=["attn_head"], layers=[1], steps=1, rule="right")

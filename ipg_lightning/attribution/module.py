@@ -63,6 +63,10 @@ class IPGAttribution(ReasoningTask):
         estimation: ``fixed`` (sample once at c = 1, teacher-force at every point) or ``resample``
             (fresh on-policy samples at every point; N x q generations per prompt).
         path: ``layer`` (each site's gates move alone) or ``family`` (all sites of a family together).
+        credit: ``full`` (backward carries a component's effect at position t to every later token)
+            or ``local`` (only to the token predicted at t: the paper's per-position formula read
+            literally; :mod:`ipg_lightning.local_credit`). Local scores are not the gradient of one
+            surrogate, so completeness does not hold for them.
         sampling: how trajectories are sampled (N, temperature, top-p, max new tokens, stop strings,
             generation batch size, seed); the seed also draws the ``random`` baseline.
         chunk_size: trajectories per teacher-forced forward/backward (bounds memory).
@@ -92,6 +96,7 @@ class IPGAttribution(ReasoningTask):
         baseline: float = 0.0,
         estimation: Literal["fixed", "resample"] = "fixed",
         path: Literal["layer", "family"] = "layer",
+        credit: Literal["full", "local"] = "full",
         sampling: SamplingConfig = SamplingConfig(),
         chunk_size: int = 8,
         reuse_prefix: bool = True,
@@ -104,6 +109,8 @@ class IPGAttribution(ReasoningTask):
         super().__init__(model_path, dtype, architecture)
         sampling = SamplingConfig(**sampling) if isinstance(sampling, dict) else sampling
         self._check_settings(method, estimation, path, baseline, families, layers, steps, chunk_size, sampling)
+        if credit not in ("full", "local"):
+            raise ValueError(f"credit must be full|local, got {credit!r}")
         if saes and "sae_feature" not in families:
             raise ValueError(f"saes are given but families {list(families)} has no sae_feature: add it, or leave saes out")
         if output_dir is not None:
@@ -167,7 +174,8 @@ class IPGAttribution(ReasoningTask):
         """How the passes over one set of trajectories run: chunks by rows and tokens, replayed and checkpointed blocks."""
         first_live_layer = min(site.layer for site in self.gates.sites.values())
         reuse = self.hparams.reuse_prefix if reuse_prefix is None else reuse_prefix
-        return TeacherForcedPasses(self.lm, self.hparams.chunk_size, first_live_layer, self.memory, reuse, self.architecture)
+        local = self.hparams.credit == "local"
+        return TeacherForcedPasses(self.lm, self.hparams.chunk_size, first_live_layer, self.memory, reuse, self.architecture, local)
 
     def note_chunk_tokens(self, passes: TeacherForcedPasses) -> None:
         """Remember the tokens per chunk the passes used (chosen by a memory budget), for the report."""
@@ -259,7 +267,8 @@ class IPGAttribution(ReasoningTask):
                 "surrogate_delta": delta,
                 "residual": total - delta,
                 "relative_residual": abs(total - delta) / max(abs(delta), 1e-12),
-                "note": "per-prompt means; sum over all paths",
+                "note": "per-prompt means; sum over all paths"
+                + ("; credit: local scores are not the gradient of L, so they need not add up to it" if self.hparams.credit == "local" else ""),
             }
         return metadata
 
