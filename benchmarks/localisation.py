@@ -6,6 +6,10 @@ block, and measure held-out accuracy (test split, greedy) with them suppressed (
 amplified (gate 1.5), for several p. A better method moves accuracy more with fewer components.
 Seeds change the support problems and the sampling; intervals are mean +- 1.96 standard errors.
 
+With ``--ipg-variants``, rows ``ipg [variant]`` for IPG's estimator settings (``local`` credit,
+``retries``: redraw zero-signal groups, ``grpo`` advantages, ``resample`` estimation, N = 8 or 16);
+the table reports each row's attribution wall time per seed.
+
 With ``--sae-methods``, the same for the features of an SAE at a site of the same block (the shipped
 SAE reads block 2's residual output), as rows marked ``[SAE]``: p of its 1024 features against p of
 the block's 384 MLP neurons.
@@ -42,6 +46,15 @@ from ipg_lightning.steering import gates_for_components
 from ipg_lightning.trajectories import SamplingConfig
 
 METHODS = ("ipg", "grad_x_act", "ig_reference", "mean_diff", "activation", "random")
+#: Estimator variants of IPG, as overrides of its settings (``--ipg-variants``); ``grad_x_act`` is q = 1.
+VARIANTS = {
+    "local": {"credit": "local"},
+    "retries": {"signal_retries": 4},
+    "grpo": {"advantage": "grpo"},
+    "resample": {"estimation": "resample"},
+    "n8": {"num_samples": 8},
+    "n16": {"num_samples": 16},
+}
 
 
 def interval(values: list[float]) -> tuple[float, float]:
@@ -100,13 +113,15 @@ def print_tables(summary: dict) -> None:
         f"{' and SAE features' if getattr(args, 'sae_methods', None) else ''}, "
         f"N={getattr(args, 'num_samples', 4)} per support problem)"
     )
-    header = "| method | " + " | ".join(f"suppress p={p}" for p in args.ps) + " | " + " | ".join(f"amplify p={p}" for p in args.ps) + " |"
-    print(header)
-    print("|" + " --- |" * (1 + 2 * len(args.ps)))
+    seconds = summary.get("attribution_seconds", {})
+    header = "| method | " + " | ".join(f"suppress p={p}" for p in args.ps) + " | " + " | ".join(f"amplify p={p}" for p in args.ps)
+    print(header + (" | attribution s |" if seconds else " |"))
+    print("|" + " --- |" * (1 + 2 * len(args.ps) + bool(seconds)))
     for method in results:
         cells = [
             f"{m:.3f} +- {e:.3f}" for condition in ("suppress", "amplify") for m, e in (interval(results[method][condition][p]) for p in args.ps)
         ]
+        cells += [f"{statistics.fmean(seconds[method]):.1f}"] if seconds else []
         print(f"| {method} | " + " | ".join(cells) + " |")
     if not length_curve:
         print(f"\nwall time {summary['wall_time_s']} s")
@@ -150,6 +165,7 @@ def main() -> None:
     parser.add_argument("--gammas", type=float, nargs="+", default=[0.0, 0.5, 1.0, 1.5, 2.0, 3.0])
     parser.add_argument("--length-layer", type=int, default=3)
     parser.add_argument("--length-k", type=int, default=4)
+    parser.add_argument("--ipg-variants", nargs="*", default=[], choices=list(VARIANTS), help="also IPG with these estimator settings")
     parser.add_argument("--sae-methods", nargs="*", default=[], choices=METHODS, help="also rank the features of --sae with these methods")
     parser.add_argument("--sae", default=TINY_REASONER_SAE_PATH, help="SAE directory whose features --sae-methods rank")
     parser.add_argument("--sae-steps", type=int, default=32, help="quadrature points over SAE features (a rougher path)")
@@ -178,7 +194,7 @@ def main() -> None:
     test_batches = list(test_data.test_dataloader())
     base = evaluate_generations(model, tokenizer, test_batches, greedy).metrics
 
-    def attribute(method: str, seed: int, reward: str = "accuracy", layer: int = args.layer, family: str = "mlp_neuron"):
+    def attribute(method: str, seed: int, reward: str = "accuracy", layer: int = args.layer, family: str = "mlp_neuron", variant: str | None = None):
         # The seeded stream deals test problems first, then validation: support sets never overlap the
         # test problems, and each seed takes the next `support` problems of the validation stream.
         support = ReasoningDataModule(
@@ -186,6 +202,8 @@ def main() -> None:
         )
         support.setup()
         support.examples["val"] = support.examples["val"][args.support * seed :]
+        overrides = dict(VARIANTS[variant]) if variant else {}
+        num_samples = overrides.pop("num_samples", args.num_samples)
         module = IPGAttribution.for_model(
             model,
             tokenizer,
@@ -196,19 +214,24 @@ def main() -> None:
             saes=[args.sae] if family == "sae_feature" else [],
             steps=args.sae_steps if family == "sae_feature" else args.steps,
             rule=args.rule,
-            sampling=SamplingConfig(num_samples=args.num_samples, temperature=0.7, top_p=1.0, max_new_tokens=160, batch_size=64, seed=seed),
+            sampling=SamplingConfig(num_samples=num_samples, temperature=0.7, top_p=1.0, max_new_tokens=160, batch_size=64, seed=seed),
             chunk_size=32,
+            **overrides,
         )
         return run_attribution(module, support, enable_progress_bar=False, device=device)
 
-    rows = [(method, method, "mlp_neuron") for method in args.methods]
-    rows += [(f"{method} [SAE]", method, "sae_feature") for method in args.sae_methods]
+    rows = [(method, method, "mlp_neuron", None) for method in args.methods]
+    rows += [(f"ipg [{variant}]", "ipg", "mlp_neuron", variant) for variant in args.ipg_variants]
+    rows += [(f"{method} [SAE]", method, "sae_feature", None) for method in args.sae_methods]
     results: dict[str, dict[str, dict[int, list[float]]]] = {
-        row: {"suppress": {p: [] for p in args.ps}, "amplify": {p: [] for p in args.ps}} for row, _, _ in rows
+        row: {"suppress": {p: [] for p in args.ps}, "amplify": {p: [] for p in args.ps}} for row, *_ in rows
     }
+    seconds: dict[str, list[float]] = {row: [] for row, *_ in rows}
     for seed in range(args.seeds):
-        for row, method, family in rows:
-            report = attribute(method, seed, family=family)
+        for row, method, family, variant in rows:
+            started = time.perf_counter()
+            report = attribute(method, seed, family=family, variant=variant)
+            seconds[row].append(round(time.perf_counter() - started, 2))
             for p in args.ps:
                 components = report.select(k=p)
                 for condition, gamma in (("suppress", 0.0), ("amplify", 1.5)):
@@ -244,6 +267,7 @@ def main() -> None:
         "base": base,
         "settings": vars(args),
         "results": results,
+        "attribution_seconds": seconds,
         "length_components": selections,
         "length_curve": length_curve,
         "wall_time_s": round(time.perf_counter() - start),

@@ -99,6 +99,18 @@ class Trajectories:
             pad_token_id=self.pad_token_id,
         )
 
+    @classmethod
+    def of_groups(cls, groups: Sequence[Trajectories]) -> Trajectories:
+        """One set from per-prompt groups: group ``p`` becomes prompt ``p``'s rows, in order."""
+        return cls(
+            prompt_ids=[ids for group in groups for ids in group.prompt_ids],
+            completion_ids=[ids for group in groups for ids in group.completion_ids],
+            completions=[text for group in groups for text in group.completions],
+            prompt_index=[prompt for prompt, group in enumerate(groups) for _ in range(len(group))],
+            sample_index=[index for group in groups for index in group.sample_index],
+            pad_token_id=groups[0].pad_token_id,
+        )
+
     def chunks(self, chunk_size: int) -> Iterator[tuple[range, Trajectories]]:
         """Yield ``(rows, trajectories)`` in chunks of at most ``chunk_size`` rows."""
         for start in range(0, len(self), chunk_size):
@@ -238,6 +250,7 @@ def sample_trajectories(
     config: SamplingConfig = SamplingConfig(),
     prompt_seeds: Sequence[int] | None = None,
     progress: bool = False,
+    first_sample: int = 0,
 ) -> Trajectories:
     """Sample ``config.num_samples`` completions of each prompt with ``model`` (gates attached or not).
 
@@ -249,6 +262,8 @@ def sample_trajectories(
         prompt_seeds: one seed per prompt (e.g. the dataset example's seed); by default derived
             from the prompt text, so results never depend on batch composition.
         progress: show a progress bar over completions.
+        first_sample: the sample index of each prompt's first completion: ``first_sample = N``
+            draws N further completions, different from the first N and as reproducible.
     """
     if not prompts:
         raise ValueError("sample_trajectories needs at least one prompt")
@@ -261,7 +276,7 @@ def sample_trajectories(
     if any(len(ids) == 0 for ids in encoded):
         raise ValueError("A prompt encodes to zero tokens; every prompt needs text")
     check_context_length(model, [len(ids) for ids in encoded], prompts, config.max_new_tokens)
-    rows = [(p, s) for p in range(len(prompts)) for s in range(config.num_samples)]
+    rows = [(p, s) for p in range(len(prompts)) for s in range(first_sample, first_sample + config.num_samples)]
     generation_config = GenerationConfig(
         do_sample=False,
         max_new_tokens=config.max_new_tokens,

@@ -193,6 +193,34 @@ def test_local_credit_runs_through_the_trainer_and_says_completeness_does_not_ap
         IPGAttribution.for_model(model, tokenizer, credit="global")
 
 
+def odd_length(completion):
+    """A coin-flip reward on a random model: 1 when the completion's text has odd length."""
+    return float(len(completion.text) % 2)
+
+
+def test_signal_retries_redraw_silent_groups_from_fresh_sample_indices(tiny_model, tokenizer):
+    model = tiny_model("llama", num_hidden_layers=3)
+    settings = dict(families=["mlp_neuron"], layers=[1], steps=2, reward=odd_length, sampling={"num_samples": 2})
+    skipped = _run(model, tokenizer, _data(num_val=12, batch_size=6), **settings)
+    redrawn = _run(model, tokenizer, _data(num_val=12, batch_size=6), signal_retries=4, **settings)
+    silent_before, silent_after = skipped.metadata["counts"]["zero_signal_prompts"], redrawn.metadata["counts"]["zero_signal_prompts"]
+    assert silent_before >= 3 and silent_after < silent_before
+    assert redrawn.metadata["counts"]["redrawn_groups"] == silent_before - silent_after
+    assert redrawn.metadata["counts"]["redrawn_tokens"] > 0 and skipped.metadata["counts"]["redrawn_groups"] == 0
+    assert not torch.allclose(redrawn.scores["blocks.1.mlp.hook_post"], skipped.scores["blocks.1.mlp.hook_post"])
+    with pytest.raises(ValueError, match="signal_retries applies to method ipg or grad_x_act with estimation fixed"):
+        IPGAttribution.for_model(model, tokenizer, signal_retries=2, estimation="resample")
+
+
+def test_a_later_first_sample_continues_the_same_per_completion_draws(tiny_llama, tokenizer):
+    prompts = ["What is 2+3?", "Start with 7."]
+    config = SamplingConfig(num_samples=2, temperature=1.0, top_p=1.0, max_new_tokens=8)
+    both = sample_trajectories(tiny_llama, tokenizer, prompts, SamplingConfig(**{**vars(config), "num_samples": 4}), [5, 9])
+    later = sample_trajectories(tiny_llama, tokenizer, prompts, config, [5, 9], first_sample=2)
+    assert later.sample_index == [2, 3, 2, 3]
+    assert later.completion_ids == [both.completion_ids[row] for row in (2, 3, 6, 7)]
+
+
 def test_grad_x_act_is_ipg_without_integration(tiny_llama, tokenizer):
     baseline = _run(tiny_llama, tokenizer, _data(), method="grad_x_act", families=["attn_head"], layers=[1], steps=10)
     single_point = _run(tiny_llama, tokenizer, _data(), families=["attn_head"], layers=[1], steps=1, rule="right")

@@ -18,6 +18,8 @@ COUNTERS = (
     "surrogate_delta",
     "correct_rows",
     "incorrect_rows",
+    "redrawn_groups",
+    "redrawn_tokens",
 )
 
 

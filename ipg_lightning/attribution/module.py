@@ -69,6 +69,10 @@ class IPGAttribution(ReasoningTask):
             surrogate, so completeness does not hold for them.
         sampling: how trajectories are sampled (N, temperature, top-p, max new tokens, stop strings,
             generation batch size, seed); the seed also draws the ``random`` baseline.
+        signal_retries: for ``ipg`` and ``grad_x_act`` with fixed estimation, redraw the N samples
+            of a prompt whose N rewards are all equal (fresh sample indices), up to this many
+            times, and keep the first group whose rewards differ; 0 skips such prompts. Redrawn
+            groups and their tokens are counted in the report.
         chunk_size: trajectories per teacher-forced forward/backward (bounds memory).
         reuse_prefix: with fixed estimation, run the frozen blocks below the lowest attributed block
             once per chunk instead of once per quadrature point (the same scores, less work).
@@ -98,6 +102,7 @@ class IPGAttribution(ReasoningTask):
         path: Literal["layer", "family"] = "layer",
         credit: Literal["full", "local"] = "full",
         sampling: SamplingConfig = SamplingConfig(),
+        signal_retries: int = 0,
         chunk_size: int = 8,
         reuse_prefix: bool = True,
         memory: MemoryLimits = MemoryLimits(),
@@ -111,6 +116,9 @@ class IPGAttribution(ReasoningTask):
         self._check_settings(method, estimation, path, baseline, families, layers, steps, chunk_size, sampling)
         if credit not in ("full", "local"):
             raise ValueError(f"credit must be full|local, got {credit!r}")
+        check_at_least(0, signal_retries=signal_retries)
+        if signal_retries and (method not in ("ipg", "grad_x_act") or estimation != "fixed"):
+            raise ValueError(f"signal_retries applies to method ipg or grad_x_act with estimation fixed, not {method!r} with {estimation!r}")
         if saes and "sae_feature" not in families:
             raise ValueError(f"saes are given but families {list(families)} has no sae_feature: add it, or leave saes out")
         if output_dir is not None:
@@ -183,9 +191,9 @@ class IPGAttribution(ReasoningTask):
             self._chunk_tokens.add(passes.chunk_tokens)
 
     # ----------------------------------------------------------------------------- what methods use
-    def sample(self, batch: ReasoningBatch) -> Trajectories:
-        """N trajectories per prompt of the batch from the model as currently gated."""
-        return sample_trajectories(self.lm, self.tokenizer, batch["prompt"], self.sampling, batch["seed"].tolist())
+    def sample(self, batch: ReasoningBatch, first_sample: int = 0) -> Trajectories:
+        """N trajectories per prompt of the batch from the model as currently gated (sample indices from ``first_sample``)."""
+        return sample_trajectories(self.lm, self.tokenizer, batch["prompt"], self.sampling, batch["seed"].tolist(), first_sample=first_sample)
 
     def rewards(self, batch: ReasoningBatch, trajectories: Trajectories) -> torch.Tensor:
         """The (prompts x N) reward matrix of the batch's trajectories."""
@@ -245,6 +253,8 @@ class IPGAttribution(ReasoningTask):
                 "zero_signal_prompts": self.method.counts(state)["zero_signal_prompts"],
                 "completion_tokens": int(state["tokens"]),
                 "correct_trajectories": self.method.counts(state)["correct_trajectories"],
+                "redrawn_groups": int(state["redrawn_groups"]),
+                "redrawn_tokens": int(state["redrawn_tokens"]),
             },
             "mean_reward": state["reward_sum"] / state["trajectories"] if state["trajectories"] else None,
             "wall_time_s": round(time.perf_counter() - self._started, 3),

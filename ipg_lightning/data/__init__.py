@@ -1,6 +1,6 @@
 """Reasoning data: examples, sources, prompt templates, the built-in task and the DataModule."""
 
-from ipg_lightning.data.batch import ReasoningBatch, require_solutions
+from ipg_lightning.data.batch import ReasoningBatch, batch_subset, require_solutions
 from ipg_lightning.data.datamodule import ReasoningDataModule
 from ipg_lightning.data.examples import BadRowError, ColumnSpec, ReasoningExample
 from ipg_lightning.data.prompts import PromptTemplate
@@ -16,5 +16,6 @@ __all__ = [
     "ReasoningBatch",
     "ReasoningDataModule",
     "ReasoningExample",
+    "batch_subset",
     "require_solutions",
 ]

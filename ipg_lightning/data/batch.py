@@ -31,6 +31,12 @@ class ReasoningBatch(TypedDict):
     seed: torch.Tensor
 
 
+def batch_subset(batch: ReasoningBatch, rows: list[int]) -> ReasoningBatch:
+    """The examples ``rows`` of ``batch``, in that order, as a batch of their own."""
+    subset = {key: [values[row] for row in rows] for key, values in batch.items() if key != "seed"}
+    return ReasoningBatch(**subset, seed=batch["seed"][rows])
+
+
 def require_solutions(batch: ReasoningBatch, what: str) -> list[str]:
     """The batch's reference solutions; raise ``ValueError`` naming examples that have none.
 

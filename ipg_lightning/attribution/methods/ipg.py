@@ -15,8 +15,8 @@ import torch
 from ipg_lightning.attribution.estimator import group_advantages, integrate_path, move_along_path
 from ipg_lightning.attribution.methods.base import AttributionMethod
 from ipg_lightning.attribution.paths import integrate_fixed, path_groups, score_total
-from ipg_lightning.data import ReasoningBatch
-from ipg_lightning.trajectories import backward_weighted_log_likelihood
+from ipg_lightning.data import ReasoningBatch, batch_subset
+from ipg_lightning.trajectories import Trajectories, backward_weighted_log_likelihood
 
 
 class IntegratedPolicyGradient(AttributionMethod):
@@ -31,7 +31,10 @@ class IntegratedPolicyGradient(AttributionMethod):
         task = self.task
         trajectories = task.sample(batch)
         rewards = task.rewards(batch, trajectories)
-        counts = task.sample_counts(batch, trajectories, rewards)
+        redrawn = {"redrawn_groups": 0, "redrawn_tokens": 0}
+        if task.hparams.signal_retries:
+            trajectories, rewards, redrawn = self._redraw_silent_groups(batch, trajectories, rewards)
+        counts = {**task.sample_counts(batch, trajectories, rewards), **redrawn}
         advantages, has_signal = group_advantages(rewards, task.hparams.advantage)
         counts["signal_prompts"] = int(has_signal.sum())
         task.log("zero_signal_prompts", float((~has_signal).sum()), prog_bar=True, reduce_fx="sum", batch_size=len(batch["prompt"]))
@@ -56,6 +59,33 @@ class IntegratedPolicyGradient(AttributionMethod):
             )
             task.note_chunk_tokens(passes)
         task.accumulator.update(scores=scores, score_sum=score_total(scores), surrogate_delta=delta, **counts)
+
+    def _redraw_silent_groups(
+        self, batch: ReasoningBatch, trajectories: Trajectories, rewards: torch.Tensor
+    ) -> tuple[Trajectories, torch.Tensor, dict[str, int]]:
+        """Redraw the N samples of every prompt whose rewards are all equal, up to ``signal_retries`` times.
+
+        Attempt r draws sample indices r N .. (r + 1) N - 1 of the still-silent prompts; the first
+        group whose rewards differ replaces the prompt's group. The kept trajectories stay ordered
+        by prompt, N per prompt.
+        """
+        task = self.task
+        n = task_samples = task.sampling.num_samples
+        groups = [trajectories.select(range(p * n, (p + 1) * n)) for p in range(len(batch["prompt"]))]
+        rewards, counts = rewards.clone(), {"redrawn_groups": 0, "redrawn_tokens": 0}
+        for attempt in range(1, task.hparams.signal_retries + 1):
+            silent = [p for p, signal in enumerate(group_advantages(rewards, task.hparams.advantage)[1]) if not signal]
+            if not silent:
+                break
+            subset = batch_subset(batch, silent)
+            fresh = task.sample(subset, first_sample=attempt * task_samples)
+            fresh_rewards = task.rewards(subset, fresh)
+            counts["redrawn_tokens"] += fresh.num_completion_tokens
+            for index, (prompt, signal) in enumerate(zip(silent, group_advantages(fresh_rewards, task.hparams.advantage)[1], strict=True)):
+                if signal:
+                    groups[prompt], rewards[prompt] = fresh.select(range(index * n, (index + 1) * n)), fresh_rewards[index]
+                    counts["redrawn_groups"] += 1
+        return Trajectories.of_groups(groups), rewards, counts
 
     def _integrate_resampled(self, batch: ReasoningBatch, rewards_at_one: torch.Tensor) -> tuple[dict[str, torch.Tensor], float]:
         task = self.task
