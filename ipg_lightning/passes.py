@@ -18,11 +18,11 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from functools import partial
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import torch
 from torch import nn
@@ -33,8 +33,17 @@ from ipg_lightning.local_credit import local_credit
 from ipg_lightning.memory import PeakMemory, peak_is_resettable
 from ipg_lightning.sites import ArchitectureSpec, resolve_architecture, unwrap_model
 
-if TYPE_CHECKING:
-    from ipg_lightning.trajectories import Trajectories
+
+class Trajectories(Protocol):
+    """What the passes read of :class:`ipg_lightning.trajectories.Trajectories` (a protocol: no import back)."""
+
+    prompt_ids: list[list[int]]
+    completion_ids: list[list[int]]
+
+    def __len__(self) -> int: ...
+
+    def select(self, rows: Sequence[int]) -> Trajectories: ...
+
 
 GIB = 2**30
 
