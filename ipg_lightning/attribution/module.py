@@ -28,7 +28,7 @@ from ipg_lightning.completions import reward_matrix
 from ipg_lightning.data import ReasoningBatch
 from ipg_lightning.gates import ComponentGates
 from ipg_lightning.identity import model_identity
-from ipg_lightning.memory import PeakMemory
+from ipg_lightning.memory import PeakMemory, peak_is_resettable
 from ipg_lightning.outputs import check_output_dir
 from ipg_lightning.passes import GIB, MemoryLimits, TeacherForcedPasses
 from ipg_lightning.rewards import load_reward
@@ -135,6 +135,7 @@ class IPGAttribution(ReasoningTask):
         self._started = 0.0
         self._peak_bytes = 0
         self._chunk_tokens: set[int] = set()
+        self._step_passes: list[TeacherForcedPasses] = []
 
     @staticmethod
     def _check_settings(method, estimation, path, baseline, families, layers, steps, chunk_size, sampling) -> None:
@@ -171,24 +172,26 @@ class IPGAttribution(ReasoningTask):
         self.accumulator.reset()
         self._started = time.perf_counter()
         self._peak_bytes, self._chunk_tokens = 0, set()
+        if self.memory.budget_gb is not None and not peak_is_resettable(self.device):  # before any sampling
+            raise ValueError("memory.budget_gb needs a peak-memory counter that can be reset (CUDA, or Linux /proc); set memory.chunk_tokens instead")
 
     def validation_step(self, batch: ReasoningBatch, batch_idx: int) -> None:
         """One attribution step of the method over a batch of prompts; results go to the accumulator."""
         with torch.enable_grad(), self.gates.attach(self.lm), PeakMemory(self.device) as meter:
             self.method.step(batch)
         self._peak_bytes = max(self._peak_bytes, meter.peak_bytes)
+        # the tokens per chunk each pass plan used (a memory budget chooses them), for the report
+        self._chunk_tokens.update(passes.chunk_tokens for passes in self._step_passes if passes.chunk_tokens is not None)
+        self._step_passes.clear()
 
     def teacher_forced_passes(self, reuse_prefix: bool | None = None) -> TeacherForcedPasses:
         """How the passes over one set of trajectories run: chunks by rows and tokens, replayed and checkpointed blocks."""
         first_live_layer = min(site.layer for site in self.gates.sites.values())
         reuse = self.hparams.reuse_prefix if reuse_prefix is None else reuse_prefix
         local = self.hparams.credit == "local"
-        return TeacherForcedPasses(self.lm, self.hparams.chunk_size, first_live_layer, self.memory, reuse, self.architecture, local)
-
-    def note_chunk_tokens(self, passes: TeacherForcedPasses) -> None:
-        """Remember the tokens per chunk the passes used (chosen by a memory budget), for the report."""
-        if passes.chunk_tokens is not None:
-            self._chunk_tokens.add(passes.chunk_tokens)
+        passes = TeacherForcedPasses(self.lm, self.hparams.chunk_size, first_live_layer, self.memory, reuse, self.architecture, local)
+        self._step_passes.append(passes)
+        return passes
 
     # ----------------------------------------------------------------------------- what methods use
     def sample(self, batch: ReasoningBatch, first_sample: int = 0) -> Trajectories:

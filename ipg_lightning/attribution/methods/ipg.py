@@ -57,7 +57,6 @@ class IntegratedPolicyGradient(AttributionMethod):
                 self.quadrature,
                 passes,
             )
-            task.note_chunk_tokens(passes)
         task.accumulator.update(scores=scores, score_sum=score_total(scores), surrogate_delta=delta, **counts)
 
     def _redraw_silent_groups(
@@ -96,9 +95,7 @@ class IntegratedPolicyGradient(AttributionMethod):
             advantages, _ = group_advantages(task.rewards(batch, fresh), hparams.advantage)
             weights = (advantages.flatten() / task.sampling.num_samples).float()
             passes = task.teacher_forced_passes(reuse_prefix=False)  # fresh trajectories: nothing to replay
-            value = backward_weighted_log_likelihood(task.lm, fresh, weights, passes=passes)
-            task.note_chunk_tokens(passes)
-            return value
+            return backward_weighted_log_likelihood(task.lm, fresh, weights, passes=passes)
 
         rule, steps = self.quadrature
         scores, delta = {}, 0.0

@@ -41,7 +41,6 @@ class ReferenceIntegratedGradients(AttributionMethod):
             self.quadrature,
             passes,
         )
-        task.note_chunk_tokens(passes)
         prompts = len(batch["prompt"])
         task.accumulator.update(
             scores=scores,
