@@ -22,6 +22,11 @@ def has_digit(completion):
     return float(any(ch.isdigit() for ch in completion.text))
 
 
+def word_count(completion):
+    """A length reward: the number of whitespace-separated words (varies a lot between random samples)."""
+    return float(len(completion.text.split()))
+
+
 def starts_with_digit(completion):
     return float(completion.text[:1].isdigit())
 
@@ -256,12 +261,32 @@ def test_activation_and_mean_diff_baselines_match_independent_computations(tiny_
     expected = means.abs().view(4, 4, -1).mean(1).mean(0)
     torch.testing.assert_close(activation.scores["blocks.0.mlp.hook_post"], expected, rtol=1e-4, atol=1e-5)
 
-    correct = torch.tensor([any(ch.isdigit() for ch in text) for text in trajectories.completions])
-    assert 0 < correct.sum() < len(correct)  # both groups are populated
+    rewards = torch.tensor([float(any(ch.isdigit() for ch in text)) for text in trajectories.completions]).view(4, 4)
+    mixed = [p for p in range(4) if 0 < rewards[p].sum() < 4]
+    assert mixed and len(mixed) < 4  # some prompts carry signal, some do not
+    above = torch.zeros(4, 4, dtype=torch.bool)
+    below = torch.zeros(4, 4, dtype=torch.bool)
+    for p in mixed:  # by hand: within a mixed prompt, reward 1 is above its mean and reward 0 below
+        above[p], below[p] = rewards[p] == 1, rewards[p] == 0
     mean_diff = _run(tiny_llama, tokenizer, data, method="mean_diff", reward=has_digit, families=["mlp_neuron"], layers=[0])
-    assert mean_diff.metadata["counts"]["correct_trajectories"] == int(correct.sum())
-    expected = (means[correct].sum(0) / max(int(correct.sum()), 1)) - (means[~correct].sum(0) / max(int((~correct).sum()), 1))
+    assert mean_diff.metadata["counts"]["above_mean_trajectories"] == int(above.sum())
+    assert mean_diff.metadata["counts"]["zero_signal_prompts"] == 4 - len(mixed)
+    expected = means[above.flatten()].mean(0) - means[below.flatten()].mean(0)
     torch.testing.assert_close(mean_diff.scores["blocks.0.mlp.hook_post"], expected, rtol=1e-4, atol=1e-5)
+
+
+def test_mean_diff_of_reasoning_length_contrasts_long_and_short_answers_to_the_same_prompt(tiny_llama, tokenizer):
+    data = _data(num_val=4, batch_size=4)
+    batch = next(iter(data.val_dataloader()))
+    sampling = SamplingConfig(num_samples=4, temperature=1.0, top_p=1.0, max_new_tokens=10)
+    trajectories, means = _manual_site_means(tiny_llama, tokenizer, batch["prompt"], batch["seed"].tolist(), sampling, layer=0)
+    lengths = torch.tensor([float(len(text.split())) for text in trajectories.completions]).view(4, 4)
+    above = lengths > lengths.mean(1, keepdim=True)
+    below = lengths < lengths.mean(1, keepdim=True)
+    assert above.any() and below.any()
+    report = _run(tiny_llama, tokenizer, data, method="mean_diff", reward=word_count, families=["mlp_neuron"], layers=[0])
+    expected = means[above.flatten()].mean(0) - means[below.flatten()].mean(0)
+    torch.testing.assert_close(report.scores["blocks.0.mlp.hook_post"], expected, rtol=1e-4, atol=1e-5)
 
 
 def test_component_values_of_heads_are_slice_norms(tiny_llama):

@@ -325,7 +325,7 @@ def test_a_mean_diff_run_without_both_outcomes_is_refused(tiny_llama, tokenizer)
         sampling=SamplingConfig(max_new_tokens=4, temperature=1.0),
     )
     data = ReasoningDataModule(num_train=0, num_val=2, num_test=0, batch_size=2, template=PromptTemplate(use_chat_template=False))
-    with pytest.raises(UninformativeReportError, match="all 8 had reward <= 0.5"):
+    with pytest.raises(UninformativeReportError, match="the rewards of all 2 prompts were equal"):
         L.Trainer(inference_mode=False, logger=False, enable_progress_bar=False, enable_model_summary=False, accelerator="cpu").validate(
             module, datamodule=data, verbose=False
         )

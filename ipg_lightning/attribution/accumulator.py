@@ -16,8 +16,8 @@ COUNTERS = (
     "reward_sum",
     "score_sum",
     "surrogate_delta",
-    "correct_rows",
-    "incorrect_rows",
+    "above_rows",
+    "below_rows",
     "redrawn_groups",
     "redrawn_tokens",
 )

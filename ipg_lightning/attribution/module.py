@@ -51,8 +51,8 @@ class IPGAttribution(ReasoningTask):
         layers: blocks to attribute; default one mid-to-late block (at 3/4 depth), as in the paper.
         method: ``ipg``; or a baseline: ``grad_x_act`` (IPG without integration: one point at
             alpha = 1), ``random``, ``activation`` (mean activation magnitude), ``mean_diff``
-            (mean activation of trajectories with reward > 0.5, i.e. correct ones under the accuracy
-            reward, minus that of the others), ``ig_reference``
+            (mean activation of trajectories above their prompt's mean reward minus that of those
+            below: correct vs incorrect for accuracy, long vs short for length), ``ig_reference``
             (Integrated Gradients of the teacher-forced likelihood of reference solutions).
         reward: a built-in reward name, an import path ``pkg.module:function``, or a mapping of weights.
         advantage: ``rloo`` (default, unbiased), ``grpo`` (the paper's), or ``none``.
@@ -255,7 +255,7 @@ class IPGAttribution(ReasoningTask):
                 "trajectories": int(state["trajectories"]),
                 "zero_signal_prompts": self.method.counts(state)["zero_signal_prompts"],
                 "completion_tokens": int(state["tokens"]),
-                "correct_trajectories": self.method.counts(state)["correct_trajectories"],
+                "above_mean_trajectories": self.method.counts(state)["above_mean_trajectories"],
                 "redrawn_groups": int(state["redrawn_groups"]),
                 "redrawn_tokens": int(state["redrawn_tokens"]),
             },

@@ -1,4 +1,4 @@
-"""Activation baselines: mean activation magnitude, and the correct-minus-incorrect difference of means.
+"""Activation baselines: mean activation magnitude, and the difference of means above and below each prompt's mean reward.
 
 Both sample N trajectories per prompt like IPG and read each component's mean activation over a
 trajectory's generated tokens (:mod:`ipg_lightning.attribution.activations`); neither takes a gradient.
@@ -38,37 +38,46 @@ class MeanActivation(AttributionMethod):
 
 
 class MeanDifference(AttributionMethod):
-    """``mean_diff``: mean activation of trajectories with reward > 0.5 minus that of the others."""
+    """``mean_diff``: mean activation of trajectories that beat their prompt's mean reward minus that of those below it.
+
+    The contrast is within each prompt's N samples, so it works for any reward and does not confound
+    the behaviour with the problem: for accuracy it is correct against incorrect on the prompts the
+    model solves sometimes; for reasoning length it is long against short answers to the same question.
+    Prompts whose N rewards are all equal contribute to neither side.
+    """
 
     name = "mean_diff"
 
     def step(self, batch: ReasoningBatch) -> None:
-        """Sample, record per-trajectory mean activations, and sum them by outcome."""
+        """Sample, record per-trajectory mean activations, and sum them by side of their prompt's mean reward."""
         per_row, rewards, counts = sampled_activations(self, batch)
-        correct = rewards.flatten() > 0.5  # with the accuracy reward: correct vs incorrect
+        has_signal = rewards.amax(1, keepdim=True) > rewards.amin(1, keepdim=True)
+        group_mean = rewards.mean(1, keepdim=True)
+        above = ((rewards > group_mean) & has_signal).flatten()
+        below = ((rewards < group_mean) & has_signal).flatten()
         self.task.accumulator.update(
-            scores={name: values[correct].sum(0) for name, values in per_row.items()},
-            contrast={name: values[~correct].sum(0) for name, values in per_row.items()},
-            correct_rows=int(correct.sum()),
-            incorrect_rows=int((~correct).sum()),
+            scores={name: values[above].sum(0) for name, values in per_row.items()},
+            contrast={name: values[below].sum(0) for name, values in per_row.items()},
+            above_rows=int(above.sum()),
+            below_rows=int(below.sum()),
+            signal_prompts=int(has_signal.sum()),
             **counts,
         )
 
     def scores(self, state: dict[str, Any]) -> dict[str, torch.Tensor]:
-        """Mean over the correct trajectories minus mean over the others."""
-        correct, incorrect = max(state["correct_rows"], 1.0), max(state["incorrect_rows"], 1.0)
-        return {name: (state["score"][name] / correct - state["contrast"][name] / incorrect).float() for name in state["score"]}
+        """Mean over the trajectories above their prompt's mean reward minus mean over those below."""
+        above, below = max(state["above_rows"], 1.0), max(state["below_rows"], 1.0)
+        return {name: (state["score"][name] / above - state["contrast"][name] / below).float() for name in state["score"]}
 
     def uninformative_reason(self, state: dict[str, Any]) -> str | None:
-        """Every trajectory had the same outcome: there is nothing to contrast."""
-        if 0 not in (state["correct_rows"], state["incorrect_rows"]):
+        """No prompt's rewards differed: there is nothing to contrast."""
+        if state["above_rows"] and state["below_rows"]:
             return None
-        side = "reward > 0.5" if state["incorrect_rows"] == 0 else "reward <= 0.5"
         return (
-            f"mean_diff contrasts trajectories with reward > 0.5 against the others, but all {int(state['trajectories'])} "
-            f"had {side}: use problems the model solves sometimes but not always"
+            f"mean_diff contrasts each prompt's trajectories above and below its mean reward, but the rewards of all "
+            f"{int(state['prompts'])} prompts were equal: use problems the model solves sometimes but not always"
         )
 
     def counts(self, state: dict[str, Any]) -> dict[str, int | None]:
-        """How many trajectories had reward > 0.5."""
-        return {"zero_signal_prompts": None, "correct_trajectories": int(state["correct_rows"])}
+        """How many prompts had differing rewards, and how many trajectories beat their prompt's mean."""
+        return {"zero_signal_prompts": int(state["prompts"] - state["signal_prompts"]), "above_mean_trajectories": int(state["above_rows"])}

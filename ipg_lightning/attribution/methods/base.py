@@ -79,7 +79,7 @@ class AttributionMethod:
 
     def counts(self, state: dict[str, Any]) -> dict[str, int | None]:
         """Method-specific counters for the report's ``counts`` block."""
-        return {"zero_signal_prompts": None, "correct_trajectories": None}
+        return {"zero_signal_prompts": None, "above_mean_trajectories": None}
 
     def completeness_target(self) -> str:
         """What the scores should add up to (for methods with a completeness check)."""

@@ -123,7 +123,7 @@ class IntegratedPolicyGradient(AttributionMethod):
 
     def counts(self, state: dict[str, Any]) -> dict[str, int | None]:
         """Prompts whose N rewards were all equal (skipped)."""
-        return {"zero_signal_prompts": int(state["prompts"] - state["signal_prompts"]), "correct_trajectories": None}
+        return {"zero_signal_prompts": int(state["prompts"] - state["signal_prompts"]), "above_mean_trajectories": None}
 
     def completeness_target(self) -> str:
         """L(1) - L(c') over fixed trajectories; the expected reward J(1) - J(c') when resampling."""
