@@ -135,6 +135,10 @@ def test_reasoning_gym_task_offline():
     assert all(e.solution is None for e in module.examples["val"])
     with pytest.raises(DataSourceError, match="reasoning-gym task 'no_such_task'"):
         ReasoningDataModule(source="reasoning_gym:no_such_task", num_train=1, num_val=1, num_test=1).setup()
+    # knobs that pass the task's config but break generation: named, not a traceback from inside the task
+    bad = {"operators": ["+", "-"], "operators_weights": [1.0]}
+    with pytest.raises(DataSourceError, match="reasoning-gym task 'simple_equations' .* failed: .*check the task's settings"):
+        ReasoningDataModule(source="reasoning_gym:simple_equations", task_kwargs=bad, num_train=1, num_val=1, num_test=1).setup()
 
 
 def test_example_seeds_do_not_depend_on_batching():

@@ -66,12 +66,13 @@ def reasoning_gym_rows(task_name: str, sizes: Mapping[str, int], seed: int, task
     import reasoning_gym
 
     needed = sum(sizes.values())
-    try:
+    try:  # bad knobs can pass the config and fail only when problems are generated
         dataset = reasoning_gym.create_dataset(task_name, size=2 * needed + 16, seed=seed, **task_kwargs)
-    except (KeyError, ValueError, TypeError) as error:
-        raise DataSourceError(f"reasoning-gym task {task_name!r} with {dict(task_kwargs)} failed: {error}") from None
+        entries = list(dataset)
+    except (KeyError, ValueError, TypeError, IndexError) as error:
+        raise DataSourceError(f"reasoning-gym task {task_name!r} with {dict(task_kwargs)} failed: {error}; check the task's settings") from None
     stream = []
-    for entry in dataset:
+    for entry in entries:
         solution = entry.get("metadata", {}).get("answer_cot")
         stream.append({"question": entry["question"], "answer": str(entry["answer"]), "solution": solution})
     return _deal(stream, sizes, f"reasoning-gym task {task_name!r}")
