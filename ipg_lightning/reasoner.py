@@ -32,6 +32,8 @@ TINY_REASONER_TASK = ArithmeticChainTask(min_steps=1, max_steps=4, max_operand=9
 #: The shipped reasoner, found from the package's own location so the demo runs from any directory
 #: of an editable install or a clone (a wheel does not carry ``checkpoints/``).
 TINY_REASONER_PATH = str(Path(__file__).resolve().parents[1] / "checkpoints" / "tiny-reasoner")
+#: The shipped reasoner after policy-gradient fine-tuning (recipes/steer_tiny_reasoner_rl.yaml, merged).
+TINY_REASONER_RL_PATH = str(Path(__file__).resolve().parents[1] / "checkpoints" / "tiny-reasoner-rl")
 #: The shipped TopK SAE on the reasoner's residual stream after block 2 (recipes/train_tiny_sae.yaml).
 TINY_REASONER_SAE_PATH = str(Path(__file__).resolve().parents[1] / "checkpoints" / "tiny-reasoner-sae")
 

@@ -10,7 +10,7 @@ from ipg_lightning.attribution import IPGAttribution, run_attribution
 from ipg_lightning.data import ArithmeticChainTask, ReasoningDataModule
 from ipg_lightning.evaluation import evaluate_generations
 from ipg_lightning.models import load_model_and_tokenizer
-from ipg_lightning.reasoner import TINY_REASONER_PATH, TINY_REASONER_TASK, ReasonerTraining, reasoner_tokenizer
+from ipg_lightning.reasoner import TINY_REASONER_PATH, TINY_REASONER_RL_PATH, TINY_REASONER_TASK, ReasonerTraining, reasoner_tokenizer
 from ipg_lightning.steering import gates_for_components
 from ipg_lightning.trajectories import SamplingConfig, completion_log_probs, teacher_forced_trajectories
 
@@ -117,3 +117,29 @@ def test_ipg_length_components_turn_reasoning_length_down_and_up():
 
     base, suppressed, amplified = mean_length(1.0), mean_length(0.0), mean_length(2.0)
     assert suppressed < base - 3 and amplified > base + 3, (suppressed, base, amplified)
+
+
+RL_CHECKPOINT = Path(TINY_REASONER_RL_PATH)
+
+
+@pytest.mark.skipif(not RL_CHECKPOINT.is_dir(), reason="the RL testbed reasoner is not in this checkout")
+def test_rl_reasoner_measures_what_its_card_says_and_rechecks_less_than_the_sft_one():
+    card = json.loads((RL_CHECKPOINT / "metrics.json").read_text())
+    readme = (RL_CHECKPOINT / "README.md").read_text()
+    assert "ipg steer --config recipes/steer_tiny_reasoner_rl.yaml" in readme
+    assert f"{card['held_out']['accuracy']:.3f}" in readme and f"{card['sft_held_out']['accuracy']:.3f}" in readme
+    rl, tokenizer = load_model_and_tokenizer(TINY_REASONER_RL_PATH)
+    sft, _ = load_model_and_tokenizer(TINY_REASONER_PATH)
+    assert any((a - b).abs().max() > 1e-3 for a, b in zip(rl.parameters(), sft.parameters(), strict=True))  # merged, not a copy
+    data = _held_out(tokenizer, num_test=128)
+    greedy = SamplingConfig(num_samples=1, temperature=0.0, max_new_tokens=160, batch_size=128)
+    measured = evaluate_generations(rl, tokenizer, data.test_dataloader(), greedy).metrics
+    assert abs(measured["accuracy"] - card["held_out"]["accuracy"]) < 0.08  # 128 of the card's 512 problems
+    # the card's claim: sampled, the RL model re-checks its steps far less often than the SFT model
+    sampled = SamplingConfig(num_samples=4, temperature=0.7, top_p=1.0, max_new_tokens=160, batch_size=128, seed=0)
+    few = _held_out(tokenizer, num_test=64)
+    rechecks = {
+        name: evaluate_generations(model, tokenizer, few.test_dataloader(), sampled).metrics["reflection_rate"]
+        for name, model in (("rl", rl), ("sft", sft))
+    }
+    assert rechecks["rl"] < 0.1 < 0.3 < rechecks["sft"]
