@@ -1,25 +1,31 @@
-"""Which selection method localises reasoning best? IPG against the baselines, on the tiny reasoner.
+"""Which selection method localises reasoning best? IPG against the baselines, on three testbeds.
 
-For each method (ipg, grad_x_act, ig_reference, mean_diff, activation, random) and seed:
-attribute accuracy on the support problems (validation split), take the top-p MLP neurons of one
-block, and measure held-out accuracy (test split, greedy) with them suppressed (gate 0) and
-amplified (gate 1.5), for several p. A better method moves accuracy more with fewer components.
-Seeds change the support problems and the sampling; intervals are mean +- 1.96 standard errors.
+On a testbed (``--testbed sft|rl|smollm2``, see ``benchmarks/testbeds.py``), for each row (a method
+of ``--methods``, an estimator variant of ``--ipg-variants``, an SAE row of ``--sae-methods``) and seed:
 
-With ``--ipg-variants``, rows ``ipg [variant]`` for IPG's estimator settings (``local`` credit,
-``retries``: redraw zero-signal groups, ``grpo`` advantages, ``resample`` estimation, N = 8 or 16);
-the table reports each row's attribution wall time per seed.
+- **accuracy**: attribute accuracy on the support problems, take the top-p MLP neurons of one block,
+  and measure held-out greedy accuracy with them suppressed (gate 0) and amplified (gate 1.5);
+- **length**: attribute reasoning length at the length block (``mean_diff``: long against short
+  answers to the same question), take the top-k neurons, and measure mean reasoning length and
+  accuracy of sampled completions (temperature 0.7, 4 per problem, the same seeds in every
+  condition) with the neurons scaled by each gamma.
 
-With ``--sae-methods``, the same for the features of an SAE at a site of the same block (the shipped
-SAE reads block 2's residual output), as rows marked ``[SAE]``: p of its 1024 features against p of
-the block's 384 MLP neurons.
+A better method moves the behaviour more with fewer components; the tables give each row's
+attribution wall time per seed, to compare at equal cost. Seeds change the support problems and the
+sampling; intervals are mean +- 1.96 standard errors. Support problems come after the test problems
+in the task's seeded stream, so the two never overlap. ``--support-task``/``--test-task`` apply
+components selected on one task to another task of the same model (transfer). ``ig_reference``
+needs reference solutions: on a task without them its row says so.
 
-Then the length-control curve (``--skip-length`` leaves it out): the top-k IPG components of the reasoning-length reward (last
-block) scaled by gamma, against k random neurons of the same block, with mean reasoning length and
-accuracy per gamma. Length is measured on sampled completions (temperature 0.7, 4 per problem, the
-same seeds in every condition): greedy decoding almost never takes the "Wait, let me check" branch.
+Estimator variants (``--ipg-variants``): ``local`` credit, ``retries`` (redraw zero-signal groups),
+``grpo`` advantages, ``resample`` estimation, N = 8 or 16; ``grad_x_act`` is q = 1. SAE rows rank the
+features of ``--sae`` (accuracy only: the shipped SAE reads block 2's residual output).
 
-Run: ``python benchmarks/localisation.py`` (about 10 min on 2 CPU cores; ``--help`` for knobs).
+Resumable: each finished (behaviour, row, seed) cell is written to ``OUT/results.json`` at once, and a
+rerun with the same settings measures only the missing cells (more seeds or rows may be added);
+``--restart`` replaces a run with other settings. ``--from-results`` redraws tables and figure.
+
+Run: ``python benchmarks/localisation.py --testbed sft`` (``--help`` for knobs).
 """
 
 from __future__ import annotations
@@ -29,23 +35,27 @@ import json
 import logging
 import math
 import statistics
+import sys
 import time
 import warnings
 from pathlib import Path
+from typing import Any, NamedTuple
 
 import torch
+from testbeds import TESTBEDS
 
 from ipg_lightning.attribution import IPGAttribution, run_attribution
 from ipg_lightning.attribution.plots import plt
-from ipg_lightning.data import ReasoningDataModule
+from ipg_lightning.attribution.report import AttributionReport, UninformativeReportError
 from ipg_lightning.evaluation import evaluate_generations
 from ipg_lightning.models import DTYPES, load_model_and_tokenizer
 from ipg_lightning.outputs import atomic_write_json
-from ipg_lightning.reasoner import TINY_REASONER_PATH, TINY_REASONER_SAE_PATH, TINY_REASONER_TASK
+from ipg_lightning.reasoner import TINY_REASONER_SAE_PATH
 from ipg_lightning.steering import gates_for_components
 from ipg_lightning.trajectories import SamplingConfig
 
 METHODS = ("ipg", "grad_x_act", "ig_reference", "mean_diff", "activation", "random")
+BEHAVIOURS = ("accuracy", "length")
 #: Estimator variants of IPG, as overrides of its settings (``--ipg-variants``); ``grad_x_act`` is q = 1.
 VARIANTS = {
     "local": {"credit": "local"},
@@ -55,6 +65,28 @@ VARIANTS = {
     "n8": {"num_samples": 8},
     "n16": {"num_samples": 16},
 }
+#: Settings a resumed run may change: which cells to measure, and where and how to show them.
+NOT_MEASUREMENT = {"out", "from_results", "restart", "seeds", "methods", "ipg_variants", "sae_methods", "behaviours"}
+FORMAT = 2
+ACCURACY_GATES = {"suppress": 0.0, "amplify": 1.5}
+
+
+class Row(NamedTuple):
+    """One line of the tables: a method, on a site family, with an optional IPG variant."""
+
+    name: str
+    method: str
+    family: str
+    variant: str | None
+
+
+def rows_of(settings: dict[str, Any], behaviour: str) -> list[Row]:
+    """The rows a run measures for one behaviour (SAE rows for accuracy only)."""
+    rows = [Row(method, method, "mlp_neuron", None) for method in settings["methods"]]
+    rows += [Row(f"ipg [{variant}]", "ipg", "mlp_neuron", variant) for variant in settings["ipg_variants"]]
+    if behaviour == "accuracy":
+        rows += [Row(f"{method} [SAE]", method, "sae_feature", None) for method in settings["sae_methods"]]
+    return rows
 
 
 def interval(values: list[float]) -> tuple[float, float]:
@@ -65,116 +97,266 @@ def interval(values: list[float]) -> tuple[float, float]:
     return mean, 1.96 * statistics.stdev(values) / math.sqrt(len(values))
 
 
-def write_figure(summary: dict, out: Path) -> None:
-    """Suppression and enhancement curves per method, and the length-control curve (atomically)."""
-    args = argparse.Namespace(**summary["settings"])
-    base, results, length_curve = summary["base"], summary["results"], summary["length_curve"]
-    figure, axes = plt.subplots(1, 3 if length_curve else 2, figsize=(14 if length_curve else 9.5, 3.8))
-    for axis, condition in zip(axes[:2], ("suppress", "amplify"), strict=True):
-        for method in results:
-            means, errors = zip(*(interval(results[method][condition][p]) for p in args.ps), strict=True)
-            axis.errorbar(args.ps, means, yerr=errors, marker="o", capsize=3, label=method)
-        axis.axhline(base["accuracy"], color="grey", linestyle="--", label="base")
-        axis.set_xscale("log", base=2)
-        axis.set_xlabel("p (top components)")
-        axis.set_ylabel("held-out accuracy")
-        axis.set_title(f"{condition} (gate {'0' if condition == 'suppress' else '1.5'})")
-    axes[0].legend(fontsize=7)
-    if length_curve:
-        _length_panel(axes[2], length_curve, args)
+class Localisation:
+    """One benchmark run: the testbed's model, its held-out problems, and the cells measured so far."""
+
+    def __init__(self, settings: dict[str, Any], summary: dict[str, Any]) -> None:
+        self.settings, self.summary = settings, summary
+        self.testbed = TESTBEDS[settings["testbed"]]
+        self.support_task = self.testbed.tasks[settings["support_task"]]
+        self.model, self.tokenizer = load_model_and_tokenizer(self.testbed.model, settings["dtype"])
+        self.device = torch.device(settings["device"])
+        self.model.to(self.device)
+        tokens = self.testbed.max_new_tokens
+        self.greedy = SamplingConfig(num_samples=1, temperature=0.0, max_new_tokens=tokens, batch_size=128)
+        self.sampled = SamplingConfig(num_samples=4, temperature=0.7, top_p=1.0, max_new_tokens=tokens, batch_size=128, seed=0)
+        test = self.testbed.tasks[settings["test_task"]].data(num_test=settings["test"], num_val=0, batch_size=128)
+        test.connect(self.tokenizer)
+        self.test_batches = list(test.test_dataloader())
+
+    def evaluate(self, sampling: SamplingConfig, components: list[str] | None = None, gamma: float = 1.0) -> dict[str, float]:
+        """Metrics of the test problems with ``components`` scaled by ``gamma`` (none: the model as it is)."""
+        gates = gates_for_components(self.model, components, gamma).to(self.device) if components else None
+        return evaluate_generations(self.model, self.tokenizer, self.test_batches, sampling, gates).metrics
+
+    def attribute(self, row: Row, seed: int, behaviour: str) -> AttributionReport:
+        """Rank the row's components on seed's support problems (the next ``support`` of the validation stream)."""
+        settings = self.settings
+        support = self.support_task.data(num_test=settings["test"], num_val=settings["support"] * (seed + 1), batch_size=16)
+        support.setup()
+        support.examples["val"] = support.examples["val"][settings["support"] * seed :]
+        if row.method == "ig_reference" and not all(example.solution for example in support.examples["val"]):
+            raise UninformativeReportError(f"not applicable: task {settings['support_task']!r} has no reference solutions")
+        overrides = dict(VARIANTS[row.variant]) if row.variant else {}
+        num_samples = overrides.pop("num_samples", settings["num_samples"])
+        sae = row.family == "sae_feature"
+        module = IPGAttribution.for_model(
+            self.model,
+            self.tokenizer,
+            method=row.method,
+            reward="accuracy" if behaviour == "accuracy" else "reasoning_length",
+            families=[row.family],
+            layers=[settings["layer"] if behaviour == "accuracy" else settings["length_layer"]],
+            saes=[settings["sae"]] if sae else [],
+            steps=settings["sae_steps"] if sae else settings["steps"],
+            rule=settings["rule"],
+            sampling=SamplingConfig(
+                num_samples=num_samples, temperature=0.7, top_p=1.0, max_new_tokens=self.testbed.max_new_tokens, batch_size=64, seed=seed
+            ),
+            chunk_size=32,
+            **overrides,
+        )
+        return run_attribution(module, support, enable_progress_bar=False, device=self.device)
+
+    def measure(self, behaviour: str, row: Row, seed: int) -> dict[str, Any]:
+        """One cell: the row's components on one seed, and the behaviour under each gate setting."""
+        started = time.perf_counter()
+        try:
+            report = self.attribute(row, seed, behaviour)
+        except UninformativeReportError as error:
+            return {"not_applicable": str(error)}
+        cell: dict[str, Any] = {"seconds": round(time.perf_counter() - started, 2)}
+        if behaviour == "accuracy":
+            cell["components"] = report.select(k=max(self.settings["ps"]))
+            for condition, gamma in ACCURACY_GATES.items():
+                cell[condition] = {str(p): self.evaluate(self.greedy, cell["components"][:p], gamma)["accuracy"] for p in self.settings["ps"]}
+        else:
+            cell["components"] = report.select(k=self.settings["length_k"])
+            gammas = [gamma for gamma in self.settings["gammas"] if gamma != 1.0]  # gamma 1 is the base
+            cell["gammas"] = {str(gamma): _length_metrics(self.evaluate(self.sampled, cell["components"], gamma)) for gamma in gammas}
+        return cell
+
+    def run(self, out: Path) -> None:
+        """Measure the base and every missing cell, saving after each one (wall time adds to an earlier run's)."""
+        summary, settings = self.summary, self.settings
+        started, earlier = time.perf_counter(), summary["wall_time_s"]
+        if "greedy" not in summary["base"]:
+            summary["base"]["greedy"] = self.evaluate(self.greedy)
+        if "length" in settings["behaviours"] and "sampled" not in summary["base"]:
+            summary["base"]["sampled"] = _length_metrics(self.evaluate(self.sampled))
+        for seed in range(settings["seeds"]):
+            for behaviour in settings["behaviours"]:
+                for row in rows_of(settings, behaviour):
+                    key = f"{behaviour}|{row.name}|{seed}"
+                    if key in summary["cells"]:
+                        continue
+                    summary["cells"][key] = self.measure(behaviour, row, seed)
+                    summary["wall_time_s"] = round(earlier + time.perf_counter() - started)
+                    atomic_write_json(out / "results.json", summary)
+                    print(f"{key:<32} {_cell_line(summary['cells'][key])}  ({time.perf_counter() - started:.0f} s)", flush=True)
+
+
+def _length_metrics(metrics: dict[str, float]) -> dict[str, float]:
+    return {key: metrics[key] for key in ("reasoning_length_mean", "accuracy", "reflection_rate")}
+
+
+def _cell_line(cell: dict[str, Any]) -> str:
+    if "not_applicable" in cell:
+        return cell["not_applicable"]
+    if "gammas" in cell:
+        return "lengths " + " ".join(f"{g}:{m['reasoning_length_mean']:.1f}" for g, m in cell["gammas"].items())
+    return " ".join(f"{condition} {list(cell[condition].values())}" for condition in ACCURACY_GATES)
+
+
+def collect(summary: dict[str, Any], behaviour: str) -> dict[str, dict[str, Any]]:
+    """Per row: values over seeds of each measured point, its attribution seconds, or why it does not apply."""
+    settings = summary["settings"]
+    table: dict[str, dict[str, Any]] = {}
+    for row in rows_of(settings, behaviour):
+        cells = [summary["cells"][key] for seed in range(settings["seeds"]) if (key := f"{behaviour}|{row.name}|{seed}") in summary["cells"]]
+        if not cells:
+            continue
+        if "not_applicable" in cells[0]:
+            table[row.name] = {"not_applicable": cells[0]["not_applicable"]}
+            continue
+        points: dict[str, list[float]] = {}
+        for cell in cells:
+            if behaviour == "accuracy":
+                for condition in ACCURACY_GATES:
+                    for p, value in cell[condition].items():
+                        points.setdefault(f"{condition} p={p}", []).append(value)
+            else:
+                for gamma, metrics in cell["gammas"].items():
+                    for name in ("reasoning_length_mean", "accuracy"):
+                        points.setdefault(f"{name} gamma={gamma}", []).append(metrics[name])
+        table[row.name] = {"points": points, "seconds": [cell["seconds"] for cell in cells]}
+    return table
+
+
+def print_tables(summary: dict[str, Any]) -> None:
+    """The Markdown tables recorded in ``benchmarks/RESULTS.md``."""
+    settings, base = summary["settings"], summary["base"]
+    testbed = TESTBEDS[settings["testbed"]]
+    transfer = "" if settings["support_task"] == settings["test_task"] else f", selected on {settings['support_task']}"
+    print(
+        f"\n{settings['testbed']} testbed ({testbed.description}), task {settings['test_task']}{transfer}: "
+        f"{settings['test']} held-out problems, support {settings['support']} problems x N={settings['num_samples']}, "
+        f"{settings['seeds']} seeds{'' if summary['complete'] else ' (PARTIAL: some cells missing)'}"
+    )
+    greedy = base["greedy"]
+    print(f"base (greedy): accuracy {greedy['accuracy']:.3f}, mean length {greedy['reasoning_length_mean']:.1f}")
+    if "accuracy" in settings["behaviours"]:
+        print(f"\nAccuracy: top-p neurons of block {settings['layer']} suppressed (gate 0) and amplified (gate 1.5), greedy")
+        columns = [f"{condition} p={p}" for condition in ACCURACY_GATES for p in settings["ps"]]
+        _print_table(collect(summary, "accuracy"), columns, columns)
+    if "length" in settings["behaviours"]:
+        sampled = base["sampled"]
+        gammas = [str(g) for g in settings["gammas"] if g != 1.0]
+        print(
+            f"\nLength: top-{settings['length_k']} length neurons of block {settings['length_layer']} scaled by gamma, sampled "
+            f"(temperature 0.7, 4 per problem); at gamma 1: mean length {sampled['reasoning_length_mean']:.1f}, "
+            f"accuracy {sampled['accuracy']:.3f}, reflection {sampled['reflection_rate']:.3f}"
+        )
+        table = collect(summary, "length")
+        print("\nmean reasoning length (tokens)")
+        _print_table(table, [f"reasoning_length_mean gamma={g}" for g in gammas], [f"gamma={g}" for g in gammas], digits=1)
+        print("\naccuracy")
+        _print_table(table, [f"accuracy gamma={g}" for g in gammas], [f"gamma={g}" for g in gammas])
+    print(f"\nwall time {summary['wall_time_s']} s")
+
+
+def _print_table(table: dict[str, dict[str, Any]], keys: list[str], headers: list[str], digits: int = 3) -> None:
+    print("| method | " + " | ".join(headers) + " | attribution s |")
+    print("|" + " --- |" * (len(keys) + 2))
+    for name, row in table.items():
+        if "not_applicable" in row:
+            print(f"| {name} | " + " | ".join(["n/a"] * len(keys)) + f" | {row['not_applicable']} |")
+            continue
+        cells = [f"{m:.{digits}f} +- {e:.{digits}f}" for m, e in (interval(row["points"][key]) for key in keys)]
+        print(f"| {name} | " + " | ".join(cells) + f" | {statistics.fmean(row['seconds']):.1f} |")
+
+
+def write_figure(summary: dict[str, Any], out: Path) -> None:
+    """Suppression and amplification curves, and the length-control curves, per row (atomically)."""
+    settings = summary["settings"]
+    panels = [("accuracy", condition) for condition in ACCURACY_GATES if "accuracy" in settings["behaviours"]]
+    panels += [("length", "length")] if "length" in settings["behaviours"] else []
+    figure, axes = plt.subplots(1, len(panels), figsize=(4.8 * len(panels), 3.8), squeeze=False)
+    for axis, (behaviour, panel) in zip(axes[0], panels, strict=True):
+        table = collect(summary, behaviour)
+        if behaviour == "accuracy":
+            xs, keys = settings["ps"], [f"{panel} p={p}" for p in settings["ps"]]
+            axis.axhline(summary["base"]["greedy"]["accuracy"], color="grey", linestyle="--", label="base")
+            axis.set(xscale="log", xlabel="p (top components)", ylabel="held-out accuracy", title=f"{panel} (gate {ACCURACY_GATES[panel]})")
+        else:
+            xs = [g for g in settings["gammas"] if g != 1.0]
+            keys = [f"reasoning_length_mean gamma={g}" for g in xs]
+            axis.axhline(summary["base"]["sampled"]["reasoning_length_mean"], color="grey", linestyle="--", label="base")
+            axis.set(xlabel=f"gamma on {settings['length_k']} block-{settings['length_layer']} neurons", ylabel="mean reasoning length")
+        for name, row in table.items():
+            if "points" in row:
+                means, errors = zip(*(interval(row["points"][key]) for key in keys), strict=True)
+                axis.errorbar(xs, means, yerr=errors, marker="o", capsize=3, label=name)
+    axes[0][0].legend(fontsize=7)
     figure.tight_layout()
     figure.savefig(out / "localisation.png.tmp", dpi=110, format="png")
     (out / "localisation.png.tmp").replace(out / "localisation.png")
 
 
-def _length_panel(axis, length_curve: list[dict], args: argparse.Namespace) -> None:
-    """Mean reasoning length and accuracy against gamma, IPG against random components."""
-    gammas = [r["gamma"] for r in length_curve]
-    twin = axis.twinx()
-    for name, style in (("ipg", "-"), ("random", ":")):
-        axis.plot(gammas, [r[name]["reasoning_length_mean"] for r in length_curve], "o" + style, color="tab:blue", label=f"{name} length")
-        twin.plot(gammas, [r[name]["accuracy"] for r in length_curve], "s" + style, color="tab:red", label=f"{name} accuracy")
-    axis.set_xlabel(f"gamma on {args.length_k} block-{args.length_layer} neurons")
-    axis.set_ylabel("mean reasoning length (tokens)")
-    twin.set_ylabel("accuracy", color="tab:red")
-    twin.set_ylim(0, 1)
-    axis.legend(fontsize=7, loc="upper left")
-    twin.legend(fontsize=7, loc="lower right")
-    axis.set_title("length control")
-
-
-def print_tables(summary: dict) -> None:
-    """The Markdown tables recorded in ``benchmarks/RESULTS.md``."""
-    args = argparse.Namespace(**summary["settings"])
-    base, results, length_curve = summary["base"], summary["results"], summary["length_curve"]
-    print(
-        f"\nbase accuracy {base['accuracy']:.3f}, mean length {base['reasoning_length_mean']:.1f} "
-        f"({args.test} held-out problems, {args.seeds} seeds, block {args.layer} MLP neurons"
-        f"{' and SAE features' if getattr(args, 'sae_methods', None) else ''}, "
-        f"N={getattr(args, 'num_samples', 4)} per support problem)"
-    )
-    seconds = summary.get("attribution_seconds", {})
-    header = "| method | " + " | ".join(f"suppress p={p}" for p in args.ps) + " | " + " | ".join(f"amplify p={p}" for p in args.ps)
-    print(header + (" | attribution s |" if seconds else " |"))
-    print("|" + " --- |" * (1 + 2 * len(args.ps) + bool(seconds)))
-    for method in results:
-        cells = [
-            f"{m:.3f} +- {e:.3f}" for condition in ("suppress", "amplify") for m, e in (interval(results[method][condition][p]) for p in args.ps)
-        ]
-        cells += [f"{statistics.fmean(seconds[method]):.1f}"] if seconds else []
-        print(f"| {method} | " + " | ".join(cells) + " |")
-    if not length_curve:
-        print(f"\nwall time {summary['wall_time_s']} s")
-        return
-    print(
-        f"\nLength control: top-{args.length_k} IPG length neurons of block {args.length_layer} vs {args.length_k} random ones "
-        "(sampled, temperature 0.7, 4 per problem)"
-    )
-    print("| gamma | IPG: mean length | IPG: accuracy | IPG: reflection | random: mean length | random: accuracy |")
-    print("| --- | --- | --- | --- | --- | --- |")
-    for row in length_curve:
-        ipg, rnd = row["ipg"], row["random"]
-        print(
-            f"| {row['gamma']} | {ipg['reasoning_length_mean']:.1f} | {ipg['accuracy']:.3f} | {ipg['reflection_rate']:.3f} | "
-            f"{rnd['reasoning_length_mean']:.1f} | {rnd['accuracy']:.3f} |"
-        )
-    print(f"\nwall time {summary['wall_time_s']} s")
-
-
-def load_summary(path: Path) -> dict:
-    """A ``results.json`` written by this script, with the p keys back to integers."""
+def load_summary(path: Path) -> dict[str, Any]:
+    """A ``results.json`` written by this version of the script; exit with a one-line reason otherwise."""
     summary = json.loads(path.read_text())
-    for curves in summary["results"].values():
-        for condition, by_p in curves.items():
-            curves[condition] = {int(p): values for p, values in by_p.items()}
+    if summary.get("format") != FORMAT:
+        sys.exit(f"{path} was written by an older version of this benchmark; its tables are recorded in benchmarks/RESULTS.md")
     return summary
 
 
-def main() -> None:
+def resume_or_start(settings: dict[str, Any], out: Path) -> dict[str, Any]:
+    """The summary of an earlier run with the same measurement settings, or a new one."""
+    path = out / "results.json"
+    if path.exists() and not settings["restart"]:
+        summary = load_summary(path)
+        differ = sorted(key for key in settings.keys() - NOT_MEASUREMENT if summary["settings"].get(key) != settings[key])
+        if differ:
+            sys.exit(f"{path} holds a run with other settings ({', '.join(differ)}): pass --restart to replace it, or another --out")
+        summary["settings"] = settings
+        return summary
+    return {"format": FORMAT, "settings": settings, "base": {}, "cells": {}, "complete": False, "wall_time_s": 0}
+
+
+def parse_args() -> argparse.Namespace:
+    """The command line; ``--testbed`` fills the testbed's blocks and tasks unless they are given."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", default=TINY_REASONER_PATH)
-    parser.add_argument("--layer", type=int, default=2)
+    parser.add_argument("--testbed", default="sft", choices=sorted(TESTBEDS))
+    parser.add_argument("--support-task", help="task the components are selected on (default: the testbed's main task)")
+    parser.add_argument("--test-task", help="task they are measured on (default: the support task)")
+    parser.add_argument("--behaviours", nargs="+", default=list(BEHAVIOURS), choices=BEHAVIOURS)
+    parser.add_argument("--layer", type=int, help="block whose MLP neurons are ranked for accuracy (default: the testbed's)")
+    parser.add_argument("--length-layer", type=int, help="block whose MLP neurons are ranked for length (default: the testbed's)")
     parser.add_argument("--seeds", type=int, default=5)
     parser.add_argument("--ps", type=int, nargs="+", default=[2, 8, 32])
+    parser.add_argument("--length-k", type=int, default=4)
+    parser.add_argument("--gammas", type=float, nargs="+", default=[0.0, 0.5, 1.0, 1.5, 2.0, 3.0])
     parser.add_argument("--support", type=int, default=32)
     parser.add_argument("--num-samples", type=int, default=4, help="trajectories per support problem (N)")
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     parser.add_argument("--test", type=int, default=128)
     parser.add_argument("--steps", type=int, default=16)
     parser.add_argument("--rule", default="gauss_legendre")
-    parser.add_argument("--gammas", type=float, nargs="+", default=[0.0, 0.5, 1.0, 1.5, 2.0, 3.0])
-    parser.add_argument("--length-layer", type=int, default=3)
-    parser.add_argument("--length-k", type=int, default=4)
     parser.add_argument("--ipg-variants", nargs="*", default=[], choices=list(VARIANTS), help="also IPG with these estimator settings")
     parser.add_argument("--sae-methods", nargs="*", default=[], choices=METHODS, help="also rank the features of --sae with these methods")
     parser.add_argument("--sae", default=TINY_REASONER_SAE_PATH, help="SAE directory whose features --sae-methods rank")
     parser.add_argument("--sae-steps", type=int, default=32, help="quadrature points over SAE features (a rougher path)")
-    parser.add_argument("--skip-length", action="store_true", help="leave out the length-control curve")
     parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
-    parser.add_argument("--out", default="benchmarks/localisation")
+    parser.add_argument("--out", help="output directory (default: benchmarks/localisation_<testbed>)")
+    parser.add_argument("--restart", action="store_true", help="replace the results in OUT instead of resuming them")
     parser.add_argument("--from-results", action="store_true", help="redraw the figure and tables from OUT/results.json")
     args = parser.parse_args()
+    testbed = TESTBEDS[args.testbed]
+    args.support_task = args.support_task or next(iter(testbed.tasks))
+    args.test_task = args.test_task or args.support_task
+    for task in (args.support_task, args.test_task):
+        if task not in testbed.tasks:
+            parser.error(f"testbed {args.testbed!r} has tasks {sorted(testbed.tasks)}, not {task!r}")
+    args.layer = testbed.layer if args.layer is None else args.layer
+    args.length_layer = testbed.length_layer if args.length_layer is None else args.length_layer
+    args.out = args.out or f"benchmarks/localisation_{args.testbed}"
+    return args
+
+
+def main() -> None:
+    args = parse_args()
     out = Path(args.out)
     if args.from_results:
         summary = load_summary(out / "results.json")
@@ -183,95 +365,11 @@ def main() -> None:
         return
     warnings.filterwarnings("ignore")
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
-    start = time.perf_counter()
-
-    model, tokenizer = load_model_and_tokenizer(args.model, args.dtype)
-    device = torch.device(args.device)
-    model.to(device)
-    greedy = SamplingConfig(num_samples=1, temperature=0.0, max_new_tokens=160, batch_size=128)
-    test_data = ReasoningDataModule(synthetic_task=TINY_REASONER_TASK, num_test=args.test, num_val=0, num_train=0, batch_size=128)
-    test_data.connect(tokenizer)
-    test_batches = list(test_data.test_dataloader())
-    base = evaluate_generations(model, tokenizer, test_batches, greedy).metrics
-
-    def attribute(method: str, seed: int, reward: str = "accuracy", layer: int = args.layer, family: str = "mlp_neuron", variant: str | None = None):
-        # The seeded stream deals test problems first, then validation: support sets never overlap the
-        # test problems, and each seed takes the next `support` problems of the validation stream.
-        support = ReasoningDataModule(
-            synthetic_task=TINY_REASONER_TASK, num_test=args.test, num_val=args.support * (seed + 1), num_train=0, batch_size=16
-        )
-        support.setup()
-        support.examples["val"] = support.examples["val"][args.support * seed :]
-        overrides = dict(VARIANTS[variant]) if variant else {}
-        num_samples = overrides.pop("num_samples", args.num_samples)
-        module = IPGAttribution.for_model(
-            model,
-            tokenizer,
-            method=method,
-            reward=reward,
-            families=[family],
-            layers=[layer],
-            saes=[args.sae] if family == "sae_feature" else [],
-            steps=args.sae_steps if family == "sae_feature" else args.steps,
-            rule=args.rule,
-            sampling=SamplingConfig(num_samples=num_samples, temperature=0.7, top_p=1.0, max_new_tokens=160, batch_size=64, seed=seed),
-            chunk_size=32,
-            **overrides,
-        )
-        return run_attribution(module, support, enable_progress_bar=False, device=device)
-
-    rows = [(method, method, "mlp_neuron", None) for method in args.methods]
-    rows += [(f"ipg [{variant}]", "ipg", "mlp_neuron", variant) for variant in args.ipg_variants]
-    rows += [(f"{method} [SAE]", method, "sae_feature", None) for method in args.sae_methods]
-    results: dict[str, dict[str, dict[int, list[float]]]] = {
-        row: {"suppress": {p: [] for p in args.ps}, "amplify": {p: [] for p in args.ps}} for row, *_ in rows
-    }
-    seconds: dict[str, list[float]] = {row: [] for row, *_ in rows}
-    for seed in range(args.seeds):
-        for row, method, family, variant in rows:
-            started = time.perf_counter()
-            report = attribute(method, seed, family=family, variant=variant)
-            seconds[row].append(round(time.perf_counter() - started, 2))
-            for p in args.ps:
-                components = report.select(k=p)
-                for condition, gamma in (("suppress", 0.0), ("amplify", 1.5)):
-                    gates = gates_for_components(model, components, gamma).to(device)
-                    accuracy = evaluate_generations(model, tokenizer, test_batches, greedy, gates).metrics["accuracy"]
-                    results[row][condition][p].append(accuracy)
-            print(
-                f"seed {seed} {row:<19} suppress {[results[row]['suppress'][p][-1] for p in args.ps]} "
-                f"amplify {[results[row]['amplify'][p][-1] for p in args.ps]}  ({time.perf_counter() - start:.0f} s)",
-                flush=True,
-            )
-
-    sampled = SamplingConfig(num_samples=4, temperature=0.7, top_p=1.0, max_new_tokens=160, batch_size=128)
-    selections = (
-        {}
-        if args.skip_length
-        else {
-            "ipg": attribute("ipg", 0, reward="reasoning_length", layer=args.length_layer).select(k=args.length_k),
-            "random": attribute("random", 0, layer=args.length_layer).select(k=args.length_k),
-        }
-    )
-    length_curve = []
-    for gamma in args.gammas if selections else []:
-        row = {"gamma": gamma}
-        for name, components in selections.items():
-            metrics = evaluate_generations(model, tokenizer, test_batches, sampled, gates_for_components(model, components, gamma).to(device)).metrics
-            row[name] = {key: metrics[key] for key in ("reasoning_length_mean", "accuracy", "reflection_rate")}
-        length_curve.append(row)
-        print(f"gamma {gamma}: {row}", flush=True)
-
     out.mkdir(parents=True, exist_ok=True)
-    summary = {
-        "base": base,
-        "settings": vars(args),
-        "results": results,
-        "attribution_seconds": seconds,
-        "length_components": selections,
-        "length_curve": length_curve,
-        "wall_time_s": round(time.perf_counter() - start),
-    }
+    summary = resume_or_start(vars(args), out)
+    summary["complete"] = False
+    Localisation(summary["settings"], summary).run(out)
+    summary["complete"] = True
     atomic_write_json(out / "results.json", summary)
     write_figure(summary, out)
     print_tables(summary)

@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 from ipg_lightning.data import ReasoningDataModule
@@ -13,30 +14,77 @@ from ipg_lightning.reasoner import TINY_REASONER_PATH, TINY_REASONER_TASK
 from ipg_lightning.trajectories import SamplingConfig
 
 ROOT = Path(__file__).resolve().parents[1]
+SIZES = ["--ps", "1", "2", "--support", "16", "--num-samples", "4", "--test", "8", "--steps", "2", "--gammas", "0", "1", "--length-k", "2"]
 
 
-def _localisation(*args: str) -> str:
+def _localisation(*args: str, check: bool = True) -> subprocess.CompletedProcess:
     command = [sys.executable, str(ROOT / "benchmarks" / "localisation.py"), *args]
-    return subprocess.run(command, capture_output=True, text=True, check=True, cwd=ROOT, env={**os.environ, "HF_HUB_OFFLINE": "1"}).stdout
+    return subprocess.run(command, capture_output=True, text=True, check=check, cwd=ROOT, env={**os.environ, "HF_HUB_OFFLINE": "1"})
 
 
-def test_localisation_runs_every_kind_of_row_and_redraws_the_same_tables(tmp_path):
-    out = tmp_path / "localisation"
-    sizes = ["--seeds", "2", "--ps", "1", "2", "--support", "16", "--num-samples", "4", "--test", "8", "--steps", "2", "--gammas", "0", "1"]
-    printed = _localisation(*sizes, "--methods", "ipg", "random", "--ipg-variants", "local", "retries", "--out", str(out))
-    summary = json.loads((out / "results.json").read_text())
-    assert set(summary["results"]) == {"ipg", "random", "ipg [local]", "ipg [retries]"}
-    for curves in summary["results"].values():
-        assert all(len(values) == 2 and all(0 <= v <= 1 for v in values) for by_p in curves.values() for values in by_p.values())
-    assert all(len(times) == 2 and min(times) > 0 for times in summary["attribution_seconds"].values())
-    assert [row["gamma"] for row in summary["length_curve"]] == [0.0, 1.0] and set(summary["length_components"]) == {"ipg", "random"}
-    # the base accuracy is the reasoner's own greedy accuracy on the first 8 problems of the stream
+def _greedy_accuracy(task, num_test: int) -> float:
     model, tokenizer = load_model_and_tokenizer(TINY_REASONER_PATH)
-    test = ReasoningDataModule(synthetic_task=TINY_REASONER_TASK, num_test=8, num_val=0, num_train=0, batch_size=128)
+    test = ReasoningDataModule(synthetic_task=task, num_test=num_test, num_val=0, num_train=0, batch_size=128)
     test.connect(tokenizer)
     greedy = SamplingConfig(num_samples=1, temperature=0.0, max_new_tokens=160, batch_size=128)
-    assert summary["base"]["accuracy"] == evaluate_generations(model, tokenizer, test.test_dataloader(), greedy).metrics["accuracy"]
-    redrawn = _localisation(*sizes, "--out", str(out), "--from-results")
-    tables = printed[printed.index("\nbase accuracy") :]
-    assert redrawn.strip() == tables.strip() and "| ipg [retries] |" in tables
+    return evaluate_generations(model, tokenizer, test.test_dataloader(), greedy).metrics["accuracy"]
+
+
+def test_localisation_measures_every_cell_resumes_and_redraws_the_same_tables(tmp_path):
+    out = tmp_path / "localisation"
+    run = [*SIZES, "--methods", "ipg", "mean_diff", "random", "--ipg-variants", "local", "--out", str(out)]
+    _localisation(*run, "--seeds", "1")
+    summary = json.loads((out / "results.json").read_text())
+    rows = {"ipg", "mean_diff", "random", "ipg [local]"}
+    assert summary["complete"] and set(summary["cells"]) == {f"{b}|{row}|0" for b in ("accuracy", "length") for row in rows}
+    for key, cell in summary["cells"].items():
+        assert cell["seconds"] > 0
+        if key.startswith("accuracy"):
+            assert len(cell["components"]) == 2 and all(0 <= v <= 1 for c in ("suppress", "amplify") for v in cell[c].values())
+        else:  # gamma 1 is the base, measured once; mean_diff of length contrasts long and short answers
+            assert len(cell["components"]) == 2 and list(cell["gammas"]) == ["0.0"]
+    # the base accuracy is the reasoner's own greedy accuracy on the first 8 problems of the stream
+    assert summary["base"]["greedy"]["accuracy"] == _greedy_accuracy(TINY_REASONER_TASK, 8)
+
+    # a second seed resumes: only its cells are measured, the first seed's are kept as they were
+    resumed = _localisation(*run, "--seeds", "2").stdout
+    assert resumed.count("|0 ") == 0 and resumed.count("|1 ") == 8
+    again = json.loads((out / "results.json").read_text())
+    assert all(again["cells"][key] == cell for key, cell in summary["cells"].items())
+    tables = resumed[resumed.index("\nsft testbed") :]
+    assert "| mean_diff |" in tables and "| ipg [local] |" in tables and "mean reasoning length" in tables
+    redrawn = _localisation(*run, "--seeds", "2", "--from-results").stdout
+    assert redrawn.strip() == tables.strip()
     assert (out / "localisation.png").stat().st_size > 10_000
+
+    # other measurement settings do not mix with the saved cells
+    refused = _localisation(*run, "--seeds", "2", "--steps", "3", check=False)
+    assert refused.returncode != 0 and "other settings (steps)" in refused.stderr and "--restart" in refused.stderr
+
+
+def test_localisation_transfers_components_between_tasks_of_the_rl_testbed(tmp_path):
+    out = tmp_path / "transfer"
+    printed = _localisation(
+        *SIZES,
+        "--testbed",
+        "rl",
+        "--support-task",
+        "products",
+        "--test-task",
+        "add_sub",
+        "--methods",
+        "ig_reference",
+        "--behaviours",
+        "accuracy",
+        "--seeds",
+        "1",
+        "--out",
+        str(out),
+    ).stdout
+    summary = json.loads((out / "results.json").read_text())
+    assert set(summary["cells"]) == {"accuracy|ig_reference|0"} and "selected on products" in printed
+    model, tokenizer = load_model_and_tokenizer(str(ROOT / "checkpoints" / "tiny-reasoner-rl"))
+    test = ReasoningDataModule(synthetic_task=replace(TINY_REASONER_TASK, operations=("+", "-")), num_test=8, num_val=0, num_train=0, batch_size=128)
+    test.connect(tokenizer)
+    greedy = SamplingConfig(num_samples=1, temperature=0.0, max_new_tokens=160, batch_size=128)
+    assert summary["base"]["greedy"] == evaluate_generations(model, tokenizer, test.test_dataloader(), greedy).metrics
