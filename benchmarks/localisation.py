@@ -277,7 +277,10 @@ def write_figure(summary: dict[str, Any], out: Path) -> None:
         if behaviour == "accuracy":
             xs, keys = settings["ps"], [f"{panel} p={p}" for p in settings["ps"]]
             axis.axhline(summary["base"]["greedy"]["accuracy"], color="grey", linestyle="--", label="base")
-            axis.set(xscale="log", xlabel="p (top components)", ylabel="held-out accuracy", title=f"{panel} (gate {ACCURACY_GATES[panel]})")
+            axis.set_xscale("log", base=2)
+            axis.set_xticks(xs, [str(p) for p in xs], minor=False)
+            axis.minorticks_off()
+            axis.set(xlabel="p (top components)", ylabel="held-out accuracy", title=f"{panel} (gate {ACCURACY_GATES[panel]})")
         else:
             xs = [g for g in settings["gammas"] if g != 1.0]
             keys = [f"reasoning_length_mean gamma={g}" for g in xs]
