@@ -17,6 +17,8 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import Any
 
+from smollm2_tasks import CANDIDATES
+
 from ipg_lightning.data import ArithmeticChainTask, ReasoningDataModule
 from ipg_lightning.reasoner import TINY_REASONER_PATH, TINY_REASONER_RL_PATH, TINY_REASONER_TASK
 
@@ -62,23 +64,11 @@ _TINY_TASKS = {
     "add_sub": Problems(synthetic_task=replace(TINY_REASONER_TASK, operations=("+", "-"))),
 }
 
-#: SmolLM2-135M-Instruct's tasks: reasoning-gym tasks with greedy accuracy in the 30-70 % band
-#: (benchmarks/smollm2_tasks.py, 64 problems each: 0.453, 0.656 and 0.359).
+#: SmolLM2-135M-Instruct's tasks: the candidates of benchmarks/smollm2_tasks.py whose greedy accuracy
+#: fell in the 30-70 % band (64 problems each: 0.453, 0.656 and 0.359), the closest to 50 % first.
 _SMOLLM2_TASKS = {
-    "add_sub_1digit": Problems(
-        "reasoning_gym:basic_arithmetic",
-        task_kwargs={
-            "min_terms": 2,
-            "max_terms": 2,
-            "min_digits": 1,
-            "max_digits": 1,
-            "operators": ["+", "-"],
-            "allow_parentheses": False,
-            "allow_negation": False,
-        },
-    ),
-    "products_1digit": Problems("reasoning_gym:products", task_kwargs={"min_terms": 2, "max_terms": 2, "min_digits": 1, "max_digits": 1}),
-    "letter_counting_short": Problems("reasoning_gym:letter_counting", task_kwargs={"min_words": 1, "max_words": 3}),
+    name: Problems(f"reasoning_gym:{CANDIDATES[name][0]}", task_kwargs=CANDIDATES[name][1])
+    for name in ("add_sub_1digit", "products_1digit", "letter_counting_short")
 }
 
 TESTBEDS = {
