@@ -298,6 +298,8 @@ def write_figure(summary: dict[str, Any], out: Path) -> None:
 
 def load_summary(path: Path) -> dict[str, Any]:
     """A ``results.json`` written by this version of the script; exit with a one-line reason otherwise."""
+    if not path.is_file():
+        sys.exit(f"{path} does not exist: run the benchmark with this --out first")
     summary = json.loads(path.read_text())
     if summary.get("format") != FORMAT:
         sys.exit(f"{path} was written by an older version of this benchmark; its tables are recorded in benchmarks/RESULTS.md")
