@@ -73,9 +73,19 @@ def find_block_list(root: nn.Module) -> str:
     )
 
 
+def is_conv1d(module: nn.Module) -> bool:
+    """Whether ``module`` is GPT-2's ``Conv1D`` (weights stored (in, out)), also when reparametrised."""
+    return any(cls.__name__ == "Conv1D" for cls in type(module).__mro__)
+
+
+def is_projection(module: nn.Module) -> bool:
+    """Whether ``module`` is a linear projection: ``nn.Linear`` or GPT-2's ``Conv1D``."""
+    return isinstance(module, nn.Linear) or is_conv1d(module)
+
+
 def _kind(module: nn.Module) -> str | None:
     module = getattr(module, "base_layer", module)  # a PEFT-wrapped projection
-    if isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D":
+    if is_projection(module):
         return "projection"
     if "norm" in type(module).__name__.lower():
         return "norm"

@@ -9,7 +9,7 @@ Exact folds (``docs/method.md`` section 8):
   expert's bias).
 
 Residual-stream gates have no exact fold (RMSNorm couples the coordinates), so folding them
-refuses. LoRA adapters must be merged first (``merge_and_unload``): a gate on a LoRA-wrapped
+refuses. LoRA adapters and trained weight slices must be merged first (``merge_and_unload``): a gate on a LoRA-wrapped
 projection scales the adapter's input too, and folding only the base weight would change the model.
 """
 
@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 
+from ipg_lightning.discovery import is_conv1d
 from ipg_lightning.gates import ComponentGates
 from ipg_lightning.sites import Site, unwrap_model
 
@@ -54,6 +56,11 @@ def fold_gates_into_weights(model: nn.Module, gates: ComponentGates) -> list[str
             raise UnfoldableGateError(
                 f"{site.module_path} ({name}) is wrapped by a PEFT adapter: merge it first (model.merge_and_unload()), then fold."
             )
+        if parametrize.is_parametrized(module):
+            raise UnfoldableGateError(
+                f"{site.module_path} ({name}) carries trained weight slices: merge them first "
+                "(ipg_lightning.steering.slices.merge_weight_slices), then fold."
+            )
     for name, site in to_fold:
         _fold_site(root.get_submodule(site.module_path), site, gates.gate(name).detach())
     return [name for name, _ in to_fold]
@@ -67,7 +74,7 @@ def _fold_site(module: nn.Module, site: Site, gate: torch.Tensor) -> None:
         return
     weight = module.weight
     # nn.Linear stores (out, in); GPT-2's Conv1D stores (in, out).
-    input_dim = 0 if type(module).__name__ == "Conv1D" else 1
+    input_dim = 0 if is_conv1d(module) else 1
     gate = gate.to(device=weight.device, dtype=torch.float32)
     if not site.hooks_input:  # whole sub-layer: the output is scaled, so weight and bias both are.
         weight.copy_(weight.float() * gate[0])

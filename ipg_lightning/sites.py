@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from ipg_lightning.autoencoder import SparseAutoencoder, attached_saes
-from ipg_lightning.discovery import DiscoveryError, discover_layout
+from ipg_lightning.discovery import DiscoveryError, discover_layout, is_conv1d
 from ipg_lightning.experts import ExpertLayout
 
 
@@ -264,7 +264,7 @@ def projection_shape(module: nn.Module) -> tuple[int, int]:
     if isinstance(module, nn.Linear):
         return module.in_features, module.out_features
     weight = getattr(module, "weight", None)
-    if type(module).__name__ == "Conv1D" and weight is not None:
+    if is_conv1d(module) and weight is not None:
         return weight.shape[0], weight.shape[1]
     raise TypeError(f"Expected a linear projection, got {type(module).__name__}")
 

@@ -99,21 +99,31 @@ def test_training_moves_only_selected_gates_and_checkpoints_only_what_trained(tm
         torch.testing.assert_close(restored.lm(INPUT).logits, module.lm(INPUT).logits)
 
 
-def test_resuming_from_a_checkpoint_reaches_the_uninterrupted_result(tmp_path):
-    uninterrupted = _steering(lora=LoraSettings(r=2, target_modules=["q_proj"]))
+FINE_TUNES = {"lora": dict(lora=LoraSettings(r=2, target_modules=["q_proj"])), "weight_slices": dict(weight_slices=True)}
+
+
+@pytest.mark.parametrize("fine_tune", FINE_TUNES)
+def test_resuming_from_a_checkpoint_reaches_the_uninterrupted_result(tmp_path, fine_tune):
+    uninterrupted = _steering(**FINE_TUNES[fine_tune])
     _trainer(tmp_path / "a", max_epochs=3).fit(uninterrupted, datamodule=_data(num_train=4, batch_size=2))
 
-    first = _steering(lora=LoraSettings(r=2, target_modules=["q_proj"]))
+    first = _steering(**FINE_TUNES[fine_tune])
     trainer = _trainer(tmp_path / "b", max_epochs=1)
     trainer.fit(first, datamodule=_data(num_train=4, batch_size=2))
     trainer.save_checkpoint(tmp_path / "epoch1.ckpt")
-    resumed = _steering(lora=LoraSettings(r=2, target_modules=["q_proj"]))
-    _trainer(tmp_path / "c", max_epochs=3).fit(resumed, datamodule=_data(num_train=4, batch_size=2), ckpt_path=tmp_path / "epoch1.ckpt")
+    resumed = _steering(**FINE_TUNES[fine_tune])
+    trainer = _trainer(tmp_path / "c", max_epochs=3)
+    trainer.fit(resumed, datamodule=_data(num_train=4, batch_size=2), ckpt_path=tmp_path / "epoch1.ckpt")
     expected, actual = uninterrupted.trainable_state(), resumed.trainable_state()
     assert set(expected) == set(actual)
+    assert any("lora_" in key or key.endswith(".delta") for key in expected)
     for key in expected:
         torch.testing.assert_close(actual[key], expected[key], rtol=1e-5, atol=1e-6)
     assert not torch.equal(first.trainable_state()["gates.values.blocks__1__mlp__hook_post"], expected["gates.values.blocks__1__mlp__hook_post"])
+    trainer.save_checkpoint(tmp_path / "last.ckpt")
+    restored = load_steering_checkpoint(tmp_path / "last.ckpt", model="tiny:llama")
+    with torch.no_grad(), restored.gates.attach(restored.lm), resumed.gates.attach(resumed.lm):
+        torch.testing.assert_close(restored.lm(INPUT).logits, resumed.lm(INPUT).logits)
 
 
 def test_policy_gradient_raises_the_gate_of_a_neuron_that_drives_the_reward(tmp_path):

@@ -1,6 +1,6 @@
 """Export a steered model as a plain Hugging Face checkpoint.
 
-LoRA merges first; neuron, head and sub-layer gates fold exactly into the projection weights.
+LoRA and trained weight slices merge first; neuron, head and sub-layer gates fold exactly into the projection weights.
 Gates that cannot fold (residual-stream coordinates, gates after a norm, SAE features with their
 SAE) travel beside the checkpoint in ``steering.safetensors`` and are re-applied by :func:`~ipg_lightning.exported.load_steered`. Such an export
 says so where plain Hugging Face tooling looks: a ``README.md`` model card and an
@@ -29,6 +29,8 @@ from ipg_lightning.gates import ComponentGates, combined_gates
 from ipg_lightning.identity import IN_MEMORY_MODEL, model_identity
 from ipg_lightning.outputs import atomic_directory, atomic_write_json, atomic_write_text, check_output_dir
 from ipg_lightning.sites import unwrap_model
+from ipg_lightning.steering.lora import adapted_weights
+from ipg_lightning.steering.slices import merge_weight_slices
 
 
 def _changed(gates: ComponentGates | None) -> dict[str, float]:
@@ -68,7 +70,7 @@ def export_steered_model(
     metrics: dict[str, Any] | None = None,
     overwrite: bool = False,
 ) -> dict[str, Any]:
-    """Merge any LoRA adapter, fold what folds, and save checkpoint, tokenizer and cards atomically.
+    """Merge any LoRA adapter or trained weight slices, fold what folds, and save checkpoint, tokenizer and cards atomically.
 
     ``model`` is modified in place (merged and folded). Gates it carries from an earlier export are
     kept (multiplied with ``gates`` where both act on a site). Returns the steering card.
@@ -79,8 +81,10 @@ def export_steered_model(
     carried = carried_gates(model)
     name = source.get("model") or source.get("path") or str(source_dir or IN_MEMORY_MODEL)
     merged = hasattr(model, "merge_and_unload")
+    adapted = adapted_weights(model) if merged else None
     if merged:
         model = model.merge_and_unload()
+    sliced = merge_weight_slices(model)
     combined = combined_gates(carried, gates)
     foldable, unfoldable = split_gates(combined)
     folded = fold_gates_into_weights(model, foldable) if foldable.sites else []
@@ -89,6 +93,8 @@ def export_steered_model(
         "source": source,
         "model_identity": model_identity(model, name),
         "lora_merged": merged,
+        "lora_weights": adapted,
+        "weight_slices_merged": sliced,
         "folded_sites": folded,
         "loader_sites": list(unfoldable.sites),
         "carried_saes": [name for name, site in unfoldable.sites.items() if site.sae is not None],
@@ -178,6 +184,11 @@ def steering_model_card(card: dict[str, Any], source_card: str | None = None, sh
         f"Folded: {', '.join(card['folded_sites']) or 'nothing'}. LoRA merged: {card['lora_merged']}.",
         "",
     ]
+    if card.get("lora_weights"):
+        adapted = [*card["lora_weights"]["modules"], *card["lora_weights"]["parameters"]]
+        lines += [f"The LoRA adapter sat on {len(adapted)} weights: {', '.join(f'`{name}`' for name in adapted[:shown])}.", ""]
+    if card.get("weight_slices_merged"):
+        lines += [f"Trained weight slices merged into: {', '.join(f'`{name}`' for name in card['weight_slices_merged'])}.", ""]
     steered = card["effective_gates"]  # new gates times those carried from the source export
     if steered:
         lines += ["| component | gate |", "| --- | --- |"]

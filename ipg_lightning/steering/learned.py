@@ -1,12 +1,15 @@
 """Learned steering: train the gates of selected components with the Lightning Trainer.
 
 Only the selected gates move (every other gate is held at 1 by a gradient mask, the base weights
-are frozen); a PEFT LoRA adapter can be trained jointly. The objectives are in
+are frozen). Jointly, or instead of the gates (``train_gates=False``), one of two fine-tunes can be
+trained: a PEFT LoRA adapter, placed by name or where the selection lives
+(:mod:`~ipg_lightning.steering.placement`), or the weight slices that belong to the selected
+components (:mod:`~ipg_lightning.steering.slices`). The objectives are in
 :mod:`~ipg_lightning.steering.objectives` (``docs/method.md`` section 7); every one of them gets the
 penalty ``gate_penalty * sum (c_i - 1)^2``.
 
-Checkpoints hold only what was trained (gates, adapter, optimizer state) and the resolved component
-names; :func:`load_steering_checkpoint` rebuilds a steered model from one.
+Checkpoints hold only what was trained (gates, adapter or slices, optimizer state), the resolved
+component names and where the fine-tune sits; :func:`load_steering_checkpoint` rebuilds a steered model from one.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
+from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
@@ -31,7 +35,9 @@ from ipg_lightning.sites import ArchitectureSpec
 from ipg_lightning.steering.checkpoint import STEERING_KEY, SteeringCheckpointError, migrate_hparams, read_steering_checkpoint, renamed_hparams
 from ipg_lightning.steering.lora import LoraSettings, add_lora_adapter
 from ipg_lightning.steering.objectives import OBJECTIVES
+from ipg_lightning.steering.placement import AdapterTargets, adapter_targets
 from ipg_lightning.steering.selection import ComponentSelection, component_mask, gates_for_components
+from ipg_lightning.steering.slices import WeightSlice, attach_weight_slices, component_slices
 from ipg_lightning.task import ReasoningTask, plain
 from ipg_lightning.trajectories import SamplingConfig, sample_trajectories
 from ipg_lightning.validation import check_at_least, check_gamma, check_sampling_has_signal
@@ -53,7 +59,11 @@ class GateSteering(ReasoningTask):
         reward: reward for ``policy_gradient`` (name, import path or weights).
         gate_penalty: coefficient of ``sum (c_i - 1)^2`` over the selected gates.
         kl_coef: coefficient of the KL divergence to the unsteered base model.
-        lora: train a LoRA adapter jointly (None: gates only).
+        lora: train a LoRA adapter jointly (None: none); ``lora.placement`` says where it goes.
+        weight_slices: also train the weight slices that belong to the selected components (their
+            rows and columns of the projections; every other weight stays bit-identical). Not with ``lora``.
+        train_gates: train the selected gates (False: they stay at ``init_gate``, and only the adapter
+            or the slices train).
         learning_rate: Adam learning rate (gates and adapter).
         sampling: how training trajectories are sampled (N per prompt, temperature, top-p, max new
             tokens, generation batch size, seed); the seed is mixed with the global step so every
@@ -75,6 +85,8 @@ class GateSteering(ReasoningTask):
         gate_penalty: float = 0.0,
         kl_coef: float = 0.0,
         lora: LoraSettings | None = None,
+        weight_slices: bool = False,
+        train_gates: bool = True,
         learning_rate: float = 0.05,
         sampling: SamplingConfig = STEERING_SAMPLING,
         architecture: ArchitectureSpec | None = None,
@@ -86,6 +98,10 @@ class GateSteering(ReasoningTask):
         if not (gate_penalty >= 0 and kl_coef >= 0 and learning_rate > 0):
             raise ValueError(f"gate_penalty and kl_coef must be >= 0 and learning_rate > 0, got {gate_penalty}, {kl_coef}, {learning_rate}")
         check_gamma(init_gate, "init_gate")
+        if lora is not None and weight_slices:
+            raise ValueError("Train either a LoRA adapter (lora) or the components' weight slices (weight_slices), not both")
+        if not (train_gates or lora is not None or weight_slices):
+            raise ValueError("Nothing to train: train_gates is false and neither lora nor weight_slices is set")
         # Hyperparameters are stored as plain dicts: Lightning resumes with torch.load(weights_only=True),
         # which refuses pickled classes. save_hyperparameters reads these locals.
         selection, lora, architecture, sampling = plain(selection), plain(lora), plain(architecture), plain(sampling)
@@ -100,6 +116,9 @@ class GateSteering(ReasoningTask):
         self.reward = DeferredReward(reward)
         self.gates: ComponentGates | None = None
         self.components: list[str] = []
+        #: Where the fine-tune sits, once the model is configured: the adapter's weights, or the trained slices.
+        self.adapter_targets: AdapterTargets | None = None
+        self.weight_slices: list[WeightSlice] = []
         self.strict_loading = False  # checkpoints hold only the trained tensors
         self.val_metrics = ReasoningMetrics()
 
@@ -136,14 +155,25 @@ class GateSteering(ReasoningTask):
         self.build()
 
     def configure_components(self) -> None:
-        """Splice in the SAEs the selection needs, resolve it on this model, add the adapter, and create the
-        gates with their gradient mask."""
+        """Splice in the SAEs the selection needs, resolve it on this model, add the adapter or the weight
+        slices, and create the gates with their gradient mask (frozen unless ``train_gates``)."""
         self.selection.attach_saes(self.lm, self.architecture)
         if not self.components:
             self.components = self.selection.resolve(self.lm, self.model_path, self.architecture, self.hparams.allow_other_model)
         if self.lora is not None:
-            self.lm = add_lora_adapter(self.lm, self.lora, self.sampling.seed).eval()
+            lora, seed = self.lora, self.sampling.seed
+            self.adapter_targets = adapter_targets(self.lm, lora.placement, lora.target_modules, self.components, seed, self.architecture)
+            self.lm = add_lora_adapter(self.lm, lora, self.adapter_targets, seed).eval()
+            weights = [*self.adapter_targets.modules, *self.adapter_targets.parameters]
+            rank_zero_info(f"LoRA ({lora.placement}) on {len(weights)} weights: {', '.join(weights)}")
+        if self.hparams.weight_slices:
+            self.weight_slices = component_slices(self.lm, self.components, self.architecture)
+            attach_weight_slices(self.lm, self.weight_slices)
+            rank_zero_info(f"training weight slices of {', '.join(dict.fromkeys(piece.module for piece in self.weight_slices))}")
         self.gates = gates_for_components(self.lm, self.components, self.hparams.init_gate, self.architecture)
+        if not self.hparams.train_gates:
+            self.gates.requires_grad_(False)
+            return
         for name, mask in component_mask(self.gates, self.components).items():
             self.gates.gate(name).register_hook(lambda gradient, mask=mask: gradient * mask.to(gradient.device))
 
@@ -161,7 +191,7 @@ class GateSteering(ReasoningTask):
         super().setup(stage)
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
-        """Adam over the gates and, if present, the LoRA adapter."""
+        """Adam over what trains: the gates, the LoRA adapter or the weight slices."""
         return torch.optim.Adam([p for p in self.parameters() if p.requires_grad], lr=self.hparams.learning_rate)
 
     def on_fit_start(self) -> None:
@@ -232,6 +262,8 @@ class GateSteering(ReasoningTask):
             "model": self.model_path,
             "model_identity": model_identity(self.lm, self.model_path),
             "lora": plain(self.lora) if self.lora else None,
+            "adapter_targets": self.adapter_targets.as_dict() if self.adapter_targets else None,
+            "weight_slices": [plain(piece) for piece in self.weight_slices],
         }
 
     @classmethod

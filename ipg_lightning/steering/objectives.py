@@ -22,6 +22,7 @@ from ipg_lightning.completions import reward_matrix
 from ipg_lightning.data import ReasoningBatch, require_solutions
 from ipg_lightning.gates import ComponentGates
 from ipg_lightning.rewards import Reward
+from ipg_lightning.steering.slices import slices_disabled
 from ipg_lightning.trajectories import (
     SamplingConfig,
     Trajectories,
@@ -101,14 +102,10 @@ def _gated_log_probs(module: SteeringRun, trajectories: Trajectories) -> tuple[t
 
 
 def _kl_to_base(module: SteeringRun, trajectories: Trajectories, log_probs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """k3 estimate of KL(pi_c || pi_base) on the sampled tokens; the base is the model without gates or adapter."""
-    with torch.no_grad():
-        disable = getattr(module.lm, "disable_adapter", None)
-        if disable is not None:
-            with disable():
-                base = completion_log_probs(module.lm, trajectories)
-        else:
-            base = completion_log_probs(module.lm, trajectories)
+    """k3 estimate of KL(pi_c || pi_base) on the sampled tokens; the base is the model without gates, adapter or slices."""
+    disable_adapter = getattr(module.lm, "disable_adapter", None)
+    with torch.no_grad(), disable_adapter() if disable_adapter is not None else slices_disabled(module.lm):
+        base = completion_log_probs(module.lm, trajectories)
     log_ratio = base - log_probs
     k3 = torch.exp(log_ratio) - 1 - log_ratio  # >= 0, unbiased for KL(pi_c || pi_base)
     return (k3 * mask).sum() / mask.sum().clamp(min=1)
