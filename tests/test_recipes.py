@@ -4,6 +4,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from ipg_lightning.attribution import IPGAttribution
 from ipg_lightning.attribution.report import AttributionReport
@@ -79,6 +80,36 @@ def test_tiny_steer_recipe_trains_and_its_checkpoint_reloads(tmp_path, capsys):
     module = load_steering_checkpoint(checkpoints[0])
     assert module.lora is not None and len(module.components) == 3
     assert "trained gates:" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("fine_tune", "merged"),
+    [
+        (["--model.lora.placement", "localized", "--model.train_gates", "false"], "lora"),
+        (["--model.lora", "null", "--model.weight_slices", "true"], "slices"),
+    ],
+    ids=["localized_lora", "weight_slices"],
+)
+def test_steer_places_the_fine_tune_from_the_selection_and_export_names_it(tmp_path, capsys, fine_tune, merged):
+    logs = ["--trainer.enable_progress_bar", "false", "--trainer.logger.init_args.save_dir", str(tmp_path), "--trainer.max_epochs", "1"]
+    run(["steer", "--config", str(RECIPE_DIR / "steer_tiny.yaml"), *logs, *fine_tune])
+    (checkpoint,) = tmp_path.rglob("*.ckpt")
+    recorded = load_steering_checkpoint(checkpoint)
+    run(["export", "--steering_checkpoint", str(checkpoint), "--output_dir", str(tmp_path / "export")])
+    card = json.loads((tmp_path / "export" / "steering_card.json").read_text())
+    # steer_tiny selects neurons 3 and 7 of block 1 and head 1 of block 0 (Llama, 4 heads in 2 key/value groups).
+    if merged == "lora":
+        expected = [f"model.layers.0.self_attn.{name}" for name in ("q_proj", "k_proj", "v_proj", "o_proj")]
+        expected += [f"model.layers.1.mlp.{name}" for name in ("gate_proj", "up_proj", "down_proj")]
+        assert card["lora_weights"]["modules"] == expected == list(recorded.adapter_targets.modules)
+        assert f"trained LoRA (localized) on: {', '.join(expected)}" in capsys.readouterr().out
+        assert card["weight_slices_merged"] == [] and card["gates"] == {}  # the gates did not train
+    else:
+        expected = ["model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.o_proj"]
+        expected += [f"model.layers.1.mlp.{name}" for name in ("gate_proj", "up_proj", "down_proj")]
+        assert card["weight_slices_merged"] == expected and card["lora_weights"] is None
+        assert f"weight slices merged into {expected}" in capsys.readouterr().out
+        assert torch.load(checkpoint, weights_only=True)["ipg_steering"]["weight_slices"][0]["module"] in expected
 
 
 @pytest.mark.parametrize("recipe", FUNCTION_RECIPES, ids=lambda p: p.name)

@@ -177,6 +177,7 @@ def export(
     print(
         f"exported to {output_dir}: folded {card['folded_sites'] or 'nothing'}; "
         f"needs ipg_lightning.load_steered for {card['loader_sites'] or 'nothing'}; LoRA merged: {card['lora_merged']}"
+        + (f"; weight slices merged into {card['weight_slices_merged']}" if card["weight_slices_merged"] else "")
     )
     return card
 

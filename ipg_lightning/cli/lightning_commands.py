@@ -106,7 +106,7 @@ def parse_steer(args: list[str]) -> CommandCLI:
 
 
 def steer(args: list[str]) -> None:
-    """Train the gates of selected components (and optionally LoRA) with ``Trainer.fit``."""
+    """Train the gates of selected components (and optionally a LoRA adapter or their weight slices) with ``Trainer.fit``."""
     from ipg_lightning.steering.checkpoint import read_steering_checkpoint
 
     cli = parse_steer(args)
@@ -116,8 +116,14 @@ def steer(args: list[str]) -> None:
     cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=cli.config.ckpt_path, weights_only=True)
     if cli.trainer.is_global_zero:
         checkpoint = cli.trainer.checkpoint_callback.best_model_path if cli.trainer.checkpoint_callback else None
-        print(f"trained gates: { {name: round(value, 4) for name, value in cli.model.gate_values().items()} }")
-        print(f"checkpoint (gates and adapter only): {checkpoint}; logs: {cli.trainer.log_dir}")
+        model = cli.model
+        if model.hparams.train_gates:
+            print(f"trained gates: { {name: round(value, 4) for name, value in model.gate_values().items()} }")
+        if model.adapter_targets is not None:
+            print(f"trained LoRA ({model.lora.placement}) on: {', '.join([*model.adapter_targets.modules, *model.adapter_targets.parameters])}")
+        if model.weight_slices:
+            print(f"trained weight slices of: {', '.join(dict.fromkeys(piece.module for piece in model.weight_slices))}")
+        print(f"checkpoint (only what trained): {checkpoint}; logs: {cli.trainer.log_dir}")
 
 
 def parse_train_reasoner(args: list[str]) -> CommandCLI:
