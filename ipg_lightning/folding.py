@@ -9,8 +9,9 @@ Exact folds (``docs/method.md`` section 8):
   expert's bias).
 
 Residual-stream gates have no exact fold (RMSNorm couples the coordinates), so folding them
-refuses. LoRA adapters and trained weight slices must be merged first (``merge_and_unload``): a gate on a LoRA-wrapped
-projection scales the adapter's input too, and folding only the base weight would change the model.
+refuses. LoRA adapters (``merge_and_unload``) and trained weight slices (``merge_weight_slices``) must
+be merged first: a gate on a LoRA-wrapped projection scales the adapter's input too, and folding
+only the base weight would change the model.
 """
 
 from __future__ import annotations
@@ -58,7 +59,7 @@ def fold_gates_into_weights(model: nn.Module, gates: ComponentGates) -> list[str
             )
         if parametrize.is_parametrized(module):
             raise UnfoldableGateError(
-                f"{site.module_path} ({name}) carries trained weight slices: merge them first "
+                f"{site.module_path} ({name}) is reparametrised (trained weight slices): merge them first "
                 "(ipg_lightning.steering.slices.merge_weight_slices), then fold."
             )
     for name, site in to_fold:

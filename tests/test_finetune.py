@@ -9,6 +9,7 @@ from transformers import AutoModelForCausalLM
 from ipg_lightning.gates import parse_component_name
 from ipg_lightning.sites import find_site
 from ipg_lightning.steering import ComponentSelection
+from ipg_lightning.steering.checkpoint import SteeringCheckpointError
 from ipg_lightning.steering.export import export_steered_model
 from ipg_lightning.steering.learned import GateSteering, LoraSettings
 from ipg_lightning.steering.lora import adapted_weights
@@ -84,8 +85,25 @@ def test_localized_lora_on_a_mixture_of_experts_adapts_the_fused_expert_weights_
     assert card["lora_weights"]["parameters"] == list(module.adapter_targets.parameters)
     exported = AutoModelForCausalLM.from_pretrained(tmp_path / "export").eval()
     torch.testing.assert_close(exported(PROBE).logits, expected, rtol=1e-5, atol=1e-5)
-    with pytest.raises(ValueError, match="gated by scaling the fused expert weights"):
-        _steering(tiny_causal_lm("qwen2_moe"), ["blocks.1.mlp.hook_expert[2]"], lora=LoraSettings(r=2, placement="localized"))
+    for placement in ("localized", "everywhere"):  # an adapter on the weights that a selected expert gate scales
+        with pytest.raises(ValueError, match="gated by scaling .*, which a LoRA adapter cannot share"):
+            _steering(tiny_causal_lm("qwen2_moe"), ["blocks.1.mlp.hook_expert[2]"], lora=LoraSettings(r=2, placement=placement))
+
+
+def test_resuming_or_loading_with_an_adapter_placed_elsewhere_is_refused(tmp_path):
+    first = _steering(tiny_causal_lm("llama", num_hidden_layers=4), [NEURON], lora=LoraSettings(r=2, placement="random_layers"))
+    trainer = _trainer(tmp_path, max_epochs=1)
+    trainer.fit(first, datamodule=_data())
+    trainer.save_checkpoint(tmp_path / "a.ckpt")
+    recorded = torch.load(tmp_path / "a.ckpt", weights_only=True)["ipg_steering"]["adapter_targets"]
+    assert recorded == first.adapter_targets.as_dict() and recorded["modules"]
+    other = _steering(
+        tiny_causal_lm("llama", num_hidden_layers=4),
+        [NEURON],
+        lora=LoraSettings(r=2, placement="localized"),  # the same selection, but the adapter sits in block 1
+    )
+    with pytest.raises(SteeringCheckpointError, match="trained adapter_targets .* but this run builds"):
+        _trainer(tmp_path, max_epochs=2).fit(other, datamodule=_data(), ckpt_path=tmp_path / "a.ckpt")
 
 
 def _site_input(model, site):
@@ -113,7 +131,9 @@ def test_weight_slices_move_only_their_own_components(family, components):
     selected[[parse_component_name(name)[1] for name in components]] = 1
     own = site.channel_gates(selected).bool()
     assert torch.equal(after[..., ~own], before[..., ~own]), "another component's input moved"
-    assert not torch.allclose(after[..., own], before[..., own]), "the selected components did not move"
+    for unit in selected.nonzero().flatten().tolist():  # each selected component's own input moved
+        channels = site.channel_gates(torch.eye(site.size)[unit]).bool()
+        assert not torch.allclose(after[..., channels], before[..., channels]), f"component {unit} did not move"
     logits = model(PROBE).logits
     merge_weight_slices(model)
     assert torch.equal(model(PROBE).logits, logits)  # merging writes exactly the weights the model computed with
@@ -128,6 +148,17 @@ def test_slices_of_a_head_leave_keys_and_values_shared_with_unselected_heads_fro
     assert slices_of("blocks.1.attn.hook_z[1]") == {("o_proj", 1): tuple(range(8, 16)), ("q_proj", 0): tuple(range(8, 16))}
     group = slices_of("blocks.1.attn.hook_z[2]", "blocks.1.attn.hook_z[3]")
     assert group[("k_proj", 0)] == group[("v_proj", 0)] == tuple(range(8, 16)) and group[("q_proj", 0)] == tuple(range(16, 32))
+    # GPT-2: Conv1D weights are (in, out), and c_attn fuses q|k|v; head 1 of 4 (head_dim 8) owns columns 8-15 of each part.
+    gpt2 = {(piece.module, piece.tensor, piece.dim): piece.indices for piece in component_slices(tiny_causal_lm("gpt2"), ["blocks.1.attn.hook_z[1]"])}
+    head = tuple(range(8, 16))
+    assert gpt2 == {
+        ("transformer.h.1.attn.c_proj", "weight", 0): head,  # its input rows of the out-projection
+        ("transformer.h.1.attn.c_attn", "weight", 1): head + tuple(32 + i for i in head) + tuple(64 + i for i in head),
+        ("transformer.h.1.attn.c_attn", "bias", 0): head + tuple(32 + i for i in head) + tuple(64 + i for i in head),
+    }
+    # GPT-NeoX interleaves q, k, v per head: head 1 owns rows 24-47 of query_key_value.
+    neox = {piece.module.rpartition(".")[2]: piece.indices for piece in component_slices(tiny_causal_lm("gpt_neox"), ["blocks.1.attn.hook_z[1]"])}
+    assert neox["query_key_value"] == tuple(range(24, 48)) and neox["dense"] == head
     residual = component_slices(model, ["blocks.0.hook_resid_post[7]"])
     assert [(piece.module, piece.dim, piece.indices) for piece in residual] == [
         ("model.layers.0.self_attn.o_proj", 0, (7,)),
@@ -204,3 +235,29 @@ def test_exported_slices_with_folded_gates_reproduce_the_trained_model_without_i
     torch.testing.assert_close(torch.tensor(outputs["logits"]), expected_logits, rtol=1e-5, atol=1e-5)
     assert outputs["tokens"] == expected_tokens.tolist()
     assert "Trained weight slices merged into" in (tmp_path / "export" / "README.md").read_text()
+
+
+def test_slices_disabled_gives_the_base_model_and_supervised_slices_raise_the_reference_likelihood(tmp_path):
+    from test_steering import completion_log_probs, teacher_forced_trajectories
+
+    from ipg_lightning.steering.slices import slices_disabled
+
+    components = tuple(f"blocks.1.mlp.hook_post[{i}]" for i in range(8))
+    module = _steering(tiny_causal_lm("llama"), components, objective="supervised", weight_slices=True, train_gates=False, learning_rate=0.05)
+    base = tiny_causal_lm("llama")(PROBE).logits
+    data = _data(num_train=4, batch_size=4)
+    data.connect(module.tokenizer)
+    batch = next(iter(data.train_dataloader()))
+    trajectories = teacher_forced_trajectories(module.tokenizer, batch["prompt"], batch["solution"])
+
+    def reference_log_likelihood():
+        with torch.no_grad():
+            return completion_log_probs(module.lm, trajectories).sum().item()
+
+    before = reference_log_likelihood()
+    _trainer(tmp_path, max_epochs=5).fit(module, datamodule=data)
+    assert reference_log_likelihood() > before + 1.0
+    with torch.no_grad():
+        assert not torch.allclose(module.lm(PROBE).logits, base)
+        with slices_disabled(module.lm):  # the base of the KL term
+            assert torch.equal(module.lm(PROBE).logits, base)

@@ -95,13 +95,14 @@ def test_steer_places_the_fine_tune_from_the_selection_and_export_names_it(tmp_p
     run(["steer", "--config", str(RECIPE_DIR / "steer_tiny.yaml"), *logs, *fine_tune])
     (checkpoint,) = tmp_path.rglob("*.ckpt")
     recorded = load_steering_checkpoint(checkpoint)
+    saved = torch.load(checkpoint, weights_only=True)["ipg_steering"]
     run(["export", "--steering_checkpoint", str(checkpoint), "--output_dir", str(tmp_path / "export")])
     card = json.loads((tmp_path / "export" / "steering_card.json").read_text())
     # steer_tiny selects neurons 3 and 7 of block 1 and head 1 of block 0 (Llama, 4 heads in 2 key/value groups).
     if merged == "lora":
         expected = [f"model.layers.0.self_attn.{name}" for name in ("q_proj", "k_proj", "v_proj", "o_proj")]
         expected += [f"model.layers.1.mlp.{name}" for name in ("gate_proj", "up_proj", "down_proj")]
-        assert card["lora_weights"]["modules"] == expected == list(recorded.adapter_targets.modules)
+        assert card["lora_weights"]["modules"] == expected == saved["adapter_targets"]["modules"] == list(recorded.adapter_targets.modules)
         assert f"trained LoRA (localized) on: {', '.join(expected)}" in capsys.readouterr().out
         assert card["weight_slices_merged"] == [] and card["gates"] == {}  # the gates did not train
     else:
@@ -109,7 +110,9 @@ def test_steer_places_the_fine_tune_from_the_selection_and_export_names_it(tmp_p
         expected += [f"model.layers.1.mlp.{name}" for name in ("gate_proj", "up_proj", "down_proj")]
         assert card["weight_slices_merged"] == expected and card["lora_weights"] is None
         assert f"weight slices merged into {expected}" in capsys.readouterr().out
-        assert torch.load(checkpoint, weights_only=True)["ipg_steering"]["weight_slices"][0]["module"] in expected
+        assert {piece["module"] for piece in saved["weight_slices"]} == set(expected)
+        o_proj = next(piece for piece in saved["weight_slices"] if piece["module"] == "model.layers.0.self_attn.o_proj")
+        assert (o_proj["dim"], tuple(o_proj["indices"])) == (1, tuple(range(8, 16)))  # head 1's input columns (head_dim 8)
 
 
 @pytest.mark.parametrize("recipe", FUNCTION_RECIPES, ids=lambda p: p.name)

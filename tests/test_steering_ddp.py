@@ -26,7 +26,8 @@ def test_two_ddp_processes_train_the_same_gates_as_one(tmp_path, fine_tune):
     double = _train(2, tmp_path / "double.pt", fine_tune)
     assert set(single) == set(double)
     for key, value in single.items():
-        torch.testing.assert_close(double[key], value, rtol=1e-4, atol=1e-5)  # all-reduce sums in another order
+        tolerance = {"rtol": 1e-5, "atol": 1e-6} if fine_tune == "gates" else {"rtol": 1e-4, "atol": 1e-5}  # deltas: larger sums
+        torch.testing.assert_close(double[key], value, **tolerance)
     assert not torch.all(single["gates.values.blocks__1__hook_attn_out"] == 1)  # training did move the gates
     deltas = [value for key, value in single.items() if key.endswith(".delta")]
     assert (fine_tune == "weight_slices") == bool(deltas) and all(delta.abs().sum() > 0 for delta in deltas)

@@ -120,9 +120,9 @@ def steer(args: list[str]) -> None:
         if model.hparams.train_gates:
             print(f"trained gates: { {name: round(value, 4) for name, value in model.gate_values().items()} }")
         if model.adapter_targets is not None:
-            print(f"trained LoRA ({model.lora.placement}) on: {', '.join([*model.adapter_targets.modules, *model.adapter_targets.parameters])}")
-        if model.weight_slices:
-            print(f"trained weight slices of: {', '.join(dict.fromkeys(piece.module for piece in model.weight_slices))}")
+            print(f"trained LoRA ({model.lora.placement}) on: {', '.join(model.adapter_targets.paths)}")
+        if model.trained_slices:
+            print(f"trained weight slices of: {', '.join(model.sliced_modules())}")
         print(f"checkpoint (only what trained): {checkpoint}; logs: {cli.trainer.log_dir}")
 
 

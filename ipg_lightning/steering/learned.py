@@ -33,11 +33,11 @@ from ipg_lightning.models import load_model_and_tokenizer
 from ipg_lightning.rewards import DeferredReward, Reward, reasoning_length
 from ipg_lightning.sites import ArchitectureSpec
 from ipg_lightning.steering.checkpoint import STEERING_KEY, SteeringCheckpointError, migrate_hparams, read_steering_checkpoint, renamed_hparams
-from ipg_lightning.steering.lora import LoraSettings, add_lora_adapter
+from ipg_lightning.steering.lora import LoraSettings, adapted_weights, add_lora_adapter
 from ipg_lightning.steering.objectives import OBJECTIVES
 from ipg_lightning.steering.placement import AdapterTargets, adapter_targets
 from ipg_lightning.steering.selection import ComponentSelection, component_mask, gates_for_components
-from ipg_lightning.steering.slices import WeightSlice, attach_weight_slices, component_slices
+from ipg_lightning.steering.slices import SliceDelta, WeightSlice, attach_weight_slices, component_slices
 from ipg_lightning.task import ReasoningTask, plain
 from ipg_lightning.trajectories import SamplingConfig, sample_trajectories
 from ipg_lightning.validation import check_at_least, check_gamma, check_sampling_has_signal
@@ -64,7 +64,7 @@ class GateSteering(ReasoningTask):
             rows and columns of the projections; every other weight stays bit-identical). Not with ``lora``.
         train_gates: train the selected gates (False: they stay at ``init_gate``, and only the adapter
             or the slices train).
-        learning_rate: Adam learning rate (gates and adapter).
+        learning_rate: Adam learning rate (gates, adapter or slices).
         sampling: how training trajectories are sampled (N per prompt, temperature, top-p, max new
             tokens, generation batch size, seed); the seed is mixed with the global step so every
             step draws new samples, and also seeds the adapter. Validation decodes greedily with the
@@ -118,7 +118,7 @@ class GateSteering(ReasoningTask):
         self.components: list[str] = []
         #: Where the fine-tune sits, once the model is configured: the adapter's weights, or the trained slices.
         self.adapter_targets: AdapterTargets | None = None
-        self.weight_slices: list[WeightSlice] = []
+        self.trained_slices: list[WeightSlice] = []
         self.strict_loading = False  # checkpoints hold only the trained tensors
         self.val_metrics = ReasoningMetrics()
 
@@ -136,7 +136,7 @@ class GateSteering(ReasoningTask):
         recorded_identity: dict[str, Any] | None = None,
         allow_other_model: bool = False,
     ) -> None:
-        """Load the model (unless given), wrap it with LoRA if configured, and create the gates.
+        """Load the model (unless given), add the adapter or the weight slices if configured, and create the gates.
 
         ``components`` (with the ``recorded_identity`` of the model they were trained on) replace the
         selection, as when a checkpoint is reloaded; a model of another architecture is refused
@@ -162,14 +162,14 @@ class GateSteering(ReasoningTask):
             self.components = self.selection.resolve(self.lm, self.model_path, self.architecture, self.hparams.allow_other_model)
         if self.lora is not None:
             lora, seed = self.lora, self.sampling.seed
-            self.adapter_targets = adapter_targets(self.lm, lora.placement, lora.target_modules, self.components, seed, self.architecture)
-            self.lm = add_lora_adapter(self.lm, lora, self.adapter_targets, seed).eval()
-            weights = [*self.adapter_targets.modules, *self.adapter_targets.parameters]
-            rank_zero_info(f"LoRA ({lora.placement}) on {len(weights)} weights: {', '.join(weights)}")
+            targets = adapter_targets(self.lm, lora.placement, lora.target_modules, self.components, seed, self.architecture)
+            self.lm = add_lora_adapter(self.lm, lora, targets, seed).eval()
+            self.adapter_targets = AdapterTargets(**{key: tuple(paths) for key, paths in adapted_weights(self.lm).items()})
+            rank_zero_info(f"LoRA ({lora.placement}) on {len(self.adapter_targets.paths)} weights: {', '.join(self.adapter_targets.paths)}")
         if self.hparams.weight_slices:
-            self.weight_slices = component_slices(self.lm, self.components, self.architecture)
-            attach_weight_slices(self.lm, self.weight_slices)
-            rank_zero_info(f"training weight slices of {', '.join(dict.fromkeys(piece.module for piece in self.weight_slices))}")
+            self.trained_slices = component_slices(self.lm, self.components, self.architecture)
+            attach_weight_slices(self.lm, self.trained_slices)
+            rank_zero_info(f"training weight slices of {', '.join(self.sliced_modules())}")
         self.gates = gates_for_components(self.lm, self.components, self.hparams.init_gate, self.architecture)
         if not self.hparams.train_gates:
             self.gates.requires_grad_(False)
@@ -195,8 +195,15 @@ class GateSteering(ReasoningTask):
         return torch.optim.Adam([p for p in self.parameters() if p.requires_grad], lr=self.hparams.learning_rate)
 
     def on_fit_start(self) -> None:
-        """Gates stay float32 whatever the Trainer's precision."""
+        """Gates and weight-slice deltas stay float32 whatever the Trainer's precision."""
         self.gates.float()
+        for module in self.lm.modules():
+            if isinstance(module, SliceDelta):
+                module.float()
+
+    def sliced_modules(self) -> list[str]:
+        """The projections whose weight slices train, each once."""
+        return list(dict.fromkeys(piece.module for piece in self.trained_slices))
 
     # ----------------------------------------------------------------------------- training
     def training_sampling(self) -> SamplingConfig:
@@ -245,7 +252,7 @@ class GateSteering(ReasoningTask):
 
     # ----------------------------------------------------------------------------- checkpoints
     def trainable_state(self) -> dict[str, torch.Tensor]:
-        """Only the trained tensors (gates and adapter), by state-dict key."""
+        """Only the trained tensors (gates, adapter or slice deltas), by state-dict key."""
         trainable = {name for name, parameter in self.named_parameters() if parameter.requires_grad}
         return {key: value for key, value in self.state_dict().items() if key in trainable}
 
@@ -262,9 +269,24 @@ class GateSteering(ReasoningTask):
             "model": self.model_path,
             "model_identity": model_identity(self.lm, self.model_path),
             "lora": plain(self.lora) if self.lora else None,
-            "adapter_targets": self.adapter_targets.as_dict() if self.adapter_targets else None,
-            "weight_slices": [plain(piece) for piece in self.weight_slices],
+            **self.fine_tune_record(),
         }
+
+    def fine_tune_record(self) -> dict[str, Any]:
+        """Where the fine-tune sits, as saved in checkpoints: the adapter's weights and the trained slices."""
+        return {
+            "adapter_targets": self.adapter_targets.as_dict() if self.adapter_targets else None,
+            "weight_slices": [plain(piece) for piece in self.trained_slices],
+        }
+
+    def check_fine_tune_matches(self, steering: dict[str, Any], what: str) -> None:
+        """Refuse a checkpoint whose adapter or slices sit elsewhere than this module's (other settings or seed)."""
+        for key, own in self.fine_tune_record().items():
+            if key in steering and steering[key] != own:
+                raise SteeringCheckpointError(
+                    f"{what} trained {key} {steering[key]}, but this run builds {own}: resume and load with the placement, "
+                    "seed and selection it was trained with"
+                )
 
     @classmethod
     def load_from_checkpoint(cls, checkpoint_path: Any, *args: Any, trust_reward: bool = False, **kwargs: Any) -> GateSteering:
@@ -286,10 +308,11 @@ class GateSteering(ReasoningTask):
             raise ValueError(f"Checkpoint steers {saved[:5]}..., but this run selected {self.components[:5]}...")
         if self.lm is not None:
             check_same_model(steering.get("model_identity"), self.lm, self.model_path, "The checkpoint to resume from")
+            self.check_fine_tune_matches(steering, "The checkpoint to resume from")
 
 
 def load_steering_checkpoint(path: str | Path, model: str | None = None, trust_reward: bool = False, allow_other_model: bool = False) -> GateSteering:
-    """Rebuild a trained :class:`GateSteering` from a Lightning checkpoint (gates and adapter loaded).
+    """Rebuild a trained :class:`GateSteering` from a Lightning checkpoint (gates, and adapter or slices, loaded).
 
     Args:
         path: a checkpoint written by ``ipg steer`` (read without unpickling, see :func:`read_steering_checkpoint`).
@@ -310,6 +333,7 @@ def load_steering_checkpoint(path: str | Path, model: str | None = None, trust_r
     module.reward.import_allowed = trust_reward
     steering = checkpoint[STEERING_KEY]
     module.build(components=steering["components"], recorded_identity=steering.get("model_identity"), allow_other_model=allow_other_model)
+    module.check_fine_tune_matches(steering, str(path))
     own = module.state_dict()
     missing = set(checkpoint["state_dict"]) - set(own)
     if missing:

@@ -8,7 +8,7 @@ import torch
 from peft import LoraConfig, get_peft_model
 from torch import nn
 
-from ipg_lightning.discovery import is_projection
+from ipg_lightning.discovery import is_conv1d, is_projection
 from ipg_lightning.steering.placement import PLACEMENTS, AdapterTargets, Placement
 
 
@@ -50,7 +50,7 @@ def add_lora_adapter(model: nn.Module, settings: LoraSettings, targets: AdapterT
         lora_dropout=settings.dropout,
         target_modules=list(targets.modules),
         target_parameters=list(targets.parameters) or None,
-        fan_in_fan_out=model.config.model_type == "gpt2",  # GPT-2 stores its projections transposed (Conv1D)
+        fan_in_fan_out=any(map(is_conv1d, model.modules())),  # GPT-2's Conv1D stores its projections transposed
     )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)

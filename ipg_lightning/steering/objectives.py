@@ -11,6 +11,7 @@ measures, and returns the loss before the gate penalty (which the module adds fo
 from __future__ import annotations
 
 from collections.abc import Callable
+from contextlib import nullcontext
 from typing import Any, NamedTuple, Protocol
 
 import torch
@@ -104,7 +105,7 @@ def _gated_log_probs(module: SteeringRun, trajectories: Trajectories) -> tuple[t
 def _kl_to_base(module: SteeringRun, trajectories: Trajectories, log_probs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """k3 estimate of KL(pi_c || pi_base) on the sampled tokens; the base is the model without gates, adapter or slices."""
     disable_adapter = getattr(module.lm, "disable_adapter", None)
-    with torch.no_grad(), disable_adapter() if disable_adapter is not None else slices_disabled(module.lm):
+    with torch.no_grad(), disable_adapter() if disable_adapter is not None else nullcontext(), slices_disabled(module.lm):
         base = completion_log_probs(module.lm, trajectories)
     log_ratio = base - log_probs
     k3 = torch.exp(log_ratio) - 1 - log_ratio  # >= 0, unbiased for KL(pi_c || pi_base)

@@ -23,17 +23,17 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, get_args
 
 from torch import nn
 
 from ipg_lightning.discovery import is_projection
 from ipg_lightning.gates import parse_component_name
-from ipg_lightning.sites import FAMILIES, SAE_POINTS, ArchitectureSpec, find_site, resolve_architecture, unwrap_model
+from ipg_lightning.sites import FAMILIES, SAE_POINTS, ArchitectureSpec, Site, find_site, resolve_architecture, unwrap_model
 
 #: How an adapter is placed: ``target_modules`` (the names given, in every block), or from the selection.
 Placement = Literal["target_modules", "localized", "random_layers", "everywhere"]
-PLACEMENTS: tuple[str, ...] = ("target_modules", "localized", "random_layers", "everywhere")
+PLACEMENTS: tuple[str, ...] = get_args(Placement)
 
 
 @dataclass(frozen=True)
@@ -49,9 +49,22 @@ class AdapterTargets:
     modules: tuple[str, ...] = ()
     parameters: tuple[str, ...] = ()
 
+    @property
+    def paths(self) -> list[str]:
+        """Every adapted weight: the projections, then the fused parameters."""
+        return [*self.modules, *self.parameters]
+
     def as_dict(self) -> dict[str, list[str]]:
         """Plain lists, for checkpoints, cards and logs."""
         return {"modules": list(self.modules), "parameters": list(self.parameters)}
+
+
+#: Why an adapter may not sit on fused expert weights that a selected gate scales.
+_EXPERT_CLASH = (
+    "expert components are gated by scaling {weights}, which a LoRA adapter cannot share (it would compose with the gate in "
+    "another order while training than after merging): steer them with gates alone, or place the adapter with "
+    "`placement: target_modules`"
+)
 
 
 def _parent(path: str) -> str:
@@ -88,10 +101,13 @@ def sublayer_projections(root: nn.Module, spec: ArchitectureSpec, layer: int, su
 
 def _expert_parameters(root: nn.Module, spec: ArchitectureSpec, block_path: str) -> list[str]:
     """The fused expert weights of a block (its gate/up and down projections), if its MLP is a mixture of experts."""
-    if spec.experts is None:
+    path = f"{block_path}.{spec.experts.path}" if spec.experts is not None else None
+    try:
+        experts = root.get_submodule(path) if path else None
+    except AttributeError:  # a dense block of a model that mixes dense and mixture-of-experts blocks
+        experts = None
+    if experts is None:
         return []
-    path = f"{block_path}.{spec.experts.path}"
-    experts = root.get_submodule(path)
     return [f"{path}.{name}" for name in ("gate_up_proj", "up_proj", "down_proj") if isinstance(getattr(experts, name, None), nn.Parameter)]
 
 
@@ -101,21 +117,25 @@ def _hosts(root: nn.Module, spec: ArchitectureSpec, family: str, layer: int, poi
     if family == "sae_feature":
         return _hosts(root, spec, SAE_POINTS[point], layer, None)
     if family == "resid_post":
-        modules = [f"{block}.{spec.attn_out_proj}"]
-        if spec.mlp_out_proj is not None:
-            return [*modules, f"{block}.{spec.mlp_out_proj}"], []
-        if spec.shared_expert_proj is not None:
-            modules.append(f"{block}.{spec.shared_expert_proj}")
-        return modules, [p for p in _expert_parameters(root, spec, block) if p.endswith("down_proj")]
+        return residual_writers(root, spec, layer)
     if family in ("shared_expert_neuron", "shared_expert"):
         return projections_in(root, _parent(f"{block}.{spec.shared_expert_proj}")), []
     if FAMILIES[family].scales_weight:
-        raise ValueError(
-            f"{family} components are gated by scaling the fused expert weights, which a LoRA adapter cannot share: "
-            "steer them with gates alone, or place the adapter with `placement: target_modules`"
-        )
+        raise ValueError(_EXPERT_CLASH.format(weights=f"the fused expert weights of block {layer}"))
     sublayer = FAMILIES[family].sublayer
     return sublayer_projections(root, spec, layer, sublayer), _expert_parameters(root, spec, block) if sublayer == "mlp" else []
+
+
+def residual_writers(root: nn.Module, spec: ArchitectureSpec, layer: int) -> tuple[list[str], list[str]]:
+    """(projections, fused expert parameters) that write into block ``layer``'s output: its attention's and MLP's
+    out-projections (a mixture of experts': its shared expert's and its experts' down-projections)."""
+    block = f"{spec.layers}.{layer}"
+    modules = [f"{block}.{spec.attn_out_proj}"]
+    if spec.mlp_out_proj is not None:
+        return [*modules, f"{block}.{spec.mlp_out_proj}"], []
+    if spec.shared_expert_proj is not None:
+        modules.append(f"{block}.{spec.shared_expert_proj}")
+    return modules, [p for p in _expert_parameters(root, spec, block) if p.endswith("down_proj")]
 
 
 def localized_targets(model: nn.Module, components: list[str], architecture: ArchitectureSpec | None = None) -> AdapterTargets:
@@ -125,8 +145,7 @@ def localized_targets(model: nn.Module, components: list[str], architecture: Arc
     root, spec = unwrap_model(model), resolve_architecture(model, architecture)
     modules: dict[str, None] = {}
     parameters: dict[str, None] = {}
-    for site_name in dict.fromkeys(parse_component_name(name)[0] for name in components):
-        site = find_site(model, site_name, architecture)
+    for site in _sites(model, components, architecture):
         found_modules, found_parameters = _hosts(root, spec, site.family, site.layer, site.point)
         modules.update(dict.fromkeys(found_modules))
         parameters.update(dict.fromkeys(found_parameters))
@@ -145,7 +164,7 @@ def random_layer_targets(model: nn.Module, targets: AdapterTargets, seed: int, a
     block of ``targets``: the control with the same parameter count and none of the localisation."""
     root, spec = unwrap_model(model), resolve_architecture(model, architecture)
     num_layers = len(root.get_submodule(spec.layers))
-    paths = [*targets.modules, *targets.parameters]
+    paths = targets.paths
     used = sorted({_block_and_rest(path, spec.layers)[0] for path in paths})
     others = [layer for layer in range(num_layers) if layer not in used]
     if len(others) < len(used):
@@ -159,7 +178,24 @@ def random_layer_targets(model: nn.Module, targets: AdapterTargets, seed: int, a
         layer, rest = _block_and_rest(path, spec.layers)
         return f"{spec.layers}.{moved[layer]}.{rest}"
 
-    return AdapterTargets(tuple(map(move, targets.modules)), tuple(map(move, targets.parameters)))
+    control = AdapterTargets(tuple(map(move, targets.modules)), tuple(map(move, targets.parameters)))
+    if [_size(root, path) for path in control.paths] != [_size(root, path) for path in paths]:
+        raise ValueError(
+            f"random_layers moved the adapter from blocks {used} to {sorted(moved.values())}, whose weights differ "
+            f"({', '.join(paths)}): the control needs blocks of one shape; use placement: everywhere for a baseline instead"
+        )
+    return control
+
+
+def _size(root: nn.Module, path: str) -> tuple[int, ...] | None:
+    """The shape of the weight at ``path`` (a projection's weight, or a parameter), None where there is none."""
+    try:
+        return tuple(root.get_submodule(path).weight.shape)
+    except AttributeError:
+        try:
+            return tuple(root.get_parameter(path).shape)
+        except AttributeError:
+            return None
 
 
 def every_target(model: nn.Module, architecture: ArchitectureSpec | None = None) -> AdapterTargets:
@@ -181,14 +217,26 @@ def adapter_targets(
     seed: int,
     architecture: ArchitectureSpec | None = None,
 ) -> AdapterTargets:
-    """The weights an adapter with ``placement`` adapts (``target_modules`` is used by that placement only)."""
+    """The weights an adapter with ``placement`` adapts (``target_modules`` is used by that placement only).
+
+    Refuses to adapt fused expert weights that a selected ``expert``/``expert_neuron`` gate scales.
+    """
+    if placement not in PLACEMENTS:
+        raise ValueError(f"placement must be one of {list(PLACEMENTS)}, got {placement!r}")
     if placement == "target_modules":
         return AdapterTargets(tuple(target_modules))
     if placement == "everywhere":
-        return every_target(model, architecture)
-    localized = localized_targets(model, components, architecture)
-    if placement == "localized":
-        return localized
-    if placement == "random_layers":
-        return random_layer_targets(model, localized, seed, architecture)
-    raise ValueError(f"placement must be one of {list(PLACEMENTS)}, got {placement!r}")
+        targets = every_target(model, architecture)
+    else:
+        targets = localized_targets(model, components, architecture)
+        if placement == "random_layers":
+            targets = random_layer_targets(model, targets, seed, architecture)
+    gated = {f"{site.module_path}.{site.parameter}" for site in _sites(model, components, architecture) if site.kind.scales_weight}
+    if gated & set(targets.parameters):
+        raise ValueError(_EXPERT_CLASH.format(weights=", ".join(sorted(gated & set(targets.parameters)))))
+    return targets
+
+
+def _sites(model: nn.Module, components: list[str], architecture: ArchitectureSpec | None) -> list[Site]:
+    """The sites holding ``components``, each once."""
+    return [find_site(model, name, architecture) for name in dict.fromkeys(parse_component_name(c)[0] for c in components)]
