@@ -88,3 +88,21 @@ def test_localisation_transfers_components_between_tasks_of_the_rl_testbed(tmp_p
     test.connect(tokenizer)
     greedy = SamplingConfig(num_samples=1, temperature=0.0, max_new_tokens=160, batch_size=128)
     assert summary["base"]["greedy"] == evaluate_generations(model, tokenizer, test.test_dataloader(), greedy).metrics
+
+
+def test_placement_trains_each_mode_with_its_parameter_count_and_resumes(tmp_path):
+    out = tmp_path / "placement"
+    sizes = ["--steps", "1", "--batch-size", "2", "--test", "8", "--support", "4", "--max-new-tokens", "24", "--objectives", "right_but_shorter"]
+    command = [sys.executable, str(ROOT / "benchmarks" / "placement.py"), *sizes, "--seeds", "1", "--out", str(out)]
+    modes = ["--modes", "gates", "lora_random_layers", "weight_slices_random"]
+    subprocess.run([*command, *modes], capture_output=True, text=True, check=True, cwd=ROOT, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    summary = json.loads((out / "results.json").read_text())
+    cells = summary["cells"]
+    assert summary["complete"] and set(cells) == {f"right_but_shorter|{mode}|0" for mode in modes[1:]}
+    # 8 gates; rank 8 on one block's gate/up (128 -> 384) and down (384 -> 128); 8 neurons x 3 x 128 weights
+    assert [cells[f"right_but_shorter|{mode}|0"]["parameters"] for mode in modes[1:]] == [8, 12_288, 3_072]
+    assert all(0 <= cell["sampled_accuracy"] <= 1 and cell["greedy_length"] > 0 for cell in cells.values())
+    selected = summary["selection"]["right_but_shorter"]
+    assert len(selected) == 8 and all(name.startswith("blocks.3.mlp.hook_post[") for name in selected)
+    changed = subprocess.run([*command, "--steps", "2"], capture_output=True, text=True, cwd=ROOT)
+    assert changed.returncode != 0 and "holds a run with other settings (steps)" in changed.stderr
