@@ -72,9 +72,9 @@ def test_random_layer_control_has_the_same_modules_and_parameters_in_other_block
 
 def test_localized_lora_on_a_mixture_of_experts_adapts_the_fused_expert_weights_and_merges(tmp_path):
     module = _steering(tiny_causal_lm("qwen2_moe"), ["blocks.1.hook_mlp_out"], lora=LoraSettings(r=2, placement="localized"))
-    assert module.adapter_targets.parameters == ("model.layers.1.mlp.experts.gate_up_proj", "model.layers.1.mlp.experts.down_proj")
+    assert module.fine_tune.adapter.parameters == ("model.layers.1.mlp.experts.gate_up_proj", "model.layers.1.mlp.experts.down_proj")
     shared = ("shared_expert.gate_proj", "shared_expert.up_proj", "shared_expert.down_proj", "shared_expert_gate")  # the router is no projection
-    assert module.adapter_targets.modules == tuple(f"model.layers.1.mlp.{name}" for name in shared)
+    assert module.fine_tune.adapter.modules == tuple(f"model.layers.1.mlp.{name}" for name in shared)
     trainable = [name for name, p in module.lm.named_parameters() if p.requires_grad]
     assert trainable and all("layers.1.mlp." in name and "lora_" in name for name in trainable)
     with torch.no_grad():
@@ -82,7 +82,7 @@ def test_localized_lora_on_a_mixture_of_experts_adapts_the_fused_expert_weights_
             module.lm.get_parameter(name).normal_(0, 0.5)  # a trained adapter (B starts at zero)
         expected = module.lm(PROBE).logits  # (a gate on a mixture of experts' output needs the loader: kept at 1)
         card = export_steered_model(module.lm, module.tokenizer, module.gates, tmp_path / "export")
-    assert card["lora_weights"]["parameters"] == list(module.adapter_targets.parameters)
+    assert card["lora_weights"]["parameters"] == list(module.fine_tune.adapter.parameters)
     exported = AutoModelForCausalLM.from_pretrained(tmp_path / "export").eval()
     torch.testing.assert_close(exported(PROBE).logits, expected, rtol=1e-5, atol=1e-5)
     for placement in ("localized", "everywhere"):  # an adapter on the weights that a selected expert gate scales
@@ -96,7 +96,7 @@ def test_resuming_or_loading_with_an_adapter_placed_elsewhere_is_refused(tmp_pat
     trainer.fit(first, datamodule=_data())
     trainer.save_checkpoint(tmp_path / "a.ckpt")
     recorded = torch.load(tmp_path / "a.ckpt", weights_only=True)["ipg_steering"]["adapter_targets"]
-    assert recorded == first.adapter_targets.as_dict() and recorded["modules"]
+    assert recorded == first.fine_tune.adapter.as_dict() and recorded["modules"]
     other = _steering(
         tiny_causal_lm("llama", num_hidden_layers=4),
         [NEURON],

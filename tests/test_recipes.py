@@ -102,7 +102,7 @@ def test_steer_places_the_fine_tune_from_the_selection_and_export_names_it(tmp_p
     if merged == "lora":
         expected = [f"model.layers.0.self_attn.{name}" for name in ("q_proj", "k_proj", "v_proj", "o_proj")]
         expected += [f"model.layers.1.mlp.{name}" for name in ("gate_proj", "up_proj", "down_proj")]
-        assert card["lora_weights"]["modules"] == expected == saved["adapter_targets"]["modules"] == list(recorded.adapter_targets.modules)
+        assert card["lora_weights"]["modules"] == expected == saved["adapter_targets"]["modules"] == list(recorded.fine_tune.adapter.modules)
         assert f"trained LoRA (localized) on: {', '.join(expected)}" in capsys.readouterr().out
         assert card["weight_slices_merged"] == [] and card["gates"] == {}  # the gates did not train
     else:

@@ -119,10 +119,10 @@ def steer(args: list[str]) -> None:
         model = cli.model
         if model.hparams.train_gates:
             print(f"trained gates: { {name: round(value, 4) for name, value in model.gate_values().items()} }")
-        if model.adapter_targets is not None:
-            print(f"trained LoRA ({model.lora.placement}) on: {', '.join(model.adapter_targets.paths)}")
-        if model.trained_slices:
-            print(f"trained weight slices of: {', '.join(model.sliced_modules())}")
+        if model.fine_tune.adapter is not None:
+            print(f"trained LoRA ({model.lora.placement}) on: {', '.join(model.fine_tune.adapter.paths)}")
+        if model.fine_tune.slices:
+            print(f"trained weight slices of: {', '.join(model.fine_tune.sliced_modules())}")
         print(f"checkpoint (only what trained): {checkpoint}; logs: {cli.trainer.log_dir}")
 
 

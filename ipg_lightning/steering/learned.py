@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
@@ -33,11 +32,10 @@ from ipg_lightning.models import load_model_and_tokenizer
 from ipg_lightning.rewards import DeferredReward, Reward, reasoning_length
 from ipg_lightning.sites import ArchitectureSpec
 from ipg_lightning.steering.checkpoint import STEERING_KEY, SteeringCheckpointError, migrate_hparams, read_steering_checkpoint, renamed_hparams
-from ipg_lightning.steering.lora import LoraSettings, adapted_weights, add_lora_adapter
+from ipg_lightning.steering.finetune import FineTune, keep_deltas_float32
+from ipg_lightning.steering.lora import LoraSettings
 from ipg_lightning.steering.objectives import OBJECTIVES
-from ipg_lightning.steering.placement import AdapterTargets, adapter_targets
 from ipg_lightning.steering.selection import ComponentSelection, component_mask, gates_for_components
-from ipg_lightning.steering.slices import SliceDelta, WeightSlice, attach_weight_slices, component_slices
 from ipg_lightning.task import ReasoningTask, plain
 from ipg_lightning.trajectories import SamplingConfig, sample_trajectories
 from ipg_lightning.validation import check_at_least, check_gamma, check_sampling_has_signal
@@ -117,8 +115,7 @@ class GateSteering(ReasoningTask):
         self.gates: ComponentGates | None = None
         self.components: list[str] = []
         #: Where the fine-tune sits, once the model is configured: the adapter's weights, or the trained slices.
-        self.adapter_targets: AdapterTargets | None = None
-        self.trained_slices: list[WeightSlice] = []
+        self.fine_tune = FineTune()
         self.strict_loading = False  # checkpoints hold only the trained tensors
         self.val_metrics = ReasoningMetrics()
 
@@ -160,16 +157,9 @@ class GateSteering(ReasoningTask):
         self.selection.attach_saes(self.lm, self.architecture)
         if not self.components:
             self.components = self.selection.resolve(self.lm, self.model_path, self.architecture, self.hparams.allow_other_model)
-        if self.lora is not None:
-            lora, seed = self.lora, self.sampling.seed
-            targets = adapter_targets(self.lm, lora.placement, lora.target_modules, self.components, seed, self.architecture)
-            self.lm = add_lora_adapter(self.lm, lora, targets, seed).eval()
-            self.adapter_targets = AdapterTargets(**{key: tuple(paths) for key, paths in adapted_weights(self.lm).items()})
-            rank_zero_info(f"LoRA ({lora.placement}) on {len(self.adapter_targets.paths)} weights: {', '.join(self.adapter_targets.paths)}")
-        if self.hparams.weight_slices:
-            self.trained_slices = component_slices(self.lm, self.components, self.architecture)
-            attach_weight_slices(self.lm, self.trained_slices)
-            rank_zero_info(f"training weight slices of {', '.join(self.sliced_modules())}")
+        self.lm, self.fine_tune = FineTune.attach(
+            self.lm, self.components, self.lora, self.hparams.weight_slices, self.sampling.seed, self.architecture
+        )
         self.gates = gates_for_components(self.lm, self.components, self.hparams.init_gate, self.architecture)
         if not self.hparams.train_gates:
             self.gates.requires_grad_(False)
@@ -197,13 +187,7 @@ class GateSteering(ReasoningTask):
     def on_fit_start(self) -> None:
         """Gates and weight-slice deltas stay float32 whatever the Trainer's precision."""
         self.gates.float()
-        for module in self.lm.modules():
-            if isinstance(module, SliceDelta):
-                module.float()
-
-    def sliced_modules(self) -> list[str]:
-        """The projections whose weight slices train, each once."""
-        return list(dict.fromkeys(piece.module for piece in self.trained_slices))
+        keep_deltas_float32(self.lm)
 
     # ----------------------------------------------------------------------------- training
     def training_sampling(self) -> SamplingConfig:
@@ -269,24 +253,8 @@ class GateSteering(ReasoningTask):
             "model": self.model_path,
             "model_identity": model_identity(self.lm, self.model_path),
             "lora": plain(self.lora) if self.lora else None,
-            **self.fine_tune_record(),
+            **self.fine_tune.record(),
         }
-
-    def fine_tune_record(self) -> dict[str, Any]:
-        """Where the fine-tune sits, as saved in checkpoints: the adapter's weights and the trained slices."""
-        return {
-            "adapter_targets": self.adapter_targets.as_dict() if self.adapter_targets else None,
-            "weight_slices": [plain(piece) for piece in self.trained_slices],
-        }
-
-    def check_fine_tune_matches(self, steering: dict[str, Any], what: str) -> None:
-        """Refuse a checkpoint whose adapter or slices sit elsewhere than this module's (other settings or seed)."""
-        for key, own in self.fine_tune_record().items():
-            if key in steering and steering[key] != own:
-                raise SteeringCheckpointError(
-                    f"{what} trained {key} {steering[key]}, but this run builds {own}: resume and load with the placement, "
-                    "seed and selection it was trained with"
-                )
 
     @classmethod
     def load_from_checkpoint(cls, checkpoint_path: Any, *args: Any, trust_reward: bool = False, **kwargs: Any) -> GateSteering:
@@ -308,7 +276,7 @@ class GateSteering(ReasoningTask):
             raise ValueError(f"Checkpoint steers {saved[:5]}..., but this run selected {self.components[:5]}...")
         if self.lm is not None:
             check_same_model(steering.get("model_identity"), self.lm, self.model_path, "The checkpoint to resume from")
-            self.check_fine_tune_matches(steering, "The checkpoint to resume from")
+            self.fine_tune.check_matches(steering, "The checkpoint to resume from")
 
 
 def load_steering_checkpoint(path: str | Path, model: str | None = None, trust_reward: bool = False, allow_other_model: bool = False) -> GateSteering:
@@ -333,7 +301,7 @@ def load_steering_checkpoint(path: str | Path, model: str | None = None, trust_r
     module.reward.import_allowed = trust_reward
     steering = checkpoint[STEERING_KEY]
     module.build(components=steering["components"], recorded_identity=steering.get("model_identity"), allow_other_model=allow_other_model)
-    module.check_fine_tune_matches(steering, str(path))
+    module.fine_tune.check_matches(steering, str(path))
     own = module.state_dict()
     missing = set(checkpoint["state_dict"]) - set(own)
     if missing:
