@@ -159,6 +159,8 @@ def test_slices_of_a_head_leave_keys_and_values_shared_with_unselected_heads_fro
     # GPT-NeoX interleaves q, k, v per head: head 1 owns rows 24-47 of query_key_value.
     neox = {piece.module.rpartition(".")[2]: piece.indices for piece in component_slices(tiny_causal_lm("gpt_neox"), ["blocks.1.attn.hook_z[1]"])}
     assert neox["query_key_value"] == tuple(range(24, 48)) and neox["dense"] == head
+    every_head = slices_of(*(f"blocks.1.attn.hook_z[{h}]" for h in range(4)))  # no other unit left to compare with
+    assert every_head[("q_proj", 0)] == tuple(range(32)) and every_head[("k_proj", 0)] == tuple(range(16))
     residual = component_slices(model, ["blocks.0.hook_resid_post[7]"])
     assert [(piece.module, piece.dim, piece.indices) for piece in residual] == [
         ("model.layers.0.self_attn.o_proj", 0, (7,)),

@@ -193,7 +193,8 @@ class _LocalityProbe:
         finally:
             parametrize.remove_parametrizations(module, "weight", leave_parametrized=False)
         own = self.own.to(change.device)
-        return bool(change[..., ~own].max() <= self.noise and change[..., own].max() > self.noise)
+        others = change[..., ~own]  # empty when every unit of the site is selected
+        return bool((others.numel() == 0 or others.max() <= self.noise) and change[..., own].max() > self.noise)
 
 
 def _unit_slices(slices: _Slices, site: Site, units: list[int], projections: list[str]) -> None:
