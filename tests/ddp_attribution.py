@@ -17,6 +17,7 @@ if __name__ == "__main__":
         steps=3,
         sampling=SamplingConfig(num_samples=4, temperature=1.0, top_p=1.0, max_new_tokens=8),
         reward="ipg_lightning.rewards:answer_present",
+        keep_trajectories=True,
         output_dir=output_dir,
     )
     data = ReasoningDataModule(num_train=0, num_val=6, num_test=0, batch_size=1, template=PromptTemplate(use_chat_template=False))

@@ -26,3 +26,11 @@ def test_two_ddp_processes_give_the_same_scores_as_one(tmp_path):
     for name, scores in single.scores.items():
         torch.testing.assert_close(double.scores[name], scores, rtol=1e-5, atol=1e-7)
     assert any(scores.abs().sum() > 0 for scores in single.scores.values())
+    # rank 0 writes every process's kept trajectories, each prompt once, with the same samples as one process
+    kept = {name: report.trajectories for name, report in (("single", single), ("double", double))}
+    assert len(kept["double"]) == 6 * 4 and len(kept["double"].prompts) == 6
+
+    def records(trajectories):
+        return sorted((trajectories.prompts[row["prompt"]]["text"], row["sample"], row["completion"], row["reward"]) for row in trajectories.rows)
+
+    assert records(kept["double"]) == records(kept["single"])

@@ -22,6 +22,7 @@ import torch
 
 from ipg_lightning.attribution.accumulator import AttributionAccumulator
 from ipg_lightning.attribution.estimator import AdvantageMethod, QuadratureRule
+from ipg_lightning.attribution.kept import KeptTrajectories, gathered
 from ipg_lightning.attribution.methods import METHODS, AttributionMethodName
 from ipg_lightning.attribution.report import AttributionReport, UninformativeReportError
 from ipg_lightning.completions import reward_matrix
@@ -82,6 +83,8 @@ class IPGAttribution(ReasoningTask):
         architecture: module paths for an architecture that is not built in.
         saes: SAE directories (SAELens, sparsify or dictionary_learning layout) to splice in; their
             features are the ``sae_feature`` family at the SAEs' layers.
+        keep_trajectories: keep every sampled trajectory with its reward and advantage in the report
+            (``trajectories.json``), for ``ipg explore``; methods that sample only.
         output_dir: where the report is written at the end of validation (None: keep it in memory).
         overwrite: replace an earlier report of this library at ``output_dir``.
     """
@@ -108,6 +111,7 @@ class IPGAttribution(ReasoningTask):
         memory: MemoryLimits = MemoryLimits(),
         architecture: ArchitectureSpec | None = None,
         saes: list[str] = [],  # noqa: B006 (jsonargparse needs a literal default)
+        keep_trajectories: bool = False,
         output_dir: str | None = None,
         overwrite: bool = False,
     ) -> None:
@@ -119,6 +123,8 @@ class IPGAttribution(ReasoningTask):
         check_at_least(0, signal_retries=signal_retries)
         if signal_retries and (method not in ("ipg", "grad_x_act") or estimation != "fixed"):
             raise ValueError(f"signal_retries applies to method ipg or grad_x_act with estimation fixed, not {method!r} with {estimation!r}")
+        if keep_trajectories and not METHODS[method].samples:
+            raise ValueError(f"keep_trajectories: method {method!r} samples no trajectories to keep; use ipg, grad_x_act, activation or mean_diff")
         if saes and "sae_feature" not in families:
             raise ValueError(f"saes are given but families {list(families)} has no sae_feature: add it, or leave saes out")
         if output_dir is not None:
@@ -132,6 +138,7 @@ class IPGAttribution(ReasoningTask):
         self.gates: ComponentGates | None = None
         self.accumulator: AttributionAccumulator | None = None
         self.report: AttributionReport | None = None
+        self.kept: KeptTrajectories | None = None
         self._started = 0.0
         self._peak_bytes = 0
         self._chunk_tokens: set[int] = set()
@@ -170,6 +177,7 @@ class IPGAttribution(ReasoningTask):
         # (quadrature points like 0.1 and their gradients); each edit casts them to the activation dtype.
         self.gates.float()
         self.accumulator.reset()
+        self.kept = KeptTrajectories(self.sampling.num_samples, self.tokenizer.pad_token_id) if self.hparams.keep_trajectories else None
         self._started = time.perf_counter()
         self._peak_bytes, self._chunk_tokens = 0, set()
         if self.memory.budget_gb is not None and not peak_is_resettable(self.device):  # before any sampling
@@ -201,6 +209,11 @@ class IPGAttribution(ReasoningTask):
     def rewards(self, batch: ReasoningBatch, trajectories: Trajectories) -> torch.Tensor:
         """The (prompts x N) reward matrix of the batch's trajectories."""
         return reward_matrix(self.reward_fn, trajectories, batch["prompt"], batch["answer"], self.tokenizer)
+
+    def keep(self, batch: ReasoningBatch, trajectories: Trajectories, rewards: torch.Tensor, advantages: torch.Tensor | None = None) -> None:
+        """Keep a batch's scored trajectories for the report (with ``keep_trajectories``)."""
+        if self.kept is not None:
+            self.kept.add(batch, trajectories, rewards, advantages, self.tokenizer)
 
     @staticmethod
     def sample_counts(batch: ReasoningBatch, trajectories: Trajectories, rewards: torch.Tensor) -> dict[str, float]:
@@ -238,7 +251,8 @@ class IPGAttribution(ReasoningTask):
         # torchmetrics squeezes one-element results to 0-dim; sub-layer sites keep their (1,) shape.
         scores = {name: scores[name].reshape(site.size) for name, site in self.gates.sites.items()}
         sites = {name: {"family": s.family, "layer": s.layer, "size": s.size} for name, s in self.gates.sites.items()}
-        return AttributionReport(scores=scores, sites=sites, metadata=self._report_metadata(state))
+        kept = gathered(self.kept) if self.kept is not None else None
+        return AttributionReport(scores=scores, sites=sites, metadata=self._report_metadata(state), trajectories=kept)
 
     def _report_metadata(self, state: dict[str, Any]) -> dict[str, Any]:
         datamodule = getattr(self.trainer, "datamodule", None)

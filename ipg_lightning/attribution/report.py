@@ -2,8 +2,9 @@
 
 A report directory holds ``attribution.safetensors`` (one score vector per site),
 ``attribution.json`` (config, model and data identifiers, counts, mean reward, the completeness
-check and the top components) and ``attribution.png`` (heatmaps and the top components). It is
-written atomically: either all three files exist under the final name, or none do.
+check and the top components), ``attribution.png`` (heatmaps and the top components) and, when the
+run kept them, ``trajectories.json`` (:mod:`~ipg_lightning.attribution.kept`). It is written
+atomically: either all its files exist under the final name, or none do.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from ipg_lightning.attribution.kept import TRAJECTORIES_FILE, KeptTrajectories
 from ipg_lightning.attribution.plots import plot_attribution
 from ipg_lightning.outputs import atomic_directory, atomic_write_json
 
@@ -37,11 +39,13 @@ class AttributionReport:
         scores: one score vector per site.
         sites: per site, its ``family``, ``layer`` and ``size``.
         metadata: config, identifiers, counts and the completeness block.
+        trajectories: the sampled trajectories the scores came from, if the run kept them.
     """
 
     scores: dict[str, torch.Tensor]
     sites: dict[str, dict[str, Any]]
     metadata: dict[str, Any] = field(default_factory=dict)
+    trajectories: KeptTrajectories | None = None
 
     def __post_init__(self) -> None:
         for name, vector in self.scores.items():
@@ -156,6 +160,8 @@ class AttributionReport:
             save_file({name: t.contiguous().float() for name, t in self.scores.items()}, str(staging / SCORES_FILE))
             payload = {**self.metadata, "sites": self.sites, "top": self.top(top_n)}
             atomic_write_json(staging / METADATA_FILE, payload)
+            if self.trajectories is not None:
+                self.trajectories.save(staging / TRAJECTORIES_FILE)
             if plot:
                 plot_attribution(self.scores, self.sites, self.top(20), self.metadata.get("method", "?"), staging / PLOT_FILE)
         return directory
@@ -178,4 +184,6 @@ class AttributionReport:
         except Exception as error:  # safetensors raises its own error types for damaged files
             raise ValueError(f"{directory / SCORES_FILE} cannot be read ({error}); {damaged}") from None
         metadata.pop("top", None)
-        return cls(scores=scores, sites=sites, metadata=metadata)
+        kept = directory / TRAJECTORIES_FILE
+        trajectories = KeptTrajectories.load(kept) if kept.is_file() else None
+        return cls(scores=scores, sites=sites, metadata=metadata, trajectories=trajectories)

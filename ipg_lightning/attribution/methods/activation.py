@@ -20,6 +20,7 @@ def sampled_activations(method: AttributionMethod, batch: ReasoningBatch) -> tup
     task = method.task
     trajectories = task.sample(batch)
     rewards = task.rewards(batch, trajectories)
+    task.keep(batch, trajectories, rewards)
     per_row = mean_completion_activations(task.lm, list(task.gates.sites.values()), trajectories, task.hparams.chunk_size)
     return per_row, rewards, task.sample_counts(batch, trajectories, rewards)
 
@@ -28,6 +29,7 @@ class MeanActivation(AttributionMethod):
     """``activation``: the mean absolute activation of each component (averaged over samples, summed over prompts)."""
 
     name = "activation"
+    samples = True
 
     def step(self, batch: ReasoningBatch) -> None:
         """Sample, record per-trajectory mean activations, and add their magnitudes."""
@@ -47,6 +49,7 @@ class MeanDifference(AttributionMethod):
     """
 
     name = "mean_diff"
+    samples = True
 
     def step(self, batch: ReasoningBatch) -> None:
         """Sample, record per-trajectory mean activations, and sum them by side of their prompt's mean reward."""

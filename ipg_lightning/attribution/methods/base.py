@@ -38,6 +38,9 @@ class AttributionRun(Protocol):
     def sample_counts(self, batch: ReasoningBatch, trajectories: Trajectories, rewards: torch.Tensor) -> dict[str, float]:
         """The counters of a sampled step."""
 
+    def keep(self, batch: ReasoningBatch, trajectories: Trajectories, rewards: torch.Tensor, advantages: torch.Tensor | None = None) -> None:
+        """Keep a batch's scored trajectories for the report, if the run keeps them."""
+
     def log(self, name: str, value: Any, **kwargs: Any) -> None:
         """Log a value (Lightning's ``LightningModule.log``)."""
 
@@ -55,6 +58,8 @@ class AttributionMethod:
     needs_reward_signal: ClassVar[bool] = False
     #: Its scores add up to a quantity the report checks (the completeness block).
     has_completeness: ClassVar[bool] = False
+    #: Samples trajectories from the model (which ``keep_trajectories`` can keep with the report).
+    samples: ClassVar[bool] = False
 
     def __init__(self, task: AttributionRun) -> None:
         self.task = task

@@ -25,6 +25,7 @@ class IntegratedPolicyGradient(AttributionMethod):
     name = "ipg"
     needs_reward_signal = True
     has_completeness = True
+    samples = True
 
     def step(self, batch: ReasoningBatch) -> None:
         """Sample, score, take advantages, and integrate along every path (prompts without signal skipped)."""
@@ -36,6 +37,7 @@ class IntegratedPolicyGradient(AttributionMethod):
             trajectories, rewards, redrawn = self._redraw_silent_groups(batch, trajectories, rewards)
         counts = {**task.sample_counts(batch, trajectories, rewards), **redrawn}
         advantages, has_signal = group_advantages(rewards, task.hparams.advantage)
+        task.keep(batch, trajectories, rewards, advantages)
         counts["signal_prompts"] = int(has_signal.sum())
         task.log("zero_signal_prompts", float((~has_signal).sum()), prog_bar=True, reduce_fx="sum", batch_size=len(batch["prompt"]))
         if not has_signal.any():
