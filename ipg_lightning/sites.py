@@ -185,12 +185,15 @@ class Site:
         return {item.name: getattr(self, item.name) for item in fields(self) if item.name != "sae"}
 
     def channel_gates(self, gate: torch.Tensor) -> torch.Tensor:
-        """``gate`` (size,) spread over the hooked channels: each head's gate repeated over its slice."""
-        return gate.repeat_interleave(self.head_dim) if self.head_dim > 1 else gate
+        """``gate`` (..., size) spread over the hooked channels: each head's gate repeated over its slice.
+
+        Leading dimensions broadcast, so a gate per position (batch, seq, size) works too."""
+        return gate.repeat_interleave(self.head_dim, dim=-1) if self.head_dim > 1 else gate
 
     def edit(self, activation: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
-        """Scale ``activation`` (batch, seq, width) by ``gate`` (size,) at every position; SAE features are
-        scaled inside the activation's decomposition (:meth:`SparseAutoencoder.splice`)."""
+        """Scale ``activation`` (batch, seq, width) by ``gate`` (size,) at every position, or by a gate per
+        position (batch, seq, size); SAE features are scaled inside the activation's decomposition
+        (:meth:`SparseAutoencoder.splice`)."""
         if self.sae is not None:
             return self.sae.splice(activation, gate)
         return activation * self.channel_gates(gate.to(device=activation.device, dtype=activation.dtype))

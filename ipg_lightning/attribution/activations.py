@@ -17,33 +17,48 @@ from ipg_lightning.sites import Site, unwrap_model
 from ipg_lightning.trajectories import Trajectories
 
 
+def check_readable(sites: Sequence[Site], what: str) -> None:
+    """Refuse sites whose gates scale fused expert weights: no hook sees an activation there."""
+    unreadable = [site.name for site in sites if site.kind.scales_weight]
+    if unreadable:
+        raise ValueError(f"{what} cannot read {unreadable}: fused expert weights have no activation a hook can see")
+
+
+@torch.no_grad()
+def component_activations(model: nn.Module, sites: Sequence[Site], trajectories: Trajectories) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """One forward pass over ``trajectories``: per site a (rows, positions, size) float tensor of component
+    values at every position (see :meth:`~ipg_lightning.sites.Site.component_values`), and the
+    (rows, positions) completion mask. Positions are those of ``trajectories.padded()``."""
+    root = unwrap_model(model)
+    device = next(root.parameters()).device
+    batch = {k: v.to(device) for k, v in trajectories.padded().items()}
+    mask = batch.pop("completion_mask")
+    captured: dict[str, torch.Tensor] = {}
+
+    def recorder(site: Site):
+        def hook(module, args, output=None):
+            value = args[0] if site.hooks_input else (output[0] if isinstance(output, tuple) else output)
+            captured[site.name] = site.component_values(value.float())
+
+        return hook
+
+    with ExitStack() as stack:
+        for site in sites:
+            module = root.get_submodule(site.module_path)
+            register = module.register_forward_pre_hook if site.hooks_input else module.register_forward_hook
+            stack.callback(register(recorder(site)).remove)
+        model(**batch, use_cache=False)
+    return captured, mask
+
+
 @torch.no_grad()
 def mean_completion_activations(model: nn.Module, sites: Sequence[Site], trajectories: Trajectories, chunk_size: int = 8) -> dict[str, torch.Tensor]:
     """For each site, a (rows, size) tensor: mean component value over each row's generated tokens."""
-    unreadable = [site.name for site in sites if site.kind.scales_weight]
-    if unreadable:
-        raise ValueError(f"Activation baselines cannot read {unreadable}: fused expert weights have no activation a hook can see")
-    root = unwrap_model(model)
-    device = next(root.parameters()).device
+    check_readable(sites, "Activation baselines")
     results: dict[str, list[torch.Tensor]] = {site.name: [] for site in sites}
     for _, chunk in trajectories.chunks(chunk_size):
-        batch = {k: v.to(device) for k, v in chunk.padded().items()}
-        mask = batch.pop("completion_mask").float()
-        captured: dict[str, torch.Tensor] = {}
-
-        def recorder(site: Site, captured: dict[str, torch.Tensor] = captured):
-            def hook(module, args, output=None):
-                value = args[0] if site.hooks_input else (output[0] if isinstance(output, tuple) else output)
-                captured[site.name] = site.component_values(value.float())
-
-            return hook
-
-        with ExitStack() as stack:
-            for site in sites:
-                module = root.get_submodule(site.module_path)
-                register = module.register_forward_pre_hook if site.hooks_input else module.register_forward_hook
-                stack.callback(register(recorder(site)).remove)
-            model(**batch, use_cache=False)
+        captured, mask = component_activations(model, sites, chunk)
+        mask = mask.float()
         tokens = mask.sum(1, keepdim=True).clamp(min=1)
         for site in sites:
             results[site.name].append((captured[site.name] * mask[..., None]).sum(1) / tokens)

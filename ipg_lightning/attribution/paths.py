@@ -7,6 +7,8 @@ gates, so its values at the path's ends give the completeness target ``L(1) - L(
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import torch
 from torch import nn
 
@@ -23,11 +25,16 @@ def score_total(scores: dict[str, torch.Tensor]) -> float:
 
 def path_groups(gates: ComponentGates, path: str) -> list[list[str]]:
     """The groups of sites whose gates move together: one per site (``layer``) or per family (``family``)."""
+    return site_path_groups({name: site.family for name, site in gates.sites.items()}, path)
+
+
+def site_path_groups(families: Mapping[str, str], path: str) -> list[list[str]]:
+    """:func:`path_groups` from a mapping of site name to family (e.g. a report's sites)."""
     if path == "layer":
-        return [[name] for name in gates.sites]
+        return [[name] for name in families]
     groups: dict[str, list[str]] = {}
-    for name, site in gates.sites.items():
-        groups.setdefault(site.family, []).append(name)
+    for name, family in families.items():
+        groups.setdefault(family, []).append(name)
     return list(groups.values())
 
 
