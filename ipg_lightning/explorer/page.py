@@ -1,0 +1,181 @@
+"""The explorer page: one self-contained HTML file (inline script and style, no network) for an attribution report.
+
+:func:`explore` is what ``ipg explore REPORT_DIR`` runs: it reloads the report's model, replays the
+report's kept trajectories (:mod:`~ipg_lightning.explorer.traces`), and writes the page
+(:func:`write_page`) with the ranking, the traced components, their trajectories shaded token by
+token, and the measured effects of steering them when ``ipg evaluate`` outputs are given.
+"""
+
+from __future__ import annotations
+
+import json
+from importlib.resources import files
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ipg_lightning.attribution.paths import site_path_groups
+from ipg_lightning.attribution.report import AttributionReport
+from ipg_lightning.explorer.payload import Effects, explorer_payload, read_evaluations
+from ipg_lightning.explorer.traces import ScorePath, trace_components
+from ipg_lightning.identity import check_same_model
+from ipg_lightning.models import load_model_and_tokenizer
+from ipg_lightning.outputs import atomic_write_text
+from ipg_lightning.sites import ArchitectureSpec, Site, find_site
+from ipg_lightning.steering.selection import ComponentSelection
+from ipg_lightning.validation import check_at_least
+
+#: Marks a page this library wrote, so ``overwrite`` never replaces another file.
+GENERATOR = "ipg_lightning explorer"
+
+
+def render_page(payload: dict[str, Any]) -> str:
+    """The page's HTML with ``payload`` embedded as JSON (``<`` escaped, so no text can close the script)."""
+    template = files("ipg_lightning.explorer").joinpath("page.html").read_text(encoding="utf-8")
+    data = json.dumps(payload, separators=(",", ":"), allow_nan=False).replace("<", "\\u003c")
+    title = payload["title"].replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+    head = f'<meta name="generator" content="{GENERATOR}">'
+    return template.replace("<title>__TITLE__</title>", f"{head}\n<title>{title}</title>").replace("__DATA__", data)
+
+
+def embedded_payload(html: str) -> dict[str, Any]:
+    """The JSON a page embeds (the inverse of :func:`render_page`)."""
+    start = html.index('<script type="application/json" id="explorer-data">')
+    start = html.index(">", start) + 1
+    return json.loads(html[start : html.index("</script>", start)])
+
+
+def check_page_output(path: str | Path, overwrite: bool = False) -> Path:
+    """Refuse an output path that exists, unless ``overwrite`` and it is an explorer page this library wrote."""
+    path = Path(path)
+    if path.suffix.lower() not in (".html", ".htm"):
+        raise ValueError(f"The explorer writes one HTML page: give an output path ending in .html, not {path}")
+    if path.is_symlink() or path.is_dir():
+        raise FileExistsError(f"Refusing to write {path}: it is a directory or a symbolic link; choose another output path")
+    if path.exists():
+        if not overwrite:
+            raise FileExistsError(f"{path} already exists; choose another output path, or set overwrite to replace an earlier explorer page")
+        if GENERATOR not in path.read_text(encoding="utf-8", errors="replace")[:2000]:
+            raise FileExistsError(f"Refusing to overwrite {path}: it is not an explorer page written by ipg_lightning; choose another output path")
+    return path
+
+
+def write_page(payload: dict[str, Any], output: str | Path, overwrite: bool = False) -> Path:
+    """Write the page for ``payload`` to ``output`` atomically (refused as in :func:`check_page_output`)."""
+    output = check_page_output(output, overwrite)
+    return atomic_write_text(output, render_page(payload))
+
+
+def score_path(report: AttributionReport) -> tuple[ScorePath | None, str | None]:
+    """How the report integrated, to split its scores by token; or None and the reason there is no such split."""
+    meta, config = report.metadata, report.metadata.get("config", {})
+    method = meta.get("method")
+    if method not in ("ipg", "grad_x_act"):
+        return None, f"Per-token contributions exist for ipg and grad_x_act; this report is {method}, so the page shades activations only."
+    if config.get("estimation") != "fixed":
+        return None, (
+            "Per-token contributions need the trajectories the scores came from; with estimation resample each quadrature point sampled its own."
+        )
+    if config.get("credit", "full") != "full":
+        return None, "Per-token contributions are shown for credit full; this report used local credit."
+    effective = meta.get("effective") or {"rule": config["rule"], "steps": config["steps"]}
+    groups = site_path_groups({name: site["family"] for name, site in report.sites.items()}, config.get("path", "layer"))
+    return ScorePath(effective["rule"], int(effective["steps"]), float(config.get("baseline", 0.0)), groups), None
+
+
+def traced_components(report: AttributionReport, sites: dict[str, Site], count: int) -> list[str]:
+    """The ``count`` components with the largest |score| among sites a hook can read (not fused expert weights)."""
+    readable = [row for row in report.ranked(signed=False) if not sites[row[2]].kind.scales_weight]
+    return [name for name, _, _ in readable[:count]]
+
+
+def explore(
+    report_dir: str,
+    output: str | None = None,
+    model_path: str | None = None,
+    evaluations: list[str] | None = None,
+    components: int = 50,
+    trajectories_per_component: int = 8,
+    max_listed: int = 5000,
+    chunk_size: int | None = None,
+    device: str = "cpu",
+    overwrite: bool = False,
+    allow_other_model: bool = False,
+    progress: bool = True,
+) -> Path:
+    """Write an HTML explorer page for an attribution report that kept its trajectories.
+
+    The page lists the ranked components (sortable, filterable by family and layer) and, for the
+    ``components`` with the largest |score|, shows the kept trajectories where each peaks highest,
+    every token shaded by its activation or by its contribution to the score (ipg and grad_x_act
+    with fixed estimation), whether each was right and how long it was, where in the reasoning the
+    component fires, its score on each prompt, and the measured effect of steering it when
+    ``evaluations`` are given. The page is self-contained: it loads nothing from the network.
+
+    Args:
+        report_dir: an attribution report run with ``keep_trajectories: true``.
+        output: the page (default: the report directory's path with ``.html`` added).
+        model_path: the model to replay the trajectories through (default: the report's).
+        evaluations: ``ipg evaluate`` output directories (the base model, fixed steering of selections).
+        components: how many components to trace (the rest are listed with their scores only).
+        trajectories_per_component: how many trajectories each traced component shows.
+        max_listed: how many components the ranking lists at most (those with the largest |score|).
+        chunk_size: trajectories per forward/backward pass (default: the report's).
+        device: ``cpu``, ``cuda`` or ``cuda:N``.
+        overwrite: replace an earlier explorer page at ``output``.
+        allow_other_model: replay through a model whose architecture differs from the report's.
+        progress: show progress bars.
+    """
+    report_path = Path(report_dir)
+    output_path = Path(output) if output else report_path.parent / f"{report_path.name}.html"
+    check_page_output(output_path, overwrite)
+    check_at_least(1, components=components, trajectories_per_component=trajectories_per_component, max_listed=max_listed)
+    if chunk_size is not None:
+        check_at_least(1, chunk_size=chunk_size)
+    report = AttributionReport.load(report_path)
+    if report.trajectories is None:
+        raise ValueError(
+            f"The report {report_dir} kept no trajectories: run the attribution again with keep_trajectories true (--model.keep_trajectories true)"
+        )
+    effects = read_evaluations(evaluations) if evaluations else None
+    model_path = model_path or report.metadata.get("model")
+    config = report.metadata.get("config", {})
+    architecture = ArchitectureSpec(**config["architecture"]) if config.get("architecture") else None
+    lm, tokenizer = load_model_and_tokenizer(model_path, config.get("dtype", "float32"))
+    check_same_model(report.metadata.get("model_identity"), lm, model_path, f"The report {report_dir}", allow_other_model)
+    ComponentSelection(report=str(report_path), k=1).attach_saes(lm, architecture)
+    lm.to(torch.device(device)).eval()
+    written = page_for_report(
+        report, lm, tokenizer, output_path, effects, components, trajectories_per_component, max_listed, chunk_size, architecture, overwrite, progress
+    )
+    print(f"wrote {written}: the top {min(components, len(report.ranked()))} components traced over {len(report.trajectories)} kept trajectories")
+    return written
+
+
+def page_for_report(
+    report: AttributionReport,
+    model: torch.nn.Module,
+    tokenizer: Any,
+    output: str | Path,
+    effects: Effects | None = None,
+    components: int = 50,
+    trajectories_per_component: int = 8,
+    max_listed: int = 5000,
+    chunk_size: int | None = None,
+    architecture: ArchitectureSpec | None = None,
+    overwrite: bool = False,
+    progress: bool = False,
+    title: str | None = None,
+) -> Path:
+    """The page for a report held in memory, over its model already loaded (SAEs attached); see :func:`explore`."""
+    if report.trajectories is None:
+        raise ValueError("The report kept no trajectories: attribute with keep_trajectories=True")
+    check_page_output(output, overwrite)
+    sites = {name: find_site(model, name, architecture) for name in report.sites}
+    path, reason = score_path(report)
+    chosen = traced_components(report, sites, components)
+    chunk_size = chunk_size or int(report.metadata.get("config", {}).get("chunk_size", 8))
+    traces = trace_components(model, sites, chosen, report.trajectories, path, trajectories_per_component, chunk_size, progress)
+    payload = explorer_payload(report, traces, tokenizer, effects, max_listed, title=title, notes=[reason] if reason else None)
+    return write_page(payload, output, overwrite)

@@ -1,0 +1,169 @@
+"""The data an explorer page embeds: the report's ranking, the traced components, their trajectories, measured effects.
+
+Everything the page shows is in one JSON object built here, so tests can compare it with the report
+and with the model directly. Its size is bounded by how many components are listed and traced and
+how many trajectories each one shows; ``limits`` says what was left out.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from transformers import PreTrainedTokenizerBase
+
+from ipg_lightning.attribution.report import AttributionReport
+from ipg_lightning.explorer.traces import ComponentTrace
+
+#: Settings of the run the page's header shows, when the report's config has them.
+SHOWN_SETTINGS = ("reward", "families", "layers", "steps", "rule", "baseline", "estimation", "path", "credit", "advantage", "signal_retries")
+
+
+@dataclass
+class MeasuredEffect:
+    """A measured condition: the components it gated, at which value, and its metrics (from ``ipg evaluate`` or the demo).
+
+    Args:
+        label: how the page names it, e.g. ``length suppressed``.
+        gamma: the gate value of its components (None for learned gates).
+        components: the gated components.
+        metrics: accuracy, answer rate, reasoning length, reflection rate, ...
+    """
+
+    label: str
+    gamma: float | None
+    components: list[str]
+    metrics: dict[str, Any]
+
+
+@dataclass
+class Effects:
+    """The base model's metrics and the measured conditions, for the page's "effect of steering" table."""
+
+    base: dict[str, Any] | None = None
+    conditions: list[MeasuredEffect] = field(default_factory=list)
+
+
+def read_evaluations(directories: list[str | Path]) -> Effects:
+    """Effects from ``ipg evaluate`` output directories (their ``metrics.json``): the base run and fixed steering runs.
+
+    Learned-gate and sweep outputs carry no single gamma per component and are refused by name.
+    """
+    effects = Effects()
+    for directory in directories:
+        path = Path(directory) / "metrics.json"
+        try:
+            summary = json.loads(path.read_text(encoding="utf-8"))
+            steering, metrics = summary["steering"], summary["metrics"]
+        except (OSError, ValueError, KeyError, TypeError) as error:
+            raise ValueError(f"{directory} is not an `ipg evaluate` output ({path.name}: {type(error).__name__}: {error})") from None
+        if steering.get("kind") in ("base", "exported"):
+            effects.base = metrics
+        elif steering.get("kind") == "fixed":
+            label = f"{len(steering['components'])} components at gamma {steering['gamma']:g} ({Path(directory).name})"
+            effects.conditions.append(MeasuredEffect(label, float(steering["gamma"]), list(steering["components"]), metrics))
+        else:
+            kind = steering.get("kind")
+            raise ValueError(f"{directory} evaluates {kind} steering; the explorer shows fixed steering (a selection at a gamma) and the base model")
+    return effects
+
+
+def _rounded(value: Any) -> Any:
+    """Floats to 5 significant digits (recursively), to keep the page small; non-finite floats become None."""
+    if isinstance(value, float):
+        return float(f"{value:.5g}") if math.isfinite(value) else None
+    if isinstance(value, list):
+        return [_rounded(item) for item in value]
+    if isinstance(value, dict):
+        return {key: _rounded(item) for key, item in value.items()}
+    return value
+
+
+def token_strings(tokenizer: PreTrainedTokenizerBase, ids: list[int]) -> list[str]:
+    """Each token as the text it adds (decoded alone; a byte of a split character shows as U+FFFD)."""
+    return [tokenizer.decode([token]) for token in ids]
+
+
+def explorer_payload(
+    report: AttributionReport,
+    traces: dict[str, ComponentTrace],
+    tokenizer: PreTrainedTokenizerBase,
+    effects: Effects | None = None,
+    max_listed: int = 5000,
+    title: str | None = None,
+    notes: list[str] | None = None,
+) -> dict[str, Any]:
+    """The page's data: settings and counts, the ranking (at most ``max_listed`` by |score|), the traces and what they show.
+
+    Args:
+        report: the attribution report (with its kept trajectories).
+        traces: the traced components (:func:`~ipg_lightning.explorer.traces.trace_components`).
+        tokenizer: the model's tokenizer, to show tokens.
+        effects: measured steering effects, if any.
+        max_listed: how many components the ranking lists at most (the highest by |score|).
+        title: the page's title (default: the method and reward).
+        notes: what the page should say it left out or could not compute.
+    """
+    kept = report.trajectories
+    meta = report.metadata
+    config = meta.get("config", {})
+    ranked = report.ranked(signed=True)
+    kept_names = {name for name, _, _ in sorted(ranked, key=lambda row: abs(row[1]), reverse=True)[:max_listed]}
+    sites = list(report.sites)
+    components = [[name, sites.index(site), rank + 1, score] for rank, (name, score, site) in enumerate(ranked) if name in kept_names]
+    shown_rows = sorted({row for trace in traces.values() for row in trace.rows})
+    trajectories = {}
+    for row in shown_rows:
+        record = kept.rows[row]
+        trajectories[str(row)] = {
+            "prompt": record["prompt"],
+            "sample": record["sample"],
+            "tokens": token_strings(tokenizer, record["completion_ids"]),
+            "reward": record["reward"],
+            "advantage": record["advantage"],
+            "correct": record["correct"],
+            "reasoning_tokens": record["reasoning_tokens"],
+        }
+    prompts = {str(p): kept.prompts[p]["text"] for p in sorted({trajectories[str(row)]["prompt"] for row in shown_rows})}
+    limits = {
+        "components_total": len(ranked),
+        "components_listed": len(components),
+        "components_traced": len(traces),
+        "trajectories_total": len(kept),
+        "trajectories_shown": len(shown_rows),
+        "rows_per_component": max((len(trace.rows) for trace in traces.values()), default=0),
+        "notes": list(notes or []),
+    }
+    if len(components) < len(ranked):
+        limits["notes"].append(f"The ranking lists the {len(components)} components with the largest |score| of {len(ranked)}.")
+    if len(traces) < len(components):
+        limits["notes"].append(f"Traces are shown for {len(traces)} of the {len(components)} listed components (marked with a dot).")
+    payload = {
+        "title": title or f"{meta.get('method', '?')} attribution of {config.get('reward', '?')}",
+        "meta": {
+            "method": meta.get("method"),
+            "model": meta.get("model"),
+            "settings": {key: config[key] for key in SHOWN_SETTINGS if key in config},
+            "sampling": config.get("sampling"),
+            "effective": meta.get("effective"),
+            "counts": meta.get("counts"),
+            "mean_reward": meta.get("mean_reward"),
+            "wall_time_s": meta.get("wall_time_s"),
+            "completeness": meta.get("completeness"),
+            "num_prompts": len(kept.prompts),
+        },
+        "sites": [{"name": name, **report.sites[name]} for name in sites],
+        "components": components,
+        "traces": {name: vars(trace) for name, trace in traces.items()},
+        "trajectories": trajectories,
+        "prompts": prompts,
+        "effects": {
+            "base": effects.base if effects else None,
+            "conditions": [vars(condition) for condition in effects.conditions] if effects else [],
+        },
+        "limits": limits,
+    }
+    return _rounded(payload)

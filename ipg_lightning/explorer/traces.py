@@ -1,0 +1,260 @@
+"""What a component does on the kept trajectories: its activation at every token, and where its score comes from.
+
+Two replays of an attribution's kept trajectories (:mod:`ipg_lightning.attribution.kept`) through
+the model, for a chosen set of components:
+
+- **Activations**, at gates = 1: each component's value at every generated token (the signed value
+  of a neuron or residual coordinate, the norm of a head's slice or a sub-layer's output, an SAE
+  feature's activation). The trajectories where a component peaks highest are the ones shown.
+- **Per-token contributions** to the IPG score (``ipg`` and ``grad_x_act`` with fixed estimation
+  and full credit). A gate multiplies its component at every position, so the derivative of the
+  surrogate by the gate is a sum over positions; giving each position its own copy of the gate
+  (``c + delta_t`` with ``delta = 0``) splits it exactly. Integrated along the report's own path with
+  its own quadrature and advantage weights, the contributions of one prompt's trajectories add up to
+  that prompt's score, and their mean over prompts is the report's score (``docs/method.md``
+  section 3).
+
+Positions are bucketed into deciles of each trajectory's reasoning (its tokens before the final
+answer) plus one bucket for the answer, to show where in a trace a component fires and counts.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from ipg_lightning.attribution.activations import check_readable, component_activations
+from ipg_lightning.attribution.estimator import quadrature
+from ipg_lightning.attribution.kept import KeptTrajectories
+from ipg_lightning.gates import parse_component_name
+from ipg_lightning.sites import Site, unwrap_model
+from ipg_lightning.trajectories import Trajectories, completion_log_probs, frozen_parameters
+
+#: Buckets of a trace: ten deciles of the reasoning, then the answer.
+BUCKETS = 11
+
+
+@dataclass
+class ComponentTrace:
+    """One component on the kept trajectories.
+
+    Args:
+        name: the component, e.g. ``blocks.3.mlp.hook_post[326]``.
+        rows: the kept trajectories where it peaks highest (by largest absolute activation over the
+            generated tokens), highest first.
+        activations: per row of ``rows``, its activation at each generated token.
+        contributions: per row of ``rows``, each generated token's contribution to the score (None
+            where the method has no per-token split).
+        prompt_part: per row of ``rows``, the summed contribution of the prompt's positions.
+        activation_buckets: share of the absolute activation mass over all kept trajectories in each
+            decile of the reasoning, then the answer.
+        contribution_buckets: the score split by the same buckets, or None; with ``prompt_contribution``
+            (the part of the prompts' positions) they add up to ``score``.
+        prompt_contribution: the part of the score that comes from the prompts' positions, or None.
+        prompt_scores: the component's score on each kept prompt (their mean is ``score``), or None.
+        score: the score recomputed from the per-token contributions, or None.
+    """
+
+    name: str
+    rows: list[int]
+    activations: list[list[float]]
+    contributions: list[list[float]] | None = None
+    prompt_part: list[float] | None = None
+    activation_buckets: list[float] = field(default_factory=list)
+    contribution_buckets: list[float] | None = None
+    prompt_contribution: float | None = None
+    prompt_scores: list[float] | None = None
+    score: float | None = None
+
+
+@dataclass(frozen=True)
+class ScorePath:
+    """How the report integrated its scores: the quadrature, the baseline, and the sites that moved together.
+
+    Args:
+        rule: quadrature rule.
+        steps: quadrature points.
+        baseline: the gate value c' the path starts from.
+        groups: the sites whose gates move together (one per site for ``path: layer``).
+    """
+
+    rule: str
+    steps: int
+    baseline: float
+    groups: list[list[str]]
+
+
+def reasoning_buckets(completion_tokens: int, reasoning_tokens: int, device: torch.device | None = None) -> torch.Tensor:
+    """Bucket of each generated token: ``floor(10 t / R)`` inside the reasoning's R tokens, 10 after it."""
+    positions = torch.arange(completion_tokens, device=device)
+    reasoning = max(min(reasoning_tokens, completion_tokens), 1)
+    return torch.where(positions < reasoning, (positions * 10) // reasoning, torch.full_like(positions, 10))
+
+
+def trace_components(
+    model: nn.Module,
+    sites: dict[str, Site],
+    components: Sequence[str],
+    kept: KeptTrajectories,
+    path: ScorePath | None = None,
+    rows_per_component: int = 8,
+    chunk_size: int = 8,
+    progress: bool = True,
+) -> dict[str, ComponentTrace]:
+    """Replay ``kept`` through ``model`` and trace ``components`` (names at ``sites``).
+
+    Args:
+        model: the model the report was computed on (no gates attached).
+        sites: the report's sites, rebuilt on ``model`` (every site a path group holds, for ``path``).
+        components: the components to trace; their sites must be readable (not fused expert weights).
+        kept: the report's trajectories.
+        path: how the report integrated (None: activations only, no per-token contributions).
+        rows_per_component: how many trajectories to keep per component (where it peaks highest).
+        chunk_size: trajectories per forward (and backward) pass.
+        progress: show progress bars.
+    """
+    by_site: dict[str, list[int]] = {}
+    for name in components:
+        site_name, index = parse_component_name(name)
+        if site_name not in sites:
+            raise ValueError(f"{name} is not a component of the report's sites {list(sites)}")
+        by_site.setdefault(site_name, []).append(index or 0)
+    traced_sites = [sites[name] for name in by_site]
+    check_readable(traced_sites, "The explorer")
+    everything = kept.trajectories()
+    buckets = [reasoning_buckets(len(row["completion_ids"]), row["reasoning_tokens"]) for row in kept.rows]
+    peaks, masses = _activation_summaries(model, traced_sites, by_site, everything, buckets, chunk_size, progress)
+    traces = {}
+    for site_name, indices in by_site.items():
+        for column, index in enumerate(indices):
+            name = sites[site_name].component_name(index)
+            order = peaks[site_name][:, column].argsort(descending=True)[:rows_per_component].tolist()
+            mass = masses[site_name][:, column]
+            traces[name] = ComponentTrace(name, order, [], activation_buckets=(mass / mass.sum().clamp(min=1e-30)).tolist())
+    shown = sorted({row for trace in traces.values() for row in trace.rows})
+    _fill_activations(model, traced_sites, by_site, kept, shown, traces, chunk_size)
+    if path is not None:
+        _fill_contributions(model, sites, by_site, kept, buckets, shown, traces, path, chunk_size, progress)
+    return traces
+
+
+def _activation_summaries(model, traced_sites, by_site, trajectories, buckets, chunk_size, progress):
+    """Per site: each row's peak |activation| over generated tokens, and the |activation| mass per bucket."""
+    peaks = {site.name: [] for site in traced_sites}
+    masses = {site.name: torch.zeros(BUCKETS, len(by_site[site.name])) for site in traced_sites}
+    chunks = list(trajectories.chunks(chunk_size))
+    for rows, chunk in tqdm(chunks, desc="explorer: activations", disable=not progress, leave=False):
+        captured, mask = component_activations(model, traced_sites, chunk)
+        for site in traced_sites:
+            values = captured[site.name][..., by_site[site.name]].abs().cpu() * mask[..., None].cpu()
+            peaks[site.name].append(values.amax(1))
+            for offset, row in enumerate(rows):
+                generated = _completion_slice(values[offset], chunk, offset)
+                masses[site.name].index_add_(0, buckets[row], generated)
+    return {name: torch.cat(parts) for name, parts in peaks.items()}, masses
+
+
+def _completion_slice(values: torch.Tensor, chunk: Trajectories, offset: int) -> torch.Tensor:
+    """The generated tokens' entries of one padded row (prompts are left-padded to the widest one)."""
+    start = max(len(ids) for ids in chunk.prompt_ids)
+    return values[start : start + len(chunk.completion_ids[offset])]
+
+
+def _fill_activations(model, traced_sites, by_site, kept, shown, traces, chunk_size) -> None:
+    """The activation at every generated token of the shown rows, for the components that show them."""
+    values: dict[tuple[str, int], list[float]] = {}
+    for rows, chunk in kept.trajectories(shown).chunks(chunk_size):
+        captured, _ = component_activations(model, traced_sites, chunk)
+        for site in traced_sites:
+            for offset, position in enumerate(rows):
+                generated = _completion_slice(captured[site.name][offset].cpu(), chunk, offset)
+                for index in by_site[site.name]:
+                    values[(site.component_name(index), shown[position])] = generated[:, index].tolist()
+    for trace in traces.values():
+        trace.activations = [values[(trace.name, row)] for row in trace.rows]
+
+
+def _fill_contributions(model, sites, by_site, kept, buckets, shown, traces, path: ScorePath, chunk_size, progress) -> None:
+    """Integrate per-position gate gradients along the report's path, for every traced component."""
+    alphas, weights = quadrature(path.rule, path.steps)
+    advantages = torch.tensor([row["advantage"] or 0.0 for row in kept.rows], dtype=torch.float32) / kept.num_samples
+    trajectories = kept.trajectories()
+    shown_at = {row: position for position, row in enumerate(shown)}
+    prompts = len(kept.prompts)
+    per_token: dict[str, dict[int, torch.Tensor]] = {name: {} for name in by_site}
+    per_prompt = {name: torch.zeros(prompts, len(indices), dtype=torch.float64) for name, indices in by_site.items()}
+    per_bucket = {name: torch.zeros(BUCKETS, len(indices), dtype=torch.float64) for name, indices in by_site.items()}
+    prompt_part = {name: {} for name in by_site}
+    groups = [group for group in path.groups if any(name in by_site for name in group)]
+    passes = [(group, alpha, weight) for group in groups for alpha, weight in zip(alphas, weights, strict=True)]
+    for group, alpha, weight in tqdm(passes, desc="explorer: per-token contributions", disable=not progress, leave=False):
+        gate = path.baseline + alpha * (1 - path.baseline)
+        scale = weight * (1 - path.baseline)
+        for rows, chunk in trajectories.chunks(chunk_size):
+            gradients = _position_gradients(model, [sites[name] for name in group], set(by_site), gate, chunk, advantages[rows.start : rows.stop])
+            start = max(len(ids) for ids in chunk.prompt_ids)
+            for name, gradient in gradients.items():
+                gradient = gradient[..., by_site[name]].double().cpu() * scale
+                for offset, row in enumerate(rows):
+                    generated = gradient[offset, start : start + len(chunk.completion_ids[offset])]
+                    prompt_sum = gradient[offset, :start].sum(0)
+                    per_prompt[name][kept.rows[row]["prompt"]] += generated.sum(0) + prompt_sum
+                    per_bucket[name].index_add_(0, buckets[row], generated)
+                    if row in shown_at:
+                        per_token[name][row] = per_token[name].get(row, 0) + generated
+                        prompt_part[name][row] = prompt_part[name].get(row, 0) + prompt_sum
+    for site_name, indices in by_site.items():
+        for column, index in enumerate(indices):
+            trace = traces[sites[site_name].component_name(index)]
+            trace.contributions = [per_token[site_name][row][:, column].tolist() for row in trace.rows]
+            trace.prompt_part = [float(prompt_part[site_name][row][column]) for row in trace.rows]
+            trace.prompt_scores = per_prompt[site_name][:, column].tolist()
+            trace.score = float(per_prompt[site_name][:, column].mean())
+            trace.contribution_buckets = (per_bucket[site_name][:, column] / prompts).tolist()
+            trace.prompt_contribution = trace.score - sum(trace.contribution_buckets)
+
+
+def _position_gradients(
+    model: nn.Module, group: list[Site], traced: set[str], gate: float, chunk: Trajectories, advantages: torch.Tensor
+) -> dict[str, torch.Tensor]:
+    """d L / d c_t at every position for the traced sites of ``group``, with the group's gates at ``gate``.
+
+    ``L = sum_r advantages[r] sum_t log pi(a_t^r)`` over ``chunk``. Each traced site's gate becomes
+    ``gate + delta`` with a zero ``delta`` of shape (rows, positions, size), whose gradient is the split.
+    """
+    root = unwrap_model(model)
+    deltas: dict[str, torch.Tensor] = {}
+
+    def gated(site: Site):
+        def edit(value: torch.Tensor) -> torch.Tensor:
+            vector = torch.full((site.size,), gate, device=value.device)
+            if site.name not in traced:
+                return site.edit(value, vector)
+            delta = torch.zeros(*value.shape[:2], site.size, device=value.device, requires_grad=True)
+            deltas[site.name] = delta
+            return site.edit(value, vector + delta)
+
+        def pre_hook(module, args):
+            return (edit(args[0]), *args[1:])
+
+        def hook(module, args, output):
+            return (edit(output[0]), *output[1:]) if isinstance(output, tuple) else edit(output)
+
+        return pre_hook, hook
+
+    with ExitStack() as stack, frozen_parameters(model), torch.enable_grad():
+        for site in group:
+            module = root.get_submodule(site.module_path)
+            pre_hook, hook = gated(site)
+            handle = module.register_forward_pre_hook(pre_hook) if site.hooks_input else module.register_forward_hook(hook)
+            stack.callback(handle.remove)
+        log_probs = completion_log_probs(model, chunk)
+        surrogate = (advantages.to(log_probs.device) * log_probs.float().sum(-1)).sum()
+        names = list(deltas)
+        gradients = torch.autograd.grad(surrogate, [deltas[name] for name in names], allow_unused=True)
+    return {name: torch.zeros_like(deltas[name]) if g is None else g for name, g in zip(names, gradients, strict=True)}
