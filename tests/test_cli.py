@@ -4,6 +4,7 @@ from pathlib import Path
 import pytest
 
 from ipg_lightning.cli import main, run
+from ipg_lightning.explorer import embedded_payload
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 
@@ -56,6 +57,20 @@ def test_demo_runs_every_stage_and_writes_a_complete_output(tmp_path, capsys):
     for name in ("attribution_accuracy", "attribution_length", "attribution_length_sae", "exported_learned", "exported_learned_sae"):
         assert (out / name).is_dir()
     assert len((out / "generations.jsonl").read_text().splitlines()) == 9 * 4 * 2  # 2 sampled completions each
+    # an explorer page per attribution, with the demo's measured conditions that steered components of its sites
+    neurons = ["accuracy suppressed", "accuracy amplified", "length suppressed", "length amplified", "length learned"]
+    features = ["accuracy suppr. (SAE)", "length suppr. (SAE)", "length learned (SAE)"]
+    for name, conditions in (
+        ("attribution_accuracy", neurons),
+        ("attribution_length", neurons),
+        ("attribution_accuracy_sae", features),
+        ("attribution_length_sae", features),
+    ):
+        payload = embedded_payload((out / f"{name}.html").read_text())
+        assert [condition["label"] for condition in payload["effects"]["conditions"]] == conditions
+        assert payload["effects"]["base"] == pytest.approx(summary["conditions"]["base"], rel=1e-4)
+        assert len(payload["traces"]) == 50 and payload["limits"]["trajectories_total"] == 4 * 4
+        assert (out / name / "trajectories.json").is_file()
     printed = capsys.readouterr().out
     assert "accuracy suppressed" in printed and "wall time" in printed
 

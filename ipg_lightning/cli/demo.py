@@ -36,7 +36,8 @@ from transformers import PreTrainedTokenizerBase
 from ipg_lightning.attribution import AttributionReport, IPGAttribution, run_attribution
 from ipg_lightning.data import ReasoningBatch, ReasoningDataModule
 from ipg_lightning.evaluation import evaluate_generations
-from ipg_lightning.gates import ComponentGates
+from ipg_lightning.explorer import Effects, MeasuredEffect, page_for_report
+from ipg_lightning.gates import ComponentGates, parse_component_name
 from ipg_lightning.models import load_model_and_tokenizer
 from ipg_lightning.outputs import atomic_directory, atomic_write_json, atomic_write_text, check_output_dir
 from ipg_lightning.reasoner import TINY_REASONER_PATH, TINY_REASONER_SAE_PATH, TINY_REASONER_TASK
@@ -96,11 +97,22 @@ class DemoRun:
     test_batches: list[ReasoningBatch] = field(default_factory=list)
     rows: dict[str, dict[str, float]] = field(default_factory=dict)
     records: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+    steered: dict[str, tuple[list[str], float | None]] = field(default_factory=dict)
 
-    def measure(self, name: str, gates: ComponentGates | None = None, model: nn.Module | None = None) -> None:
-        """Evaluate one condition on the held-out problems and keep its metrics and generations."""
+    def measure(
+        self,
+        name: str,
+        gates: ComponentGates | None = None,
+        model: nn.Module | None = None,
+        components: list[str] | None = None,
+        gamma: float | None = None,
+    ) -> None:
+        """Evaluate one condition on the held-out problems; keep its metrics, generations, and the
+        ``components`` it steers (at ``gamma``; None for learned gates)."""
         result = evaluate_generations(model or self.lm, self.tokenizer, self.test_batches, self.sampled, gates, progress=True, description=name)
         self.rows[name], self.records[name] = result.metrics, result.records
+        if components:
+            self.steered[name] = (list(components), gamma)
 
 
 def format_table(rows: dict[str, dict[str, float]]) -> str:
@@ -148,7 +160,7 @@ def attribute_accuracy_and_length(run: DemoRun) -> dict[str, AttributionReport]:
 def _attribute_both(run: DemoRun, **sites: Any) -> dict[str, AttributionReport]:
     """IPG reports of accuracy and of reasoning length over ``sites`` (families, layers, saes; or other settings)."""
     s = run.settings
-    settings = {"steps": s["steps"], "rule": s["rule"], "sampling": run.support_sampling, "chunk_size": 32, **sites}
+    settings = {"steps": s["steps"], "rule": s["rule"], "sampling": run.support_sampling, "chunk_size": 32, "keep_trajectories": True, **sites}
     return {
         target: run_attribution(IPGAttribution.for_model(run.lm, run.tokenizer, reward=reward, **settings), run.data)
         for target, reward in (("accuracy", "accuracy"), ("length", "reasoning_length"))
@@ -167,7 +179,7 @@ def steer_top_components(run: DemoRun, reports: dict[str, AttributionReport]) ->
     selected = {target: report.select(k=s["k"]) for target, report in reports.items()}
     for target in ("accuracy", "length"):
         for label, gamma in (("suppressed", s["gamma_suppress"]), ("amplified", s["gamma_amplify"])):
-            run.measure(f"{target} {label}", gates_for_components(run.lm, selected[target], gamma))
+            run.measure(f"{target} {label}", gates_for_components(run.lm, selected[target], gamma), components=selected[target], gamma=gamma)
     return selected
 
 
@@ -200,7 +212,7 @@ def learn_length_gates(run: DemoRun, selection: ComponentSelection, condition: s
         enable_progress_bar=True,
     )
     trainer.fit(learned, datamodule=run.data)
-    run.measure(condition, learned.gates, learned.lm)
+    run.measure(condition, learned.gates, learned.lm, components=learned.components)
     return learned
 
 
@@ -217,7 +229,8 @@ def steer_sae_features(run: DemoRun, sae_path: str) -> tuple[dict[str, Attributi
     reports = _attribute_both(run, families=["sae_feature"], layers=[layer], saes=[sae_path], steps=s["sae_steps"])
     selected = {target: report.select(k=s["k"]) for target, report in reports.items()}
     for target in ("accuracy", "length"):
-        run.measure(f"{target} suppr. (SAE)", gates_for_components(run.lm, selected[target], s["gamma_suppress"]))
+        gamma = s["gamma_suppress"]
+        run.measure(f"{target} suppr. (SAE)", gates_for_components(run.lm, selected[target], gamma), components=selected[target], gamma=gamma)
     learned = learn_length_gates(
         run, ComponentSelection(components=tuple(selected["length"]), saes=(sae_path,)), "length learned (SAE)", announce=False
     )
@@ -247,12 +260,15 @@ def write_outputs(
 ) -> dict[str, Any]:
     """Stages 5 and 6: reports, the exports and their checks, the summary and generations, written atomically."""
     s = run.settings
-    stage(5, f"writing reports and exporting the learned gates as Hugging Face checkpoints to {out_dir}/")
+    stage(5, f"writing reports, their explorer pages, and the learned gates exported as Hugging Face checkpoints to {out_dir}/")
     with atomic_directory(out_dir, overwrite=overwrite, kind="ipg demo output") as staging:
         for target, report in reports.items():
             report.save(staging / f"attribution_{target}")
+            page_for_report(report, run.lm, run.tokenizer, staging / f"attribution_{target}.html", measured_effects(run, report), progress=True)
         for target, report in (sae_part[0] if sae_part else {}).items():
             report.save(staging / f"attribution_{target}_sae")
+            page = staging / f"attribution_{target}_sae.html"
+            page_for_report(report, run.lm, run.tokenizer, page, measured_effects(run, report), progress=True)
         stage(6, "checking that each exported checkpoint, loaded fresh, generates what the gated model did")
         export = export_and_check(run, learned, "length learned", staging / "exported_learned")
         summary = {
@@ -284,6 +300,16 @@ def write_outputs(
         lines = [json.dumps({"condition": condition, **record}) + "\n" for condition, records in run.records.items() for record in records]
         atomic_write_text(staging / "generations.jsonl", "".join(lines))
     return summary
+
+
+def measured_effects(run: DemoRun, report: AttributionReport) -> Effects:
+    """The demo's conditions that steered components of ``report``, as its explorer page shows them."""
+    conditions = [
+        MeasuredEffect(name, gamma, components, run.rows[name])
+        for name, (components, gamma) in run.steered.items()
+        if all(parse_component_name(component)[0] in report.sites for component in components)
+    ]
+    return Effects(base=run.rows.get("base"), conditions=conditions)
 
 
 def print_summary(run: DemoRun, summary: dict[str, Any], title: str, out_dir: Path) -> None:

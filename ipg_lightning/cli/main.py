@@ -1,9 +1,10 @@
 """The ``ipg`` command line: which command runs, and how a failure is shown.
 
 ``attribute``, ``steer``, ``train-reasoner`` and ``train-sae`` are LightningCLIs
-(:mod:`~ipg_lightning.cli.lightning_commands`); ``demo``, ``evaluate``, ``export`` and
+(:mod:`~ipg_lightning.cli.lightning_commands`); ``demo``, ``evaluate``, ``explore``, ``export`` and
 ``prepare-smollm2`` are typed functions whose docstrings are their ``--help``
-(:mod:`~ipg_lightning.cli.commands`, :mod:`~ipg_lightning.cli.demo`).
+(:mod:`~ipg_lightning.cli.commands`, :mod:`~ipg_lightning.cli.demo`, :mod:`~ipg_lightning.explorer`).
+``explore`` takes the report directory as a positional argument.
 """
 
 from __future__ import annotations
@@ -17,9 +18,12 @@ from ipg_lightning.cli.commands import evaluate, export, prepare_smollm2
 from ipg_lightning.cli.demo import demo
 from ipg_lightning.cli.errors import DEBUG_ENV, error_message
 from ipg_lightning.cli.lightning_commands import attribute, steer, train_reasoner, train_sae
+from ipg_lightning.explorer import explore
 
 LIGHTNING_COMMANDS = {"attribute": attribute, "steer": steer, "train-reasoner": train_reasoner, "train-sae": train_sae}
-FUNCTION_COMMANDS = {"demo": demo, "evaluate": evaluate, "export": export, "prepare-smollm2": prepare_smollm2}
+FUNCTION_COMMANDS = {"demo": demo, "evaluate": evaluate, "explore": explore, "export": export, "prepare-smollm2": prepare_smollm2}
+#: Function commands whose required arguments are positional (``ipg explore REPORT_DIR``).
+POSITIONAL_COMMANDS = {"explore": explore}
 
 
 def run(args: list[str]) -> None:
@@ -27,6 +31,9 @@ def run(args: list[str]) -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     if args and args[0] in LIGHTNING_COMMANDS:
         LIGHTNING_COMMANDS[args[0]](args[1:])
+        return
+    if args and args[0] in POSITIONAL_COMMANDS:
+        CLI(POSITIONAL_COMMANDS[args[0]], args=args[1:], as_positional=True, exit_on_error=False, prog=f"ipg {args[0]}")
         return
     CLI({**LIGHTNING_COMMANDS, **FUNCTION_COMMANDS}, args=args, as_positional=False, exit_on_error=False)
 
