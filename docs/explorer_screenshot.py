@@ -3,7 +3,7 @@
     ipg demo   # writes outputs/demo/attribution_length.html among its outputs
     python docs/explorer_screenshot.py outputs/demo/attribution_length.html docs/explorer.png
 
-Opens the page, chooses its top component, shades the tokens by their contribution to the score,
+Opens the page, chooses its top traced component, shades the tokens by their contribution to the score,
 and saves a PNG of the window. Needs ``playwright`` (the test extra) and Debian's ``chromium``.
 """
 
@@ -32,7 +32,7 @@ def main() -> None:
         browser = driver.chromium.launch(executable_path=chromium, args=["--no-sandbox"])
         page = browser.new_page(viewport={"width": args.width, "height": args.height})
         page.goto(args.page.resolve().as_uri())
-        page.locator("tr.component-row").first.click()
+        page.locator("tr.component-row:has(.dot)").first.click()  # the top traced component
         page.locator(f"#view-{args.view}").check()
         page.screenshot(path=str(args.output))
         browser.close()

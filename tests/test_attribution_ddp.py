@@ -13,7 +13,7 @@ SCRIPT = Path(__file__).with_name("ddp_attribution.py")
 def _run(devices, output_dir):
     environment = {**os.environ, "PL_DISABLE_FORK": "1"}
     subprocess.run([sys.executable, str(SCRIPT), str(devices), str(output_dir)], check=True, env=environment, timeout=300, capture_output=True)
-    return AttributionReport.load(output_dir)
+    return AttributionReport.load(output_dir, trajectories=True)
 
 
 def test_two_ddp_processes_give_the_same_scores_as_one(tmp_path):

@@ -47,8 +47,9 @@ def test_kept_trajectories_hold_the_runs_samples_rewards_and_advantages_and_surv
     advantages, _ = group_advantages(rewards, "rloo")  # recomputed independently of the run
     torch.testing.assert_close(torch.tensor([row["advantage"] for row in kept.rows], dtype=torch.float64), advantages.flatten())
     report.save(tmp_path / "report")
-    again = AttributionReport.load(tmp_path / "report")
+    again = AttributionReport.load(tmp_path / "report", trajectories=True)
     assert again.trajectories == kept and (tmp_path / "report" / "trajectories.json").is_file()
+    assert AttributionReport.load(tmp_path / "report").trajectories is None  # selecting and steering never read them
 
 
 def test_a_damaged_trajectories_file_is_refused_naming_it(tmp_path, tiny_llama, tokenizer):
@@ -58,10 +59,11 @@ def test_a_damaged_trajectories_file_is_refused_naming_it(tmp_path, tiny_llama, 
     payload["rows"][0]["completion_ids"] = ["<script>"]
     path.write_text(json.dumps(payload))
     with pytest.raises(ValueError, match=r"trajectories.json is damaged .*completion_ids are not token ids"):
-        AttributionReport.load(tmp_path / "report")
+        AttributionReport.load(tmp_path / "report", trajectories=True)
     path.write_text('{"format": 1, "num_sam')
     with pytest.raises(ValueError, match=r"trajectories.json is damaged"):
-        AttributionReport.load(tmp_path / "report")
+        AttributionReport.load(tmp_path / "report", trajectories=True)
+    assert AttributionReport.load(tmp_path / "report").select(k=2)  # the scores stay usable
 
 
 @pytest.mark.parametrize("method", ["random", "ig_reference"])
@@ -99,6 +101,16 @@ def test_per_token_contributions_add_up_to_the_reports_scores(tmp_path, tiny_lla
             assert len(tokens) == len(contributions) == len(payload["trajectories"][str(row)]["tokens"])
 
 
+def test_shared_expert_neurons_which_see_the_tokens_flattened_are_traced_too(tmp_path, tiny_model, tokenizer):
+    model = tiny_model("qwen2_moe")
+    report = _report(model, tokenizer, ("shared_expert_neuron",))
+    page = page_for_report(report, model, tokenizer, tmp_path / "page.html", components=3, trajectories_per_component=16)
+    payload = embedded_payload(page.read_text())
+    for name, trace in payload["traces"].items():
+        assert trace["score"] == pytest.approx(_score(report, name), rel=1e-3, abs=1e-6)
+        assert len(trace["activations"][0]) == len(payload["trajectories"][str(trace["rows"][0])]["tokens"])
+
+
 def test_per_token_contributions_add_up_for_sae_features(tmp_path, tiny_llama, tokenizer):
     save_sae(random_sae(hook_name="blocks.1.hook_resid_post", k=8), tmp_path / "sae")
     report = _report(tiny_llama, tokenizer, ("sae_feature",), saes=[str(tmp_path / "sae")], steps=8)
@@ -130,6 +142,9 @@ def test_token_activations_equal_a_direct_forward_pass_and_rows_are_where_it_pea
         assert trace["rows"][:3] == by_peak[:3]
         for row, values in zip(trace["rows"], trace["activations"], strict=True):
             torch.testing.assert_close(torch.tensor(values), peaks[row][:, index], rtol=1e-4, atol=1e-5)
+        # every kept trajectory is shown: its tokens' contributions and its prompt's positions make up the score
+        parts = [value for row in trace["contributions"] for value in row] + trace["prompt_part"]
+        assert sum(parts) == pytest.approx(_score(report, name), abs=1e-4 * sum(map(abs, parts)) + 1e-9)
 
 
 class _Balance(HTMLParser):
@@ -178,7 +193,7 @@ def test_the_page_stays_bounded_and_says_what_it_left_out(tmp_path, tiny_llama, 
     assert len(payload["components"]) == 10 and len(payload["traces"]) == 2
     assert len(payload["trajectories"]) <= 2 * 8 and set(payload["prompts"]) <= {str(p) for p in range(4)}
     notes = " ".join(payload["limits"]["notes"])
-    assert "the 10 components with the largest |score| of 64" in notes and "Traces are shown for 2 of the 10" in notes
+    assert "The ranking lists 10 of the 64 components" in notes and "Traces are shown for 2 of the 10" in notes
 
 
 def test_activation_baselines_shade_activations_only_and_say_why(tmp_path, tiny_llama, tokenizer):
@@ -250,6 +265,10 @@ def test_the_page_works_in_a_real_browser(tmp_path, tiny_llama, tokenizer):
     if CHROMIUM is None:
         pytest.skip("no chromium on PATH: install Debian's chromium package to run the browser test")
     report = _report(tiny_llama, tokenizer, ("mlp_neuron", "attn_head"))
+    hostile = '</script><script>alert("prompt")</script><img src=x onerror=alert(1)>'
+    for prompt in report.trajectories.prompts:  # text from a dataset or a model must stay text
+        prompt["text"] = hostile
+    report.metadata["config"]["reward"] = hostile
     effects = Effects(base={"accuracy": 0.5, "reasoning_length_mean": 10.0, "reflection_rate": 0.1})
     top = report.ranked(signed=False)[0][0]
     effects.conditions.append(MeasuredEffect("top suppressed", 0.0, [top], {"accuracy": 0.25, "reasoning_length_mean": 8.0, "reflection_rate": 0.0}))
@@ -262,13 +281,14 @@ def test_the_page_works_in_a_real_browser(tmp_path, tiny_llama, tokenizer):
             pytest.skip(f"chromium at {CHROMIUM} cannot start: {str(error).splitlines()[0]}")
         problems, requests = [], []
         view = browser.new_page()
+        view.on("dialog", lambda dialog: problems.append(f"a dialog opened: {dialog.message}"))
         view.on("console", lambda message: problems.append(message.text) if message.type in ("error", "warning") else None)
         view.on("pageerror", lambda error: problems.append(str(error)))
         view.on("request", lambda request: requests.append(request.url))
         view.goto(page.as_uri())
         rows = view.locator("tr.component-row")
         assert rows.count() == len(payload["components"])
-        assert view.locator("#title").inner_text() == payload["title"]
+        assert view.locator("#title").inner_text() == payload["title"] == f"ipg attribution of {hostile}"
         view.locator(f'tr.component-row[data-name="{top}"]').click()
         cards = view.locator("#detail .trajectory")
         assert cards.count() == 3
@@ -276,6 +296,7 @@ def test_the_page_works_in_a_real_browser(tmp_path, tiny_llama, tokenizer):
         assert cards.nth(0).get_attribute("data-row") == first_row
         assert cards.nth(0).locator(".token").count() == len(payload["trajectories"][first_row]["tokens"])
         assert "top suppressed" in view.locator("#detail .effects").inner_text()
+        assert cards.nth(0).locator("details.prompt pre").text_content() == hostile
         shading = cards.nth(0).locator(".token").evaluate_all("spans => spans.map(s => s.style.background)")
         view.locator("#view-contribution").check()
         assert cards.nth(0).locator(".token").evaluate_all("spans => spans.map(s => s.style.background)") != shading

@@ -38,6 +38,8 @@ def component_activations(model: nn.Module, sites: Sequence[Site], trajectories:
     def recorder(site: Site):
         def hook(module, args, output=None):
             value = args[0] if site.hooks_input else (output[0] if isinstance(output, tuple) else output)
+            if value.dim() == 2:  # a shared expert sees the tokens flattened (rows x positions, width)
+                value = value.view(*mask.shape, -1)
             captured[site.name] = site.component_values(value.float())
 
         return hook

@@ -5,7 +5,8 @@ With ``keep_trajectories: true`` a run that samples (``ipg``, ``grad_x_act``, ``
 reward, the group advantage the policy gradient weighted it by (``ipg`` and ``grad_x_act``), whether
 its final answer was right, and how many of its tokens were reasoning. The report writes them to
 ``trajectories.json``; the explorer (:mod:`ipg_lightning.explorer`) replays them through the model
-instead of sampling again, so its per-token numbers belong to the trajectories the scores came from.
+instead of sampling again. With fixed estimation they are the trajectories the scores came from;
+with ``estimation: resample`` they are the samples at gates = 1 (each quadrature point drew its own).
 """
 
 from __future__ import annotations
@@ -34,7 +35,8 @@ class KeptTrajectories:
 
     Args:
         num_samples: trajectories per prompt (N).
-        pad_token_id: the tokenizer's padding id, to replay the trajectories as a batch.
+        pad_token_id: the padding id the trajectories were sampled with, to replay them as a batch
+            (set by :meth:`add`).
         prompts: per prompt, ``text`` (as the model saw it), ``prompt_ids`` and ``answer`` (or None).
         rows: per trajectory, ``prompt`` (index into ``prompts``), ``sample``, ``completion_ids``,
             ``completion``, ``reward``, ``advantage`` (None for methods without one), ``correct``
@@ -42,7 +44,7 @@ class KeptTrajectories:
     """
 
     num_samples: int
-    pad_token_id: int
+    pad_token_id: int = 0
     prompts: list[dict[str, Any]] = field(default_factory=list)
     rows: list[dict[str, Any]] = field(default_factory=list)
 
@@ -59,6 +61,7 @@ class KeptTrajectories:
     ) -> None:
         """Record the trajectories of one batch (ordered by prompt, N per prompt) with their rewards and advantages."""
         first = len(self.prompts)
+        self.pad_token_id = trajectories.pad_token_id
         for index, prompt in enumerate(batch["prompt"]):
             prompt_ids = trajectories.prompt_ids[trajectories.prompt_index.index(index)]
             self.prompts.append({"text": prompt, "prompt_ids": list(prompt_ids), "answer": batch["answer"][index]})
@@ -115,17 +118,26 @@ class KeptTrajectories:
             raise ValueError(f"{damaged}: expected format {FORMAT_VERSION}; run the attribution again")
         try:
             kept = cls(int(payload["num_samples"]), int(payload["pad_token_id"]), list(payload["prompts"]), list(payload["rows"]))
-            for row in kept.rows:
-                if not set(row) >= _ROW_KEYS or not 0 <= row["prompt"] < len(kept.prompts):
-                    raise ValueError(f"a trajectory lacks {sorted(_ROW_KEYS - set(row))} or names no kept prompt")
-                if not all(isinstance(token, int) for token in row["completion_ids"]):
-                    raise ValueError("a trajectory's completion_ids are not token ids")
+            if kept.num_samples < 1:
+                raise ValueError(f"num_samples is {kept.num_samples}")
             for prompt in kept.prompts:
-                if not all(isinstance(token, int) for token in prompt["prompt_ids"]):
-                    raise ValueError("a prompt's prompt_ids are not token ids")
+                if not isinstance(prompt["text"], str) or not _token_ids(prompt["prompt_ids"]):
+                    raise ValueError("a prompt's text is not text or its prompt_ids are not token ids")
+            for row in kept.rows:
+                if not set(row) >= _ROW_KEYS or not isinstance(row["prompt"], int) or not 0 <= row["prompt"] < len(kept.prompts):
+                    raise ValueError(f"a trajectory lacks {sorted(_ROW_KEYS - set(row))} or names no kept prompt")
+                if not _token_ids(row["completion_ids"]):
+                    raise ValueError("a trajectory's completion_ids are not token ids")
+                if not isinstance(row["reasoning_tokens"], int) or not isinstance(row["reward"], int | float):
+                    raise ValueError("a trajectory's reasoning_tokens or reward is not a number")
         except (KeyError, TypeError, ValueError) as error:
             raise ValueError(f"{damaged} ({error}); run the attribution again") from None
         return kept
+
+
+def _token_ids(values: Any) -> bool:
+    """Whether ``values`` is a list of non-negative integers (token ids)."""
+    return isinstance(values, list) and all(isinstance(token, int) and not isinstance(token, bool) and token >= 0 for token in values)
 
 
 def gathered(kept: KeptTrajectories) -> KeptTrajectories:

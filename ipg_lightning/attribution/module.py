@@ -177,7 +177,7 @@ class IPGAttribution(ReasoningTask):
         # (quadrature points like 0.1 and their gradients); each edit casts them to the activation dtype.
         self.gates.float()
         self.accumulator.reset()
-        self.kept = KeptTrajectories(self.sampling.num_samples, self.tokenizer.pad_token_id) if self.hparams.keep_trajectories else None
+        self.kept = KeptTrajectories(self.sampling.num_samples) if self.hparams.keep_trajectories else None
         self._started = time.perf_counter()
         self._peak_bytes, self._chunk_tokens = 0, set()
         if self.memory.budget_gb is not None and not peak_is_resettable(self.device):  # before any sampling

@@ -167,8 +167,8 @@ class AttributionReport:
         return directory
 
     @classmethod
-    def load(cls, directory: str | Path) -> AttributionReport:
-        """Read a report written by :meth:`save`."""
+    def load(cls, directory: str | Path, trajectories: bool = False) -> AttributionReport:
+        """Read a report written by :meth:`save`; with ``trajectories``, also its kept trajectories (if it has them)."""
         directory = Path(directory)
         for name in (SCORES_FILE, METADATA_FILE):
             if not (directory / name).is_file():
@@ -185,5 +185,5 @@ class AttributionReport:
             raise ValueError(f"{directory / SCORES_FILE} cannot be read ({error}); {damaged}") from None
         metadata.pop("top", None)
         kept = directory / TRAJECTORIES_FILE
-        trajectories = KeptTrajectories.load(kept) if kept.is_file() else None
-        return cls(scores=scores, sites=sites, metadata=metadata, trajectories=trajectories)
+        loaded = KeptTrajectories.load(kept) if trajectories and kept.is_file() else None
+        return cls(scores=scores, sites=sites, metadata=metadata, trajectories=loaded)

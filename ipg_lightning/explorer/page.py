@@ -36,7 +36,8 @@ def render_page(payload: dict[str, Any]) -> str:
     data = json.dumps(payload, separators=(",", ":"), allow_nan=False).replace("<", "\\u003c")
     title = payload["title"].replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
     head = f'<meta name="generator" content="{GENERATOR}">'
-    return template.replace("<title>__TITLE__</title>", f"{head}\n<title>{title}</title>").replace("__DATA__", data)
+    before, after = template.split("__DATA__")  # the data holds no "<", so the title's marker cannot be in it
+    return before.replace("<title>__TITLE__</title>", f"{head}\n<title>{title}</title>") + data + after
 
 
 def embedded_payload(html: str) -> dict[str, Any]:
@@ -56,7 +57,9 @@ def check_page_output(path: str | Path, overwrite: bool = False) -> Path:
     if path.exists():
         if not overwrite:
             raise FileExistsError(f"{path} already exists; choose another output path, or set overwrite to replace an earlier explorer page")
-        if GENERATOR not in path.read_text(encoding="utf-8", errors="replace")[:2000]:
+        with path.open("rb") as file:
+            head = file.read(4096).decode("utf-8", errors="replace")
+        if GENERATOR not in head:
             raise FileExistsError(f"Refusing to overwrite {path}: it is not an explorer page written by ipg_lightning; choose another output path")
     return path
 
@@ -127,13 +130,13 @@ def explore(
         allow_other_model: replay through a model whose architecture differs from the report's.
         progress: show progress bars.
     """
-    report_path = Path(report_dir)
+    report_path = Path(report_dir).resolve()
     output_path = Path(output) if output else report_path.parent / f"{report_path.name}.html"
     check_page_output(output_path, overwrite)
     check_at_least(1, components=components, trajectories_per_component=trajectories_per_component, max_listed=max_listed)
     if chunk_size is not None:
         check_at_least(1, chunk_size=chunk_size)
-    report = AttributionReport.load(report_path)
+    report = AttributionReport.load(report_path, trajectories=True)
     if report.trajectories is None:
         raise ValueError(
             f"The report {report_dir} kept no trajectories: run the attribution again with keep_trajectories true (--model.keep_trajectories true)"
@@ -149,7 +152,7 @@ def explore(
     written = page_for_report(
         report, lm, tokenizer, output_path, effects, components, trajectories_per_component, max_listed, chunk_size, architecture, overwrite, progress
     )
-    print(f"wrote {written}: the top {min(components, len(report.ranked()))} components traced over {len(report.trajectories)} kept trajectories")
+    print(f"wrote {written} ({len(report.trajectories)} kept trajectories replayed); open it in a browser")
     return written
 
 

@@ -48,9 +48,9 @@ class Effects:
 
 
 def read_evaluations(directories: list[str | Path]) -> Effects:
-    """Effects from ``ipg evaluate`` output directories (their ``metrics.json``): the base run and fixed steering runs.
+    """Effects from ``ipg evaluate`` output directories (their ``metrics.json``): one base run and fixed steering runs.
 
-    Learned-gate and sweep outputs carry no single gamma per component and are refused by name.
+    Learned-gate, exported and sweep outputs carry no single gamma per component and are refused by name.
     """
     effects = Effects()
     for directory in directories:
@@ -60,14 +60,16 @@ def read_evaluations(directories: list[str | Path]) -> Effects:
             steering, metrics = summary["steering"], summary["metrics"]
         except (OSError, ValueError, KeyError, TypeError) as error:
             raise ValueError(f"{directory} is not an `ipg evaluate` output ({path.name}: {type(error).__name__}: {error})") from None
-        if steering.get("kind") in ("base", "exported"):
+        if steering.get("kind") == "base":
+            if effects.base is not None:
+                raise ValueError(f"Two evaluations of the base model were given ({directory} is the second): give one")
             effects.base = metrics
         elif steering.get("kind") == "fixed":
             label = f"{len(steering['components'])} components at gamma {steering['gamma']:g} ({Path(directory).name})"
             effects.conditions.append(MeasuredEffect(label, float(steering["gamma"]), list(steering["components"]), metrics))
         else:
             kind = steering.get("kind")
-            raise ValueError(f"{directory} evaluates {kind} steering; the explorer shows fixed steering (a selection at a gamma) and the base model")
+            raise ValueError(f"{directory} evaluates a {kind} model; the explorer shows fixed steering (a selection at a gamma) and the base model")
     return effects
 
 
@@ -82,9 +84,15 @@ def _rounded(value: Any) -> Any:
     return value
 
 
-def token_strings(tokenizer: PreTrainedTokenizerBase, ids: list[int]) -> list[str]:
-    """Each token as the text it adds (decoded alone; a byte of a split character shows as U+FFFD)."""
-    return [tokenizer.decode([token]) for token in ids]
+def token_strings(tokenizer: PreTrainedTokenizerBase, ids: list[int], context: int = 3) -> list[str]:
+    """Each token as the text it adds after the ``context`` tokens before it (so a SentencePiece word keeps
+    its leading space); decoded alone where the tokenizer rewrites the context (a split byte shows as U+FFFD)."""
+    pieces = []
+    for index, token in enumerate(ids):
+        before = tokenizer.decode(ids[max(0, index - context) : index])
+        both = tokenizer.decode(ids[max(0, index - context) : index + 1])
+        pieces.append(both[len(before) :] if both.startswith(before) else tokenizer.decode([token]))
+    return pieces
 
 
 def explorer_payload(
@@ -103,7 +111,7 @@ def explorer_payload(
         traces: the traced components (:func:`~ipg_lightning.explorer.traces.trace_components`).
         tokenizer: the model's tokenizer, to show tokens.
         effects: measured steering effects, if any.
-        max_listed: how many components the ranking lists at most (the highest by |score|).
+        max_listed: how many components the ranking lists at least (the highest by |score|; the traced ones are always listed).
         title: the page's title (default: the method and reward).
         notes: what the page should say it left out or could not compute.
     """
@@ -111,7 +119,7 @@ def explorer_payload(
     meta = report.metadata
     config = meta.get("config", {})
     ranked = report.ranked(signed=True)
-    kept_names = {name for name, _, _ in sorted(ranked, key=lambda row: abs(row[1]), reverse=True)[:max_listed]}
+    kept_names = {name for name, _, _ in sorted(ranked, key=lambda row: abs(row[1]), reverse=True)[:max_listed]} | set(traces)
     sites = list(report.sites)
     components = [[name, sites.index(site), rank + 1, score] for rank, (name, score, site) in enumerate(ranked) if name in kept_names]
     shown_rows = sorted({row for trace in traces.values() for row in trace.rows})
@@ -138,7 +146,8 @@ def explorer_payload(
         "notes": list(notes or []),
     }
     if len(components) < len(ranked):
-        limits["notes"].append(f"The ranking lists the {len(components)} components with the largest |score| of {len(ranked)}.")
+        listed = f"The ranking lists {len(components)} of the {len(ranked)} components"
+        limits["notes"].append(f"{listed}: those with the largest |score|, and the traced ones.")
     if len(traces) < len(components):
         limits["notes"].append(f"Traces are shown for {len(traces)} of the {len(components)} listed components (marked with a dot).")
     payload = {
@@ -153,7 +162,6 @@ def explorer_payload(
             "mean_reward": meta.get("mean_reward"),
             "wall_time_s": meta.get("wall_time_s"),
             "completeness": meta.get("completeness"),
-            "num_prompts": len(kept.prompts),
         },
         "sites": [{"name": name, **report.sites[name]} for name in sites],
         "components": components,

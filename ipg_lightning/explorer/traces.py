@@ -20,9 +20,10 @@ answer) plus one bucket for the answer, to show where in a trace a component fir
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
@@ -48,8 +49,9 @@ class ComponentTrace:
         rows: the kept trajectories where it peaks highest (by largest absolute activation over the
             generated tokens), highest first.
         activations: per row of ``rows``, its activation at each generated token.
-        contributions: per row of ``rows``, each generated token's contribution to the score (None
-            where the method has no per-token split).
+        contributions: per row of ``rows``, each generated token's contribution to the score, on the
+            score's scale (over all kept trajectories and positions they add up to ``score``); None
+            where the method has no per-token split.
         prompt_part: per row of ``rows``, the summed contribution of the prompt's positions.
         activation_buckets: share of the absolute activation mass over all kept trajectories in each
             decile of the reasoning, then the answer.
@@ -92,7 +94,9 @@ class ScorePath:
 def reasoning_buckets(completion_tokens: int, reasoning_tokens: int, device: torch.device | None = None) -> torch.Tensor:
     """Bucket of each generated token: ``floor(10 t / R)`` inside the reasoning's R tokens, 10 after it."""
     positions = torch.arange(completion_tokens, device=device)
-    reasoning = max(min(reasoning_tokens, completion_tokens), 1)
+    reasoning = min(reasoning_tokens, completion_tokens)
+    if reasoning <= 0:  # the completion opens with its answer
+        return torch.full_like(positions, 10)
     return torch.where(positions < reasoning, (positions * 10) // reasoning, torch.full_like(positions, 10))
 
 
@@ -123,9 +127,13 @@ def trace_components(
         site_name, index = parse_component_name(name)
         if site_name not in sites:
             raise ValueError(f"{name} is not a component of the report's sites {list(sites)}")
+        if (index or 0) >= sites[site_name].size:
+            raise ValueError(f"{name} is out of range: {site_name} has {sites[site_name].size} components")
         by_site.setdefault(site_name, []).append(index or 0)
     traced_sites = [sites[name] for name in by_site]
     check_readable(traced_sites, "The explorer")
+    if path is not None and any(row["advantage"] is None for row in kept.rows):
+        raise ValueError("Per-token contributions need each trajectory's advantage; these trajectories were kept by a method without one")
     everything = kept.trajectories()
     buckets = [reasoning_buckets(len(row["completion_ids"]), row["reasoning_tokens"]) for row in kept.rows]
     peaks, masses = _activation_summaries(model, traced_sites, by_site, everything, buckets, chunk_size, progress)
@@ -143,7 +151,15 @@ def trace_components(
     return traces
 
 
-def _activation_summaries(model, traced_sites, by_site, trajectories, buckets, chunk_size, progress):
+def _activation_summaries(
+    model: nn.Module,
+    traced_sites: list[Site],
+    by_site: dict[str, list[int]],
+    trajectories: Trajectories,
+    buckets: list[torch.Tensor],
+    chunk_size: int,
+    progress: bool,
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """Per site: each row's peak |activation| over generated tokens, and the |activation| mass per bucket."""
     peaks = {site.name: [] for site in traced_sites}
     masses = {site.name: torch.zeros(BUCKETS, len(by_site[site.name])) for site in traced_sites}
@@ -159,60 +175,93 @@ def _activation_summaries(model, traced_sites, by_site, trajectories, buckets, c
     return {name: torch.cat(parts) for name, parts in peaks.items()}, masses
 
 
+def _prompt_width(chunk: Trajectories) -> int:
+    """Where the generated tokens start in a padded chunk (prompts are left-padded to the widest one)."""
+    return max(len(ids) for ids in chunk.prompt_ids)
+
+
 def _completion_slice(values: torch.Tensor, chunk: Trajectories, offset: int) -> torch.Tensor:
-    """The generated tokens' entries of one padded row (prompts are left-padded to the widest one)."""
-    start = max(len(ids) for ids in chunk.prompt_ids)
+    """The generated tokens' entries of one padded row."""
+    start = _prompt_width(chunk)
     return values[start : start + len(chunk.completion_ids[offset])]
 
 
-def _fill_activations(model, traced_sites, by_site, kept, shown, traces, chunk_size) -> None:
+def _fill_activations(
+    model: nn.Module,
+    traced_sites: list[Site],
+    by_site: dict[str, list[int]],
+    kept: KeptTrajectories,
+    shown: list[int],
+    traces: dict[str, ComponentTrace],
+    chunk_size: int,
+) -> None:
     """The activation at every generated token of the shown rows, for the components that show them."""
     values: dict[tuple[str, int], list[float]] = {}
     for rows, chunk in kept.trajectories(shown).chunks(chunk_size):
         captured, _ = component_activations(model, traced_sites, chunk)
         for site in traced_sites:
             for offset, position in enumerate(rows):
-                generated = _completion_slice(captured[site.name][offset].cpu(), chunk, offset)
-                for index in by_site[site.name]:
-                    values[(site.component_name(index), shown[position])] = generated[:, index].tolist()
+                generated = _completion_slice(captured[site.name][offset][:, by_site[site.name]].cpu(), chunk, offset)
+                for column, index in enumerate(by_site[site.name]):
+                    values[(site.component_name(index), shown[position])] = generated[:, column].tolist()
     for trace in traces.values():
         trace.activations = [values[(trace.name, row)] for row in trace.rows]
 
 
-def _fill_contributions(model, sites, by_site, kept, buckets, shown, traces, path: ScorePath, chunk_size, progress) -> None:
-    """Integrate per-position gate gradients along the report's path, for every traced component."""
+def _fill_contributions(
+    model: nn.Module,
+    sites: dict[str, Site],
+    by_site: dict[str, list[int]],
+    kept: KeptTrajectories,
+    buckets: list[torch.Tensor],
+    shown: list[int],
+    traces: dict[str, ComponentTrace],
+    path: ScorePath,
+    chunk_size: int,
+    progress: bool,
+) -> None:
+    """Integrate per-position gate gradients along the report's path, for every traced component.
+
+    Everything is on the report's scale (divided by the number of prompts M), except
+    ``prompt_scores``, which are per prompt (their mean is the score). Trajectories with a zero
+    advantage (their prompt carried no signal) contribute nothing and are not replayed.
+    """
     alphas, weights = quadrature(path.rule, path.steps)
-    advantages = torch.tensor([row["advantage"] or 0.0 for row in kept.rows], dtype=torch.float32) / kept.num_samples
-    trajectories = kept.trajectories()
-    shown_at = {row: position for position, row in enumerate(shown)}
     prompts = len(kept.prompts)
-    per_token: dict[str, dict[int, torch.Tensor]] = {name: {} for name in by_site}
+    active = [row for row, record in enumerate(kept.rows) if record["advantage"]]
+    advantages = torch.tensor([kept.rows[row]["advantage"] for row in active], dtype=torch.float32) / kept.num_samples
+    trajectories = kept.trajectories(active)
+    shown_set = set(shown)
     per_prompt = {name: torch.zeros(prompts, len(indices), dtype=torch.float64) for name, indices in by_site.items()}
     per_bucket = {name: torch.zeros(BUCKETS, len(indices), dtype=torch.float64) for name, indices in by_site.items()}
-    prompt_part = {name: {} for name in by_site}
+    lengths = {row: len(kept.rows[row]["completion_ids"]) for row in shown}
+    per_token = {name: {row: torch.zeros(lengths[row], len(cols), dtype=torch.float64) for row in shown} for name, cols in by_site.items()}
+    prompt_part = {name: {row: torch.zeros(len(cols), dtype=torch.float64) for row in shown} for name, cols in by_site.items()}
     groups = [group for group in path.groups if any(name in by_site for name in group)]
     passes = [(group, alpha, weight) for group in groups for alpha, weight in zip(alphas, weights, strict=True)]
     for group, alpha, weight in tqdm(passes, desc="explorer: per-token contributions", disable=not progress, leave=False):
         gate = path.baseline + alpha * (1 - path.baseline)
         scale = weight * (1 - path.baseline)
         for rows, chunk in trajectories.chunks(chunk_size):
-            gradients = _position_gradients(model, [sites[name] for name in group], set(by_site), gate, chunk, advantages[rows.start : rows.stop])
-            start = max(len(ids) for ids in chunk.prompt_ids)
+            group_sites = [sites[name] for name in group]
+            gradients = _position_gradients(model, group_sites, set(by_site), gate, chunk, advantages[rows.start : rows.stop])
+            start = _prompt_width(chunk)
             for name, gradient in gradients.items():
                 gradient = gradient[..., by_site[name]].double().cpu() * scale
-                for offset, row in enumerate(rows):
+                for offset, position in enumerate(rows):
+                    row = active[position]
                     generated = gradient[offset, start : start + len(chunk.completion_ids[offset])]
                     prompt_sum = gradient[offset, :start].sum(0)
                     per_prompt[name][kept.rows[row]["prompt"]] += generated.sum(0) + prompt_sum
                     per_bucket[name].index_add_(0, buckets[row], generated)
-                    if row in shown_at:
-                        per_token[name][row] = per_token[name].get(row, 0) + generated
-                        prompt_part[name][row] = prompt_part[name].get(row, 0) + prompt_sum
+                    if row in shown_set:
+                        per_token[name][row] += generated
+                        prompt_part[name][row] += prompt_sum
     for site_name, indices in by_site.items():
         for column, index in enumerate(indices):
             trace = traces[sites[site_name].component_name(index)]
-            trace.contributions = [per_token[site_name][row][:, column].tolist() for row in trace.rows]
-            trace.prompt_part = [float(prompt_part[site_name][row][column]) for row in trace.rows]
+            trace.contributions = [(per_token[site_name][row][:, column] / prompts).tolist() for row in trace.rows]
+            trace.prompt_part = [float(prompt_part[site_name][row][column]) / prompts for row in trace.rows]
             trace.prompt_scores = per_prompt[site_name][:, column].tolist()
             trace.score = float(per_prompt[site_name][:, column].mean())
             trace.contribution_buckets = (per_bucket[site_name][:, column] / prompts).tolist()
@@ -226,23 +275,28 @@ def _position_gradients(
 
     ``L = sum_r advantages[r] sum_t log pi(a_t^r)`` over ``chunk``. Each traced site's gate becomes
     ``gate + delta`` with a zero ``delta`` of shape (rows, positions, size), whose gradient is the split.
+    Sites that see the tokens flattened (a shared expert's input, rows x positions by width) are
+    edited in the (rows, positions, width) layout and flattened back.
     """
     root = unwrap_model(model)
+    layout = chunk.padded()["input_ids"].shape
     deltas: dict[str, torch.Tensor] = {}
 
-    def gated(site: Site):
+    def gated(site: Site) -> tuple[Callable, Callable]:
         def edit(value: torch.Tensor) -> torch.Tensor:
+            flat = value.dim() == 2
+            value = value.view(*layout, -1) if flat else value
             vector = torch.full((site.size,), gate, device=value.device)
-            if site.name not in traced:
-                return site.edit(value, vector)
-            delta = torch.zeros(*value.shape[:2], site.size, device=value.device, requires_grad=True)
-            deltas[site.name] = delta
-            return site.edit(value, vector + delta)
+            if site.name in traced:
+                deltas[site.name] = torch.zeros(*layout, site.size, device=value.device, requires_grad=True)
+                vector = vector + deltas[site.name]
+            edited = site.edit(value, vector)
+            return edited.view(-1, edited.shape[-1]) if flat else edited
 
-        def pre_hook(module, args):
+        def pre_hook(module: nn.Module, args: tuple) -> tuple:
             return (edit(args[0]), *args[1:])
 
-        def hook(module, args, output):
+        def hook(module: nn.Module, args: tuple, output: Any) -> Any:
             return (edit(output[0]), *output[1:]) if isinstance(output, tuple) else edit(output)
 
         return pre_hook, hook
