@@ -294,7 +294,9 @@ def test_the_page_works_in_a_real_browser(tmp_path, tiny_llama, tokenizer):
         assert cards.count() == 3
         first_row = str(payload["traces"][top]["rows"][0])
         assert cards.nth(0).get_attribute("data-row") == first_row
-        assert cards.nth(0).locator(".token").count() == len(payload["trajectories"][first_row]["tokens"])
+        tokens = payload["trajectories"][first_row]["tokens"]
+        shown = cards.nth(0).locator(".token").evaluate_all("spans => spans.map(s => s.textContent)")
+        assert [text.replace("↵", "").replace("→", "") for text in shown] == tokens  # one span per token, line breaks marked
         assert "top suppressed" in view.locator("#detail .effects").inner_text()
         assert cards.nth(0).locator("details.prompt pre").text_content() == hostile
         shading = cards.nth(0).locator(".token").evaluate_all("spans => spans.map(s => s.style.background)")

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from transformers import PreTrainedTokenizerBase
 
 from ipg_lightning.attribution.paths import site_path_groups
 from ipg_lightning.attribution.report import AttributionReport
@@ -159,7 +160,7 @@ def explore(
 def page_for_report(
     report: AttributionReport,
     model: torch.nn.Module,
-    tokenizer: Any,
+    tokenizer: PreTrainedTokenizerBase,
     output: str | Path,
     effects: Effects | None = None,
     components: int = 50,
@@ -179,6 +180,6 @@ def page_for_report(
     path, reason = score_path(report)
     chosen = traced_components(report, sites, components)
     chunk_size = chunk_size or int(report.metadata.get("config", {}).get("chunk_size", 8))
-    traces = trace_components(model, sites, chosen, report.trajectories, path, trajectories_per_component, chunk_size, progress)
+    traces = trace_components(model, sites, chosen, report.trajectories, path, trajectories_per_component, chunk_size, progress, architecture)
     payload = explorer_payload(report, traces, tokenizer, effects, max_listed, title=title, notes=[reason] if reason else None)
     return write_page(payload, output, overwrite)

@@ -33,7 +33,8 @@ from ipg_lightning.attribution.activations import check_readable, component_acti
 from ipg_lightning.attribution.estimator import quadrature
 from ipg_lightning.attribution.kept import KeptTrajectories
 from ipg_lightning.gates import parse_component_name
-from ipg_lightning.sites import Site, unwrap_model
+from ipg_lightning.passes import TeacherForcedPasses
+from ipg_lightning.sites import ArchitectureSpec, Site, unwrap_model
 from ipg_lightning.trajectories import Trajectories, completion_log_probs, frozen_parameters
 
 #: Buckets of a trace: ten deciles of the reasoning, then the answer.
@@ -109,6 +110,7 @@ def trace_components(
     rows_per_component: int = 8,
     chunk_size: int = 8,
     progress: bool = True,
+    architecture: ArchitectureSpec | None = None,
 ) -> dict[str, ComponentTrace]:
     """Replay ``kept`` through ``model`` and trace ``components`` (names at ``sites``).
 
@@ -121,6 +123,7 @@ def trace_components(
         rows_per_component: how many trajectories to keep per component (where it peaks highest).
         chunk_size: trajectories per forward (and backward) pass.
         progress: show progress bars.
+        architecture: module paths of a decoder that is not built in.
     """
     by_site: dict[str, list[int]] = {}
     for name in components:
@@ -147,7 +150,7 @@ def trace_components(
     shown = sorted({row for trace in traces.values() for row in trace.rows})
     _fill_activations(model, traced_sites, by_site, kept, shown, traces, chunk_size)
     if path is not None:
-        _fill_contributions(model, sites, by_site, kept, buckets, shown, traces, path, chunk_size, progress)
+        _fill_contributions(model, sites, by_site, kept, buckets, shown, traces, path, chunk_size, progress, architecture)
     return traces
 
 
@@ -219,6 +222,7 @@ def _fill_contributions(
     path: ScorePath,
     chunk_size: int,
     progress: bool,
+    architecture: ArchitectureSpec | None,
 ) -> None:
     """Integrate per-position gate gradients along the report's path, for every traced component.
 
@@ -239,24 +243,29 @@ def _fill_contributions(
     prompt_part = {name: {row: torch.zeros(len(cols), dtype=torch.float64) for row in shown} for name, cols in by_site.items()}
     groups = [group for group in path.groups if any(name in by_site for name in group)]
     passes = [(group, alpha, weight) for group in groups for alpha, weight in zip(alphas, weights, strict=True)]
+    # the blocks below the lowest moving site are frozen: replayed from the first pass, as attribution does
+    first_live_layer = min(sites[name].layer for group in groups for name in group)
+    replay = TeacherForcedPasses(model, chunk_size, first_live_layer, reuse_prefix=True, architecture=architecture)
     for group, alpha, weight in tqdm(passes, desc="explorer: per-token contributions", disable=not progress, leave=False):
         gate = path.baseline + alpha * (1 - path.baseline)
         scale = weight * (1 - path.baseline)
-        for rows, chunk in trajectories.chunks(chunk_size):
+        for rows, chunk in replay.chunks(trajectories):
             group_sites = [sites[name] for name in group]
-            gradients = _position_gradients(model, group_sites, set(by_site), gate, chunk, advantages[rows.start : rows.stop])
-            start = _prompt_width(chunk)
+            with replay.run(rows):
+                gradients = _position_gradients(model, group_sites, set(by_site), gate, chunk, advantages[rows.start : rows.stop])
+            layout = _chunk_layout(chunk, [active[position] for position in rows], kept, buckets)
             for name, gradient in gradients.items():
                 gradient = gradient[..., by_site[name]].double().cpu() * scale
-                for offset, position in enumerate(rows):
-                    row = active[position]
-                    generated = gradient[offset, start : start + len(chunk.completion_ids[offset])]
-                    prompt_sum = gradient[offset, :start].sum(0)
-                    per_prompt[name][kept.rows[row]["prompt"]] += generated.sum(0) + prompt_sum
-                    per_bucket[name].index_add_(0, buckets[row], generated)
+                prompt_sums = gradient[:, : layout.start].sum(1)
+                generated = gradient[:, layout.start :]  # zero past each completion's end: those positions predict nothing
+                per_prompt[name].index_add_(0, layout.prompts, generated.sum(1) + prompt_sums)
+                per_bucket[name] += torch.zeros(BUCKETS + 1, generated.shape[-1], dtype=torch.float64).index_add_(
+                    0, layout.buckets.flatten(), generated.reshape(-1, generated.shape[-1])
+                )[:BUCKETS]
+                for offset, row in enumerate(layout.rows):
                     if row in shown_set:
-                        per_token[name][row] += generated
-                        prompt_part[name][row] += prompt_sum
+                        per_token[name][row] += generated[offset, : len(chunk.completion_ids[offset])]
+                        prompt_part[name][row] += prompt_sums[offset]
     for site_name, indices in by_site.items():
         for column, index in enumerate(indices):
             trace = traces[sites[site_name].component_name(index)]
@@ -266,6 +275,26 @@ def _fill_contributions(
             trace.score = float(per_prompt[site_name][:, column].mean())
             trace.contribution_buckets = (per_bucket[site_name][:, column] / prompts).tolist()
             trace.prompt_contribution = trace.score - sum(trace.contribution_buckets)
+
+
+@dataclass
+class _ChunkLayout:
+    """Where a padded chunk's generated tokens start, and each row's kept index, prompt and bucket per position."""
+
+    start: int
+    rows: list[int]
+    prompts: torch.Tensor
+    buckets: torch.Tensor  # (rows, completion width); BUCKETS past a row's end
+
+
+def _chunk_layout(chunk: Trajectories, rows: list[int], kept: KeptTrajectories, buckets: list[torch.Tensor]) -> _ChunkLayout:
+    """The bookkeeping of one chunk of kept rows, vectorised for every pass over it."""
+    width = max(len(ids) for ids in chunk.completion_ids)
+    positions = torch.full((len(rows), width), BUCKETS, dtype=torch.long)
+    for offset, row in enumerate(rows):
+        positions[offset, : len(buckets[row])] = buckets[row]
+    prompts = torch.tensor([kept.rows[row]["prompt"] for row in rows], dtype=torch.long)
+    return _ChunkLayout(_prompt_width(chunk), rows, prompts, positions)
 
 
 def _position_gradients(
