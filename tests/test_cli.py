@@ -72,7 +72,7 @@ def test_demo_runs_every_stage_and_writes_a_complete_output(tmp_path, capsys):
         assert len(payload["traces"]) == 50 and payload["limits"]["trajectories_total"] == 4 * 4
         assert (out / name / "trajectories.json").is_file()
     printed = capsys.readouterr().out
-    assert "accuracy suppressed" in printed and "wall time" in printed
+    assert "accuracy suppressed" in printed and "wall time" in printed and f"open {out}/attribution_length.html" in printed
 
 
 def test_demo_names_unknown_presets():

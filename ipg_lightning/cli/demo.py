@@ -340,6 +340,7 @@ def print_summary(run: DemoRun, summary: dict[str, Any], title: str, out_dir: Pa
         kept = f", carried by the loader {export['loader_sites']}" if export["loader_sites"] else ""
         print(f"exported {what} (folded {export['folded_sites']}{kept}): greedy generations identical = {export['greedy_generations_identical']}")
     print(f"wall time {summary['wall_time_s']} s; reports, plots, metrics and the exported models are in {out_dir}/")
+    print(f"to see what the top components do, open {out_dir}/attribution_length.html (and the other attribution_*.html) in a browser")
 
 
 def prepare_run(settings: dict[str, Any]) -> DemoRun:
