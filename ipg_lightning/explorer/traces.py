@@ -92,9 +92,9 @@ class ScorePath:
     groups: list[list[str]]
 
 
-def reasoning_buckets(completion_tokens: int, reasoning_tokens: int, device: torch.device | None = None) -> torch.Tensor:
+def reasoning_buckets(completion_tokens: int, reasoning_tokens: int) -> torch.Tensor:
     """Bucket of each generated token: ``floor(10 t / R)`` inside the reasoning's R tokens, 10 after it."""
-    positions = torch.arange(completion_tokens, device=device)
+    positions = torch.arange(completion_tokens)
     reasoning = min(reasoning_tokens, completion_tokens)
     if reasoning <= 0:  # the completion opens with its answer
         return torch.full_like(positions, 10)
