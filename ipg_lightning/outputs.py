@@ -7,18 +7,22 @@ a repository root, the home directory, a symbolic link, or a directory of someon
 :func:`check_output_dir` applies those rules before a run starts, so a refusal costs no work;
 :func:`atomic_directory` applies them again when the result is moved into place.
 
-Results are staged in a hidden sibling directory that the writing process holds a lock on; a stage
-nobody holds was left by a killed process and is removed the next time that output is written.
+Results are staged in a hidden sibling directory, ``.{name}.{host}-{pid}.{random}.partial``, that the
+writing process holds a lock on and marks with a :data:`STAGE_MARKER` file naming the output. A stage
+nobody holds was left by a killed process and is removed the next time that output is written, but
+only one that provably is this output's own: its exact name and its marker. Anything else beside the
+output (another output's stage, a directory a person made) is never touched.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
-import glob
 import json
 import logging
 import os
+import re
 import shutil
 import socket
 import sys
@@ -33,7 +37,8 @@ from typing import Any
 log = logging.getLogger(__name__)
 
 MANIFEST_FILE = "ipg_manifest.json"
-_STAGE_SUFFIXES = (".partial", ".replaced")
+#: The file inside a staging directory that says which output it stages (removed before the stage becomes the output).
+STAGE_MARKER = ".ipg_stage.json"
 
 
 class UnsafeOverwriteError(FileExistsError):
@@ -46,23 +51,77 @@ def _umask() -> int:
     return mask
 
 
+def _host() -> str:
+    """This machine's name without dots (stage and temporary names split on dots)."""
+    return socket.gethostname().replace(".", "_")
+
+
 def _stage_tag() -> str:
     """``host-pid`` of this process, so that a person can tell whose staging directory it is."""
-    return f"{socket.gethostname().replace('.', '_')}-{os.getpid()}"
+    return f"{_host()}-{os.getpid()}"
+
+
+def _temporary_name(name: str) -> re.Pattern[str]:
+    """The exact names of :func:`atomic_write_text`'s temporary files for ``name``: ``.{name}.{host}-{pid}.{random}.tmp``."""
+    return re.compile(rf"\.{re.escape(name)}\.(?P<host>[^./]+)-(?P<pid>\d+)\.[a-z0-9_]+\.tmp")
+
+
+def _process_gone(host: str, pid: int) -> bool:
+    """Whether process ``pid`` of this host has ended (False when that cannot be told: another host)."""
+    if host != _host():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except OSError:
+        return False
+    return False
+
+
+def remove_stale_temporaries(path: str | Path) -> list[Path]:
+    """Remove the temporary files a killed :func:`atomic_write_text` of ``path`` left beside it.
+
+    Only files with exactly its naming, written by a process of this host that has ended and locked
+    by nobody, are removed.
+    """
+    path = Path(path)
+    if not path.parent.is_dir():
+        return []
+    pattern, removed = _temporary_name(path.name), []
+    for temporary in sorted(path.parent.iterdir()):
+        match = pattern.fullmatch(temporary.name)
+        if match is None or temporary.is_symlink() or not temporary.is_file() or not _process_gone(match["host"], int(match["pid"])):
+            continue
+        if _abandoned(temporary):
+            temporary.unlink(missing_ok=True)
+            log.warning("removed %s, left by an interrupted run", temporary)
+            removed.append(temporary)
+    return removed
 
 
 def atomic_write_text(path: str | Path, text: str) -> Path:
-    """Write ``text`` to a temporary file beside ``path``, then rename it into place."""
+    """Write ``text`` to a temporary file beside ``path``, then rename it into place.
+
+    The temporary file is locked while it is written; one that a killed process left is removed by
+    the next write of the same ``path`` (:func:`remove_stale_temporaries`).
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    remove_stale_temporaries(path)
+    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.{_stage_tag()}.", suffix=".tmp")
     try:
         with os.fdopen(handle, "w", encoding="utf-8") as file:
+            with contextlib.suppress(OSError):  # a filesystem without locks: its temporaries are never judged stale
+                fcntl.flock(file.fileno(), fcntl.LOCK_EX)
             file.write(text)
         os.chmod(temporary, 0o666 & ~_umask())  # mkstemp's 0600 would leak into the final file
         os.replace(temporary, path)
-    except BaseException:
+    except BaseException as error:
+        failure = _write_failure(path, error)
         Path(temporary).unlink(missing_ok=True)
+        if failure is not None:
+            raise failure from None
         raise
     return path
 
@@ -101,7 +160,7 @@ def _relative_files(root: Path) -> set[str]:
 
 
 def _write_manifest(staging: Path, kind: str) -> None:
-    files = sorted(_relative_files(staging) - {MANIFEST_FILE})
+    files = sorted(_relative_files(staging) - {MANIFEST_FILE, STAGE_MARKER})
     manifest = {
         "written_by": "ipg_lightning",
         "version": _package_version(),
@@ -142,6 +201,66 @@ def _check_replaceable(path: Path) -> None:
         raise _refuse(path, f"it holds entries the earlier run did not write ({shown})", f"{another}, or move them away first")
 
 
+#: OS errors that mean the place cannot take the output (not a bug of the run): named by the output, not the stage.
+_WRITE_FAILURES = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EIO, errno.EFBIG}
+#: Below this much free space on its disk an output is refused before any work.
+MIN_FREE_BYTES = 1 << 20
+
+
+class OutputWriteError(OSError):
+    """An output that could not be written (a full or read-only disk, ...); the message names the output, not its stage."""
+
+    def __init__(self, path: Path, reason: str) -> None:
+        super().__init__(f"Could not write {path}: {reason}; nothing was written under that name")
+        self.reason = reason
+
+
+def _existing_folder(path: Path) -> Path:
+    """The nearest folder above ``path`` that exists (where its missing parents would be created)."""
+    folder = path.parent
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    return folder
+
+
+def _disk_full(path: Path) -> bool:
+    try:
+        return shutil.disk_usage(_existing_folder(path)).free < MIN_FREE_BYTES
+    except OSError:
+        return False
+
+
+def check_writable(path: str | Path) -> Path:
+    """Raise before any work if ``path`` cannot be written: its folder is read-only, not a folder, or its disk is full."""
+    path = Path(path)
+    folder = _existing_folder(path)
+    if not folder.is_dir():
+        raise NotADirectoryError(f"Cannot write {path}: {folder} is a file, not a directory; choose another output path")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise PermissionError(f"Cannot write {path}: {folder} is read-only or not writable by this user; choose another output path")
+    if _disk_full(path):
+        raise OSError(f"Cannot write {path}: the disk holding {folder} is full; free some space or choose another output path")
+    return path
+
+
+def _write_failure(path: Path, error: BaseException) -> OutputWriteError | None:
+    """An error naming ``path`` when ``error`` means the disk could not take it (None for any other error).
+
+    Writers report this differently: an ``OSError``, safetensors' ``(os error 28)``, torch's bare
+    "unexpected pos"; a disk found full after the failure explains the last kind.
+    """
+    if isinstance(error, OutputWriteError):
+        return OutputWriteError(path, error.reason)
+    code = error.errno if isinstance(error, OSError) else None
+    if code is None and (match := re.search(r"\(os error (\d+)\)", str(error))):
+        code = int(match[1])
+    if code in _WRITE_FAILURES:
+        return OutputWriteError(path, os.strerror(code).lower())
+    if isinstance(error, Exception) and _disk_full(path):
+        return OutputWriteError(path, "no space left on device")
+    return None
+
+
 def check_output_dir(path: str | Path, overwrite: bool = False) -> Path:
     """Check, before any work starts, that a result may be written to ``path``.
 
@@ -158,7 +277,7 @@ def check_output_dir(path: str | Path, overwrite: bool = False) -> Path:
                 "--model.overwrite true for ipg attribute) to replace an earlier ipg_lightning output there"
             )
         _check_replaceable(path)
-    return path
+    return check_writable(path)
 
 
 @contextmanager
@@ -188,21 +307,53 @@ def _abandoned(stage: Path) -> bool:
     return True
 
 
+def _stage_name(name: str) -> re.Pattern[str]:
+    """The exact names of ``name``'s stages: ``.{name}.{host}-{pid}.{random}.partial`` (or ``.replaced``)."""
+    return re.compile(rf"\.{re.escape(name)}\.[^./]+-\d+\.[a-z0-9_]+(?P<suffix>\.partial|\.replaced)")
+
+
+def _new_stage(path: Path, suffix: str) -> Path:
+    """A locked-to-be, marked staging directory beside ``path`` (see the module docstring)."""
+    stage = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.{_stage_tag()}.", suffix=suffix))
+    (stage / STAGE_MARKER).write_text(json.dumps({"written_by": "ipg_lightning", "output": path.name}) + "\n", encoding="utf-8")
+    return stage
+
+
+def _marks(stage: Path, path: Path) -> bool:
+    """Whether ``stage`` carries this library's marker naming ``path`` as its output."""
+    try:
+        marker = json.loads((stage / STAGE_MARKER).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(marker, dict) and marker.get("written_by") == "ipg_lightning" and marker.get("output") == path.name
+
+
 def remove_stale_stages(path: str | Path) -> list[Path]:
     """Clean up after a run of this output that was killed while writing it.
 
     Its staging directory (an unfinished result) is removed. If it was killed while swapping an old
-    result for a new one, so that ``path`` is missing, the old result is first put back.
+    result for a new one, so that ``path`` is missing, the old result is first put back. Only a stage
+    that provably is this output's (its exact name and a marker naming the output inside) and that no
+    live process holds is touched; a look-alike without a marker is named in a warning and left alone.
     """
     path = Path(path)
     if not path.parent.is_dir():
         return []
-    removed = []
-    for stage in sorted(path.parent.glob(f".{glob.escape(path.name)}.*")):
-        if not (stage.is_dir() and stage.name.endswith(_STAGE_SUFFIXES) and _abandoned(stage)):
+    pattern, removed = _stage_name(path.name), []
+    for stage in sorted(path.parent.iterdir()):
+        match = pattern.fullmatch(stage.name)
+        if match is None or stage.is_symlink() or not stage.is_dir() or not _abandoned(stage):
+            continue
+        if not _marks(stage, path):
+            log.warning(
+                "left %s in place: it is named like a stage of %s but carries no %s; delete it yourself if it is not needed",
+                stage,
+                path,
+                STAGE_MARKER,
+            )
             continue
         displaced = stage / path.name
-        if stage.name.endswith(".replaced") and displaced.is_dir() and not path.exists():
+        if match["suffix"] == ".replaced" and displaced.is_dir() and not path.exists():
             try:
                 os.replace(displaced, path)
             except OSError:  # another process (a DDP rank) got there first
@@ -239,22 +390,25 @@ def atomic_directory(path: str | Path, overwrite: bool = False, kind: str = "out
     path = Path(path)
     check_output_dir(path, overwrite)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tag = _stage_tag()
-    staging = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.{tag}.", suffix=".partial"))
+    staging = _new_stage(path, ".partial")
     try:
         with _held(staging):
             yield staging
             _write_manifest(staging, kind)
             _make_readable(staging)
             check_output_dir(path, overwrite)  # the target may have changed while the work ran
+            (staging / STAGE_MARKER).unlink()
             if not path.exists():
                 os.replace(staging, path)
                 return
-            replaced = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.{tag}.", suffix=".replaced"))
+            replaced = _new_stage(path, ".replaced")
             with _held(replaced):
                 os.replace(path, replaced / path.name)
                 os.replace(staging, path)
             shutil.rmtree(replaced, ignore_errors=True)
-    except BaseException:
+    except BaseException as error:
+        failure = _write_failure(path, error)  # before the stage's space is freed
         shutil.rmtree(staging, ignore_errors=True)
+        if failure is not None:
+            raise failure from None
         raise
