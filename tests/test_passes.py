@@ -87,7 +87,7 @@ def test_memory_limits_give_the_same_scores(limits, family, site_families, tiny_
     plain, plain_delta = _scores(model, tokenizer, site_families, [1], reuse_prefix=False, chunk_size=6)
     bounded, bounded_delta = _scores(model, tokenizer, site_families, [1], reuse_prefix=True, limits=limits, chunk_size=6)
     for name in plain:
-        torch.testing.assert_close(bounded[name], plain[name], rtol=0, atol=1e-6)
+        torch.testing.assert_close(bounded[name], plain[name], rtol=1e-6, atol=1e-6)  # float32 sums in another order: ~1 ulp of scores near 4
     assert bounded_delta == pytest.approx(plain_delta, abs=5e-5)  # L(1) - L(0) of float32 sums of ~1e2 over other chunks
 
 
