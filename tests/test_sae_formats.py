@@ -275,3 +275,72 @@ def test_dictionary_learning_points_that_are_not_block_outputs_are_refused(tmp_p
     (directory / "config.json").write_text(json.dumps({**config, "buffer": {"io": "in"}}))
     with pytest.raises(SAEFormatError, match="buffer io 'in'"):
         load_sae(directory)
+
+
+def _nan_in(weights, name):
+    damaged = dict(weights)
+    damaged[name] = damaged[name].clone()
+    damaged[name].view(-1)[3] = float("nan")
+    return damaged
+
+
+@pytest.mark.parametrize("layout", ["saelens", "sparsify", "dictionary_learning"])
+def test_non_finite_weights_are_refused_in_every_format(tmp_path, tensors, layout):
+    weights = {name: tensors[name] for name in ("W_enc", "b_enc", "W_dec", "b_dec")}
+    if layout == "saelens":
+        folder = write_saelens(tmp_path / "sae", _nan_in(weights, "W_dec"), architecture="standard", hook_name="blocks.0.hook_resid_post")
+    elif layout == "sparsify":
+        folder = tmp_path / "layers.0"
+        folder.mkdir()
+        renamed = {"encoder.weight": weights["W_enc"].T, "encoder.bias": weights["b_enc"], "W_dec": weights["W_dec"], "b_dec": weights["b_dec"]}
+        save_file({name: tensor.contiguous() for name, tensor in _nan_in(renamed, "encoder.bias").items()}, str(folder / "sae.safetensors"))
+        (folder / "cfg.json").write_text(json.dumps({"activation": "topk", "k": K, "d_in": D_IN}))
+    else:
+        state = {"encoder.weight": weights["W_enc"].T, "encoder.bias": weights["b_enc"], "decoder.weight": weights["W_dec"].T}
+        state["b_dec"] = torch.full((D_IN,), float("inf"))
+        folder = write_dictionary_learning(tmp_path / "dl", {**state, "k": torch.tensor(K)}, "AutoEncoderTopK")
+    with pytest.raises(SAEFormatError, match=r"holds non-finite values \(NaN or inf\)"):
+        load_sae(folder)
+
+
+@pytest.mark.parametrize(
+    "config, message",
+    [
+        ({"d_sae": 2e10}, r"W_enc has shape \(16, 40\), but its config \(d_in 16, d_sae 20000000000\)"),
+        ({"d_sae": -5}, r"d_sae must be a positive whole number, got -5"),
+        ({"d_in": "abc"}, r"sae: the SAE's d_in must be a positive whole number, got 'abc'"),
+        ({"architecture": "topk", "k": "many"}, r"k must be a positive whole number, got 'many'"),
+        ({"architecture": "topk", "k": 41}, r"k = 41 exceeds the SAE's 40 features"),
+    ],
+    ids=["huge", "negative", "text", "k-text", "k-too-large"],
+)
+def test_config_sizes_are_checked_against_the_weights_before_anything_is_allocated(tmp_path, tensors, config, message):
+    weights = {name: tensors[name] for name in ("W_enc", "b_enc", "W_dec", "b_dec")}
+    folder = write_saelens(tmp_path / "sae", weights, **{"architecture": "standard", "hook_name": "blocks.0.hook_resid_post", **config})
+    with pytest.raises(SAEFormatError, match=message) as caught:
+        load_sae(folder)
+    assert str(folder) in str(caught.value)
+
+
+def test_tensors_of_the_wrong_kind_are_named_with_the_file(tmp_path, tensors):
+    folder = tmp_path / "layers.0"
+    folder.mkdir()
+    save_file({"encoder.weight": torch.zeros(D_SAE), "W_dec": tensors["W_dec"].contiguous()}, str(folder / "sae.safetensors"))
+    (folder / "cfg.json").write_text(json.dumps({"activation": "topk", "k": K}))
+    with pytest.raises(SAEFormatError, match=r"layers.0/sae.safetensors: encoder.weight must be a matrix, it has shape \(40,\)"):
+        load_sae(folder)
+    state = {"encoder.weight": tensors["W_enc"].T, "decoder.weight": tensors["W_dec"].T, "b_dec": tensors["b_dec"], "k": torch.tensor(K)}
+    folder = write_dictionary_learning(tmp_path / "dl", state, "AutoEncoderTopK")  # no encoder.bias
+    with pytest.raises(SAEFormatError, match=r"dl is not a readable dictionary_learning SAE \(KeyError: 'encoder.bias'\)"):
+        load_sae(folder)
+
+
+def test_an_sae_with_nan_is_never_spliced_into_a_model(tiny_llama):
+    from ipg_lightning.sae import attach_sae, attached_saes
+
+    sae = random_sae(tiny_llama.config.hidden_size, "blocks.1.hook_resid_post", d_sae=32, k=4)
+    with torch.no_grad():
+        sae.b_enc[0] = float("nan")
+    with pytest.raises(ValueError, match=r"holds non-finite values \(NaN or inf\) in \['b_enc'\]"):
+        attach_sae(tiny_llama, sae)
+    assert attached_saes(tiny_llama) == {}

@@ -173,16 +173,19 @@ class AttributionReport:
         for name in (SCORES_FILE, METADATA_FILE):
             if not (directory / name).is_file():
                 raise FileNotFoundError(f"{directory} is not an attribution report: {name} is missing")
-        damaged = "the report is damaged (truncated or edited): run the attribution again"
+        damaged_report = "the report is damaged (truncated or edited): run the attribution again"
         try:
             metadata = json.loads((directory / METADATA_FILE).read_text(encoding="utf-8"))
             sites = metadata.pop("sites")
         except (ValueError, KeyError, AttributeError) as error:
-            raise ValueError(f"{directory / METADATA_FILE} cannot be read ({type(error).__name__}: {error}); {damaged}") from None
+            raise ValueError(f"{directory / METADATA_FILE} cannot be read ({type(error).__name__}: {error}); {damaged_report}") from None
         try:
             scores = load_file(str(directory / SCORES_FILE))
         except Exception as error:  # safetensors raises its own error types for damaged files
-            raise ValueError(f"{directory / SCORES_FILE} cannot be read ({error}); {damaged}") from None
+            raise ValueError(f"{directory / SCORES_FILE} cannot be read ({error}); {damaged_report}") from None
+        damaged = [name for name, vector in scores.items() if not torch.isfinite(vector).all()]
+        if damaged:
+            raise ValueError(f"{directory / SCORES_FILE} holds non-finite scores (NaN or inf) for {damaged[:3]}; {damaged_report}")
         metadata.pop("top", None)
         kept = directory / TRAJECTORIES_FILE
         loaded = KeptTrajectories.load(kept) if trajectories and kept.is_file() else None

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import re
 from pathlib import Path
 from typing import Any
@@ -60,19 +61,21 @@ def load_sae(path: str | Path) -> SparseAutoencoder:
     if not path.is_dir():
         raise FileNotFoundError(f"No SAE directory at {path}")
     files = {child.name for child in path.iterdir()}
-    if SAELENS_WEIGHTS in files:
-        sae = _read_saelens(path)
-    elif SPARSIFY_WEIGHTS in files:
-        sae = _read_sparsify(path)
-    elif DICTIONARY_WEIGHTS in files:
-        sae = _read_dictionary_learning(path)
-    else:
+    readers = {SAELENS_WEIGHTS: ("SAELens", _read_saelens), SPARSIFY_WEIGHTS: ("sparsify", _read_sparsify)}
+    readers[DICTIONARY_WEIGHTS] = ("dictionary_learning", _read_dictionary_learning)
+    found = next((readers[name] for name in readers if name in files), None)
+    if found is None:
         nested = sorted(child.name for child in path.iterdir() if child.is_dir() and (child / SPARSIFY_WEIGHTS).is_file())
         hint = f"; it holds SAEs for several hook points, give one of them, e.g. {path / nested[0]}" if nested else ""
         raise SAEFormatError(
             f"{path} is not an SAE directory: expected {SAELENS_WEIGHTS} (SAELens), {SPARSIFY_WEIGHTS} (sparsify) "
             f"or {DICTIONARY_WEIGHTS} (dictionary_learning){hint}"
         )
+    layout, read = found
+    try:
+        sae = read(path)
+    except (KeyError, IndexError, TypeError, RuntimeError, AttributeError) as error:  # tensors or entries of other kinds than the layout's
+        raise SAEFormatError(f"{path} is not a readable {layout} SAE ({type(error).__name__}: {error})") from None
     sae.source = str(path.resolve())
     return sae.requires_grad_(False)
 
@@ -96,12 +99,34 @@ def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
         raise SAEFormatError(f"{path} cannot be read ({error})") from None
 
 
+def _size(value: Any, key: str, where: Path) -> int:
+    """A size (``d_in``, ``d_sae``, ``k``) as a positive int, or an error naming the SAE's directory and the entry."""
+    whole = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value) and value == int(value)
+    if not whole or value < 1:
+        raise SAEFormatError(f"{where.parent}: the SAE's {key} must be a positive whole number, got {value!r}")
+    return int(value)
+
+
+def _matrix(weights: dict[str, torch.Tensor], name: str, where: Path) -> torch.Tensor:
+    """The 2-D tensor ``name`` of an SAE's weights, or an error naming the file."""
+    if name not in weights:
+        raise SAEFormatError(f"{where} has no {name} tensor (it has {sorted(weights)})")
+    if weights[name].dim() != 2:
+        raise SAEFormatError(f"{where}: {name} must be a matrix, it has shape {tuple(weights[name].shape)}")
+    return weights[name]
+
+
 def _build(config: dict[str, Any], weights: dict[str, torch.Tensor], where: Path) -> SparseAutoencoder:
-    """An SAE from constructor arguments and ``W_enc``/``b_enc``/``W_dec``/``b_dec``[/``threshold``], shapes checked."""
-    sae = SparseAutoencoder(**config)
-    expected = {"W_enc": (sae.d_in, sae.d_sae), "b_enc": (sae.d_sae,), "W_dec": (sae.d_sae, sae.d_in), "b_dec": (sae.d_in,)}
-    if sae.activation == "jumprelu":
-        expected["threshold"] = (sae.d_sae,)
+    """An SAE from constructor arguments and ``W_enc``/``b_enc``/``W_dec``/``b_dec``[/``threshold``].
+
+    Sizes and shapes are checked against the weights before anything is allocated (a config cannot
+    make the loader allocate more than the file holds), and every value must be finite.
+    """
+    d_in, d_sae = _size(config["d_in"], "d_in", where), _size(config["d_sae"], "d_sae", where)
+    expected = {"W_enc": (d_in, d_sae), "b_enc": (d_sae,), "W_dec": (d_sae, d_in), "b_dec": (d_in,)}
+    if config["activation"] == "jumprelu":
+        expected["threshold"] = (d_sae,)
+    found = {}
     for name, shape in expected.items():
         if name not in weights:
             raise SAEFormatError(f"{where} has no {name} tensor (it has {sorted(weights)})")
@@ -109,10 +134,20 @@ def _build(config: dict[str, Any], weights: dict[str, torch.Tensor], where: Path
         if name == "threshold" and tensor.numel() == 1:  # one threshold shared by all features (BatchTopK)
             tensor = tensor.reshape(1).expand(shape)
         if tuple(tensor.shape) != shape:
-            raise SAEFormatError(
-                f"{where}: {name} has shape {tuple(tensor.shape)}, but its config (d_in {sae.d_in}, d_sae {sae.d_sae}) needs {shape}"
-            )
-        with torch.no_grad():
+            raise SAEFormatError(f"{where}: {name} has shape {tuple(tensor.shape)}, but its config (d_in {d_in}, d_sae {d_sae}) needs {shape}")
+        if not (tensor.is_floating_point() and torch.isfinite(tensor).all()):
+            raise SAEFormatError(f"{where}: {name} holds non-finite values (NaN or inf) or is not a float tensor: the SAE is damaged; use another")
+        found[name] = tensor
+    if config["activation"] == "topk":
+        k = _size(config["k"], "k", where)
+        if k > d_sae:
+            raise SAEFormatError(f"{where.parent}: k = {k} exceeds the SAE's {d_sae} features (d_sae)")
+    try:
+        sae = SparseAutoencoder(**config)
+    except ValueError as error:
+        raise SAEFormatError(f"{where}: {error}") from None
+    with torch.no_grad():
+        for name, tensor in found.items():
             getattr(sae, name).copy_(tensor.float())
     return sae
 
@@ -160,7 +195,7 @@ def _read_saelens(path: Path) -> SparseAutoencoder:
     weights = _read_safetensors(path / SAELENS_WEIGHTS)
     scale = weights.pop("finetuning_scaling_factor", weights.pop("scaling_factor", None))
     if scale is not None:  # SAELens < 6: a per-feature factor on the features before decoding
-        weights["W_dec"] = weights["W_dec"] * scale.reshape(-1, 1)
+        weights["W_dec"] = _matrix(weights, "W_dec", path / SAELENS_WEIGHTS) * scale.reshape(-1, 1)
     if architecture == "topk" and setting("rescale_acts_by_decoder_norm", default=False):
         norms = weights["W_dec"].norm(dim=-1).clamp_min(1e-12)  # features scaled by decoder norms: fold the norms into the weights
         weights.update(W_enc=weights["W_enc"] * norms, b_enc=weights["b_enc"] * norms, W_dec=weights["W_dec"] / norms.reshape(-1, 1))
@@ -169,11 +204,11 @@ def _read_saelens(path: Path) -> SparseAutoencoder:
     if missing:
         raise SAEFormatError(f"{path}/{SAELENS_CONFIG} has no {' or '.join(missing)}")
     fields = {
-        "d_in": int(setting("d_in")),
-        "d_sae": int(setting("d_sae")),
+        "d_in": setting("d_in"),
+        "d_sae": setting("d_sae"),
         "hook_name": hook_name,
         "activation": _SAELENS_ARCHITECTURES[architecture],
-        "k": int(setting("k", default=kwargs.get("k", 100))) if architecture == "topk" else None,  # SAELens' own default is 100
+        "k": setting("k", default=kwargs.get("k", 100)) if architecture == "topk" else None,  # SAELens' own default is 100
         "apply_b_dec_to_input": bool(setting("apply_b_dec_to_input", default=True)),
         "normalization": normalization,
         "input_scale": input_scale,
@@ -281,11 +316,11 @@ def _read_sparsify(path: Path) -> SparseAutoencoder:
     weights = _read_safetensors(path / SPARSIFY_WEIGHTS)
     if "encoder.weight" not in weights or "W_dec" not in weights:
         raise SAEFormatError(f"{path}/{SPARSIFY_WEIGHTS} needs encoder.weight and W_dec (it has {sorted(weights)})")
-    d_sae, d_in = weights["encoder.weight"].shape
+    d_sae, d_in = _matrix(weights, "encoder.weight", path / SPARSIFY_WEIGHTS).shape
     if config.get("d_in") not in (None, d_in):
         raise SAEFormatError(f"{path}: cfg.json says d_in {config['d_in']}, encoder.weight has {d_in} inputs")
     hook_point = path.parent.name if re.fullmatch(r"seed\d+", path.name) else path.name  # several seeds: <hook point>/seedN
-    fields = {"d_in": d_in, "d_sae": d_sae, "hook_name": sparsify_hook_name(hook_point), "activation": "topk", "k": int(config["k"])}
+    fields = {"d_in": d_in, "d_sae": d_sae, "hook_name": sparsify_hook_name(hook_point), "activation": "topk", "k": config["k"]}
     renamed = {"W_enc": weights["encoder.weight"].T, "b_enc": weights.get("encoder.bias", torch.zeros(d_sae)), "W_dec": weights["W_dec"]}
     renamed["b_dec"] = weights.get("b_dec", torch.zeros(d_in))
     return _build(fields, renamed, path / SPARSIFY_WEIGHTS)
@@ -352,7 +387,7 @@ def _read_dictionary_learning(path: Path) -> SparseAutoencoder:
         raise SAEFormatError(f"{path}/{DICTIONARY_WEIGHTS} must hold a state dict of tensors")
     activation = _DICTIONARY_CLASSES[dict_class]
     weights = _dictionary_weights(state, activation, path / DICTIONARY_WEIGHTS)
-    d_in, d_sae = weights["W_enc"].shape
+    d_in, d_sae = _matrix(weights, "W_enc", path / DICTIONARY_WEIGHTS).shape
     k = state["k"].item() if "k" in state else trainer.get("k")
     if activation == "topk" and k is None:
         raise SAEFormatError(f"{path}: a {dict_class} needs k, in ae.pt or in config.json's trainer settings")
@@ -361,7 +396,7 @@ def _read_dictionary_learning(path: Path) -> SparseAutoencoder:
         "d_sae": d_sae,
         "hook_name": dictionary_learning_hook_name(trainer.get("submodule_name"), trainer.get("layer")),
         "activation": activation,
-        "k": int(k) if activation == "topk" else None,
+        "k": k if activation == "topk" else None,
         "apply_b_dec_to_input": dict_class != "JumpReluAutoEncoder",  # the only class that encodes x itself
     }
     return _build(fields, weights, path / DICTIONARY_WEIGHTS)

@@ -1,0 +1,69 @@
+"""Hardening, round 2: the newer surfaces (SAE files, train-sae, steering checkpoints, resume, the
+explorer) refuse numbers and names they cannot trust. Each test reproduces one finding of the review
+and asserts the safe behaviour; output staging is in ``test_outputs.py``, SAE file contents in
+``test_sae_formats.py``."""
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from ipg_lightning.cli import run
+
+ROOT = Path(__file__).resolve().parents[1]
+RECIPES = ROOT / "recipes"
+REASONER_SAE = ROOT / "checkpoints" / "tiny-reasoner-sae"
+QUICK = ["--data.num_test", "2", "--data.num_val", "1", "--data.num_train", "0", "--sampling.max_new_tokens", "4"]
+
+
+def _no_loading(monkeypatch):
+    def refuse(*args, **kwargs):
+        raise AssertionError("a model was loaded before the settings were checked")
+
+    for module in ("steering.loading", "task", "steering.learned", "explorer.page"):
+        monkeypatch.setattr(f"ipg_lightning.{module}.load_model_and_tokenizer", refuse)
+
+
+# ----------------------------------------------------------------------------- 2. non-finite SAE weights
+def test_evaluate_refuses_an_sae_with_nan_instead_of_writing_metrics_of_empty_completions(tmp_path):
+    damaged = tmp_path / "sae"
+    shutil.copytree(REASONER_SAE, damaged)
+    weights = load_file(str(damaged / "sae_weights.safetensors"))
+    weights["W_dec"][5, 0] = float("nan")
+    save_file(weights, str(damaged / "sae_weights.safetensors"))
+    hook = json.loads((damaged / "cfg.json").read_text())["metadata"]["hook_name"]
+    arguments = ["--model_path", str(ROOT / "checkpoints" / "tiny-reasoner"), "--selection.components", f'["{hook}.sae[3]"]', "--selection.saes", f'["{damaged}"]']
+    with pytest.raises(ValueError, match=r"W_dec holds non-finite values \(NaN or inf\)"):
+        run(["evaluate", *arguments, "--gamma", "1", "--output_dir", str(tmp_path / "eval"), *QUICK])
+    assert not (tmp_path / "eval").exists()
+
+
+def test_reports_and_exports_with_non_finite_numbers_are_refused_when_read(tmp_path):
+    from ipg_lightning.attribution.report import AttributionReport
+    from ipg_lightning.exported import load_steered
+
+    site = {"blocks.0.hook_mlp_out": {"family": "mlp_out", "layer": 0, "size": 1}}
+    AttributionReport({"blocks.0.hook_mlp_out": torch.tensor([float("nan")])}, site).save(tmp_path / "report", plot=False)
+    with pytest.raises(ValueError, match=r"attribution.safetensors holds non-finite scores \(NaN or inf\) for \['blocks.0.hook_mlp_out'\]"):
+        AttributionReport.load(tmp_path / "report")
+
+    run(["export", "--config", str(RECIPES / "export_tiny.yaml"), "--output_dir", str(tmp_path / "export")])
+    for file, name in (("steering.safetensors", None), ("model.safetensors", "model.layers.0.mlp.down_proj.weight")):
+        damaged = tmp_path / f"damaged_{file}"
+        shutil.copytree(tmp_path / "export", damaged)
+        tensors = load_file(str(damaged / file))
+        name = name or next(iter(tensors))
+        tensors[name] = torch.full_like(tensors[name], float("inf"))
+        save_file(tensors, str(damaged / file), metadata=_metadata(damaged / file))
+        with pytest.raises(ValueError, match=rf"non-finite .*NaN or inf.*{name}"):
+            load_steered(damaged)
+
+
+def _metadata(path):
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as handle:
+        return handle.metadata()
