@@ -35,7 +35,8 @@ def test_evaluate_refuses_an_sae_with_nan_instead_of_writing_metrics_of_empty_co
     weights["W_dec"][5, 0] = float("nan")
     save_file(weights, str(damaged / "sae_weights.safetensors"))
     hook = json.loads((damaged / "cfg.json").read_text())["metadata"]["hook_name"]
-    arguments = ["--model_path", str(ROOT / "checkpoints" / "tiny-reasoner"), "--selection.components", f'["{hook}.sae[3]"]', "--selection.saes", f'["{damaged}"]']
+    arguments = ["--model_path", str(ROOT / "checkpoints" / "tiny-reasoner"), "--selection.components", f'["{hook}.sae[3]"]']
+    arguments += ["--selection.saes", f'["{damaged}"]']
     with pytest.raises(ValueError, match=r"W_dec holds non-finite values \(NaN or inf\)"):
         run(["evaluate", *arguments, "--gamma", "1", "--output_dir", str(tmp_path / "eval"), *QUICK])
     assert not (tmp_path / "eval").exists()
