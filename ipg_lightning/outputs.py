@@ -21,6 +21,7 @@ import errno
 import fcntl
 import json
 import logging
+import math
 import os
 import re
 import shutil
@@ -126,9 +127,29 @@ def atomic_write_text(path: str | Path, text: str) -> Path:
     return path
 
 
+def finite_or_none(value: Any) -> Any:
+    """``value`` with every NaN or infinite float (in nested dicts and lists) replaced by None."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {key: finite_or_none(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [finite_or_none(item) for item in value]
+    return value
+
+
+def strict_json(payload: Any, indent: int | None = None) -> str:
+    """``payload`` as standard JSON, which has no NaN or Infinity: those values are written as null.
+
+    >>> strict_json({"loss": float("nan"), "steps": [1, float("inf")]})
+    '{"loss": null, "steps": [1, null]}'
+    """
+    return json.dumps(finite_or_none(payload), indent=indent, allow_nan=False)
+
+
 def atomic_write_json(path: str | Path, payload: Any) -> Path:
-    """Write ``payload`` as indented JSON, atomically."""
-    return atomic_write_text(path, json.dumps(payload, indent=2, sort_keys=False) + "\n")
+    """Write ``payload`` as indented, standard JSON (see :func:`strict_json`), atomically."""
+    return atomic_write_text(path, strict_json(payload, indent=2) + "\n")
 
 
 def read_manifest(directory: str | Path) -> dict[str, Any] | None:

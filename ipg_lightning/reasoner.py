@@ -8,7 +8,6 @@ one of :mod:`ipg_lightning.testing` with a chat template that shows the model on
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 from typing import Any
@@ -19,7 +18,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from ipg_lightning.data import ArithmeticChainTask, ReasoningBatch, ReasoningDataModule
 from ipg_lightning.evaluation import evaluate_generations
 from ipg_lightning.metrics import ReasoningAccuracy
-from ipg_lightning.outputs import atomic_directory, atomic_write_text
+from ipg_lightning.outputs import atomic_directory, atomic_write_json, atomic_write_text
 from ipg_lightning.task import ReasoningTask
 from ipg_lightning.testing import tiny_tokenizer
 from ipg_lightning.trajectories import SamplingConfig, mean_completion_nll, sample_trajectories, teacher_forced_trajectories
@@ -181,7 +180,7 @@ def save_reasoner(
     with atomic_directory(output_dir, overwrite=overwrite, kind="tiny reasoner checkpoint") as staging:
         module.lm.save_pretrained(staging, safe_serialization=True)
         module.tokenizer.save_pretrained(staging)
-        atomic_write_text(staging / "metrics.json", json.dumps({"held_out": metrics, "training": settings}, indent=2) + "\n")
+        atomic_write_json(staging / "metrics.json", {"held_out": metrics, "training": settings})
         atomic_write_text(staging / "README.md", model_card(metrics, settings, command, parameters, size_mb))
     return Path(output_dir)
 

@@ -102,7 +102,13 @@ def test_train_sae_command_saves_an_sae_that_loads_back_equal(tmp_path):
     sae = load_sae(output)
     card = json.loads((output / "sae_card.json").read_text())
     assert (sae.hook_name, sae.d_sae, sae.k, sae.normalization) == ("blocks.1.hook_mlp_out", 64, 3, "none")
-    assert set(card["metrics"]) == {"fvu", "l0", "dead_fraction", "loss_increase"} and card["steps"] == 4
+    metrics = card["metrics"]
+    assert set(metrics) == {"fvu", "l0", "dead_fraction", "loss_increase", "ablation_loss_increase", "loss_recovered"} and card["steps"] == 4
+    if metrics["ablation_loss_increase"] > 0:  # measured against replacing the activation by its mean
+        assert metrics["loss_recovered"] == pytest.approx(1 - metrics["loss_increase"] / metrics["ablation_loss_increase"], abs=1e-4)
+        assert card["warnings"] == []
+    else:  # the loss does not depend on the site on these tokens: no number, and a warning that says so
+        assert metrics["loss_recovered"] is None and "says nothing about this SAE" in card["warnings"][0]
     with pytest.raises(FileExistsError):  # refused before any training
         run(["train-sae", *common, *data, *trainer, "--output_dir", str(output)])
 

@@ -68,3 +68,40 @@ def _metadata(path):
 
     with safe_open(str(path), "pt") as handle:
         return handle.metadata()
+
+
+# ----------------------------------------------------------------------------- 3. train-sae settings and divergence
+SAE_SMALL = ["--config", str(RECIPES / "train_tiny_sae.yaml"), "--model.model_path", str(ROOT / "checkpoints" / "tiny-reasoner")]
+SAE_SMALL += ["--model.traces", "null", "--data.num_train", "128", "--data.num_val", "64", "--trainer.val_check_interval", "1.0"]
+SAE_SMALL += ["--trainer.logger", "false", "--trainer.enable_progress_bar", "false"]
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--model.aux_k", "-3"], "aux_k must be >= 1, got -3"),
+        (["--model.aux_coefficient", "-1"], "aux_coefficient must be a finite number >= 0, got -1.0"),
+        (["--model.learning_rate", "0"], "learning_rate must be a finite number > 0, got 0.0"),
+    ],
+)
+def test_train_sae_refuses_bad_settings_before_loading_a_model(tmp_path, monkeypatch, flags, message):
+    _no_loading(monkeypatch)
+    with pytest.raises(ValueError, match=message):
+        run(["train-sae", *SAE_SMALL, *flags, "--output_dir", str(tmp_path / "sae")])
+
+
+def test_a_diverged_sae_is_never_saved(tmp_path):
+    with pytest.raises(FloatingPointError, match=r"became non-finite at step \d+: the training diverged and nothing was saved"):
+        run(["train-sae", *SAE_SMALL, "--model.learning_rate", "1e30", "--output_dir", str(tmp_path / "sae")])
+    assert not (tmp_path / "sae").exists()
+
+
+def test_json_outputs_are_standard_json_without_nan(tmp_path):
+    from ipg_lightning.outputs import atomic_write_json
+
+    atomic_write_json(tmp_path / "m.json", {"loss_recovered": float("nan"), "rows": [{"x": float("-inf")}, 1.5]})
+
+    def refuse(constant):
+        raise ValueError(f"{constant} is not JSON")
+
+    assert json.loads((tmp_path / "m.json").read_text(), parse_constant=refuse) == {"loss_recovered": None, "rows": [{"x": None}, 1.5]}

@@ -21,6 +21,7 @@ from transformers import PreTrainedTokenizerBase
 
 from ipg_lightning.completions import completions_of
 from ipg_lightning.data import ReasoningBatch
+from ipg_lightning.outputs import strict_json
 from ipg_lightning.rewards import accuracy, reasoning_length
 from ipg_lightning.trajectories import Trajectories
 
@@ -103,7 +104,7 @@ class KeptTrajectories:
     def save(self, path: str | Path) -> None:
         """Write ``trajectories.json`` (the caller makes it atomic)."""
         payload = {"format": FORMAT_VERSION, "num_samples": self.num_samples, "pad_token_id": self.pad_token_id}
-        Path(path).write_text(json.dumps({**payload, "prompts": self.prompts, "rows": self.rows}), encoding="utf-8")
+        Path(path).write_text(strict_json({**payload, "prompts": self.prompts, "rows": self.rows}), encoding="utf-8")
 
     @classmethod
     def load(cls, path: str | Path) -> KeptTrajectories:

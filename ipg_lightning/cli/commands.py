@@ -16,7 +16,7 @@ from ipg_lightning.data import ReasoningDataModule
 from ipg_lightning.data.sources import SPLITS
 from ipg_lightning.evaluation import evaluate_generations
 from ipg_lightning.identity import model_identity
-from ipg_lightning.outputs import atomic_directory, atomic_write_json, atomic_write_text, check_output_dir
+from ipg_lightning.outputs import atomic_directory, atomic_write_json, atomic_write_text, check_output_dir, strict_json
 from ipg_lightning.sites import ArchitectureSpec
 from ipg_lightning.steering.export import export_steered_model
 from ipg_lightning.steering.loading import load_steered_model, recorded_model
@@ -100,7 +100,7 @@ def evaluate(
     }
     with atomic_directory(output_dir, overwrite=overwrite, kind="evaluation") as staging:
         atomic_write_json(staging / "metrics.json", summary)
-        atomic_write_text(staging / "generations.jsonl", "".join(json.dumps(r) + "\n" for r in result.records))
+        atomic_write_text(staging / "generations.jsonl", "".join(strict_json(r) + "\n" for r in result.records))
     print(json.dumps(summary["metrics"], indent=2))
     print(f"wrote {output_dir}/metrics.json and generations.jsonl")
     return summary

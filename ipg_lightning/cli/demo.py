@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import json
 import logging
 import time
 import warnings
@@ -39,7 +38,7 @@ from ipg_lightning.evaluation import evaluate_generations
 from ipg_lightning.explorer import Effects, MeasuredEffect, page_for_report
 from ipg_lightning.gates import ComponentGates, parse_component_name
 from ipg_lightning.models import load_model_and_tokenizer
-from ipg_lightning.outputs import atomic_directory, atomic_write_json, atomic_write_text, check_output_dir
+from ipg_lightning.outputs import atomic_directory, atomic_write_json, atomic_write_text, check_output_dir, strict_json
 from ipg_lightning.reasoner import TINY_REASONER_PATH, TINY_REASONER_SAE_PATH, TINY_REASONER_TASK
 from ipg_lightning.sae import load_sae
 from ipg_lightning.sites import SiteFamilyName, sae_point
@@ -297,7 +296,7 @@ def write_outputs(
         summary["wall_time_s"] = round(time.perf_counter() - s["started"], 1)
         atomic_write_json(staging / "summary.json", summary)
         atomic_write_text(staging / "summary.md", format_table(run.rows) + "\n")
-        lines = [json.dumps({"condition": condition, **record}) + "\n" for condition, records in run.records.items() for record in records]
+        lines = [strict_json({"condition": condition, **record}) + "\n" for condition, records in run.records.items() for record in records]
         atomic_write_text(staging / "generations.jsonl", "".join(lines))
     return summary
 

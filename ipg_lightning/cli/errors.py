@@ -29,7 +29,7 @@ _PARSER_KEY = re.compile(r'^Parser key "([^"]+)"')
 _CLASS = re.compile(r"<class '(?:[\w.]+\.)?(\w+)'>")
 _EXPECTED = re.compile(r"^Expected a (?:typing\.Literal\[(?P<choices>.*)\]|(?P<type>.+?))\. Got value: (?P<value>.*)$")
 # Exception types whose message is written for users; others are prefixed with their type name.
-_USER_ERRORS = (ValueError, OSError, KeyError, ArgumentError)
+_USER_ERRORS = (ValueError, OSError, KeyError, FloatingPointError, ArgumentError)
 
 
 def exception_chain(error: BaseException) -> Iterator[BaseException]:

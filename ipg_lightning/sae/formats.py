@@ -278,7 +278,11 @@ def sae_card_markdown(card: dict[str, Any], sae: SparseAutoencoder) -> str:
     lines += ["Written by `ipg train-sae` in the SAELens layout (`cfg.json`, `sae_weights.safetensors`).", ""]
     metrics = card.get("metrics") or {}
     if metrics:
-        lines += ["| metric | value |", "| --- | --- |", *[f"| {key} | {value:.4g} |" for key, value in metrics.items()], ""]
+        shown = [f"| {key} | {'n/a' if value is None else format(value, '.4g')} |" for key, value in metrics.items()]
+        measured = f" (losses on {card['measured_on']})" if card.get("measured_on") else ""
+        lines += [f"Measured on held-out data{measured}:", "", "| metric | value |", "| --- | --- |", *shown, ""]
+    for warning in card.get("warnings") or []:
+        lines += [f"**Warning:** {warning}.", ""]
     if card.get("command"):
         lines += ["Command:", "", f"    {card['command']}", ""]
     return "\n".join(lines)

@@ -16,7 +16,8 @@ features live) and takes one Adam step on the SAE. The practice follows Gao et a
 
 Validation logs torchmetrics: the fraction of variance unexplained, L0, the dead-feature fraction,
 and the change in the model's next-token loss (on sampled completions when ``traces`` is set) when
-the reconstruction replaces the activation.
+the reconstruction replaces the activation, beside the change when the activation's mean replaces it
+(the reference the card's ``loss_recovered`` is measured against).
 The initialisation statistics, the dead-feature counts and the metrics reduce over DDP ranks, so
 the module runs under DDP unchanged and every rank holds the same SAE.
 """
@@ -24,6 +25,7 @@ the module runs under DDP unchanged and every rank holds the same SAE.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -77,8 +79,12 @@ class SAETraining(ReasoningTask):
         super().__init__(model_path, dtype, architecture)
         sae_point(hook_name)  # an unsupported hook point fails here, before the model loads
         check_at_least(1, expansion=expansion, k=k, dead_after_tokens=dead_after_tokens)
-        if not learning_rate > 0:
-            raise ValueError(f"learning_rate must be > 0, got {learning_rate}")
+        if aux_k is not None:
+            check_at_least(1, aux_k=aux_k)
+        if not (math.isfinite(learning_rate) and learning_rate > 0):
+            raise ValueError(f"learning_rate must be a finite number > 0, got {learning_rate}")
+        if not (math.isfinite(aux_coefficient) and aux_coefficient >= 0):
+            raise ValueError(f"aux_coefficient must be a finite number >= 0, got {aux_coefficient}")
         self.save_hyperparameters()
         self.strict_loading = False  # checkpoints hold the SAE and its training state, not the frozen model
         self.traces = SamplingConfig(**traces) if isinstance(traces, dict) else traces
@@ -101,6 +107,7 @@ class SAETraining(ReasoningTask):
         self.dead = DeadFeatureFraction(d_sae)
         self.l0 = MeanMetric()
         self.loss_increase = MeanMetric()
+        self.ablation_loss_increase = MeanMetric()
 
     # ------------------------------------------------------------------------------- activations
     def texts(self, batch: ReasoningBatch) -> Trajectories:
@@ -109,10 +116,10 @@ class SAETraining(ReasoningTask):
             return teacher_forced_trajectories(self.tokenizer, batch["prompt"], [""] * len(batch["prompt"]))
         return sample_trajectories(self.lm, self.tokenizer, batch["prompt"], self.traces, prompt_seeds=batch["seed"].tolist())
 
-    def _forward(self, trajectories: Trajectories, replace: bool = False) -> SitePass:
+    def _forward(self, trajectories: Trajectories, replace: Callable[[torch.Tensor], torch.Tensor] | None = None) -> SitePass:
         """The site's activations and the next-token losses; the loss that matters is on the reasoning
-        (sampled completions), or on every next token of prompts alone. ``replace``: with the reconstruction."""
-        return site_pass(self.lm, self.site, trajectories, self.sae if replace else None, completions_only=self.traces is not None)
+        (sampled completions), or on every next token of prompts alone. ``replace``: continue from ``replace(activation)``."""
+        return site_pass(self.lm, self.site, trajectories, replace, completions_only=self.traces is not None)
 
     # ---------------------------------------------------------------------------------- training
     @torch.no_grad()
@@ -171,9 +178,19 @@ class SAETraining(ReasoningTask):
             weight.grad -= (weight.grad * weight).sum(-1, keepdim=True) * weight
 
     def on_train_batch_end(self, outputs: Any, batch: ReasoningBatch, batch_idx: int) -> None:
-        """Put the decoder rows back at unit norm."""
+        """Put the decoder rows back at unit norm; stop if the step made any weight NaN or infinite."""
         with torch.no_grad():
             self.sae.W_dec.copy_(torch.nn.functional.normalize(self.sae.W_dec, dim=-1))
+        self.check_finite(f"at step {self.global_step}")
+
+    def check_finite(self, when: str) -> None:
+        """Raise ``FloatingPointError`` naming the tensors if the SAE's weights hold NaN or inf (training diverged)."""
+        damaged = [name for name, tensor in self.sae.state_dict().items() if not torch.isfinite(tensor).all()]
+        if damaged or not math.isfinite(self.sae.input_scale):
+            raise FloatingPointError(
+                f"The SAE's {', '.join(damaged) or 'input scale'} became non-finite {when}: the training diverged and nothing was saved; "
+                f"lower learning_rate (now {self.hparams.learning_rate:g}) and start again"
+            )
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         """Adam over the SAE's trainable parameters (the model is frozen)."""
@@ -184,19 +201,24 @@ class SAETraining(ReasoningTask):
         """Reconstruction, sparsity and the model's loss with the reconstruction spliced in."""
         trajectories = self.texts(batch)
         activations, clean, mask = self._forward(trajectories)
-        _, spliced, _ = self._forward(trajectories, replace=True)
+        _, spliced, _ = self._forward(trajectories, self.sae)
+        mean = activations.mean(0)  # the reference: the site carrying no information about the token
+        _, ablated, _ = self._forward(trajectories, lambda z: mean.to(z.dtype).expand_as(z))
         with torch.no_grad():
             features = self.sae.encode(activations)
             self.fvu.update(activations, self.sae.decode(features, activations))
         self.dead.update(features)
         self.l0.update((features != 0).sum(-1).float())
         self.loss_increase.update((spliced - clean)[mask])
+        self.ablation_loss_increase.update((ablated - clean)[mask])
         metrics = {"val/fvu": self.fvu, "val/l0": self.l0, "val/dead_fraction": self.dead, "val/loss_increase": self.loss_increase}
+        metrics["val/ablation_loss_increase"] = self.ablation_loss_increase
         self.log_dict(metrics, on_epoch=True, batch_size=activations.shape[0])
 
     # ------------------------------------------------------------------------------- checkpoints
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Keep the SAE and its training state, not the frozen model; record the input scale."""
+        """Keep the SAE and its training state, not the frozen model; record the input scale; never save a diverged SAE."""
+        self.check_finite(f"at step {self.global_step}")
         checkpoint["state_dict"] = {key: value for key, value in checkpoint["state_dict"].items() if not key.startswith("lm.")}
         checkpoint["sae_input_scale"] = self.sae.input_scale
 
@@ -207,10 +229,28 @@ class SAETraining(ReasoningTask):
         missing = sorted(needed - set(checkpoint.get("state_dict", {})))
         if missing or "sae_input_scale" not in checkpoint:
             raise ValueError(f"The checkpoint holds no SAE for {self.hparams.hook_name} (missing {missing[:3]}); is it ipg train-sae's?")
+        foreign = sorted(set(checkpoint["state_dict"]) - needed)
+        if foreign:  # the frozen model is never in such a checkpoint: loading these would replace its weights
+            raise ValueError(f"The checkpoint holds tensors beyond the SAE and its training state ({foreign[:3]}); refusing to load them")
         self.sae.input_scale = float(checkpoint["sae_input_scale"])
 
     def card(self, metrics: dict[str, float]) -> dict[str, Any]:
-        """What ``ipg train-sae`` writes beside the SAE: settings, metrics and training volume."""
+        """What ``ipg train-sae`` writes beside the SAE: settings, metrics, training volume, and what the loss metrics mean.
+
+        ``loss_recovered`` is ``1 - loss_increase / ablation_loss_increase``: 1 when splicing the SAE in
+        costs nothing, 0 when it is as bad as replacing the activation by its mean. Where the mean
+        costs nothing either (a model never trained to predict these tokens, such as the tiny
+        reasoner on its prompts), the loss says nothing about the SAE: it is None, with a warning.
+        """
+        ablation = metrics.get("ablation_loss_increase")
+        recovered = round(1 - metrics["loss_increase"] / ablation, 5) if ablation is not None and ablation > 0 else None
+        warnings = []
+        if recovered is None:
+            warnings.append(
+                f"Replacing {self.sae.hook_name} by its mean does not raise the model's loss on the measured tokens "
+                f"({'prompts only' if self.traces is None else 'sampled completions'}), so loss_increase says nothing about this SAE"
+                + ("; train with traces to measure on the model's own completions" if self.traces is None else "")
+            )
         return {
             "format": "ipg_lightning SAE card v1",
             "model": self.model_path,
@@ -220,5 +260,7 @@ class SAETraining(ReasoningTask):
             "k": self.sae.k,
             "settings": self.plain_hparams(),
             "steps": self.global_step,
-            "metrics": metrics,
+            "metrics": {**metrics, "loss_recovered": recovered},
+            "measured_on": "prompts" if self.traces is None else "sampled completions",
+            "warnings": warnings,
         }
