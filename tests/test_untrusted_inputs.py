@@ -105,3 +105,48 @@ def test_json_outputs_are_standard_json_without_nan(tmp_path):
         raise ValueError(f"{constant} is not JSON")
 
     assert json.loads((tmp_path / "m.json").read_text(), parse_constant=refuse) == {"loss_recovered": None, "rows": [{"x": None}, 1.5]}
+
+
+# ----------------------------------------------------------------------------- 4-5. steering checkpoints and resume
+def _steer(root, *flags):
+    log = ["--trainer.logger.init_args.save_dir", str(root), "--trainer.enable_progress_bar", "false"]
+    run(["steer", "--config", str(RECIPES / "steer_tiny.yaml"), *log, *flags])
+    return root
+
+
+@pytest.fixture(scope="module")
+def one_epoch(tmp_path_factory):
+    """The checkpoint of one epoch of ``recipes/steer_tiny.yaml`` (gates and a LoRA adapter on tiny:llama)."""
+    root = _steer(tmp_path_factory.mktemp("steer"), "--trainer.max_epochs", "1")
+    (checkpoint,) = root.rglob("*.ckpt")
+    return checkpoint
+
+
+def test_a_checkpoint_cannot_replace_frozen_base_weights(tmp_path, one_epoch):
+    from ipg_lightning.steering.learned import SteeringCheckpointError, load_steering_checkpoint
+
+    checkpoint = torch.load(one_epoch, weights_only=True)
+    checkpoint["state_dict"]["lm.base_model.model.lm_head.weight"] = torch.zeros(100, 64)
+    planted = tmp_path / "planted.ckpt"
+    torch.save(checkpoint, planted)
+    refused = r"holds tensors that are not trained gates, adapter or slices of this run \(lm.base_model.model.lm_head.weight\)"
+    with pytest.raises(SteeringCheckpointError, match=refused):
+        load_steering_checkpoint(planted)
+    with pytest.raises(SteeringCheckpointError, match=refused):
+        run(["export", "--steering_checkpoint", str(planted), "--output_dir", str(tmp_path / "export")])
+    with pytest.raises(SteeringCheckpointError, match=refused):  # Lightning's own resume path
+        _steer(tmp_path / "resumed", "--trainer.max_epochs", "2", "--ckpt_path", str(planted))
+    assert not (tmp_path / "export").exists()
+
+
+def test_resuming_with_another_learning_rate_is_refused_before_loading(tmp_path, monkeypatch, one_epoch):
+    _no_loading(monkeypatch)
+    with pytest.raises(ValueError, match=r"changed optimizer settings \(learning_rate 0.05 -> 0.5\)"):
+        _steer(tmp_path, "--trainer.max_epochs", "2", "--model.learning_rate", "0.5", "--ckpt_path", str(one_epoch))
+    assert not list(tmp_path.rglob("hparams.yaml"))  # the value that would not be used is not recorded
+
+
+def test_resuming_a_finished_run_says_nothing_was_trained(tmp_path, capsys, one_epoch):
+    _steer(tmp_path, "--trainer.max_epochs", "1", "--ckpt_path", str(one_epoch))
+    printed = capsys.readouterr().out
+    assert "nothing was trained" in printed and "raise --trainer.max_epochs" in printed and "trained gates" not in printed

@@ -108,23 +108,33 @@ def parse_steer(args: list[str]) -> CommandCLI:
 
 def steer(args: list[str]) -> None:
     """Train the gates of selected components (and optionally a LoRA adapter or their weight slices) with ``Trainer.fit``."""
-    from ipg_lightning.steering.checkpoint import read_steering_checkpoint
+    from ipg_lightning.steering.checkpoint import check_resume_settings, migrate_hparams, read_steering_checkpoint
 
     cli = parse_steer(args)
+    resumed_at = None
     if cli.config.ckpt_path is not None and Path(cli.config.ckpt_path).exists():  # not "last", "best", ...
-        read_steering_checkpoint(cli.config.ckpt_path)  # a damaged or foreign file is named before any work
+        checkpoint = read_steering_checkpoint(cli.config.ckpt_path)  # a damaged or foreign file is named before any work
+        check_resume_settings(migrate_hparams(checkpoint["hyper_parameters"]), dict(cli.model.hparams))
+        resumed_at = checkpoint.get("global_step")
     # weights_only: a checkpoint to resume from is read without unpickling code.
     cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=cli.config.ckpt_path, weights_only=True)
-    if cli.trainer.is_global_zero:
-        checkpoint = cli.trainer.checkpoint_callback.best_model_path if cli.trainer.checkpoint_callback else None
-        model = cli.model
-        if model.hparams.train_gates:
-            print(f"trained gates: { {name: round(value, 4) for name, value in model.gate_values().items()} }")
-        if model.fine_tune.adapter is not None:
-            print(f"trained LoRA ({model.lora.placement}) on: {', '.join(model.fine_tune.adapter.paths)}")
-        if model.fine_tune.slices:
-            print(f"trained weight slices of: {', '.join(model.fine_tune.sliced_modules())}")
-        print(f"checkpoint (only what trained): {checkpoint}; logs: {cli.trainer.log_dir}")
+    if not cli.trainer.is_global_zero:
+        return
+    if resumed_at is not None and cli.trainer.global_step == resumed_at:
+        print(
+            f"nothing was trained: {cli.config.ckpt_path} had already reached this run's end (step {resumed_at}, "
+            f"max_epochs {cli.trainer.max_epochs}, max_steps {cli.trainer.max_steps}); raise --trainer.max_epochs to train further"
+        )
+        return
+    checkpoint = cli.trainer.checkpoint_callback.best_model_path if cli.trainer.checkpoint_callback else None
+    model = cli.model
+    if model.hparams.train_gates:
+        print(f"trained gates: { {name: round(value, 4) for name, value in model.gate_values().items()} }")
+    if model.fine_tune.adapter is not None:
+        print(f"trained LoRA ({model.lora.placement}) on: {', '.join(model.fine_tune.adapter.paths)}")
+    if model.fine_tune.slices:
+        print(f"trained weight slices of: {', '.join(model.fine_tune.sliced_modules())}")
+    print(f"checkpoint (only what trained): {checkpoint}; logs: {cli.trainer.log_dir}")
 
 
 def parse_train_reasoner(args: list[str]) -> CommandCLI:

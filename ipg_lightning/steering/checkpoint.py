@@ -51,6 +51,20 @@ def renamed_hparams(hparams: dict[str, Any]) -> dict[str, Any]:
     return {key: value for key, value in migrate_hparams(hparams).items() if hparams.get(key) != value}
 
 
+#: Settings whose checkpointed optimizer state a resumed run keeps: a new value would be recorded but not used.
+RESUME_SETTINGS = ("learning_rate", "train_gates", "weight_slices", "lora")
+
+
+def check_resume_settings(recorded: dict[str, Any], current: dict[str, Any]) -> None:
+    """Refuse to resume with optimizer settings other than the checkpoint's (its optimizer state would keep the old ones)."""
+    changed = [f"{key} {recorded[key]!r} -> {current.get(key)!r}" for key in RESUME_SETTINGS if key in recorded and recorded[key] != current.get(key)]
+    if changed:
+        raise ValueError(
+            f"Cannot resume with changed optimizer settings ({'; '.join(changed)}): the checkpoint's optimizer state keeps "
+            "its own, so the new values would be recorded but not used. Resume with the checkpoint's values, or start a new run"
+        )
+
+
 class SteeringCheckpointError(ValueError):
     """A file that is not a readable ``ipg steer`` checkpoint; the message names it and why."""
 

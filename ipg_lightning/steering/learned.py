@@ -31,7 +31,14 @@ from ipg_lightning.metrics import ReasoningMetrics
 from ipg_lightning.models import load_model_and_tokenizer
 from ipg_lightning.rewards import DeferredReward, Reward, reasoning_length
 from ipg_lightning.sites import ArchitectureSpec
-from ipg_lightning.steering.checkpoint import STEERING_KEY, SteeringCheckpointError, migrate_hparams, read_steering_checkpoint, renamed_hparams
+from ipg_lightning.steering.checkpoint import (
+    STEERING_KEY,
+    SteeringCheckpointError,
+    check_resume_settings,
+    migrate_hparams,
+    read_steering_checkpoint,
+    renamed_hparams,
+)
 from ipg_lightning.steering.finetune import FineTune, keep_deltas_float32
 from ipg_lightning.steering.lora import LoraSettings
 from ipg_lightning.steering.objectives import OBJECTIVES
@@ -268,8 +275,23 @@ class GateSteering(ReasoningTask):
         module.reward.import_allowed = trust_reward
         return module
 
+    def check_checkpoint_tensors(self, state: dict[str, torch.Tensor], where: str) -> None:
+        """Refuse a checkpoint state that holds anything beyond what this module trains (gates, adapter or slices).
+
+        Checkpoints load with ``strict=False`` (they leave the frozen model out), so without this a
+        tensor named like a base weight, e.g. the LM head, would silently replace it.
+        """
+        foreign = sorted(set(state) - set(self.trainable_state()))
+        if foreign:
+            raise SteeringCheckpointError(
+                f"{where} holds tensors that are not trained gates, adapter or slices of this run ({', '.join(foreign[:3])}"
+                f"{f' and {len(foreign) - 3} more' if len(foreign) > 3 else ''}); a steering checkpoint never replaces base-model "
+                "weights, so it is refused"
+            )
+
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Check that the checkpoint steers the same components of the same model as this module."""
+        """Check that the checkpoint steers the same components of the same model as this module, holds only what
+        trains, and (when resuming) was trained with the same optimizer settings, which its optimizer state carries."""
         steering = checkpoint.get(STEERING_KEY, {})
         saved = steering.get("components")
         if saved is not None and self.components and saved != self.components:
@@ -277,6 +299,9 @@ class GateSteering(ReasoningTask):
         if self.lm is not None:
             check_same_model(steering.get("model_identity"), self.lm, self.model_path, "The checkpoint to resume from")
             self.fine_tune.check_matches(steering, "The checkpoint to resume from")
+            self.check_checkpoint_tensors(checkpoint.get("state_dict", {}), "The checkpoint to resume from")
+        if self._trainer is not None and "optimizer_states" in checkpoint:
+            check_resume_settings(migrate_hparams(checkpoint.get("hyper_parameters", {})), dict(self.hparams))
 
 
 def load_steering_checkpoint(path: str | Path, model: str | None = None, trust_reward: bool = False, allow_other_model: bool = False) -> GateSteering:
@@ -302,10 +327,8 @@ def load_steering_checkpoint(path: str | Path, model: str | None = None, trust_r
     steering = checkpoint[STEERING_KEY]
     module.build(components=steering["components"], recorded_identity=steering.get("model_identity"), allow_other_model=allow_other_model)
     module.fine_tune.check_matches(steering, str(path))
+    module.check_checkpoint_tensors(checkpoint["state_dict"], str(path))
     own = module.state_dict()
-    missing = set(checkpoint["state_dict"]) - set(own)
-    if missing:
-        raise SteeringCheckpointError(f"{path} holds tensors this model does not have: {sorted(missing)[:5]}")
     for key, tensor in checkpoint["state_dict"].items():
         if tensor.shape != own[key].shape:
             raise SteeringCheckpointError(
