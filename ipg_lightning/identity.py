@@ -98,19 +98,30 @@ def describe(identity: Mapping[str, Any]) -> str:
 def check_same_model(recorded: Mapping[str, Any] | None, model: nn.Module, name: str, what: str, allow_other_model: bool = False) -> None:
     """Refuse to apply ``what`` (computed on the ``recorded`` model) to ``model`` if their architectures differ.
 
-    Artefacts written before identities were recorded (``recorded`` is None) pass; the caller still
-    checks their sizes. ``allow_other_model`` turns a refusal into a logged warning.
+    Artefacts written before identities were recorded (``recorded`` is None) cannot be checked: a
+    warning says so, and the caller still checks their sizes. ``allow_other_model`` turns a refusal
+    into a logged warning.
     """
     if not recorded:
+        log.warning("%s records no model identity (an older version wrote it): it cannot be checked against %s, only its sizes", what, name)
         return
-    actual = model_identity(model, name)
-    recorded_sites, actual_sites = recorded.get("site_sizes") or {}, actual["site_sizes"]
+    check_same_identity(recorded, model_identity(model, name), what, allow_other_model)
+
+
+def check_same_identity(
+    recorded: Mapping[str, Any], actual: Mapping[str, Any], what: str, allow_other_model: bool = False, target: str = "the model"
+) -> None:
+    """Refuse ``what`` (computed on the ``recorded`` model) for ``target`` (the ``actual`` model) if their architectures differ.
+
+    See :func:`check_same_model`; ``target`` names the other side in the message.
+    """
+    recorded_sites, actual_sites = recorded.get("site_sizes") or {}, actual.get("site_sizes") or {}
     same_sites = all(actual_sites.get(family, size) == size for family, size in recorded_sites.items())
-    if recorded.get("config_hash") == actual["config_hash"] and same_sites:
-        if recorded.get("name") != name:
-            log.info("%s was computed on %s; applying it to %s, which has the same architecture", what, recorded.get("name"), name)
+    if recorded.get("config_hash") == actual.get("config_hash") and same_sites:
+        if recorded.get("name") != actual.get("name"):
+            log.info("%s was computed on %s; applying it to %s, which has the same architecture", what, recorded.get("name"), actual.get("name"))
         return
-    message = f"{what} was computed on {describe(recorded)}, but the model is {describe(actual)}: its component indices would mean other units"
+    message = f"{what} was computed on {describe(recorded)}, but {target} is {describe(actual)}: its component indices would mean other units"
     if allow_other_model:
         log.warning("%s; going on because allow_other_model is set", message)
         return

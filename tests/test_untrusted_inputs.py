@@ -150,3 +150,58 @@ def test_resuming_a_finished_run_says_nothing_was_trained(tmp_path, capsys, one_
     _steer(tmp_path, "--trainer.max_epochs", "1", "--ckpt_path", str(one_epoch))
     printed = capsys.readouterr().out
     assert "nothing was trained" in printed and "raise --trainer.max_epochs" in printed and "trained gates" not in printed
+
+
+# ----------------------------------------------------------------------------- 6-8. the explorer and identities
+@pytest.fixture(scope="module")
+def kept_report(tmp_path_factory):
+    """A report of tiny:llama that kept its trajectories (``recipes/attribute_tiny.yaml``, 2 prompts)."""
+    report = tmp_path_factory.mktemp("explore") / "report"
+    settings = ["--model.keep_trajectories", "true", "--data.num_val", "2", "--model.sampling.max_new_tokens", "8"]
+    run(["attribute", "--config", str(RECIPES / "attribute_tiny.yaml"), *settings, "--model.output_dir", str(report)])
+    return report
+
+
+def _evaluate(output, model_path):
+    run(["evaluate", "--model_path", model_path, "--output_dir", str(output), *QUICK])
+    return output
+
+
+def test_explore_refuses_evaluations_of_another_model(tmp_path, monkeypatch, kept_report, tiny_model):
+    from ipg_lightning.explorer import read_evaluations
+    from ipg_lightning.identity import ModelMismatchError
+
+    identity = json.loads((kept_report / "attribution.json").read_text())["model_identity"]
+    other_architecture = _evaluate(tmp_path / "qwen2", "tiny:qwen2")
+    tiny_model("llama").save_pretrained(tmp_path / "copy")  # the same architecture, under another name
+    other_name = tmp_path / "other_name"
+    summary = json.loads((_evaluate(tmp_path / "base", "tiny:llama") / "metrics.json").read_text())
+    other_name.mkdir()
+    (other_name / "metrics.json").write_text(json.dumps({**summary, "model_identity": {**summary["model_identity"], "name": str(tmp_path / "copy")}}))
+    _no_loading(monkeypatch)
+    with pytest.raises(ModelMismatchError, match=r"the model of the evaluation .*qwen2 is tiny:qwen2"):
+        run(["explore", str(kept_report), "--evaluations", f'["{other_architecture}"]', "--output", str(tmp_path / "page.html")])
+    with pytest.raises(ModelMismatchError, match=r"measured .*copy, but the report was computed on tiny:llama"):
+        read_evaluations([other_name], identity)
+    assert read_evaluations([tmp_path / "base"], identity).base == summary["metrics"]  # the report's own model passes
+    assert not (tmp_path / "page.html").exists()
+
+
+def test_artefacts_without_a_recorded_identity_are_named_as_unchecked(tmp_path, caplog, kept_report):
+    from ipg_lightning.explorer import read_evaluations
+    from ipg_lightning.steering import ComponentSelection
+
+    identity = json.loads((kept_report / "attribution.json").read_text())["model_identity"]
+    summary = json.loads((_evaluate(tmp_path / "base", "tiny:llama") / "metrics.json").read_text())
+    del summary["model_identity"]
+    (tmp_path / "base" / "metrics.json").write_text(json.dumps(summary))
+    read_evaluations([tmp_path / "base"], identity)
+    old = tmp_path / "old_report"
+    shutil.copytree(kept_report, old)
+    metadata = json.loads((old / "attribution.json").read_text())
+    del metadata["model_identity"]
+    (old / "attribution.json").write_text(json.dumps(metadata))
+    run(["evaluate", "--selection.report", str(old), "--selection.k", "2", "--output_dir", str(tmp_path / "steered"), *QUICK])
+    lines = [record.getMessage() for record in caplog.records if "records no model identity" in record.getMessage()]
+    assert len(lines) == 2 and "cannot be checked" in lines[0] and str(old) in lines[1]
+    assert ComponentSelection(report=str(old), k=2).resolve()  # still usable: its sizes are checked

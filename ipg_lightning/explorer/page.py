@@ -142,7 +142,8 @@ def explore(
         raise ValueError(
             f"The report {report_dir} kept no trajectories: run the attribution again with keep_trajectories true (--model.keep_trajectories true)"
         )
-    effects = read_evaluations(evaluations) if evaluations else None
+    identity = report.metadata.get("model_identity")
+    effects = read_evaluations(evaluations, identity, f"The report {report_dir}", allow_other_model) if evaluations else None
     model_path = model_path or report.metadata.get("model")
     config = report.metadata.get("config", {})
     architecture = ArchitectureSpec(**config["architecture"]) if config.get("architecture") else None

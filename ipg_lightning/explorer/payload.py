@@ -8,6 +8,7 @@ how many trajectories each one shows; ``limits`` says what was left out.
 from __future__ import annotations
 
 import json
+import logging
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,6 +18,9 @@ from transformers import PreTrainedTokenizerBase
 
 from ipg_lightning.attribution.report import AttributionReport
 from ipg_lightning.explorer.traces import ComponentTrace
+from ipg_lightning.identity import ModelMismatchError, check_same_identity
+
+logger = logging.getLogger(__name__)
 
 #: Settings of the run the page's header shows, when the report's config has them.
 SHOWN_SETTINGS = ("reward", "families", "layers", "steps", "rule", "baseline", "estimation", "path", "credit", "advantage", "signal_retries")
@@ -47,10 +51,15 @@ class Effects:
     conditions: list[MeasuredEffect] = field(default_factory=list)
 
 
-def read_evaluations(directories: list[str | Path]) -> Effects:
+def read_evaluations(
+    directories: list[str | Path], identity: dict[str, Any] | None = None, report: str = "The report", allow_other_model: bool = False
+) -> Effects:
     """Effects from ``ipg evaluate`` output directories (their ``metrics.json``): one base run and fixed steering runs.
 
-    Learned-gate, exported and sweep outputs carry no single gamma per component and are refused by name.
+    Learned-gate, exported and sweep outputs carry no single gamma per component and are refused by
+    name. With the report's model ``identity``, an evaluation of a model of another architecture is
+    refused (unless ``allow_other_model``), one of another model of the same architecture is named
+    in a warning, and one that records no identity is named as unchecked.
     """
     effects = Effects()
     for directory in directories:
@@ -58,8 +67,11 @@ def read_evaluations(directories: list[str | Path]) -> Effects:
         try:
             summary = json.loads(path.read_text(encoding="utf-8"))
             steering, metrics = summary["steering"], summary["metrics"]
+            if not (isinstance(steering, dict) and isinstance(metrics, dict)):
+                raise TypeError("steering and metrics must be objects")
         except (OSError, ValueError, KeyError, TypeError) as error:
             raise ValueError(f"{directory} is not an `ipg evaluate` output ({path.name}: {type(error).__name__}: {error})") from None
+        _check_evaluated_model(summary.get("model_identity"), identity, directory, report, allow_other_model)
         if steering.get("kind") == "base":
             if effects.base is not None:
                 raise ValueError(f"Two evaluations of the base model were given ({directory} is the second): give one")
@@ -71,6 +83,31 @@ def read_evaluations(directories: list[str | Path]) -> Effects:
             kind = steering.get("kind")
             raise ValueError(f"{directory} evaluates a {kind} model; the explorer shows fixed steering (a selection at a gamma) and the base model")
     return effects
+
+
+def _check_evaluated_model(evaluated: Any, identity: dict[str, Any] | None, directory: str | Path, report: str, allow_other_model: bool) -> None:
+    """An evaluation must be of the report's model: its architecture (refused otherwise) and, by name, its weights."""
+    if identity is None:
+        return
+    if not isinstance(evaluated, dict):
+        logger.warning("The evaluation %s records no model identity (an older version wrote it): it cannot be checked", directory)
+        return
+    check_same_identity(identity, evaluated, report, allow_other_model, target=f"the model of the evaluation {directory}")
+    if _same_name(evaluated.get("name"), identity.get("name")):
+        return
+    message = f"The evaluation {directory} measured {evaluated.get('name')}, but the report was computed on {identity.get('name')}"
+    if not allow_other_model:
+        raise ModelMismatchError(f"{message}: its metrics are not the effect of steering the report's model; give evaluations of that model")
+    logger.warning("%s; showing its metrics because allow_other_model is set", message)
+
+
+def _same_name(first: Any, second: Any) -> bool:
+    """Whether two recorded model names are the same model: equal, or the same local directory."""
+    if first == second:
+        return True
+    if not (isinstance(first, str) and isinstance(second, str)):
+        return False
+    return Path(first).is_dir() and Path(second).is_dir() and Path(first).resolve() == Path(second).resolve()
 
 
 def _rounded(value: Any) -> Any:

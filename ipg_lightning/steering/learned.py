@@ -150,7 +150,8 @@ class GateSteering(ReasoningTask):
             return
         if model is None:
             model, tokenizer = load_model_and_tokenizer(self.model_path, self.weights_dtype)
-        check_same_model(recorded_identity, model, self.model_path, "The steering checkpoint", allow_other_model)
+        if components is not None:  # rebuilt from a checkpoint: its gates must fit this model
+            check_same_model(recorded_identity, model, self.model_path, "The steering checkpoint", allow_other_model)
         self.components = list(components or [])
         self.attach_model(model, tokenizer)
 
