@@ -58,6 +58,11 @@ def test_a_damaged_trajectories_file_is_refused_naming_it(tmp_path, tiny_llama, 
     payload = json.loads(path.read_text())
     payload["rows"][0]["completion_ids"] = ["<script>"]
     path.write_text(json.dumps(payload))
+    with pytest.raises(ValueError, match=r"trajectories.json was changed after its report was written"):  # the recorded digest
+        AttributionReport.load(tmp_path / "report", trajectories=True)
+    metadata = json.loads((tmp_path / "report" / "attribution.json").read_text())
+    del metadata["trajectories_sha256"]  # as an older version wrote it: the contents are still checked
+    (tmp_path / "report" / "attribution.json").write_text(json.dumps(metadata))
     with pytest.raises(ValueError, match=r"trajectories.json is damaged .*completion_ids are not token ids"):
         AttributionReport.load(tmp_path / "report", trajectories=True)
     path.write_text('{"format": 1, "num_sam')

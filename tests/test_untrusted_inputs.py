@@ -205,3 +205,73 @@ def test_artefacts_without_a_recorded_identity_are_named_as_unchecked(tmp_path, 
     lines = [record.getMessage() for record in caplog.records if "records no model identity" in record.getMessage()]
     assert len(lines) == 2 and "cannot be checked" in lines[0] and str(old) in lines[1]
     assert ComponentSelection(report=str(old), k=2).resolve()  # still usable: its sizes are checked
+
+
+def _edited(report, tmp_path, edit, digest=False):
+    """A copy of ``report`` whose trajectories.json was edited by hand (and, with ``digest``, its recorded digest too)."""
+    copy = tmp_path / "edited"
+    shutil.copytree(report, copy)
+    kept = json.loads((copy / "trajectories.json").read_text())
+    edit(kept)
+    (copy / "trajectories.json").write_text(json.dumps(kept))
+    if not digest:
+        return copy
+    metadata = json.loads((copy / "attribution.json").read_text())
+    metadata.pop("trajectories_sha256")
+    (copy / "attribution.json").write_text(json.dumps(metadata))
+    return copy
+
+
+def _explore(report, tmp_path, *flags):
+    run(["explore", str(report), "--output", str(tmp_path / "page.html"), "--progress", "false", *flags])
+
+
+def _empty_completions(kept):
+    for row in kept["rows"]:
+        row["completion_ids"], row["completion"] = [], ""
+
+
+def _too_long(kept):
+    kept["rows"][0]["completion_ids"] = [5] * 3000
+
+
+def test_hand_edited_trajectories_are_refused_not_replayed(tmp_path, kept_report):
+    with pytest.raises(ValueError, match=r"trajectories.json was changed after its report was written"):
+        _explore(_edited(kept_report, tmp_path, _empty_completions), tmp_path)
+    assert not (tmp_path / "page.html").exists()
+
+
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (_too_long, r"Kept trajectory 0 is \d+ tokens long, longer than the model's context of 512"),
+        (
+            lambda kept: kept["rows"][1]["completion_ids"].append(10**6),
+            r"Kept trajectory 1 has token id 1000000, but the model's vocabulary has 128 tokens",
+        ),
+        (lambda kept: kept.update(pad_token_id=10**9), r"pad with token 1000000000, which the model \(vocabulary 128\) does not have"),
+        (lambda kept: kept.update(rows=[]), r"kept no trajectories to replay"),
+        (lambda kept: kept["rows"][0].update(advantage="high"), r"reward or advantage is not a number"),
+    ],
+    ids=["longer-than-context", "token-id", "pad-id", "no-rows", "string-advantage"],
+)
+def test_an_older_report_is_checked_against_the_model_before_replay(tmp_path, kept_report, edit, message):
+    with pytest.raises(ValueError, match=message):
+        _explore(_edited(kept_report, tmp_path, edit, digest=True), tmp_path)
+    assert not (tmp_path / "page.html").exists()
+
+
+def test_explore_checks_the_device_and_the_sizes_before_replay(tmp_path, monkeypatch, kept_report):
+    with pytest.raises(ValueError, match=r"--device 'gpu' is not a device: use cpu, cuda or cuda:N"):
+        _explore(kept_report, tmp_path, "--device", "gpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match=r"--device cuda: this machine has 0 CUDA devices"):
+            _explore(kept_report, tmp_path, "--device", "cuda")
+    with pytest.raises(ValueError, match=r"sites differ in size from the report's, .*\(64 in the report, \d+ here\)"):
+        _explore(kept_report, tmp_path, "--model_path", str(ROOT / "checkpoints" / "tiny-reasoner"), "--allow_other_model", "true")
+
+
+def test_a_page_is_never_added_inside_an_output_that_would_then_refuse_overwrite(tmp_path, kept_report):
+    with pytest.raises(ValueError, match=r"Refusing to write .*report/page.html inside .*report, an output of ipg_lightning"):
+        run(["explore", str(kept_report), "--output", str(kept_report / "page.html"), "--progress", "false"])
+    assert not (kept_report / "page.html").exists()

@@ -11,7 +11,9 @@ with ``estimation: resample`` they are the samples at gates = 1 (each quadrature
 
 from __future__ import annotations
 
+import hashlib
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -101,20 +103,43 @@ class KeptTrajectories:
             pad_token_id=self.pad_token_id,
         )
 
-    def save(self, path: str | Path) -> None:
-        """Write ``trajectories.json`` (the caller makes it atomic)."""
+    def check_replayable(self, vocab_size: int, max_positions: int | None) -> None:
+        """Raise ``ValueError`` naming the first trajectory that a model with ``vocab_size`` tokens and a context
+        of ``max_positions`` cannot replay (a token id it has no embedding for, or more tokens than its context)."""
+        if not self.rows:
+            raise ValueError("The report kept no trajectories to replay (its trajectories.json has no rows); run the attribution again")
+        if not 0 <= self.pad_token_id < vocab_size:
+            raise ValueError(f"The kept trajectories pad with token {self.pad_token_id}, which the model (vocabulary {vocab_size}) does not have")
+        for index, row in enumerate(self.rows):
+            ids = self.prompts[row["prompt"]]["prompt_ids"] + row["completion_ids"]
+            if max(ids, default=0) >= vocab_size:
+                raise ValueError(f"Kept trajectory {index} has token id {max(ids)}, but the model's vocabulary has {vocab_size} tokens")
+            if max_positions is not None and len(ids) > max_positions:
+                raise ValueError(f"Kept trajectory {index} is {len(ids)} tokens long, longer than the model's context of {max_positions}")
+
+    def save(self, path: str | Path) -> str:
+        """Write ``trajectories.json`` (the caller makes it atomic); return the SHA-256 of what was written, for the report to record."""
         payload = {"format": FORMAT_VERSION, "num_samples": self.num_samples, "pad_token_id": self.pad_token_id}
-        Path(path).write_text(strict_json({**payload, "prompts": self.prompts, "rows": self.rows}), encoding="utf-8")
+        data = strict_json({**payload, "prompts": self.prompts, "rows": self.rows}).encode("utf-8")
+        Path(path).write_bytes(data)
+        return hashlib.sha256(data).hexdigest()
 
     @classmethod
-    def load(cls, path: str | Path) -> KeptTrajectories:
-        """Read ``trajectories.json``; a damaged or foreign file raises ``ValueError`` naming it."""
+    def load(cls, path: str | Path, sha256: str | None = None) -> KeptTrajectories:
+        """Read ``trajectories.json``; a damaged or foreign file, or one whose digest is not the ``sha256`` its
+        report recorded (it was edited since), raises ``ValueError`` naming it."""
         path = Path(path)
         damaged = f"{path} is damaged or was not written by ipg_lightning"
         try:
-            payload = json.loads(path.read_text(encoding="utf-8"))
+            data = path.read_bytes()
+            payload = json.loads(data)
         except (OSError, ValueError) as error:
             raise ValueError(f"{damaged} ({type(error).__name__}: {error}); run the attribution again") from None
+        if sha256 is not None and hashlib.sha256(data).hexdigest() != sha256:
+            raise ValueError(
+                f"{path} was changed after its report was written (its SHA-256 is not the one the report records): the report's "
+                "scores did not come from these trajectories; run the attribution again"
+            )
         if not isinstance(payload, dict) or payload.get("format") != FORMAT_VERSION:
             raise ValueError(f"{damaged}: expected format {FORMAT_VERSION}; run the attribution again")
         try:
@@ -129,11 +154,20 @@ class KeptTrajectories:
                     raise ValueError(f"a trajectory lacks {sorted(_ROW_KEYS - set(row))} or names no kept prompt")
                 if not _token_ids(row["completion_ids"]):
                     raise ValueError("a trajectory's completion_ids are not token ids")
-                if not isinstance(row["reasoning_tokens"], int) or not isinstance(row["reward"], int | float):
-                    raise ValueError("a trajectory's reasoning_tokens or reward is not a number")
+                if not isinstance(row["reasoning_tokens"], int) or not _number(row["reward"]) or not _number(row["advantage"], none=True):
+                    raise ValueError("a trajectory's reasoning_tokens, reward or advantage is not a number")
+                if not isinstance(row["sample"], int) or not (row["correct"] is None or isinstance(row["correct"], bool)):
+                    raise ValueError("a trajectory's sample is not an index or its correct is not true, false or null")
         except (KeyError, TypeError, ValueError) as error:
             raise ValueError(f"{damaged} ({error}); run the attribution again") from None
         return kept
+
+
+def _number(value: Any, none: bool = False) -> bool:
+    """Whether ``value`` is a finite number (not a bool), or None where ``none`` allows it."""
+    if value is None:
+        return none
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _token_ids(values: Any) -> bool:

@@ -10,6 +10,7 @@ atomically: either all its files exist under the final name, or none do.
 from __future__ import annotations
 
 import json
+import logging
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +26,10 @@ from ipg_lightning.outputs import atomic_directory, atomic_write_json
 SCORES_FILE = "attribution.safetensors"
 METADATA_FILE = "attribution.json"
 PLOT_FILE = "attribution.png"
+#: The entry of ``attribution.json`` holding the SHA-256 of ``trajectories.json``.
+TRAJECTORIES_DIGEST = "trajectories_sha256"
+
+log = logging.getLogger(__name__)
 
 
 class UninformativeReportError(ValueError):
@@ -159,9 +164,10 @@ class AttributionReport:
         with atomic_directory(directory, overwrite=overwrite, kind="attribution report") as staging:
             save_file({name: t.contiguous().float() for name, t in self.scores.items()}, str(staging / SCORES_FILE))
             payload = {**self.metadata, "sites": self.sites, "top": self.top(top_n)}
+            payload.pop(TRAJECTORIES_DIGEST, None)
+            if self.trajectories is not None:  # its digest lets a reader tell an edited file from the one the scores came from
+                payload[TRAJECTORIES_DIGEST] = self.trajectories.save(staging / TRAJECTORIES_FILE)
             atomic_write_json(staging / METADATA_FILE, payload)
-            if self.trajectories is not None:
-                self.trajectories.save(staging / TRAJECTORIES_FILE)
             if plot:
                 plot_attribution(self.scores, self.sites, self.top(20), self.metadata.get("method", "?"), staging / PLOT_FILE)
         return directory
@@ -188,5 +194,10 @@ class AttributionReport:
             raise ValueError(f"{directory / SCORES_FILE} holds non-finite scores (NaN or inf) for {damaged[:3]}; {damaged_report}")
         metadata.pop("top", None)
         kept = directory / TRAJECTORIES_FILE
-        loaded = KeptTrajectories.load(kept) if trajectories and kept.is_file() else None
+        loaded = None
+        if trajectories and kept.is_file():
+            digest = metadata.get(TRAJECTORIES_DIGEST)
+            if digest is None:
+                log.warning("%s records no digest of %s (an older version wrote it): edits to it cannot be detected", directory, TRAJECTORIES_FILE)
+            loaded = KeptTrajectories.load(kept, digest)
         return cls(scores=scores, sites=sites, metadata=metadata, trajectories=loaded)

@@ -22,8 +22,8 @@ from ipg_lightning.explorer.payload import Effects, explorer_payload, read_evalu
 from ipg_lightning.explorer.traces import ScorePath, trace_components
 from ipg_lightning.identity import check_same_model
 from ipg_lightning.models import load_model_and_tokenizer
-from ipg_lightning.outputs import atomic_write_text
-from ipg_lightning.sites import ArchitectureSpec, Site, find_site
+from ipg_lightning.outputs import atomic_write_text, check_writable, read_manifest
+from ipg_lightning.sites import ArchitectureSpec, Site, find_site, unwrap_model
 from ipg_lightning.steering.selection import ComponentSelection
 from ipg_lightning.validation import check_at_least
 
@@ -49,12 +49,22 @@ def embedded_payload(html: str) -> dict[str, Any]:
 
 
 def check_page_output(path: str | Path, overwrite: bool = False) -> Path:
-    """Refuse an output path that exists, unless ``overwrite`` and it is an explorer page this library wrote."""
+    """Refuse an output path that exists (unless ``overwrite`` and it is an explorer page this library wrote), a new file
+    inside another output of this library, or a folder that cannot be written."""
     path = Path(path)
     if path.suffix.lower() not in (".html", ".htm"):
         raise ValueError(f"The explorer writes one HTML page: give an output path ending in .html, not {path}")
     if path.is_symlink() or path.is_dir():
         raise FileExistsError(f"Refusing to write {path}: it is a directory or a symbolic link; choose another output path")
+    resolved = path.resolve()
+    for folder in resolved.parents:
+        manifest = read_manifest(folder)
+        if manifest is not None and resolved.relative_to(folder).as_posix() not in manifest["files"]:
+            raise ValueError(
+                f"Refusing to write {path} inside {folder}, an output of ipg_lightning: a file it did not write would stop "
+                f"overwrite from replacing it; write the page beside it (e.g. {folder}.html)"
+            )
+    check_writable(path)
     if path.exists():
         if not overwrite:
             raise FileExistsError(f"{path} already exists; choose another output path, or set overwrite to replace an earlier explorer page")
@@ -63,6 +73,19 @@ def check_page_output(path: str | Path, overwrite: bool = False) -> Path:
         if GENERATOR not in head:
             raise FileExistsError(f"Refusing to overwrite {path}: it is not an explorer page written by ipg_lightning; choose another output path")
     return path
+
+
+def check_device(device: str) -> torch.device:
+    """The replay device, refused before any model loads when it is not a device name or this machine has no such device."""
+    try:
+        parsed = torch.device(device)
+    except RuntimeError:
+        raise ValueError(f"--device {device!r} is not a device: use cpu, cuda or cuda:N") from None
+    if parsed.type == "cuda" and not (torch.cuda.is_available() and (parsed.index or 0) < torch.cuda.device_count()):
+        raise ValueError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA devices; use cpu or one that exists")
+    if parsed.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device {device}: the explorer replays on cpu or cuda")
+    return parsed
 
 
 def write_page(payload: dict[str, Any], output: str | Path, overwrite: bool = False) -> Path:
@@ -88,6 +111,21 @@ def score_path(report: AttributionReport) -> tuple[ScorePath | None, str | None]
     return ScorePath(effective["rule"], int(effective["steps"]), float(config.get("baseline", 0.0)), groups), None
 
 
+def check_replayable(report: AttributionReport, model: torch.nn.Module, sites: dict[str, Site]) -> None:
+    """Refuse, naming the first problem, a report whose sites or kept trajectories ``model`` cannot replay
+    (sites of other sizes, token ids beyond its vocabulary, trajectories longer than its context)."""
+    resized = [
+        f"{name} ({report.sites[name]['size']} in the report, {site.size} here)"
+        for name, site in sites.items()
+        if site.size != report.sites[name]["size"]
+    ]
+    if resized:
+        raise ValueError(f"The model's sites differ in size from the report's, so its components cannot be traced: {', '.join(resized[:3])}")
+    config = unwrap_model(model).config
+    max_positions = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+    report.trajectories.check_replayable(unwrap_model(model).get_input_embeddings().num_embeddings, max_positions)
+
+
 def traced_components(report: AttributionReport, sites: dict[str, Site], count: int) -> list[str]:
     """The ``count`` components with the largest |score| among sites a hook can read (not fused expert weights)."""
     readable = [row for row in report.ranked(signed=False) if not sites[row[2]].kind.scales_weight]
@@ -106,6 +144,7 @@ def explore(
     device: str = "cpu",
     overwrite: bool = False,
     allow_other_model: bool = False,
+    saes: list[str] | None = None,
     progress: bool = True,
 ) -> Path:
     """Write an HTML explorer page for an attribution report that kept its trajectories.
@@ -128,7 +167,9 @@ def explore(
         chunk_size: trajectories per forward/backward pass (default: the report's).
         device: ``cpu``, ``cuda`` or ``cuda:N``.
         overwrite: replace an earlier explorer page at ``output``.
-        allow_other_model: replay through a model whose architecture differs from the report's.
+        allow_other_model: replay through a model whose architecture differs from the report's (its sites
+            must still have the report's sizes).
+        saes: where the report's SAEs are now, if they moved since the attribution (default: where it recorded them).
         progress: show progress bars.
     """
     report_path = Path(report_dir).resolve()
@@ -137,6 +178,7 @@ def explore(
     check_at_least(1, components=components, trajectories_per_component=trajectories_per_component, max_listed=max_listed)
     if chunk_size is not None:
         check_at_least(1, chunk_size=chunk_size)
+    replay_device = check_device(device)
     report = AttributionReport.load(report_path, trajectories=True)
     if report.trajectories is None:
         raise ValueError(
@@ -149,8 +191,8 @@ def explore(
     architecture = ArchitectureSpec(**config["architecture"]) if config.get("architecture") else None
     lm, tokenizer = load_model_and_tokenizer(model_path, config.get("dtype", "float32"))
     check_same_model(report.metadata.get("model_identity"), lm, model_path, f"The report {report_dir}", allow_other_model)
-    ComponentSelection(report=str(report_path), k=1).attach_saes(lm, architecture)
-    lm.to(torch.device(device)).eval()
+    ComponentSelection(report=str(report_path), k=1, saes=tuple(saes or ())).attach_saes(lm, architecture)
+    lm.to(replay_device).eval()
     written = page_for_report(
         report, lm, tokenizer, output_path, effects, components, trajectories_per_component, max_listed, chunk_size, architecture, overwrite, progress
     )
@@ -178,6 +220,7 @@ def page_for_report(
         raise ValueError("The report kept no trajectories: attribute with keep_trajectories=True")
     check_page_output(output, overwrite)
     sites = {name: find_site(model, name, architecture) for name in report.sites}
+    check_replayable(report, model, sites)
     path, reason = score_path(report)
     chosen = traced_components(report, sites, components)
     chunk_size = chunk_size or int(report.metadata.get("config", {}).get("chunk_size", 8))
