@@ -289,6 +289,8 @@ def check_output_dir(path: str | Path, overwrite: bool = False) -> Path:
     then unless it is an earlier output of this library (see the module docstring). Stages that a
     killed run of this output left behind are cleaned up first (:func:`remove_stale_stages`).
     """
+    if path is None or not str(path).strip():
+        raise ValueError(f"The output directory is not set (it is {path!r}, e.g. `output_dir: ~` in a YAML file): give a directory to write to")
     path = Path(path)
     remove_stale_stages(path)
     if path.exists() or path.is_symlink():

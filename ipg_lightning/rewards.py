@@ -16,6 +16,7 @@ any user function named by import path (``my_pkg.rewards:politeness``) through :
 from __future__ import annotations
 
 import importlib
+import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -182,9 +183,19 @@ class DeferredReward:
 def score_completions(reward: Reward, completions: Sequence[Completion]) -> list[float]:
     """Apply ``reward`` to each completion, checking that every result is a finite number."""
     scores = []
+    name = getattr(reward, "__name__", None) or type(reward).__name__
     for index, completion in enumerate(completions):
-        value = float(reward(completion))
-        if value != value or value in (float("inf"), float("-inf")):
-            raise ValueError(f"Reward returned {value} for completion {index}: rewards must be finite")
+        returned = reward(completion)
+        try:
+            if isinstance(returned, str | bytes):  # float("0.5") would pass
+                raise TypeError
+            value = float(returned)
+        except (TypeError, ValueError):
+            shown = repr(returned) if len(repr(returned)) <= 40 else repr(returned)[:40] + "..."
+            raise ValueError(
+                f"The reward {name} returned {shown} ({type(returned).__name__}) for completion {index}: rewards must be numbers"
+            ) from None
+        if not math.isfinite(value):
+            raise ValueError(f"The reward {name} returned {value} for completion {index}: rewards must be finite")
         scores.append(value)
     return scores

@@ -275,3 +275,71 @@ def test_a_page_is_never_added_inside_an_output_that_would_then_refuse_overwrite
     with pytest.raises(ValueError, match=r"Refusing to write .*report/page.html inside .*report, an output of ipg_lightning"):
         run(["explore", str(kept_report), "--output", str(kept_report / "page.html"), "--progress", "false"])
     assert not (kept_report / "page.html").exists()
+
+
+# ----------------------------------------------------------------------------- raw or misleading messages
+def test_a_weight_slice_of_a_component_the_model_lacks_is_named(tmp_path):
+    flags = ["--model.weight_slices", "true", "--model.lora", "null", "--model.selection.components", '["blocks.1.mlp.hook_post[999]"]']
+    with pytest.raises(ValueError, match=r"'blocks.1.mlp.hook_post\[999\]' is out of range: blocks.1.mlp.hook_post has 64 components"):
+        _steer(tmp_path, *flags)
+
+
+@pytest.mark.parametrize("command", ["evaluate", "train-sae", "train-reasoner"])
+def test_a_null_output_directory_is_named_before_any_work(tmp_path, monkeypatch, command):
+    _no_loading(monkeypatch)
+    (tmp_path / "null.yaml").write_text("output_dir: ~\n")
+    with pytest.raises(ValueError, match=r"The output directory is not set \(it is None, e.g. `output_dir: ~` in a YAML file\)"):
+        run([command, "--config", str(tmp_path / "null.yaml")])
+
+
+def test_a_reward_that_returns_text_is_named():
+    from ipg_lightning.rewards import Completion, score_completions
+
+    def verdict(completion):
+        return "correct"
+
+    with pytest.raises(ValueError, match=r"The reward verdict returned 'correct' \(str\) for completion 0: rewards must be numbers"):
+        score_completions(verdict, [Completion("", "4", 1)])
+
+
+def test_random_bytes_are_not_called_a_checkpoint_that_can_run_code(tmp_path):
+    (tmp_path / "noise.ckpt").write_bytes(bytes(range(256)) * 20)
+    with pytest.raises(ValueError, match=r"noise.ckpt cannot be read as a checkpoint: it is not a torch.save archive") as caught:
+        run(["evaluate", "--steering_checkpoint", str(tmp_path / "noise.ckpt"), "--output_dir", str(tmp_path / "out")])
+    assert "run code" not in str(caught.value)
+
+
+def test_a_missing_required_option_is_named_as_an_option(capsys):
+    from ipg_lightning.cli.main import main
+
+    with pytest.raises(SystemExit) as exited:
+        main(["export"])
+    assert exited.value.code == 2 and "ipg export: error: missing required option: --output_dir" in capsys.readouterr().err
+
+
+def test_ctrl_c_during_training_exits_130_with_the_interrupted_message(tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    command = [str(Path(sys.executable).parent / "ipg"), "steer", "--config", str(RECIPES / "steer_tiny.yaml"), "--trainer.max_epochs", "100000"]
+    command += ["--trainer.logger.init_args.save_dir", str(tmp_path), "--trainer.enable_progress_bar", "false"]
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not list(tmp_path.rglob("hparams.yaml")) and time.monotonic() < deadline:  # training has started
+        time.sleep(0.2)
+    time.sleep(1)
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 130, stderr[-1500:]
+    assert stderr.strip().splitlines()[-1] == "ipg steer: interrupted; no output was written under its final name"
+
+
+def test_a_folder_that_is_not_a_model_is_not_called_a_model_without_a_tokenizer(tmp_path):
+    from ipg_lightning.models import ModelLoadError, load_model_and_tokenizer
+
+    (tmp_path / "tokenizer.json").write_text("{}")
+    for folder in ("/etc", str(tmp_path)):
+        with pytest.raises(ModelLoadError, match=rf"{folder} is not a Hugging Face model directory: it has no config.json"):
+            load_model_and_tokenizer(folder)

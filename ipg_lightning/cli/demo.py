@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import logging
+import math
 import time
 import warnings
 from collections.abc import Iterator
@@ -207,6 +208,7 @@ def learn_length_gates(run: DemoRun, selection: ComponentSelection, condition: s
         enable_checkpointing=False,
         enable_model_summary=False,
         max_steps=s["learning_steps"],
+        max_epochs=math.ceil(s["learning_steps"] / len(run.data.train_dataloader())),  # so the progress bar counts real epochs
         limit_val_batches=0,
         enable_progress_bar=True,
     )

@@ -27,6 +27,7 @@ from collections.abc import Iterator
 DEBUG_ENV = "IPG_DEBUG"
 _PARSER_KEY = re.compile(r'^Parser key "([^"]+)"')
 _CLASS = re.compile(r"<class '(?:[\w.]+\.)?(\w+)'>")
+_REQUIRED = re.compile(r"^the following arguments are required: (?P<names>.+)$")
 _EXPECTED = re.compile(r"^Expected a (?:typing\.Literal\[(?P<choices>.*)\]|(?P<type>.+?))\. Got value: (?P<value>.*)$")
 # Exception types whose message is written for users; others are prefixed with their type name.
 _USER_ERRORS = (ValueError, OSError, KeyError, FloatingPointError, ArgumentError)
@@ -66,6 +67,10 @@ def error_message(error: BaseException) -> str:
     root = chain[-1]
     text = root.args[0] if isinstance(root, KeyError) and root.args else str(root)
     text = _one_line(_CLASS.sub(r"\1", str(text))) or type(root).__name__
+    required = _REQUIRED.match(text)
+    if required:  # the parser names them by their dotted keys, e.g. "export.output_dir"
+        names = [name.strip().split(".", 1)[-1] for name in required["names"].split(",")]
+        return f"missing required option{'s' if len(names) > 1 else ''}: {', '.join('--' + name for name in names)}"
     option = _option(chain)
     if option is not None and text.startswith(("Expected", "Does not validate", "Not a valid")):
         expected = _EXPECTED.match(text)

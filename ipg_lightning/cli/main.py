@@ -10,7 +10,10 @@
 from __future__ import annotations
 
 import os
+import signal
 import sys
+import threading
+from typing import Any
 
 from jsonargparse import CLI, ArgumentError
 
@@ -51,14 +54,36 @@ def main(args: list[str] | None = None) -> None:
         run(args)
         return
     command = f"ipg {args[0]}" if args and not args[0].startswith("-") else "ipg"
+    interrupted = _note_interrupts()
     try:
         run(args)
     except KeyboardInterrupt:
-        print(f"{command}: interrupted; no output was written under its final name", file=sys.stderr)
-        sys.exit(130)
+        _interrupted(command)
+    except SystemExit:  # Lightning's trainer turns Ctrl-C into exit status 1 after shutting down
+        if interrupted.is_set():
+            _interrupted(command)
+        raise
     except Exception as error:  # a user-facing command: one line, the traceback on request
         print(f"{command}: error: {error_message(error)} (--debug shows the traceback)", file=sys.stderr)
         sys.exit(2 if isinstance(error, ArgumentError) else 1)
+
+
+def _note_interrupts() -> threading.Event:
+    """Remember that Ctrl-C (SIGINT) arrived, then raise ``KeyboardInterrupt`` as Python does."""
+    interrupted = threading.Event()
+
+    def on_interrupt(signum: int, frame: Any) -> None:
+        interrupted.set()
+        raise KeyboardInterrupt
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, on_interrupt)
+    return interrupted
+
+
+def _interrupted(command: str) -> None:
+    print(f"{command}: interrupted; no output was written under its final name", file=sys.stderr)
+    sys.exit(130)
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ built; :func:`~ipg_lightning.steering.learned.load_steering_checkpoint` rebuilds
 from __future__ import annotations
 
 import pickle
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -78,6 +79,8 @@ def read_steering_checkpoint(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"Steering checkpoint not found: {path}")
+    if not zipfile.is_zipfile(path):  # every torch.save since torch 1.6 writes a zip archive
+        raise SteeringCheckpointError(f"{path} cannot be read as a checkpoint: it is not a torch.save archive (truncated, or another kind of file)")
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError:

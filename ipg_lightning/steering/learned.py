@@ -165,6 +165,7 @@ class GateSteering(ReasoningTask):
         self.selection.attach_saes(self.lm, self.architecture)
         if not self.components:
             self.components = self.selection.resolve(self.lm, self.model_path, self.architecture, self.hparams.allow_other_model)
+        gates_for_components(self.lm, self.components, 1.0, self.architecture)  # names every component this model lacks, before the fine-tune
         self.lm, self.fine_tune = FineTune.attach(
             self.lm, self.components, self.lora, self.hparams.weight_slices, self.sampling.seed, self.architecture
         )
