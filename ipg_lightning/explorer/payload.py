@@ -57,9 +57,9 @@ def read_evaluations(
     """Effects from ``ipg evaluate`` output directories (their ``metrics.json``): one base run and fixed steering runs.
 
     Learned-gate, exported and sweep outputs carry no single gamma per component and are refused by
-    name. With the report's model ``identity``, an evaluation of a model of another architecture is
-    refused (unless ``allow_other_model``), one of another model of the same architecture is named
-    in a warning, and one that records no identity is named as unchecked.
+    name. With the report's model ``identity``, an evaluation of another model (another architecture,
+    or another name) is refused unless ``allow_other_model``, which shows it with a warning; one that
+    records no identity is named in a warning as unchecked.
     """
     effects = Effects()
     for directory in directories:
