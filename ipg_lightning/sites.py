@@ -380,6 +380,9 @@ def splice_sae(model: nn.Module, sae: SparseAutoencoder, architecture: Architect
     saes[where.site_name] = sae
     try:
         discover_sites(root, ["sae_feature"], [where.layer], architecture)
+    except ValueError as error:
+        del saes[where.site_name]
+        raise ValueError(f"The SAE {sae.source or 'given'} reads {sae.hook_name}, which this model cannot host: {error}") from None
     except Exception:
         del saes[where.site_name]
         raise

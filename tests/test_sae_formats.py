@@ -331,7 +331,7 @@ def test_tensors_of_the_wrong_kind_are_named_with_the_file(tmp_path, tensors):
         load_sae(folder)
     state = {"encoder.weight": tensors["W_enc"].T, "decoder.weight": tensors["W_dec"].T, "b_dec": tensors["b_dec"], "k": torch.tensor(K)}
     folder = write_dictionary_learning(tmp_path / "dl", state, "AutoEncoderTopK")  # no encoder.bias
-    with pytest.raises(SAEFormatError, match=r"dl is not a readable dictionary_learning SAE \(KeyError: 'encoder.bias'\)"):
+    with pytest.raises(SAEFormatError, match=r"dl is not a readable dictionary_learning SAE: it has no 'encoder.bias' entry"):
         load_sae(folder)
 
 
@@ -344,3 +344,45 @@ def test_an_sae_with_nan_is_never_spliced_into_a_model(tiny_llama):
     with pytest.raises(ValueError, match=r"holds non-finite values \(NaN or inf\) in \['b_enc'\]"):
         attach_sae(tiny_llama, sae)
     assert attached_saes(tiny_llama) == {}
+
+
+@pytest.mark.parametrize(
+    "config, message",
+    [
+        ({"hook_name": 7}, r"hook_name has the wrong type \(7\)"),
+        ({"hook_name": "blocks.2.hook_foo"}, r"sae: An SAE at 'blocks.2.hook_foo' cannot be spliced in"),
+        ({"apply_b_dec_to_input": "false"}, r"apply_b_dec_to_input must be true or false, got 'false'"),
+        ({"architecture": ["topk"]}, r"architecture has the wrong type"),
+        ({"activation_fn": "topk", "activation_fn_kwargs": [5]}, r"activation_fn_kwargs has the wrong type"),
+    ],
+    ids=["hook-int", "hook-unknown", "flag-text", "architecture-list", "kwargs-list"],
+)
+def test_config_entries_of_the_wrong_kind_are_refused_not_guessed(tmp_path, tensors, config, message):
+    weights = {name: tensors[name] for name in ("W_enc", "b_enc", "W_dec", "b_dec")}
+    with pytest.raises(SAEFormatError, match=message):
+        load_sae(write_saelens(tmp_path / "sae", weights, **{"architecture": "standard", "hook_name": "blocks.0.hook_resid_post", **config}))
+
+
+def test_inconsistent_extra_tensors_are_named(tmp_path, tensors):
+    weights = {name: tensors[name] for name in ("W_enc", "b_enc", "W_dec", "b_dec")}
+    scaled = write_saelens(tmp_path / "scaled", {**weights, "scaling_factor": torch.ones(3)}, hook_name="blocks.0.hook_resid_post")
+    with pytest.raises(SAEFormatError, match=r"its scaling factor has 3 values for 40 features"):
+        load_sae(scaled)
+    state = {"encoder.weight": tensors["W_enc"].T, "encoder.bias": tensors["b_enc"], "decoder.weight": tensors["W_dec"].T}
+    folder = write_dictionary_learning(tmp_path / "dl", {**state, "b_dec": tensors["b_dec"], "k": torch.tensor([K, K])}, "AutoEncoderTopK")
+    with pytest.raises(SAEFormatError, match=r"ae.pt: k must be one number, it holds 2"):
+        load_sae(folder)
+    folder = write_dictionary_learning(
+        tmp_path / "dl2", {**state, "b_dec": tensors["b_dec"], "k": torch.tensor(K)}, "AutoEncoderTopK", submodule_name="foo"
+    )
+    with pytest.raises(SAEFormatError, match=r"dl2: dictionary_learning submodule 'foo'"):
+        load_sae(folder)
+
+
+def test_an_sae_for_a_layer_the_model_lacks_is_named(tiny_llama):
+    from ipg_lightning.sae import attach_sae
+
+    sae = random_sae(tiny_llama.config.hidden_size, "blocks.9.hook_resid_post", d_sae=32, k=4)
+    sae.source = "/saes/deep"
+    with pytest.raises(ValueError, match=r"The SAE /saes/deep reads blocks.9.hook_resid_post, which this model cannot host: .*9"):
+        attach_sae(tiny_llama, sae)

@@ -32,6 +32,7 @@ from safetensors.torch import load_file, save_file
 from ipg_lightning.autoencoder import SparseAutoencoder
 from ipg_lightning.outputs import atomic_directory, atomic_write_json, atomic_write_text
 from ipg_lightning.sae.torch_zip import read_torch_tensors
+from ipg_lightning.sites import sae_point
 
 SAELENS_WEIGHTS, SAELENS_CONFIG = "sae_weights.safetensors", "cfg.json"
 SPARSIFY_WEIGHTS, SPARSIFY_CONFIG = "sae.safetensors", "cfg.json"
@@ -74,7 +75,9 @@ def load_sae(path: str | Path) -> SparseAutoencoder:
     layout, read = found
     try:
         sae = read(path)
-    except (KeyError, IndexError, TypeError, RuntimeError, AttributeError) as error:  # tensors or entries of other kinds than the layout's
+    except KeyError as error:
+        raise SAEFormatError(f"{path} is not a readable {layout} SAE: it has no {error.args[0]!r} entry") from None
+    except (IndexError, TypeError, RuntimeError, AttributeError) as error:  # tensors or entries of other kinds than the layout's
         raise SAEFormatError(f"{path} is not a readable {layout} SAE ({type(error).__name__}: {error})") from None
     sae.source = str(path.resolve())
     return sae.requires_grad_(False)
@@ -122,6 +125,15 @@ def _build(config: dict[str, Any], weights: dict[str, torch.Tensor], where: Path
     Sizes and shapes are checked against the weights before anything is allocated (a config cannot
     make the loader allocate more than the file holds), and every value must be finite.
     """
+    hook_name = config["hook_name"]
+    if not isinstance(hook_name, str):
+        raise SAEFormatError(f"{where.parent}: the SAE's hook name must be text such as blocks.3.hook_resid_post, got {hook_name!r}")
+    try:
+        sae_point(hook_name)
+    except ValueError as error:
+        raise SAEFormatError(f"{where.parent}: {error}") from None
+    if not isinstance(config.get("apply_b_dec_to_input", True), bool):
+        raise SAEFormatError(f"{where.parent}: apply_b_dec_to_input must be true or false, got {config['apply_b_dec_to_input']!r}")
     d_in, d_sae = _size(config["d_in"], "d_in", where), _size(config["d_sae"], "d_sae", where)
     expected = {"W_enc": (d_in, d_sae), "b_enc": (d_sae,), "W_dec": (d_sae, d_in), "b_dec": (d_in,)}
     if config["activation"] == "jumprelu":
@@ -167,6 +179,9 @@ def _read_saelens(path: Path) -> SparseAutoencoder:
                     return source[key]
         return default
 
+    for key, kinds in (("architecture", str), ("activation_fn_kwargs", dict), ("normalize_activations", str | bool), ("hook_name", str)):
+        if setting(key) is not None and not isinstance(setting(key), kinds):
+            raise SAEFormatError(f"{path}/{SAELENS_CONFIG}: {key} has the wrong type ({setting(key)!r})")
     architecture = setting("architecture", default="standard")
     if architecture == "standard" and setting("activation_fn_str", "activation_fn") == "topk":  # SAELens < 6 wrote top-k SAEs so
         architecture = "topk"
@@ -195,9 +210,13 @@ def _read_saelens(path: Path) -> SparseAutoencoder:
     weights = _read_safetensors(path / SAELENS_WEIGHTS)
     scale = weights.pop("finetuning_scaling_factor", weights.pop("scaling_factor", None))
     if scale is not None:  # SAELens < 6: a per-feature factor on the features before decoding
-        weights["W_dec"] = _matrix(weights, "W_dec", path / SAELENS_WEIGHTS) * scale.reshape(-1, 1)
+        decoder = _matrix(weights, "W_dec", path / SAELENS_WEIGHTS)
+        if scale.numel() != decoder.shape[0]:
+            raise SAEFormatError(f"{path / SAELENS_WEIGHTS}: its scaling factor has {scale.numel()} values for {decoder.shape[0]} features")
+        weights["W_dec"] = decoder * scale.reshape(-1, 1)
     if architecture == "topk" and setting("rescale_acts_by_decoder_norm", default=False):
-        norms = weights["W_dec"].norm(dim=-1).clamp_min(1e-12)  # features scaled by decoder norms: fold the norms into the weights
+        # features scaled by decoder norms: fold the norms into the weights
+        norms = _matrix(weights, "W_dec", path / SAELENS_WEIGHTS).norm(dim=-1).clamp_min(1e-12)
         weights.update(W_enc=weights["W_enc"] * norms, b_enc=weights["b_enc"] * norms, W_dec=weights["W_dec"] / norms.reshape(-1, 1))
     kwargs = setting("activation_fn_kwargs", default={})
     missing = [key for key in ("d_in", "d_sae") if setting(key) is None]
@@ -209,7 +228,7 @@ def _read_saelens(path: Path) -> SparseAutoencoder:
         "hook_name": hook_name,
         "activation": _SAELENS_ARCHITECTURES[architecture],
         "k": setting("k", default=kwargs.get("k", 100)) if architecture == "topk" else None,  # SAELens' own default is 100
-        "apply_b_dec_to_input": bool(setting("apply_b_dec_to_input", default=True)),
+        "apply_b_dec_to_input": setting("apply_b_dec_to_input", default=True),
         "normalization": normalization,
         "input_scale": input_scale,
     }
@@ -373,6 +392,14 @@ def _dictionary_weights(state: dict[str, torch.Tensor], activation: str, where: 
     return weights
 
 
+def _with_path(path: Path, function: Any, *args: Any) -> Any:
+    """``function(*args)``, with the SAE's directory put in front of the message of an error it raises."""
+    try:
+        return function(*args)
+    except SAEFormatError as error:
+        raise SAEFormatError(f"{path}: {error}") from None
+
+
 def _read_dictionary_learning(path: Path) -> SparseAutoencoder:
     config = _read_json(path / DICTIONARY_CONFIG)
     trainer = config.get("trainer") if isinstance(config.get("trainer"), dict) else config
@@ -392,13 +419,15 @@ def _read_dictionary_learning(path: Path) -> SparseAutoencoder:
     activation = _DICTIONARY_CLASSES[dict_class]
     weights = _dictionary_weights(state, activation, path / DICTIONARY_WEIGHTS)
     d_in, d_sae = _matrix(weights, "W_enc", path / DICTIONARY_WEIGHTS).shape
+    if "k" in state and state["k"].numel() != 1:
+        raise SAEFormatError(f"{path / DICTIONARY_WEIGHTS}: k must be one number, it holds {state['k'].numel()}")
     k = state["k"].item() if "k" in state else trainer.get("k")
     if activation == "topk" and k is None:
         raise SAEFormatError(f"{path}: a {dict_class} needs k, in ae.pt or in config.json's trainer settings")
     fields = {
         "d_in": d_in,
         "d_sae": d_sae,
-        "hook_name": dictionary_learning_hook_name(trainer.get("submodule_name"), trainer.get("layer")),
+        "hook_name": _with_path(path, dictionary_learning_hook_name, trainer.get("submodule_name"), trainer.get("layer")),
         "activation": activation,
         "k": k if activation == "topk" else None,
         "apply_b_dec_to_input": dict_class != "JumpReluAutoEncoder",  # the only class that encodes x itself
