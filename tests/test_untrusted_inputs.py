@@ -90,10 +90,33 @@ def test_train_sae_refuses_bad_settings_before_loading_a_model(tmp_path, monkeyp
         run(["train-sae", *SAE_SMALL, *flags, "--output_dir", str(tmp_path / "sae")])
 
 
-def test_a_diverged_sae_is_never_saved(tmp_path):
-    with pytest.raises(FloatingPointError, match=r"became non-finite at step \d+: the training diverged and nothing was saved"):
-        run(["train-sae", *SAE_SMALL, "--model.learning_rate", "1e30", "--output_dir", str(tmp_path / "sae")])
+@pytest.mark.parametrize(
+    "flags, error, message",
+    [
+        (["--model.learning_rate", "1e30"], FloatingPointError, r"became non-finite at step \d+: the training diverged and nothing was saved"),
+        (["--model.learning_rate", "10"], FloatingPointError, r"reconstructs worse than the activations' mean \(validation FVU .* > 1\)"),
+        (["--trainer.max_epochs", "0"], ValueError, r"No training step ran"),
+    ],
+    ids=["overflow", "worse-than-the-mean", "no-step"],
+)
+def test_a_diverged_or_untrained_sae_is_never_saved(tmp_path, flags, error, message):
+    with pytest.raises(error, match=message):
+        run(["train-sae", *SAE_SMALL, *flags, "--output_dir", str(tmp_path / "sae")])
     assert not (tmp_path / "sae").exists()
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--model.expansion", str(10**9)], r"expansion 1000000000 gives an SAE of 128000000000 features over 128 channels, which needs"),
+        (["--model.hook_name", "blocks.9.hook_resid_post"], r"hook_name blocks.9.hook_resid_post: .*9"),
+        (["--model.hook_name", ""], r"hook_name: An SAE at '' cannot be spliced in"),
+    ],
+    ids=["too-large", "no-such-layer", "empty-hook"],
+)
+def test_sae_settings_the_model_cannot_take_are_named(tmp_path, flags, message):
+    with pytest.raises(ValueError, match=message):
+        run(["train-sae", *SAE_SMALL, *flags, "--output_dir", str(tmp_path / "sae")])
 
 
 def test_json_outputs_are_standard_json_without_nan(tmp_path):

@@ -9,7 +9,6 @@ user reads next. Their docstrings are their ``--help``.
 from __future__ import annotations
 
 import json
-import math
 import time
 import warnings
 from pathlib import Path
@@ -213,10 +212,7 @@ def train_sae(args: list[str]) -> None:
     if not cli.trainer.is_global_zero:
         return
     metrics = {key.removeprefix("val/"): round(float(value), 5) for key, value in measured.items()}
-    cli.model.check_finite("after training")
-    broken = [key for key, value in metrics.items() if not math.isfinite(value)]
-    if broken:
-        raise FloatingPointError(f"The trained SAE's {', '.join(broken)} measured non-finite: it does not reconstruct, and nothing was saved")
+    cli.model.check_sae_trained(metrics)
     card = {**cli.model.card(metrics), "wall_time_min": round((time.perf_counter() - started) / 60, 2), "command": "ipg train-sae " + " ".join(args)}
     save_sae(cli.model.sae, cli.config.output_dir, card=card, model_name=cli.model.model_path, overwrite=cli.config.overwrite)
     print(json.dumps(card["metrics"], indent=2))

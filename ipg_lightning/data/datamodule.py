@@ -213,7 +213,8 @@ class ReasoningDataModule(L.LightningDataModule):
             raise ValueError(f"Unknown split {split!r}; choose from {list(SPLITS)}")
         self.setup()
         if not self.examples[split]:
-            raise DataSourceError(f"The {split} split of {self.source!r} is empty")
+            asked = f" (num_{split} is {self.sizes[split]})" if self.sizes[split] is not None else ""
+            raise DataSourceError(f"The {split} split of {self.source!r} is empty{asked}: give it examples")
         return datasets.Dataset.from_list([asdict(example) for example in self.examples[split]])
 
     def collate(self, rows: list[dict[str, Any]]) -> ReasoningBatch:

@@ -25,6 +25,7 @@ the module runs under DDP unchanged and every rank holds the same SAE.
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Callable
 from typing import Any
 
@@ -39,6 +40,32 @@ from ipg_lightning.sites import ArchitectureSpec, Site, find_site, sae_point, un
 from ipg_lightning.task import ReasoningTask
 from ipg_lightning.trajectories import SamplingConfig, Trajectories, sample_trajectories, teacher_forced_trajectories
 from ipg_lightning.validation import check_at_least
+
+#: Bytes per SAE weight while training: the weight, its gradient and Adam's two moments, in float32.
+TRAINING_BYTES_PER_WEIGHT = 16
+
+
+def _available_memory() -> int:
+    """Bytes of memory the system can give (Linux's MemAvailable, which counts reclaimable cache; else the free pages)."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def check_fits_in_memory(d_in: int, d_sae: int, expansion: int, device: torch.device) -> None:
+    """Refuse, before allocating, an SAE whose two matrices with their training state exceed the free memory of ``device``."""
+    needed = 2 * d_in * d_sae * TRAINING_BYTES_PER_WEIGHT
+    free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else _available_memory()
+    if needed > free:
+        raise ValueError(
+            f"expansion {expansion} gives an SAE of {d_sae} features over {d_in} channels, which needs {needed / 2**30:.1f} GiB to train; "
+            f"{device.type} has {free / 2**30:.1f} GiB free: lower expansion"
+        )
 
 
 class SAETraining(ReasoningTask):
@@ -77,7 +104,10 @@ class SAETraining(ReasoningTask):
         architecture: ArchitectureSpec | None = None,
     ) -> None:
         super().__init__(model_path, dtype, architecture)
-        sae_point(hook_name)  # an unsupported hook point fails here, before the model loads
+        try:
+            sae_point(hook_name)  # an unsupported hook point fails here, before the model loads
+        except ValueError as error:
+            raise ValueError(f"hook_name: {error}") from None
         check_at_least(1, expansion=expansion, k=k, dead_after_tokens=dead_after_tokens)
         if aux_k is not None:
             check_at_least(1, aux_k=aux_k)
@@ -94,11 +124,15 @@ class SAETraining(ReasoningTask):
     def configure_components(self) -> None:
         """Find the site the SAE reads and create the SAE (initialised from data at the first step)."""
         site_name = sae_point(self.hparams.hook_name).activation_name
-        self.site = find_site(self.lm, site_name, self.architecture)
+        try:
+            self.site = find_site(self.lm, site_name, self.architecture)
+        except ValueError as error:
+            raise ValueError(f"hook_name {self.hparams.hook_name}: {error}") from None
         d_in = unwrap_model(self.lm).config.hidden_size
         d_sae = self.hparams.expansion * d_in
         if self.hparams.k > d_sae:
             raise ValueError(f"k = {self.hparams.k} exceeds the SAE's {d_sae} features")
+        check_fits_in_memory(d_in, d_sae, self.hparams.expansion, next(self.lm.parameters()).device)
         self.sae = SparseAutoencoder(d_in, d_sae, site_name, activation="topk", k=self.hparams.k, normalization="constant_scale")
         self.aux_k = min(self.hparams.aux_k or d_in // 2, d_sae)
         self.register_buffer("tokens_since_fired", torch.zeros(d_sae, dtype=torch.long), persistent=True)
@@ -182,6 +216,24 @@ class SAETraining(ReasoningTask):
         with torch.no_grad():
             self.sae.W_dec.copy_(torch.nn.functional.normalize(self.sae.W_dec, dim=-1))
         self.check_finite(f"at step {self.global_step}")
+
+    def check_sae_trained(self, metrics: dict[str, float]) -> None:
+        """Refuse to hand out an SAE that never trained, holds NaN or inf, or reconstructs worse than the activations' mean.
+
+        ``metrics`` are the validation metrics (``fvu``, ...). An FVU above 1 means the reconstruction
+        explains less than a constant: the training diverged without overflowing.
+        """
+        if self.global_step == 0 or not self.initialised:
+            raise ValueError("No training step ran (trainer.max_epochs or max_steps is 0, or the train split is empty): nothing was saved")
+        self.check_finite("after training")
+        broken = [key for key, value in metrics.items() if not math.isfinite(value)]
+        if broken:
+            raise FloatingPointError(f"The trained SAE's {', '.join(broken)} measured non-finite: it does not reconstruct, and nothing was saved")
+        if metrics["fvu"] > 1:
+            raise FloatingPointError(
+                f"The trained SAE reconstructs worse than the activations' mean (validation FVU {metrics['fvu']:.3g} > 1): the training "
+                f"diverged and nothing was saved; lower learning_rate (now {self.hparams.learning_rate:g}) or train longer"
+            )
 
     def check_finite(self, when: str) -> None:
         """Raise ``FloatingPointError`` naming the tensors if the SAE's weights hold NaN or inf (training diverged)."""
