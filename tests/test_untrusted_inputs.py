@@ -162,6 +162,26 @@ def test_a_checkpoint_cannot_replace_frozen_base_weights(tmp_path, one_epoch):
     assert not (tmp_path / "export").exists()
 
 
+@pytest.mark.parametrize("dropped", ["gates.", "lora_", ""], ids=["gates", "lora", "everything"])
+def test_a_checkpoint_missing_what_it_trained_is_refused_not_run_untrained(tmp_path, one_epoch, dropped):
+    from ipg_lightning.steering.learned import SteeringCheckpointError
+
+    checkpoint = torch.load(one_epoch, weights_only=True)
+    checkpoint["state_dict"] = {key: value for key, value in checkpoint["state_dict"].items() if dropped not in key}
+    torch.save(checkpoint, tmp_path / "partial.ckpt")
+    with pytest.raises(SteeringCheckpointError, match=r"partial.ckpt lacks trained tensors of this run"):
+        run(["evaluate", "--steering_checkpoint", str(tmp_path / "partial.ckpt"), "--output_dir", str(tmp_path / "eval"), *QUICK])
+    assert not (tmp_path / "eval").exists()
+
+
+def test_a_checkpoint_naming_a_component_the_model_lacks_is_named(tmp_path, one_epoch):
+    checkpoint = torch.load(one_epoch, weights_only=True)
+    checkpoint["ipg_steering"]["components"][0] = "blocks.1.mlp.hook_post[99999]"
+    torch.save(checkpoint, tmp_path / "odd.ckpt")
+    with pytest.raises(ValueError, match=r"odd.ckpt: 'blocks.1.mlp.hook_post\[99999\]' is out of range"):
+        run(["evaluate", "--steering_checkpoint", str(tmp_path / "odd.ckpt"), "--output_dir", str(tmp_path / "eval"), *QUICK])
+
+
 def test_resuming_with_another_learning_rate_is_refused_before_loading(tmp_path, monkeypatch, one_epoch):
     _no_loading(monkeypatch)
     with pytest.raises(ValueError, match=r"changed optimizer settings \(learning_rate 0.05 -> 0.5\)"):

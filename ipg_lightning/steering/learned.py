@@ -278,18 +278,20 @@ class GateSteering(ReasoningTask):
         return module
 
     def check_checkpoint_tensors(self, state: dict[str, torch.Tensor], where: str) -> None:
-        """Refuse a checkpoint state that holds anything beyond what this module trains (gates, adapter or slices).
+        """Refuse a checkpoint state that holds anything beyond what this module trains (gates, adapter or slices), or lacks part of it.
 
         Checkpoints load with ``strict=False`` (they leave the frozen model out), so without this a
         tensor named like a base weight, e.g. the LM head, would silently replace it.
         """
-        foreign = sorted(set(state) - set(self.trainable_state()))
+        trained = set(self.trainable_state())
+        foreign, missing = sorted(set(state) - trained), sorted(trained - set(state))
         if foreign:
             raise SteeringCheckpointError(
-                f"{where} holds tensors that are not trained gates, adapter or slices of this run ({', '.join(foreign[:3])}"
-                f"{f' and {len(foreign) - 3} more' if len(foreign) > 3 else ''}); a steering checkpoint never replaces base-model "
-                "weights, so it is refused"
+                f"{where} holds tensors that are not trained gates, adapter or slices of this run ({_listed(foreign)}); "
+                "a steering checkpoint never replaces base-model weights, so it is refused"
             )
+        if missing:  # loading would silently keep their untrained starting values
+            raise SteeringCheckpointError(f"{where} lacks trained tensors of this run ({_listed(missing)}): it is damaged or incomplete")
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Check that the checkpoint steers the same components of the same model as this module, holds only what
@@ -304,6 +306,10 @@ class GateSteering(ReasoningTask):
             self.check_checkpoint_tensors(checkpoint.get("state_dict", {}), "The checkpoint to resume from")
         if self._trainer is not None and "optimizer_states" in checkpoint:
             check_resume_settings(migrate_hparams(checkpoint.get("hyper_parameters", {})), dict(self.hparams))
+
+
+def _listed(names: list[str]) -> str:
+    return ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
 
 
 def load_steering_checkpoint(path: str | Path, model: str | None = None, trust_reward: bool = False, allow_other_model: bool = False) -> GateSteering:
@@ -324,10 +330,13 @@ def load_steering_checkpoint(path: str | Path, model: str | None = None, trust_r
         hparams["model_path"] = model
     elif hparams.get("model_path") == IN_MEMORY_MODEL:
         raise SteeringCheckpointError(f"{path} was trained on a model that was never saved under a path: pass the model to load it on")
-    module = GateSteering(**hparams)
-    module.reward.import_allowed = trust_reward
     steering = checkpoint[STEERING_KEY]
-    module.build(components=steering["components"], recorded_identity=steering.get("model_identity"), allow_other_model=allow_other_model)
+    try:  # what it records about its components and model is named with the file
+        module = GateSteering(**hparams)
+        module.build(components=steering["components"], recorded_identity=steering.get("model_identity"), allow_other_model=allow_other_model)
+    except ValueError as error:
+        raise type(error)(f"{path}: {error}") from None
+    module.reward.import_allowed = trust_reward
     module.fine_tune.check_matches(steering, str(path))
     module.check_checkpoint_tensors(checkpoint["state_dict"], str(path))
     own = module.state_dict()
