@@ -182,6 +182,14 @@ def test_a_checkpoint_naming_a_component_the_model_lacks_is_named(tmp_path, one_
         run(["evaluate", "--steering_checkpoint", str(tmp_path / "odd.ckpt"), "--output_dir", str(tmp_path / "eval"), *QUICK])
 
 
+def test_a_checkpoint_with_settings_of_the_wrong_kind_is_named(tmp_path, one_epoch):
+    checkpoint = torch.load(one_epoch, weights_only=True)
+    checkpoint["hyper_parameters"]["learning_rate"] = "fast"
+    torch.save(checkpoint, tmp_path / "odd.ckpt")
+    with pytest.raises(ValueError, match=r"odd.ckpt: its hyper_parameters are not valid settings"):
+        run(["evaluate", "--steering_checkpoint", str(tmp_path / "odd.ckpt"), "--output_dir", str(tmp_path / "eval"), *QUICK])
+
+
 def test_resuming_with_another_learning_rate_is_refused_before_loading(tmp_path, monkeypatch, one_epoch):
     _no_loading(monkeypatch)
     with pytest.raises(ValueError, match=r"changed optimizer settings \(learning_rate 0.05 -> 0.5\)"):

@@ -336,6 +336,8 @@ def load_steering_checkpoint(path: str | Path, model: str | None = None, trust_r
         module.build(components=steering["components"], recorded_identity=steering.get("model_identity"), allow_other_model=allow_other_model)
     except ValueError as error:
         raise type(error)(f"{path}: {error}") from None
+    except TypeError as error:  # e.g. a learning rate that is text
+        raise SteeringCheckpointError(f"{path}: its hyper_parameters are not valid settings ({error})") from None
     module.reward.import_allowed = trust_reward
     module.fine_tune.check_matches(steering, str(path))
     module.check_checkpoint_tensors(checkpoint["state_dict"], str(path))
