@@ -106,3 +106,32 @@ def test_bad_evaluate_and_export_requests_are_named(tmp_path):
     with pytest.raises(ValueError, match="gamma must be finite and >= 0, got -1"):
         run(["evaluate", "--selection.components", COMPONENTS, "--gamma", "-1", "--output_dir", str(tmp_path / "z"), *COMMON])
     assert not any(tmp_path.iterdir())
+
+
+def test_export_refuses_metrics_of_another_model_or_other_steering(tmp_path):
+    from ipg_lightning.identity import ModelMismatchError
+
+    run(["evaluate", "--output_dir", str(tmp_path / "base"), *COMMON])  # the unsteered model
+    run(
+        [
+            "evaluate",
+            "--model_path",
+            "tiny:qwen2",
+            "--selection.components",
+            COMPONENTS,
+            "--gamma",
+            "0",
+            "--output_dir",
+            str(tmp_path / "qwen2"),
+            *COMMON,
+        ]
+    )
+    run(["evaluate", "--selection.components", COMPONENTS, "--gamma", "0.5", "--output_dir", str(tmp_path / "half"), *COMMON])
+    export = ["export", "--selection.components", COMPONENTS, "--gamma", "0", "--output_dir", str(tmp_path / "exported"), "--metrics"]
+    with pytest.raises(ModelMismatchError, match=r"--metrics .*qwen2 measured tiny:qwen2 .*, but the export is of tiny:llama"):
+        run([*export, str(tmp_path / "qwen2")])
+    with pytest.raises(ValueError, match=r"measured other steering than this export \(kind 'base' there, 'fixed' here"):
+        run([*export, str(tmp_path / "base")])
+    with pytest.raises(ValueError, match=r"measured other steering than this export \(gamma 0.5 there, 0.0 here\)"):
+        run([*export, str(tmp_path / "half")])
+    assert not (tmp_path / "exported").exists()

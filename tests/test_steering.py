@@ -185,7 +185,7 @@ def test_loading_a_checkpoint_with_other_components_is_refused(tmp_path):
     trainer.fit(module, datamodule=_data())
     trainer.save_checkpoint(tmp_path / "a.ckpt")
     other = _steering(selection=ComponentSelection(components=("blocks.0.attn.hook_z[2]",)))
-    with pytest.raises(ValueError, match="Checkpoint steers"):
+    with pytest.raises(ValueError, match=r"checkpoint to resume from \(.*a.ckpt\) steers"):
         _trainer(tmp_path, max_epochs=2).fit(other, datamodule=_data(), ckpt_path=tmp_path / "a.ckpt")
     with pytest.raises(FileNotFoundError, match="Steering checkpoint not found"):
         load_steering_checkpoint(tmp_path / "missing.ckpt")

@@ -15,11 +15,11 @@ from typing import Any
 from ipg_lightning.data import ReasoningDataModule
 from ipg_lightning.data.sources import SPLITS
 from ipg_lightning.evaluation import evaluate_generations
-from ipg_lightning.identity import model_identity
+from ipg_lightning.identity import ModelMismatchError, describe, model_identity
 from ipg_lightning.outputs import atomic_directory, atomic_write_json, atomic_write_text, check_output_dir, strict_json
 from ipg_lightning.sites import ArchitectureSpec
 from ipg_lightning.steering.export import export_steered_model
-from ipg_lightning.steering.loading import load_steered_model, recorded_model
+from ipg_lightning.steering.loading import SteeredModel, load_steered_model, recorded_model
 from ipg_lightning.steering.selection import ComponentSelection
 from ipg_lightning.steering.sweep import gamma_sweep, plot_sweep, sweep_csv
 from ipg_lightning.trajectories import SamplingConfig
@@ -157,7 +157,7 @@ def export(
         selection: components for fixed steering (the top of a report, or names).
         gamma: gate value of the selected components.
         steering_checkpoint: learned gates (and LoRA adapter) from ``ipg steer``.
-        metrics: a ``metrics.json`` from ``ipg evaluate`` to record in the card.
+        metrics: a ``metrics.json`` from ``ipg evaluate`` of the same model and steering, to record in the card.
         overwrite: replace an earlier output of this library at ``output_dir`` (never other files).
         allow_other_model: apply a report or checkpoint made on a model of another architecture
             (refused by default: component indices would mean other units).
@@ -169,8 +169,11 @@ def export(
         raise ValueError("Nothing to export: give --selection.report/--selection.components with --gamma, or --steering_checkpoint")
     if selection is not None:
         selection.check_count()
-    known_metrics = _read_metrics(metrics) if metrics else None
+    evaluation = _read_evaluation(metrics) if metrics else None
     steered = load_steered_model(model_path, dtype, selection, gamma, steering_checkpoint, allow_other_model, architecture)
+    if evaluation is not None:
+        _check_evaluation_matches(evaluation, steered, metrics)
+    known_metrics = evaluation["metrics"] if evaluation is not None else None
     card = export_steered_model(
         steered.model, steered.tokenizer, steered.gates, output_dir, source=steered.description, metrics=known_metrics, overwrite=overwrite
     )
@@ -182,13 +185,42 @@ def export(
     return card
 
 
-def _read_metrics(path: str) -> dict[str, Any]:
-    """The metrics of an ``ipg evaluate`` output (its ``metrics.json``, or the directory holding it)."""
+def _read_evaluation(path: str) -> dict[str, Any]:
+    """An ``ipg evaluate`` output's ``metrics.json`` (given as the file or the directory holding it)."""
     file = Path(path) / "metrics.json" if Path(path).is_dir() else Path(path)
     try:
-        return json.loads(file.read_text(encoding="utf-8"))["metrics"]
+        summary = json.loads(file.read_text(encoding="utf-8"))
+        if not (isinstance(summary["metrics"], dict) and isinstance(summary["steering"], dict)):
+            raise TypeError("metrics and steering must be objects")
     except (OSError, ValueError, KeyError, TypeError) as error:
         raise ValueError(f"--metrics {path}: not a metrics.json written by `ipg evaluate` ({type(error).__name__}: {error})") from None
+    return summary
+
+
+#: What must agree between an evaluation and the steering being exported, for its metrics to describe the export.
+_STEERING_KEYS = ("kind", "components", "gamma", "checkpoint")
+
+
+def _check_evaluation_matches(evaluation: dict[str, Any], steered: SteeredModel, path: str) -> None:
+    """Refuse ``--metrics`` that measured another model, or another steering, than the one being exported."""
+    recorded = evaluation.get("model_identity")
+    if not isinstance(recorded, dict):
+        raise ValueError(f"--metrics {path} records no model identity, so it cannot be told to describe this export: evaluate it again")
+    actual = model_identity(steered.model, steered.description["model"])
+    if recorded.get("config_hash") != actual["config_hash"] or recorded.get("name") != actual["name"]:
+        raise ModelMismatchError(f"--metrics {path} measured {describe(recorded)}, but the export is of {describe(actual)}")
+    measured, exported = evaluation["steering"], steered.description
+    differs = [key for key in _STEERING_KEYS if _comparable(measured.get(key)) != _comparable(exported.get(key))]
+    if differs:
+        shown = ", ".join(f"{key} {measured.get(key)!r} there, {exported.get(key)!r} here" for key in differs)
+        raise ValueError(f"--metrics {path} measured other steering than this export ({shown}): give the evaluation of what is exported")
+
+
+def _comparable(value: Any) -> Any:
+    """A recorded setting in a form where equal settings compare equal (a checkpoint path resolved)."""
+    if isinstance(value, str) and Path(value).exists():
+        return str(Path(value).resolve())
+    return value
 
 
 def prepare_smollm2(output_dir: str | None = None) -> None:

@@ -278,7 +278,8 @@ class GateSteering(ReasoningTask):
         return module
 
     def check_checkpoint_tensors(self, state: dict[str, torch.Tensor], where: str) -> None:
-        """Refuse a checkpoint state that holds anything beyond what this module trains (gates, adapter or slices), or lacks part of it.
+        """Refuse a checkpoint state that holds anything beyond what this module trains (gates, adapter or slices), lacks part of
+        it, or holds it in other shapes.
 
         Checkpoints load with ``strict=False`` (they leave the frozen model out), so without this a
         tensor named like a base weight, e.g. the LM head, would silently replace it.
@@ -292,18 +293,27 @@ class GateSteering(ReasoningTask):
             )
         if missing:  # loading would silently keep their untrained starting values
             raise SteeringCheckpointError(f"{where} lacks trained tensors of this run ({_listed(missing)}): it is damaged or incomplete")
+        own = self.trainable_state()
+        for key, tensor in state.items():
+            if tensor.shape != own[key].shape:
+                raise SteeringCheckpointError(
+                    f"{where}: {key} has shape {tuple(tensor.shape)}, this model's has {tuple(own[key].shape)}: "
+                    "the checkpoint was trained on another model, or was edited"
+                )
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Check that the checkpoint steers the same components of the same model as this module, holds only what
         trains, and (when resuming) was trained with the same optimizer settings, which its optimizer state carries."""
         steering = checkpoint.get(STEERING_KEY, {})
+        resumed = getattr(self._trainer, "ckpt_path", None) if self._trainer is not None else None
+        what = f"The checkpoint to resume from ({resumed})" if resumed else "The checkpoint to resume from"
         saved = steering.get("components")
         if saved is not None and self.components and saved != self.components:
-            raise ValueError(f"Checkpoint steers {saved[:5]}..., but this run selected {self.components[:5]}...")
+            raise ValueError(f"{what} steers {saved[:5]}..., but this run selected {self.components[:5]}...")
         if self.lm is not None:
-            check_same_model(steering.get("model_identity"), self.lm, self.model_path, "The checkpoint to resume from")
-            self.fine_tune.check_matches(steering, "The checkpoint to resume from")
-            self.check_checkpoint_tensors(checkpoint.get("state_dict", {}), "The checkpoint to resume from")
+            check_same_model(steering.get("model_identity"), self.lm, self.model_path, what)
+            self.fine_tune.check_matches(steering, what)
+            self.check_checkpoint_tensors(checkpoint.get("state_dict", {}), what)
         if self._trainer is not None and "optimizer_states" in checkpoint:
             check_resume_settings(migrate_hparams(checkpoint.get("hyper_parameters", {})), dict(self.hparams))
 
@@ -341,12 +351,5 @@ def load_steering_checkpoint(path: str | Path, model: str | None = None, trust_r
     module.reward.import_allowed = trust_reward
     module.fine_tune.check_matches(steering, str(path))
     module.check_checkpoint_tensors(checkpoint["state_dict"], str(path))
-    own = module.state_dict()
-    for key, tensor in checkpoint["state_dict"].items():
-        if tensor.shape != own[key].shape:
-            raise SteeringCheckpointError(
-                f"{path}: {key} has shape {tuple(tensor.shape)}, this model's has {tuple(own[key].shape)}: "
-                "the checkpoint was trained on another model"
-            )
     module.load_state_dict(checkpoint["state_dict"], strict=False)
     return module.eval()
