@@ -456,7 +456,11 @@ def _sae_sites(root: nn.Module, spec: ArchitectureSpec, layer: int, block_path: 
 def find_site(model: nn.Module, site_name: str, architecture: ArchitectureSpec | None = None) -> Site:
     """The site of ``model`` called ``site_name`` (e.g. ``blocks.1.mlp.experts.3.hook_post``)."""
     family, layer = parse_site_name(site_name)
-    for site in discover_sites(model, [family], [layer], architecture):
+    try:
+        sites = discover_sites(model, [family], [layer], architecture)
+    except ValueError as error:  # e.g. a layer beyond the model's blocks
+        raise type(error)(f"{site_name} cannot be found in this model: {error}") from None
+    for site in sites:
         if site.name == site_name:
             return site
     raise ValueError(f"{site_name} does not exist in this model")
