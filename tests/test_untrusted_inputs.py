@@ -301,10 +301,16 @@ def test_hand_edited_trajectories_are_refused_not_replayed(tmp_path, kept_report
             r"Kept trajectory 1 has token id 1000000, but the model's vocabulary has 128 tokens",
         ),
         (lambda kept: kept.update(pad_token_id=10**9), r"pad with token 1000000000, which the model \(vocabulary 128\) does not have"),
-        (lambda kept: kept.update(rows=[]), r"kept no trajectories to replay"),
+        (lambda kept: kept.update(rows=[]), r"not every prompt has its num_samples = 4 trajectories"),
+        (lambda kept: kept.update(num_samples="4"), r"num_samples or pad_token_id is not a whole number"),
+        (lambda kept: kept["prompts"][0].update(prompt_ids=[]), r"prompt_ids are not token ids"),
+        (_empty_completions, r"completion_ids are not token ids, or none"),
+        (lambda kept: kept["rows"][0].update(reasoning_tokens=-5), r"reasoning_tokens, reward or advantage is not a number"),
+        (lambda kept: kept.update(prompts=kept["prompts"][:1], rows=[r for r in kept["rows"] if r["prompt"] == 0]), r"holds 1 prompts and 4"),
         (lambda kept: kept["rows"][0].update(advantage="high"), r"reward or advantage is not a number"),
     ],
-    ids=["longer-than-context", "token-id", "pad-id", "no-rows", "string-advantage"],
+    ids=["longer-than-context", "token-id", "pad-id", "no-rows", "num-samples-text", "empty-prompt", "empty-completions", "negative-length", "fewer"]
+    + ["string-advantage"],
 )
 def test_an_older_report_is_checked_against_the_model_before_replay(tmp_path, kept_report, edit, message):
     with pytest.raises(ValueError, match=message):
@@ -394,3 +400,44 @@ def test_a_folder_that_is_not_a_model_is_not_called_a_model_without_a_tokenizer(
     for folder in ("/etc", str(tmp_path)):
         with pytest.raises(ModelLoadError, match=rf"{folder} is not a Hugging Face model directory: it has no config.json"):
             load_model_and_tokenizer(folder)
+
+
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (lambda summary: summary["metrics"].update(accuracy="high"), r"metric accuracy is 'high', not a number >= 0"),
+        (lambda summary: summary["metrics"].update(accuracy=7.5), r"metric accuracy is 7.5, but it is a share of the completions"),
+        (lambda summary: summary.update(model_identity="tiny:llama"), r"model_identity must be objects"),
+        (lambda summary: summary["steering"].update(kind="fixed", components="blocks.0", gamma=0), r"steering.components must be a list"),
+        (lambda summary: summary["steering"].update(kind="fixed", components=["blocks.0.hook_mlp_out"], gamma="zero"), r"gamma is 'zero'"),
+    ],
+    ids=["text-accuracy", "accuracy-above-1", "identity-text", "components-text", "gamma-text"],
+)
+def test_tampered_evaluations_are_refused_by_the_explorer(tmp_path, kept_report, edit, message):
+    from ipg_lightning.explorer import read_evaluations
+
+    summary = json.loads((_evaluate(tmp_path / "base", "tiny:llama") / "metrics.json").read_text())
+    edit(summary)
+    (tmp_path / "base" / "metrics.json").write_text(json.dumps(summary))
+    identity = json.loads((kept_report / "attribution.json").read_text())["model_identity"]
+    with pytest.raises(ValueError, match=message):
+        read_evaluations([tmp_path / "base"], identity)
+
+
+def test_a_report_that_names_no_model_asks_for_one(tmp_path, kept_report):
+    copy = tmp_path / "report"
+    shutil.copytree(kept_report, copy)
+    metadata = json.loads((copy / "attribution.json").read_text())
+    del metadata["model"]
+    (copy / "attribution.json").write_text(json.dumps(metadata))
+    with pytest.raises(ValueError, match=r"does not say which model it was computed on: give it with --model_path"):
+        _explore(copy, tmp_path)
+
+
+def test_lora_settings_that_cannot_train_are_refused():
+    from ipg_lightning.steering.lora import LoraSettings
+
+    with pytest.raises(ValueError, match=r"lora.alpha must be > 0 \(the adapter's scale is alpha / r\), got -4"):
+        LoraSettings(alpha=-4)
+    with pytest.raises(ValueError, match=r"lora.dropout must be in \[0, 1\), got 1.5"):
+        LoraSettings(dropout=1.5)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -143,24 +144,37 @@ class KeptTrajectories:
         if not isinstance(payload, dict) or payload.get("format") != FORMAT_VERSION:
             raise ValueError(f"{damaged}: expected format {FORMAT_VERSION}; run the attribution again")
         try:
-            kept = cls(int(payload["num_samples"]), int(payload["pad_token_id"]), list(payload["prompts"]), list(payload["rows"]))
-            if kept.num_samples < 1:
-                raise ValueError(f"num_samples is {kept.num_samples}")
-            for prompt in kept.prompts:
-                if not isinstance(prompt["text"], str) or not _token_ids(prompt["prompt_ids"]):
-                    raise ValueError("a prompt's text is not text or its prompt_ids are not token ids")
-            for row in kept.rows:
-                if not set(row) >= _ROW_KEYS or not isinstance(row["prompt"], int) or not 0 <= row["prompt"] < len(kept.prompts):
-                    raise ValueError(f"a trajectory lacks {sorted(_ROW_KEYS - set(row))} or names no kept prompt")
-                if not _token_ids(row["completion_ids"]):
-                    raise ValueError("a trajectory's completion_ids are not token ids")
-                if not isinstance(row["reasoning_tokens"], int) or not _number(row["reward"]) or not _number(row["advantage"], none=True):
-                    raise ValueError("a trajectory's reasoning_tokens, reward or advantage is not a number")
-                if not isinstance(row["sample"], int) or not (row["correct"] is None or isinstance(row["correct"], bool)):
-                    raise ValueError("a trajectory's sample is not an index or its correct is not true, false or null")
+            if not (_whole(payload["num_samples"], 1) and _whole(payload["pad_token_id"], 0)):
+                raise ValueError("num_samples or pad_token_id is not a whole number")
+            kept = cls(payload["num_samples"], payload["pad_token_id"], list(payload["prompts"]), list(payload["rows"]))
+            _check_contents(kept)
         except (KeyError, TypeError, ValueError) as error:
             raise ValueError(f"{damaged} ({error}); run the attribution again") from None
         return kept
+
+
+def _check_contents(kept: KeptTrajectories) -> None:
+    """Raise ``ValueError`` naming the first entry of ``kept`` that a run could not have written."""
+    for prompt in kept.prompts:
+        if not isinstance(prompt["text"], str) or not _token_ids(prompt["prompt_ids"]) or not prompt["prompt_ids"]:
+            raise ValueError("a prompt's text is not text or its prompt_ids are not token ids")
+    for row in kept.rows:
+        if not set(row) >= _ROW_KEYS or not isinstance(row["prompt"], int) or not 0 <= row["prompt"] < len(kept.prompts):
+            raise ValueError(f"a trajectory lacks {sorted(_ROW_KEYS - set(row))} or names no kept prompt")
+        if not _token_ids(row["completion_ids"]) or not row["completion_ids"]:  # generation yields at least one token
+            raise ValueError("a trajectory's completion_ids are not token ids, or none")
+        if not _whole(row["reasoning_tokens"], 0) or not _number(row["reward"]) or not _number(row["advantage"], none=True):
+            raise ValueError("a trajectory's reasoning_tokens, reward or advantage is not a number")
+        if not (_whole(row["sample"], 0) and row["sample"] < kept.num_samples) or not (row["correct"] is None or isinstance(row["correct"], bool)):
+            raise ValueError("a trajectory's sample is not one of its prompt's samples, or its correct is not true, false or null")
+    per_prompt = Counter(row["prompt"] for row in kept.rows)
+    if any(per_prompt[index] != kept.num_samples for index in range(len(kept.prompts))):
+        raise ValueError(f"not every prompt has its num_samples = {kept.num_samples} trajectories")
+
+
+def _whole(value: Any, minimum: int) -> bool:
+    """Whether ``value`` is an int (not a bool) of at least ``minimum``."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= minimum
 
 
 def _number(value: Any, none: bool = False) -> bool:

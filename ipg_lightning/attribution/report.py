@@ -200,4 +200,10 @@ class AttributionReport:
             if digest is None:
                 log.warning("%s records no digest of %s (an older version wrote it): edits to it cannot be detected", directory, TRAJECTORIES_FILE)
             loaded = KeptTrajectories.load(kept, digest)
+            counts = metadata.get("counts") or {}
+            if (counts.get("prompts"), counts.get("trajectories")) not in ((len(loaded.prompts), len(loaded)), (None, None)):
+                raise ValueError(
+                    f"{kept} holds {len(loaded.prompts)} prompts and {len(loaded)} trajectories, but the report counts "
+                    f"{counts.get('prompts')} and {counts.get('trajectories')}: they are not the ones its scores came from; run the attribution again"
+                )
         return cls(scores=scores, sites=sites, metadata=metadata, trajectories=loaded)

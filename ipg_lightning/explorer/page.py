@@ -20,7 +20,7 @@ from ipg_lightning.attribution.paths import site_path_groups
 from ipg_lightning.attribution.report import AttributionReport
 from ipg_lightning.explorer.payload import Effects, explorer_payload, read_evaluations
 from ipg_lightning.explorer.traces import ScorePath, trace_components
-from ipg_lightning.identity import check_same_model
+from ipg_lightning.identity import IN_MEMORY_MODEL, check_same_model
 from ipg_lightning.models import load_model_and_tokenizer
 from ipg_lightning.outputs import atomic_write_text, check_writable, read_manifest
 from ipg_lightning.sites import ArchitectureSpec, Site, find_site, unwrap_model
@@ -187,6 +187,8 @@ def explore(
     identity = report.metadata.get("model_identity")
     effects = read_evaluations(evaluations, identity, f"The report {report_dir}", allow_other_model) if evaluations else None
     model_path = model_path or report.metadata.get("model")
+    if not isinstance(model_path, str) or model_path == IN_MEMORY_MODEL:
+        raise ValueError(f"The report {report_dir} does not say which model it was computed on: give it with --model_path")
     config = report.metadata.get("config", {})
     architecture = ArchitectureSpec(**config["architecture"]) if config.get("architecture") else None
     lm, tokenizer = load_model_and_tokenizer(model_path, config.get("dtype", "float32"))

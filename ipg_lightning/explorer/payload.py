@@ -67,8 +67,7 @@ def read_evaluations(
         try:
             summary = json.loads(path.read_text(encoding="utf-8"))
             steering, metrics = summary["steering"], summary["metrics"]
-            if not (isinstance(steering, dict) and isinstance(metrics, dict)):
-                raise TypeError("steering and metrics must be objects")
+            _check_evaluation(summary)
         except (OSError, ValueError, KeyError, TypeError) as error:
             raise ValueError(f"{directory} is not an `ipg evaluate` output ({path.name}: {type(error).__name__}: {error})") from None
         _check_evaluated_model(summary.get("model_identity"), identity, directory, report, allow_other_model)
@@ -83,6 +82,30 @@ def read_evaluations(
             kind = steering.get("kind")
             raise ValueError(f"{directory} evaluates a {kind} model; the explorer shows fixed steering (a selection at a gamma) and the base model")
     return effects
+
+
+#: Metrics that are shares of the completions, in [0, 1].
+RATES = ("accuracy", "answer_rate", "reflection_rate")
+
+
+def _check_evaluation(summary: dict[str, Any]) -> None:
+    """Raise ``TypeError``/``ValueError`` naming the first entry of a ``metrics.json`` that ``ipg evaluate`` could not have written."""
+    steering, metrics = summary["steering"], summary["metrics"]
+    if not (isinstance(steering, dict) and isinstance(metrics, dict) and isinstance(summary.get("model_identity", {}), dict)):
+        raise TypeError("steering, metrics and model_identity must be objects")
+    for key, value in metrics.items():
+        if value is None:  # a metric with nothing to measure (written as null)
+            continue
+        if not (isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value) and value >= 0):
+            raise ValueError(f"metric {key} is {value!r}, not a number >= 0")
+        if key in RATES and value > 1:
+            raise ValueError(f"metric {key} is {value}, but it is a share of the completions (0 to 1)")
+    if steering.get("kind") == "fixed":
+        components, gamma = steering.get("components"), steering.get("gamma")
+        if not (isinstance(components, list) and components and all(isinstance(name, str) for name in components)):
+            raise ValueError("steering.components must be a list of component names")
+        if not (isinstance(gamma, int | float) and not isinstance(gamma, bool) and math.isfinite(gamma) and gamma >= 0):
+            raise ValueError(f"steering.gamma is {gamma!r}, not a gate value >= 0")
 
 
 def _check_evaluated_model(evaluated: Any, identity: dict[str, Any] | None, directory: str | Path, report: str, allow_other_model: bool) -> None:

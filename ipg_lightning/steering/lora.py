@@ -40,6 +40,10 @@ class LoraSettings:
             raise ValueError(f"lora.placement must be one of {list(PLACEMENTS)}, got {self.placement!r}")
         if self.r < 1:
             raise ValueError(f"lora.r must be >= 1, got {self.r}")
+        if not self.alpha > 0:
+            raise ValueError(f"lora.alpha must be > 0 (the adapter's scale is alpha / r), got {self.alpha}")
+        if not 0 <= self.dropout < 1:
+            raise ValueError(f"lora.dropout must be in [0, 1), got {self.dropout}")
 
 
 def add_lora_adapter(model: nn.Module, settings: LoraSettings, targets: AdapterTargets, seed: int) -> nn.Module:
