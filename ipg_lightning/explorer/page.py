@@ -9,6 +9,7 @@ token, and the measured effects of steering them when ``ipg evaluate`` outputs a
 from __future__ import annotations
 
 import json
+import logging
 from importlib.resources import files
 from pathlib import Path
 from typing import Any
@@ -18,7 +19,7 @@ from transformers import PreTrainedTokenizerBase
 
 from ipg_lightning.attribution.paths import site_path_groups
 from ipg_lightning.attribution.report import AttributionReport
-from ipg_lightning.explorer.payload import Effects, explorer_payload, read_evaluations
+from ipg_lightning.explorer.payload import Effects, explorer_payload, read_evaluations, same_model_name
 from ipg_lightning.explorer.traces import ScorePath, trace_components
 from ipg_lightning.identity import IN_MEMORY_MODEL, check_same_model
 from ipg_lightning.models import load_model_and_tokenizer
@@ -26,6 +27,8 @@ from ipg_lightning.outputs import atomic_write_text, check_writable, read_manife
 from ipg_lightning.sites import ArchitectureSpec, Site, find_site, unwrap_model
 from ipg_lightning.steering.selection import ComponentSelection
 from ipg_lightning.validation import check_at_least
+
+logger = logging.getLogger(__name__)
 
 #: Marks a page this library wrote, so ``overwrite`` never replaces another file.
 GENERATOR = "ipg_lightning explorer"
@@ -186,7 +189,12 @@ def explore(
         )
     identity = report.metadata.get("model_identity")
     effects = read_evaluations(evaluations, identity, f"The report {report_dir}", allow_other_model) if evaluations else None
-    model_path = model_path or report.metadata.get("model")
+    recorded = report.metadata.get("model")
+    if model_path is not None and isinstance(recorded, str) and not same_model_name(model_path, recorded):
+        logger.warning(
+            "The report %s was computed on %s; replaying it through %s: the page shows that model's activations", report_dir, recorded, model_path
+        )
+    model_path = model_path or recorded
     if not isinstance(model_path, str) or model_path == IN_MEMORY_MODEL:
         raise ValueError(f"The report {report_dir} does not say which model it was computed on: give it with --model_path")
     config = report.metadata.get("config", {})

@@ -116,7 +116,7 @@ def _check_evaluated_model(evaluated: Any, identity: dict[str, Any] | None, dire
         logger.warning("The evaluation %s records no model identity (an older version wrote it): it cannot be checked", directory)
         return
     check_same_identity(identity, evaluated, report, allow_other_model, target=f"the model of the evaluation {directory}")
-    if _same_name(evaluated.get("name"), identity.get("name")):
+    if same_model_name(evaluated.get("name"), identity.get("name")):
         return
     message = f"The evaluation {directory} measured {evaluated.get('name')}, but the report was computed on {identity.get('name')}"
     if not allow_other_model:
@@ -124,7 +124,7 @@ def _check_evaluated_model(evaluated: Any, identity: dict[str, Any] | None, dire
     logger.warning("%s; showing its metrics because allow_other_model is set", message)
 
 
-def _same_name(first: Any, second: Any) -> bool:
+def same_model_name(first: Any, second: Any) -> bool:
     """Whether two recorded model names are the same model: equal, or the same local directory."""
     if first == second:
         return True
