@@ -52,78 +52,33 @@ def _umask() -> int:
     return mask
 
 
-def _host() -> str:
-    """This machine's name without dots (stage and temporary names split on dots)."""
-    return socket.gethostname().replace(".", "_")
-
-
 def _stage_tag() -> str:
-    """``host-pid`` of this process, so that a person can tell whose staging directory it is."""
-    return f"{_host()}-{os.getpid()}"
-
-
-def _temporary_name(name: str) -> re.Pattern[str]:
-    """The exact names of :func:`atomic_write_text`'s temporary files for ``name``: ``.{name}.{host}-{pid}.{random}.tmp``."""
-    return re.compile(rf"\.{re.escape(name)}\.(?P<host>[^./]+)-(?P<pid>\d+)\.[a-z0-9_]+\.tmp")
-
-
-def _process_gone(host: str, pid: int) -> bool:
-    """Whether process ``pid`` of this host has ended (False when that cannot be told: another host)."""
-    if host != _host():
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return True
-    except OSError:
-        return False
-    return False
-
-
-def remove_stale_temporaries(path: str | Path) -> list[Path]:
-    """Remove the temporary files a killed :func:`atomic_write_text` of ``path`` left beside it.
-
-    Only files with exactly its naming, written by a process of this host that has ended and locked
-    by nobody, are removed.
-    """
-    path = Path(path)
-    if not path.parent.is_dir():
-        return []
-    pattern, removed = _temporary_name(path.name), []
-    for temporary in sorted(path.parent.iterdir()):
-        match = pattern.fullmatch(temporary.name)
-        if match is None or temporary.is_symlink() or not temporary.is_file() or not _process_gone(match["host"], int(match["pid"])):
-            continue
-        if _abandoned(temporary):
-            temporary.unlink(missing_ok=True)
-            log.warning("removed %s, left by an interrupted run", temporary)
-            removed.append(temporary)
-    return removed
+    """``host-pid`` of this process (the host without dots), so that a person can tell whose staging directory it is."""
+    return f"{socket.gethostname().replace('.', '_')}-{os.getpid()}"
 
 
 def atomic_write_text(path: str | Path, text: str) -> Path:
-    """Write ``text`` to a temporary file beside ``path``, then rename it into place.
+    """Write ``text`` to ``path`` through a marked, locked staging directory beside it, then rename it into place.
 
-    The temporary file is locked while it is written; one that a killed process left is removed by
-    the next write of the same ``path`` (:func:`remove_stale_temporaries`).
+    A stage that a killed process left is removed by the next write of the same ``path``
+    (:func:`remove_stale_stages`), and nothing else beside it is ever touched.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale_temporaries(path)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.{_stage_tag()}.", suffix=".tmp")
+    remove_stale_stages(path)
+    stage = _new_stage(path, ".partial")
     try:
-        with os.fdopen(handle, "w", encoding="utf-8") as file:
-            with contextlib.suppress(OSError):  # a filesystem without locks: its temporaries are never judged stale
-                fcntl.flock(file.fileno(), fcntl.LOCK_EX)
-            file.write(text)
-        os.chmod(temporary, 0o666 & ~_umask())  # mkstemp's 0600 would leak into the final file
-        os.replace(temporary, path)
+        with _held(stage):
+            staged = stage / path.name
+            staged.write_text(text, encoding="utf-8")
+            os.replace(staged, path)
     except BaseException as error:
         failure = _write_failure(path, error)
-        Path(temporary).unlink(missing_ok=True)
+        shutil.rmtree(stage, ignore_errors=True)
         if failure is not None:
             raise failure from None
         raise
+    shutil.rmtree(stage, ignore_errors=True)
     return path
 
 
@@ -252,8 +207,11 @@ def _disk_full(path: Path) -> bool:
 
 
 def check_writable(path: str | Path) -> Path:
-    """Raise before any work if ``path`` cannot be written: its folder is read-only, not a folder, or its disk is full."""
+    """Raise before any work if ``path`` cannot be written: it starts with an unexpanded ``~``, its folder is read-only or not
+    a folder, or its disk is full."""
     path = Path(path)
+    if path.parts and path.parts[0].startswith("~"):
+        raise ValueError(f"Cannot write {path}: a leading ~ is expanded by a shell, not in a recipe or from Python; write the full path")
     folder = _existing_folder(path)
     if not folder.is_dir():
         raise NotADirectoryError(f"Cannot write {path}: {folder} is a file, not a directory; choose another output path")

@@ -27,7 +27,7 @@ from ipg_lightning.outputs import (
     atomic_write_text,
     check_output_dir,
     read_manifest,
-    remove_stale_temporaries,
+    remove_stale_stages,
 )
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
@@ -223,18 +223,26 @@ outputs.atomic_write_text(sys.argv[1], "<html>half</html>")
 """
 
 
-def test_a_temporary_file_left_by_a_killed_write_is_removed_by_the_next_write(tmp_path):
+def test_a_page_left_half_written_by_a_killed_process_is_removed_by_the_next_write_and_nothing_else(tmp_path):
     page = tmp_path / "report.html"
     process = subprocess.Popen([sys.executable, "-c", PAGE_AND_HANG, str(page)], stdout=subprocess.PIPE, text=True)
     assert process.stdout.readline().strip() == "writing"
-    (left,) = [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
-    assert remove_stale_temporaries(page) == []  # its writer is alive: kept
+    (left,) = [p for p in tmp_path.iterdir() if p.name.endswith(".partial")]
+    assert (left / STAGE_MARKER).is_file() and remove_stale_stages(page) == []  # its writer is alive: kept
     process.send_signal(signal.SIGKILL)
     process.wait(timeout=30)
-    foreign = tmp_path / ".report.html.otherhost-1.abcdefgh.tmp"  # another machine's: cannot tell, kept
-    foreign.write_text("x")
+    look_alike = tmp_path / f".report.html.{socket.gethostname().replace('.', '_')}-4000005.abc.tmp"  # a file named like a temporary
+    look_alike.write_text("mine")
     atomic_write_text(page, "<html>complete</html>")
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([foreign.name, "report.html"]) and not left.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([look_alike.name, "report.html"]) and not left.exists()
+    assert page.read_text() == "<html>complete</html>" and look_alike.read_text() == "mine"
+
+
+def test_a_path_with_an_unexpanded_tilde_is_refused(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ValueError, match=r"Cannot write ~/x: a leading ~ is expanded by a shell"):
+        check_output_dir("~/x")
+    assert list(tmp_path.iterdir()) == []
 
 
 def _mount_tmpfs(folder: Path, options: str) -> bool:
