@@ -347,6 +347,8 @@ def test_a_null_output_directory_is_named_before_any_work(tmp_path, monkeypatch,
     (tmp_path / "null.yaml").write_text("output_dir: ~\n")
     with pytest.raises(ValueError, match=r"The output directory is not set \(it is None, e.g. `output_dir: ~` in a YAML file\)"):
         run([command, "--config", str(tmp_path / "null.yaml")])
+    with pytest.raises(ValueError, match=r"--model.output_dir is not set \(null\): the report would be computed and then lost"):
+        run(["attribute", "--config", str(RECIPES / "attribute_tiny.yaml"), "--model.output_dir", "null"])
 
 
 def test_a_reward_that_returns_text_is_named():

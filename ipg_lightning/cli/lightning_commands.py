@@ -83,6 +83,8 @@ def parse_attribute(args: list[str]) -> CommandCLI:
 def attribute(args: list[str]) -> None:
     """Run IPG attribution (or a baseline method) and write the report to ``--model.output_dir``."""
     cli = parse_attribute(args)
+    if cli.model.hparams.output_dir is None:  # from Python a report may stay in memory; from the command line it would be lost
+        raise ValueError("--model.output_dir is not set (null): the report would be computed and then lost; give a directory")
     cli.trainer.validate(cli.model, datamodule=cli.datamodule, verbose=False)
     if cli.trainer.is_global_zero:
         print(cli.model.report.summary(cli.model.hparams.output_dir))

@@ -340,7 +340,7 @@ def _read_sparsify(path: Path) -> SparseAutoencoder:
     if "encoder.weight" not in weights or "W_dec" not in weights:
         raise SAEFormatError(f"{path}/{SPARSIFY_WEIGHTS} needs encoder.weight and W_dec (it has {sorted(weights)})")
     d_sae, d_in = _matrix(weights, "encoder.weight", path / SPARSIFY_WEIGHTS).shape
-    if config.get("d_in") not in (None, d_in):
+    if config.get("d_in") is not None and _size(config["d_in"], "d_in", path / SPARSIFY_CONFIG) != d_in:
         raise SAEFormatError(f"{path}: cfg.json says d_in {config['d_in']}, encoder.weight has {d_in} inputs")
     hook_point = path.parent.name if re.fullmatch(r"seed\d+", path.name) else path.name  # several seeds: <hook point>/seedN
     fields = {"d_in": d_in, "d_sae": d_sae, "hook_name": sparsify_hook_name(hook_point), "activation": "topk", "k": config["k"]}
