@@ -9,7 +9,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from ipg_lightning.testing import tiny_causal_lm, tiny_tokenizer  # noqa: E402
+from ipg_lightning.zoo.tiny import tiny_causal_lm, tiny_tokenizer  # noqa: E402
 
 
 @pytest.fixture(autouse=True)

@@ -29,16 +29,12 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from ipg_lightning.attribution import IPGAttribution, run_attribution
 from ipg_lightning.data import PromptTemplate, ReasoningDataModule
-from ipg_lightning.gates import ComponentGates
-from ipg_lightning.models import DTYPES
-from ipg_lightning.testing import tiny_tokenizer
-from ipg_lightning.trajectories import (
-    SamplingConfig,
-    completion_log_probs,
-    frozen_parameters,
-    sample_trajectories,
-    weighted_log_likelihood,
-)
+from ipg_lightning.gates.component_gates import ComponentGates
+from ipg_lightning.model.loading import DTYPES
+from ipg_lightning.rollout.sampling import sample_trajectories
+from ipg_lightning.rollout.scoring import completion_log_probs, frozen_parameters, weighted_log_likelihood
+from ipg_lightning.rollout.trajectories import SamplingConfig
+from ipg_lightning.zoo.tiny import tiny_tokenizer
 
 
 def digit_fraction(completion) -> float:
@@ -65,7 +61,7 @@ def build_model(hidden: int, layers: int, seed: int = 0, dtype: torch.dtype = to
     model = AutoModelForCausalLM.from_config(config, dtype=dtype).eval()
     with torch.no_grad():
         embeddings = model.get_input_embeddings()
-        embeddings.weight[0] = embeddings.weight[-1]  # no all-zero pad row (see ipg_lightning.testing)
+        embeddings.weight[0] = embeddings.weight[-1]  # no all-zero pad row (see ipg_lightning.zoo.tiny)
     return model
 
 

@@ -4,7 +4,7 @@ Every measurement runs in its own fresh process (so nothing one left resident fl
 on the CPU with glibc's ``MALLOC_MMAP_THRESHOLD_=65536``, so freed tensors leave the resident set),
 on the same synthetic trajectories: ``--rows`` completions of ``--tokens`` random tokens each after
 a 32-token prompt. Peak memory is measured above what the process holds once the model and the
-trajectories are loaded (:class:`ipg_lightning.memory.PeakMemory`: allocated tensors on CUDA, the
+trajectories are loaded (:class:`ipg_lightning.rollout.passes.memory.PeakMemory`: allocated tensors on CUDA, the
 resident set on the CPU). The conditions:
 
 - ``train``: one plain forward/backward of the same surrogate with the weights trainable (what
@@ -32,11 +32,12 @@ import sys
 import torch
 
 from ipg_lightning.attribution.paths import integrate_fixed
-from ipg_lightning.gates import ComponentGates
-from ipg_lightning.memory import PeakMemory
-from ipg_lightning.models import DTYPES, load_model_and_tokenizer
-from ipg_lightning.passes import MemoryLimits, TeacherForcedPasses
-from ipg_lightning.trajectories import Trajectories, completion_log_probs, frozen_parameters
+from ipg_lightning.gates.component_gates import ComponentGates
+from ipg_lightning.model.loading import DTYPES, load_model_and_tokenizer
+from ipg_lightning.rollout.passes.memory import PeakMemory
+from ipg_lightning.rollout.passes.teacher_forced import MemoryLimits, TeacherForcedPasses
+from ipg_lightning.rollout.scoring import completion_log_probs, frozen_parameters
+from ipg_lightning.rollout.trajectories import Trajectories
 
 CONDITIONS = ["train", "forward", "ipg", "ipg+log_softmax", "ipg+checkpoint", "ipg+row", "ipg+budget"]
 PROMPT_TOKENS = 32
@@ -66,7 +67,7 @@ def measure(args: argparse.Namespace) -> dict[str, float]:
     layer = args.layer if args.layer is not None else round(0.75 * (model.config.num_hidden_layers - 1))
     gates = ComponentGates.for_model(model, ["mlp_neuron"], [layer]).to(args.device)
     if args.condition == "ipg+log_softmax":
-        import ipg_lightning.trajectories as scoring
+        import ipg_lightning.rollout.trajectories as scoring
 
         scoring.target_log_probs = lambda logits, targets: torch.log_softmax(logits.float(), -1).gather(-1, targets[..., None])[..., 0]
     limits = {

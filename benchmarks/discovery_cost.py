@@ -1,6 +1,6 @@
 """What does discovering a model's layout cost, relative to one forward pass of the same four tokens?
 
-Discovery (``ipg_lightning.discovery.discover_layout``) runs one four-token probe pass with hooks on
+Discovery (``ipg_lightning.model.discovery.discover_layout``) runs one four-token probe pass with hooks on
 the first block's projections and norms, once per model; later calls read a cache. The baseline is a
 plain four-token forward of the same model in the same process.
 
@@ -15,9 +15,9 @@ import time
 
 import torch
 
-from ipg_lightning.discovery import _cache, discover_layout
-from ipg_lightning.models import load_model_and_tokenizer
-from ipg_lightning.reasoner import TINY_REASONER_PATH
+from ipg_lightning.model.discovery import _cache, discover_layout
+from ipg_lightning.model.loading import load_model_and_tokenizer
+from ipg_lightning.zoo.reasoner import TINY_REASONER_PATH
 
 
 def main() -> None:

@@ -28,9 +28,9 @@ from pathlib import Path
 from ipg_lightning.attribution import IPGAttribution, run_attribution
 from ipg_lightning.data import ReasoningDataModule
 from ipg_lightning.explorer import page_for_report
-from ipg_lightning.models import load_model_and_tokenizer
-from ipg_lightning.reasoner import TINY_REASONER_PATH, TINY_REASONER_SAE_PATH, TINY_REASONER_TASK
-from ipg_lightning.trajectories import SamplingConfig
+from ipg_lightning.model.loading import load_model_and_tokenizer
+from ipg_lightning.rollout.trajectories import SamplingConfig
+from ipg_lightning.zoo.reasoner import TINY_REASONER_PATH, TINY_REASONER_SAE_PATH, TINY_REASONER_TASK
 
 #: (label, reward, attribution settings) of each measured report.
 REPORTS = [

@@ -48,11 +48,11 @@ from ipg_lightning.attribution import IPGAttribution, run_attribution
 from ipg_lightning.attribution.plots import plt
 from ipg_lightning.attribution.report import AttributionReport, UninformativeReportError
 from ipg_lightning.evaluation import evaluate_generations
-from ipg_lightning.models import DTYPES, load_model_and_tokenizer
+from ipg_lightning.model.loading import DTYPES, load_model_and_tokenizer
 from ipg_lightning.outputs import atomic_write_json
-from ipg_lightning.reasoner import TINY_REASONER_SAE_PATH
+from ipg_lightning.rollout.trajectories import SamplingConfig
 from ipg_lightning.steering import gates_for_components
-from ipg_lightning.trajectories import SamplingConfig
+from ipg_lightning.zoo.reasoner import TINY_REASONER_SAE_PATH
 
 METHODS = ("ipg", "grad_x_act", "ig_reference", "mean_diff", "activation", "random")
 BEHAVIOURS = ("accuracy", "length")

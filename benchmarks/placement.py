@@ -46,11 +46,11 @@ import torch
 from ipg_lightning.attribution import IPGAttribution, run_attribution
 from ipg_lightning.data import ReasoningDataModule
 from ipg_lightning.evaluation import evaluate_generations
-from ipg_lightning.models import load_model_and_tokenizer
+from ipg_lightning.model.loading import load_model_and_tokenizer
 from ipg_lightning.outputs import atomic_write_json
-from ipg_lightning.reasoner import TINY_REASONER_PATH, TINY_REASONER_TASK
+from ipg_lightning.rollout.trajectories import SamplingConfig
 from ipg_lightning.steering import ComponentSelection, GateSteering, LoraSettings
-from ipg_lightning.trajectories import SamplingConfig
+from ipg_lightning.zoo.reasoner import TINY_REASONER_PATH, TINY_REASONER_TASK
 
 OBJECTIVES = ("accuracy", "right_but_shorter")
 MODES = ("gates", "lora_localized", "lora_random_layers", "lora_everywhere", "weight_slices", "weight_slices_random")

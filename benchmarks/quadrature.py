@@ -17,9 +17,9 @@ import warnings
 
 from ipg_lightning.attribution import IPGAttribution, run_attribution
 from ipg_lightning.data import ReasoningDataModule
-from ipg_lightning.models import load_model_and_tokenizer
-from ipg_lightning.reasoner import TINY_REASONER_PATH, TINY_REASONER_TASK
-from ipg_lightning.trajectories import SamplingConfig
+from ipg_lightning.model.loading import load_model_and_tokenizer
+from ipg_lightning.rollout.trajectories import SamplingConfig
+from ipg_lightning.zoo.reasoner import TINY_REASONER_PATH, TINY_REASONER_TASK
 
 SETTINGS = (("right", 10), ("right", 40), ("midpoint", 10), ("gauss_legendre", 5), ("gauss_legendre", 10), ("gauss_legendre", 20))
 

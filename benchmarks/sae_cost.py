@@ -25,11 +25,12 @@ import torch
 
 from ipg_lightning.attribution import IPGAttribution, run_attribution
 from ipg_lightning.data import ReasoningDataModule
-from ipg_lightning.gates import ComponentGates
-from ipg_lightning.models import load_model_and_tokenizer
-from ipg_lightning.reasoner import TINY_REASONER_PATH, TINY_REASONER_SAE_PATH, TINY_REASONER_TASK
+from ipg_lightning.gates.component_gates import ComponentGates
+from ipg_lightning.model.loading import load_model_and_tokenizer
+from ipg_lightning.rollout.sampling import sample_trajectories
+from ipg_lightning.rollout.trajectories import SamplingConfig
 from ipg_lightning.sae import attach_sae
-from ipg_lightning.trajectories import SamplingConfig, sample_trajectories
+from ipg_lightning.zoo.reasoner import TINY_REASONER_PATH, TINY_REASONER_SAE_PATH, TINY_REASONER_TASK
 
 
 def main() -> None:

@@ -18,10 +18,11 @@ import time
 
 import torch
 
-from ipg_lightning.gates import ComponentGates
-from ipg_lightning.models import load_model_and_tokenizer
-from ipg_lightning.reasoner import TINY_REASONER_PATH
-from ipg_lightning.trajectories import SamplingConfig, _pad, sample_trajectories
+from ipg_lightning.gates.component_gates import ComponentGates
+from ipg_lightning.model.loading import load_model_and_tokenizer
+from ipg_lightning.rollout.sampling import sample_trajectories
+from ipg_lightning.rollout.trajectories import SamplingConfig, pad_rows
+from ipg_lightning.zoo.reasoner import TINY_REASONER_PATH
 
 PROMPT = "Q: Start with {a}. Add {b}, then add {c}. What is the result?\nA:"
 
@@ -46,7 +47,7 @@ def main() -> None:
     )
     prompts = [PROMPT.format(a=i % 10, b=(3 * i) % 10, c=(7 * i) % 10) + " " * (i % 3) for i in range(args.batch)]
     encoded = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
-    padded = _pad(encoded, [[] for _ in encoded], tokenizer.pad_token_id)
+    padded = pad_rows(encoded, [[] for _ in encoded], tokenizer.pad_token_id)
     inputs = {"input_ids": padded["input_ids"].to(args.device), "attention_mask": padded["attention_mask"].to(args.device)}
     config = SamplingConfig(num_samples=1, temperature=args.temperature, top_p=args.top_p, max_new_tokens=args.new_tokens, batch_size=args.batch)
     layer = model.config.num_hidden_layers // 2

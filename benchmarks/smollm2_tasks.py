@@ -22,9 +22,9 @@ import torch
 
 from ipg_lightning.data import ReasoningDataModule
 from ipg_lightning.evaluation import evaluate_generations
-from ipg_lightning.models import load_model_and_tokenizer
+from ipg_lightning.model.loading import load_model_and_tokenizer
 from ipg_lightning.outputs import atomic_write_json
-from ipg_lightning.trajectories import SamplingConfig
+from ipg_lightning.rollout.trajectories import SamplingConfig
 
 #: Candidate tasks, easiest settings of each family's difficulty knobs first.
 CANDIDATES: dict[str, tuple[str, dict]] = {

@@ -20,7 +20,7 @@ from typing import Any
 from smollm2_tasks import CANDIDATES
 
 from ipg_lightning.data import ArithmeticChainTask, ReasoningDataModule
-from ipg_lightning.reasoner import TINY_REASONER_PATH, TINY_REASONER_RL_PATH, TINY_REASONER_TASK
+from ipg_lightning.zoo.reasoner import TINY_REASONER_PATH, TINY_REASONER_RL_PATH, TINY_REASONER_TASK
 
 
 @dataclass(frozen=True)

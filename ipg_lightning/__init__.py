@@ -1,76 +1,49 @@
 """ipg_lightning: find the components that drive an LLM's reasoning (Integrated Policy Gradient)
-and turn them up or down with multiplicative gates, on PyTorch Lightning."""
+and turn them up or down with multiplicative gates, on PyTorch Lightning.
 
-from ipg_lightning._moved import install_moved_module_aliases
-from ipg_lightning.answers import ExtractedAnswer, answers_match, extract_answer, normalize_answer
-from ipg_lightning.attribution import AttributionReport, IPGAttribution, run_attribution
-from ipg_lightning.data import ArithmeticChainTask, PromptTemplate, ReasoningBatch, ReasoningDataModule, ReasoningExample
-from ipg_lightning.exported import load_steered
-from ipg_lightning.folding import UnfoldableGateError, fold_gates_into_weights
-from ipg_lightning.gates import ComponentGates
-from ipg_lightning.metrics import AnswerRate, ReasoningAccuracy, ReasoningLength, ReflectionRate
-from ipg_lightning.rewards import Completion, CompoundReward, accuracy, load_reward, reasoning_length
-from ipg_lightning.sites import ARCHITECTURES, ArchitectureSpec, Site, UnsupportedArchitectureError, discover_sites
-from ipg_lightning.steering import (
-    ComponentSelection,
-    GateSteering,
-    LoraSettings,
-    export_steered_model,
-    gates_for_components,
-    load_steering_checkpoint,
-)
-from ipg_lightning.trajectories import (
-    SamplingConfig,
-    Trajectories,
-    backward_weighted_log_likelihood,
-    completion_log_probs,
-    sample_trajectories,
-)
+``import ipg_lightning`` imports nothing heavy: each name below is imported from its module the
+first time it is used (PEP 562), so ``ipg --help`` and a script's first line stay fast.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
 
 __version__ = "0.2.0.dev0"
 
-install_moved_module_aliases()
+#: Every public name, and the module it comes from.
+_EXPORTS: dict[str, str] = {
+    **dict.fromkeys(["ExtractedAnswer", "answers_match", "extract_answer", "normalize_answer"], "ipg_lightning.rewards.answers"),
+    **dict.fromkeys(["Completion", "CompoundReward", "accuracy", "load_reward", "reasoning_length"], "ipg_lightning.rewards.functions"),
+    **dict.fromkeys(["AttributionReport", "IPGAttribution", "run_attribution"], "ipg_lightning.attribution"),
+    **dict.fromkeys(["ArithmeticChainTask", "PromptTemplate", "ReasoningBatch", "ReasoningDataModule", "ReasoningExample"], "ipg_lightning.data"),
+    **dict.fromkeys(["AnswerRate", "ReasoningAccuracy", "ReasoningLength", "ReflectionRate"], "ipg_lightning.metrics"),
+    **dict.fromkeys(["ARCHITECTURES", "ArchitectureSpec", "UnsupportedArchitectureError"], "ipg_lightning.model.families"),
+    **dict.fromkeys(["Site", "discover_sites"], "ipg_lightning.model.sites"),
+    "ComponentGates": "ipg_lightning.gates.component_gates",
+    **dict.fromkeys(["UnfoldableGateError", "fold_gates_into_weights"], "ipg_lightning.gates.folding"),
+    "load_steered": "ipg_lightning.gates.exported",
+    **dict.fromkeys(
+        ["ComponentSelection", "GateSteering", "LoraSettings", "export_steered_model", "gates_for_components", "load_steering_checkpoint"],
+        "ipg_lightning.steering",
+    ),
+    **dict.fromkeys(["SamplingConfig", "Trajectories"], "ipg_lightning.rollout.trajectories"),
+    "sample_trajectories": "ipg_lightning.rollout.sampling",
+    **dict.fromkeys(["backward_weighted_log_likelihood", "completion_log_probs"], "ipg_lightning.rollout.scoring"),
+}
 
-__all__ = [
-    "ARCHITECTURES",
-    "AnswerRate",
-    "ArchitectureSpec",
-    "ArithmeticChainTask",
-    "AttributionReport",
-    "Completion",
-    "ComponentGates",
-    "ComponentSelection",
-    "CompoundReward",
-    "ExtractedAnswer",
-    "GateSteering",
-    "IPGAttribution",
-    "LoraSettings",
-    "PromptTemplate",
-    "ReasoningAccuracy",
-    "ReasoningBatch",
-    "ReasoningDataModule",
-    "ReasoningExample",
-    "ReasoningLength",
-    "ReflectionRate",
-    "SamplingConfig",
-    "Site",
-    "Trajectories",
-    "UnfoldableGateError",
-    "UnsupportedArchitectureError",
-    "accuracy",
-    "answers_match",
-    "backward_weighted_log_likelihood",
-    "completion_log_probs",
-    "discover_sites",
-    "export_steered_model",
-    "extract_answer",
-    "fold_gates_into_weights",
-    "gates_for_components",
-    "load_reward",
-    "load_steered",
-    "load_steering_checkpoint",
-    "normalize_answer",
-    "reasoning_length",
-    "run_attribution",
-    "sample_trajectories",
-]
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    """Import a public name from its module on first use."""
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'ipg_lightning' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_EXPORTS[name]), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_EXPORTS])

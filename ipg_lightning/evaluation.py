@@ -11,13 +11,14 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
-from ipg_lightning.completions import completions_of
 from ipg_lightning.data import ReasoningBatch
-from ipg_lightning.gates import ComponentGates
+from ipg_lightning.gates.component_gates import ComponentGates
 from ipg_lightning.metrics import ReasoningMetrics
 from ipg_lightning.metrics.functional import DEFAULT_REFLECTION_MARKERS
-from ipg_lightning.rewards import reasoning_length
-from ipg_lightning.trajectories import SamplingConfig, sample_trajectories
+from ipg_lightning.rewards.completions import completions_of
+from ipg_lightning.rewards.functions import reasoning_length
+from ipg_lightning.rollout.sampling import sample_trajectories
+from ipg_lightning.rollout.trajectories import SamplingConfig
 
 
 @dataclass

@@ -15,9 +15,9 @@ import lightning as L
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
-from ipg_lightning.identity import IN_MEMORY_MODEL
-from ipg_lightning.models import load_model_and_tokenizer
-from ipg_lightning.sites import ArchitectureSpec
+from ipg_lightning.model.families import ArchitectureSpec
+from ipg_lightning.model.identity import IN_MEMORY_MODEL
+from ipg_lightning.model.loading import load_model_and_tokenizer
 
 
 def plain(value: Any) -> Any:

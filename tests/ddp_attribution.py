@@ -6,7 +6,7 @@ from ddp_trainer import ddp_trainer
 
 from ipg_lightning.attribution import IPGAttribution
 from ipg_lightning.data import PromptTemplate, ReasoningDataModule
-from ipg_lightning.trajectories import SamplingConfig
+from ipg_lightning.rollout.trajectories import SamplingConfig
 
 if __name__ == "__main__":
     devices, output_dir = int(sys.argv[1]), sys.argv[2]

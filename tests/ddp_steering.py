@@ -6,9 +6,9 @@ import torch
 from ddp_trainer import ddp_trainer
 
 from ipg_lightning.data import PromptTemplate, ReasoningDataModule
+from ipg_lightning.rollout.trajectories import SamplingConfig
 from ipg_lightning.steering import ComponentSelection
 from ipg_lightning.steering.learned import GateSteering
-from ipg_lightning.trajectories import SamplingConfig
 
 if __name__ == "__main__":
     devices, output, fine_tune = int(sys.argv[1]), sys.argv[2], sys.argv[3]

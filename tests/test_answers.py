@@ -1,6 +1,6 @@
 import pytest
 
-from ipg_lightning.answers import answers_match, extract_answer, normalize_answer, parse_number
+from ipg_lightning.rewards.answers import answers_match, extract_answer, normalize_answer, parse_number
 
 EXTRACTION_CASES = [
     # (text, expected value, expected method)

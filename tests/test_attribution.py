@@ -6,9 +6,10 @@ from ipg_lightning.attribution import IPGAttribution, run_attribution
 from ipg_lightning.attribution.estimator import quadrature
 from ipg_lightning.attribution.report import UninformativeReportError
 from ipg_lightning.data import PromptTemplate, ReasoningDataModule
-from ipg_lightning.gates import ComponentGates
-from ipg_lightning.testing import tiny_causal_lm, tiny_tokenizer
-from ipg_lightning.trajectories import SamplingConfig, sample_trajectories
+from ipg_lightning.gates.component_gates import ComponentGates
+from ipg_lightning.rollout.sampling import sample_trajectories
+from ipg_lightning.rollout.trajectories import SamplingConfig
+from ipg_lightning.zoo.tiny import tiny_causal_lm, tiny_tokenizer
 
 DIGITS = [str(d) for d in range(10)]
 

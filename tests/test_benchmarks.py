@@ -9,9 +9,9 @@ from pathlib import Path
 
 from ipg_lightning.data import ReasoningDataModule
 from ipg_lightning.evaluation import evaluate_generations
-from ipg_lightning.models import load_model_and_tokenizer
-from ipg_lightning.reasoner import TINY_REASONER_PATH, TINY_REASONER_TASK
-from ipg_lightning.trajectories import SamplingConfig
+from ipg_lightning.model.loading import load_model_and_tokenizer
+from ipg_lightning.rollout.trajectories import SamplingConfig
+from ipg_lightning.zoo.reasoner import TINY_REASONER_PATH, TINY_REASONER_TASK
 
 ROOT = Path(__file__).resolve().parents[1]
 SIZES = ["--ps", "1", "2", "--support", "16", "--num-samples", "4", "--test", "8", "--steps", "2", "--gammas", "0", "1", "--length-k", "2"]

@@ -98,7 +98,7 @@ def bad_inputs(tmp_path_factory):
     """Files a user might point the CLI at by mistake."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from ipg_lightning.testing import tiny_causal_lm
+    from ipg_lightning.zoo.tiny import tiny_causal_lm
 
     root = tmp_path_factory.mktemp("bad")
     (root / "empty.jsonl").write_text("")
@@ -122,7 +122,7 @@ def bad_inputs(tmp_path_factory):
         max_position_embeddings=64,
     )
     AutoModelForCausalLM.from_config(config).save_pretrained(root / "moe")
-    from ipg_lightning.testing import tiny_tokenizer
+    from ipg_lightning.zoo.tiny import tiny_tokenizer
 
     tiny_tokenizer().save_pretrained(root / "moe")
     (root / "taken").mkdir()

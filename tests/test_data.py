@@ -11,7 +11,7 @@ from ipg_lightning.data import (
     PromptTemplate,
     ReasoningDataModule,
 )
-from ipg_lightning.testing import tiny_tokenizer
+from ipg_lightning.zoo.tiny import tiny_tokenizer
 
 GSM8K_ROWS = [{"question": f"Tom has {i} apples and buys 2. How many?", "answer": f"{i} + 2 = {i + 2}\n#### {i + 2}"} for i in range(20)]
 

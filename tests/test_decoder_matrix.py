@@ -12,20 +12,15 @@ from peft import LoraConfig, get_peft_model
 from ipg_lightning.attribution import AttributionReport
 from ipg_lightning.attribution.estimator import integrate_path, move_along_path
 from ipg_lightning.cli import run
-from ipg_lightning.exported import load_steered
-from ipg_lightning.folding import fold_gates_into_weights
-from ipg_lightning.gates import ComponentGates
-from ipg_lightning.sites import (
-    EXPERT_SITE_FAMILIES,
-    SITE_FAMILIES,
-    UnsupportedArchitectureError,
-    discover_sites,
-    find_site,
-    resolve_architecture,
-)
+from ipg_lightning.gates.component_gates import ComponentGates
+from ipg_lightning.gates.exported import load_steered
+from ipg_lightning.gates.folding import fold_gates_into_weights
+from ipg_lightning.model.families import EXPERT_SITE_FAMILIES, SITE_FAMILIES, UnsupportedArchitectureError
+from ipg_lightning.model.sites import discover_sites, find_site, resolve_architecture
+from ipg_lightning.rollout.scoring import backward_weighted_log_likelihood, weighted_log_likelihood
+from ipg_lightning.rollout.trajectories import teacher_forced_trajectories
 from ipg_lightning.steering.export import export_steered_model
-from ipg_lightning.testing import TINY_FAMILIES, TINY_MOE_FAMILIES
-from ipg_lightning.trajectories import backward_weighted_log_likelihood, teacher_forced_trajectories, weighted_log_likelihood
+from ipg_lightning.zoo.tiny import TINY_FAMILIES, TINY_MOE_FAMILIES
 
 INPUT = torch.tensor([[5, 17, 30, 42, 8, 61, 9, 23]])
 SUB_LAYER_AND_UNIT_FAMILIES = ["mlp_neuron", "attn_head", "attn_out", "mlp_out"]
@@ -244,7 +239,7 @@ def test_experts_held_as_a_module_list_are_refused_rather_than_mistaken_for_the_
 @pytest.mark.parametrize("family", TINY_FAMILIES + TINY_MOE_FAMILIES)
 def test_sae_features_splice_into_every_decoder_type(family, tiny_model):
     from ipg_lightning.sae import attach_sae
-    from ipg_lightning.testing import random_sae
+    from ipg_lightning.zoo.tiny import random_sae
 
     model = tiny_model(family)
     width = model.config.hidden_size

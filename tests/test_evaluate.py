@@ -6,8 +6,8 @@ import pytest
 from ipg_lightning.cli import run
 from ipg_lightning.data import ReasoningDataModule
 from ipg_lightning.evaluation import evaluate_generations
+from ipg_lightning.rollout.trajectories import SamplingConfig
 from ipg_lightning.steering import gates_for_components
-from ipg_lightning.trajectories import SamplingConfig
 
 COMPONENTS = '["blocks.1.attn.hook_z[0]", "blocks.1.attn.hook_z[3]", "blocks.0.mlp.hook_post[9]"]'
 RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "attribute_tiny.yaml"
@@ -109,7 +109,7 @@ def test_bad_evaluate_and_export_requests_are_named(tmp_path):
 
 
 def test_export_refuses_metrics_of_another_model_or_other_steering(tmp_path):
-    from ipg_lightning.identity import ModelMismatchError
+    from ipg_lightning.model.identity import ModelMismatchError
 
     run(["evaluate", "--output_dir", str(tmp_path / "base"), *COMMON])  # the unsteered model
     run(

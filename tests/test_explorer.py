@@ -14,10 +14,10 @@ from ipg_lightning.attribution.estimator import group_advantages
 from ipg_lightning.attribution.report import AttributionReport
 from ipg_lightning.cli.main import run
 from ipg_lightning.explorer import Effects, MeasuredEffect, embedded_payload, page_for_report, read_evaluations
-from ipg_lightning.gates import parse_component_name
-from ipg_lightning.rewards import Completion, accuracy
+from ipg_lightning.gates.component_gates import parse_component_name
+from ipg_lightning.rewards.functions import Completion, accuracy
 from ipg_lightning.sae import save_sae
-from ipg_lightning.testing import random_sae
+from ipg_lightning.zoo.tiny import random_sae
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
@@ -246,8 +246,8 @@ def test_ipg_explore_writes_the_page_and_refuses_what_it_must_not_touch(tmp_path
 def test_measured_effects_come_from_ipg_evaluate_outputs(tmp_path, tiny_llama, tokenizer):
     from ipg_lightning.cli.commands import evaluate
     from ipg_lightning.data import PromptTemplate, ReasoningDataModule
+    from ipg_lightning.rollout.trajectories import SamplingConfig
     from ipg_lightning.steering import ComponentSelection
-    from ipg_lightning.trajectories import SamplingConfig
 
     report = _report(tiny_llama, tokenizer)
     top = report.select(k=2)

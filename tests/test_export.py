@@ -6,12 +6,12 @@ import pytest
 import torch
 
 from ipg_lightning.data import PromptTemplate, ReasoningDataModule
-from ipg_lightning.exported import read_card
+from ipg_lightning.gates.exported import read_card
+from ipg_lightning.rollout.trajectories import SamplingConfig
 from ipg_lightning.steering import ComponentSelection, gates_for_components
 from ipg_lightning.steering.export import export_steered_model
 from ipg_lightning.steering.learned import GateSteering, LoraSettings
-from ipg_lightning.testing import tiny_causal_lm, tiny_tokenizer
-from ipg_lightning.trajectories import SamplingConfig
+from ipg_lightning.zoo.tiny import tiny_causal_lm, tiny_tokenizer
 
 INPUT = [[5, 17, 30, 42, 8, 61, 9, 23]]
 
@@ -25,7 +25,7 @@ assert not any(name.startswith("ipg_lightning") for name in sys.modules), "ipg_l
 STEERED_LOADER = """
 import json, sys, torch
 from ipg_lightning import load_steered
-from ipg_lightning.trajectories import SamplingConfig
+from ipg_lightning.rollout.trajectories import SamplingConfig
 model = load_steered(sys.argv[1])
 """
 REPORT = """

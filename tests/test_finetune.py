@@ -6,16 +6,16 @@ from test_export import INPUT, PLAIN_LOADER, _in_fresh_process
 from test_steering import _data, _trainer
 from transformers import AutoModelForCausalLM
 
-from ipg_lightning.gates import parse_component_name
-from ipg_lightning.sites import find_site
+from ipg_lightning.gates.component_gates import parse_component_name
+from ipg_lightning.model.sites import find_site
+from ipg_lightning.rollout.trajectories import SamplingConfig
 from ipg_lightning.steering import ComponentSelection
 from ipg_lightning.steering.checkpoint import SteeringCheckpointError
 from ipg_lightning.steering.export import export_steered_model
+from ipg_lightning.steering.finetune.lora import adapted_weights
+from ipg_lightning.steering.finetune.slices import attach_weight_slices, component_slices, merge_weight_slices
 from ipg_lightning.steering.learned import GateSteering, LoraSettings
-from ipg_lightning.steering.lora import adapted_weights
-from ipg_lightning.steering.slices import attach_weight_slices, component_slices, merge_weight_slices
-from ipg_lightning.testing import TINY_FAMILIES, tiny_causal_lm, tiny_tokenizer
-from ipg_lightning.trajectories import SamplingConfig
+from ipg_lightning.zoo.tiny import TINY_FAMILIES, tiny_causal_lm, tiny_tokenizer
 
 NEURON, HEAD, COORDINATE = "blocks.1.mlp.hook_post[5]", "blocks.2.attn.hook_z[3]", "blocks.1.hook_resid_post[7]"
 PROBE = torch.tensor([[5, 17, 30, 42, 8, 9]])
@@ -242,7 +242,7 @@ def test_exported_slices_with_folded_gates_reproduce_the_trained_model_without_i
 def test_slices_disabled_gives_the_base_model_and_supervised_slices_raise_the_reference_likelihood(tmp_path):
     from test_steering import completion_log_probs, teacher_forced_trajectories
 
-    from ipg_lightning.steering.slices import slices_disabled
+    from ipg_lightning.steering.finetune.slices import slices_disabled
 
     components = tuple(f"blocks.1.mlp.hook_post[{i}]" for i in range(8))
     module = _steering(tiny_causal_lm("llama"), components, objective="supervised", weight_slices=True, train_gates=False, learning_rate=0.05)

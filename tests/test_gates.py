@@ -4,12 +4,13 @@ import pytest
 import torch
 from peft import LoraConfig, get_peft_model
 
-from ipg_lightning.exported import load_steered
-from ipg_lightning.folding import UnfoldableGateError, fold_gates_into_weights
-from ipg_lightning.gates import ComponentGates
-from ipg_lightning.sites import SITE_FAMILIES, projection_shape, unwrap_model
+from ipg_lightning.gates.component_gates import ComponentGates
+from ipg_lightning.gates.exported import load_steered
+from ipg_lightning.gates.folding import UnfoldableGateError, fold_gates_into_weights
+from ipg_lightning.model.families import SITE_FAMILIES
+from ipg_lightning.model.sites import projection_shape, unwrap_model
 from ipg_lightning.steering.export import export_steered_model
-from ipg_lightning.testing import TINY_FAMILIES, tiny_causal_lm
+from ipg_lightning.zoo.tiny import TINY_FAMILIES, tiny_causal_lm
 
 FOLDABLE = ["mlp_neuron", "attn_head", "attn_out", "mlp_out"]
 INPUT = torch.tensor([[5, 17, 30, 42, 8, 61, 9, 23]])

@@ -5,11 +5,13 @@ position its own gate and reads the diagonal of the Jacobian, one backward pass 
 import pytest
 import torch
 
-from ipg_lightning.gates import ComponentGates
-from ipg_lightning.local_credit import LocalCreditError
-from ipg_lightning.passes import MemoryLimits, TeacherForcedPasses
-from ipg_lightning.sites import resolve_architecture
-from ipg_lightning.trajectories import SamplingConfig, backward_weighted_log_likelihood, completion_log_probs, sample_trajectories
+from ipg_lightning.gates.component_gates import ComponentGates
+from ipg_lightning.model.sites import resolve_architecture
+from ipg_lightning.rollout.passes.local_credit import LocalCreditError
+from ipg_lightning.rollout.passes.teacher_forced import MemoryLimits, TeacherForcedPasses
+from ipg_lightning.rollout.sampling import sample_trajectories
+from ipg_lightning.rollout.scoring import backward_weighted_log_likelihood, completion_log_probs
+from ipg_lightning.rollout.trajectories import SamplingConfig
 
 PROMPTS = ["Start with 7. Add 5.", "What is 2+3?", "Compute 12*4 now."]
 LAYER = 1

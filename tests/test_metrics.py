@@ -6,9 +6,9 @@ import pytest
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from ipg_lightning.answers import extract_answer
 from ipg_lightning.metrics import AnswerRate, ReasoningAccuracy, ReasoningLength, ReflectionRate
 from ipg_lightning.metrics import functional as F
+from ipg_lightning.rewards.answers import extract_answer
 
 COMPLETIONS = [
     "2 + 2 = 4\n#### 4",

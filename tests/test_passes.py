@@ -7,11 +7,13 @@ import pytest
 import torch
 
 from ipg_lightning.attribution.paths import integrate_fixed
-from ipg_lightning.gates import ComponentGates
-from ipg_lightning.memory import PeakMemory, peak_is_resettable
-from ipg_lightning.passes import MemoryLimits, TeacherForcedPasses, padded_tokens, token_chunks
-from ipg_lightning.token_log_probs import target_log_probs
-from ipg_lightning.trajectories import SamplingConfig, backward_weighted_log_likelihood, sample_trajectories
+from ipg_lightning.gates.component_gates import ComponentGates
+from ipg_lightning.rollout.passes.memory import PeakMemory, peak_is_resettable
+from ipg_lightning.rollout.passes.teacher_forced import MemoryLimits, TeacherForcedPasses, padded_tokens, token_chunks
+from ipg_lightning.rollout.sampling import sample_trajectories
+from ipg_lightning.rollout.scoring import backward_weighted_log_likelihood
+from ipg_lightning.rollout.token_log_probs import target_log_probs
+from ipg_lightning.rollout.trajectories import SamplingConfig
 
 PROMPTS = ["Start with 7. Add 5.", "What is 2+3?", "Compute 12*4 now."]
 
@@ -149,7 +151,7 @@ def test_checkpointing_keeps_less_for_backward_and_reruns_the_live_blocks(tiny_m
 
 
 def test_lean_log_probs_equal_log_softmax_in_value_and_gradient(monkeypatch):
-    monkeypatch.setattr("ipg_lightning.token_log_probs.POSITIONS_PER_SLICE", 3)  # several slices
+    monkeypatch.setattr("ipg_lightning.rollout.token_log_probs.POSITIONS_PER_SLICE", 3)  # several slices
     generator = torch.Generator().manual_seed(0)
     for dtype, tolerance in ((torch.float32, 1e-6), (torch.bfloat16, 1e-2)):
         logits = (4 * torch.randn(2, 5, 11, generator=generator)).to(dtype).requires_grad_(True)

@@ -49,7 +49,7 @@ def test_report_example_runs_on_a_report_from_the_tiny_recipe(tmp_path, monkeypa
 
 
 def test_the_coverage_table_is_the_one_the_code_generates():
-    from ipg_lightning.testing import coverage_table
+    from ipg_lightning.zoo.tiny import coverage_table
 
     shown = re.search(r"<!-- coverage-table -->\n(.*?)\n<!-- /coverage-table -->", README.read_text(), flags=re.DOTALL)
     assert shown is not None, "README.md has no <!-- coverage-table --> block"

@@ -9,10 +9,11 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from ipg_lightning.attribution import IPGAttribution, run_attribution
 from ipg_lightning.data import ArithmeticChainTask, ReasoningDataModule
 from ipg_lightning.evaluation import evaluate_generations
-from ipg_lightning.models import load_model_and_tokenizer
-from ipg_lightning.reasoner import TINY_REASONER_PATH, TINY_REASONER_RL_PATH, TINY_REASONER_TASK, ReasonerTraining, reasoner_tokenizer
+from ipg_lightning.model.loading import load_model_and_tokenizer
+from ipg_lightning.rollout.scoring import completion_log_probs
+from ipg_lightning.rollout.trajectories import SamplingConfig, teacher_forced_trajectories
 from ipg_lightning.steering import gates_for_components
-from ipg_lightning.trajectories import SamplingConfig, completion_log_probs, teacher_forced_trajectories
+from ipg_lightning.zoo.reasoner import TINY_REASONER_PATH, TINY_REASONER_RL_PATH, TINY_REASONER_TASK, ReasonerTraining, reasoner_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 CHECKPOINT = Path(TINY_REASONER_PATH)

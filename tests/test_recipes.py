@@ -135,7 +135,7 @@ def test_tiny_evaluate_and_export_recipes_run(tmp_path):
 
 @pytest.mark.parametrize("recipe", TRAIN_RECIPES, ids=lambda p: p.name)
 def test_train_recipe_parses(recipe):
-    from ipg_lightning.reasoner import ReasonerTraining
+    from ipg_lightning.zoo.reasoner import ReasonerTraining
 
     cli = parse_train_reasoner(["--config", str(recipe)])
     assert isinstance(cli.model, ReasonerTraining)
@@ -144,9 +144,9 @@ def test_train_recipe_parses(recipe):
 
 
 def test_sae_recipes_parse_and_the_tiny_one_is_the_shipped_sae():
-    from ipg_lightning.reasoner import TINY_REASONER_SAE_PATH
     from ipg_lightning.sae import load_sae
     from ipg_lightning.sae.training import SAETraining
+    from ipg_lightning.zoo.reasoner import TINY_REASONER_SAE_PATH
 
     parsed = {recipe.name: parse_train_sae(["--config", str(recipe)]) for recipe in SAE_RECIPES}
     assert set(parsed) == {"train_tiny_sae.yaml", "train_sae_qwen_math_gsm8k.yaml"}

@@ -1,6 +1,6 @@
 import pytest
 
-from ipg_lightning.rewards import (
+from ipg_lightning.rewards.functions import (
     Completion,
     CompoundReward,
     accuracy,

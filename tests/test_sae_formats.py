@@ -11,7 +11,7 @@ from safetensors.torch import save_file
 from ipg_lightning.sae import load_sae, save_sae
 from ipg_lightning.sae.formats import SAEFormatError
 from ipg_lightning.sae.torch_zip import UnsafeTorchFileError
-from ipg_lightning.testing import random_sae
+from ipg_lightning.zoo.tiny import random_sae
 
 D_IN, D_SAE, K = 16, 40, 5
 

@@ -7,10 +7,11 @@ import pytest
 import torch
 from peft import LoraConfig, get_peft_model
 
-from ipg_lightning.gates import ComponentGates, combined_gates
+from ipg_lightning.gates.component_gates import ComponentGates, combined_gates
+from ipg_lightning.model.families import sae_point
+from ipg_lightning.model.sites import discover_sites, find_site
 from ipg_lightning.sae import attach_sae, attached_saes, detach_saes
-from ipg_lightning.sites import discover_sites, find_site, sae_point
-from ipg_lightning.testing import random_sae
+from ipg_lightning.zoo.tiny import random_sae
 
 IDS = torch.tensor([[5, 9, 14, 3, 22, 7, 30, 11]])
 
@@ -156,10 +157,10 @@ def test_every_baseline_scores_sae_features(model_with_sae, tokenizer, method):
 
 def test_learned_gates_on_sae_features_train_and_reload_with_their_sae(tmp_path, tiny_llama, tokenizer, quiet_trainer):
     from ipg_lightning.data import PromptTemplate, ReasoningDataModule
+    from ipg_lightning.rollout.trajectories import SamplingConfig
     from ipg_lightning.sae import save_sae
     from ipg_lightning.steering import ComponentSelection
     from ipg_lightning.steering.learned import GateSteering, load_steering_checkpoint
-    from ipg_lightning.trajectories import SamplingConfig
 
     sae = random_sae(hook_name="blocks.1.hook_resid_post", k=8)
     save_sae(sae, tmp_path / "sae")
@@ -189,7 +190,7 @@ def test_learned_gates_on_sae_features_train_and_reload_with_their_sae(tmp_path,
 
 
 def test_a_loaded_export_can_be_steered_again_with_the_same_sae(tmp_path, tiny_llama, tokenizer):
-    from ipg_lightning.exported import load_steered
+    from ipg_lightning.gates.exported import load_steered
     from ipg_lightning.sae import save_sae
     from ipg_lightning.steering import gates_for_components
     from ipg_lightning.steering.export import export_steered_model

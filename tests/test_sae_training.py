@@ -12,11 +12,11 @@ import torch
 
 from ipg_lightning.cli.main import run
 from ipg_lightning.data import PromptTemplate, ReasoningDataModule
-from ipg_lightning.reasoner import TINY_REASONER_PATH, TINY_REASONER_TASK
+from ipg_lightning.rollout.trajectories import SamplingConfig
 from ipg_lightning.sae import attach_sae, load_sae
 from ipg_lightning.sae.metrics import DeadFeatureFraction, FractionOfVarianceUnexplained
 from ipg_lightning.sae.training import SAETraining
-from ipg_lightning.trajectories import SamplingConfig
+from ipg_lightning.zoo.reasoner import TINY_REASONER_PATH, TINY_REASONER_TASK
 
 SHIPPED_SAE = Path(TINY_REASONER_PATH).with_name("tiny-reasoner-sae")
 

@@ -16,12 +16,13 @@ from ipg_lightning.attribution import IPGAttribution
 from ipg_lightning.attribution.report import AttributionReport, UninformativeReportError
 from ipg_lightning.cli import run
 from ipg_lightning.data import PromptTemplate, ReasoningDataModule
-from ipg_lightning.exported import CONFIG_MARKER, load_steered, read_card
-from ipg_lightning.identity import ModelMismatchError, model_identity
+from ipg_lightning.gates.exported import CONFIG_MARKER, load_steered, read_card
+from ipg_lightning.model.identity import ModelMismatchError, model_identity
+from ipg_lightning.rollout.sampling import sample_trajectories
+from ipg_lightning.rollout.trajectories import SamplingConfig
 from ipg_lightning.steering import ComponentSelection, gates_for_components
 from ipg_lightning.steering.export import export_steered_model
 from ipg_lightning.steering.learned import GateSteering, SteeringCheckpointError, load_steering_checkpoint
-from ipg_lightning.trajectories import SamplingConfig, sample_trajectories
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 REASONER = str(Path(__file__).resolve().parents[1] / "checkpoints" / "tiny-reasoner")
@@ -367,7 +368,7 @@ def test_a_fresh_process_sees_the_loader_warning_in_the_exported_config(tmp_path
 def test_an_export_of_a_declared_architecture_loads_without_the_declaration(tmp_path, tokenizer):
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from ipg_lightning.sites import ArchitectureSpec
+    from ipg_lightning.model.families import ArchitectureSpec
 
     config = AutoConfig.for_model(
         "opt",

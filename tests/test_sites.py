@@ -2,14 +2,9 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, BloomConfig
 
-from ipg_lightning.sites import (
-    ARCHITECTURES,
-    SITE_FAMILIES,
-    ArchitectureSpec,
-    UnsupportedArchitectureError,
-    discover_sites,
-)
-from ipg_lightning.testing import TINY_FAMILIES
+from ipg_lightning.model.families import ARCHITECTURES, SITE_FAMILIES, ArchitectureSpec, UnsupportedArchitectureError
+from ipg_lightning.model.sites import discover_sites
+from ipg_lightning.zoo.tiny import TINY_FAMILIES
 
 
 @pytest.mark.parametrize("family", TINY_FAMILIES)

@@ -12,10 +12,10 @@ import torch
 
 from ipg_lightning.attribution import IPGAttribution
 from ipg_lightning.data import ReasoningDataModule
-from ipg_lightning.folding import fold_gates_into_weights
-from ipg_lightning.models import load_model_and_tokenizer
+from ipg_lightning.gates.folding import fold_gates_into_weights
+from ipg_lightning.model.loading import load_model_and_tokenizer
+from ipg_lightning.rollout.trajectories import SamplingConfig
 from ipg_lightning.steering import gates_for_components
-from ipg_lightning.trajectories import SamplingConfig
 
 pytestmark = [
     pytest.mark.slow,

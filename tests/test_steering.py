@@ -4,10 +4,11 @@ import torch
 
 from ipg_lightning.attribution.report import AttributionReport
 from ipg_lightning.data import PromptTemplate, ReasoningDataModule
+from ipg_lightning.rollout.scoring import completion_log_probs
+from ipg_lightning.rollout.trajectories import SamplingConfig, teacher_forced_trajectories
 from ipg_lightning.steering import ComponentSelection, gates_for_components
 from ipg_lightning.steering.learned import GateSteering, LoraSettings, load_steering_checkpoint
-from ipg_lightning.testing import tiny_causal_lm, tiny_tokenizer
-from ipg_lightning.trajectories import SamplingConfig, completion_log_probs, teacher_forced_trajectories
+from ipg_lightning.zoo.tiny import tiny_causal_lm, tiny_tokenizer
 
 SELECTED = ("blocks.1.mlp.hook_post[3]", "blocks.1.mlp.hook_post[7]", "blocks.0.attn.hook_z[1]")
 INPUT = torch.tensor([[5, 17, 30, 42, 8]])

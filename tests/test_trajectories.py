@@ -1,16 +1,11 @@
 import pytest
 import torch
 
-from ipg_lightning.gates import ComponentGates
-from ipg_lightning.testing import tiny_causal_lm
-from ipg_lightning.trajectories import (
-    InverseCDFSampler,
-    SamplingConfig,
-    Trajectories,
-    backward_weighted_log_likelihood,
-    completion_log_probs,
-    sample_trajectories,
-)
+from ipg_lightning.gates.component_gates import ComponentGates
+from ipg_lightning.rollout.sampling import InverseCDFSampler, sample_trajectories
+from ipg_lightning.rollout.scoring import backward_weighted_log_likelihood, completion_log_probs
+from ipg_lightning.rollout.trajectories import SamplingConfig, Trajectories
+from ipg_lightning.zoo.tiny import tiny_causal_lm
 
 PROMPTS = ["What is 2+3?", "Compute 12*4 now.", "x", "Start with 7. Add 5."]
 

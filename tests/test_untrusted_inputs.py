@@ -44,7 +44,7 @@ def test_evaluate_refuses_an_sae_with_nan_instead_of_writing_metrics_of_empty_co
 
 def test_reports_and_exports_with_non_finite_numbers_are_refused_when_read(tmp_path):
     from ipg_lightning.attribution.report import AttributionReport
-    from ipg_lightning.exported import load_steered
+    from ipg_lightning.gates.exported import load_steered
 
     site = {"blocks.0.hook_mlp_out": {"family": "mlp_out", "layer": 0, "size": 1}}
     AttributionReport({"blocks.0.hook_mlp_out": torch.tensor([float("nan")])}, site).save(tmp_path / "report", plot=False)
@@ -220,7 +220,7 @@ def _evaluate(output, model_path):
 
 def test_explore_refuses_evaluations_of_another_model(tmp_path, monkeypatch, kept_report, tiny_model):
     from ipg_lightning.explorer import read_evaluations
-    from ipg_lightning.identity import ModelMismatchError
+    from ipg_lightning.model.identity import ModelMismatchError
 
     identity = json.loads((kept_report / "attribution.json").read_text())["model_identity"]
     other_architecture = _evaluate(tmp_path / "qwen2", "tiny:qwen2")
@@ -352,7 +352,7 @@ def test_a_null_output_directory_is_named_before_any_work(tmp_path, monkeypatch,
 
 
 def test_a_reward_that_returns_text_is_named():
-    from ipg_lightning.rewards import Completion, score_completions
+    from ipg_lightning.rewards.functions import Completion, score_completions
 
     def verdict(completion):
         return "correct"
@@ -396,7 +396,7 @@ def test_ctrl_c_during_training_exits_130_with_the_interrupted_message(tmp_path)
 
 
 def test_a_folder_that_is_not_a_model_is_not_called_a_model_without_a_tokenizer(tmp_path):
-    from ipg_lightning.models import ModelLoadError, load_model_and_tokenizer
+    from ipg_lightning.model.loading import ModelLoadError, load_model_and_tokenizer
 
     (tmp_path / "tokenizer.json").write_text("{}")
     for folder in ("/etc", str(tmp_path)):
@@ -437,7 +437,7 @@ def test_a_report_that_names_no_model_asks_for_one(tmp_path, kept_report):
 
 
 def test_lora_settings_that_cannot_train_are_refused():
-    from ipg_lightning.steering.lora import LoraSettings
+    from ipg_lightning.steering.finetune.lora import LoraSettings
 
     with pytest.raises(ValueError, match=r"lora.alpha must be > 0 \(the adapter's scale is alpha / r\), got -4"):
         LoraSettings(alpha=-4)

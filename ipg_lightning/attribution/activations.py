@@ -13,8 +13,8 @@ from contextlib import ExitStack
 import torch
 from torch import nn
 
-from ipg_lightning.sites import Site, unwrap_model
-from ipg_lightning.trajectories import Trajectories
+from ipg_lightning.model.sites import Site, unwrap_model
+from ipg_lightning.rollout.trajectories import Trajectories
 
 
 def check_readable(sites: Sequence[Site], what: str) -> None:
@@ -27,7 +27,7 @@ def check_readable(sites: Sequence[Site], what: str) -> None:
 @torch.no_grad()
 def component_activations(model: nn.Module, sites: Sequence[Site], trajectories: Trajectories) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     """One forward pass over ``trajectories``: per site a (rows, positions, size) float tensor of component
-    values at every position (see :meth:`~ipg_lightning.sites.Site.component_values`), and the
+    values at every position (see :meth:`~ipg_lightning.model.sites.Site.component_values`), and the
     (rows, positions) completion mask. Positions are those of ``trajectories.padded()``."""
     root = unwrap_model(model)
     device = next(root.parameters()).device

@@ -20,7 +20,7 @@ from typing import Literal
 import numpy as np
 import torch
 
-from ipg_lightning.gates import ComponentGates
+from ipg_lightning.gates.component_gates import ComponentGates
 
 AdvantageMethod = Literal["rloo", "grpo", "none"]
 QuadratureRule = Literal["right", "left", "midpoint", "trapezoid", "gauss_legendre"]

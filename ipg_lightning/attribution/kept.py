@@ -22,11 +22,11 @@ from typing import Any
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from ipg_lightning.completions import completions_of
 from ipg_lightning.data import ReasoningBatch
 from ipg_lightning.outputs import strict_json
-from ipg_lightning.rewards import accuracy, reasoning_length
-from ipg_lightning.trajectories import Trajectories
+from ipg_lightning.rewards.completions import completions_of
+from ipg_lightning.rewards.functions import accuracy, reasoning_length
+from ipg_lightning.rollout.trajectories import Trajectories
 
 TRAJECTORIES_FILE = "trajectories.json"
 FORMAT_VERSION = 1
@@ -93,7 +93,7 @@ class KeptTrajectories:
         self.rows += [{**row, "prompt": row["prompt"] + offset} for row in other.rows]
 
     def trajectories(self, rows: list[int] | None = None) -> Trajectories:
-        """The kept rows (all by default) as :class:`~ipg_lightning.trajectories.Trajectories` to replay."""
+        """The kept rows (all by default) as :class:`~ipg_lightning.rollout.trajectories.Trajectories` to replay."""
         chosen = [self.rows[r] for r in (range(len(self.rows)) if rows is None else rows)]
         return Trajectories(
             prompt_ids=[self.prompts[row["prompt"]]["prompt_ids"] for row in chosen],

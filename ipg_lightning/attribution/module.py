@@ -25,19 +25,21 @@ from ipg_lightning.attribution.estimator import AdvantageMethod, QuadratureRule
 from ipg_lightning.attribution.kept import KeptTrajectories, gathered
 from ipg_lightning.attribution.methods import METHODS, AttributionMethodName
 from ipg_lightning.attribution.report import AttributionReport, UninformativeReportError
-from ipg_lightning.completions import reward_matrix
+from ipg_lightning.checks import check_at_least, check_sampling_has_signal
 from ipg_lightning.data import ReasoningBatch
-from ipg_lightning.gates import ComponentGates
-from ipg_lightning.identity import model_identity
-from ipg_lightning.memory import PeakMemory, peak_is_resettable
+from ipg_lightning.gates.component_gates import ComponentGates
+from ipg_lightning.model.families import ArchitectureSpec, SiteFamilyName
+from ipg_lightning.model.identity import model_identity
+from ipg_lightning.model.sites import resolve_architecture, unwrap_model
 from ipg_lightning.outputs import check_output_dir
-from ipg_lightning.passes import GIB, MemoryLimits, TeacherForcedPasses
-from ipg_lightning.rewards import load_reward
+from ipg_lightning.rewards.completions import reward_matrix
+from ipg_lightning.rewards.functions import load_reward
+from ipg_lightning.rollout.passes.memory import PeakMemory, peak_is_resettable
+from ipg_lightning.rollout.passes.teacher_forced import GIB, MemoryLimits, TeacherForcedPasses
+from ipg_lightning.rollout.sampling import sample_trajectories
+from ipg_lightning.rollout.trajectories import SamplingConfig, Trajectories
 from ipg_lightning.sae import IN_MEMORY_SAE, attach_saes
-from ipg_lightning.sites import ArchitectureSpec, SiteFamilyName, resolve_architecture, unwrap_model
 from ipg_lightning.task import ReasoningTask
-from ipg_lightning.trajectories import SamplingConfig, Trajectories, sample_trajectories
-from ipg_lightning.validation import check_at_least, check_sampling_has_signal
 
 
 class IPGAttribution(ReasoningTask):
@@ -66,7 +68,7 @@ class IPGAttribution(ReasoningTask):
         path: ``layer`` (each site's gates move alone) or ``family`` (all sites of a family together).
         credit: ``full`` (backward carries a component's effect at position t to every later token)
             or ``local`` (only to the token predicted at t: the paper's per-position formula read
-            literally; :mod:`ipg_lightning.local_credit`). Local scores are not the gradient of one
+            literally; :mod:`ipg_lightning.rollout.passes.local_credit`). Local scores are not the gradient of one
             surrogate, so completeness does not hold for them.
         sampling: how trajectories are sampled (N, temperature, top-p, max new tokens, stop strings,
             generation batch size, seed); the seed also draws the ``random`` baseline.
@@ -77,7 +79,7 @@ class IPGAttribution(ReasoningTask):
         chunk_size: trajectories per teacher-forced forward/backward (bounds memory).
         reuse_prefix: with fixed estimation, run the frozen blocks below the lowest attributed block
             once per chunk instead of once per quadrature point (the same scores, less work).
-        memory: bounds for long traces (:class:`~ipg_lightning.passes.MemoryLimits`): tokens per
+        memory: bounds for long traces (:class:`~ipg_lightning.rollout.passes.teacher_forced.MemoryLimits`): tokens per
             chunk, or a budget in GiB that chooses them, and activation checkpointing of the blocks
             from the attributed one up. The report records the peak memory of the run.
         architecture: module paths for an architecture that is not built in.

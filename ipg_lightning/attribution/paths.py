@@ -13,9 +13,10 @@ import torch
 from torch import nn
 
 from ipg_lightning.attribution.estimator import integrate_path, move_along_path
-from ipg_lightning.gates import ComponentGates
-from ipg_lightning.passes import TeacherForcedPasses
-from ipg_lightning.trajectories import Trajectories, backward_weighted_log_likelihood, weighted_log_likelihood
+from ipg_lightning.gates.component_gates import ComponentGates
+from ipg_lightning.rollout.passes.teacher_forced import TeacherForcedPasses
+from ipg_lightning.rollout.scoring import backward_weighted_log_likelihood, weighted_log_likelihood
+from ipg_lightning.rollout.trajectories import Trajectories
 
 
 def score_total(scores: dict[str, torch.Tensor]) -> float:
@@ -59,7 +60,7 @@ def integrate_fixed(
         baseline: the gate value c' where every path starts.
         quadrature: the rule and number of points.
         passes: how every pass over ``trajectories`` runs: the chunks, the frozen blocks replayed
-            below the lowest gate, the checkpointed ones above (:mod:`ipg_lightning.passes`; the
+            below the lowest gate, the checkpointed ones above (:mod:`ipg_lightning.rollout.passes.teacher_forced`; the
             scores are the same whichever is chosen).
 
     Returns the per-site scores and ``sum over paths of L(1) - L(c')``, computed from the quadrature

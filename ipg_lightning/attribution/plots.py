@@ -8,22 +8,24 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import torch  # noqa: E402
+import torch
 
 
 def plot_attribution(
     scores: dict[str, torch.Tensor], sites: dict[str, dict[str, Any]], top: list[dict[str, Any]], method: str, path: str | Path
 ) -> Path:
     """Draw one heatmap per site family (layers x components, diverging colours around 0) and a bar
-    chart of ``top`` (``{"name", "score"}`` rows), and save it to ``path``."""
+    chart of ``top`` (``{"name", "score"}`` rows), and save it to ``path``.
+
+    It draws on its own :class:`~matplotlib.figure.Figure`: no pyplot state and no backend is touched, and
+    matplotlib is imported only here."""
+    from matplotlib.figure import Figure
+
     families: dict[str, list[str]] = {}
     for name, site in sites.items():
         families.setdefault(site["family"], []).append(name)
-    figure, axes = plt.subplots(len(families) + 1, 1, figsize=(10, 2.6 * (len(families) + 1)), squeeze=False)
+    figure = Figure(figsize=(10, 2.6 * (len(families) + 1)))
+    axes = figure.subplots(len(families) + 1, 1, squeeze=False)
     for axis, (family, names) in zip(axes[:, 0], families.items(), strict=False):
         names.sort(key=lambda n: sites[n]["layer"])
         width = max(sites[n]["size"] for n in names)
@@ -46,5 +48,4 @@ def plot_attribution(
     bar_axis.set_title(f"top {len(top)} components (method: {method})")
     figure.tight_layout()
     figure.savefig(path, dpi=110)
-    plt.close(figure)
     return Path(path)

@@ -12,18 +12,18 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from ipg_lightning.checks import check_gamma
 from ipg_lightning.data import ReasoningDataModule
 from ipg_lightning.data.sources import SPLITS
 from ipg_lightning.evaluation import evaluate_generations
-from ipg_lightning.identity import ModelMismatchError, describe, model_identity
+from ipg_lightning.model.families import ArchitectureSpec
+from ipg_lightning.model.identity import ModelMismatchError, describe, model_identity
 from ipg_lightning.outputs import atomic_directory, atomic_write_json, atomic_write_text, check_output_dir, strict_json
-from ipg_lightning.sites import ArchitectureSpec
+from ipg_lightning.rollout.trajectories import SamplingConfig
 from ipg_lightning.steering.export import export_steered_model
 from ipg_lightning.steering.loading import SteeredModel, load_steered_model, recorded_model
 from ipg_lightning.steering.selection import ComponentSelection
 from ipg_lightning.steering.sweep import gamma_sweep, plot_sweep, sweep_csv
-from ipg_lightning.trajectories import SamplingConfig
-from ipg_lightning.validation import check_gamma
 
 #: Evaluation decodes greedily by default (the paper's evaluation); with a temperature it samples at top-p 0.8.
 EVALUATION_SAMPLING = SamplingConfig(num_samples=1, temperature=0.0, top_p=0.8, max_new_tokens=512)
@@ -230,6 +230,6 @@ def prepare_smollm2(output_dir: str | None = None) -> None:
         output_dir: where to write it (default ``~/.cache/ipg_lightning/SmolLM2-135M-Instruct``,
             or ``$IPG_LIGHTNING_CACHE/SmolLM2-135M-Instruct``).
     """
-    from ipg_lightning import models
+    from ipg_lightning.zoo.smollm2 import prepare_smollm2 as prepare
 
-    print(f"SmolLM2-135M-Instruct is ready in {models.prepare_smollm2(output_dir)}")
+    print(f"SmolLM2-135M-Instruct is ready in {prepare(output_dir)}")

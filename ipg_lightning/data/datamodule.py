@@ -31,7 +31,7 @@ from ipg_lightning.data.sources import (
     synthetic_rows,
 )
 from ipg_lightning.data.synthetic import ArithmeticChainTask
-from ipg_lightning.seeds import prompt_seed
+from ipg_lightning.rollout.seeds import prompt_seed
 
 
 class EpochShuffleSampler(Sampler[int]):

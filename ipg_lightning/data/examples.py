@@ -6,7 +6,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from ipg_lightning.answers import boxed_spans, normalize_answer, parse_number
+from ipg_lightning.rewards.answers import boxed_spans, normalize_answer, parse_number
 
 RowFormat = Literal["auto", "gsm8k", "math", "columns"]
 

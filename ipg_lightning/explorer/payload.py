@@ -18,7 +18,7 @@ from transformers import PreTrainedTokenizerBase
 
 from ipg_lightning.attribution.report import AttributionReport
 from ipg_lightning.explorer.traces import ComponentTrace
-from ipg_lightning.identity import ModelMismatchError, check_same_identity
+from ipg_lightning.model.identity import ModelMismatchError, check_same_identity
 
 logger = logging.getLogger(__name__)
 

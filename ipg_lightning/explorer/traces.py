@@ -32,10 +32,12 @@ from tqdm.auto import tqdm
 from ipg_lightning.attribution.activations import check_readable, component_activations
 from ipg_lightning.attribution.estimator import quadrature
 from ipg_lightning.attribution.kept import KeptTrajectories
-from ipg_lightning.gates import parse_component_name
-from ipg_lightning.passes import TeacherForcedPasses
-from ipg_lightning.sites import ArchitectureSpec, Site, unwrap_model
-from ipg_lightning.trajectories import Trajectories, completion_log_probs, frozen_parameters
+from ipg_lightning.gates.component_gates import parse_component_name
+from ipg_lightning.model.families import ArchitectureSpec
+from ipg_lightning.model.sites import Site, unwrap_model
+from ipg_lightning.rollout.passes.teacher_forced import TeacherForcedPasses
+from ipg_lightning.rollout.scoring import completion_log_probs, frozen_parameters
+from ipg_lightning.rollout.trajectories import Trajectories
 
 #: Buckets of a trace: ten deciles of the reasoning, then the answer.
 BUCKETS = 11

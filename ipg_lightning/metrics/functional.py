@@ -13,7 +13,7 @@ from collections.abc import Sequence
 
 import torch
 
-from ipg_lightning.answers import answers_match, extract_answer
+from ipg_lightning.rewards.answers import answers_match, extract_answer
 
 #: Phrases that mark self-reflection in a reasoning trace (matched case-insensitively, whole words).
 DEFAULT_REFLECTION_MARKERS: tuple[str, ...] = (

@@ -4,7 +4,7 @@ After :func:`attach_sae` an SAE's features are ``sae_feature`` sites (named like
 ``blocks.3.hook_resid_post.sae[17]``) for attribution, steering and export.
 """
 
-from ipg_lightning.autoencoder import SparseAutoencoder, attached_saes
+from ipg_lightning.model.autoencoder import SparseAutoencoder, attached_saes
 from ipg_lightning.sae.attach import attach_sae, attach_saes, detach_saes
 from ipg_lightning.sae.formats import load_sae, save_sae
 

@@ -9,8 +9,8 @@ from typing import Any, NamedTuple
 import torch
 from torch import nn
 
-from ipg_lightning.sites import Site, unwrap_model
-from ipg_lightning.trajectories import Trajectories
+from ipg_lightning.model.sites import Site, unwrap_model
+from ipg_lightning.rollout.trajectories import Trajectories
 
 
 class SitePass(NamedTuple):

@@ -1,6 +1,6 @@
 """Splicing SAEs into a model: after :func:`attach_sae`, its features are ``sae_feature`` sites.
 
-The model carries its SAEs (off the module tree, see :func:`~ipg_lightning.autoencoder.attached_saes`);
+The model carries its SAEs (off the module tree, see :func:`~ipg_lightning.model.autoencoder.attached_saes`);
 discovering ``sae_feature`` sites, gating them, attributing and steering them then work like any
 other family. An attached SAE changes nothing until a gate on its features differs from 1.
 """
@@ -12,9 +12,11 @@ from pathlib import Path
 
 from torch import nn
 
-from ipg_lightning.autoencoder import SparseAutoencoder, attached_saes
+from ipg_lightning.model.autoencoder import SparseAutoencoder, attached_saes
+from ipg_lightning.model.families import ArchitectureSpec
+from ipg_lightning.model.sae_splice import splice_sae
+from ipg_lightning.model.sites import unwrap_model
 from ipg_lightning.sae.formats import load_sae, sae_directory
-from ipg_lightning.sites import ArchitectureSpec, splice_sae, unwrap_model
 
 
 def attach_sae(model: nn.Module, sae: SparseAutoencoder | str | Path, architecture: ArchitectureSpec | None = None) -> str:

@@ -29,10 +29,10 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from ipg_lightning.autoencoder import SparseAutoencoder
+from ipg_lightning.model.autoencoder import SparseAutoencoder
+from ipg_lightning.model.families import sae_point
 from ipg_lightning.outputs import atomic_directory, atomic_write_json, atomic_write_text
 from ipg_lightning.sae.torch_zip import read_torch_tensors
-from ipg_lightning.sites import sae_point
 
 SAELENS_WEIGHTS, SAELENS_CONFIG = "sae_weights.safetensors", "cfg.json"
 SPARSIFY_WEIGHTS, SPARSIFY_CONFIG = "sae.safetensors", "cfg.json"

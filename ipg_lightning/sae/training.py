@@ -32,14 +32,16 @@ from typing import Any
 import torch
 from torchmetrics import MeanMetric
 
-from ipg_lightning.autoencoder import SparseAutoencoder
+from ipg_lightning.checks import check_at_least
 from ipg_lightning.data import ReasoningBatch
+from ipg_lightning.model.autoencoder import SparseAutoencoder
+from ipg_lightning.model.families import ArchitectureSpec, sae_point
+from ipg_lightning.model.sites import Site, find_site, unwrap_model
+from ipg_lightning.rollout.sampling import sample_trajectories
+from ipg_lightning.rollout.trajectories import SamplingConfig, Trajectories, teacher_forced_trajectories
 from ipg_lightning.sae.activations import SitePass, site_pass
 from ipg_lightning.sae.metrics import DeadFeatureFraction, FractionOfVarianceUnexplained
-from ipg_lightning.sites import ArchitectureSpec, Site, find_site, sae_point, unwrap_model
 from ipg_lightning.task import ReasoningTask
-from ipg_lightning.trajectories import SamplingConfig, Trajectories, sample_trajectories, teacher_forced_trajectories
-from ipg_lightning.validation import check_at_least
 
 #: Bytes per SAE weight while training: the weight, its gradient and Adam's two moments, in float32.
 TRAINING_BYTES_PER_WEIGHT = 16

@@ -12,8 +12,8 @@
 """
 
 from ipg_lightning.steering.export import export_steered_model
+from ipg_lightning.steering.finetune.lora import LoraSettings
 from ipg_lightning.steering.learned import GateSteering, load_steering_checkpoint
-from ipg_lightning.steering.lora import LoraSettings
 from ipg_lightning.steering.selection import ComponentSelection, gates_for_components
 
 __all__ = ["ComponentSelection", "GateSteering", "LoraSettings", "export_steered_model", "gates_for_components", "load_steering_checkpoint"]

@@ -16,42 +16,6 @@ from typing import Any
 import torch
 
 STEERING_KEY = "ipg_steering"
-#: Flat sampling settings of checkpoints written before ``GateSteering`` took a ``sampling`` group.
-_FLAT_SAMPLING_KEYS = {
-    "num_samples": "num_samples",
-    "temperature": "temperature",
-    "top_p": "top_p",
-    "max_new_tokens": "max_new_tokens",
-    "generation_batch_size": "batch_size",
-    "seed": "seed",
-}
-
-
-def migrate_hparams(hparams: dict[str, Any]) -> dict[str, Any]:
-    """Hyperparameters of an older checkpoint in today's names.
-
-    Version 0.1 saved ``model`` (now ``model_path``), flat sampling settings (now ``sampling``) and
-    ``selection.allow_other_model`` (now ``allow_other_model`` of the module).
-    """
-    hparams = dict(hparams)
-    selection = hparams.get("selection")
-    if isinstance(selection, dict) and "allow_other_model" in selection:
-        selection = dict(selection)
-        hparams["allow_other_model"] = bool(selection.pop("allow_other_model")) or bool(hparams.get("allow_other_model"))
-        hparams["selection"] = selection
-    if "model" in hparams and "model_path" not in hparams:
-        hparams["model_path"] = hparams.pop("model")
-    flat = {new: hparams.pop(old) for old, new in _FLAT_SAMPLING_KEYS.items() if old in hparams}
-    if flat and "sampling" not in hparams:
-        hparams["sampling"] = {"temperature": 1.0, "top_p": 1.0, **flat}
-    return hparams
-
-
-def renamed_hparams(hparams: dict[str, Any]) -> dict[str, Any]:
-    """Only the hyperparameters that :func:`migrate_hparams` renames or rebuilds (empty for a current checkpoint)."""
-    return {key: value for key, value in migrate_hparams(hparams).items() if hparams.get(key) != value}
-
-
 #: Settings whose checkpointed optimizer state a resumed run keeps: a new value would be recorded but not used.
 RESUME_SETTINGS = ("learning_rate", "train_gates", "weight_slices", "lora")
 

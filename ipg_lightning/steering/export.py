@@ -2,12 +2,12 @@
 
 LoRA and trained weight slices merge first; neuron, head and sub-layer gates fold exactly into the projection weights.
 Gates that cannot fold (residual-stream coordinates, gates after a norm, SAE features with their
-SAE) travel beside the checkpoint in ``steering.safetensors`` and are re-applied by :func:`~ipg_lightning.exported.load_steered`. Such an export
+SAE) travel beside the checkpoint in ``steering.safetensors`` and are re-applied by :func:`~ipg_lightning.gates.exported.load_steered`. Such an export
 says so where plain Hugging Face tooling looks: a ``README.md`` model card and an
 ``ipg_lightning_steering`` entry in ``config.json``. The card ``steering_card.json`` says which gates
 were folded and which need the loader, and keeps the card of the export it was made from.
 
-A model loaded from an export by :func:`~ipg_lightning.exported.load_steered` carries its unfolded gates; exporting it again
+A model loaded from an export by :func:`~ipg_lightning.gates.exported.load_steered` carries its unfolded gates; exporting it again
 keeps them, multiplied with any new gates on the same sites (gates compose exactly). Writing is atomic.
 """
 
@@ -23,14 +23,14 @@ from safetensors.torch import save_file
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
-from ipg_lightning.exported import CARD_FILE, CONFIG_MARKER, MODEL_CARD_FILE, SAE_KEY, STEERING_FILE, carried_gates, read_card
-from ipg_lightning.folding import fold_gates_into_weights
-from ipg_lightning.gates import ComponentGates, combined_gates
-from ipg_lightning.identity import IN_MEMORY_MODEL, model_identity
+from ipg_lightning.gates.component_gates import ComponentGates, combined_gates
+from ipg_lightning.gates.exported import CARD_FILE, CONFIG_MARKER, MODEL_CARD_FILE, SAE_KEY, STEERING_FILE, carried_gates, read_card
+from ipg_lightning.gates.folding import fold_gates_into_weights
+from ipg_lightning.model.identity import IN_MEMORY_MODEL, model_identity
+from ipg_lightning.model.sites import unwrap_model
 from ipg_lightning.outputs import atomic_directory, atomic_write_json, atomic_write_text, check_output_dir
-from ipg_lightning.sites import unwrap_model
-from ipg_lightning.steering.lora import adapted_weights
-from ipg_lightning.steering.slices import merge_weight_slices
+from ipg_lightning.steering.finetune.lora import adapted_weights
+from ipg_lightning.steering.finetune.slices import merge_weight_slices
 
 
 def _changed(gates: ComponentGates | None) -> dict[str, float]:

@@ -3,8 +3,8 @@
 Only the selected gates move (every other gate is held at 1 by a gradient mask, the base weights
 are frozen). Jointly, or instead of the gates (``train_gates=False``), one of two fine-tunes can be
 trained: a PEFT LoRA adapter, placed by name or where the selection lives
-(:mod:`~ipg_lightning.steering.placement`), or the weight slices that belong to the selected
-components (:mod:`~ipg_lightning.steering.slices`). The objectives are in
+(:mod:`~ipg_lightning.steering.finetune.placement`), or the weight slices that belong to the selected
+components (:mod:`~ipg_lightning.steering.finetune.slices`). The objectives are in
 :mod:`~ipg_lightning.steering.objectives` (``docs/method.md`` section 7); every one of them gets the
 penalty ``gate_penalty * sum (c_i - 1)^2``.
 
@@ -23,29 +23,28 @@ import torch
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
-from ipg_lightning.completions import completions_of
+from ipg_lightning.checks import check_at_least, check_gamma, check_sampling_has_signal
 from ipg_lightning.data import ReasoningBatch
-from ipg_lightning.gates import ComponentGates
-from ipg_lightning.identity import IN_MEMORY_MODEL, check_same_model, model_identity
+from ipg_lightning.gates.component_gates import ComponentGates
 from ipg_lightning.metrics import ReasoningMetrics
-from ipg_lightning.models import load_model_and_tokenizer
-from ipg_lightning.rewards import DeferredReward, Reward, reasoning_length
-from ipg_lightning.sites import ArchitectureSpec
+from ipg_lightning.model.families import ArchitectureSpec
+from ipg_lightning.model.identity import IN_MEMORY_MODEL, check_same_model, model_identity
+from ipg_lightning.model.loading import load_model_and_tokenizer
+from ipg_lightning.rewards.completions import completions_of
+from ipg_lightning.rewards.functions import DeferredReward, Reward, reasoning_length
+from ipg_lightning.rollout.sampling import sample_trajectories
+from ipg_lightning.rollout.trajectories import SamplingConfig
 from ipg_lightning.steering.checkpoint import (
     STEERING_KEY,
     SteeringCheckpointError,
     check_resume_settings,
-    migrate_hparams,
     read_steering_checkpoint,
-    renamed_hparams,
 )
-from ipg_lightning.steering.finetune import FineTune, keep_deltas_float32
-from ipg_lightning.steering.lora import LoraSettings
+from ipg_lightning.steering.finetune.fine_tune import FineTune, keep_deltas_float32
+from ipg_lightning.steering.finetune.lora import LoraSettings
 from ipg_lightning.steering.objectives import OBJECTIVES
 from ipg_lightning.steering.selection import ComponentSelection, component_mask, gates_for_components
 from ipg_lightning.task import ReasoningTask, plain
-from ipg_lightning.trajectories import SamplingConfig, sample_trajectories
-from ipg_lightning.validation import check_at_least, check_gamma, check_sampling_has_signal
 
 #: How ``GateSteering`` samples unless told otherwise: full temperature, no nucleus cut, N = 4, 512 new
 #: tokens. Change single settings with ``dataclasses.replace(STEERING_SAMPLING, max_new_tokens=64)``.
@@ -271,8 +270,6 @@ class GateSteering(ReasoningTask):
 
         Prefer :func:`load_steering_checkpoint`, which also rebuilds the model, gates and adapter.
         """
-        if isinstance(checkpoint_path, str | Path) and Path(checkpoint_path).is_file():
-            kwargs = {**renamed_hparams(read_steering_checkpoint(checkpoint_path)["hyper_parameters"]), **kwargs}
         module = super().load_from_checkpoint(checkpoint_path, *args, **kwargs)
         module.reward.import_allowed = trust_reward
         return module
@@ -315,7 +312,7 @@ class GateSteering(ReasoningTask):
             self.fine_tune.check_matches(steering, what)
             self.check_checkpoint_tensors(checkpoint.get("state_dict", {}), what)
         if self._trainer is not None and "optimizer_states" in checkpoint:
-            check_resume_settings(migrate_hparams(checkpoint.get("hyper_parameters", {})), dict(self.hparams))
+            check_resume_settings(checkpoint.get("hyper_parameters", {}), dict(self.hparams))
 
 
 def _listed(names: list[str]) -> str:
@@ -335,7 +332,7 @@ def load_steering_checkpoint(path: str | Path, model: str | None = None, trust_r
     checkpoint = read_steering_checkpoint(path)
     accepted = inspect.signature(GateSteering.__init__).parameters
     # LightningCLI adds private entries (e.g. "_instantiator") to the saved hyperparameters.
-    hparams = {key: value for key, value in migrate_hparams(checkpoint["hyper_parameters"]).items() if key in accepted}
+    hparams = {key: value for key, value in checkpoint["hyper_parameters"].items() if key in accepted}
     if model is not None:
         hparams["model_path"] = model
     elif hparams.get("model_path") == IN_MEMORY_MODEL:

@@ -15,14 +15,14 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from ipg_lightning.attribution.report import AttributionReport
-from ipg_lightning.exported import CARD_FILE
-from ipg_lightning.gates import ComponentGates
-from ipg_lightning.identity import IN_MEMORY_MODEL
-from ipg_lightning.models import load_model_and_tokenizer
-from ipg_lightning.sites import ArchitectureSpec
+from ipg_lightning.checks import check_gamma
+from ipg_lightning.gates.component_gates import ComponentGates
+from ipg_lightning.gates.exported import CARD_FILE
+from ipg_lightning.model.families import ArchitectureSpec
+from ipg_lightning.model.identity import IN_MEMORY_MODEL
+from ipg_lightning.model.loading import load_model_and_tokenizer
 from ipg_lightning.steering.learned import load_steering_checkpoint
 from ipg_lightning.steering.selection import ComponentSelection, gates_for_components
-from ipg_lightning.validation import check_gamma
 
 #: What is loaded when neither a model path, a report nor a checkpoint names a model.
 DEFAULT_MODEL = "tiny:llama"

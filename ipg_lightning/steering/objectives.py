@@ -19,19 +19,14 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from ipg_lightning.attribution.estimator import group_advantages
-from ipg_lightning.completions import reward_matrix
 from ipg_lightning.data import ReasoningBatch, require_solutions
-from ipg_lightning.gates import ComponentGates
-from ipg_lightning.rewards import Reward
-from ipg_lightning.steering.slices import slices_disabled
-from ipg_lightning.trajectories import (
-    SamplingConfig,
-    Trajectories,
-    completion_log_probs,
-    completion_mask,
-    sample_trajectories,
-    teacher_forced_trajectories,
-)
+from ipg_lightning.gates.component_gates import ComponentGates
+from ipg_lightning.rewards.completions import reward_matrix
+from ipg_lightning.rewards.functions import Reward
+from ipg_lightning.rollout.sampling import sample_trajectories
+from ipg_lightning.rollout.scoring import completion_log_probs, completion_mask
+from ipg_lightning.rollout.trajectories import SamplingConfig, Trajectories, teacher_forced_trajectories
+from ipg_lightning.steering.finetune.slices import slices_disabled
 
 
 class SteeringRun(Protocol):

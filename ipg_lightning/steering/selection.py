@@ -15,10 +15,11 @@ import torch
 from torch import nn
 
 from ipg_lightning.attribution.report import AttributionReport
-from ipg_lightning.gates import ComponentGates, parse_component_name
-from ipg_lightning.identity import ModelMismatchError, check_same_model
+from ipg_lightning.gates.component_gates import ComponentGates, parse_component_name
+from ipg_lightning.model.families import ArchitectureSpec
+from ipg_lightning.model.identity import ModelMismatchError, check_same_model
+from ipg_lightning.model.sites import find_site
 from ipg_lightning.sae import IN_MEMORY_SAE, attach_saes
-from ipg_lightning.sites import ArchitectureSpec, find_site
 
 
 @dataclass(frozen=True)

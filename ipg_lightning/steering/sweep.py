@@ -8,17 +8,12 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-
-from ipg_lightning.data import ReasoningBatch  # noqa: E402
-from ipg_lightning.evaluation import evaluate_generations  # noqa: E402
-from ipg_lightning.sites import ArchitectureSpec  # noqa: E402
-from ipg_lightning.steering.loading import SteeredModel  # noqa: E402
-from ipg_lightning.steering.selection import ComponentSelection, gates_for_components  # noqa: E402
-from ipg_lightning.trajectories import SamplingConfig  # noqa: E402
+from ipg_lightning.data import ReasoningBatch
+from ipg_lightning.evaluation import evaluate_generations
+from ipg_lightning.model.families import ArchitectureSpec
+from ipg_lightning.rollout.trajectories import SamplingConfig
+from ipg_lightning.steering.loading import SteeredModel
+from ipg_lightning.steering.selection import ComponentSelection, gates_for_components
 
 #: The columns of ``sweep.csv``.
 SWEEP_COLUMNS = ("k", "gamma", "accuracy", "answer_rate", "reasoning_length_mean", "reflection_rate", "num_completions")
@@ -58,9 +53,14 @@ def sweep_csv(rows: Sequence[dict[str, Any]]) -> str:
 
 
 def plot_sweep(rows: list[dict], path: str | Path) -> Path:
-    """Accuracy and mean reasoning length against gamma, one line per k (the k = 0 row is the base model)."""
+    """Accuracy and mean reasoning length against gamma, one line per k (the k = 0 row is the base model).
+
+    Drawn on its own :class:`~matplotlib.figure.Figure` (no pyplot state, no backend touched)."""
+    from matplotlib.figure import Figure
+
     base = next((row for row in rows if row["k"] == 0), None)
-    figure, (accuracy_axis, length_axis) = plt.subplots(1, 2, figsize=(10, 3.8))
+    figure = Figure(figsize=(10, 3.8))
+    accuracy_axis, length_axis = figure.subplots(1, 2)
     for top_k in sorted({row["k"] for row in rows if row["k"] != 0}):
         line = sorted((row for row in rows if row["k"] == top_k), key=lambda row: row["gamma"])
         gammas = [row["gamma"] for row in line]
@@ -75,5 +75,4 @@ def plot_sweep(rows: list[dict], path: str | Path) -> Path:
         axis.legend(fontsize=8)
     figure.tight_layout()
     figure.savefig(path, dpi=110)
-    plt.close(figure)
     return Path(path)

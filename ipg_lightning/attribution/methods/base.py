@@ -15,8 +15,8 @@ from transformers import PreTrainedTokenizerBase
 
 from ipg_lightning.attribution.accumulator import AttributionAccumulator
 from ipg_lightning.data import ReasoningBatch
-from ipg_lightning.gates import ComponentGates
-from ipg_lightning.trajectories import SamplingConfig, Trajectories
+from ipg_lightning.gates.component_gates import ComponentGates
+from ipg_lightning.rollout.trajectories import SamplingConfig, Trajectories
 
 
 class AttributionRun(Protocol):

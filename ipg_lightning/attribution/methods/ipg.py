@@ -16,7 +16,8 @@ from ipg_lightning.attribution.estimator import group_advantages, integrate_path
 from ipg_lightning.attribution.methods.base import AttributionMethod
 from ipg_lightning.attribution.paths import integrate_fixed, path_groups, score_total
 from ipg_lightning.data import ReasoningBatch, batch_subset
-from ipg_lightning.trajectories import Trajectories, backward_weighted_log_likelihood
+from ipg_lightning.rollout.scoring import backward_weighted_log_likelihood
+from ipg_lightning.rollout.trajectories import Trajectories
 
 
 class IntegratedPolicyGradient(AttributionMethod):

@@ -11,7 +11,7 @@ import torch
 from ipg_lightning.attribution.methods.base import AttributionMethod
 from ipg_lightning.attribution.paths import integrate_fixed, score_total
 from ipg_lightning.data import ReasoningBatch, require_solutions
-from ipg_lightning.trajectories import check_context_length, teacher_forced_trajectories
+from ipg_lightning.rollout.trajectories import check_context_length, teacher_forced_trajectories
 
 
 class ReferenceIntegratedGradients(AttributionMethod):

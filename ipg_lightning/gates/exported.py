@@ -19,15 +19,17 @@ from safetensors.torch import load_file
 from torch import nn
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
-from ipg_lightning.autoencoder import SparseAutoencoder
-from ipg_lightning.gates import ComponentGates
-from ipg_lightning.sites import Site, find_site, splice_sae, unwrap_model
+from ipg_lightning.gates.component_gates import ComponentGates
+from ipg_lightning.model.autoencoder import SparseAutoencoder
+from ipg_lightning.model.loading import EXPORT_CARD_FILE, EXPORT_CONFIG_ENTRY, EXPORT_STEERING_FILE
+from ipg_lightning.model.sae_splice import splice_sae
+from ipg_lightning.model.sites import Site, find_site, unwrap_model
 
-STEERING_FILE = "steering.safetensors"
-CARD_FILE = "steering_card.json"
+STEERING_FILE = EXPORT_STEERING_FILE
+CARD_FILE = EXPORT_CARD_FILE
 MODEL_CARD_FILE = "README.md"
 #: ``config.json`` entry of an export whose gates need :func:`load_steered`.
-CONFIG_MARKER = "ipg_lightning_steering"
+CONFIG_MARKER = EXPORT_CONFIG_ENTRY
 CARRIED_GATES_ATTRIBUTE = "_ipg_steering_gates"
 #: Separates a site's name from its SAE's tensor names in the steering file.
 SAE_KEY = "/sae/"

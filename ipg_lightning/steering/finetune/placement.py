@@ -27,9 +27,10 @@ from typing import Literal, get_args
 
 from torch import nn
 
-from ipg_lightning.discovery import is_projection
-from ipg_lightning.gates import parse_component_name
-from ipg_lightning.sites import FAMILIES, SAE_POINTS, ArchitectureSpec, Site, find_site, resolve_architecture, unwrap_model
+from ipg_lightning.gates.component_gates import parse_component_name
+from ipg_lightning.model.discovery import is_projection
+from ipg_lightning.model.families import FAMILIES, SAE_POINTS, ArchitectureSpec
+from ipg_lightning.model.sites import Site, find_site, resolve_architecture, unwrap_model
 
 #: How an adapter is placed: ``target_modules`` (the names given, in every block), or from the selection.
 Placement = Literal["target_modules", "localized", "random_layers", "everywhere"]

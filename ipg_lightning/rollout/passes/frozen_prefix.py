@@ -17,7 +17,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from ipg_lightning.sites import ArchitectureSpec, resolve_architecture, unwrap_model
+from ipg_lightning.model.families import ArchitectureSpec
+from ipg_lightning.model.sites import resolve_architecture, unwrap_model
 
 
 def _first_tensor(output: Any) -> torch.Tensor:

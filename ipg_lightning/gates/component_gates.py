@@ -26,9 +26,10 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from ipg_lightning.autoencoder import same_sae
-from ipg_lightning.experts import WeightGateHandle, gate_weight
-from ipg_lightning.sites import ArchitectureSpec, Site, discover_sites, unwrap_model
+from ipg_lightning.model.autoencoder import same_sae
+from ipg_lightning.model.experts import WeightGateHandle, gate_weight
+from ipg_lightning.model.families import ArchitectureSpec
+from ipg_lightning.model.sites import Site, discover_sites, unwrap_model
 
 _COMPONENT_NAME = re.compile(r"^(?P<site>.+?)(?:\[(?P<index>\d+)\])?$")
 
@@ -38,7 +39,7 @@ def _parameter_key(site_name: str) -> str:
 
 
 class ComponentGates(nn.Module):
-    """One gate vector per :class:`~ipg_lightning.sites.Site`, applied through forward hooks.
+    """One gate vector per :class:`~ipg_lightning.model.sites.Site`, applied through forward hooks.
 
     Args:
         sites: the sites to gate.
@@ -143,7 +144,7 @@ class ComponentGates(nn.Module):
         """Install the gate hooks on ``model`` until the returned handles are removed.
 
         Prefer :meth:`attach`, which always removes them; this is for a steered model that keeps
-        its gates for life (see :func:`ipg_lightning.exported.load_steered`).
+        its gates for life (see :func:`ipg_lightning.gates.exported.load_steered`).
         """
         root = unwrap_model(model)
         handles: list[RemovableHandle | WeightGateHandle] = []

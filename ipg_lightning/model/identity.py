@@ -18,7 +18,8 @@ from typing import Any
 
 from torch import nn
 
-from ipg_lightning.sites import FAMILIES, UnsupportedArchitectureError, discover_sites, unwrap_model
+from ipg_lightning.model.families import FAMILIES, UnsupportedArchitectureError
+from ipg_lightning.model.sites import discover_sites, unwrap_model
 
 log = logging.getLogger(__name__)
 

@@ -8,8 +8,8 @@ import torch
 from peft import LoraConfig, get_peft_model
 from torch import nn
 
-from ipg_lightning.discovery import is_conv1d, is_projection
-from ipg_lightning.steering.placement import PLACEMENTS, AdapterTargets, Placement
+from ipg_lightning.model.discovery import is_conv1d, is_projection
+from ipg_lightning.steering.finetune.placement import PLACEMENTS, AdapterTargets, Placement
 
 
 @dataclass(frozen=True)
@@ -22,7 +22,7 @@ class LoraSettings:
         dropout: dropout on the adapter input.
         target_modules: module names or suffixes to adapt (e.g. ``[q_proj, v_proj]``), with the
             ``target_modules`` placement.
-        placement: where the adapter goes (:mod:`~ipg_lightning.steering.placement`):
+        placement: where the adapter goes (:mod:`~ipg_lightning.steering.finetune.placement`):
             ``target_modules`` (the names above, in every block), ``localized`` (the projections that
             host the selected components), ``random_layers`` (the same modules in randomly chosen
             other blocks, seeded by the sampling seed: the control) or ``everywhere`` (every

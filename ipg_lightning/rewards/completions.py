@@ -1,7 +1,7 @@
 """From sampled trajectories to scored completions: the adapter between sampling and rewards.
 
-Attribution, learned steering and evaluation all turn :class:`~ipg_lightning.trajectories.Trajectories`
-into :class:`~ipg_lightning.rewards.Completion` records and, for the policy gradient, into a
+Attribution, learned steering and evaluation all turn :class:`~ipg_lightning.rollout.trajectories.Trajectories`
+into :class:`~ipg_lightning.rewards.functions.Completion` records and, for the policy gradient, into a
 (prompts x N) reward matrix; this module is the one place that does it.
 """
 
@@ -12,8 +12,8 @@ from collections.abc import Callable, Sequence
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from ipg_lightning.rewards import Completion, Reward, score_completions
-from ipg_lightning.trajectories import Trajectories
+from ipg_lightning.rewards.functions import Completion, Reward, score_completions
+from ipg_lightning.rollout.trajectories import Trajectories
 
 
 def token_counter(tokenizer: PreTrainedTokenizerBase) -> Callable[[str], int]:
@@ -24,7 +24,7 @@ def token_counter(tokenizer: PreTrainedTokenizerBase) -> Callable[[str], int]:
 def completions_of(
     trajectories: Trajectories, prompts: Sequence[str], golds: Sequence[str | None], tokenizer: PreTrainedTokenizerBase
 ) -> list[Completion]:
-    """Turn sampled trajectories into :class:`~ipg_lightning.rewards.Completion` records for rewards."""
+    """Turn sampled trajectories into :class:`~ipg_lightning.rewards.functions.Completion` records for rewards."""
     count = token_counter(tokenizer)
     return [
         Completion(

@@ -7,7 +7,7 @@ values. :class:`TeacherForcedPasses` decides, once for all those passes,
   ``chunk_tokens`` tokens (rows x padded width) per forward/backward, or as many as a memory
   budget allows, measured on the first chunk;
 - which blocks do not run again: the frozen blocks below the lowest gate are replayed from the
-  first pass (:class:`~ipg_lightning.frozen_prefix.FrozenPrefix`);
+  first pass (:class:`~ipg_lightning.rollout.passes.frozen_prefix.FrozenPrefix`);
 - which blocks keep less for backward: with ``checkpoint_blocks`` the blocks from the lowest gate
   up keep only their input and recompute the rest during backward (activation checkpointing).
 
@@ -28,14 +28,15 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from ipg_lightning.frozen_prefix import FrozenPrefix
-from ipg_lightning.local_credit import local_credit
-from ipg_lightning.memory import PeakMemory, peak_is_resettable
-from ipg_lightning.sites import ArchitectureSpec, resolve_architecture, unwrap_model
+from ipg_lightning.model.families import ArchitectureSpec
+from ipg_lightning.model.sites import resolve_architecture, unwrap_model
+from ipg_lightning.rollout.passes.frozen_prefix import FrozenPrefix
+from ipg_lightning.rollout.passes.local_credit import local_credit
+from ipg_lightning.rollout.passes.memory import PeakMemory, peak_is_resettable
 
 
 class Trajectories(Protocol):
-    """What the passes read of :class:`ipg_lightning.trajectories.Trajectories` (a protocol: no import back)."""
+    """What the passes read of :class:`ipg_lightning.rollout.trajectories.Trajectories` (a protocol: no import back)."""
 
     prompt_ids: list[list[int]]
     completion_ids: list[list[int]]
@@ -113,7 +114,7 @@ class TeacherForcedPasses:
         reuse_prefix: replay the frozen blocks below ``first_live_layer`` after the first pass.
         architecture: module paths of a decoder that is not built in.
         local_credit: the ``local`` credit path: backward reaches position t's hidden state only
-            from the log-probability of the token predicted there (:mod:`ipg_lightning.local_credit`).
+            from the log-probability of the token predicted there (:mod:`ipg_lightning.rollout.passes.local_credit`).
     """
 
     def __init__(

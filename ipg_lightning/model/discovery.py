@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ipg_lightning.experts import find_experts
+from ipg_lightning.model.experts import find_experts
 
 #: Names of a block's attention and MLP containers.
 _ATTENTION = re.compile(r"^(self_attn|attn|attention|self_attention|mixer)$")

@@ -3,7 +3,7 @@
 The model learns the built-in arithmetic task's chain-of-thought solutions (``4 + 1 = 5``, ...,
 ``#### 15``), some of them with "Wait, let me check" re-computations, so that both accuracy and
 reasoning length have room to move when components are steered. The tokenizer is the character-level
-one of :mod:`ipg_lightning.testing` with a chat template that shows the model only the question.
+one of :mod:`ipg_lightning.zoo.tiny` with a chat template that shows the model only the question.
 """
 
 from __future__ import annotations
@@ -15,14 +15,16 @@ from typing import Any
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
+from ipg_lightning.checks import check_at_least
 from ipg_lightning.data import ArithmeticChainTask, ReasoningBatch, ReasoningDataModule
 from ipg_lightning.evaluation import evaluate_generations
 from ipg_lightning.metrics import ReasoningAccuracy
 from ipg_lightning.outputs import atomic_directory, atomic_write_json, atomic_write_text
+from ipg_lightning.rollout.sampling import sample_trajectories
+from ipg_lightning.rollout.scoring import mean_completion_nll
+from ipg_lightning.rollout.trajectories import SamplingConfig, teacher_forced_trajectories
 from ipg_lightning.task import ReasoningTask
-from ipg_lightning.testing import tiny_tokenizer
-from ipg_lightning.trajectories import SamplingConfig, mean_completion_nll, sample_trajectories, teacher_forced_trajectories
-from ipg_lightning.validation import check_at_least
+from ipg_lightning.zoo.tiny import tiny_tokenizer
 
 #: The task the shipped reasoner was trained on (recipes/train_tiny_reasoner.yaml uses the same values).
 #: Splits deal one seeded stream test-first, so any data module over this task with the same seed
@@ -30,11 +32,11 @@ from ipg_lightning.validation import check_at_least
 TINY_REASONER_TASK = ArithmeticChainTask(min_steps=1, max_steps=4, max_operand=9, reflection_probability=0.25, seed=0)
 #: The shipped reasoner, found from the package's own location so the demo runs from any directory
 #: of an editable install or a clone (a wheel does not carry ``checkpoints/``).
-TINY_REASONER_PATH = str(Path(__file__).resolve().parents[1] / "checkpoints" / "tiny-reasoner")
+TINY_REASONER_PATH = str(Path(__file__).resolve().parents[2] / "checkpoints" / "tiny-reasoner")
 #: The shipped reasoner after policy-gradient fine-tuning (recipes/steer_tiny_reasoner_rl.yaml, merged).
-TINY_REASONER_RL_PATH = str(Path(__file__).resolve().parents[1] / "checkpoints" / "tiny-reasoner-rl")
+TINY_REASONER_RL_PATH = str(Path(__file__).resolve().parents[2] / "checkpoints" / "tiny-reasoner-rl")
 #: The shipped TopK SAE on the reasoner's residual stream after block 2 (recipes/train_tiny_sae.yaml).
-TINY_REASONER_SAE_PATH = str(Path(__file__).resolve().parents[1] / "checkpoints" / "tiny-reasoner-sae")
+TINY_REASONER_SAE_PATH = str(Path(__file__).resolve().parents[2] / "checkpoints" / "tiny-reasoner-sae")
 
 #: The reasoner sees "Q: <question>\nA:" (the instruction of the prompt template is dropped).
 REASONER_CHAT_TEMPLATE = "Q: {{ messages[-1]['content'].split('\n\n')[-1] }}\nA:"

@@ -21,7 +21,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from ipg_lightning.answers import THINK_END, answers_match, extract_answer
+from ipg_lightning.rewards.answers import THINK_END, answers_match, extract_answer
 
 
 @dataclass(frozen=True)

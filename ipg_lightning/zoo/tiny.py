@@ -10,9 +10,13 @@ import string
 
 import torch
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
-from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerFast
+from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
-from ipg_lightning.autoencoder import SAEActivation, SparseAutoencoder
+from ipg_lightning.model.autoencoder import SAEActivation, SparseAutoencoder
+from ipg_lightning.model.loading import ModelLoadError
+
+#: ``model: tiny:<type>`` loads the tiny model of that decoder type.
+TINY_PREFIX = "tiny:"
 
 #: Decoder types with a tiny config here (every dense decoder type the tests cover); ``tiny:<type>``
 #: loads one. The first six are the original tiny families; the order is the test matrix's.
@@ -112,6 +116,14 @@ def tiny_causal_lm(family: str = "llama", seed: int = 0, **overrides) -> PreTrai
     return model.eval()
 
 
+def load_tiny(name: str, dtype: str = "float32") -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """``model: tiny:<type>``: the tiny random model of that decoder type (float32, whatever ``dtype`` says) and its tokenizer."""
+    family = name.removeprefix(TINY_PREFIX)
+    if family not in TINY_FAMILIES + TINY_MOE_FAMILIES:
+        raise ModelLoadError(f"No tiny model {name!r}; choose from {[TINY_PREFIX + f for f in TINY_FAMILIES + TINY_MOE_FAMILIES]}")
+    return tiny_causal_lm(family), tiny_tokenizer()
+
+
 def random_sae(
     d_in: int = 32,
     hook_name: str = "blocks.1.hook_resid_post",
@@ -142,7 +154,9 @@ def coverage_table() -> str:
     cell is also checked by the test matrix (gates at 1 change nothing, folding and the loader
     reproduce the gated model).
     """
-    from ipg_lightning.sites import FAMILIES, discover_sites, splice_sae
+    from ipg_lightning.model.families import FAMILIES
+    from ipg_lightning.model.sae_splice import splice_sae
+    from ipg_lightning.model.sites import discover_sites
 
     lines = ["| decoder type | " + " | ".join(f"`{family}`" for family in FAMILIES) + " |", "| --- |" + " --- |" * len(FAMILIES)]
     for family in TINY_FAMILIES + TINY_MOE_FAMILIES:

@@ -20,9 +20,9 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from ipg_lightning.discovery import is_conv1d
-from ipg_lightning.gates import ComponentGates
-from ipg_lightning.sites import Site, unwrap_model
+from ipg_lightning.gates.component_gates import ComponentGates
+from ipg_lightning.model.discovery import is_conv1d
+from ipg_lightning.model.sites import Site, unwrap_model
 
 
 class UnfoldableGateError(ValueError):
@@ -60,7 +60,7 @@ def fold_gates_into_weights(model: nn.Module, gates: ComponentGates) -> list[str
         if parametrize.is_parametrized(module):
             raise UnfoldableGateError(
                 f"{site.module_path} ({name}) is reparametrised (trained weight slices): merge them first "
-                "(ipg_lightning.steering.slices.merge_weight_slices), then fold."
+                "(ipg_lightning.steering.finetune.slices.merge_weight_slices), then fold."
             )
     for name, site in to_fold:
         _fold_site(root.get_submodule(site.module_path), site, gates.gate(name).detach())

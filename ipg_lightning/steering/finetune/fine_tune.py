@@ -12,11 +12,11 @@ from typing import Any
 from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 
-from ipg_lightning.sites import ArchitectureSpec
+from ipg_lightning.model.families import ArchitectureSpec
 from ipg_lightning.steering.checkpoint import SteeringCheckpointError
-from ipg_lightning.steering.lora import LoraSettings, adapted_weights, add_lora_adapter
-from ipg_lightning.steering.placement import AdapterTargets, adapter_targets
-from ipg_lightning.steering.slices import SliceDelta, WeightSlice, attach_weight_slices, component_slices
+from ipg_lightning.steering.finetune.lora import LoraSettings, adapted_weights, add_lora_adapter
+from ipg_lightning.steering.finetune.placement import AdapterTargets, adapter_targets
+from ipg_lightning.steering.finetune.slices import SliceDelta, WeightSlice, attach_weight_slices, component_slices
 
 
 @dataclass

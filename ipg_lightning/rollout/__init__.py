@@ -1,0 +1,7 @@
+"""Rollouts: sampling trajectories from the model, and scoring them under teacher forcing.
+
+- :mod:`~ipg_lightning.rollout.trajectories`: :class:`Trajectories` and :class:`SamplingConfig`;
+- :mod:`~ipg_lightning.rollout.sampling`: :func:`sample_trajectories`, each completion from its own seed;
+- :mod:`~ipg_lightning.rollout.scoring`: log-probabilities of generated tokens and the policy-gradient surrogate;
+- :mod:`~ipg_lightning.rollout.passes`: how teacher-forced passes are chunked, replayed and checkpointed.
+"""

@@ -1,0 +1,186 @@
+"""Trajectories: prompts with their sampled (or given) completions, and how they are sampled.
+
+:class:`Trajectories` holds token ids and texts of completions, one row per completion, and pads them
+for a teacher-forced pass; :class:`SamplingConfig` says how completions are sampled
+(:mod:`~ipg_lightning.rollout.sampling`); :func:`teacher_forced_trajectories` makes rows from given texts.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from transformers import PreTrainedTokenizerBase
+
+from ipg_lightning.model.sites import unwrap_model
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    """How completions are sampled.
+
+    Args:
+        num_samples: completions per prompt (N).
+        temperature: softmax temperature; 0 means greedy decoding.
+        top_p: nucleus sampling mass (1 disables it).
+        max_new_tokens: hard cap on generated tokens per completion.
+        stop_strings: extra strings that end a completion (EOS always does).
+        batch_size: completions generated together in one ``generate`` call.
+        seed: global seed, mixed with each prompt's own seed.
+    """
+
+    num_samples: int = 4
+    temperature: float = 0.6
+    top_p: float = 0.8
+    max_new_tokens: int = 512
+    stop_strings: tuple[str, ...] = ()
+    batch_size: int = 16
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.num_samples < 1:
+            raise ValueError(f"num_samples must be >= 1, got {self.num_samples}")
+        if not self.temperature >= 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.max_new_tokens < 1 or self.batch_size < 1:
+            raise ValueError("max_new_tokens and batch_size must be >= 1")
+        object.__setattr__(self, "stop_strings", tuple(self.stop_strings))
+
+    @classmethod
+    def greedy(cls, max_new_tokens: int = 512, batch_size: int = 16) -> SamplingConfig:
+        """Greedy decoding, one completion per prompt (the paper's evaluation)."""
+        return cls(num_samples=1, temperature=0.0, max_new_tokens=max_new_tokens, batch_size=batch_size)
+
+
+@dataclass
+class Trajectories:
+    """Completions of a set of prompts, as token lists plus padded tensors for scoring.
+
+    Row ``r`` is sample ``sample_index[r]`` of prompt ``prompt_index[r]``. ``completion_ids`` ends
+    at (and includes) the EOS token or the token that completed a stop string.
+    """
+
+    prompt_ids: list[list[int]]
+    completion_ids: list[list[int]]
+    completions: list[str]
+    prompt_index: list[int]
+    sample_index: list[int]
+    pad_token_id: int
+    _padded: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
+
+    def __len__(self) -> int:
+        return len(self.completion_ids)
+
+    @property
+    def num_completion_tokens(self) -> int:
+        """Total number of generated tokens over all rows."""
+        return sum(len(ids) for ids in self.completion_ids)
+
+    def select(self, rows: Sequence[int]) -> Trajectories:
+        """A new :class:`Trajectories` with only ``rows`` (e.g. one chunk for scoring)."""
+        return Trajectories(
+            prompt_ids=[self.prompt_ids[r] for r in rows],
+            completion_ids=[self.completion_ids[r] for r in rows],
+            completions=[self.completions[r] for r in rows],
+            prompt_index=[self.prompt_index[r] for r in rows],
+            sample_index=[self.sample_index[r] for r in rows],
+            pad_token_id=self.pad_token_id,
+        )
+
+    @classmethod
+    def of_groups(cls, groups: Sequence[Trajectories]) -> Trajectories:
+        """One set from per-prompt groups: group ``p`` becomes prompt ``p``'s rows, in order."""
+        return cls(
+            prompt_ids=[ids for group in groups for ids in group.prompt_ids],
+            completion_ids=[ids for group in groups for ids in group.completion_ids],
+            completions=[text for group in groups for text in group.completions],
+            prompt_index=[prompt for prompt, group in enumerate(groups) for _ in range(len(group))],
+            sample_index=[index for group in groups for index in group.sample_index],
+            pad_token_id=groups[0].pad_token_id,
+        )
+
+    def chunks(self, chunk_size: int) -> Iterator[tuple[range, Trajectories]]:
+        """Yield ``(rows, trajectories)`` in chunks of at most ``chunk_size`` rows."""
+        for start in range(0, len(self), chunk_size):
+            rows = range(start, min(start + chunk_size, len(self)))
+            yield rows, self.select(rows)
+
+    def padded(self) -> dict[str, torch.Tensor]:
+        """Left-padded prompts followed by right-padded completions, as tensors.
+
+        Returns ``input_ids``, ``attention_mask`` and ``completion_mask`` of shape
+        (rows, prompt_width + completion_width), plus ``position_ids`` counted from each row's first
+        real token. ``completion_mask`` is 1 exactly on generated tokens.
+        """
+        if not self._padded:
+            self._padded.update(pad_rows(self.prompt_ids, self.completion_ids, self.pad_token_id))
+        return self._padded
+
+
+def pad_rows(prompts: list[list[int]], completions: list[list[int]], pad_id: int) -> dict[str, torch.Tensor]:
+    prompt_width = max(len(p) for p in prompts)
+    completion_width = max(len(c) for c in completions)
+    rows = len(prompts)
+    input_ids = torch.full((rows, prompt_width + completion_width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros_like(input_ids)
+    completion_mask = torch.zeros_like(input_ids)
+    for row, (prompt, completion) in enumerate(zip(prompts, completions, strict=True)):
+        start = prompt_width - len(prompt)
+        end = prompt_width + len(completion)
+        input_ids[row, start:prompt_width] = torch.tensor(prompt)
+        input_ids[row, prompt_width:end] = torch.tensor(completion, dtype=torch.long)
+        attention_mask[row, start:end] = 1
+        completion_mask[row, prompt_width:end] = 1
+    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+    return {
+        "input_ids": input_ids,
+        "attention_mask": attention_mask,
+        "completion_mask": completion_mask,
+        "position_ids": position_ids,
+    }
+
+
+def context_length(model: nn.Module) -> int | None:
+    """The number of positions the model was built for (``max_position_embeddings``), if it says."""
+    return getattr(unwrap_model(model).config, "max_position_embeddings", None)
+
+
+def check_context_length(model: nn.Module, lengths: Sequence[int], texts: Sequence[str], new_tokens: int = 0, what: str = "prompt") -> None:
+    """Refuse a ``what`` (a prompt) longer than the model's context; warn if generation would run past it."""
+    context = context_length(model)
+    if not context or not lengths:
+        return
+    longest = max(range(len(lengths)), key=lambda index: lengths[index])
+    if lengths[longest] > context:
+        raise ValueError(
+            f"A {what} has {lengths[longest]} tokens, more than the model's context of {context} "
+            f"({texts[longest][:60]!r}...): shorten it or use a model with a longer context"
+        )
+    if lengths[longest] + new_tokens > context:  # shown once per setting by Python's warning filter
+        warnings.warn(
+            f"Prompts of up to {lengths[longest]} tokens plus max_new_tokens {new_tokens} exceed the model's "
+            f"context of {context}: completions that run that long leave the positions it was trained on",
+            stacklevel=3,
+        )
+
+
+def teacher_forced_trajectories(tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str], continuations: Sequence[str]) -> Trajectories:
+    """Trajectories whose completions are given texts (e.g. reference solutions) followed by EOS."""
+    if len(prompts) != len(continuations):
+        raise ValueError(f"Got {len(prompts)} prompts but {len(continuations)} continuations")
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    prompt_ids = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    completion_ids = [tokenizer(c, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id] for c in continuations]
+    return Trajectories(
+        prompt_ids=prompt_ids,
+        completion_ids=completion_ids,
+        completions=list(continuations),
+        prompt_index=list(range(len(prompts))),
+        sample_index=[0] * len(prompts),
+        pad_token_id=pad_id,
+    )
