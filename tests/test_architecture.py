@@ -3,14 +3,18 @@
 import ast
 import importlib
 import importlib.metadata
+import subprocess
+import sys
 import typing
 from pathlib import Path
 
+import pytest
 import torch
 
 import ipg_lightning
 from ipg_lightning.attribution import METHODS, AttributionMethod, IPGAttribution, run_attribution
 from ipg_lightning.attribution.methods import AttributionMethodName
+from ipg_lightning.cli.main import COMMANDS
 from ipg_lightning.data import PromptTemplate, ReasoningDataModule
 
 PACKAGE = Path(ipg_lightning.__file__).parent
@@ -63,6 +67,60 @@ def _with_packages(name: str) -> list[str]:
     return [".".join(parts[: i + 1]) for i in range(len(parts))]
 
 
+#: The package's layers, lowest first: a folder (or top-level module) imports only from layers below its own.
+LAYERS = (
+    ("outputs", "checks"),
+    ("model",),
+    ("gates", "rollout", "task"),
+    ("rewards",),
+    ("data", "metrics"),
+    ("evaluation", "sae"),
+    ("attribution", "zoo"),
+    ("steering",),
+    ("explorer",),
+    ("cli",),
+)
+
+
+def test_every_import_runs_down_the_layers():
+    layer_of = {unit: index for index, units in enumerate(LAYERS) for unit in units}
+    upward = []
+    for path in PACKAGE.rglob("*.py"):
+        name = _module_name(path)
+        unit = name.split(".")[1] if "." in name else None
+        if unit is None:  # the package's face: it imports lazily (see test_importing_the_package_has_no_side_effects)
+            assert not _runtime_imports(path)
+            continue
+        for target in _runtime_imports(path):
+            target_unit = target.split(".")[1]
+            if target_unit != unit and layer_of[target_unit] >= layer_of[unit]:
+                upward.append(f"{name} -> {target}")
+    assert set(layer_of) == {_module_name(p).split(".")[1] for p in PACKAGE.rglob("*.py") if p != PACKAGE / "__init__.py"}
+    assert not upward, upward
+
+
+def test_the_package_top_holds_at_most_eight_modules():
+    assert len(list(PACKAGE.glob("*.py"))) <= 8
+
+
+def test_importing_the_package_has_no_side_effects():
+    code = (
+        "import sys; finders = list(sys.meta_path); import ipg_lightning; "
+        "heavy = [m for m in ('torch', 'transformers', 'lightning', 'matplotlib') if m in sys.modules]; "
+        "assert not heavy, heavy; assert sys.meta_path == finders"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
+    for path in PACKAGE.rglob("*.py"):  # figures are drawn on their own Figure: no global backend or pyplot state
+        assert "matplotlib.use(" not in path.read_text() and "import matplotlib.pyplot" not in path.read_text(), path
+
+
+def test_every_public_name_of_the_package_imports():
+    for name in ipg_lightning.__all__:
+        assert getattr(ipg_lightning, name) is not None
+    with pytest.raises(AttributeError, match="no attribute 'nothing'"):
+        ipg_lightning.nothing  # noqa: B018 (the attribute access is the test)
+
+
 def test_every_method_name_the_command_line_accepts_has_exactly_one_class():
     assert set(typing.get_args(AttributionMethodName)) == set(METHODS)
     for name, method in METHODS.items():
@@ -95,3 +153,12 @@ def test_a_new_method_is_one_class_and_the_module_needs_no_change(monkeypatch, t
     assert "completeness" not in report.metadata
 
 
+def test_ipg_help_lists_every_command_without_importing_any():
+    code = (
+        "import sys; from ipg_lightning.cli.main import run; run(['--help']); "
+        "assert not [m for m in ('torch', 'lightning', 'jsonargparse') if m in sys.modules]"
+    )
+    shown = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True).stdout
+    for name, command in COMMANDS.items():
+        assert any(line.split()[:2] == [name, *command.summary.split()[:1]] for line in shown.splitlines()), name
+        assert callable(command.load()) and command.load().__doc__, name
