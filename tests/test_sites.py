@@ -2,8 +2,11 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, BloomConfig
 
-from ipg_lightning.model.families import ARCHITECTURES, SITE_FAMILIES, ArchitectureSpec, UnsupportedArchitectureError
-from ipg_lightning.model.sites import discover_sites
+from ipg_lightning.gates.component_gates import ComponentGates
+from ipg_lightning.model.families import ARCHITECTURES, FAMILIES, SITE_FAMILIES, ArchitectureSpec, SiteFamily, UnsupportedArchitectureError
+from ipg_lightning.model.sites import discover_sites, parse_site_name
+from ipg_lightning.steering.finetune.placement import localized_targets
+from ipg_lightning.steering.finetune.slices import component_slices
 from ipg_lightning.zoo.tiny import TINY_FAMILIES
 
 
@@ -83,3 +86,23 @@ def test_head_edit_scales_only_that_heads_slice(tiny_llama):
     assert torch.equal(out[..., 8:16], torch.zeros(1, 2, 8))
     assert torch.equal(out[..., 16:24], torch.full((1, 2, 8), 2.0))
     assert torch.equal(out[..., :8], torch.ones(1, 2, 8))
+
+
+def test_a_new_site_family_is_one_table_entry(monkeypatch, tiny_llama):
+    """A family declared only in FAMILIES is discovered, named, gated, hosted and sliced like the family it mirrors."""
+    mirror = SiteFamily("mlp_channel", "blocks.{layer}.mlp.hook_channel", "mlp", hooks_input=True, slices="units")
+    monkeypatch.setitem(FAMILIES, mirror.name, mirror)
+    assert parse_site_name("blocks.1.mlp.hook_channel") == ("mlp_channel", 1)
+    (site,) = discover_sites(tiny_llama, ["mlp_channel"], layers=[1])
+    (neuron,) = discover_sites(tiny_llama, ["mlp_neuron"], layers=[1])
+    assert (site.module_path, site.size, site.foldable) == (neuron.module_path, neuron.size, neuron.foldable)
+    inputs = torch.tensor([[5, 17, 30, 42, 8, 61, 9, 23]])
+    logits = []
+    for family in ("mlp_channel", "mlp_neuron"):
+        gates = ComponentGates.for_model(tiny_llama, [family], layers=[1])
+        gates.set_component(f"{discover_sites(tiny_llama, [family], [1])[0].name}[3]", 0.0)
+        with gates.attach(tiny_llama):
+            logits.append(tiny_llama(inputs).logits)
+    torch.testing.assert_close(logits[0], logits[1], rtol=0, atol=0)
+    assert localized_targets(tiny_llama, ["blocks.1.mlp.hook_channel[3]"]) == localized_targets(tiny_llama, ["blocks.1.mlp.hook_post[3]"])
+    assert component_slices(tiny_llama, ["blocks.1.mlp.hook_channel[3]"]) == component_slices(tiny_llama, ["blocks.1.mlp.hook_post[3]"])

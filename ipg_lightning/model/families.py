@@ -15,6 +15,11 @@ from typing import Literal
 
 from ipg_lightning.model.experts import ExpertLayout
 
+#: Which weights host a family's components (see :class:`SiteFamily`).
+Hosts = Literal["block_writers", "sublayer", "shared_expert", "sae_point", "gated_weights"]
+#: Which slices of its host weights a component owns (see :class:`SiteFamily`).
+SliceRule = Literal["units", "outputs", "whole"]
+
 
 @dataclass(frozen=True)
 class SiteFamily:
@@ -34,6 +39,14 @@ class SiteFamily:
         shared_expert: the site is on a mixture-of-experts MLP's shared expert.
         sae: the components are the features of a sparse autoencoder spliced in at a whole-output
             site (``point``: ``hook_resid_post``, ``hook_mlp_out`` or ``hook_attn_out``).
+        hosts: which weights host a component, where a localized LoRA adapter goes (:data:`HOSTS`):
+            ``block_writers`` (the out-projections writing into the block's output), ``sublayer`` (every
+            projection of its sub-layer, and a mixture of experts' fused weights), ``shared_expert`` (the
+            shared expert's projections), ``sae_point`` (what hosts the activation the SAE reads), or
+            ``gated_weights`` (none: the gate scales the weights an adapter would wrap).
+        slices: which slices of the host weights a component owns for weight-slice fine-tuning
+            (:data:`SLICE_RULES`): ``units`` (its own rows and columns), ``outputs`` (its output row of every
+            host), ``whole`` (every host weight), or None (no slices).
     """
 
     name: str
@@ -45,30 +58,44 @@ class SiteFamily:
     per_expert: bool = False
     shared_expert: bool = False
     sae: bool = False
+    hosts: Hosts = "sublayer"
+    slices: SliceRule | None = None
 
 
-#: Every site family by name.
+#: Every site family by name: the one place a family's behaviour is declared.
 FAMILIES: dict[str, SiteFamily] = {
     family.name: family
     for family in (
-        SiteFamily("resid_post", "blocks.{layer}.hook_resid_post", sublayer=None, hooks_input=False),
-        SiteFamily("mlp_neuron", "blocks.{layer}.mlp.hook_post", sublayer="mlp", hooks_input=True),
-        SiteFamily("attn_head", "blocks.{layer}.attn.hook_z", sublayer="attn", hooks_input=True, per_head=True),
-        SiteFamily("attn_out", "blocks.{layer}.hook_attn_out", sublayer="attn", hooks_input=False),
-        SiteFamily("mlp_out", "blocks.{layer}.hook_mlp_out", sublayer="mlp", hooks_input=False),
-        SiteFamily("expert_neuron", "blocks.{layer}.mlp.experts.{expert}.hook_post", "mlp", False, scales_weight=True, per_expert=True),
-        SiteFamily("expert", "blocks.{layer}.mlp.hook_expert", sublayer="mlp", hooks_input=False, scales_weight=True),
-        SiteFamily("shared_expert_neuron", "blocks.{layer}.mlp.shared_expert.hook_post", "mlp", hooks_input=True, shared_expert=True),
-        SiteFamily("shared_expert", "blocks.{layer}.mlp.hook_shared_expert_out", "mlp", hooks_input=False, shared_expert=True),
-        SiteFamily("sae_feature", "blocks.{layer}.{point}.sae", sublayer=None, hooks_input=False, sae=True),
+        SiteFamily("resid_post", "blocks.{layer}.hook_resid_post", None, hooks_input=False, hosts="block_writers", slices="outputs"),
+        SiteFamily("mlp_neuron", "blocks.{layer}.mlp.hook_post", "mlp", hooks_input=True, slices="units"),
+        SiteFamily("attn_head", "blocks.{layer}.attn.hook_z", "attn", hooks_input=True, per_head=True, slices="units"),
+        SiteFamily("attn_out", "blocks.{layer}.hook_attn_out", "attn", hooks_input=False, slices="whole"),
+        SiteFamily("mlp_out", "blocks.{layer}.hook_mlp_out", "mlp", hooks_input=False, slices="whole"),
+        SiteFamily(
+            "expert_neuron", "blocks.{layer}.mlp.experts.{expert}.hook_post", "mlp", False, scales_weight=True, per_expert=True, hosts="gated_weights"
+        ),
+        SiteFamily("expert", "blocks.{layer}.mlp.hook_expert", "mlp", hooks_input=False, scales_weight=True, hosts="gated_weights"),
+        SiteFamily(
+            "shared_expert_neuron",
+            "blocks.{layer}.mlp.shared_expert.hook_post",
+            "mlp",
+            True,
+            shared_expert=True,
+            hosts="shared_expert",
+            slices="units",
+        ),
+        SiteFamily("shared_expert", "blocks.{layer}.mlp.hook_shared_expert_out", "mlp", hooks_input=False, shared_expert=True, hosts="shared_expert"),
+        SiteFamily("sae_feature", "blocks.{layer}.{point}.sae", None, hooks_input=False, sae=True, hosts="sae_point"),
     )
 }
 #: Every site family name, as the type the command line validates against.
 SiteFamilyName = Literal[tuple(FAMILIES)]  # noqa: UP007 (built from the table)
 #: The families every dense decoder has (a mixture-of-experts MLP has no ``mlp_neuron`` sites).
-SITE_FAMILIES: tuple[str, ...] = ("resid_post", "mlp_neuron", "attn_head", "attn_out", "mlp_out")
+SITE_FAMILIES: tuple[str, ...] = tuple(name for name, kind in FAMILIES.items() if not (kind.scales_weight or kind.shared_expert or kind.sae))
 #: The families of mixture-of-experts MLPs (``shared_expert*`` only where a shared expert exists).
-EXPERT_SITE_FAMILIES: tuple[str, ...] = ("expert_neuron", "expert", "shared_expert_neuron", "shared_expert")
+EXPERT_SITE_FAMILIES: tuple[str, ...] = tuple(name for name, kind in FAMILIES.items() if kind.scales_weight or kind.shared_expert)
+#: The families whose components own weight slices.
+SLICE_FAMILIES: tuple[str, ...] = tuple(name for name, kind in FAMILIES.items() if kind.slices is not None)
 #: Where an SAE can be spliced in: its hook point's family (each is a sub-layer's or the block's whole output).
 SAE_POINTS: dict[str, str] = {"hook_resid_post": "resid_post", "hook_mlp_out": "mlp_out", "hook_attn_out": "attn_out"}
 

@@ -112,18 +112,22 @@ def _expert_parameters(root: nn.Module, spec: ArchitectureSpec, block_path: str)
     return [f"{path}.{name}" for name in ("gate_up_proj", "up_proj", "down_proj") if isinstance(getattr(experts, name, None), nn.Parameter)]
 
 
-def _hosts(root: nn.Module, spec: ArchitectureSpec, family: str, layer: int, point: str | None) -> tuple[list[str], list[str]]:
-    """(projections, fused expert parameters) that host a component of ``family`` at block ``layer``."""
+def component_hosts(root: nn.Module, spec: ArchitectureSpec, site: Site) -> tuple[list[str], list[str]]:
+    """(projections, fused expert parameters) that host the components of ``site``, by its family's ``hosts`` rule."""
+    return _hosts(root, spec, site.kind.hosts, site.kind.sublayer, site.layer, site.point)
+
+
+def _hosts(root: nn.Module, spec: ArchitectureSpec, rule: str, sublayer: str | None, layer: int, point: str | None) -> tuple[list[str], list[str]]:
     block = f"{spec.layers}.{layer}"
-    if family == "sae_feature":
-        return _hosts(root, spec, SAE_POINTS[point], layer, None)
-    if family == "resid_post":
+    if rule == "sae_point":  # what hosts the activation the SAE reads
+        kind = FAMILIES[SAE_POINTS[point]]
+        return _hosts(root, spec, kind.hosts, kind.sublayer, layer, None)
+    if rule == "block_writers":
         return residual_writers(root, spec, layer)
-    if family in ("shared_expert_neuron", "shared_expert"):
+    if rule == "shared_expert":
         return projections_in(root, _parent(f"{block}.{spec.shared_expert_proj}")), []
-    if FAMILIES[family].scales_weight:
+    if rule == "gated_weights":
         raise ValueError(_EXPERT_CLASH.format(weights=f"the fused expert weights of block {layer}"))
-    sublayer = FAMILIES[family].sublayer
     return sublayer_projections(root, spec, layer, sublayer), _expert_parameters(root, spec, block) if sublayer == "mlp" else []
 
 
@@ -147,7 +151,7 @@ def localized_targets(model: nn.Module, components: list[str], architecture: Arc
     modules: dict[str, None] = {}
     parameters: dict[str, None] = {}
     for site in _sites(model, components, architecture):
-        found_modules, found_parameters = _hosts(root, spec, site.family, site.layer, site.point)
+        found_modules, found_parameters = component_hosts(root, spec, site)
         modules.update(dict.fromkeys(found_modules))
         parameters.update(dict.fromkeys(found_parameters))
     order = {name: index for index, (name, _) in enumerate(root.named_modules())}

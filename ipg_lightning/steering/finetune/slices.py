@@ -30,14 +30,11 @@ from torch.nn.utils import parametrize
 
 from ipg_lightning.gates.component_gates import parse_component_name
 from ipg_lightning.model.discovery import is_conv1d
-from ipg_lightning.model.families import ArchitectureSpec
+from ipg_lightning.model.families import SLICE_FAMILIES, ArchitectureSpec
 from ipg_lightning.model.sites import Site, find_site, projection_shape, resolve_architecture, unwrap_model
-from ipg_lightning.steering.finetune.placement import projections_in, residual_writers, sublayer_projections
+from ipg_lightning.steering.finetune.placement import component_hosts
 
 log = logging.getLogger(__name__)
-
-#: The families whose components own weight slices.
-SLICE_FAMILIES: tuple[str, ...] = ("mlp_neuron", "shared_expert_neuron", "attn_head", "resid_post", "attn_out", "mlp_out")
 
 
 @dataclass(frozen=True)
@@ -242,17 +239,16 @@ def component_slices(model: nn.Module, components: Sequence[str], architecture: 
     slices = _Slices(root)
     for site_name, indices in by_site.items():
         site = find_site(model, site_name, architecture)
-        writers, fused = residual_writers(root, spec, site.layer)
-        dense_mlp = spec.mlp_out_proj is not None
-        if site.family == "shared_expert_neuron":
-            _unit_slices(slices, site, indices, projections_in(root, site.module_path.rpartition(".")[0]))
-        elif site.family in ("mlp_neuron", "attn_head"):
-            _unit_slices(slices, site, indices, sublayer_projections(root, spec, site.layer, site.kind.sublayer))
-        elif site.family == "resid_post" and not fused:
-            for path in writers:
+        rule = site.kind.slices
+        hosts, fused = component_hosts(root, spec, site) if rule is not None else ([], [])
+        dense = site.kind.sublayer != "mlp" or spec.mlp_out_proj is not None  # not a mixture-of-experts MLP
+        if rule == "units":
+            _unit_slices(slices, site, indices, hosts)
+        elif rule == "outputs" and not fused:
+            for path in hosts:
                 slices.outputs(path, indices)
-        elif site.family == "attn_out" or (site.family == "mlp_out" and dense_mlp):
-            for path in sublayer_projections(root, spec, site.layer, site.kind.sublayer):
+        elif rule == "whole" and not fused and dense:
+            for path in hosts:
                 slices.whole(path)
         else:
             raise ValueError(
