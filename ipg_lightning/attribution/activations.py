@@ -8,11 +8,12 @@ for attention heads, the L2 norm of the output for whole sub-layers.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from contextlib import ExitStack
+from functools import partial
 
 import torch
 from torch import nn
 
+from ipg_lightning.model.hooks import site_hooks
 from ipg_lightning.model.sites import Site, unwrap_model
 from ipg_lightning.rollout.trajectories import Trajectories
 
@@ -35,20 +36,12 @@ def component_activations(model: nn.Module, sites: Sequence[Site], trajectories:
     mask = batch.pop("completion_mask")
     captured: dict[str, torch.Tensor] = {}
 
-    def recorder(site: Site):
-        def hook(module, args, output=None):
-            value = args[0] if site.hooks_input else (output[0] if isinstance(output, tuple) else output)
-            if value.dim() == 2:  # a shared expert sees the tokens flattened (rows x positions, width)
-                value = value.view(*mask.shape, -1)
-            captured[site.name] = site.component_values(value.float())
+    def record(site: Site, value: torch.Tensor) -> None:
+        if value.dim() == 2:  # a shared expert sees the tokens flattened (rows x positions, width)
+            value = value.view(*mask.shape, -1)
+        captured[site.name] = site.component_values(value.float())
 
-        return hook
-
-    with ExitStack() as stack:
-        for site in sites:
-            module = root.get_submodule(site.module_path)
-            register = module.register_forward_pre_hook if site.hooks_input else module.register_forward_hook
-            stack.callback(register(recorder(site)).remove)
+    with site_hooks(root, [(site, partial(record, site)) for site in sites]):
         model(**batch, use_cache=False)
     return captured, mask
 

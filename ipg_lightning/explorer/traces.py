@@ -20,10 +20,9 @@ answer) plus one bucket for the answer, to show where in a trace a component fir
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from contextlib import ExitStack
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from functools import partial
 
 import torch
 from torch import nn
@@ -34,6 +33,7 @@ from ipg_lightning.attribution.estimator import quadrature
 from ipg_lightning.attribution.kept import KeptTrajectories
 from ipg_lightning.gates.component_gates import parse_component_name
 from ipg_lightning.model.families import ArchitectureSpec
+from ipg_lightning.model.hooks import site_hooks
 from ipg_lightning.model.sites import Site, unwrap_model
 from ipg_lightning.rollout.passes.teacher_forced import TeacherForcedPasses
 from ipg_lightning.rollout.scoring import completion_log_probs, frozen_parameters
@@ -313,31 +313,17 @@ def _position_gradients(
     layout = chunk.padded()["input_ids"].shape
     deltas: dict[str, torch.Tensor] = {}
 
-    def gated(site: Site) -> tuple[Callable, Callable]:
-        def edit(value: torch.Tensor) -> torch.Tensor:
-            flat = value.dim() == 2
-            value = value.view(*layout, -1) if flat else value
-            vector = torch.full((site.size,), gate, device=value.device)
-            if site.name in traced:
-                deltas[site.name] = torch.zeros(*layout, site.size, device=value.device, requires_grad=True)
-                vector = vector + deltas[site.name]
-            edited = site.edit(value, vector)
-            return edited.view(-1, edited.shape[-1]) if flat else edited
+    def edit(site: Site, value: torch.Tensor) -> torch.Tensor:
+        flat = value.dim() == 2
+        value = value.view(*layout, -1) if flat else value
+        vector = torch.full((site.size,), gate, device=value.device)
+        if site.name in traced:
+            deltas[site.name] = torch.zeros(*layout, site.size, device=value.device, requires_grad=True)
+            vector = vector + deltas[site.name]
+        edited = site.edit(value, vector)
+        return edited.view(-1, edited.shape[-1]) if flat else edited
 
-        def pre_hook(module: nn.Module, args: tuple) -> tuple:
-            return (edit(args[0]), *args[1:])
-
-        def hook(module: nn.Module, args: tuple, output: Any) -> Any:
-            return (edit(output[0]), *output[1:]) if isinstance(output, tuple) else edit(output)
-
-        return pre_hook, hook
-
-    with ExitStack() as stack, frozen_parameters(model), torch.enable_grad():
-        for site in group:
-            module = root.get_submodule(site.module_path)
-            pre_hook, hook = gated(site)
-            handle = module.register_forward_pre_hook(pre_hook) if site.hooks_input else module.register_forward_hook(hook)
-            stack.callback(handle.remove)
+    with site_hooks(root, [(site, partial(edit, site)) for site in group]), frozen_parameters(model), torch.enable_grad():
         log_probs = completion_log_probs(model, chunk)
         surrogate = (advantages.to(log_probs.device) * log_probs.float().sum(-1)).sum()
         names = list(deltas)

@@ -21,6 +21,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from functools import partial
 
 import torch
 from torch import nn
@@ -29,6 +30,7 @@ from torch.utils.hooks import RemovableHandle
 from ipg_lightning.model.autoencoder import same_sae
 from ipg_lightning.model.experts import WeightGateHandle, gate_weight
 from ipg_lightning.model.families import ArchitectureSpec
+from ipg_lightning.model.hooks import hook_site
 from ipg_lightning.model.sites import Site, discover_sites, unwrap_model
 
 _COMPONENT_NAME = re.compile(r"^(?P<site>.+?)(?:\[(?P<index>\d+)\])?$")
@@ -151,13 +153,8 @@ class ComponentGates(nn.Module):
         try:
             handles += self._gate_expert_weights(root)
             for site in self.sites.values():
-                module = root.get_submodule(site.module_path)
-                if site.kind.scales_weight:
-                    continue
-                if site.hooks_input:
-                    handles.append(module.register_forward_pre_hook(self._input_hook(site)))
-                else:
-                    handles.append(module.register_forward_hook(self._output_hook(site)))
+                if not site.kind.scales_weight:
+                    handles.append(hook_site(root, site, partial(self._edit, site)))
         except BaseException:
             for handle in handles:
                 handle.remove()
@@ -196,19 +193,8 @@ class ComponentGates(nn.Module):
             handles.append(gate_weight(module, name, multiplier))
         return handles
 
-    def _input_hook(self, site: Site):
-        def hook(module: nn.Module, args: tuple) -> tuple:
-            return (site.edit(args[0], self.gate(site.name)), *args[1:])
-
-        return hook
-
-    def _output_hook(self, site: Site):
-        def hook(module: nn.Module, args: tuple, output):
-            if isinstance(output, tuple):
-                return (site.edit(output[0], self.gate(site.name)), *output[1:])
-            return site.edit(output, self.gate(site.name))
-
-        return hook
+    def _edit(self, site: Site, activation: torch.Tensor) -> torch.Tensor:
+        return site.edit(activation, self.gate(site.name))
 
 
 def combined_gates(*gate_sets: ComponentGates | None) -> ComponentGates:

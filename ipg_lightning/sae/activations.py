@@ -4,11 +4,12 @@ the activation replaced (by an SAE's reconstruction): what training and measurin
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import torch
 from torch import nn
 
+from ipg_lightning.model.hooks import hook_site
 from ipg_lightning.model.sites import Site, unwrap_model
 from ipg_lightning.rollout.trajectories import Trajectories
 
@@ -41,15 +42,11 @@ def site_pass(
     completion_mask = batch.pop("completion_mask").bool()
     seen: list[torch.Tensor] = []
 
-    def hook(module: nn.Module, args: tuple, output: Any) -> Any:
-        value = output[0] if isinstance(output, tuple) else output
+    def read(value: torch.Tensor) -> torch.Tensor | None:
         seen.append(value)
-        if replace is None:
-            return None
-        replaced = replace(value).to(value.dtype)
-        return (replaced, *output[1:]) if isinstance(output, tuple) else replaced
+        return None if replace is None else replace(value).to(value.dtype)
 
-    handle = unwrap_model(model).get_submodule(site.module_path).register_forward_hook(hook)
+    handle = hook_site(model, site, read)
     try:
         logits = model(**batch, use_cache=False).logits
     finally:

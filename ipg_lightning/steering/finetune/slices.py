@@ -31,6 +31,7 @@ from torch.nn.utils import parametrize
 from ipg_lightning.gates.component_gates import parse_component_name
 from ipg_lightning.model.discovery import is_conv1d
 from ipg_lightning.model.families import SLICE_FAMILIES, ArchitectureSpec
+from ipg_lightning.model.hooks import hook_site
 from ipg_lightning.model.sites import Site, find_site, projection_shape, resolve_architecture, unwrap_model
 from ipg_lightning.steering.finetune.placement import component_hosts
 
@@ -171,7 +172,7 @@ class _LocalityProbe:
     @torch.no_grad()
     def _site_input(self) -> torch.Tensor:
         captured = []
-        handle = self.root.get_submodule(self.site.module_path).register_forward_pre_hook(lambda module, args: captured.append(args[0]))
+        handle = hook_site(self.root, self.site, captured.append)
         try:
             self.root(self.ids)
         finally:
