@@ -23,7 +23,7 @@ import torch
 from ipg_lightning.attribution.accumulator import AttributionAccumulator
 from ipg_lightning.attribution.estimator import AdvantageMethod, QuadratureRule
 from ipg_lightning.attribution.kept import KeptTrajectories, gathered
-from ipg_lightning.attribution.methods import METHODS, AttributionMethodName
+from ipg_lightning.attribution.methods import METHODS, AttributionMethodName, MethodSettings, methods_that
 from ipg_lightning.attribution.report import AttributionReport, UninformativeReportError
 from ipg_lightning.checks import check_at_least, check_sampling_has_signal
 from ipg_lightning.data import ReasoningBatch
@@ -123,10 +123,11 @@ class IPGAttribution(ReasoningTask):
         if credit not in ("full", "local"):
             raise ValueError(f"credit must be full|local, got {credit!r}")
         check_at_least(0, signal_retries=signal_retries)
-        if signal_retries and (method not in ("ipg", "grad_x_act") or estimation != "fixed"):
-            raise ValueError(f"signal_retries applies to method ipg or grad_x_act with estimation fixed, not {method!r} with {estimation!r}")
+        if signal_retries and (not METHODS[method].retries_signal or estimation != "fixed"):
+            retrying = " or ".join(methods_that("retries_signal"))
+            raise ValueError(f"signal_retries applies to method {retrying} with estimation fixed, not {method!r} with {estimation!r}")
         if keep_trajectories and not METHODS[method].samples:
-            raise ValueError(f"keep_trajectories: method {method!r} samples no trajectories to keep; use ipg, grad_x_act, activation or mean_diff")
+            raise ValueError(f"keep_trajectories: method {method!r} samples no trajectories to keep; use {', '.join(methods_that('samples'))}")
         if saes and "sae_feature" not in families:
             raise ValueError(f"saes are given but families {list(families)} has no sae_feature: add it, or leave saes out")
         if output_dir is not None:
@@ -136,6 +137,7 @@ class IPGAttribution(ReasoningTask):
         self.reward_name = reward if isinstance(reward, str | dict) else f"{reward.__module__}:{reward.__qualname__}"
         self.sampling = sampling
         self.memory = MemoryLimits(**memory) if isinstance(memory, dict) else memory
+        self.settings = MethodSettings(advantage, steps, rule, baseline, estimation, path, signal_retries, chunk_size)
         self.method = METHODS[method](self)
         self.gates: ComponentGates | None = None
         self.accumulator: AttributionAccumulator | None = None
@@ -199,7 +201,7 @@ class IPGAttribution(ReasoningTask):
         first_live_layer = min(site.layer for site in self.gates.sites.values())
         reuse = self.hparams.reuse_prefix if reuse_prefix is None else reuse_prefix
         local = self.hparams.credit == "local"
-        passes = TeacherForcedPasses(self.lm, self.hparams.chunk_size, first_live_layer, self.memory, reuse, self.architecture, local)
+        passes = TeacherForcedPasses(self.lm, self.settings.chunk_size, first_live_layer, self.memory, reuse, self.architecture, local)
         self._step_passes.append(passes)
         return passes
 

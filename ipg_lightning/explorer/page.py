@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from transformers import PreTrainedTokenizerBase
 
+from ipg_lightning.attribution.methods import METHODS, methods_that
 from ipg_lightning.attribution.paths import site_path_groups
 from ipg_lightning.attribution.report import AttributionReport
 from ipg_lightning.checks import check_at_least
@@ -102,8 +103,9 @@ def score_path(report: AttributionReport) -> tuple[ScorePath | None, str | None]
     """How the report integrated, to split its scores by token; or None and the reason there is no such split."""
     meta, config = report.metadata, report.metadata.get("config", {})
     method = meta.get("method")
-    if method not in ("ipg", "grad_x_act"):
-        return None, f"Per-token contributions exist for ipg and grad_x_act; this report is {method}, so the page shades activations only."
+    if method not in METHODS or not METHODS[method].splits_per_token:
+        splitting = " and ".join(methods_that("splits_per_token"))
+        return None, f"Per-token contributions exist for {splitting}; this report is {method}, so the page shades activations only."
     if config.get("estimation") != "fixed":
         return None, (
             "Per-token contributions need the trajectories the scores came from; with estimation resample each quadrature point sampled its own."

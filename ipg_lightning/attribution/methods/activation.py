@@ -21,7 +21,7 @@ def sampled_activations(method: AttributionMethod, batch: ReasoningBatch) -> tup
     trajectories = task.sample(batch)
     rewards = task.rewards(batch, trajectories)
     task.keep(batch, trajectories, rewards)
-    per_row = mean_completion_activations(task.lm, list(task.gates.sites.values()), trajectories, task.hparams.chunk_size)
+    per_row = mean_completion_activations(task.lm, list(task.gates.sites.values()), trajectories, task.settings.chunk_size)
     return per_row, rewards, task.sample_counts(batch, trajectories, rewards)
 
 

@@ -7,6 +7,7 @@ it for the scores, for a reason the run carries no information, and for its repo
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, ClassVar, Protocol
 
 import torch
@@ -19,6 +20,31 @@ from ipg_lightning.gates.component_gates import ComponentGates
 from ipg_lightning.rollout.trajectories import SamplingConfig, Trajectories
 
 
+@dataclass(frozen=True)
+class MethodSettings:
+    """The settings an attribution method reads; :class:`~ipg_lightning.attribution.IPGAttribution` fills them from its own.
+
+    Args:
+        advantage: how rewards become advantages within a prompt's N samples (``rloo``, ``grpo``, ``none``).
+        steps: quadrature points along the path.
+        rule: the quadrature rule.
+        baseline: the gate value the path starts from.
+        estimation: ``fixed`` (the same trajectories at every point) or ``resample`` (fresh ones at each).
+        path: ``layer`` (one path per block) or ``family`` (one per family and block).
+        signal_retries: how often the samples of a prompt with equal rewards are redrawn.
+        chunk_size: rows per teacher-forced pass.
+    """
+
+    advantage: str = "rloo"
+    steps: int = 10
+    rule: str = "right"
+    baseline: float = 0.0
+    estimation: str = "fixed"
+    path: str = "layer"
+    signal_retries: int = 0
+    chunk_size: int = 8
+
+
 class AttributionRun(Protocol):
     """What a method reads and writes while it runs; :class:`~ipg_lightning.attribution.IPGAttribution` provides it."""
 
@@ -27,7 +53,7 @@ class AttributionRun(Protocol):
     gates: ComponentGates
     sampling: SamplingConfig
     accumulator: AttributionAccumulator
-    hparams: Any
+    settings: MethodSettings
 
     def sample(self, batch: ReasoningBatch) -> Trajectories:
         """N trajectories per prompt from the model as currently gated."""
@@ -60,6 +86,10 @@ class AttributionMethod:
     has_completeness: ClassVar[bool] = False
     #: Samples trajectories from the model (which ``keep_trajectories`` can keep with the report).
     samples: ClassVar[bool] = False
+    #: Redraws the N samples of a prompt whose rewards were all equal (``signal_retries``).
+    retries_signal: ClassVar[bool] = False
+    #: Its scores split into per-token contributions along its path (the explorer shades tokens by them).
+    splits_per_token: ClassVar[bool] = False
 
     def __init__(self, task: AttributionRun) -> None:
         self.task = task
@@ -67,7 +97,7 @@ class AttributionMethod:
     @property
     def quadrature(self) -> tuple[str, int]:
         """The quadrature ``(rule, steps)`` this method actually uses."""
-        return self.task.hparams.rule, self.task.hparams.steps
+        return self.task.settings.rule, self.task.settings.steps
 
     def step(self, batch: ReasoningBatch) -> None:
         """Attribute one batch of support prompts: add sums and counters to ``task.accumulator``."""

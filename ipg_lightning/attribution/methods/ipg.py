@@ -27,6 +27,8 @@ class IntegratedPolicyGradient(AttributionMethod):
     needs_reward_signal = True
     has_completeness = True
     samples = True
+    retries_signal = True
+    splits_per_token = True
 
     def step(self, batch: ReasoningBatch) -> None:
         """Sample, score, take advantages, and integrate along every path (prompts without signal skipped)."""
@@ -34,17 +36,17 @@ class IntegratedPolicyGradient(AttributionMethod):
         trajectories = task.sample(batch)
         rewards = task.rewards(batch, trajectories)
         redrawn = {"redrawn_groups": 0, "redrawn_tokens": 0}
-        if task.hparams.signal_retries:
+        if task.settings.signal_retries:
             trajectories, rewards, redrawn = self._redraw_silent_groups(batch, trajectories, rewards)
         counts = {**task.sample_counts(batch, trajectories, rewards), **redrawn}
-        advantages, has_signal = group_advantages(rewards, task.hparams.advantage)
+        advantages, has_signal = group_advantages(rewards, task.settings.advantage)
         task.keep(batch, trajectories, rewards, advantages)
         counts["signal_prompts"] = int(has_signal.sum())
         task.log("zero_signal_prompts", float((~has_signal).sum()), prog_bar=True, reduce_fx="sum", batch_size=len(batch["prompt"]))
         if not has_signal.any():
             task.accumulator.update(**counts)
             return
-        if task.hparams.estimation == "resample":
+        if task.settings.estimation == "resample":
             scores, delta = self._integrate_resampled(batch, rewards)
         else:
             rows = [row for row in range(len(trajectories)) if has_signal[trajectories.prompt_index[row]]]
@@ -55,8 +57,8 @@ class IntegratedPolicyGradient(AttributionMethod):
                 task.gates,
                 trajectories.select(rows),
                 weights,
-                task.hparams.path,
-                task.hparams.baseline,
+                task.settings.path,
+                task.settings.baseline,
                 self.quadrature,
                 passes,
             )
@@ -75,15 +77,15 @@ class IntegratedPolicyGradient(AttributionMethod):
         n = task_samples = task.sampling.num_samples
         groups = [trajectories.select(range(p * n, (p + 1) * n)) for p in range(len(batch["prompt"]))]
         rewards, counts = rewards.clone(), {"redrawn_groups": 0, "redrawn_tokens": 0}
-        for attempt in range(1, task.hparams.signal_retries + 1):
-            silent = [p for p, signal in enumerate(group_advantages(rewards, task.hparams.advantage)[1]) if not signal]
+        for attempt in range(1, task.settings.signal_retries + 1):
+            silent = [p for p, signal in enumerate(group_advantages(rewards, task.settings.advantage)[1]) if not signal]
             if not silent:
                 break
             subset = batch_subset(batch, silent)
             fresh = task.sample(subset, first_sample=attempt * task_samples)
             fresh_rewards = task.rewards(subset, fresh)
             counts["redrawn_tokens"] += fresh.num_completion_tokens
-            for index, (prompt, signal) in enumerate(zip(silent, group_advantages(fresh_rewards, task.hparams.advantage)[1], strict=True)):
+            for index, (prompt, signal) in enumerate(zip(silent, group_advantages(fresh_rewards, task.settings.advantage)[1], strict=True)):
                 if signal:
                     groups[prompt], rewards[prompt] = fresh.select(range(index * n, (index + 1) * n)), fresh_rewards[index]
                     counts["redrawn_groups"] += 1
@@ -91,11 +93,11 @@ class IntegratedPolicyGradient(AttributionMethod):
 
     def _integrate_resampled(self, batch: ReasoningBatch, rewards_at_one: torch.Tensor) -> tuple[dict[str, torch.Tensor], float]:
         task = self.task
-        hparams = task.hparams
+        settings = task.settings
 
         def on_policy_gradient(alpha: float) -> float:
             fresh = task.sample(batch)
-            advantages, _ = group_advantages(task.rewards(batch, fresh), hparams.advantage)
+            advantages, _ = group_advantages(task.rewards(batch, fresh), settings.advantage)
             weights = (advantages.flatten() / task.sampling.num_samples).float()
             passes = task.teacher_forced_passes(reuse_prefix=False)  # fresh trajectories: nothing to replay
             return backward_weighted_log_likelihood(task.lm, fresh, weights, passes=passes)
@@ -103,10 +105,10 @@ class IntegratedPolicyGradient(AttributionMethod):
         rule, steps = self.quadrature
         scores, delta = {}, 0.0
         reward_at_one = rewards_at_one.mean(1).sum().item()
-        for group in path_groups(task.gates, hparams.path):
-            result = integrate_path(task.gates, group, on_policy_gradient, hparams.baseline, rule, steps)
+        for group in path_groups(task.gates, settings.path):
+            result = integrate_path(task.gates, group, on_policy_gradient, settings.baseline, rule, steps)
             scores.update(result.scores)
-            move_along_path(task.gates, group, hparams.baseline, 0.0)
+            move_along_path(task.gates, group, settings.baseline, 0.0)
             reward_at_baseline = task.rewards(batch, task.sample(batch)).mean(1).sum().item()
             task.gates.reset(1.0)
             delta += reward_at_one - reward_at_baseline  # J(1) - J(c'), summed over prompts
@@ -130,7 +132,7 @@ class IntegratedPolicyGradient(AttributionMethod):
 
     def completeness_target(self) -> str:
         """L(1) - L(c') over fixed trajectories; the expected reward J(1) - J(c') when resampling."""
-        return "J(1) - J(baseline)" if self.task.hparams.estimation == "resample" else "L(1) - L(baseline)"
+        return "J(1) - J(baseline)" if self.task.settings.estimation == "resample" else "L(1) - L(baseline)"
 
 
 class GradientTimesActivation(IntegratedPolicyGradient):

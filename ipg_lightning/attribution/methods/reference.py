@@ -29,15 +29,15 @@ class ReferenceIntegratedGradients(AttributionMethod):
         texts = [f"{p} {s}" for p, s in zip(batch["prompt"], solutions, strict=True)]
         check_context_length(task.lm, lengths, texts, what="prompt with its reference solution")
         weights = torch.ones(len(trajectories))
-        hparams = task.hparams
+        settings = task.settings
         passes = task.teacher_forced_passes()
         scores, delta = integrate_fixed(
             task.lm,
             task.gates,
             trajectories,
             weights,
-            hparams.path,
-            hparams.baseline,
+            settings.path,
+            settings.baseline,
             self.quadrature,
             passes,
         )
