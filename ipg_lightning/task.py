@@ -8,8 +8,9 @@ adapters) and their own steps.
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import asdict, is_dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import lightning as L
 from torch import nn
@@ -43,6 +44,9 @@ class ReasoningTask(L.LightningModule):
         dtype: weights dtype (``float32``, ``bfloat16``, ``float16``, ``auto``).
         architecture: module paths for a decoder that is not built in.
     """
+
+    #: Constructor arguments that are not hyperparameters (see :meth:`save_plain_hyperparameters`).
+    hparams_ignore: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, model_path: str | None, dtype: str = "float32", architecture: ArchitectureSpec | dict | None = None) -> None:
         super().__init__()
@@ -91,6 +95,21 @@ class ReasoningTask(L.LightningModule):
         if datamodule is not None and hasattr(datamodule, "connect"):
             datamodule.connect(self.tokenizer)
 
+    def save_plain_hyperparameters(self) -> None:
+        """Save the arguments of the constructor that calls this as hyperparameters, each a plain value.
+
+        The one hyperparameter policy of every task: dataclasses become dicts, so checkpoints load with
+        ``torch.load(weights_only=True)`` (which refuses pickled classes) and reports record the settings as
+        JSON. A reward given as a Python callable (rather than a name or weights) cannot be saved and is
+        left out, as is every argument named in :attr:`hparams_ignore`.
+        """
+        frame = inspect.currentframe().f_back
+        arguments = inspect.getargvalues(frame)
+        values = {name: arguments.locals[name] for name in arguments.args[1:] if name not in self.hparams_ignore}
+        if "reward" in values and not isinstance(values["reward"], str | dict):
+            del values["reward"]
+        self.save_hyperparameters({name: plain(value) for name, value in values.items()})
+
     def plain_hparams(self) -> dict[str, Any]:
-        """The hyperparameters as plain values (no private LightningCLI entries, dataclasses as dicts)."""
-        return {key: plain(value) for key, value in self.hparams.items() if not key.startswith("_")}
+        """The hyperparameters without the private entries LightningCLI adds."""
+        return {key: value for key, value in self.hparams.items() if not key.startswith("_")}

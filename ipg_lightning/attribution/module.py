@@ -132,7 +132,7 @@ class IPGAttribution(ReasoningTask):
             raise ValueError(f"saes are given but families {list(families)} has no sae_feature: add it, or leave saes out")
         if output_dir is not None:
             check_output_dir(output_dir, overwrite)  # refuse now rather than after the run
-        self.save_hyperparameters(ignore=[] if isinstance(reward, str | dict) else ["reward"])
+        self.save_plain_hyperparameters()
         self.reward_fn = load_reward(reward)
         self.reward_name = reward if isinstance(reward, str | dict) else f"{reward.__module__}:{reward.__qualname__}"
         self.sampling = sampling

@@ -117,7 +117,7 @@ class SAETraining(ReasoningTask):
             raise ValueError(f"learning_rate must be a finite number > 0, got {learning_rate}")
         if not (math.isfinite(aux_coefficient) and aux_coefficient >= 0):
             raise ValueError(f"aux_coefficient must be a finite number >= 0, got {aux_coefficient}")
-        self.save_hyperparameters()
+        self.save_plain_hyperparameters()
         self.strict_loading = False  # checkpoints hold the SAE and its training state, not the frozen model
         self.traces = SamplingConfig(**traces) if isinstance(traces, dict) else traces
         self.sae: SparseAutoencoder | None = None

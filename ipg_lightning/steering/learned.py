@@ -106,14 +106,11 @@ class GateSteering(ReasoningTask):
             raise ValueError("Train either a LoRA adapter (lora) or the components' weight slices (weight_slices), not both")
         if not (train_gates or lora is not None or weight_slices):
             raise ValueError("Nothing to train: train_gates is false and neither lora nor weight_slices is set")
-        # Hyperparameters are stored as plain dicts: Lightning resumes with torch.load(weights_only=True),
-        # which refuses pickled classes. save_hyperparameters reads these locals.
-        selection, lora, architecture, sampling = plain(selection), plain(lora), plain(architecture), plain(sampling)
-        self.save_hyperparameters(ignore=[] if isinstance(reward, str | dict) else ["reward"])
-        self.selection = ComponentSelection(**selection)
+        self.save_plain_hyperparameters()
+        self.selection = ComponentSelection(**self.hparams.selection)
         self.selection.check_count()
-        self.lora = LoraSettings(**lora) if lora is not None else None
-        self.sampling = SamplingConfig(**sampling)
+        self.lora = LoraSettings(**self.hparams.lora) if lora is not None else None
+        self.sampling = SamplingConfig(**self.hparams.sampling)
         check_at_least(1, max_new_tokens=self.sampling.max_new_tokens)
         #: Names are checked now; an import path is imported only to train (setup("fit")), and for a module
         #: rebuilt from a checkpoint only if the caller trusts it (``reward.import_allowed``).

@@ -94,7 +94,7 @@ class ReasonerTraining(ReasoningTask):
             raise ValueError(f"hidden_size {hidden_size} must be divisible by num_heads {num_heads}")
         if not (learning_rate > 0 and weight_decay >= 0):
             raise ValueError(f"learning_rate must be > 0 and weight_decay >= 0, got {learning_rate} and {weight_decay}")
-        self.save_hyperparameters()
+        self.save_plain_hyperparameters()
         tokenizer = reasoner_tokenizer()
         config = AutoConfig.for_model(
             family,
