@@ -395,6 +395,24 @@ def test_ctrl_c_during_training_exits_130_with_the_interrupted_message(tmp_path)
     assert stderr.strip().splitlines()[-1] == "ipg steer: interrupted; no output was written under its final name"
 
 
+def test_ctrl_c_while_a_command_is_still_importing_exits_130_and_writes_nothing(tmp_path):
+    """The handler is in place before the command's module (torch, transformers) is imported, so no library swallows it."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    output = tmp_path / "export"
+    command = [str(Path(sys.executable).parent / "ipg"), "export", "--model_path", "tiny:llama", "--output_dir", str(output)]
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    time.sleep(1.0)  # importing torch alone takes longer
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 130, stderr[-1500:]
+    assert stderr.strip().splitlines()[-1] == "ipg export: interrupted; no output was written under its final name"
+    assert not output.exists() and not list(tmp_path.iterdir())
+
+
 def test_a_folder_that_is_not_a_model_is_not_called_a_model_without_a_tokenizer(tmp_path):
     from ipg_lightning.model.loading import ModelLoadError, load_model_and_tokenizer
 
