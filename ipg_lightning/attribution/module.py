@@ -23,9 +23,8 @@ import torch
 from ipg_lightning.attribution.accumulator import AttributionAccumulator
 from ipg_lightning.attribution.estimator import AdvantageMethod, QuadratureRule
 from ipg_lightning.attribution.kept import KeptTrajectories, gathered
-from ipg_lightning.attribution.methods import METHODS, AttributionMethodName, MethodSettings, methods_that
-from ipg_lightning.attribution.report import AttributionReport, UninformativeReportError
-from ipg_lightning.checks import check_at_least, check_sampling_has_signal
+from ipg_lightning.attribution.methods import METHODS, AttributionMethodName, MethodSettings, check_method
+from ipg_lightning.attribution.report import AttributionReport, UninformativeReportError, completeness
 from ipg_lightning.data import ReasoningBatch
 from ipg_lightning.gates.component_gates import ComponentGates
 from ipg_lightning.model.families import ArchitectureSpec, SiteFamilyName
@@ -34,8 +33,8 @@ from ipg_lightning.model.sites import resolve_architecture, unwrap_model
 from ipg_lightning.outputs import check_output_dir
 from ipg_lightning.rewards.completions import reward_matrix
 from ipg_lightning.rewards.functions import load_reward
-from ipg_lightning.rollout.passes.memory import PeakMemory, peak_is_resettable
-from ipg_lightning.rollout.passes.teacher_forced import GIB, MemoryLimits, TeacherForcedPasses
+from ipg_lightning.rollout.passes.memory import RunMemory, peak_is_resettable
+from ipg_lightning.rollout.passes.teacher_forced import MemoryLimits, TeacherForcedPasses
 from ipg_lightning.rollout.sampling import sample_trajectories
 from ipg_lightning.rollout.trajectories import SamplingConfig, Trajectories
 from ipg_lightning.sae import IN_MEMORY_SAE, attach_saes
@@ -119,15 +118,14 @@ class IPGAttribution(ReasoningTask):
     ) -> None:
         super().__init__(model_path, dtype, architecture)
         sampling = SamplingConfig(**sampling) if isinstance(sampling, dict) else sampling
-        self._check_settings(method, estimation, path, baseline, families, layers, steps, chunk_size, sampling)
+        self.settings = MethodSettings(advantage, steps, rule, baseline, estimation, path, signal_retries, chunk_size)
+        check_method(method, self.settings, sampling, keep_trajectories)
         if credit not in ("full", "local"):
             raise ValueError(f"credit must be full|local, got {credit!r}")
-        check_at_least(0, signal_retries=signal_retries)
-        if signal_retries and (not METHODS[method].retries_signal or estimation != "fixed"):
-            retrying = " or ".join(methods_that("retries_signal"))
-            raise ValueError(f"signal_retries applies to method {retrying} with estimation fixed, not {method!r} with {estimation!r}")
-        if keep_trajectories and not METHODS[method].samples:
-            raise ValueError(f"keep_trajectories: method {method!r} samples no trajectories to keep; use {', '.join(methods_that('samples'))}")
+        if not families:
+            raise ValueError("families is empty: name at least one site family to attribute, e.g. [mlp_neuron]")
+        if layers is not None and not layers:
+            raise ValueError("layers is empty: name at least one block, or leave it unset for the default (3/4 depth)")
         if saes and "sae_feature" not in families:
             raise ValueError(f"saes are given but families {list(families)} has no sae_feature: add it, or leave saes out")
         if output_dir is not None:
@@ -137,32 +135,13 @@ class IPGAttribution(ReasoningTask):
         self.reward_name = reward if isinstance(reward, str | dict) else f"{reward.__module__}:{reward.__qualname__}"
         self.sampling = sampling
         self.memory = MemoryLimits(**memory) if isinstance(memory, dict) else memory
-        self.settings = MethodSettings(advantage, steps, rule, baseline, estimation, path, signal_retries, chunk_size)
         self.method = METHODS[method](self)
         self.gates: ComponentGates | None = None
         self.accumulator: AttributionAccumulator | None = None
         self.report: AttributionReport | None = None
         self.kept: KeptTrajectories | None = None
         self._started = 0.0
-        self._peak_bytes = 0
-        self._chunk_tokens: set[int] = set()
-        self._step_passes: list[TeacherForcedPasses] = []
-
-    @staticmethod
-    def _check_settings(method, estimation, path, baseline, families, layers, steps, chunk_size, sampling) -> None:
-        if method not in METHODS:
-            raise ValueError(f"Unknown method {method!r}; choose from {list(METHODS)}")
-        if estimation not in ("fixed", "resample") or path not in ("layer", "family"):
-            raise ValueError(f"estimation must be fixed|resample and path layer|family, got {estimation!r}, {path!r}")
-        if not baseline < 1:
-            raise ValueError(f"baseline must be < 1 (the path runs from it to 1), got {baseline}")
-        if not families:
-            raise ValueError("families is empty: name at least one site family to attribute, e.g. [mlp_neuron]")
-        if layers is not None and not layers:
-            raise ValueError("layers is empty: name at least one block, or leave it unset for the default (3/4 depth)")
-        check_at_least(1, steps=steps, chunk_size=chunk_size)
-        if METHODS[method].needs_reward_signal:
-            check_sampling_has_signal(sampling.num_samples, sampling.temperature, f"method {method!r}")
+        self.run_memory = RunMemory("cpu")
 
     def configure_components(self) -> None:
         """SAEs spliced in, gates on the attributed sites (default: the block at 3/4 depth), the score accumulator."""
@@ -183,18 +162,14 @@ class IPGAttribution(ReasoningTask):
         self.accumulator.reset()
         self.kept = KeptTrajectories(self.sampling.num_samples) if self.hparams.keep_trajectories else None
         self._started = time.perf_counter()
-        self._peak_bytes, self._chunk_tokens = 0, set()
+        self.run_memory = RunMemory(self.device)
         if self.memory.budget_gb is not None and not peak_is_resettable(self.device):  # before any sampling
             raise ValueError("memory.budget_gb needs a peak-memory counter that can be reset (CUDA, or Linux /proc); set memory.chunk_tokens instead")
 
     def validation_step(self, batch: ReasoningBatch, batch_idx: int) -> None:
         """One attribution step of the method over a batch of prompts; results go to the accumulator."""
-        with torch.enable_grad(), self.gates.attach(self.lm), PeakMemory(self.device) as meter:
+        with torch.enable_grad(), self.gates.attach(self.lm), self.run_memory.step():
             self.method.step(batch)
-        self._peak_bytes = max(self._peak_bytes, meter.peak_bytes)
-        # the tokens per chunk each pass plan used (a memory budget chooses them), for the report
-        self._chunk_tokens.update(passes.chunk_tokens for passes in self._step_passes if passes.chunk_tokens is not None)
-        self._step_passes.clear()
 
     def teacher_forced_passes(self, reuse_prefix: bool | None = None) -> TeacherForcedPasses:
         """How the passes over one set of trajectories run: chunks by rows and tokens, replayed and checkpointed blocks."""
@@ -202,8 +177,7 @@ class IPGAttribution(ReasoningTask):
         reuse = self.hparams.reuse_prefix if reuse_prefix is None else reuse_prefix
         local = self.hparams.credit == "local"
         passes = TeacherForcedPasses(self.lm, self.settings.chunk_size, first_live_layer, self.memory, reuse, self.architecture, local)
-        self._step_passes.append(passes)
-        return passes
+        return self.run_memory.planned(passes)
 
     # ----------------------------------------------------------------------------- what methods use
     def sample(self, batch: ReasoningBatch, first_sample: int = 0) -> Trajectories:
@@ -279,28 +253,14 @@ class IPGAttribution(ReasoningTask):
             },
             "mean_reward": state["reward_sum"] / state["trajectories"] if state["trajectories"] else None,
             "wall_time_s": round(time.perf_counter() - self._started, 3),
-            "memory": {
-                "peak_gb": round(self._peak_bytes / GIB, 3),
-                "measured": "allocated CUDA tensors" if self.device.type == "cuda" else "the process's resident set",
-                "chunk_tokens": min(self._chunk_tokens) if self._chunk_tokens else None,
-            },
+            "memory": self.run_memory.record(),
             "world_size": self.trainer.world_size,
         }
         saes = {name: site.sae.source or IN_MEMORY_SAE for name, site in self.gates.sites.items() if site.sae is not None}
         if saes:  # where the sae_feature sites' SAEs come from: steering and evaluating the report attach them again
             metadata["saes"] = saes
         if self.method.has_completeness:
-            prompts = max(state["prompts"], 1.0)
-            total, delta = state["score_sum"] / prompts, state["surrogate_delta"] / prompts
-            metadata["completeness"] = {
-                "sum_of_scores": total,
-                "target": self.method.completeness_target(),
-                "surrogate_delta": delta,
-                "residual": total - delta,
-                "relative_residual": abs(total - delta) / max(abs(delta), 1e-12),
-                "note": "per-prompt means; sum over all paths"
-                + ("; credit: local scores are not the gradient of L, so they need not add up to it" if self.hparams.credit == "local" else ""),
-            }
+            metadata["completeness"] = completeness(state, self.method.completeness_target(), self.hparams.credit == "local")
         return metadata
 
 

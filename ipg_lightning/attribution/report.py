@@ -207,3 +207,24 @@ class AttributionReport:
                     f"{counts.get('prompts')} and {counts.get('trajectories')}: they are not the ones its scores came from; run the attribution again"
                 )
         return cls(scores=scores, sites=sites, metadata=metadata, trajectories=loaded)
+
+
+def completeness(state: dict[str, Any], target: str, local_credit: bool = False) -> dict[str, Any]:
+    """The report's completeness block: the per-prompt sum of scores against the change of the surrogate it should equal.
+
+    >>> completeness({"prompts": 2.0, "score_sum": 3.0, "surrogate_delta": 2.0}, "L(1) - L(0)")["residual"]
+    0.5
+    """
+    prompts = max(state["prompts"], 1.0)
+    total, delta = state["score_sum"] / prompts, state["surrogate_delta"] / prompts
+    note = "per-prompt means; sum over all paths"
+    if local_credit:
+        note += "; credit: local scores are not the gradient of L, so they need not add up to it"
+    return {
+        "sum_of_scores": total,
+        "target": target,
+        "surrogate_delta": delta,
+        "residual": total - delta,
+        "relative_residual": abs(total - delta) / max(abs(delta), 1e-12),
+        "note": note,
+    }

@@ -61,3 +61,23 @@ class DeadFeatureFraction(Metric):
     def compute(self) -> torch.Tensor:
         """Fraction of features with no activation at all."""
         return (self.fired == 0).float().mean()
+
+
+def loss_recovered(metrics: dict[str, float], hook_name: str, measured_on: str) -> tuple[float | None, list[str]]:
+    """``1 - loss_increase / ablation_loss_increase`` (rounded), and the warnings that go with it.
+
+    It is 1 when splicing the SAE in costs nothing, 0 when it is as bad as replacing the activation by
+    its mean. Where the mean costs nothing either (a model never trained to predict these tokens, such
+    as the tiny reasoner on its prompts), the loss says nothing about the SAE: it is None, with a warning.
+
+    >>> loss_recovered({"loss_increase": 0.1, "ablation_loss_increase": 0.5}, "blocks.2.hook_resid_post", "prompts")
+    (0.8, [])
+    """
+    ablation = metrics.get("ablation_loss_increase")
+    if ablation is not None and ablation > 0:
+        return round(1 - metrics["loss_increase"] / ablation, 5), []
+    advice = "; train with traces to measure on the model's own completions" if measured_on == "prompts" else ""
+    return None, [
+        f"Replacing {hook_name} by its mean does not raise the model's loss on the measured tokens ({measured_on}), "
+        f"so loss_increase says nothing about this SAE{advice}"
+    ]

@@ -40,7 +40,7 @@ from ipg_lightning.model.sites import Site, find_site, unwrap_model
 from ipg_lightning.rollout.sampling import sample_trajectories
 from ipg_lightning.rollout.trajectories import SamplingConfig, Trajectories, teacher_forced_trajectories
 from ipg_lightning.sae.activations import SitePass, site_pass
-from ipg_lightning.sae.metrics import DeadFeatureFraction, FractionOfVarianceUnexplained
+from ipg_lightning.sae.metrics import DeadFeatureFraction, FractionOfVarianceUnexplained, loss_recovered
 from ipg_lightning.task import ReasoningTask
 
 #: Bytes per SAE weight while training: the weight, its gradient and Adam's two moments, in float32.
@@ -291,20 +291,10 @@ class SAETraining(ReasoningTask):
     def card(self, metrics: dict[str, float]) -> dict[str, Any]:
         """What ``ipg train-sae`` writes beside the SAE: settings, metrics, training volume, and what the loss metrics mean.
 
-        ``loss_recovered`` is ``1 - loss_increase / ablation_loss_increase``: 1 when splicing the SAE in
-        costs nothing, 0 when it is as bad as replacing the activation by its mean. Where the mean
-        costs nothing either (a model never trained to predict these tokens, such as the tiny
-        reasoner on its prompts), the loss says nothing about the SAE: it is None, with a warning.
+        ``loss_recovered`` is explained at :func:`~ipg_lightning.sae.metrics.loss_recovered`.
         """
-        ablation = metrics.get("ablation_loss_increase")
-        recovered = round(1 - metrics["loss_increase"] / ablation, 5) if ablation is not None and ablation > 0 else None
-        warnings = []
-        if recovered is None:
-            warnings.append(
-                f"Replacing {self.sae.hook_name} by its mean does not raise the model's loss on the measured tokens "
-                f"({'prompts only' if self.traces is None else 'sampled completions'}), so loss_increase says nothing about this SAE"
-                + ("; train with traces to measure on the model's own completions" if self.traces is None else "")
-            )
+        measured_on = "prompts" if self.traces is None else "sampled completions"
+        recovered, warnings = loss_recovered(metrics, self.sae.hook_name, measured_on)
         return {
             "format": "ipg_lightning SAE card v1",
             "model": self.model_path,
@@ -315,6 +305,6 @@ class SAETraining(ReasoningTask):
             "settings": self.plain_hparams(),
             "steps": self.global_step,
             "metrics": {**metrics, "loss_recovered": recovered},
-            "measured_on": "prompts" if self.traces is None else "sampled completions",
+            "measured_on": measured_on,
             "warnings": warnings,
         }

@@ -70,3 +70,30 @@ def read_steering_checkpoint(path: str | Path) -> dict[str, Any]:
         if tensor.is_floating_point() and not torch.isfinite(tensor).all():
             raise SteeringCheckpointError(f"{path}: {key} holds non-finite values (NaN or inf): the run diverged; use an earlier checkpoint")
     return checkpoint
+
+
+def check_checkpoint_tensors(state: dict[str, torch.Tensor], trained: dict[str, torch.Tensor], where: str) -> None:
+    """Refuse a checkpoint ``state`` that holds anything beyond the ``trained`` tensors of this run (gates, adapter or
+    slices), lacks part of them, or holds them in other shapes.
+
+    Checkpoints load with ``strict=False`` (they leave the frozen model out), so without this a tensor
+    named like a base weight, e.g. the LM head, would silently replace it.
+    """
+    foreign, missing = sorted(set(state) - set(trained)), sorted(set(trained) - set(state))
+    if foreign:
+        raise SteeringCheckpointError(
+            f"{where} holds tensors that are not trained gates, adapter or slices of this run ({_listed(foreign)}); "
+            "a steering checkpoint never replaces base-model weights, so it is refused"
+        )
+    if missing:  # loading would silently keep their untrained starting values
+        raise SteeringCheckpointError(f"{where} lacks trained tensors of this run ({_listed(missing)}): it is damaged or incomplete")
+    for key, tensor in state.items():
+        if tensor.shape != trained[key].shape:
+            raise SteeringCheckpointError(
+                f"{where}: {key} has shape {tuple(tensor.shape)}, this model's has {tuple(trained[key].shape)}: "
+                "the checkpoint was trained on another model, or was edited"
+            )
+
+
+def _listed(names: list[str]) -> str:
+    return ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")

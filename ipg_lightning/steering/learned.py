@@ -37,6 +37,7 @@ from ipg_lightning.rollout.trajectories import SamplingConfig
 from ipg_lightning.steering.checkpoint import (
     STEERING_KEY,
     SteeringCheckpointError,
+    check_checkpoint_tensors,
     check_resume_settings,
     read_steering_checkpoint,
 )
@@ -271,30 +272,6 @@ class GateSteering(ReasoningTask):
         module.reward.import_allowed = trust_reward
         return module
 
-    def check_checkpoint_tensors(self, state: dict[str, torch.Tensor], where: str) -> None:
-        """Refuse a checkpoint state that holds anything beyond what this module trains (gates, adapter or slices), lacks part of
-        it, or holds it in other shapes.
-
-        Checkpoints load with ``strict=False`` (they leave the frozen model out), so without this a
-        tensor named like a base weight, e.g. the LM head, would silently replace it.
-        """
-        trained = set(self.trainable_state())
-        foreign, missing = sorted(set(state) - trained), sorted(trained - set(state))
-        if foreign:
-            raise SteeringCheckpointError(
-                f"{where} holds tensors that are not trained gates, adapter or slices of this run ({_listed(foreign)}); "
-                "a steering checkpoint never replaces base-model weights, so it is refused"
-            )
-        if missing:  # loading would silently keep their untrained starting values
-            raise SteeringCheckpointError(f"{where} lacks trained tensors of this run ({_listed(missing)}): it is damaged or incomplete")
-        own = self.trainable_state()
-        for key, tensor in state.items():
-            if tensor.shape != own[key].shape:
-                raise SteeringCheckpointError(
-                    f"{where}: {key} has shape {tuple(tensor.shape)}, this model's has {tuple(own[key].shape)}: "
-                    "the checkpoint was trained on another model, or was edited"
-                )
-
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Check that the checkpoint steers the same components of the same model as this module, holds only what
         trains, and (when resuming) was trained with the same optimizer settings, which its optimizer state carries."""
@@ -307,13 +284,9 @@ class GateSteering(ReasoningTask):
         if self.lm is not None:
             check_same_model(steering.get("model_identity"), self.lm, self.model_path, what)
             self.fine_tune.check_matches(steering, what)
-            self.check_checkpoint_tensors(checkpoint.get("state_dict", {}), what)
+            check_checkpoint_tensors(checkpoint.get("state_dict", {}), self.trainable_state(), what)
         if self._trainer is not None and "optimizer_states" in checkpoint:
             check_resume_settings(checkpoint.get("hyper_parameters", {}), dict(self.hparams))
-
-
-def _listed(names: list[str]) -> str:
-    return ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
 
 
 def load_steering_checkpoint(path: str | Path, model: str | None = None, trust_reward: bool = False, allow_other_model: bool = False) -> GateSteering:
@@ -344,6 +317,6 @@ def load_steering_checkpoint(path: str | Path, model: str | None = None, trust_r
         raise SteeringCheckpointError(f"{path}: its hyper_parameters are not valid settings ({error})") from None
     module.reward.import_allowed = trust_reward
     module.fine_tune.check_matches(steering, str(path))
-    module.check_checkpoint_tensors(checkpoint["state_dict"], str(path))
+    check_checkpoint_tensors(checkpoint["state_dict"], module.trainable_state(), str(path))
     module.load_state_dict(checkpoint["state_dict"], strict=False)
     return module.eval()

@@ -11,6 +11,8 @@ from ipg_lightning.attribution.methods.base import AttributionMethod, MethodSett
 from ipg_lightning.attribution.methods.ipg import GradientTimesActivation, IntegratedPolicyGradient
 from ipg_lightning.attribution.methods.random import RandomScores
 from ipg_lightning.attribution.methods.reference import ReferenceIntegratedGradients
+from ipg_lightning.checks import check_sampling_has_signal
+from ipg_lightning.rollout.trajectories import SamplingConfig
 
 #: Every attribution method by name.
 METHODS: dict[str, type[AttributionMethod]] = {
@@ -27,6 +29,19 @@ METHODS: dict[str, type[AttributionMethod]] = {
 
 #: The method names, as the type the command line validates against.
 AttributionMethodName = Literal[tuple(METHODS)]  # noqa: UP007 (built from the registry)
+
+
+def check_method(method: str, settings: MethodSettings, sampling: SamplingConfig, keep_trajectories: bool = False) -> None:
+    """Refuse, in one line, a method that cannot run with these settings (what it needs follows from its capabilities)."""
+    if method not in METHODS:
+        raise ValueError(f"Unknown method {method!r}; choose from {list(METHODS)}")
+    if settings.signal_retries and (not METHODS[method].retries_signal or settings.estimation != "fixed"):
+        retrying = " or ".join(methods_that("retries_signal"))
+        raise ValueError(f"signal_retries applies to method {retrying} with estimation fixed, not {method!r} with {settings.estimation!r}")
+    if keep_trajectories and not METHODS[method].samples:
+        raise ValueError(f"keep_trajectories: method {method!r} samples no trajectories to keep; use {', '.join(methods_that('samples'))}")
+    if METHODS[method].needs_reward_signal:
+        check_sampling_has_signal(sampling.num_samples, sampling.temperature, f"method {method!r}")
 
 
 def methods_that(capability: str) -> list[str]:
@@ -49,5 +64,6 @@ __all__ = [
     "MethodSettings",
     "RandomScores",
     "ReferenceIntegratedGradients",
+    "check_method",
     "methods_that",
 ]

@@ -15,6 +15,7 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from ipg_lightning.attribution.accumulator import AttributionAccumulator
+from ipg_lightning.checks import check_at_least
 from ipg_lightning.data import ReasoningBatch
 from ipg_lightning.gates.component_gates import ComponentGates
 from ipg_lightning.rollout.trajectories import SamplingConfig, Trajectories
@@ -43,6 +44,14 @@ class MethodSettings:
     path: str = "layer"
     signal_retries: int = 0
     chunk_size: int = 8
+
+    def __post_init__(self) -> None:
+        if self.estimation not in ("fixed", "resample") or self.path not in ("layer", "family"):
+            raise ValueError(f"estimation must be fixed|resample and path layer|family, got {self.estimation!r}, {self.path!r}")
+        if not self.baseline < 1:
+            raise ValueError(f"baseline must be < 1 (the path runs from it to 1), got {self.baseline}")
+        check_at_least(1, steps=self.steps, chunk_size=self.chunk_size)
+        check_at_least(0, signal_retries=self.signal_retries)
 
 
 class AttributionRun(Protocol):

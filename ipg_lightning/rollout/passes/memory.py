@@ -12,8 +12,11 @@ from __future__ import annotations
 import os
 import resource
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from types import TracebackType
+from typing import Any
 
 import torch
 
@@ -96,3 +99,40 @@ class PeakMemory:
         self.peak_bytes = max(self.peak_bytes, self._peak())
         for meter in PeakMemory._active:
             meter.peak_bytes = max(meter.peak_bytes, self.peak_bytes)
+
+
+class RunMemory:
+    """What the teacher-forced passes of one run used: the peak memory over its steps, and the tokens per
+    chunk that the pass plans chose (a memory budget chooses them), for the run's record.
+
+    Args:
+        device: where the run computes.
+    """
+
+    def __init__(self, device: torch.device | str) -> None:
+        self.device = torch.device(device)
+        self.peak_bytes = 0
+        self.chunk_tokens: set[int] = set()
+        self.plans: list[Any] = []
+
+    @contextmanager
+    def step(self) -> Iterator[None]:
+        """Measure one step's peak; afterwards, note the tokens per chunk of the plans it made (see :meth:`planned`)."""
+        with PeakMemory(self.device) as meter:
+            yield
+        self.peak_bytes = max(self.peak_bytes, meter.peak_bytes)
+        self.chunk_tokens.update(plan.chunk_tokens for plan in self.plans if plan.chunk_tokens is not None)
+        self.plans.clear()
+
+    def planned(self, plan: Any) -> Any:
+        """Remember a pass plan (anything with ``chunk_tokens``) made during the current step; returns it."""
+        self.plans.append(plan)
+        return plan
+
+    def record(self) -> dict[str, Any]:
+        """The run's memory record: peak in GB, what was measured, the smallest tokens per chunk used."""
+        return {
+            "peak_gb": round(self.peak_bytes / 2**30, 3),
+            "measured": "allocated CUDA tensors" if self.device.type == "cuda" else "the process's resident set",
+            "chunk_tokens": min(self.chunk_tokens) if self.chunk_tokens else None,
+        }
