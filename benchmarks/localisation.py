@@ -45,7 +45,6 @@ import torch
 from testbeds import TESTBEDS
 
 from ipg_lightning.attribution import IPGAttribution, run_attribution
-from ipg_lightning.attribution.plots import plt
 from ipg_lightning.attribution.report import AttributionReport, UninformativeReportError
 from ipg_lightning.evaluation import evaluate_generations
 from ipg_lightning.model.loading import DTYPES, load_model_and_tokenizer
@@ -271,7 +270,10 @@ def write_figure(summary: dict[str, Any], out: Path) -> None:
     settings = summary["settings"]
     panels = [("accuracy", condition) for condition in ACCURACY_GATES if "accuracy" in settings["behaviours"]]
     panels += [("length", "length")] if "length" in settings["behaviours"] else []
-    figure, axes = plt.subplots(1, len(panels), figsize=(4.8 * len(panels), 3.8), squeeze=False)
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(4.8 * len(panels), 3.8))
+    axes = figure.subplots(1, len(panels), squeeze=False)
     for axis, (behaviour, panel) in zip(axes[0], panels, strict=True):
         table = collect(summary, behaviour)
         if behaviour == "accuracy":

@@ -52,7 +52,7 @@ def test_load_reward_by_name_import_path_or_callable():
     with pytest.raises(ValueError, match="Cannot import reward 'nowhere.module:fn'"):
         load_reward("nowhere.module:fn")
     with pytest.raises(ValueError, match="not callable"):
-        load_reward("ipg_lightning.rewards:BUILTIN_REWARDS")
+        load_reward("ipg_lightning.rewards.functions:BUILTIN_REWARDS")
 
 
 def test_score_completions_rejects_non_finite_rewards():

@@ -349,8 +349,8 @@ def prepare_run(settings: dict[str, Any]) -> DemoRun:
     model_path = settings["model_path"]
     if model_path == TINY_REASONER_PATH and not Path(model_path).is_dir():
         raise FileNotFoundError(
-            f"The shipped tiny reasoner is not at {model_path}: run the demo from a clone of the repository "
-            "(pip install -e .), or train it with `ipg train-reasoner --config recipes/train_tiny_reasoner.yaml`."
+            f"The shipped tiny reasoner is not at {model_path}: an installed wheel ships no weights; run the demo from a clone "
+            "of the repository (`pip install -e .` there), or give --model_path (a local Hugging Face directory or tiny:llama)."
         )
     lm, tokenizer = load_model_and_tokenizer(model_path)
     if settings["layer"] is None:
