@@ -6,7 +6,7 @@ a KV cache. Gates are ``nn.Parameter`` vectors, one per site, so they can be dif
 (attribution) or trained (steering) while the model's own weights stay frozen.
 
 Example:
-    >>> from ipg_lightning.testing import tiny_causal_lm
+    >>> from ipg_lightning.zoo.tiny import tiny_causal_lm
     >>> model = tiny_causal_lm("llama")
     >>> gates = ComponentGates.for_model(model, families=["mlp_neuron"], layers=[0])
     >>> gates.set_component("blocks.0.mlp.hook_post[3]", 0.0)
