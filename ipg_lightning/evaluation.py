@@ -47,7 +47,7 @@ def evaluate_generations(
     context = gates.attach(model) if gates is not None else nullcontext()
     batches = list(batches)
     with context:
-        for batch in tqdm(batches, desc=description, unit="batch", disable=not progress):
+        for batch in tqdm(batches, desc=description, unit="batch", disable=None if progress else True):
             trajectories = sample_trajectories(model, tokenizer, batch["prompt"], sampling, prompt_seeds=batch["seed"].tolist())
             completions = completions_of(trajectories, batch["prompt"], batch["answer"], tokenizer)
             lengths = [reasoning_length(c) for c in completions]

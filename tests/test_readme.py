@@ -52,6 +52,10 @@ def test_every_python_block_is_run_by_a_test_or_marked_illustrative():
         )
 
 
+def test_the_readme_stays_short():
+    assert len(README.read_text().splitlines()) <= 300, "the README holds the essentials; move the rest to a guide in docs/"
+
+
 def test_the_readme_shows_one_python_example_and_it_is_run():
     readme_blocks = [block for page, block in BLOCKS if page == README]
     assert len(readme_blocks) == 1 and "ComponentGates.for_model" in readme_blocks[0]

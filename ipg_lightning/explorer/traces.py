@@ -169,7 +169,7 @@ def _activation_summaries(
     peaks = {site.name: [] for site in traced_sites}
     masses = {site.name: torch.zeros(BUCKETS, len(by_site[site.name])) for site in traced_sites}
     chunks = list(trajectories.chunks(chunk_size))
-    for rows, chunk in tqdm(chunks, desc="explorer: activations", disable=not progress, leave=False):
+    for rows, chunk in tqdm(chunks, desc="explorer: activations", disable=None if progress else True, leave=False):
         captured, mask = component_activations(model, traced_sites, chunk)
         for site in traced_sites:
             values = captured[site.name][..., by_site[site.name]].abs().cpu() * mask[..., None].cpu()
@@ -248,7 +248,7 @@ def _fill_contributions(
     # the blocks below the lowest moving site are frozen: replayed from the first pass, as attribution does
     first_live_layer = min(sites[name].layer for group in groups for name in group)
     replay = TeacherForcedPasses(model, chunk_size, first_live_layer, reuse_prefix=True, architecture=architecture)
-    for group, alpha, weight in tqdm(passes, desc="explorer: per-token contributions", disable=not progress, leave=False):
+    for group, alpha, weight in tqdm(passes, desc="explorer: per-token contributions", disable=None if progress else True, leave=False):
         gate = path.baseline + alpha * (1 - path.baseline)
         scale = weight * (1 - path.baseline)
         for rows, chunk in replay.chunks(trajectories):

@@ -104,7 +104,7 @@ def sample_trajectories(
         config: sampling settings.
         prompt_seeds: one seed per prompt (e.g. the dataset example's seed); by default derived
             from the prompt text, so results never depend on batch composition.
-        progress: show a progress bar over completions.
+        progress: show a progress bar over completions (on a terminal; none in a log file).
         first_sample: the sample index of each prompt's first completion: ``first_sample = N``
             draws N further completions, different from the first N and as reproducible.
     """
@@ -130,7 +130,7 @@ def sample_trajectories(
     device = next(unwrap_model(model).parameters()).device
     decode = lambda ids: tokenizer.decode(ids, skip_special_tokens=False)  # noqa: E731
     completion_ids: list[list[int]] = []
-    bar = tqdm(total=len(rows), desc="sampling", unit="completion", disable=not progress)
+    bar = tqdm(total=len(rows), desc="sampling", unit="completion", disable=None if progress else True)
     for start in range(0, len(rows), config.batch_size):
         batch_rows = rows[start : start + config.batch_size]
         padded = pad_rows([encoded[p] for p, _ in batch_rows], [[] for _ in batch_rows], pad_id)
