@@ -306,7 +306,7 @@ def test_a_file_added_inside_a_sub_directory_of_an_output_is_not_overwritten(tmp
 
 def test_reports_and_exports_are_readable_by_others(tmp_path):
     report = AttributionReport({"blocks.0.hook_mlp_out": torch.ones(1)}, {"blocks.0.hook_mlp_out": {"family": "mlp_out", "layer": 0, "size": 1}})
-    report.save(tmp_path / "report", plot=False)
+    report.save(tmp_path / "report")
     run(["export", "--config", str(RECIPES / "export_tiny.yaml"), "--output_dir", str(tmp_path / "export")])
     for path in [
         tmp_path / "report" / "attribution.safetensors",

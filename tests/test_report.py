@@ -1,8 +1,10 @@
 import json
+from functools import partial
 
 import pytest
 import torch
 
+from ipg_lightning.attribution.plots import plot_report
 from ipg_lightning.attribution.report import AttributionReport
 
 
@@ -37,7 +39,9 @@ def test_selection_signed_absolute_fraction_per_layer_and_family():
 
 def test_save_and_load_round_trip_with_plot(tmp_path):
     report = _report()
-    report.save(tmp_path / "report", top_n=3)
+    report.save(tmp_path / "plain")
+    assert sorted(p.name for p in (tmp_path / "plain").iterdir()) == ["attribution.json", "attribution.safetensors", "ipg_manifest.json"]
+    report.save(tmp_path / "report", top_n=3, extra_files=partial(plot_report, report))
     names = sorted(p.name for p in (tmp_path / "report").iterdir())
     assert names == ["attribution.json", "attribution.png", "attribution.safetensors", "ipg_manifest.json"]
     payload = json.loads((tmp_path / "report" / "attribution.json").read_text())

@@ -15,6 +15,7 @@ the gate gradients IPG needs would be impossible. With ``inference_mode=False`` 
 from __future__ import annotations
 
 import time
+from functools import partial
 from typing import Any, Literal
 
 import lightning as L
@@ -24,6 +25,7 @@ from ipg_lightning.attribution.accumulator import AttributionAccumulator
 from ipg_lightning.attribution.estimator import AdvantageMethod, QuadratureRule
 from ipg_lightning.attribution.kept import KeptTrajectories, gathered
 from ipg_lightning.attribution.methods import METHODS, AttributionMethodName, MethodSettings, check_method
+from ipg_lightning.attribution.plots import plot_report
 from ipg_lightning.attribution.report import AttributionReport, UninformativeReportError, completeness
 from ipg_lightning.data import ReasoningBatch
 from ipg_lightning.gates.component_gates import ComponentGates
@@ -39,6 +41,18 @@ from ipg_lightning.rollout.sampling import sample_trajectories
 from ipg_lightning.rollout.trajectories import SamplingConfig, Trajectories
 from ipg_lightning.sae import IN_MEMORY_SAE, attach_saes
 from ipg_lightning.task import ReasoningTask
+
+
+def check_sites_and_credit(families: list[str], layers: list[int] | None, saes: list[str], credit: str) -> None:
+    """Refuse, in one line, an attribution whose sites or credit cannot be what the user meant."""
+    if credit not in ("full", "local"):
+        raise ValueError(f"credit must be full|local, got {credit!r}")
+    if not families:
+        raise ValueError("families is empty: name at least one site family to attribute, e.g. [mlp_neuron]")
+    if layers is not None and not layers:
+        raise ValueError("layers is empty: name at least one block, or leave it unset for the default (3/4 depth)")
+    if saes and "sae_feature" not in families:
+        raise ValueError(f"saes are given but families {list(families)} has no sae_feature: add it, or leave saes out")
 
 
 class IPGAttribution(ReasoningTask):
@@ -120,14 +134,7 @@ class IPGAttribution(ReasoningTask):
         sampling = SamplingConfig(**sampling) if isinstance(sampling, dict) else sampling
         self.settings = MethodSettings(advantage, steps, rule, baseline, estimation, path, signal_retries, chunk_size)
         check_method(method, self.settings, sampling, keep_trajectories)
-        if credit not in ("full", "local"):
-            raise ValueError(f"credit must be full|local, got {credit!r}")
-        if not families:
-            raise ValueError("families is empty: name at least one site family to attribute, e.g. [mlp_neuron]")
-        if layers is not None and not layers:
-            raise ValueError("layers is empty: name at least one block, or leave it unset for the default (3/4 depth)")
-        if saes and "sae_feature" not in families:
-            raise ValueError(f"saes are given but families {list(families)} has no sae_feature: add it, or leave saes out")
+        check_sites_and_credit(families, layers, saes, credit)
         if output_dir is not None:
             check_output_dir(output_dir, overwrite)  # refuse now rather than after the run
         self.save_plain_hyperparameters()
@@ -140,7 +147,7 @@ class IPGAttribution(ReasoningTask):
         self.accumulator: AttributionAccumulator | None = None
         self.report: AttributionReport | None = None
         self.kept: KeptTrajectories | None = None
-        self._started = 0.0
+        self.started_at = 0.0
         self.run_memory = RunMemory("cpu")
 
     def configure_components(self) -> None:
@@ -161,7 +168,7 @@ class IPGAttribution(ReasoningTask):
         self.gates.float()
         self.accumulator.reset()
         self.kept = KeptTrajectories(self.sampling.num_samples) if self.hparams.keep_trajectories else None
-        self._started = time.perf_counter()
+        self.started_at = time.perf_counter()
         self.run_memory = RunMemory(self.device)
         if self.memory.budget_gb is not None and not peak_is_resettable(self.device):  # before any sampling
             raise ValueError("memory.budget_gb needs a peak-memory counter that can be reset (CUDA, or Linux /proc); set memory.chunk_tokens instead")
@@ -217,7 +224,7 @@ class IPGAttribution(ReasoningTask):
             written = " No report was written." if output_dir else ""
             raise UninformativeReportError(f"The attribution carries no information: {reason}.{written}")
         if output_dir and self.trainer.is_global_zero:
-            self.report.save(output_dir, overwrite=self.hparams.overwrite)
+            self.report.save(output_dir, overwrite=self.hparams.overwrite, extra_files=partial(plot_report, self.report))
 
     def _uninformative_reason(self, state: dict[str, Any]) -> str | None:
         if int(state["prompts"]) == 0:
@@ -230,38 +237,40 @@ class IPGAttribution(ReasoningTask):
         scores = {name: scores[name].reshape(site.size) for name, site in self.gates.sites.items()}
         sites = {name: {"family": s.family, "layer": s.layer, "size": s.size} for name, s in self.gates.sites.items()}
         kept = gathered(self.kept) if self.kept is not None else None
-        return AttributionReport(scores=scores, sites=sites, metadata=self._report_metadata(state), trajectories=kept)
+        return AttributionReport(scores=scores, sites=sites, metadata=report_metadata(self, state), trajectories=kept)
 
-    def _report_metadata(self, state: dict[str, Any]) -> dict[str, Any]:
-        datamodule = getattr(self.trainer, "datamodule", None)
-        rule, steps = self.method.quadrature
-        metadata = {
-            "method": self.hparams.method,
-            "config": {**self.plain_hparams(), "reward": self.reward_name},
-            "effective": {"steps": steps, "rule": rule},
-            "model": self.model_path,
-            "model_identity": model_identity(self.lm, self.model_path),
-            "data": {"source": getattr(datamodule, "source", None), "split": "val", "seed": getattr(datamodule, "seed", None)},
-            "counts": {
-                "prompts": int(state["prompts"]),
-                "trajectories": int(state["trajectories"]),
-                "zero_signal_prompts": self.method.counts(state)["zero_signal_prompts"],
-                "completion_tokens": int(state["tokens"]),
-                "above_mean_trajectories": self.method.counts(state)["above_mean_trajectories"],
-                "redrawn_groups": int(state["redrawn_groups"]),
-                "redrawn_tokens": int(state["redrawn_tokens"]),
-            },
-            "mean_reward": state["reward_sum"] / state["trajectories"] if state["trajectories"] else None,
-            "wall_time_s": round(time.perf_counter() - self._started, 3),
-            "memory": self.run_memory.record(),
-            "world_size": self.trainer.world_size,
-        }
-        saes = {name: site.sae.source or IN_MEMORY_SAE for name, site in self.gates.sites.items() if site.sae is not None}
-        if saes:  # where the sae_feature sites' SAEs come from: steering and evaluating the report attach them again
-            metadata["saes"] = saes
-        if self.method.has_completeness:
-            metadata["completeness"] = completeness(state, self.method.completeness_target(), self.hparams.credit == "local")
-        return metadata
+
+def report_metadata(module: IPGAttribution, state: dict[str, Any]) -> dict[str, Any]:
+    """The report's metadata: the method and its settings, the model's identity, data, counts, timings and the completeness block."""
+    datamodule = getattr(module.trainer, "datamodule", None)
+    rule, steps = module.method.quadrature
+    metadata = {
+        "method": module.hparams.method,
+        "config": {**module.plain_hparams(), "reward": module.reward_name},
+        "effective": {"steps": steps, "rule": rule},
+        "model": module.model_path,
+        "model_identity": model_identity(module.lm, module.model_path),
+        "data": {"source": getattr(datamodule, "source", None), "split": "val", "seed": getattr(datamodule, "seed", None)},
+        "counts": {
+            "prompts": int(state["prompts"]),
+            "trajectories": int(state["trajectories"]),
+            "zero_signal_prompts": module.method.counts(state)["zero_signal_prompts"],
+            "completion_tokens": int(state["tokens"]),
+            "above_mean_trajectories": module.method.counts(state)["above_mean_trajectories"],
+            "redrawn_groups": int(state["redrawn_groups"]),
+            "redrawn_tokens": int(state["redrawn_tokens"]),
+        },
+        "mean_reward": state["reward_sum"] / state["trajectories"] if state["trajectories"] else None,
+        "wall_time_s": round(time.perf_counter() - module.started_at, 3),
+        "memory": module.run_memory.record(),
+        "world_size": module.trainer.world_size,
+    }
+    saes = {name: site.sae.source or IN_MEMORY_SAE for name, site in module.gates.sites.items() if site.sae is not None}
+    if saes:  # where the sae_feature sites' SAEs come from: steering and evaluating the report attach them again
+        metadata["saes"] = saes
+    if module.method.has_completeness:
+        metadata["completeness"] = completeness(state, module.method.completeness_target(), module.hparams.credit == "local")
+    return metadata
 
 
 def run_attribution(

@@ -1,14 +1,27 @@
 """The attribution figure: one heatmap per site family and the top components.
 
-It draws plain data (score vectors, site descriptions, the ranked top), so it depends on nothing
-else in the package; :meth:`~ipg_lightning.attribution.report.AttributionReport.save` calls it."""
+:func:`plot_attribution` draws plain data (score vectors, site descriptions, the ranked top);
+:func:`plot_report` draws a report into its directory, given to
+:meth:`~ipg_lightning.attribution.report.AttributionReport.save` as ``extra_files`` by the callers
+that want a figure (``ipg attribute``, the demo); saving a report alone imports no plotting library."""
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
+
+if TYPE_CHECKING:
+    from ipg_lightning.attribution.report import AttributionReport
+
+#: The figure's file name inside a report directory.
+PLOT_FILE = "attribution.png"
+
+
+def plot_report(report: AttributionReport, directory: str | Path) -> Path:
+    """Draw ``report`` (its heatmaps and top 20) to ``directory/attribution.png``."""
+    return plot_attribution(report.scores, report.sites, report.top(20), report.metadata.get("method", "?"), Path(directory) / PLOT_FILE)
 
 
 def plot_attribution(

@@ -2,9 +2,11 @@
 
 A report directory holds ``attribution.safetensors`` (one score vector per site),
 ``attribution.json`` (config, model and data identifiers, counts, mean reward, the completeness
-check and the top components), ``attribution.png`` (heatmaps and the top components) and, when the
-run kept them, ``trajectories.json`` (:mod:`~ipg_lightning.attribution.kept`). It is written
-atomically: either all its files exist under the final name, or none do.
+check and the top components) and, when the run kept them, ``trajectories.json``
+(:mod:`~ipg_lightning.attribution.kept`). It is written atomically: either all its files exist under
+the final name, or none do. A caller that wants a figure beside the data draws it into the same
+atomic write (``report.save(directory, extra_files=partial(plot_report, report))``); the report
+itself never imports a plotting library.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,12 +23,10 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ipg_lightning.attribution.kept import TRAJECTORIES_FILE, KeptTrajectories
-from ipg_lightning.attribution.plots import plot_attribution
 from ipg_lightning.outputs import atomic_directory, atomic_write_json
 
 SCORES_FILE = "attribution.safetensors"
 METADATA_FILE = "attribution.json"
-PLOT_FILE = "attribution.png"
 #: The entry of ``attribution.json`` holding the SHA-256 of ``trajectories.json``.
 TRAJECTORIES_DIGEST = "trajectories_sha256"
 
@@ -158,8 +159,17 @@ class AttributionReport:
         lines.append(f"report written to {output_dir}" if output_dir else "report kept in memory only (no output_dir given)")
         return "\n".join(lines)
 
-    def save(self, directory: str | Path, overwrite: bool = False, top_n: int = 50, plot: bool = True) -> Path:
-        """Write the report atomically into ``directory`` (see the module docstring)."""
+    def save(self, directory: str | Path, overwrite: bool = False, top_n: int = 50, extra_files: Callable[[Path], object] | None = None) -> Path:
+        """Write the report atomically into ``directory`` (see the module docstring).
+
+        Args:
+            directory: the report's directory (created; refused if it exists, unless ``overwrite``
+                and it holds an earlier output of this library).
+            overwrite: replace an earlier report at ``directory``.
+            top_n: how many top components ``attribution.json`` lists.
+            extra_files: called with the staging directory before it is published, to write more
+                files (a figure) that appear with the report or not at all.
+        """
         directory = Path(directory)
         with atomic_directory(directory, overwrite=overwrite, kind="attribution report") as staging:
             save_file({name: t.contiguous().float() for name, t in self.scores.items()}, str(staging / SCORES_FILE))
@@ -168,8 +178,8 @@ class AttributionReport:
             if self.trajectories is not None:  # its digest lets a reader tell an edited file from the one the scores came from
                 payload[TRAJECTORIES_DIGEST] = self.trajectories.save(staging / TRAJECTORIES_FILE)
             atomic_write_json(staging / METADATA_FILE, payload)
-            if plot:
-                plot_attribution(self.scores, self.sites, self.top(20), self.metadata.get("method", "?"), staging / PLOT_FILE)
+            if extra_files is not None:
+                extra_files(staging)
         return directory
 
     @classmethod
