@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader, Sampler
 from transformers import PreTrainedTokenizerBase
 
 from ipg_lightning.data.batch import ReasoningBatch
-from ipg_lightning.data.examples import BadRowError, ColumnSpec, ReasoningExample, RowFormat, detect_format, parse_row
+from ipg_lightning.data.examples import ColumnSpec, ReasoningExample, RowFormat, parse_rows
 from ipg_lightning.data.prompts import PromptTemplate
 from ipg_lightning.data.sources import (
     REASONING_GYM_PREFIX,
@@ -31,7 +31,6 @@ from ipg_lightning.data.sources import (
     synthetic_rows,
 )
 from ipg_lightning.data.synthetic import ArithmeticChainTask
-from ipg_lightning.rollout.seeds import prompt_seed
 
 
 class EpochShuffleSampler(Sampler[int]):
@@ -184,26 +183,12 @@ class ReasoningDataModule(L.LightningDataModule):
         return examples if size is None else examples[:size]
 
     def _parse(self, rows: Sequence[dict], row_format: RowFormat, label: str, id_prefix: str) -> list[ReasoningExample]:
-        if not rows:
-            return []
-        if row_format == "auto":
-            row_format = detect_format(rows[0].keys(), rows[0])
-        columns = self.columns
-        if label.startswith(("synthetic", REASONING_GYM_PREFIX)):
-            columns = ColumnSpec("question", "answer", "solution")
-        examples, skipped = [], 0
-        for index, row in enumerate(rows):
-            where = f"{label} row {index}"
-            row = {"id": f"{id_prefix}-{index}", **row}
-            try:
-                examples.append(parse_row(row, row_format, columns, where, prompt_seed(f"{self.seed}:{row['id']}")))
-            except BadRowError:
-                if self.on_bad_row == "raise":
-                    raise
-                skipped += 1
+        generated = label.startswith(("synthetic", REASONING_GYM_PREFIX))  # generated rows name their own columns
+        columns = ColumnSpec("question", "answer", "solution") if generated else self.columns
+        examples, skipped = parse_rows(rows, row_format, columns, label, id_prefix, self.seed, self.on_bad_row == "skip")
         if skipped:
             self.skipped_rows[label] = self.skipped_rows.get(label, 0) + skipped
-        if not examples:
+        if rows and not examples:
             raise DataSourceError(f"{label}: no usable rows ({skipped} skipped as bad)")
         return examples
 

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
 from ipg_lightning.rewards.answers import boxed_spans, normalize_answer, parse_number
+from ipg_lightning.rollout.seeds import prompt_seed
 
 RowFormat = Literal["auto", "gsm8k", "math", "columns"]
 
@@ -95,3 +96,34 @@ def parse_row(row: Mapping[str, Any], row_format: RowFormat, columns: ColumnSpec
         raise BadRowError(f"{where}: gold answer {gold!r} is not a number")
     row_id = str(row.get("id", where))
     return ReasoningExample(id=row_id, question=question, answer=gold, solution=solution, seed=seed)
+
+
+def parse_rows(
+    rows: Sequence[Mapping[str, Any]],
+    row_format: RowFormat,
+    columns: ColumnSpec,
+    label: str,
+    id_prefix: str,
+    seed: int,
+    skip_bad_rows: bool = False,
+) -> tuple[list[ReasoningExample], int]:
+    """Parse ``rows`` (of ``row_format``, or detected from the first row with ``auto``) into examples
+    with ids ``<id_prefix>-<index>`` (unless a row has its own), each with its own sampling seed drawn
+    from ``seed`` and its id.
+
+    Returns the examples and how many bad rows were skipped; with ``skip_bad_rows`` False the first
+    bad row raises :class:`BadRowError`, naming ``label`` and the row."""
+    if not rows:
+        return [], 0
+    if row_format == "auto":
+        row_format = detect_format(rows[0].keys(), rows[0])
+    examples, skipped = [], 0
+    for index, row in enumerate(rows):
+        row = {"id": f"{id_prefix}-{index}", **row}
+        try:
+            examples.append(parse_row(row, row_format, columns, f"{label} row {index}", prompt_seed(f"{seed}:{row['id']}")))
+        except BadRowError:
+            if not skip_bad_rows:
+                raise
+            skipped += 1
+    return examples, skipped

@@ -118,6 +118,10 @@ class ComponentGates(nn.Module):
         site_name, index = parse_component_name(component_name)
         return float(self.gate(site_name)[index or 0].detach())
 
+    def squared_deviation(self) -> torch.Tensor:
+        """``sum (c_i - 1)^2`` over every gate: the penalty that keeps learned gates near the unsteered model."""
+        return sum(((gate - 1) ** 2).sum() for gate in self.values.values())
+
     def check_finite(self, when: str) -> None:
         """Raise ``FloatingPointError`` naming the site if any gate is NaN or infinite (a diverged training run).
 

@@ -14,6 +14,8 @@ features live) and takes one Adam step on the SAE. The practice follows Gao et a
 - an auxiliary loss (AuxK) lets the ``aux_k`` largest pre-activations of *dead* features (none fired
   for ``dead_after_tokens`` tokens) reconstruct the residual error, so they come back to life.
 
+The objective itself is in :mod:`ipg_lightning.sae.topk_objective`; this module runs it.
+
 Validation logs torchmetrics: the fraction of variance unexplained, L0, the dead-feature fraction,
 and the change in the model's next-token loss (on sampled completions when ``traces`` is set) when
 the reconstruction replaces the activation, beside the change when the activation's mean replaces it
@@ -41,6 +43,7 @@ from ipg_lightning.rollout.sampling import sample_trajectories
 from ipg_lightning.rollout.trajectories import SamplingConfig, Trajectories, teacher_forced_trajectories
 from ipg_lightning.sae.activations import SitePass, site_pass
 from ipg_lightning.sae.metrics import DeadFeatureFraction, FractionOfVarianceUnexplained, loss_recovered
+from ipg_lightning.sae.topk_objective import initialise_from_activations, project_decoder_gradient, renormalise_decoder, topk_losses
 from ipg_lightning.task import ReasoningTask
 
 #: Bytes per SAE weight while training: the weight, its gradient and Adam's two moments, in float32.
@@ -158,47 +161,16 @@ class SAETraining(ReasoningTask):
         return site_pass(self.lm, self.site, trajectories, replace, completions_only=self.traces is not None)
 
     # ---------------------------------------------------------------------------------- training
-    @torch.no_grad()
-    def _initialise(self, activations: torch.Tensor) -> None:
-        """Scale, ``b_dec`` and decoder from the first batch (statistics averaged over DDP ranks)."""
-        reduce = self.trainer.strategy.reduce if self._trainer is not None else (lambda value, **_: value)
-        mean_norm = reduce(activations.norm(dim=-1).mean(), reduce_op="mean")
-        self.sae.input_scale = float(math.sqrt(self.sae.d_in) / mean_norm.clamp(min=1e-12))
-        generator = torch.Generator().manual_seed(self.hparams.seed)
-        decoder = torch.nn.functional.normalize(torch.randn(self.sae.d_sae, self.sae.d_in, generator=generator), dim=-1)
-        self.sae.W_dec.copy_(decoder)
-        self.sae.W_enc.copy_(decoder.T)
-        self.sae.b_enc.zero_()
-        self.sae.b_dec.copy_(reduce(activations.mean(0) * self.sae.input_scale, reduce_op="mean"))
-        self.initialised.fill_(True)
-
-    def sae_losses(self, activations: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(reconstruction loss, auxiliary loss, features) on (tokens, d_in) activations, in the scaled space."""
-        sae = self.sae
-        x = activations * sae.input_scale
-        pre = sae.pre_activations(activations)
-        features = sae.activate(pre)
-        reconstruction = features @ sae.W_dec + sae.b_dec
-        variance = (x - x.mean(0)).pow(2).sum().clamp(min=1e-12)
-        loss = (x - reconstruction).pow(2).sum() / variance
-        dead = self.tokens_since_fired >= self.hparams.dead_after_tokens
-        aux = torch.zeros((), device=x.device)
-        if dead.any():
-            error = (x - reconstruction).detach()
-            dead_pre = pre.masked_fill(~dead, -torch.inf)
-            values, indices = dead_pre.topk(min(self.aux_k, int(dead.sum())), dim=-1)
-            revived = torch.zeros_like(pre).scatter(-1, indices, torch.relu(values))
-            aux = (error - revived @ sae.W_dec).pow(2).sum() / (error - error.mean(0)).pow(2).sum().clamp(min=1e-12)
-        return loss, aux, features
-
     def training_step(self, batch: ReasoningBatch, batch_idx: int) -> torch.Tensor:
         """One Adam step of the SAE on the batch's activations."""
         activations, _, _ = self._forward(self.texts(batch))
+        reduce = self.trainer.strategy.reduce  # statistics over all DDP ranks, so every rank holds the same SAE
         if not self.initialised:
-            self._initialise(activations)
-        loss, aux, features = self.sae_losses(activations)
-        # Counted over all DDP ranks (a feature that fires on any rank is alive), so every rank agrees.
-        reduce = self.trainer.strategy.reduce
+            initialise_from_activations(self.sae, activations, self.hparams.seed, reduce)
+            self.initialised.fill_(True)
+        dead = self.tokens_since_fired >= self.hparams.dead_after_tokens
+        loss, aux, features = topk_losses(self.sae, activations, dead, self.aux_k)
+        # A feature that fires on any rank is alive.
         fired = reduce((features != 0).any(0).float(), reduce_op="sum") > 0
         tokens = int(reduce(torch.tensor(float(activations.shape[0]), device=self.device), reduce_op="sum"))
         self.tokens_since_fired.add_(tokens).masked_fill_(fired, 0)
@@ -208,15 +180,12 @@ class SAETraining(ReasoningTask):
         return loss + self.hparams.aux_coefficient * aux
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
-        """Remove each decoder row's gradient component along the row (the step keeps unit norm to first order)."""
-        weight = self.sae.W_dec
-        if weight.grad is not None:
-            weight.grad -= (weight.grad * weight).sum(-1, keepdim=True) * weight
+        """Keep the decoder rows at unit norm to first order (see :func:`project_decoder_gradient`)."""
+        project_decoder_gradient(self.sae)
 
     def on_train_batch_end(self, outputs: Any, batch: ReasoningBatch, batch_idx: int) -> None:
         """Put the decoder rows back at unit norm; stop if the step made any weight NaN or infinite."""
-        with torch.no_grad():
-            self.sae.W_dec.copy_(torch.nn.functional.normalize(self.sae.W_dec, dim=-1))
+        renormalise_decoder(self.sae)
         self.check_finite(f"at step {self.global_step}")
 
     def check_sae_trained(self, metrics: dict[str, float]) -> None:

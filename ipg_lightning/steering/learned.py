@@ -38,7 +38,7 @@ from ipg_lightning.steering.checkpoint import (
     STEERING_KEY,
     SteeringCheckpointError,
     check_checkpoint_tensors,
-    check_resume_settings,
+    check_resumable,
     read_steering_checkpoint,
 )
 from ipg_lightning.steering.finetune.fine_tune import FineTune, keep_deltas_float32
@@ -50,6 +50,21 @@ from ipg_lightning.task import ReasoningTask, plain
 #: How ``GateSteering`` samples unless told otherwise: full temperature, no nucleus cut, N = 4, 512 new
 #: tokens. Change single settings with ``dataclasses.replace(STEERING_SAMPLING, max_new_tokens=64)``.
 STEERING_SAMPLING = SamplingConfig(temperature=1.0, top_p=1.0)
+
+
+def check_training_settings(
+    objective: str, init_gate: float, gate_penalty: float, kl_coef: float, learning_rate: float, lora: bool, weight_slices: bool, train_gates: bool
+) -> None:
+    """Refuse, in one line, learned-steering settings that cannot train what the user meant."""
+    if objective not in OBJECTIVES:
+        raise ValueError(f"objective must be one of {list(OBJECTIVES)}, got {objective!r}")
+    if not (gate_penalty >= 0 and kl_coef >= 0 and learning_rate > 0):
+        raise ValueError(f"gate_penalty and kl_coef must be >= 0 and learning_rate > 0, got {gate_penalty}, {kl_coef}, {learning_rate}")
+    check_gamma(init_gate, "init_gate")
+    if lora and weight_slices:
+        raise ValueError("Train either a LoRA adapter (lora) or the components' weight slices (weight_slices), not both")
+    if not (train_gates or lora or weight_slices):
+        raise ValueError("Nothing to train: train_gates is false and neither lora nor weight_slices is set")
 
 
 class GateSteering(ReasoningTask):
@@ -98,15 +113,7 @@ class GateSteering(ReasoningTask):
         allow_other_model: bool = False,
     ) -> None:
         super().__init__(model_path, dtype, plain(architecture))
-        if objective not in OBJECTIVES:
-            raise ValueError(f"objective must be one of {list(OBJECTIVES)}, got {objective!r}")
-        if not (gate_penalty >= 0 and kl_coef >= 0 and learning_rate > 0):
-            raise ValueError(f"gate_penalty and kl_coef must be >= 0 and learning_rate > 0, got {gate_penalty}, {kl_coef}, {learning_rate}")
-        check_gamma(init_gate, "init_gate")
-        if lora is not None and weight_slices:
-            raise ValueError("Train either a LoRA adapter (lora) or the components' weight slices (weight_slices), not both")
-        if not (train_gates or lora is not None or weight_slices):
-            raise ValueError("Nothing to train: train_gates is false and neither lora nor weight_slices is set")
+        check_training_settings(objective, init_gate, gate_penalty, kl_coef, learning_rate, lora is not None, weight_slices, train_gates)
         self.save_plain_hyperparameters()
         self.selection = ComponentSelection(**self.hparams.selection)
         self.selection.check_count()
@@ -200,14 +207,10 @@ class GateSteering(ReasoningTask):
         """This step's sampling: the configured one, its seed mixed with the global step."""
         return replace(self.sampling, seed=self.sampling.seed * 1_000_003 + self.global_step)
 
-    def gate_deviation(self) -> torch.Tensor:
-        """``sum (c_i - 1)^2`` over the selected gates (the others are 1 by construction)."""
-        return sum(((self.gates.gate(name) - 1) ** 2).sum() for name in self.gates.sites)
-
     def training_step(self, batch: ReasoningBatch, batch_idx: int) -> torch.Tensor:
         """One optimisation step of the chosen objective, plus the gate penalty."""
         loss = OBJECTIVES[self.hparams.objective].loss(self, batch)
-        penalty = self.gate_deviation()
+        penalty = self.gates.squared_deviation()  # the unselected gates are 1 by construction
         self.log("train/gate_deviation", penalty.detach(), batch_size=len(batch["prompt"]))
         return loss + self.hparams.gate_penalty * penalty
 
@@ -275,18 +278,7 @@ class GateSteering(ReasoningTask):
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Check that the checkpoint steers the same components of the same model as this module, holds only what
         trains, and (when resuming) was trained with the same optimizer settings, which its optimizer state carries."""
-        steering = checkpoint.get(STEERING_KEY, {})
-        resumed = getattr(self._trainer, "ckpt_path", None) if self._trainer is not None else None
-        what = f"The checkpoint to resume from ({resumed})" if resumed else "The checkpoint to resume from"
-        saved = steering.get("components")
-        if saved is not None and self.components and saved != self.components:
-            raise ValueError(f"{what} steers {saved[:5]}..., but this run selected {self.components[:5]}...")
-        if self.lm is not None:
-            check_same_model(steering.get("model_identity"), self.lm, self.model_path, what)
-            self.fine_tune.check_matches(steering, what)
-            check_checkpoint_tensors(checkpoint.get("state_dict", {}), self.trainable_state(), what)
-        if self._trainer is not None and "optimizer_states" in checkpoint:
-            check_resume_settings(checkpoint.get("hyper_parameters", {}), dict(self.hparams))
+        check_resumable(checkpoint, self, getattr(self._trainer, "ckpt_path", None) if self._trainer is not None else None)
 
 
 def load_steering_checkpoint(path: str | Path, model: str | None = None, trust_reward: bool = False, allow_other_model: bool = False) -> GateSteering:
