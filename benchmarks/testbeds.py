@@ -7,7 +7,7 @@ task are applied to another (``--support-task``, ``--test-task``).
 - ``sft``: the shipped tiny reasoner, trained by supervised learning on the reference solutions
   that ``ig_reference`` scores (so that baseline measures its own training objective here);
 - ``rl``: the same reasoner after policy-gradient fine-tuning on accuracy with a length penalty
-  (``checkpoints/tiny-reasoner-rl``), so its behaviour is no longer the likelihood of references;
+  (``tiny-reasoner-rl``), so its behaviour is no longer the likelihood of references;
 - ``smollm2``: SmolLM2-135M-Instruct (``ipg prepare-smollm2``) on reasoning-gym tasks where its greedy
   accuracy lies between 30 and 70 % (the search is ``benchmarks/smollm2_tasks.py``).
 """

@@ -3,9 +3,11 @@
 import ast
 import importlib
 import importlib.metadata
+import shutil
 import subprocess
 import sys
 import typing
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -18,6 +20,7 @@ from ipg_lightning.cli.main import COMMANDS
 from ipg_lightning.data import PromptTemplate, ReasoningDataModule
 
 PACKAGE = Path(ipg_lightning.__file__).parent
+ROOT = PACKAGE.parent
 
 
 def _module_name(path: Path) -> str:
@@ -162,3 +165,26 @@ def test_ipg_help_lists_every_command_without_importing_any():
     for name, command in COMMANDS.items():
         assert any(line.split()[:2] == [name, *command.summary.split()[:1]] for line in shown.splitlines()), name
         assert callable(command.load()) and command.load().__doc__, name
+
+
+def test_the_wheel_carries_the_shipped_models_so_the_demo_runs_from_an_install(tmp_path):
+    source = tmp_path / "source"  # a copy, so the build leaves nothing in the repository
+    shutil.copytree(PACKAGE, source / "ipg_lightning", ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("pyproject.toml", "README.md", "LICENSE"):
+        shutil.copy(ROOT / name, source / name)
+    build = [sys.executable, "-m", "pip", "wheel", str(source), "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path / "wheel")]
+    subprocess.run(build, check=True)
+    names = set(zipfile.ZipFile(next((tmp_path / "wheel").glob("*.whl"))).namelist())
+    shipped = {path.relative_to(ROOT).as_posix() for path in (PACKAGE / "zoo" / "checkpoints").rglob("*") if path.is_file()}
+    assert len(shipped) >= 20 and shipped <= names
+    assert "ipg_lightning/explorer/page.html" in names
+
+
+def test_the_shipped_reasoners_load_by_their_alias():
+    from ipg_lightning.model.loading import MODEL_ALIASES, load_model_and_tokenizer
+    from ipg_lightning.zoo.reasoner import SHIPPED_MODELS
+
+    assert set(SHIPPED_MODELS) <= set(MODEL_ALIASES)
+    for alias, path in SHIPPED_MODELS.items():
+        model, tokenizer = load_model_and_tokenizer(alias)
+        assert Path(model.config._name_or_path) == Path(path) and tokenizer.chat_template.startswith("Q: ")

@@ -83,7 +83,7 @@ def test_localisation_transfers_components_between_tasks_of_the_rl_testbed(tmp_p
     ).stdout
     summary = json.loads((out / "results.json").read_text())
     assert set(summary["cells"]) == {"accuracy|ig_reference|0"} and "selected on products" in printed
-    model, tokenizer = load_model_and_tokenizer(str(ROOT / "checkpoints" / "tiny-reasoner-rl"))
+    model, tokenizer = load_model_and_tokenizer("tiny-reasoner-rl")
     test = ReasoningDataModule(synthetic_task=replace(TINY_REASONER_TASK, operations=("+", "-")), num_test=8, num_val=0, num_train=0, batch_size=128)
     test.connect(tokenizer)
     greedy = SamplingConfig(num_samples=1, temperature=0.0, max_new_tokens=160, batch_size=128)

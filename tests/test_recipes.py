@@ -139,7 +139,7 @@ def test_train_recipe_parses(recipe):
 
     cli = parse_train_reasoner(["--config", str(recipe)])
     assert isinstance(cli.model, ReasonerTraining)
-    assert cli.config.output_dir == "checkpoints/tiny-reasoner"
+    assert cli.config.output_dir == "ipg_lightning/zoo/checkpoints/tiny-reasoner"
     assert sum(p.numel() for p in cli.model.lm.parameters()) < 5_000_000
 
 
@@ -152,7 +152,7 @@ def test_sae_recipes_parse_and_the_tiny_one_is_the_shipped_sae():
     assert set(parsed) == {"train_tiny_sae.yaml", "train_sae_qwen_math_gsm8k.yaml"}
     assert all(isinstance(cli.model, SAETraining) and cli.model.traces is not None and cli.model.lm is None for cli in parsed.values())
     tiny, shipped = parsed["train_tiny_sae.yaml"], load_sae(TINY_REASONER_SAE_PATH)
-    assert tiny.config.output_dir == "checkpoints/tiny-reasoner-sae"
+    assert tiny.config.output_dir == "ipg_lightning/zoo/checkpoints/tiny-reasoner-sae"
     assert (tiny.model.hparams.hook_name, tiny.model.hparams.k) == (shipped.hook_name, shipped.k)
     paper = parsed["train_sae_qwen_math_gsm8k.yaml"].model.hparams
     assert (paper.hook_name, paper.expansion, paper.k) == ("blocks.21.hook_resid_post", 16, 32)  # the paper's IPG-SAE

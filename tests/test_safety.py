@@ -23,9 +23,10 @@ from ipg_lightning.rollout.trajectories import SamplingConfig
 from ipg_lightning.steering import ComponentSelection, gates_for_components
 from ipg_lightning.steering.export import export_steered_model
 from ipg_lightning.steering.learned import GateSteering, SteeringCheckpointError, load_steering_checkpoint
+from ipg_lightning.zoo.reasoner import TINY_REASONER_PATH
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
-REASONER = str(Path(__file__).resolve().parents[1] / "checkpoints" / "tiny-reasoner")
+REASONER = TINY_REASONER_PATH
 QUICK = ["--data.num_test", "2", "--data.num_val", "1", "--data.num_train", "0", "--sampling.max_new_tokens", "4"]
 INPUT = torch.tensor([[5, 17, 30, 42, 8, 61, 9, 23]])
 

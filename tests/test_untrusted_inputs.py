@@ -12,10 +12,11 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ipg_lightning.cli import run
+from ipg_lightning.zoo.reasoner import TINY_REASONER_PATH, TINY_REASONER_SAE_PATH
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = ROOT / "recipes"
-REASONER_SAE = ROOT / "checkpoints" / "tiny-reasoner-sae"
+REASONER_SAE = Path(TINY_REASONER_SAE_PATH)
 QUICK = ["--data.num_test", "2", "--data.num_val", "1", "--data.num_train", "0", "--sampling.max_new_tokens", "4"]
 
 
@@ -35,7 +36,7 @@ def test_evaluate_refuses_an_sae_with_nan_instead_of_writing_metrics_of_empty_co
     weights["W_dec"][5, 0] = float("nan")
     save_file(weights, str(damaged / "sae_weights.safetensors"))
     hook = json.loads((damaged / "cfg.json").read_text())["metadata"]["hook_name"]
-    arguments = ["--model_path", str(ROOT / "checkpoints" / "tiny-reasoner"), "--selection.components", f'["{hook}.sae[3]"]']
+    arguments = ["--model_path", TINY_REASONER_PATH, "--selection.components", f'["{hook}.sae[3]"]']
     arguments += ["--selection.saes", f'["{damaged}"]']
     with pytest.raises(ValueError, match=r"W_dec holds non-finite values \(NaN or inf\)"):
         run(["evaluate", *arguments, "--gamma", "1", "--output_dir", str(tmp_path / "eval"), *QUICK])
@@ -47,7 +48,7 @@ def test_reports_and_exports_with_non_finite_numbers_are_refused_when_read(tmp_p
     from ipg_lightning.gates.exported import load_steered
 
     site = {"blocks.0.hook_mlp_out": {"family": "mlp_out", "layer": 0, "size": 1}}
-    AttributionReport({"blocks.0.hook_mlp_out": torch.tensor([float("nan")])}, site).save(tmp_path / "report", plot=False)
+    AttributionReport({"blocks.0.hook_mlp_out": torch.tensor([float("nan")])}, site).save(tmp_path / "report")
     with pytest.raises(ValueError, match=r"attribution.safetensors holds non-finite scores \(NaN or inf\) for \['blocks.0.hook_mlp_out'\]"):
         AttributionReport.load(tmp_path / "report")
 
@@ -71,7 +72,7 @@ def _metadata(path):
 
 
 # ----------------------------------------------------------------------------- 3. train-sae settings and divergence
-SAE_SMALL = ["--config", str(RECIPES / "train_tiny_sae.yaml"), "--model.model_path", str(ROOT / "checkpoints" / "tiny-reasoner")]
+SAE_SMALL = ["--config", str(RECIPES / "train_tiny_sae.yaml"), "--model.model_path", TINY_REASONER_PATH]
 SAE_SMALL += ["--model.traces", "null", "--data.num_train", "128", "--data.num_val", "64", "--trainer.val_check_interval", "1.0"]
 SAE_SMALL += ["--trainer.logger", "false", "--trainer.enable_progress_bar", "false"]
 
@@ -325,7 +326,7 @@ def test_explore_checks_the_device_and_the_sizes_before_replay(tmp_path, monkeyp
         with pytest.raises(ValueError, match=r"--device cuda: this machine has 0 CUDA devices"):
             _explore(kept_report, tmp_path, "--device", "cuda")
     with pytest.raises(ValueError, match=r"sites differ in size from the report's, .*\(64 in the report, \d+ here\)"):
-        _explore(kept_report, tmp_path, "--model_path", str(ROOT / "checkpoints" / "tiny-reasoner"), "--allow_other_model", "true")
+        _explore(kept_report, tmp_path, "--model_path", TINY_REASONER_PATH, "--allow_other_model", "true")
 
 
 def test_a_page_is_never_added_inside_an_output_that_would_then_refuse_overwrite(tmp_path, kept_report):

@@ -26,6 +26,7 @@ import time
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +35,7 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from ipg_lightning.attribution import AttributionReport, IPGAttribution, run_attribution
+from ipg_lightning.attribution.plots import plot_report
 from ipg_lightning.checks import check_at_least, check_gamma
 from ipg_lightning.data import ReasoningBatch, ReasoningDataModule
 from ipg_lightning.evaluation import evaluate_generations
@@ -45,7 +47,7 @@ from ipg_lightning.outputs import atomic_directory, atomic_write_json, atomic_wr
 from ipg_lightning.rollout.trajectories import SamplingConfig
 from ipg_lightning.sae import load_sae
 from ipg_lightning.steering import ComponentSelection, GateSteering, export_steered_model, gates_for_components
-from ipg_lightning.zoo.reasoner import TINY_REASONER_PATH, TINY_REASONER_SAE_PATH, TINY_REASONER_TASK
+from ipg_lightning.zoo.reasoner import TINY_REASONER_SAE_PATH, TINY_REASONER_TASK
 
 
 @dataclass(frozen=True)
@@ -61,7 +63,7 @@ class DemoPreset:
 #: ``tiny-reasoner``: the shipped reasoner on the task it was trained for (held-out problems), with its SAE;
 #: ``smollm2``: SmolLM2-135M-Instruct (``ipg prepare-smollm2`` first) on reasoning-gym arithmetic.
 PRESETS = {
-    "tiny-reasoner": DemoPreset(TINY_REASONER_PATH, {"synthetic_task": TINY_REASONER_TASK}, sae=TINY_REASONER_SAE_PATH),
+    "tiny-reasoner": DemoPreset("tiny-reasoner", {"synthetic_task": TINY_REASONER_TASK}, sae=TINY_REASONER_SAE_PATH),
     "smollm2": DemoPreset(
         "smollm2",
         {"source": "reasoning_gym:basic_arithmetic", "task_kwargs": {"min_terms": 2, "max_terms": 3, "min_digits": 1, "max_digits": 2}},
@@ -263,13 +265,11 @@ def write_outputs(
     s = run.settings
     stage(5, f"writing reports, their explorer pages, and the learned gates exported as Hugging Face checkpoints to {out_dir}/")
     with atomic_directory(out_dir, overwrite=overwrite, kind="ipg demo output") as staging:
-        for target, report in reports.items():
-            report.save(staging / f"attribution_{target}")
-            page_for_report(report, run.lm, run.tokenizer, staging / f"attribution_{target}.html", measured_effects(run, report), progress=True)
-        for target, report in (sae_part[0] if sae_part else {}).items():
-            report.save(staging / f"attribution_{target}_sae")
-            page = staging / f"attribution_{target}_sae.html"
-            page_for_report(report, run.lm, run.tokenizer, page, measured_effects(run, report), progress=True)
+        named = {f"attribution_{target}": report for target, report in reports.items()}
+        named.update({f"attribution_{target}_sae": report for target, report in (sae_part[0] if sae_part else {}).items()})
+        for name, report in named.items():
+            report.save(staging / name, extra_files=partial(plot_report, report))
+            page_for_report(report, run.lm, run.tokenizer, staging / f"{name}.html", measured_effects(run, report), progress=True)
         stage(6, "checking that each exported checkpoint, loaded fresh, generates what the gated model did")
         export = export_and_check(run, learned, "length learned", staging / "exported_learned")
         summary = {
@@ -347,11 +347,6 @@ def print_summary(run: DemoRun, summary: dict[str, Any], title: str, out_dir: Pa
 def prepare_run(settings: dict[str, Any]) -> DemoRun:
     """Load the model and the problems, and fix how conditions are evaluated."""
     model_path = settings["model_path"]
-    if model_path == TINY_REASONER_PATH and not Path(model_path).is_dir():
-        raise FileNotFoundError(
-            f"The shipped tiny reasoner is not at {model_path}: an installed wheel ships no weights; run the demo from a clone "
-            "of the repository (`pip install -e .` there), or give --model_path (a local Hugging Face directory or tiny:llama)."
-        )
     lm, tokenizer = load_model_and_tokenizer(model_path)
     if settings["layer"] is None:
         settings["layer"] = lm.config.num_hidden_layers - 1

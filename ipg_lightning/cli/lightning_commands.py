@@ -143,7 +143,7 @@ def parse_train_reasoner(args: list[str]) -> CommandCLI:
     from ipg_lightning.zoo.reasoner import ReasonerTraining
 
     outputs = {
-        "output_dir": (str, "checkpoints/tiny-reasoner", "Where the model is saved."),
+        "output_dir": (str, "ipg_lightning/zoo/checkpoints/tiny-reasoner", "Where the model is saved."),
         "overwrite": (bool, False, "Replace an existing output_dir."),
         "eval_examples": (int, 256, "Held-out problems measured for the model card."),
     }

@@ -1,4 +1,4 @@
-"""Load a causal LM and its tokenizer: a local directory, an ``ipg export``, or a registered alias (``tiny:llama``, ``smollm2``)."""
+"""Load a causal LM and its tokenizer: a local directory, an ``ipg export``, or an alias (``tiny-reasoner``, ``tiny:llama``, ``smollm2``)."""
 
 from __future__ import annotations
 
@@ -16,6 +16,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, P
 #: auto classes map names), so this ground-floor loader knows of the model zoo without importing it.
 #: A key ending in ``:`` is a prefix (``tiny:llama``); any other key is a whole name.
 MODEL_ALIASES: dict[str, str] = {
+    "tiny-reasoner": "ipg_lightning.zoo.reasoner:load_shipped_reasoner",
+    "tiny-reasoner-rl": "ipg_lightning.zoo.reasoner:load_shipped_reasoner",
     "smollm2": "ipg_lightning.zoo.smollm2:load_smollm2",
     "tiny:": "ipg_lightning.zoo.tiny:load_tiny",
 }
@@ -40,8 +42,9 @@ def load_model_and_tokenizer(name_or_path: str, dtype: str = "float32") -> tuple
 
     Args:
         name_or_path: a local Hugging Face model directory, a hub id (only where the hub is
-            reachable and the weights are cached), ``smollm2`` (SmolLM2-135M-Instruct, prepared
-            offline on first use), or ``tiny:<family>`` for the tests' random tiny model.
+            reachable and the weights are cached), ``tiny-reasoner`` or ``tiny-reasoner-rl`` (the
+            shipped reasoners), ``smollm2`` (SmolLM2-135M-Instruct, prepared offline on first use),
+            or ``tiny:<family>`` for the tests' random tiny model.
         dtype: ``float32``, ``bfloat16``, ``float16`` or ``auto`` (the checkpoint's own).
     """
     if dtype not in DTYPES:
