@@ -53,11 +53,11 @@ def main() -> None:
                 chunk_size=32,
             )
             report = run_attribution(module, data, enable_progress_bar=False)
-            block = report.metadata["completeness"]
+            block = report.metadata.completeness
             top = [name.split("[")[1].rstrip("]") for name in report.select(k=4)]
             print(
-                f"| {reward} | {rule} | {steps} | {block['sum_of_scores']:.4g} | {block['surrogate_delta']:.4g} | "
-                f"{block['relative_residual']:.2g} | {' '.join(top)} | {time.perf_counter() - start:.1f} |",
+                f"| {reward} | {rule} | {steps} | {block.sum_of_scores:.4g} | {block.surrogate_delta:.4g} | "
+                f"{block.relative_residual:.2g} | {' '.join(top)} | {time.perf_counter() - start:.1f} |",
                 flush=True,
             )
 

@@ -152,7 +152,7 @@ def test_a_new_method_is_one_class_and_the_module_needs_no_change(monkeypatch, t
     data = ReasoningDataModule(num_train=0, num_val=2, num_test=0, batch_size=2, template=PromptTemplate(use_chat_template=False))
     report = run_attribution(module, data, enable_progress_bar=False)
     assert report.select(k=1) == ["blocks.1.attn.hook_z[0]"]
-    assert report.metadata["method"] == "first_component" and report.metadata["counts"]["prompts"] == 2
+    assert report.metadata.method == "first_component" and report.metadata.counts.prompts == 2
     assert "completeness" not in report.metadata
 
 

@@ -81,18 +81,18 @@ def test_completeness_residual_shrinks_with_q_and_is_small_at_32(tiny_llama, tok
     residuals = []
     for steps in (2, 8, 32):
         report = _run(tiny_llama, tokenizer, _data(), families=["attn_head"], layers=[0], steps=steps, rule="midpoint")
-        completeness = report.metadata["completeness"]
-        residuals.append(abs(completeness["residual"]))
+        completeness = report.metadata.completeness
+        residuals.append(abs(completeness.residual))
     assert residuals[0] > residuals[1] > residuals[2]
     # Bound: midpoint error is O(1/q^2); at q = 32 the residual is below 0.1 % of L(1) - L(0).
-    assert completeness["relative_residual"] < 1e-3
-    assert abs(completeness["surrogate_delta"]) > 1e-3  # the check is not vacuous
+    assert completeness.relative_residual < 1e-3
+    assert abs(completeness.surrogate_delta) > 1e-3  # the check is not vacuous
 
 
 def test_right_rule_the_papers_also_converges(tiny_model, tokenizer):
     model = tiny_model("qwen2")
     relative = [
-        _run(model, tokenizer, _data(), families=["mlp_neuron"], layers=[1], steps=q).metadata["completeness"]["relative_residual"] for q in (4, 32)
+        _run(model, tokenizer, _data(), families=["mlp_neuron"], layers=[1], steps=q).metadata.completeness.relative_residual for q in (4, 32)
     ]
     assert relative[1] < relative[0] and relative[1] < 0.05
 
@@ -157,7 +157,7 @@ def test_resample_converges_to_integrated_gradients_of_the_exact_expectation():
         errors.append(((estimate - exact).norm() / exact.norm()).item())
     assert errors[1] < errors[0]
     assert errors[1] < 0.1
-    assert report.metadata["completeness"]["target"] == "J(1) - J(baseline)"
+    assert report.metadata.completeness.target == "J(1) - J(baseline)"
 
 
 def test_same_seed_same_report_and_batch_size_does_not_matter(tiny_model, tokenizer):
@@ -181,9 +181,9 @@ def test_memory_limits_keep_the_scores_and_the_report_records_the_peak(tiny_mode
     bounded = _run(model, tokenizer, _data(num_val=4, batch_size=2), memory={"chunk_tokens": 30, "checkpoint_blocks": True}, **settings)
     for name, scores in plain.scores.items():
         torch.testing.assert_close(bounded.scores[name], scores, rtol=0, atol=1e-6)
-    assert bounded.metadata["memory"]["chunk_tokens"] == 30 and plain.metadata["memory"]["chunk_tokens"] is None
-    assert bounded.metadata["config"]["memory"] == {"chunk_tokens": 30, "checkpoint_blocks": True}
-    assert plain.metadata["memory"]["peak_gb"] > 0.05  # the CPU process's resident set: torch alone holds more
+    assert bounded.metadata.memory["chunk_tokens"] == 30 and plain.metadata.memory["chunk_tokens"] is None
+    assert bounded.metadata.config["memory"] == {"chunk_tokens": 30, "checkpoint_blocks": True}
+    assert plain.metadata.memory["peak_gb"] > 0.05  # the CPU process's resident set: torch alone holds more
 
 
 def test_local_credit_runs_through_the_trainer_and_says_completeness_does_not_apply(tiny_model, tokenizer):
@@ -194,7 +194,7 @@ def test_local_credit_runs_through_the_trainer_and_says_completeness_does_not_ap
     name = "blocks.1.mlp.hook_post"
     assert not torch.allclose(local.scores[name], full.scores[name])
     assert torch.corrcoef(torch.stack([local.scores[name], full.scores[name]]))[0, 1] > 0  # same trajectories, part of the credit
-    assert "credit: local" in local.metadata["completeness"]["note"] and "credit" not in full.metadata["completeness"]["note"]
+    assert "credit: local" in local.metadata.completeness.note and "credit" not in full.metadata.completeness.note
     with pytest.raises(ValueError, match="credit must be full|local"):
         IPGAttribution.for_model(model, tokenizer, credit="global")
 
@@ -209,10 +209,10 @@ def test_signal_retries_redraw_silent_groups_from_fresh_sample_indices(tiny_mode
     settings = dict(families=["mlp_neuron"], layers=[1], steps=2, reward=odd_length, sampling={"num_samples": 2})
     skipped = _run(model, tokenizer, _data(num_val=12, batch_size=6), **settings)
     redrawn = _run(model, tokenizer, _data(num_val=12, batch_size=6), signal_retries=4, **settings)
-    silent_before, silent_after = skipped.metadata["counts"]["zero_signal_prompts"], redrawn.metadata["counts"]["zero_signal_prompts"]
+    silent_before, silent_after = skipped.metadata.counts.zero_signal_prompts, redrawn.metadata.counts.zero_signal_prompts
     assert silent_before >= 3 and silent_after < silent_before
-    assert redrawn.metadata["counts"]["redrawn_groups"] == silent_before - silent_after
-    assert redrawn.metadata["counts"]["redrawn_tokens"] > 0 and skipped.metadata["counts"]["redrawn_groups"] == 0
+    assert redrawn.metadata.counts.redrawn_groups == silent_before - silent_after
+    assert redrawn.metadata.counts.redrawn_tokens > 0 and skipped.metadata.counts.redrawn_groups == 0
     assert not torch.allclose(redrawn.scores["blocks.1.mlp.hook_post"], skipped.scores["blocks.1.mlp.hook_post"])
     with pytest.raises(ValueError, match="signal_retries applies to method ipg or grad_x_act with estimation fixed"):
         IPGAttribution.for_model(model, tokenizer, signal_retries=2, estimation="resample")
@@ -232,7 +232,7 @@ def test_grad_x_act_is_ipg_without_integration(tiny_llama, tokenizer):
     single_point = _run(tiny_llama, tokenizer, _data(), families=["attn_head"], layers=[1], steps=1, rule="right")
     integrated = _run(tiny_llama, tokenizer, _data(), families=["attn_head"], layers=[1], steps=10)
     name = "blocks.1.attn.hook_z"
-    assert baseline.metadata["effective"] == {"steps": 1, "rule": "right"}
+    assert vars(baseline.metadata.effective) == {"steps": 1, "rule": "right"}
     assert torch.equal(baseline.scores[name], single_point.scores[name])
     assert not torch.allclose(baseline.scores[name], integrated.scores[name])
 
@@ -270,8 +270,8 @@ def test_activation_and_mean_diff_baselines_match_independent_computations(tiny_
     for p in mixed:  # by hand: within a mixed prompt, reward 1 is above its mean and reward 0 below
         above[p], below[p] = rewards[p] == 1, rewards[p] == 0
     mean_diff = _run(tiny_llama, tokenizer, data, method="mean_diff", reward=has_digit, families=["mlp_neuron"], layers=[0])
-    assert mean_diff.metadata["counts"]["above_mean_trajectories"] == int(above.sum())
-    assert mean_diff.metadata["counts"]["zero_signal_prompts"] == 4 - len(mixed)
+    assert mean_diff.metadata.counts.above_mean_trajectories == int(above.sum())
+    assert mean_diff.metadata.counts.zero_signal_prompts == 4 - len(mixed)
     expected = means[above.flatten()].mean(0) - means[below.flatten()].mean(0)
     torch.testing.assert_close(mean_diff.scores["blocks.0.mlp.hook_post"], expected, rtol=1e-4, atol=1e-5)
 
@@ -299,8 +299,8 @@ def test_component_values_of_heads_are_slice_norms(tiny_llama):
 
 def test_ig_of_reference_likelihood_is_complete_and_random_is_seeded(tiny_llama, tokenizer):
     report = _run(tiny_llama, tokenizer, _data(), method="ig_reference", families=["attn_head"], layers=[0], steps=32, rule="midpoint")
-    assert report.metadata["completeness"]["relative_residual"] < 1e-3
-    assert report.metadata["counts"]["trajectories"] == 4  # one reference solution per prompt
+    assert report.metadata.completeness.relative_residual < 1e-3
+    assert report.metadata.counts.trajectories == 4  # one reference solution per prompt
     first = _run(tiny_llama, tokenizer, _data(), method="random", families=["attn_head"], layers=[0, 1])
     again = _run(tiny_llama, tokenizer, _data(), method="random", families=["attn_head"], layers=[0, 1])
     other = _run(tiny_llama, tokenizer, _data(), method="random", families=["attn_head"], layers=[0, 1], sampling={"seed": 7})
@@ -323,7 +323,7 @@ def test_a_run_where_no_prompt_carries_signal_is_refused_not_written(tmp_path, t
         run_attribution(module, _data(), enable_progress_bar=False)
     assert not (tmp_path / "report").exists()
     report = module.report  # kept in memory for inspection, marked so that nothing selects from it
-    assert report.metadata["counts"]["zero_signal_prompts"] == 4
+    assert report.metadata.counts.zero_signal_prompts == 4
     assert torch.all(report.scores["blocks.0.attn.hook_z"] == 0)
     with pytest.raises(UninformativeReportError, match="carried signal"):
         report.select(k=2)

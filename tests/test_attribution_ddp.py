@@ -19,10 +19,10 @@ def _run(devices, output_dir):
 def test_two_ddp_processes_give_the_same_scores_as_one(tmp_path):
     single = _run(1, tmp_path / "single")
     double = _run(2, tmp_path / "double")
-    assert double.metadata["world_size"] == 2 and single.metadata["world_size"] == 1
+    assert double.metadata.world_size == 2 and single.metadata.world_size == 1
     # 6 prompts split 3 + 3 without repeats: every prompt counted exactly once
-    assert double.metadata["counts"] == single.metadata["counts"]
-    assert double.metadata["counts"]["prompts"] == 6
+    assert double.metadata.counts == single.metadata.counts
+    assert double.metadata.counts.prompts == 6
     for name, scores in single.scores.items():
         torch.testing.assert_close(double.scores[name], scores, rtol=1e-5, atol=1e-7)
     assert any(scores.abs().sum() > 0 for scores in single.scores.values())

@@ -226,7 +226,7 @@ def test_ipg_attribute_runs_on_the_command_line(family, families, tmp_path):
         ]
     )
     report = AttributionReport.load(tmp_path / "r")
-    assert report.metadata["model"] == f"tiny:{family}" and report.metadata["completeness"]["relative_residual"] < 0.05
+    assert report.metadata.model == f"tiny:{family}" and report.metadata.completeness.relative_residual < 0.05
 
 
 def test_experts_held_as_a_module_list_are_refused_rather_than_mistaken_for_the_mlp(tiny_llama):

@@ -189,7 +189,7 @@ def test_the_page_is_valid_self_contained_html_with_the_reports_ranking(tmp_path
     assert sorted(payload["traces"]) == sorted(by_magnitude)
     assert payload["limits"]["components_traced"] == 5 and payload["limits"]["rows_per_component"] == 2
     for key in ("sum_of_scores", "surrogate_delta", "relative_residual"):
-        assert payload["meta"]["completeness"][key] == pytest.approx(report.metadata["completeness"][key], rel=1e-4)
+        assert payload["meta"]["completeness"][key] == pytest.approx(getattr(report.metadata.completeness, key), rel=1e-4)
 
 
 def test_the_page_stays_bounded_and_says_what_it_left_out(tmp_path, tiny_llama, tokenizer):
@@ -273,7 +273,7 @@ def test_the_page_works_in_a_real_browser(tmp_path, tiny_llama, tokenizer):
     hostile = '</script><script>alert("prompt")</script><img src=x onerror=alert(1)>'
     for prompt in report.trajectories.prompts:  # text from a dataset or a model must stay text
         prompt["text"] = hostile
-    report.metadata["config"]["reward"] = hostile
+    report.metadata.config["reward"] = hostile
     effects = Effects(base={"accuracy": 0.5, "reasoning_length_mean": 10.0, "reflection_rate": 0.1})
     top = report.ranked(signed=False)[0][0]
     effects.conditions.append(MeasuredEffect("top suppressed", 0.0, [top], {"accuracy": 0.25, "reasoning_length_mean": 8.0, "reflection_rate": 0.0}))

@@ -105,7 +105,7 @@ def test_python_attribution_example_ranks_the_attributed_neurons(tmp_path, monke
     namespace = _run_block("run_attribution(module")
     top = namespace["top"]
     assert len(top) == 5 and all(name.startswith("blocks.1.mlp.hook_post[") for name in top)
-    assert namespace["report"].metadata["completeness"] is not None
+    assert namespace["report"].metadata.completeness is not None
 
 
 def test_reward_example_scores_as_its_comment_says():

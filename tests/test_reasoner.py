@@ -108,7 +108,7 @@ def test_ipg_length_components_turn_reasoning_length_down_and_up():
         sampling=SamplingConfig(num_samples=4, temperature=0.7, top_p=1.0, max_new_tokens=160, batch_size=64, seed=0),
     )
     report = run_attribution(module, data, enable_progress_bar=False)
-    assert abs(report.metadata["completeness"]["relative_residual"]) < 0.05
+    assert abs(report.metadata.completeness.relative_residual) < 0.05
     top = report.select(k=4)
     sampled = SamplingConfig(num_samples=4, temperature=0.7, top_p=1.0, max_new_tokens=160, batch_size=64)
 

@@ -40,7 +40,7 @@ def test_tiny_recipe_runs_end_to_end_with_overrides(tmp_path, capsys):
     out = tmp_path / "report"
     run(["attribute", "--config", TINY, "--model.steps", "2", "--model.output_dir", str(out), "--trainer.enable_progress_bar", "false"])
     report = AttributionReport.load(out)
-    assert report.metadata["config"]["steps"] == 2
+    assert report.metadata.config["steps"] == 2
     assert set(report.scores) == {"blocks.0.mlp.hook_post", "blocks.0.attn.hook_z", "blocks.1.mlp.hook_post", "blocks.1.attn.hook_z"}
     printed = capsys.readouterr().out
     assert "completeness:" in printed and "top 10:" in printed

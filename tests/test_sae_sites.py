@@ -139,10 +139,10 @@ def test_ipg_over_sae_features_is_complete_at_q_32(tmp_path, tiny_llama, tokeniz
 
     save_sae(random_sae(hook_name="blocks.1.hook_resid_post", k=8), tmp_path / "sae")
     report = _run(tiny_llama, tokenizer, _data(), families=["sae_feature"], layers=[1], steps=32, rule="midpoint", saes=[str(tmp_path / "sae")])
-    completeness = report.metadata["completeness"]
-    assert completeness["relative_residual"] < 1e-3 and abs(completeness["surrogate_delta"]) > 1e-3
+    completeness = report.metadata.completeness
+    assert completeness.relative_residual < 1e-3 and abs(completeness.surrogate_delta) > 1e-3
     assert list(report.sites) == ["blocks.1.hook_resid_post.sae"] and report.sites["blocks.1.hook_resid_post.sae"]["size"] == 64
-    assert report.metadata["saes"] == {"blocks.1.hook_resid_post.sae": str((tmp_path / "sae").resolve())}
+    assert report.metadata.saes == {"blocks.1.hook_resid_post.sae": str((tmp_path / "sae").resolve())}
 
 
 @pytest.mark.parametrize("method", ["grad_x_act", "activation", "mean_diff", "ig_reference", "random"])

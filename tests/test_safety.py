@@ -241,7 +241,7 @@ def test_a_report_of_another_model_is_refused_naming_both(tmp_path, tiny_llama):
             "false",
         ]
     )
-    identity = AttributionReport.load(tmp_path / "report").metadata["model_identity"]
+    identity = AttributionReport.load(tmp_path / "report").metadata.model_identity
     assert identity == model_identity(tiny_llama, "tiny:llama")
     with pytest.raises(ModelMismatchError, match=r"computed on tiny:llama \(llama, 2 blocks.*the model is .*tiny-reasoner \(llama, 4 blocks"):
         run(

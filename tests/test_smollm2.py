@@ -71,9 +71,9 @@ def test_ipg_on_smollm2_is_complete_for_mlp_neurons(smollm2):
     )
     scores = module.report.scores["blocks.22.mlp.hook_post"]
     assert scores.shape == (1536,) and torch.isfinite(scores).all()
-    completeness = module.report.metadata["completeness"]
-    if module.report.metadata["counts"]["zero_signal_prompts"] < 2:
-        assert completeness["relative_residual"] < 0.05
+    completeness = module.report.metadata.completeness
+    if module.report.metadata.counts.zero_signal_prompts < 2:
+        assert completeness.relative_residual < 0.05
 
 
 def test_demo_preset_runs_every_stage_on_smollm2(tmp_path):

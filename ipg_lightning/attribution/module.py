@@ -24,9 +24,10 @@ import torch
 from ipg_lightning.attribution.accumulator import AttributionAccumulator
 from ipg_lightning.attribution.estimator import AdvantageMethod, QuadratureRule
 from ipg_lightning.attribution.kept import KeptTrajectories, gathered
+from ipg_lightning.attribution.metadata import Completeness, Quadrature, ReportCounts, ReportMetadata
 from ipg_lightning.attribution.methods import METHODS, AttributionMethodName, MethodSettings, check_method
 from ipg_lightning.attribution.plots import plot_report
-from ipg_lightning.attribution.report import AttributionReport, UninformativeReportError, completeness
+from ipg_lightning.attribution.report import AttributionReport, UninformativeReportError
 from ipg_lightning.data import ReasoningBatch
 from ipg_lightning.gates.component_gates import ComponentGates
 from ipg_lightning.model.families import ArchitectureSpec, SiteFamilyName
@@ -216,11 +217,11 @@ class IPGAttribution(ReasoningTask):
         state = self.accumulator.compute()
         self.accumulator.reset()
         self.report = self._build_report(state)
-        self.log("mean_reward", float(self.report.metadata["mean_reward"] or 0.0), sync_dist=False)
+        self.log("mean_reward", float(self.report.metadata.mean_reward or 0.0), sync_dist=False)
         output_dir = self.hparams.output_dir
         reason = self._uninformative_reason(state) or self.report.uninformative_reason()
         if reason is not None:  # refuse to hand out scores that rank nothing; the report stays in memory
-            self.report.metadata["degenerate"] = reason
+            self.report.metadata.degenerate = reason
             written = " No report was written." if output_dir else ""
             raise UninformativeReportError(f"The attribution carries no information: {reason}.{written}")
         if output_dir and self.trainer.is_global_zero:
@@ -240,37 +241,37 @@ class IPGAttribution(ReasoningTask):
         return AttributionReport(scores=scores, sites=sites, metadata=report_metadata(self, state), trajectories=kept)
 
 
-def report_metadata(module: IPGAttribution, state: dict[str, Any]) -> dict[str, Any]:
+def report_metadata(module: IPGAttribution, state: dict[str, Any]) -> ReportMetadata:
     """The report's metadata: the method and its settings, the model's identity, data, counts, timings and the completeness block."""
     datamodule = getattr(module.trainer, "datamodule", None)
     rule, steps = module.method.quadrature
-    metadata = {
-        "method": module.hparams.method,
-        "config": {**module.plain_hparams(), "reward": module.reward_name},
-        "effective": {"steps": steps, "rule": rule},
-        "model": module.model_path,
-        "model_identity": model_identity(module.lm, module.model_path),
-        "data": {"source": getattr(datamodule, "source", None), "split": "val", "seed": getattr(datamodule, "seed", None)},
-        "counts": {
-            "prompts": int(state["prompts"]),
-            "trajectories": int(state["trajectories"]),
-            "zero_signal_prompts": module.method.counts(state)["zero_signal_prompts"],
-            "completion_tokens": int(state["tokens"]),
-            "above_mean_trajectories": module.method.counts(state)["above_mean_trajectories"],
-            "redrawn_groups": int(state["redrawn_groups"]),
-            "redrawn_tokens": int(state["redrawn_tokens"]),
-        },
-        "mean_reward": state["reward_sum"] / state["trajectories"] if state["trajectories"] else None,
-        "wall_time_s": round(time.perf_counter() - module.started_at, 3),
-        "memory": module.run_memory.record(),
-        "world_size": module.trainer.world_size,
-    }
-    saes = {name: site.sae.source or IN_MEMORY_SAE for name, site in module.gates.sites.items() if site.sae is not None}
-    if saes:  # where the sae_feature sites' SAEs come from: steering and evaluating the report attach them again
-        metadata["saes"] = saes
-    if module.method.has_completeness:
-        metadata["completeness"] = completeness(state, module.method.completeness_target(), module.hparams.credit == "local")
-    return metadata
+    method_counts = module.method.counts(state)
+    counts = ReportCounts(
+        prompts=int(state["prompts"]),
+        trajectories=int(state["trajectories"]),
+        completion_tokens=int(state["tokens"]),
+        zero_signal_prompts=method_counts["zero_signal_prompts"],
+        above_mean_trajectories=method_counts["above_mean_trajectories"],
+        redrawn_groups=int(state["redrawn_groups"]),
+        redrawn_tokens=int(state["redrawn_tokens"]),
+    )
+    target, local = module.method.completeness_target(), module.hparams.credit == "local"
+    return ReportMetadata(
+        method=module.hparams.method,
+        config={**module.plain_hparams(), "reward": module.reward_name},
+        effective=Quadrature(steps=steps, rule=rule),
+        model=module.model_path,
+        model_identity=model_identity(module.lm, module.model_path),
+        data={"source": getattr(datamodule, "source", None), "split": "val", "seed": getattr(datamodule, "seed", None)},
+        counts=counts,
+        mean_reward=state["reward_sum"] / state["trajectories"] if state["trajectories"] else None,
+        wall_time_s=round(time.perf_counter() - module.started_at, 3),
+        memory=module.run_memory.record(),
+        world_size=module.trainer.world_size,
+        # where the sae_feature sites' SAEs come from: steering and evaluating the report attach them again
+        saes={name: site.sae.source or IN_MEMORY_SAE for name, site in module.gates.sites.items() if site.sae is not None},
+        completeness=Completeness.from_state(state, target, local) if module.method.has_completeness else None,
+    )
 
 
 def run_attribution(

@@ -21,7 +21,7 @@ PLOT_FILE = "attribution.png"
 
 def plot_report(report: AttributionReport, directory: str | Path) -> Path:
     """Draw ``report`` (its heatmaps and top 20) to ``directory/attribution.png``."""
-    return plot_attribution(report.scores, report.sites, report.top(20), report.metadata.get("method", "?"), Path(directory) / PLOT_FILE)
+    return plot_attribution(report.scores, report.sites, report.top(20), report.metadata.method or "?", Path(directory) / PLOT_FILE)
 
 
 def plot_attribution(

@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,12 +23,11 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ipg_lightning.attribution.kept import TRAJECTORIES_FILE, KeptTrajectories
+from ipg_lightning.attribution.metadata import TRAJECTORIES_DIGEST, ReportCounts, ReportMetadata
 from ipg_lightning.outputs import atomic_directory, atomic_write_json
 
 SCORES_FILE = "attribution.safetensors"
 METADATA_FILE = "attribution.json"
-#: The entry of ``attribution.json`` holding the SHA-256 of ``trajectories.json``.
-TRAJECTORIES_DIGEST = "trajectories_sha256"
 
 log = logging.getLogger(__name__)
 
@@ -44,16 +43,19 @@ class AttributionReport:
     Args:
         scores: one score vector per site.
         sites: per site, its ``family``, ``layer`` and ``size``.
-        metadata: config, identifiers, counts and the completeness block.
+        metadata: how the scores came to be (:class:`~ipg_lightning.attribution.metadata.ReportMetadata`;
+            a mapping of its entries is read into one).
         trajectories: the sampled trajectories the scores came from, if the run kept them.
     """
 
     scores: dict[str, torch.Tensor]
     sites: dict[str, dict[str, Any]]
-    metadata: dict[str, Any] = field(default_factory=dict)
+    metadata: ReportMetadata = field(default_factory=ReportMetadata)
     trajectories: KeptTrajectories | None = None
 
     def __post_init__(self) -> None:
+        if isinstance(self.metadata, Mapping):
+            self.metadata = ReportMetadata.from_json(dict(self.metadata))
         for name, vector in self.scores.items():
             if name not in self.sites or vector.shape != (self.sites[name]["size"],):
                 raise ValueError(f"Scores of {name} do not match its site description {self.sites.get(name)}")
@@ -120,8 +122,8 @@ class AttributionReport:
 
     def uninformative_reason(self) -> str | None:
         """Why the scores carry no information to select by (marked at attribution, or all zero), else None."""
-        if self.metadata.get("degenerate"):
-            return self.metadata["degenerate"]
+        if self.metadata.degenerate:
+            return self.metadata.degenerate
         if all(torch.count_nonzero(vector) == 0 for vector in self.scores.values()):
             return "every score is exactly 0"
         return None
@@ -139,20 +141,20 @@ class AttributionReport:
     def summary(self, output_dir: str | Path | None = None, top_n: int = 10) -> str:
         """A few lines to read after attribution: counts, mean reward, completeness, the top components."""
         meta = self.metadata
-        counts = meta["counts"]
+        counts = meta.counts or ReportCounts()
         lines = [
-            f"method {meta['method']} on {meta['model']}: {counts['prompts']} prompts, {counts['trajectories']} trajectories, "
-            f"{counts['completion_tokens']} completion tokens, {meta['wall_time_s']} s",
+            f"method {meta.method} on {meta.model}: {counts.prompts} prompts, {counts.trajectories} trajectories, "
+            f"{counts.completion_tokens} completion tokens, {meta.wall_time_s} s",
         ]
-        if meta["mean_reward"] is not None:
-            lines.append(f"mean reward at gates = 1: {meta['mean_reward']:.4f}")
-        if counts.get("zero_signal_prompts") is not None:
-            lines.append(f"zero-signal prompts (all N rewards equal, skipped): {counts['zero_signal_prompts']}")
-        if "completeness" in meta:
-            c = meta["completeness"]
+        if meta.mean_reward is not None:
+            lines.append(f"mean reward at gates = 1: {meta.mean_reward:.4f}")
+        if counts.zero_signal_prompts is not None:
+            lines.append(f"zero-signal prompts (all N rewards equal, skipped): {counts.zero_signal_prompts}")
+        if meta.completeness is not None:
+            c = meta.completeness
             lines.append(
-                f"completeness: sum of scores {c['sum_of_scores']:.6g} vs {c['target']} {c['surrogate_delta']:.6g} "
-                f"(residual {c['residual']:.3g}, relative {c['relative_residual']:.3g})"
+                f"completeness: sum of scores {c.sum_of_scores:.6g} vs {c.target} {c.surrogate_delta:.6g} "
+                f"(residual {c.residual:.3g}, relative {c.relative_residual:.3g})"
             )
         lines.append(f"top {top_n}:")
         lines += [f"  {row['name']:<36} {row['score']:+.6g}" for row in self.top(top_n)]
@@ -173,7 +175,7 @@ class AttributionReport:
         directory = Path(directory)
         with atomic_directory(directory, overwrite=overwrite, kind="attribution report") as staging:
             save_file({name: t.contiguous().float() for name, t in self.scores.items()}, str(staging / SCORES_FILE))
-            payload = {**self.metadata, "sites": self.sites, "top": self.top(top_n)}
+            payload = {**self.metadata.to_json(), "sites": self.sites, "top": self.top(top_n)}
             payload.pop(TRAJECTORIES_DIGEST, None)
             if self.trajectories is not None:  # its digest lets a reader tell an edited file from the one the scores came from
                 payload[TRAJECTORIES_DIGEST] = self.trajectories.save(staging / TRAJECTORIES_FILE)
@@ -191,9 +193,11 @@ class AttributionReport:
                 raise FileNotFoundError(f"{directory} is not an attribution report: {name} is missing")
         damaged_report = "the report is damaged (truncated or edited): run the attribution again"
         try:
-            metadata = json.loads((directory / METADATA_FILE).read_text(encoding="utf-8"))
-            sites = metadata.pop("sites")
-        except (ValueError, KeyError, AttributeError) as error:
+            payload = json.loads((directory / METADATA_FILE).read_text(encoding="utf-8"))
+            sites = payload.pop("sites")
+            payload.pop("top", None)
+            metadata = ReportMetadata.from_json(payload)
+        except (ValueError, KeyError, AttributeError, TypeError) as error:
             raise ValueError(f"{directory / METADATA_FILE} cannot be read ({type(error).__name__}: {error}); {damaged_report}") from None
         try:
             scores = load_file(str(directory / SCORES_FILE))
@@ -202,39 +206,16 @@ class AttributionReport:
         damaged = [name for name, vector in scores.items() if not torch.isfinite(vector).all()]
         if damaged:
             raise ValueError(f"{directory / SCORES_FILE} holds non-finite scores (NaN or inf) for {damaged[:3]}; {damaged_report}")
-        metadata.pop("top", None)
         kept = directory / TRAJECTORIES_FILE
         loaded = None
         if trajectories and kept.is_file():
-            digest = metadata.get(TRAJECTORIES_DIGEST)
-            if digest is None:
+            if metadata.trajectories_sha256 is None:
                 log.warning("%s records no digest of %s (an older version wrote it): edits to it cannot be detected", directory, TRAJECTORIES_FILE)
-            loaded = KeptTrajectories.load(kept, digest)
-            counts = metadata.get("counts") or {}
-            if (counts.get("prompts"), counts.get("trajectories")) not in ((len(loaded.prompts), len(loaded)), (None, None)):
+            loaded = KeptTrajectories.load(kept, metadata.trajectories_sha256)
+            counts = metadata.counts
+            if counts is not None and (counts.prompts, counts.trajectories) != (len(loaded.prompts), len(loaded)):
                 raise ValueError(
                     f"{kept} holds {len(loaded.prompts)} prompts and {len(loaded)} trajectories, but the report counts "
-                    f"{counts.get('prompts')} and {counts.get('trajectories')}: they are not the ones its scores came from; run the attribution again"
+                    f"{counts.prompts} and {counts.trajectories}: they are not the ones its scores came from; run the attribution again"
                 )
         return cls(scores=scores, sites=sites, metadata=metadata, trajectories=loaded)
-
-
-def completeness(state: dict[str, Any], target: str, local_credit: bool = False) -> dict[str, Any]:
-    """The report's completeness block: the per-prompt sum of scores against the change of the surrogate it should equal.
-
-    >>> completeness({"prompts": 2.0, "score_sum": 3.0, "surrogate_delta": 2.0}, "L(1) - L(0)")["residual"]
-    0.5
-    """
-    prompts = max(state["prompts"], 1.0)
-    total, delta = state["score_sum"] / prompts, state["surrogate_delta"] / prompts
-    note = "per-prompt means; sum over all paths"
-    if local_credit:
-        note += "; credit: local scores are not the gradient of L, so they need not add up to it"
-    return {
-        "sum_of_scores": total,
-        "target": target,
-        "surrogate_delta": delta,
-        "residual": total - delta,
-        "relative_residual": abs(total - delta) / max(abs(delta), 1e-12),
-        "note": note,
-    }

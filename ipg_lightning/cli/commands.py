@@ -21,7 +21,7 @@ from ipg_lightning.model.identity import ModelMismatchError, describe, model_ide
 from ipg_lightning.outputs import atomic_directory, atomic_write_json, atomic_write_text, check_output_dir, strict_json
 from ipg_lightning.rollout.trajectories import SamplingConfig
 from ipg_lightning.steering.export import export_steered_model
-from ipg_lightning.steering.loading import SteeredModel, load_steered_model, recorded_model
+from ipg_lightning.steering.loading import SteeredModel, SteeringSource, load_steered_model, recorded_model
 from ipg_lightning.steering.selection import ComponentSelection
 from ipg_lightning.steering.sweep import gamma_sweep, plot_sweep, sweep_csv
 
@@ -85,15 +85,13 @@ def evaluate(
     if gammas:
         selections = _sweep_selections(selection, gammas, ks)
         return _sweep(model_path, dtype, data, split, selections, gammas, sampling, output_dir, overwrite, allow_other_model, architecture)
-    check_gamma(gamma)
-    if selection is not None:
-        selection.check_count()
-    steered = load_steered_model(model_path, dtype, selection, gamma, steering_checkpoint, allow_other_model, architecture)
+    source = SteeringSource(selection, gamma, steering_checkpoint)
+    steered = load_steered_model(model_path, dtype, source, allow_other_model, architecture)
     data.connect(steered.tokenizer)
     result = evaluate_generations(steered.model, steered.tokenizer, list(data.dataloader(split)), sampling, steered.gates, progress=True)
     summary = {
-        "steering": steered.description,
-        "model_identity": model_identity(steered.model, steered.description["model"]),
+        "steering": steered.description.to_json(),
+        "model_identity": model_identity(steered.model, steered.description.model),
         "split": split,
         "data": data.source,
         "metrics": result.metrics,
@@ -122,7 +120,7 @@ def _sweep(model_path, dtype, data, split, selections, gammas, sampling, output_
     data.connect(base.tokenizer)
     rows = gamma_sweep(base, list(data.dataloader(split)), sampling, selections, gammas, architecture, allow_other_model)
     with atomic_directory(output_dir, overwrite=overwrite, kind="evaluation sweep") as staging:
-        identity = model_identity(base.model, base.description["model"])
+        identity = model_identity(base.model, base.description.model)
         atomic_write_json(staging / "sweep.json", {"report": selections[0].report, "model_identity": identity, "split": split, "rows": rows})
         atomic_write_text(staging / "sweep.csv", sweep_csv(rows))
         plot_sweep(rows, staging / "sweep.png")
@@ -164,18 +162,16 @@ def export(
         architecture: module paths of a decoder that is not built in (see ``ArchitectureSpec``).
     """
     check_output_dir(output_dir, overwrite)
-    check_gamma(gamma)
-    if selection is None and steering_checkpoint is None:
+    source = SteeringSource(selection, gamma, steering_checkpoint)
+    if not source.steers:
         raise ValueError("Nothing to export: give --selection.report/--selection.components with --gamma, or --steering_checkpoint")
-    if selection is not None:
-        selection.check_count()
     evaluation = _read_evaluation(metrics) if metrics else None
-    steered = load_steered_model(model_path, dtype, selection, gamma, steering_checkpoint, allow_other_model, architecture)
+    steered = load_steered_model(model_path, dtype, source, allow_other_model, architecture)
     if evaluation is not None:
         _check_evaluation_matches(evaluation, steered, metrics)
     known_metrics = evaluation["metrics"] if evaluation is not None else None
     card = export_steered_model(
-        steered.model, steered.tokenizer, steered.gates, output_dir, source=steered.description, metrics=known_metrics, overwrite=overwrite
+        steered.model, steered.tokenizer, steered.gates, output_dir, source=steered.description.to_json(), metrics=known_metrics, overwrite=overwrite
     )
     print(
         f"exported to {output_dir}: folded {card['folded_sites'] or 'nothing'}; "
@@ -206,10 +202,10 @@ def _check_evaluation_matches(evaluation: dict[str, Any], steered: SteeredModel,
     recorded = evaluation.get("model_identity")
     if not isinstance(recorded, dict):
         raise ValueError(f"--metrics {path} records no model identity, so it cannot be told to describe this export: evaluate it again")
-    actual = model_identity(steered.model, steered.description["model"])
+    actual = model_identity(steered.model, steered.description.model)
     if recorded.get("config_hash") != actual["config_hash"] or recorded.get("name") != actual["name"]:
         raise ModelMismatchError(f"--metrics {path} measured {describe(recorded)}, but the export is of {describe(actual)}")
-    measured, exported = evaluation["steering"], steered.description
+    measured, exported = evaluation["steering"], steered.description.to_json()
     differs = [key for key in _STEERING_KEYS if _comparable(measured.get(key)) != _comparable(exported.get(key))]
     if differs:
         shown = ", ".join(f"{key} {measured.get(key)!r} there, {exported.get(key)!r} here" for key in differs)

@@ -25,7 +25,7 @@ import math
 import time
 import warnings
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -47,6 +47,7 @@ from ipg_lightning.outputs import atomic_directory, atomic_write_json, atomic_wr
 from ipg_lightning.rollout.trajectories import SamplingConfig
 from ipg_lightning.sae import load_sae
 from ipg_lightning.steering import ComponentSelection, GateSteering, export_steered_model, gates_for_components
+from ipg_lightning.steering.loading import SteeringDescription
 from ipg_lightning.zoo.reasoner import TINY_REASONER_SAE_PATH, TINY_REASONER_TASK
 
 
@@ -244,8 +245,9 @@ def export_and_check(run: DemoRun, learned: GateSteering, condition: str, direct
     """Export learned gates and check that the export, loaded fresh, generates what the gated model did."""
     # The reference, taken first: exporting folds the gates into learned.lm in place.
     gated = evaluate_generations(learned.lm, run.tokenizer, run.test_batches, run.greedy, learned.gates, description="gated (greedy)")
-    source = {"kind": "learned", "components": learned.components, "reward": f"accuracy - {LENGTH_COST} x reasoning length"}
-    card = export_steered_model(learned.lm, run.tokenizer, learned.gates, directory, source=source, metrics=run.rows[condition])
+    reward = f"accuracy - {LENGTH_COST} x reasoning length"
+    source = SteeringDescription("learned", run.settings["model_path"], components=list(learned.components), reward=reward)
+    card = export_steered_model(learned.lm, run.tokenizer, learned.gates, directory, source=source.to_json(), metrics=run.rows[condition])
     exported = load_model_and_tokenizer(str(directory))[0]  # re-applies what did not fold (ipg_lightning.load_steered)
     reloaded = evaluate_generations(exported, run.tokenizer, run.test_batches, run.greedy, description="exported (greedy)")
     identical = [r["completion"] for r in reloaded.records] == [r["completion"] for r in gated.records]
@@ -282,17 +284,17 @@ def write_outputs(
             "learned_gates": {name: round(value, 4) for name, value in learned.gate_values().items()},
             "selected": selected,
             "conditions": run.rows,
-            "completeness": {target: report.metadata["completeness"] for target, report in reports.items()},
+            "completeness": {target: asdict(report.metadata.completeness) for target, report in reports.items()},
             "export": export,
         }
         if sae_part:
             sae_reports, sae_selected, sae_learned = sae_part
             summary["sae"] = {
-                "path": next(iter(sae_reports["accuracy"].metadata["saes"].values())),
+                "path": next(iter(sae_reports["accuracy"].metadata.saes.values())),
                 "site": next(iter(sae_reports["accuracy"].sites)),
                 "selected": sae_selected,
                 "learned_gates": {name: round(value, 4) for name, value in sae_learned.gate_values().items()},
-                "completeness": {target: report.metadata["completeness"] for target, report in sae_reports.items()},
+                "completeness": {target: asdict(report.metadata.completeness) for target, report in sae_reports.items()},
                 "export": export_and_check(run, sae_learned, "length learned (SAE)", staging / "exported_learned_sae"),
             }
         summary["wall_time_s"] = round(time.perf_counter() - s["started"], 1)

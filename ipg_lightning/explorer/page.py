@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from transformers import PreTrainedTokenizerBase
 
+from ipg_lightning.attribution.metadata import Quadrature
 from ipg_lightning.attribution.methods import METHODS, methods_that
 from ipg_lightning.attribution.paths import site_path_groups
 from ipg_lightning.attribution.report import AttributionReport
@@ -101,8 +102,8 @@ def write_page(payload: dict[str, Any], output: str | Path, overwrite: bool = Fa
 
 def score_path(report: AttributionReport) -> tuple[ScorePath | None, str | None]:
     """How the report integrated, to split its scores by token; or None and the reason there is no such split."""
-    meta, config = report.metadata, report.metadata.get("config", {})
-    method = meta.get("method")
+    meta, config = report.metadata, report.metadata.config
+    method = meta.method
     if method not in METHODS or not METHODS[method].splits_per_token:
         splitting = " and ".join(methods_that("splits_per_token"))
         return None, f"Per-token contributions exist for {splitting}; this report is {method}, so the page shades activations only."
@@ -112,9 +113,9 @@ def score_path(report: AttributionReport) -> tuple[ScorePath | None, str | None]
         )
     if config.get("credit", "full") != "full":
         return None, "Per-token contributions are shown for credit full; this report used local credit."
-    effective = meta.get("effective") or {"rule": config["rule"], "steps": config["steps"]}
+    effective = meta.effective or Quadrature(steps=config["steps"], rule=config["rule"])
     groups = site_path_groups({name: site["family"] for name, site in report.sites.items()}, config.get("path", "layer"))
-    return ScorePath(effective["rule"], int(effective["steps"]), float(config.get("baseline", 0.0)), groups), None
+    return ScorePath(effective.rule, int(effective.steps), float(config.get("baseline", 0.0)), groups), None
 
 
 def check_replayable(report: AttributionReport, model: torch.nn.Module, sites: dict[str, Site]) -> None:
@@ -190,9 +191,9 @@ def explore(
         raise ValueError(
             f"The report {report_dir} kept no trajectories: run the attribution again with keep_trajectories true (--model.keep_trajectories true)"
         )
-    identity = report.metadata.get("model_identity")
+    identity = report.metadata.model_identity
     effects = read_evaluations(evaluations, identity, f"The report {report_dir}", allow_other_model) if evaluations else None
-    recorded = report.metadata.get("model")
+    recorded = report.metadata.model
     if model_path is not None and isinstance(recorded, str) and not same_model_name(model_path, recorded):
         logger.warning(
             "The report %s was computed on %s; replaying it through %s: the page shows that model's activations", report_dir, recorded, model_path
@@ -200,10 +201,10 @@ def explore(
     model_path = model_path or recorded
     if not isinstance(model_path, str) or model_path == IN_MEMORY_MODEL:
         raise ValueError(f"The report {report_dir} does not say which model it was computed on: give it with --model_path")
-    config = report.metadata.get("config", {})
+    config = report.metadata.config
     architecture = ArchitectureSpec(**config["architecture"]) if config.get("architecture") else None
     lm, tokenizer = load_model_and_tokenizer(model_path, config.get("dtype", "float32"))
-    check_same_model(report.metadata.get("model_identity"), lm, model_path, f"The report {report_dir}", allow_other_model)
+    check_same_model(report.metadata.model_identity, lm, model_path, f"The report {report_dir}", allow_other_model)
     ComponentSelection(report=str(report_path), k=1, saes=tuple(saes or ())).attach_saes(lm, architecture)
     lm.to(replay_device).eval()
     written = page_for_report(
@@ -236,7 +237,7 @@ def page_for_report(
     check_replayable(report, model, sites)
     path, reason = score_path(report)
     chosen = traced_components(report, sites, components)
-    chunk_size = chunk_size or int(report.metadata.get("config", {}).get("chunk_size", 8))
+    chunk_size = chunk_size or int(report.metadata.config.get("chunk_size", 8))
     traces = trace_components(model, sites, chosen, report.trajectories, path, trajectories_per_component, chunk_size, progress, architecture)
     payload = explorer_payload(report, traces, tokenizer, effects, max_listed, title=title, notes=[reason] if reason else None)
     return write_page(payload, output, overwrite)

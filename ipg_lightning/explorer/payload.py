@@ -19,6 +19,8 @@ from transformers import PreTrainedTokenizerBase
 from ipg_lightning.attribution.report import AttributionReport
 from ipg_lightning.explorer.traces import ComponentTrace
 from ipg_lightning.model.identity import ModelMismatchError, check_same_identity
+from ipg_lightning.steering.loading import SteeringDescription
+from ipg_lightning.task import plain
 
 logger = logging.getLogger(__name__)
 
@@ -66,21 +68,22 @@ def read_evaluations(
         path = Path(directory) / "metrics.json"
         try:
             summary = json.loads(path.read_text(encoding="utf-8"))
-            steering, metrics = summary["steering"], summary["metrics"]
             _check_evaluation(summary)
+            steering, metrics = SteeringDescription.from_json(summary["steering"]), summary["metrics"]
         except (OSError, ValueError, KeyError, TypeError) as error:
             raise ValueError(f"{directory} is not an `ipg evaluate` output ({path.name}: {type(error).__name__}: {error})") from None
         _check_evaluated_model(summary.get("model_identity"), identity, directory, report, allow_other_model)
-        if steering.get("kind") == "base":
+        if steering.kind == "base":
             if effects.base is not None:
                 raise ValueError(f"Two evaluations of the base model were given ({directory} is the second): give one")
             effects.base = metrics
-        elif steering.get("kind") == "fixed":
-            label = f"{len(steering['components'])} components at gamma {steering['gamma']:g} ({Path(directory).name})"
-            effects.conditions.append(MeasuredEffect(label, float(steering["gamma"]), list(steering["components"]), metrics))
+        elif steering.kind == "fixed":
+            label = f"{len(steering.components)} components at gamma {steering.gamma:g} ({Path(directory).name})"
+            effects.conditions.append(MeasuredEffect(label, float(steering.gamma), list(steering.components), metrics))
         else:
-            kind = steering.get("kind")
-            raise ValueError(f"{directory} evaluates a {kind} model; the explorer shows fixed steering (a selection at a gamma) and the base model")
+            raise ValueError(
+                f"{directory} evaluates a {steering.kind} model; the explorer shows fixed steering (a selection at a gamma) and the base model"
+            )
     return effects
 
 
@@ -177,7 +180,7 @@ def explorer_payload(
     """
     kept = report.trajectories
     meta = report.metadata
-    config = meta.get("config", {})
+    config = meta.config
     ranked = report.ranked(signed=True)
     kept_names = {name for name, _, _ in sorted(ranked, key=lambda row: abs(row[1]), reverse=True)[:max_listed]} | set(traces)
     sites = list(report.sites)
@@ -211,17 +214,17 @@ def explorer_payload(
     if len(traces) < len(components):
         limits["notes"].append(f"Traces are shown for {len(traces)} of the {len(components)} listed components (marked with a dot).")
     payload = {
-        "title": title or f"{meta.get('method', '?')} attribution of {config.get('reward', '?')}",
+        "title": title or f"{meta.method or '?'} attribution of {config.get('reward', '?')}",
         "meta": {
-            "method": meta.get("method"),
-            "model": meta.get("model"),
+            "method": meta.method,
+            "model": meta.model,
             "settings": {key: config[key] for key in SHOWN_SETTINGS if key in config},
             "sampling": config.get("sampling"),
-            "effective": meta.get("effective"),
-            "counts": meta.get("counts"),
-            "mean_reward": meta.get("mean_reward"),
-            "wall_time_s": meta.get("wall_time_s"),
-            "completeness": meta.get("completeness"),
+            "effective": plain(meta.effective),
+            "counts": plain(meta.counts),
+            "mean_reward": meta.mean_reward,
+            "wall_time_s": meta.wall_time_s,
+            "completeness": plain(meta.completeness),
         },
         "sites": [{"name": name, **report.sites[name]} for name in sites],
         "components": components,

@@ -1,15 +1,19 @@
 """A model steered any of the library's ways, ready to generate: the one place that decides how.
 
-The base model; fixed steering (a :class:`~ipg_lightning.steering.selection.ComponentSelection` at
-gate value ``gamma``); learned gates (a ``GateSteering`` checkpoint); or an exported checkpoint
-directory (its unfolded gates re-applied on load).
+A :class:`SteeringSource` says what steers: nothing (the base model, or an exported checkpoint
+directory whose unfolded gates are re-applied on load); fixed steering (a
+:class:`~ipg_lightning.steering.selection.ComponentSelection` at gate value ``gamma``); or learned
+gates (a ``GateSteering`` checkpoint). :func:`load_steered_model` loads the model steered by it, with
+a :class:`SteeringDescription` of what was steered: the record that ``metrics.json``, export cards
+and explorer pages carry.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import typing
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from torch import nn
 from transformers import PreTrainedTokenizerBase
@@ -28,6 +32,78 @@ from ipg_lightning.steering.selection import ComponentSelection, gates_for_compo
 DEFAULT_MODEL = "tiny:llama"
 
 
+#: How a model is steered: ``base`` (not at all), ``exported`` (an ``ipg export`` directory), ``fixed``
+#: (a selection at a gamma) or ``learned`` (gates trained by ``ipg steer`` or the demo).
+SteeringKind = Literal["base", "exported", "fixed", "learned"]
+
+
+@dataclass(frozen=True)
+class SteeringSource:
+    """What steers a model: nothing, a selection of components at ``gamma``, or learned gates.
+
+    Args:
+        selection: components for fixed steering: the top of a report (``report`` with ``k`` or
+            ``fraction``, ``signed``, ``per_layer``, ``family``) or names (``components``).
+        gamma: the selected components' gate value.
+        checkpoint: learned gates (and adapter or weight slices) from ``ipg steer``, instead of a selection.
+    """
+
+    selection: ComponentSelection | None = None
+    gamma: float = 1.0
+    checkpoint: str | None = None
+
+    def __post_init__(self) -> None:
+        check_gamma(self.gamma)
+        if self.checkpoint is not None and self.selection is not None:
+            raise ValueError("Give either a steering checkpoint (learned gates) or a selection with gamma, not both")
+        if self.selection is not None:
+            self.selection.check_count()
+
+    @property
+    def steers(self) -> bool:
+        """True if it steers anything (a selection or a checkpoint)."""
+        return self.selection is not None or self.checkpoint is not None
+
+
+@dataclass(frozen=True)
+class SteeringDescription:
+    """What steered a model, as ``metrics.json``, export cards and explorer pages record it.
+
+    Args:
+        kind: how it was steered (:data:`SteeringKind`).
+        model: the model's path or alias.
+        components: the steered components (fixed or learned steering).
+        gamma: their gate value (fixed steering; learned gates have one value each).
+        checkpoint: the steering checkpoint the learned gates came from.
+        report: the report a fixed selection was taken from, with its ``k`` or ``fraction``.
+        k: how many top components were selected.
+        fraction: or what share of them.
+        reward: what learned gates were trained on, where the trainer records it.
+    """
+
+    kind: SteeringKind
+    model: str
+    components: list[str] | None = None
+    gamma: float | None = None
+    checkpoint: str | None = None
+    report: str | None = None
+    k: int | None = None
+    fraction: float | None = None
+    reward: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        """Plain JSON values; unset entries are left out."""
+        return {key: value for key, value in asdict(self).items() if value is not None}
+
+    @classmethod
+    def from_json(cls, payload: dict[str, Any]) -> SteeringDescription:
+        """Read what :meth:`to_json` wrote; unknown entries raise ``TypeError``, an unknown kind ``ValueError``."""
+        description = cls(**payload)
+        if description.kind not in typing.get_args(SteeringKind):
+            raise ValueError(f"steering kind {description.kind!r} is none of {typing.get_args(SteeringKind)}")
+        return description
+
+
 @dataclass
 class SteeredModel:
     """A model, its tokenizer, the gates that steer it (None: unsteered) and a description of how."""
@@ -35,14 +111,14 @@ class SteeredModel:
     model: nn.Module
     tokenizer: PreTrainedTokenizerBase
     gates: ComponentGates | None
-    description: dict[str, Any]
+    description: SteeringDescription
 
 
 def recorded_model(selection: ComponentSelection | None) -> str:
     """The model a selection's report was computed on; :data:`DEFAULT_MODEL` for a selection by name or none."""
     if selection is None or selection.report is None:
         return DEFAULT_MODEL
-    recorded = AttributionReport.load(selection.report).metadata.get("model")
+    recorded = AttributionReport.load(selection.report).metadata.model
     if not recorded or recorded == IN_MEMORY_MODEL:
         raise ValueError(f"The report {selection.report} does not say which model it was computed on: give the model path")
     return recorded
@@ -51,45 +127,34 @@ def recorded_model(selection: ComponentSelection | None) -> str:
 def load_steered_model(
     model_path: str | None = None,
     dtype: str = "float32",
-    selection: ComponentSelection | None = None,
-    gamma: float = 1.0,
-    steering_checkpoint: str | None = None,
+    source: SteeringSource = SteeringSource(),
     allow_other_model: bool = False,
     architecture: ArchitectureSpec | None = None,
 ) -> SteeredModel:
-    """Load a model and steer it by a selection at ``gamma``, or by a learned checkpoint.
+    """Load a model and steer it as ``source`` says.
 
     Args:
         model_path: the model; default: the one the checkpoint or report was made on.
         dtype: weights dtype.
-        selection: components for fixed steering (None: no fixed steering).
-        gamma: their gate value.
-        steering_checkpoint: learned gates (and adapter) from ``ipg steer``, instead of a selection.
+        source: what steers it (default: nothing).
         allow_other_model: apply a report or checkpoint made on a model of another architecture
             (refused by default: component indices would mean other units).
         architecture: module paths of a decoder that is not built in.
     """
-    if steering_checkpoint is not None:
-        if selection is not None:
-            raise ValueError("Give either a steering checkpoint (learned gates) or a selection with gamma, not both")
-        module = load_steering_checkpoint(steering_checkpoint, model=model_path, allow_other_model=allow_other_model)
-        description = {"kind": "learned", "model": module.model_path, "checkpoint": str(steering_checkpoint), "components": module.components}
+    if source.checkpoint is not None:
+        module = load_steering_checkpoint(source.checkpoint, model=model_path, allow_other_model=allow_other_model)
+        description = SteeringDescription("learned", module.model_path, components=list(module.components), checkpoint=str(source.checkpoint))
         return SteeredModel(module.lm, module.tokenizer, module.gates, description)
+    selection = source.selection
     model_path = model_path or recorded_model(selection)
     lm, tokenizer = load_model_and_tokenizer(model_path, dtype)
-    kind = "exported" if (Path(model_path) / CARD_FILE).is_file() else "base"
     if selection is None:
-        return SteeredModel(lm, tokenizer, None, {"kind": kind, "model": model_path})
+        kind = "exported" if (Path(model_path) / CARD_FILE).is_file() else "base"
+        return SteeredModel(lm, tokenizer, None, SteeringDescription(kind, model_path))
     selection.attach_saes(lm, architecture)
     components = selection.resolve(lm, model_path, architecture, allow_other_model)
-    gates = gates_for_components(lm, components, check_gamma(gamma), architecture)
-    description = {
-        "kind": "fixed",
-        "model": model_path,
-        "gamma": gamma,
-        "components": components,
-        "report": selection.report,
-        "k": selection.k,
-        "fraction": selection.fraction,
-    }
+    gates = gates_for_components(lm, components, source.gamma, architecture)
+    description = SteeringDescription(
+        "fixed", model_path, components=components, gamma=source.gamma, report=selection.report, k=selection.k, fraction=selection.fraction
+    )
     return SteeredModel(lm, tokenizer, gates, description)

@@ -65,7 +65,7 @@ class ComponentSelection:
         """The SAEs the selected features need: ``saes`` if given, else those the report recorded."""
         if self.saes or self.report is None or self.family not in (None, "sae_feature"):
             return list(self.saes)  # a selection of another family needs none of the report's SAEs
-        recorded = AttributionReport.load(Path(self.report)).metadata.get("saes", {})
+        recorded = AttributionReport.load(Path(self.report)).metadata.saes
         missing = [path for path in recorded.values() if not Path(path).is_dir()]
         if IN_MEMORY_SAE in missing:
             raise ValueError(f"The report {self.report} used an SAE that was never saved: save it (save_sae) and pass its path as `saes`")
@@ -105,7 +105,7 @@ class ComponentSelection:
         report = AttributionReport.load(Path(self.report))
         if model is not None:
             what = f"The report {self.report}"
-            check_same_model(report.metadata.get("model_identity"), model, model_name, what, allow_other_model)
+            check_same_model(report.metadata.model_identity, model, model_name, what, allow_other_model)
             if not allow_other_model:
                 candidates = {name: site for name, site in report.sites.items() if self.family in (None, site["family"])}
                 check_sites_fit(candidates, model, what, architecture)

@@ -34,7 +34,7 @@ def gamma_sweep(
         return evaluate_generations(base.model, base.tokenizer, batches, sampling, gates, progress=True, description=description).metrics
 
     rows = [{"k": 0, "gamma": 1.0, **evaluate(None, "base")}]
-    model_path = base.description["model"]
+    model_path = base.description.model
     for selection in selections:
         components = selection.resolve(base.model, model_path, architecture, allow_other_model)
         for value in gammas:
