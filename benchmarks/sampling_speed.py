@@ -2,12 +2,14 @@
 
 In one process, conditions interleaved, medians of several repeats: plain Hugging Face sampling
 (temperature, top-p) of a left-padded batch; ``sample_trajectories`` of the same prompts with the
-same settings (one completion each, its reproducible per-completion draws); and the same with gates
-attached on one block's MLP neurons, at 1 and at 0.5. EOS is masked out (a hook on the output
+same settings (one completion each, its reproducible per-completion draws); the same over a static
+KV cache (``kv_cache: static``); and the same with gates attached on one block's MLP neurons, at 1
+and at 0.5. EOS is masked out (a hook on the output
 head, the same in every condition), so every condition generates exactly ``--new-tokens`` per row.
 
     python benchmarks/sampling_speed.py                                   # the shipped tiny reasoner
     python benchmarks/sampling_speed.py --model smollm2 --batch 16         # SmolLM2-135M-Instruct
+    python benchmarks/sampling_speed.py --batch 256 --new-tokens 160       # the demo's evaluation calls
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+from dataclasses import replace
 
 import torch
 
@@ -50,6 +53,7 @@ def main() -> None:
     padded = pad_rows(encoded, [[] for _ in encoded], tokenizer.pad_token_id)
     inputs = {"input_ids": padded["input_ids"].to(args.device), "attention_mask": padded["attention_mask"].to(args.device)}
     config = SamplingConfig(num_samples=1, temperature=args.temperature, top_p=args.top_p, max_new_tokens=args.new_tokens, batch_size=args.batch)
+    static = replace(config, kv_cache="static")
     layer = model.config.num_hidden_layers // 2
     gates_one = ComponentGates.for_model(model, ["mlp_neuron"], [layer]).to(args.device)
     gates_half = ComponentGates.for_model(model, ["mlp_neuron"], [layer], init=0.5).to(args.device)
@@ -66,13 +70,19 @@ def main() -> None:
         )
         return (out.shape[1] - inputs["input_ids"].shape[1]) * out.shape[0]
 
-    def ours(gates: ComponentGates | None = None) -> int:
+    def ours(gates: ComponentGates | None = None, settings: SamplingConfig = config) -> int:
         if gates is None:
-            return sample_trajectories(model, tokenizer, prompts, config).num_completion_tokens
+            return sample_trajectories(model, tokenizer, prompts, settings).num_completion_tokens
         with gates.attach(model):
-            return sample_trajectories(model, tokenizer, prompts, config).num_completion_tokens
+            return sample_trajectories(model, tokenizer, prompts, settings).num_completion_tokens
 
-    conditions = {"plain generate": plain, "ours": ours, "ours, gates at 1": lambda: ours(gates_one), "ours, gates at 0.5": lambda: ours(gates_half)}
+    conditions = {
+        "plain generate": plain,
+        "ours": ours,
+        "ours, static cache": lambda: ours(settings=static),
+        "ours, gates at 1": lambda: ours(gates_one),
+        "ours, gates at 0.5": lambda: ours(gates_half),
+    }
     rates: dict[str, list[float]] = {name: [] for name in conditions}
     with torch.no_grad():
         plain()  # warm-up

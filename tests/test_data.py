@@ -147,6 +147,11 @@ def test_example_seeds_do_not_depend_on_batching():
     seeds_small = [s for batch in small.val_dataloader() for s in batch["seed"].tolist()]
     seeds_large = next(iter(large.val_dataloader()))["seed"].tolist()
     assert seeds_small == seeds_large and len(set(seeds_large)) == 8
+    whole = small.full_batch("test")
+    batches = list(small.test_dataloader())
+    for key in ("id", "prompt", "answer"):
+        assert whole[key] == [value for batch in batches for value in batch[key]]
+    assert whole["seed"].tolist() == [seed for batch in batches for seed in batch["seed"].tolist()]
 
 
 def test_prompt_templates_plain_and_chat():

@@ -125,6 +125,16 @@ def test_per_token_contributions_add_up_for_sae_features(tmp_path, tiny_llama, t
         assert trace["score"] == pytest.approx(_score(report, name), rel=1e-3, abs=1e-6)
 
 
+def test_a_page_without_contributions_shades_activations_and_says_so(tmp_path, tiny_llama, tokenizer):
+    report = _report(tiny_llama, tokenizer)
+    full = embedded_payload(page_for_report(report, tiny_llama, tokenizer, tmp_path / "full.html", components=2).read_text())
+    light = embedded_payload(page_for_report(report, tiny_llama, tokenizer, tmp_path / "light.html", components=2, contributions=False).read_text())
+    assert any("contributions were left out" in note for note in light["limits"]["notes"])
+    for name, trace in light["traces"].items():
+        assert trace["contributions"] is None and trace["activations"] == full["traces"][name]["activations"]
+        assert full["traces"][name]["contributions"] is not None
+
+
 def test_token_activations_equal_a_direct_forward_pass_and_rows_are_where_it_peaks(tmp_path, tiny_llama, tokenizer):
     report = _report(tiny_llama, tokenizer)
     page = page_for_report(report, tiny_llama, tokenizer, tmp_path / "page.html", components=3, trajectories_per_component=16)

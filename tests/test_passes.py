@@ -8,12 +8,15 @@ import torch
 
 from ipg_lightning.attribution.paths import integrate_fixed
 from ipg_lightning.gates.component_gates import ComponentGates
+from ipg_lightning.rollout.passes.frozen_prefix import first_live_block
 from ipg_lightning.rollout.passes.memory import PeakMemory, peak_is_resettable
 from ipg_lightning.rollout.passes.teacher_forced import MemoryLimits, TeacherForcedPasses, padded_tokens, token_chunks
 from ipg_lightning.rollout.sampling import sample_trajectories
 from ipg_lightning.rollout.scoring import backward_weighted_log_likelihood
 from ipg_lightning.rollout.token_log_probs import target_log_probs
 from ipg_lightning.rollout.trajectories import SamplingConfig
+from ipg_lightning.sae import attach_sae, detach_saes
+from ipg_lightning.zoo.tiny import random_sae
 
 PROMPTS = ["Start with 7. Add 5.", "What is 2+3?", "Compute 12*4 now."]
 
@@ -26,7 +29,7 @@ def _scores(model, tokenizer, families, layers, reuse_prefix, path="layer", limi
     trajectories = _sample(model, tokenizer)
     weights = torch.linspace(-1.0, 1.0, len(trajectories))
     gates = ComponentGates.for_model(model, families, layers)
-    passes = TeacherForcedPasses(model, chunk_size, min(layers), limits, reuse_prefix)
+    passes = TeacherForcedPasses(model, chunk_size, first_live_block(model, gates.sites.values()), limits, reuse_prefix)
     with gates.attach(model):
         return integrate_fixed(model, gates, trajectories, weights, path, 0.0, ("gauss_legendre", 4), passes)
 
@@ -52,6 +55,27 @@ def test_replayed_prefix_gives_the_same_scores(family, site_families, tiny_model
     assert sum(float(v.abs().sum()) for v in fresh.values()) > 0
 
 
+@pytest.mark.parametrize("family", ["llama", "gpt2", "qwen2"])
+def test_a_gate_on_a_blocks_output_replays_that_block_too_with_the_same_scores(family, tiny_model, tokenizer, tmp_path):
+    model = tiny_model(family, num_hidden_layers=3)
+    gates = ComponentGates.for_model(model, ["resid_post"], [1])
+    assert first_live_block(model, gates.sites.values()) == 2
+    cached, cached_delta = _scores(model, tokenizer, ["resid_post"], [1], reuse_prefix=True)
+    fresh, fresh_delta = _scores(model, tokenizer, ["resid_post"], [1], reuse_prefix=False)
+    torch.testing.assert_close(cached["blocks.1.hook_resid_post"], fresh["blocks.1.hook_resid_post"], rtol=0, atol=1e-6)
+    assert cached_delta == pytest.approx(fresh_delta, abs=1e-6) and float(fresh["blocks.1.hook_resid_post"].abs().sum()) > 0
+    # the same for the features of an SAE spliced at that output
+    sae = random_sae(d_in=model.config.hidden_size, hook_name="blocks.1.hook_resid_post", d_sae=32, k=4)
+    attach_sae(model, sae)
+    try:
+        cached, cached_delta = _scores(model, tokenizer, ["sae_feature"], [1], reuse_prefix=True)
+        fresh, fresh_delta = _scores(model, tokenizer, ["sae_feature"], [1], reuse_prefix=False)
+    finally:
+        detach_saes(model)
+    torch.testing.assert_close(cached["blocks.1.hook_resid_post.sae"], fresh["blocks.1.hook_resid_post.sae"], rtol=0, atol=1e-6)
+    assert cached_delta == pytest.approx(fresh_delta, abs=1e-6) and float(fresh["blocks.1.hook_resid_post.sae"].abs().sum()) > 0
+
+
 def test_several_layers_and_a_family_path_on_a_deeper_model(tiny_model, tokenizer):
     model = tiny_model("llama", num_hidden_layers=4)
     for path in ("layer", "family"):
@@ -74,6 +98,12 @@ def test_the_frozen_blocks_run_once_per_chunk(tiny_model, tokenizer):
             passes = TeacherForcedPasses(model, 4, 2, reuse_prefix=reuse_prefix)
             integrate_fixed(model, gates, trajectories, torch.ones(6), "layer", 0.0, ("gauss_legendre", 4), passes)
         assert calls == {"below": below, "gated": 12}
+    calls.update(below=0, gated=0)
+    gates = ComponentGates.for_model(model, ["resid_post"], [1])  # on block 1's output: block 1 is frozen too
+    with gates.attach(model):
+        passes = TeacherForcedPasses(model, 4, first_live_block(model, gates.sites.values()), reuse_prefix=True)
+        integrate_fixed(model, gates, trajectories, torch.ones(6), "layer", 0.0, ("gauss_legendre", 4), passes)
+    assert calls == {"below": 2, "gated": 12}
 
 
 @pytest.mark.parametrize(

@@ -2,6 +2,7 @@ import pytest
 import torch
 
 from ipg_lightning.gates.component_gates import ComponentGates
+from ipg_lightning.model.loading import load_model_and_tokenizer
 from ipg_lightning.rollout.sampling import InverseCDFSampler, sample_trajectories
 from ipg_lightning.rollout.scoring import backward_weighted_log_likelihood, completion_log_probs
 from ipg_lightning.rollout.trajectories import SamplingConfig, Trajectories
@@ -27,6 +28,22 @@ def test_samples_do_not_depend_on_batch_composition(model, tokenizer):
         rows = [r for r in range(len(together)) if together.prompt_index[r] == index]
         assert [together.completion_ids[r] for r in rows] == alone.completion_ids
     assert len({tuple(ids) for ids in together.completion_ids}) > len(PROMPTS)  # samples differ
+
+
+@pytest.mark.parametrize("name", ["tiny-reasoner", "tiny:qwen2"])
+def test_a_static_cache_samples_the_same_tokens_as_a_growing_one(name):
+    lm, tokenizer = load_model_and_tokenizer(name)
+    gates = ComponentGates.for_model(lm, ["mlp_neuron"], [1], init=0.5)  # gated generation too
+    prompts = [f"Q: Start with {n}. Add 5. Add 3.\nA:" for n in range(4)]  # the reasoner's template
+    settings = dict(num_samples=3, temperature=1.0, top_p=0.95, max_new_tokens=48, batch_size=12)
+    with gates.attach(lm):
+        grown = sample_trajectories(lm, tokenizer, prompts, SamplingConfig(**settings))
+        static = sample_trajectories(lm, tokenizer, prompts, SamplingConfig(**settings, kv_cache="static"))
+    assert static.completion_ids == grown.completion_ids
+    if name == "tiny-reasoner":  # completions that end at different lengths: the rows finish while others go on
+        assert len({len(ids) for ids in grown.completion_ids}) > 1
+    with pytest.raises(ValueError, match="kv_cache must be dynamic or static"):
+        SamplingConfig(kv_cache="paged")
 
 
 def test_seeds_control_samples(model, tokenizer):

@@ -36,6 +36,7 @@ from ipg_lightning.model.sites import resolve_architecture, unwrap_model
 from ipg_lightning.outputs import check_output_dir
 from ipg_lightning.rewards.completions import reward_matrix
 from ipg_lightning.rewards.functions import load_reward
+from ipg_lightning.rollout.passes.frozen_prefix import first_live_block
 from ipg_lightning.rollout.passes.memory import RunMemory, peak_is_resettable
 from ipg_lightning.rollout.passes.teacher_forced import MemoryLimits, TeacherForcedPasses
 from ipg_lightning.rollout.sampling import sample_trajectories
@@ -181,7 +182,7 @@ class IPGAttribution(ReasoningTask):
 
     def teacher_forced_passes(self, reuse_prefix: bool | None = None) -> TeacherForcedPasses:
         """How the passes over one set of trajectories run: chunks by rows and tokens, replayed and checkpointed blocks."""
-        first_live_layer = min(site.layer for site in self.gates.sites.values())
+        first_live_layer = first_live_block(self.lm, self.gates.sites.values(), self.architecture)
         reuse = self.hparams.reuse_prefix if reuse_prefix is None else reuse_prefix
         local = self.hparams.credit == "local"
         passes = TeacherForcedPasses(self.lm, self.settings.chunk_size, first_live_layer, self.memory, reuse, self.architecture, local)

@@ -202,6 +202,10 @@ class ReasoningDataModule(L.LightningDataModule):
             raise DataSourceError(f"The {split} split of {self.source!r} is empty{asked}: give it examples")
         return datasets.Dataset.from_list([asdict(example) for example in self.examples[split]])
 
+    def full_batch(self, split: str) -> ReasoningBatch:
+        """Every example of ``split`` as one batch, to generate for all of them in as few calls as memory allows."""
+        return self.collate(self.dataset(split).to_list())
+
     def collate(self, rows: list[dict[str, Any]]) -> ReasoningBatch:
         """Batch rows: prompt texts rendered with the template, plus ids, gold answers and seeds."""
         return {

@@ -153,6 +153,7 @@ def explore(
     allow_other_model: bool = False,
     saes: list[str] | None = None,
     progress: bool = True,
+    contributions: bool = True,
 ) -> Path:
     """Write an HTML explorer page for an attribution report that kept its trajectories.
 
@@ -178,6 +179,8 @@ def explore(
             must still have the report's sizes).
         saes: where the report's SAEs are now, if they moved since the attribution (default: where it recorded them).
         progress: show progress bars.
+        contributions: split the scores by token (a replay of the report's whole path integral,
+            the page's main cost); false shades activations only, and the page says so.
     """
     report_path = Path(report_dir).resolve()
     output_path = Path(output) if output else report_path.parent / f"{report_path.name}.html"
@@ -208,7 +211,19 @@ def explore(
     ComponentSelection(report=str(report_path), k=1, saes=tuple(saes or ())).attach_saes(lm, architecture)
     lm.to(replay_device).eval()
     written = page_for_report(
-        report, lm, tokenizer, output_path, effects, components, trajectories_per_component, max_listed, chunk_size, architecture, overwrite, progress
+        report,
+        lm,
+        tokenizer,
+        output_path,
+        effects,
+        components,
+        trajectories_per_component,
+        max_listed,
+        chunk_size,
+        architecture,
+        overwrite,
+        progress,
+        contributions=contributions,
     )
     print(f"wrote {written} ({len(report.trajectories)} kept trajectories replayed); open it in a browser")
     return written
@@ -228,6 +243,7 @@ def page_for_report(
     overwrite: bool = False,
     progress: bool = False,
     title: str | None = None,
+    contributions: bool = True,
 ) -> Path:
     """The page for a report held in memory, over its model already loaded (SAEs attached); see :func:`explore`."""
     if report.trajectories is None:
@@ -236,6 +252,8 @@ def page_for_report(
     sites = {name: find_site(model, name, architecture) for name in report.sites}
     check_replayable(report, model, sites)
     path, reason = score_path(report)
+    if path is not None and not contributions:
+        path, reason = None, "Per-token contributions were left out (contributions false); ipg explore computes them by default."
     chosen = traced_components(report, sites, components)
     chunk_size = chunk_size or int(report.metadata.config.get("chunk_size", 8))
     traces = trace_components(model, sites, chosen, report.trajectories, path, trajectories_per_component, chunk_size, progress, architecture)

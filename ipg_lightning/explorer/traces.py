@@ -35,6 +35,7 @@ from ipg_lightning.gates.component_gates import parse_component_name
 from ipg_lightning.model.families import ArchitectureSpec
 from ipg_lightning.model.hooks import site_hooks
 from ipg_lightning.model.sites import Site, unwrap_model
+from ipg_lightning.rollout.passes.frozen_prefix import first_live_block
 from ipg_lightning.rollout.passes.teacher_forced import TeacherForcedPasses
 from ipg_lightning.rollout.scoring import completion_log_probs, frozen_parameters
 from ipg_lightning.rollout.trajectories import Trajectories
@@ -246,7 +247,7 @@ def _fill_contributions(
     groups = [group for group in path.groups if any(name in by_site for name in group)]
     passes = [(group, alpha, weight) for group in groups for alpha, weight in zip(alphas, weights, strict=True)]
     # the blocks below the lowest moving site are frozen: replayed from the first pass, as attribution does
-    first_live_layer = min(sites[name].layer for group in groups for name in group)
+    first_live_layer = first_live_block(model, [sites[name] for group in groups for name in group], architecture)
     replay = TeacherForcedPasses(model, chunk_size, first_live_layer, reuse_prefix=True, architecture=architecture)
     for group, alpha, weight in tqdm(passes, desc="explorer: per-token contributions", disable=None if progress else True, leave=False):
         gate = path.baseline + alpha * (1 - path.baseline)

@@ -40,7 +40,7 @@ def carried_gates(model: nn.Module) -> ComponentGates | None:
     return vars(unwrap_model(model)).get(CARRIED_GATES_ATTRIBUTE)
 
 
-def read_steering_gates(path: str | Path, model: nn.Module) -> ComponentGates | None:
+def load_steering_gates(path: str | Path, model: nn.Module) -> ComponentGates | None:
     """The unfoldable gates of an export directory for ``model`` (None if it has none).
 
     The steering file names each site's module; files written before it did are matched to the model's
@@ -108,7 +108,7 @@ def load_steered(path: str | Path, **from_pretrained_kwargs: Any) -> PreTrainedM
         damaged = [name for name, tensor in model.state_dict().items() if tensor.is_floating_point() and not torch.isfinite(tensor).all()]
         if damaged:
             raise ValueError(f"the export {path} holds non-finite weights (NaN or inf) in {damaged[:3]}; export it again")
-    gates = read_steering_gates(path, model)
+    gates = load_steering_gates(path, model)
     if gates is not None:
         # The hooks hold the gates (kept off the module tree, so a re-save stays plain) and move
         # them to each activation's device, so model.to(...) keeps working. A later export keeps them.

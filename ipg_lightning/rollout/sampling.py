@@ -126,6 +126,7 @@ def sample_trajectories(
         eos_token_id=eos_ids,
         pad_token_id=pad_id,
         stop_strings=list(config.stop_strings) or None,
+        cache_implementation="static" if config.kv_cache == "static" else None,
     )
     device = next(unwrap_model(model).parameters()).device
     decode = lambda ids: tokenizer.decode(ids, skip_special_tokens=False)  # noqa: E731

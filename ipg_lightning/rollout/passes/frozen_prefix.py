@@ -6,11 +6,16 @@ records, on the first pass over a chunk, what block l-1 hands on, and on every l
 chunk replaces blocks 0..l-1 by stubs: block l-1 returns the recorded output, the blocks below it
 return their input untouched (their output is ignored). The model's own forward still runs (the
 embedding, masks and position embeddings are cheap), so nothing is re-implemented per architecture.
+
+A gate on a block's output (the residual stream after block l, or an SAE spliced there) cannot
+change block l itself either: :func:`first_live_block` counts it frozen too. The recording runs
+before any other hook on the block, so it keeps the ungated output, and the gate's own hook still
+edits the replayed one.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -18,7 +23,17 @@ import torch
 from torch import nn
 
 from ipg_lightning.model.families import ArchitectureSpec
-from ipg_lightning.model.sites import resolve_architecture, unwrap_model
+from ipg_lightning.model.sites import Site, resolve_architecture, unwrap_model
+
+
+def first_live_block(model: nn.Module, sites: Iterable[Site], architecture: ArchitectureSpec | None = None) -> int:
+    """The lowest block whose computation a gate at ``sites`` can change.
+
+    A gate inside block l (a neuron, a head, a sub-layer's output) makes block l live; a gate on block
+    l's own output leaves it frozen, so the lowest live block is l + 1.
+    """
+    blocks = resolve_architecture(model, architecture).layers
+    return min(site.layer + (site.module_path == f"{blocks}.{site.layer}" and not site.hooks_input) for site in sites)
 
 
 def _first_tensor(output: Any) -> torch.Tensor:
@@ -36,7 +51,7 @@ class FrozenPrefix:
     Args:
         model: the model (plain or PEFT-wrapped); the blocks below ``first_live_layer`` must not be
             gated or trained while the cache is in use.
-        first_live_layer: the lowest block that holds a gate; 0 disables caching.
+        first_live_layer: the lowest block a gate can change (:func:`first_live_block`); 0 disables caching.
         architecture: module paths of a decoder that is not built in.
     """
 
@@ -69,7 +84,8 @@ class FrozenPrefix:
     @contextmanager
     def _recording(self, key: Any) -> Iterator[None]:
         outputs: list[Any] = []
-        handles = [block.register_forward_hook(lambda module, args, output: outputs.append(output)) for block in self.blocks]
+        # first among the block's hooks: a gate hooked on the last frozen block's output must not be recorded
+        handles = [block.register_forward_hook(lambda module, args, output: outputs.append(output), prepend=True) for block in self.blocks]
         try:
             yield
         finally:
