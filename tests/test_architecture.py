@@ -153,7 +153,7 @@ def test_a_new_method_is_one_class_and_the_module_needs_no_change(monkeypatch, t
     report = run_attribution(module, data, enable_progress_bar=False)
     assert report.select(k=1) == ["blocks.1.attn.hook_z[0]"]
     assert report.metadata.method == "first_component" and report.metadata.counts.prompts == 2
-    assert "completeness" not in report.metadata
+    assert report.metadata.completeness is None
 
 
 def test_ipg_help_lists_every_command_without_importing_any():

@@ -15,7 +15,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from ipg_lightning.model.identity import check_same_model
+from ipg_lightning.model.identity import check_same_model, model_identity
+from ipg_lightning.task import plain
 
 if TYPE_CHECKING:
     from ipg_lightning.steering.learned import GateSteering
@@ -33,6 +34,18 @@ def check_resume_settings(recorded: dict[str, Any], current: dict[str, Any]) -> 
             f"Cannot resume with changed optimizer settings ({'; '.join(changed)}): the checkpoint's optimizer state keeps "
             "its own, so the new values would be recorded but not used. Resume with the checkpoint's values, or start a new run"
         )
+
+
+def steering_record(module: GateSteering) -> dict[str, Any]:
+    """What a checkpoint records under :data:`STEERING_KEY`: the steered components, the model's name and
+    identity, and where the fine-tune sits (the adapter's settings, or the trained weight slices)."""
+    return {
+        "components": module.components,
+        "model": module.model_path,
+        "model_identity": model_identity(module.lm, module.model_path),
+        "lora": plain(module.lora) if module.lora else None,
+        **module.fine_tune.record(),
+    }
 
 
 def check_resumable(checkpoint: dict[str, Any], module: GateSteering, resumed: str | None = None) -> None:

@@ -28,7 +28,7 @@ from ipg_lightning.data import ReasoningBatch
 from ipg_lightning.gates.component_gates import ComponentGates
 from ipg_lightning.metrics import ReasoningMetrics
 from ipg_lightning.model.families import ArchitectureSpec
-from ipg_lightning.model.identity import IN_MEMORY_MODEL, check_same_model, model_identity
+from ipg_lightning.model.identity import IN_MEMORY_MODEL, check_same_model
 from ipg_lightning.model.loading import load_model_and_tokenizer
 from ipg_lightning.rewards.completions import completions_of
 from ipg_lightning.rewards.functions import DeferredReward, Reward, reasoning_length
@@ -40,6 +40,7 @@ from ipg_lightning.steering.checkpoint import (
     check_checkpoint_tensors,
     check_resumable,
     read_steering_checkpoint,
+    steering_record,
 )
 from ipg_lightning.steering.finetune.fine_tune import FineTune, keep_deltas_float32
 from ipg_lightning.steering.finetune.lora import LoraSettings
@@ -257,13 +258,7 @@ class GateSteering(ReasoningTask):
         """Drop the frozen base model from the checkpoint; record the steered components; never save NaN gates."""
         self.gates.check_finite(f"at step {self.global_step}")
         checkpoint["state_dict"] = self.trainable_state()
-        checkpoint[STEERING_KEY] = {
-            "components": self.components,
-            "model": self.model_path,
-            "model_identity": model_identity(self.lm, self.model_path),
-            "lora": plain(self.lora) if self.lora else None,
-            **self.fine_tune.record(),
-        }
+        checkpoint[STEERING_KEY] = steering_record(self)
 
     @classmethod
     def load_from_checkpoint(cls, checkpoint_path: Any, *args: Any, trust_reward: bool = False, **kwargs: Any) -> GateSteering:
