@@ -11,15 +11,9 @@ from __future__ import annotations
 import pickle
 import zipfile
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
-
-from ipg_lightning.model.identity import check_same_model, model_identity
-from ipg_lightning.task import plain
-
-if TYPE_CHECKING:
-    from ipg_lightning.steering.learned import GateSteering
 
 STEERING_KEY = "ipg_steering"
 #: Settings whose checkpointed optimizer state a resumed run keeps: a new value would be recorded but not used.
@@ -34,34 +28,6 @@ def check_resume_settings(recorded: dict[str, Any], current: dict[str, Any]) -> 
             f"Cannot resume with changed optimizer settings ({'; '.join(changed)}): the checkpoint's optimizer state keeps "
             "its own, so the new values would be recorded but not used. Resume with the checkpoint's values, or start a new run"
         )
-
-
-def steering_record(module: GateSteering) -> dict[str, Any]:
-    """What a checkpoint records under :data:`STEERING_KEY`: the steered components, the model's name and
-    identity, and where the fine-tune sits (the adapter's settings, or the trained weight slices)."""
-    return {
-        "components": module.components,
-        "model": module.model_path,
-        "model_identity": model_identity(module.lm, module.model_path),
-        "lora": plain(module.lora) if module.lora else None,
-        **module.fine_tune.record(),
-    }
-
-
-def check_resumable(checkpoint: dict[str, Any], module: GateSteering, resumed: str | None = None) -> None:
-    """Refuse a checkpoint that steers other components or another model than ``module``, holds tensors it does not
-    train, or (when resuming from ``resumed``) was trained with other optimizer settings, which its optimizer state carries."""
-    steering = checkpoint.get(STEERING_KEY, {})
-    what = f"The checkpoint to resume from ({resumed})" if resumed else "The checkpoint to resume from"
-    saved = steering.get("components")
-    if saved is not None and module.components and saved != module.components:
-        raise ValueError(f"{what} steers {saved[:5]}..., but this run selected {module.components[:5]}...")
-    if module.lm is not None:
-        check_same_model(steering.get("model_identity"), module.lm, module.model_path, what)
-        module.fine_tune.check_matches(steering, what)
-        check_checkpoint_tensors(checkpoint.get("state_dict", {}), module.trainable_state(), what)
-    if module._trainer is not None and "optimizer_states" in checkpoint:
-        check_resume_settings(checkpoint.get("hyper_parameters", {}), dict(module.hparams))
 
 
 class SteeringCheckpointError(ValueError):

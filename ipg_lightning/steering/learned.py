@@ -28,7 +28,7 @@ from ipg_lightning.data import ReasoningBatch
 from ipg_lightning.gates.component_gates import ComponentGates
 from ipg_lightning.metrics import ReasoningMetrics
 from ipg_lightning.model.families import ArchitectureSpec
-from ipg_lightning.model.identity import IN_MEMORY_MODEL, check_same_model
+from ipg_lightning.model.identity import IN_MEMORY_MODEL, check_same_model, model_identity
 from ipg_lightning.model.loading import load_model_and_tokenizer
 from ipg_lightning.rewards.completions import completions_of
 from ipg_lightning.rewards.functions import DeferredReward, Reward, reasoning_length
@@ -38,9 +38,8 @@ from ipg_lightning.steering.checkpoint import (
     STEERING_KEY,
     SteeringCheckpointError,
     check_checkpoint_tensors,
-    check_resumable,
+    check_resume_settings,
     read_steering_checkpoint,
-    steering_record,
 )
 from ipg_lightning.steering.finetune.fine_tune import FineTune, keep_deltas_float32
 from ipg_lightning.steering.finetune.lora import LoraSettings
@@ -274,6 +273,34 @@ class GateSteering(ReasoningTask):
         """Check that the checkpoint steers the same components of the same model as this module, holds only what
         trains, and (when resuming) was trained with the same optimizer settings, which its optimizer state carries."""
         check_resumable(checkpoint, self, getattr(self._trainer, "ckpt_path", None) if self._trainer is not None else None)
+
+
+def steering_record(module: GateSteering) -> dict[str, Any]:
+    """What a checkpoint records under :data:`STEERING_KEY`: the steered components, the model's name and
+    identity, and where the fine-tune sits (the adapter's settings, or the trained weight slices)."""
+    return {
+        "components": module.components,
+        "model": module.model_path,
+        "model_identity": model_identity(module.lm, module.model_path),
+        "lora": plain(module.lora) if module.lora else None,
+        **module.fine_tune.record(),
+    }
+
+
+def check_resumable(checkpoint: dict[str, Any], module: GateSteering, resumed: str | None = None) -> None:
+    """Refuse a checkpoint that steers other components or another model than ``module``, holds tensors it does not
+    train, or (when resuming from ``resumed``) was trained with other optimizer settings, which its optimizer state carries."""
+    steering = checkpoint.get(STEERING_KEY, {})
+    what = f"The checkpoint to resume from ({resumed})" if resumed else "The checkpoint to resume from"
+    saved = steering.get("components")
+    if saved is not None and module.components and saved != module.components:
+        raise ValueError(f"{what} steers {saved[:5]}..., but this run selected {module.components[:5]}...")
+    if module.lm is not None:
+        check_same_model(steering.get("model_identity"), module.lm, module.model_path, what)
+        module.fine_tune.check_matches(steering, what)
+        check_checkpoint_tensors(checkpoint.get("state_dict", {}), module.trainable_state(), what)
+    if module._trainer is not None and "optimizer_states" in checkpoint:
+        check_resume_settings(checkpoint.get("hyper_parameters", {}), dict(module.hparams))
 
 
 def load_steering_checkpoint(path: str | Path, model: str | None = None, trust_reward: bool = False, allow_other_model: bool = False) -> GateSteering:
