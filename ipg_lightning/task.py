@@ -18,7 +18,7 @@ from transformers import PreTrainedTokenizerBase
 
 from ipg_lightning.model.families import ArchitectureSpec
 from ipg_lightning.model.identity import IN_MEMORY_MODEL
-from ipg_lightning.model.loading import load_model_and_tokenizer
+from ipg_lightning.model.loading import load_model_and_tokenizer, model_directory
 
 
 def plain(value: Any) -> Any:
@@ -50,7 +50,7 @@ class ReasoningTask(L.LightningModule):
 
     def __init__(self, model_path: str | None, dtype: str = "float32", architecture: ArchitectureSpec | dict | None = None) -> None:
         super().__init__()
-        self.model_path = model_path
+        self.model_path = model_directory(model_path) if model_path else model_path  # the directory a shipped name stands for
         self.weights_dtype = dtype
         self.architecture = ArchitectureSpec(**architecture) if isinstance(architecture, dict) else architecture
         self.lm: nn.Module | None = None

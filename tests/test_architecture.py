@@ -180,11 +180,18 @@ def test_the_wheel_carries_the_shipped_models_so_the_demo_runs_from_an_install(t
     assert "ipg_lightning/explorer/page.html" in names
 
 
-def test_the_shipped_reasoners_load_by_their_alias():
-    from ipg_lightning.model.loading import MODEL_ALIASES, load_model_and_tokenizer
-    from ipg_lightning.zoo.reasoner import SHIPPED_MODELS
+def test_the_shipped_reasoners_load_by_name_and_are_recorded_as_their_directory():
+    from ipg_lightning.model.identity import same_model_name
+    from ipg_lightning.model.loading import MODEL_DIRECTORIES, load_model_and_tokenizer, model_directory
+    from ipg_lightning.zoo.reasoner import TINY_REASONER_PATH, TINY_REASONER_RL_PATH
 
-    assert set(SHIPPED_MODELS) <= set(MODEL_ALIASES)
-    for alias, path in SHIPPED_MODELS.items():
-        model, tokenizer = load_model_and_tokenizer(alias)
+    assert {name: model_directory(name) for name in MODEL_DIRECTORIES} == {
+        "tiny-reasoner": TINY_REASONER_PATH,
+        "tiny-reasoner-rl": TINY_REASONER_RL_PATH,
+    }
+    for name, path in (("tiny-reasoner", TINY_REASONER_PATH), ("tiny-reasoner-rl", TINY_REASONER_RL_PATH)):
+        model, tokenizer = load_model_and_tokenizer(name)
         assert Path(model.config._name_or_path) == Path(path) and tokenizer.chat_template.startswith("Q: ")
+        assert same_model_name(name, path) and same_model_name(path, name)
+    assert not same_model_name("tiny-reasoner", TINY_REASONER_RL_PATH)
+    assert IPGAttribution(model_path="tiny-reasoner").model_path == TINY_REASONER_PATH  # what reports record

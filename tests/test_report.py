@@ -4,6 +4,7 @@ from functools import partial
 import pytest
 import torch
 
+from ipg_lightning.attribution.metadata import ReportCounts
 from ipg_lightning.attribution.plots import plot_report
 from ipg_lightning.attribution.report import AttributionReport
 
@@ -55,6 +56,25 @@ def test_save_and_load_round_trip_with_plot(tmp_path):
         report.save(tmp_path / "report")
     with pytest.raises(FileNotFoundError, match="not an attribution report: attribution.safetensors is missing"):
         AttributionReport.load(tmp_path)
+
+
+def test_entries_another_version_wrote_are_left_out_with_a_warning(tmp_path, caplog):
+    report = _report()
+    report.metadata.counts = ReportCounts(prompts=2, trajectories=8)
+    report.save(tmp_path / "report")
+    path = tmp_path / "report" / "attribution.json"
+    payload = json.loads(path.read_text())
+    payload["counts"]["correct_trajectories"] = 5  # an entry an earlier version wrote
+    payload["future_entry"] = {"x": 1}
+    path.write_text(json.dumps(payload))
+    loaded = AttributionReport.load(tmp_path / "report")
+    assert loaded.metadata.counts == ReportCounts(prompts=2, trajectories=8) and loaded.metadata == report.metadata
+    assert "future_entry" in caplog.text and "correct_trajectories" in caplog.text
+    del payload["counts"]["prompts"], payload["future_entry"]
+    payload["completeness"] = {"sum_of_scores": 1.0}  # a block without the entries it needs
+    path.write_text(json.dumps(payload))
+    with pytest.raises(ValueError, match="attribution.json cannot be read .*lacks an entry.*run the attribution again"):
+        AttributionReport.load(tmp_path / "report")
 
 
 def test_mismatched_scores_are_rejected():

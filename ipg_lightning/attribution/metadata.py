@@ -8,8 +8,11 @@ its attributes, never ``.get()`` chains on a dict. The run's settings stay a pla
 
 from __future__ import annotations
 
+import logging
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
+
+log = logging.getLogger(__name__)
 
 #: The entry of ``attribution.json`` holding the SHA-256 of ``trajectories.json``.
 TRAJECTORIES_DIGEST = "trajectories_sha256"
@@ -109,16 +112,22 @@ class ReportMetadata:
 
     @classmethod
     def from_json(cls, payload: dict[str, Any]) -> ReportMetadata:
-        """Read what :meth:`to_json` wrote; an unknown entry or a block of the wrong shape raises ``ValueError``."""
-        known = {entry.name for entry in fields(cls)}
-        unknown = sorted(set(payload) - known)
-        if unknown:
-            raise ValueError(f"unknown entries {unknown}")
-        values = dict(payload)
+        """Read what :meth:`to_json` wrote. Entries this version does not know (another version wrote them)
+        are left out with a warning; a block missing an entry it needs raises ``ValueError``."""
+        values = _known(cls, payload, "the report")
         try:
             for key, kind in (("counts", ReportCounts), ("completeness", Completeness), ("effective", Quadrature)):
                 if isinstance(values.get(key), dict):
-                    values[key] = kind(**values[key])
+                    values[key] = kind(**_known(kind, values[key], f"the report's {key}"))
         except TypeError as error:
-            raise ValueError(f"a block has other entries than expected ({error})") from None
+            raise ValueError(f"a block lacks an entry ({error})") from None
         return cls(**values)
+
+
+def _known(kind: type, entries: dict[str, Any], where: str) -> dict[str, Any]:
+    """The entries of ``entries`` that are fields of the dataclass ``kind``; the others are named in a warning."""
+    known = {entry.name for entry in fields(kind)}
+    unknown = sorted(set(entries) - known)
+    if unknown:
+        log.warning("%s has entries this version does not read, left out: %s", where, unknown)
+    return {key: value for key, value in entries.items() if key in known}

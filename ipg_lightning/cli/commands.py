@@ -17,7 +17,7 @@ from ipg_lightning.data import ReasoningDataModule
 from ipg_lightning.data.sources import SPLITS
 from ipg_lightning.evaluation import evaluate_generations
 from ipg_lightning.model.families import ArchitectureSpec
-from ipg_lightning.model.identity import ModelMismatchError, describe, model_identity
+from ipg_lightning.model.identity import ModelMismatchError, describe, model_identity, same_model_name
 from ipg_lightning.outputs import atomic_directory, atomic_write_json, atomic_write_text, check_output_dir, strict_json
 from ipg_lightning.rollout.trajectories import SamplingConfig
 from ipg_lightning.steering.export import export_steered_model
@@ -203,7 +203,7 @@ def _check_evaluation_matches(evaluation: dict[str, Any], steered: SteeredModel,
     if not isinstance(recorded, dict):
         raise ValueError(f"--metrics {path} records no model identity, so it cannot be told to describe this export: evaluate it again")
     actual = model_identity(steered.model, steered.description.model)
-    if recorded.get("config_hash") != actual["config_hash"] or recorded.get("name") != actual["name"]:
+    if recorded.get("config_hash") != actual["config_hash"] or not same_model_name(recorded.get("name"), actual["name"]):
         raise ModelMismatchError(f"--metrics {path} measured {describe(recorded)}, but the export is of {describe(actual)}")
     measured, exported = evaluation["steering"], steered.description.to_json()
     differs = [key for key in _STEERING_KEYS if _comparable(measured.get(key)) != _comparable(exported.get(key))]

@@ -22,10 +22,10 @@ from ipg_lightning.attribution.methods import METHODS, methods_that
 from ipg_lightning.attribution.paths import site_path_groups
 from ipg_lightning.attribution.report import AttributionReport
 from ipg_lightning.checks import check_at_least
-from ipg_lightning.explorer.payload import Effects, explorer_payload, read_evaluations, same_model_name
+from ipg_lightning.explorer.payload import Effects, explorer_payload, read_evaluations
 from ipg_lightning.explorer.traces import ScorePath, trace_components
 from ipg_lightning.model.families import ArchitectureSpec
-from ipg_lightning.model.identity import IN_MEMORY_MODEL, check_same_model
+from ipg_lightning.model.identity import IN_MEMORY_MODEL, check_same_model, same_model_name
 from ipg_lightning.model.loading import load_model_and_tokenizer
 from ipg_lightning.model.sites import Site, find_site, unwrap_model
 from ipg_lightning.outputs import atomic_write_text, check_writable, read_manifest

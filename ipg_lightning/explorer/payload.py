@@ -18,7 +18,7 @@ from transformers import PreTrainedTokenizerBase
 
 from ipg_lightning.attribution.report import AttributionReport
 from ipg_lightning.explorer.traces import ComponentTrace
-from ipg_lightning.model.identity import ModelMismatchError, check_same_identity
+from ipg_lightning.model.identity import ModelMismatchError, check_same_identity, same_model_name
 from ipg_lightning.steering.loading import SteeringDescription
 from ipg_lightning.task import plain
 
@@ -125,15 +125,6 @@ def _check_evaluated_model(evaluated: Any, identity: dict[str, Any] | None, dire
     if not allow_other_model:
         raise ModelMismatchError(f"{message}: its metrics are not the effect of steering the report's model; give evaluations of that model")
     logger.warning("%s; showing its metrics because allow_other_model is set", message)
-
-
-def same_model_name(first: Any, second: Any) -> bool:
-    """Whether two recorded model names are the same model: equal, or the same local directory."""
-    if first == second:
-        return True
-    if not (isinstance(first, str) and isinstance(second, str)):
-        return False
-    return Path(first).is_dir() and Path(second).is_dir() and Path(first).resolve() == Path(second).resolve()
 
 
 def _rounded(value: Any) -> Any:

@@ -14,11 +14,13 @@ import hashlib
 import json
 import logging
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 from torch import nn
 
 from ipg_lightning.model.families import FAMILIES, UnsupportedArchitectureError
+from ipg_lightning.model.loading import model_directory
 from ipg_lightning.model.sites import discover_sites, unwrap_model
 
 log = logging.getLogger(__name__)
@@ -86,6 +88,17 @@ def model_identity(model: nn.Module, name: str) -> dict[str, Any]:
         "hidden_size": getattr(config, "hidden_size", None),
         "site_sizes": site_sizes(model),
     }
+
+
+def same_model_name(first: Any, second: Any) -> bool:
+    """Whether two recorded model names are the same model: equal, or the same local directory (a shipped
+    model's name, ``tiny-reasoner``, is its directory)."""
+    if first == second:
+        return True
+    if not (isinstance(first, str) and isinstance(second, str)):
+        return False
+    first, second = Path(model_directory(first)), Path(model_directory(second))
+    return first.is_dir() and second.is_dir() and first.resolve() == second.resolve()
 
 
 def describe(identity: Mapping[str, Any]) -> str:

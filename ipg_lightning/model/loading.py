@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import importlib
 import json
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -16,10 +15,15 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, P
 #: auto classes map names), so this ground-floor loader knows of the model zoo without importing it.
 #: A key ending in ``:`` is a prefix (``tiny:llama``); any other key is a whole name.
 MODEL_ALIASES: dict[str, str] = {
-    "tiny-reasoner": "ipg_lightning.zoo.reasoner:load_shipped_reasoner",
-    "tiny-reasoner-rl": "ipg_lightning.zoo.reasoner:load_shipped_reasoner",
     "smollm2": "ipg_lightning.zoo.smollm2:load_smollm2",
     "tiny:": "ipg_lightning.zoo.tiny:load_tiny",
+}
+#: Model names that stand for a directory shipped with the package (``module:CONSTANT``). They are
+#: resolved before anything loads, so reports, evaluations and checkpoints record the directory, the
+#: same as when it is given as a path.
+MODEL_DIRECTORIES: dict[str, str] = {
+    "tiny-reasoner": "ipg_lightning.zoo.reasoner:TINY_REASONER_PATH",
+    "tiny-reasoner-rl": "ipg_lightning.zoo.reasoner:TINY_REASONER_RL_PATH",
 }
 #: A directory written by ``ipg export`` (one of these files, or this ``config.json`` entry) is read by
 #: :data:`EXPORT_READER`, which re-applies the gates that could not fold; other directories load plainly.
@@ -49,6 +53,7 @@ def load_model_and_tokenizer(name_or_path: str, dtype: str = "float32") -> tuple
     """
     if dtype not in DTYPES:
         raise ValueError(f"Unknown dtype {dtype!r}; choose from {sorted(DTYPES)}")
+    name_or_path = model_directory(name_or_path)
     alias = next((key for key in MODEL_ALIASES if name_or_path == key or (key.endswith(":") and name_or_path.startswith(key))), None)
     if alias is not None:
         return _imported(MODEL_ALIASES[alias])(name_or_path, dtype)
@@ -59,6 +64,11 @@ def load_model_and_tokenizer(name_or_path: str, dtype: str = "float32") -> tuple
     except (OSError, ValueError) as error:
         raise ModelLoadError(f"Cannot load model {name_or_path!r}: {_one_line(error)}.{_offline_hint(name_or_path)}") from None
     return model, load_tokenizer(name_or_path)
+
+
+def model_directory(name: str) -> str:
+    """The directory a name of :data:`MODEL_DIRECTORIES` stands for (``tiny-reasoner``); any other name unchanged."""
+    return str(_imported(MODEL_DIRECTORIES[name])) if name in MODEL_DIRECTORIES else name
 
 
 def is_export(path: str | Path) -> bool:
@@ -72,8 +82,8 @@ def is_export(path: str | Path) -> bool:
         return False
 
 
-def _imported(reference: str) -> Callable[..., Any]:
-    """The function a ``module:function`` reference names."""
+def _imported(reference: str) -> Any:
+    """The object (a function, a constant) a ``module:name`` reference names."""
     module, _, name = reference.partition(":")
     return getattr(importlib.import_module(module), name)
 

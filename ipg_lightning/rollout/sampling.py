@@ -127,6 +127,9 @@ def sample_trajectories(
         pad_token_id=pad_id,
         stop_strings=list(config.stop_strings) or None,
         cache_implementation="static" if config.kv_cache == "static" else None,
+        # transformers compiles the forward (CUDA graphs) on a GPU with a static cache: hooks placed later
+        # (gates, SAE splices) would not be seen by the compiled graph, so it stays eager
+        disable_compile=True,
     )
     device = next(unwrap_model(model).parameters()).device
     decode = lambda ids: tokenizer.decode(ids, skip_special_tokens=False)  # noqa: E731

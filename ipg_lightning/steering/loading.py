@@ -24,7 +24,7 @@ from ipg_lightning.gates.component_gates import ComponentGates
 from ipg_lightning.gates.exported import CARD_FILE
 from ipg_lightning.model.families import ArchitectureSpec
 from ipg_lightning.model.identity import IN_MEMORY_MODEL
-from ipg_lightning.model.loading import load_model_and_tokenizer
+from ipg_lightning.model.loading import load_model_and_tokenizer, model_directory
 from ipg_lightning.steering.learned import load_steering_checkpoint
 from ipg_lightning.steering.selection import ComponentSelection, gates_for_components
 
@@ -146,7 +146,7 @@ def load_steered_model(
         description = SteeringDescription("learned", module.model_path, components=list(module.components), checkpoint=str(source.checkpoint))
         return SteeredModel(module.lm, module.tokenizer, module.gates, description)
     selection = source.selection
-    model_path = model_path or recorded_model(selection)
+    model_path = model_directory(model_path or recorded_model(selection))
     lm, tokenizer = load_model_and_tokenizer(model_path, dtype)
     if selection is None:
         kind = "exported" if (Path(model_path) / CARD_FILE).is_file() else "base"

@@ -13,13 +13,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import AutoConfig, AutoModelForCausalLM
 
 from ipg_lightning.checks import check_at_least
 from ipg_lightning.data import ArithmeticChainTask, ReasoningBatch, ReasoningDataModule
 from ipg_lightning.evaluation import evaluate_generations
 from ipg_lightning.metrics import ReasoningAccuracy
-from ipg_lightning.model.loading import load_model_and_tokenizer
 from ipg_lightning.outputs import atomic_directory, atomic_write_json, atomic_write_text
 from ipg_lightning.rollout.sampling import sample_trajectories
 from ipg_lightning.rollout.scoring import mean_completion_nll
@@ -33,22 +32,15 @@ from ipg_lightning.zoo.tiny import tiny_tokenizer
 TINY_REASONER_TASK = ArithmeticChainTask(min_steps=1, max_steps=4, max_operand=9, reflection_probability=0.25, seed=0)
 #: The shipped checkpoints are package data, so a clone, an editable install and a wheel all have them.
 SHIPPED_CHECKPOINTS = Path(__file__).resolve().parent / "checkpoints"
-#: The shipped reasoner (recipes/train_tiny_reasoner.yaml); model alias ``tiny-reasoner``.
+#: The shipped reasoner (recipes/train_tiny_reasoner.yaml); model name ``tiny-reasoner`` (:data:`~ipg_lightning.model.loading.MODEL_DIRECTORIES`).
 TINY_REASONER_PATH = str(SHIPPED_CHECKPOINTS / "tiny-reasoner")
 #: The shipped reasoner after policy-gradient fine-tuning (recipes/steer_tiny_reasoner_rl.yaml, merged); alias ``tiny-reasoner-rl``.
 TINY_REASONER_RL_PATH = str(SHIPPED_CHECKPOINTS / "tiny-reasoner-rl")
 #: The shipped TopK SAE on the reasoner's residual stream after block 2 (recipes/train_tiny_sae.yaml).
 TINY_REASONER_SAE_PATH = str(SHIPPED_CHECKPOINTS / "tiny-reasoner-sae")
-#: The model aliases of the shipped reasoners, to their directories.
-SHIPPED_MODELS = {"tiny-reasoner": TINY_REASONER_PATH, "tiny-reasoner-rl": TINY_REASONER_RL_PATH}
 
 #: The reasoner sees "Q: <question>\nA:" (the instruction of the prompt template is dropped).
 REASONER_CHAT_TEMPLATE = "Q: {{ messages[-1]['content'].split('\n\n')[-1] }}\nA:"
-
-
-def load_shipped_reasoner(name: str, dtype: str = "float32") -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """``model: tiny-reasoner`` (or ``tiny-reasoner-rl``): a shipped reasoner checkpoint and its tokenizer."""
-    return load_model_and_tokenizer(SHIPPED_MODELS[name], dtype)
 
 
 def reasoner_tokenizer():
