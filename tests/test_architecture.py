@@ -167,6 +167,26 @@ def test_ipg_help_lists_every_command_without_importing_any():
         assert callable(command.load()) and command.load().__doc__, name
 
 
+@pytest.mark.parametrize(
+    "arguments, message",
+    [(["--k", "0"], "k must be >= 1"), (["--preset", "nope"], "nope"), (["--gamma_amplify", "-1"], "gamma_amplify"), (["--family", "x"], "family")],
+)
+def test_ipg_demo_refuses_a_bad_argument_before_importing_torch(arguments, message, tmp_path):
+    code = (
+        "import sys; from ipg_lightning.cli.main import main\n"
+        f"try: main(['demo', '--out_dir', {str(tmp_path / 'out')!r}, *{arguments!r}])\n"
+        "except SystemExit as exit: assert exit.code != 0, exit.code\n"
+        "assert not [m for m in ('torch', 'lightning', 'transformers') if m in sys.modules]"
+    )
+    refused = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert refused.returncode == 0, refused.stderr
+    assert message in refused.stderr and not (tmp_path / "out").exists()
+    from ipg_lightning.cli.demo import DemoPresetName
+    from ipg_lightning.cli.demo_stages import PRESETS
+
+    assert set(typing.get_args(DemoPresetName)) == set(PRESETS)
+
+
 def test_the_wheel_carries_the_shipped_models_so_the_demo_runs_from_an_install(tmp_path):
     source = tmp_path / "source"  # a copy, so the build leaves nothing in the repository
     shutil.copytree(PACKAGE, source / "ipg_lightning", ignore=shutil.ignore_patterns("__pycache__"))

@@ -107,7 +107,7 @@ def test_an_existing_output_is_refused_before_the_model_loads(tmp_path, monkeypa
     def no_loading(*args, **kwargs):
         raise AssertionError("the model was loaded before the output directory was checked")
 
-    for module in ("steering.loading", "cli.demo", "task"):
+    for module in ("steering.loading", "cli.demo_stages", "task"):
         monkeypatch.setattr(f"ipg_lightning.{module}.load_model_and_tokenizer", no_loading)
     for command in (
         ["evaluate", "--output_dir"],

@@ -35,7 +35,7 @@ def _no_loading(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("a model was loaded before the settings were checked")
 
-    for module in ("steering.loading", "task", "steering.learned", "cli.demo"):
+    for module in ("steering.loading", "task", "steering.learned", "cli.demo_stages"):
         monkeypatch.setattr(f"ipg_lightning.{module}.load_model_and_tokenizer", refuse)
 
 

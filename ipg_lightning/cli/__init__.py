@@ -3,7 +3,8 @@
 - :mod:`~ipg_lightning.cli.main`: :func:`main` (the console script) and :func:`run` (for Python callers);
 - :mod:`~ipg_lightning.cli.lightning_commands`: ``attribute``, ``steer``, ``train-reasoner`` (LightningCLIs);
 - :mod:`~ipg_lightning.cli.commands`: ``evaluate``, ``export``, ``prepare-smollm2`` (typed functions);
-- :mod:`~ipg_lightning.cli.demo`: ``ipg demo``, the main job, as five stage functions;
+- :mod:`~ipg_lightning.cli.demo`: ``ipg demo``, the main job: its arguments, checked before anything heavy
+  loads, then its stages (:mod:`~ipg_lightning.cli.demo_stages`);
 - :mod:`~ipg_lightning.cli.errors`: one-line error messages.
 """
 

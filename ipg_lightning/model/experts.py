@@ -12,32 +12,12 @@ gates and the router is untouched; folding multiplies the weight in place.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-
-@dataclass(frozen=True)
-class ExpertLayout:
-    """Where the fused experts of one block live.
-
-    Args:
-        path: dotted path, inside one block, of the module holding the experts' weights.
-        parameter: name of its down-projection parameter, shape (experts, ..., ...).
-        input_axis: the axis of that parameter that runs over an expert's hidden channels (1 or 2).
-        count: number of experts.
-        width: hidden channels per expert (the down-projection's inputs).
-        bias: name of the per-expert down-projection bias (experts, hidden), if any.
-    """
-
-    path: str
-    parameter: str
-    input_axis: int
-    count: int
-    width: int
-    bias: str | None = None
+from ipg_lightning.model.families import ExpertLayout
 
 
 def find_experts(mlp: nn.Module, mlp_path: str, hidden: int) -> ExpertLayout | None:

@@ -13,8 +13,6 @@ import re
 from dataclasses import dataclass
 from typing import Literal
 
-from ipg_lightning.model.experts import ExpertLayout
-
 #: Which weights host a family's components (see :class:`SiteFamily`).
 Hosts = Literal["block_writers", "sublayer", "shared_expert", "sae_point", "gated_weights"]
 #: Which slices of its host weights a component owns (see :class:`SiteFamily`).
@@ -98,6 +96,27 @@ EXPERT_SITE_FAMILIES: tuple[str, ...] = tuple(name for name, kind in FAMILIES.it
 SLICE_FAMILIES: tuple[str, ...] = tuple(name for name, kind in FAMILIES.items() if kind.slices is not None)
 #: Where an SAE can be spliced in: its hook point's family (each is a sub-layer's or the block's whole output).
 SAE_POINTS: dict[str, str] = {"hook_resid_post": "resid_post", "hook_mlp_out": "mlp_out", "hook_attn_out": "attn_out"}
+
+
+@dataclass(frozen=True)
+class ExpertLayout:
+    """Where the fused experts of one block live.
+
+    Args:
+        path: dotted path, inside one block, of the module holding the experts' weights.
+        parameter: name of its down-projection parameter, shape (experts, ..., ...).
+        input_axis: the axis of that parameter that runs over an expert's hidden channels (1 or 2).
+        count: number of experts.
+        width: hidden channels per expert (the down-projection's inputs).
+        bias: name of the per-expert down-projection bias (experts, hidden), if any.
+    """
+
+    path: str
+    parameter: str
+    input_axis: int
+    count: int
+    width: int
+    bias: str | None = None
 
 
 @dataclass(frozen=True)
