@@ -33,7 +33,7 @@ DemoPresetName = Literal["tiny-reasoner", "smollm2"]
 
 
 def demo(
-    preset: DemoPresetName = "tiny-reasoner",
+    preset: str = "tiny-reasoner",
     model_path: str | None = None,
     out_dir: Path = Path("outputs/demo"),
     family: SiteFamilyName = "mlp_neuron",
