@@ -29,6 +29,7 @@ from ipg_lightning.evaluation import evaluate_generations
 from ipg_lightning.explorer import Effects, MeasuredEffect, page_for_report
 from ipg_lightning.gates.component_gates import ComponentGates, parse_component_name
 from ipg_lightning.model.families import sae_point
+from ipg_lightning.model.identity import same_model_name
 from ipg_lightning.model.loading import load_model_and_tokenizer
 from ipg_lightning.outputs import atomic_directory, atomic_write_json, atomic_write_text, strict_json
 from ipg_lightning.rollout.trajectories import SamplingConfig
@@ -393,7 +394,7 @@ def run_demo(settings: dict[str, Any]) -> dict[str, Any]:
     reports = attribute_accuracy_and_length(run)
     selected = steer_top_components(run, reports)
     learned = learn_length_gates(run, ComponentSelection(components=tuple(selected["length"])))
-    own_model = settings["model_path"] == preset.model_path  # the preset's SAE reads its own model only
+    own_model = same_model_name(settings["model_path"], preset.model_path)  # the preset's SAE reads its own model only
     sae_path = preset.sae if settings["sae_features"] and own_model else None
     sae_part = steer_sae_features(run, sae_path) if sae_path else None
     out_dir = Path(settings["out_dir"])

@@ -77,7 +77,7 @@ class SAETraining(ReasoningTask):
     """Train a TopK SAE on the activations at ``hook_name`` of a frozen causal LM.
 
     Args:
-        model_path: the model (a local directory or an alias such as ``tiny-reasoner``).
+        model_path: the model (a local directory, or a name such as ``tiny-reasoner``).
         dtype: weights dtype of the model.
         hook_name: where the SAE reads (``blocks.L.hook_resid_post``, ``blocks.L.hook_mlp_out``,
             ``blocks.L.hook_attn_out``).

@@ -34,7 +34,7 @@ TINY_REASONER_TASK = ArithmeticChainTask(min_steps=1, max_steps=4, max_operand=9
 SHIPPED_CHECKPOINTS = Path(__file__).resolve().parent / "checkpoints"
 #: The shipped reasoner (recipes/train_tiny_reasoner.yaml); model name ``tiny-reasoner`` (:data:`~ipg_lightning.model.loading.MODEL_DIRECTORIES`).
 TINY_REASONER_PATH = str(SHIPPED_CHECKPOINTS / "tiny-reasoner")
-#: The shipped reasoner after policy-gradient fine-tuning (recipes/steer_tiny_reasoner_rl.yaml, merged); alias ``tiny-reasoner-rl``.
+#: The shipped reasoner after policy-gradient fine-tuning (recipes/steer_tiny_reasoner_rl.yaml, merged); model name ``tiny-reasoner-rl``.
 TINY_REASONER_RL_PATH = str(SHIPPED_CHECKPOINTS / "tiny-reasoner-rl")
 #: The shipped TopK SAE on the reasoner's residual stream after block 2 (recipes/train_tiny_sae.yaml).
 TINY_REASONER_SAE_PATH = str(SHIPPED_CHECKPOINTS / "tiny-reasoner-sae")
