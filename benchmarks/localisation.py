@@ -107,8 +107,9 @@ class Localisation:
         self.device = torch.device(settings["device"])
         self.model.to(self.device)
         tokens = self.testbed.max_new_tokens
-        self.greedy = SamplingConfig(num_samples=1, temperature=0.0, max_new_tokens=tokens, batch_size=128)
-        self.sampled = SamplingConfig(num_samples=4, temperature=0.7, top_p=1.0, max_new_tokens=tokens, batch_size=128, seed=0)
+        engine = settings["engine"]
+        self.greedy = SamplingConfig(num_samples=1, temperature=0.0, max_new_tokens=tokens, batch_size=128, engine=engine)
+        self.sampled = SamplingConfig(num_samples=4, temperature=0.7, top_p=1.0, max_new_tokens=tokens, batch_size=128, seed=0, engine=engine)
         test = self.testbed.tasks[settings["test_task"]].data(num_test=settings["test"], num_val=0, batch_size=128)
         test.connect(self.tokenizer)
         self.test_batches = list(test.test_dataloader())
@@ -140,7 +141,13 @@ class Localisation:
             steps=settings["sae_steps"] if sae else settings["steps"],
             rule=settings["rule"],
             sampling=SamplingConfig(
-                num_samples=num_samples, temperature=0.7, top_p=1.0, max_new_tokens=self.testbed.max_new_tokens, batch_size=64, seed=seed
+                num_samples=num_samples,
+                temperature=0.7,
+                top_p=1.0,
+                max_new_tokens=self.testbed.max_new_tokens,
+                batch_size=64,
+                seed=seed,
+                engine=settings["engine"],
             ),
             chunk_size=32,
             **overrides,
@@ -313,7 +320,8 @@ def resume_or_start(settings: dict[str, Any], out: Path) -> dict[str, Any]:
     path = out / "results.json"
     if path.exists() and not settings["restart"]:
         summary = load_summary(path)
-        differ = sorted(key for key in settings.keys() - NOT_MEASUREMENT if summary["settings"].get(key) != settings[key])
+        recorded = {"engine": "hf", **summary["settings"]}  # runs from before the engine choice sampled with hf
+        differ = sorted(key for key in settings.keys() - NOT_MEASUREMENT if recorded.get(key) != settings[key])
         if differ:
             sys.exit(f"{path} holds a run with other settings ({', '.join(differ)}): pass --restart to replace it, or another --out")
         summary["settings"] = settings
@@ -346,6 +354,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--sae-steps", type=int, default=32, help="quadrature points over SAE features (a rougher path)")
     parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
+    parser.add_argument("--engine", default="hf", choices=["hf", "vllm"], help="what samples (docs/engines.md); vllm needs the README's engine line")
     parser.add_argument("--out", help="output directory (default: benchmarks/localisation_<testbed>)")
     parser.add_argument("--restart", action="store_true", help="replace the results in OUT instead of resuming them")
     parser.add_argument("--from-results", action="store_true", help="redraw the figure and tables from OUT/results.json")

@@ -74,7 +74,8 @@ def _with_packages(name: str) -> list[str]:
 LAYERS = (
     ("outputs", "checks"),
     ("model",),
-    ("gates", "rollout", "task"),
+    ("gates",),
+    ("rollout", "task"),
     ("rewards",),
     ("data", "metrics"),
     ("evaluation", "sae"),

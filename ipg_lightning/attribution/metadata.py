@@ -85,6 +85,8 @@ class ReportMetadata:
         memory: the peak memory and the bounds the run chose.
         world_size: processes the run was split over.
         saes: per ``sae_feature`` site, where its SAE was loaded from.
+        sampling: how the trajectories were sampled: engine, settings, what holds for their seeds
+            (:func:`~ipg_lightning.rollout.sampling.sampling_record`).
         completeness: the completeness check, for methods that have one.
         degenerate: why the scores carry no information, if they do not.
         trajectories_sha256: the digest of the kept trajectories' file, if the run kept them.
@@ -102,6 +104,7 @@ class ReportMetadata:
     memory: dict[str, Any] | None = None
     world_size: int = 1
     saes: dict[str, str] = field(default_factory=dict)
+    sampling: dict[str, Any] = field(default_factory=dict)
     completeness: Completeness | None = None
     degenerate: str | None = None
     trajectories_sha256: str | None = None

@@ -39,7 +39,7 @@ from ipg_lightning.rewards.functions import load_reward
 from ipg_lightning.rollout.passes.frozen_prefix import first_live_block
 from ipg_lightning.rollout.passes.memory import RunMemory, peak_is_resettable
 from ipg_lightning.rollout.passes.teacher_forced import MemoryLimits, TeacherForcedPasses
-from ipg_lightning.rollout.sampling import sample_trajectories
+from ipg_lightning.rollout.sampling import sample_trajectories, sampling_record
 from ipg_lightning.rollout.trajectories import SamplingConfig, Trajectories
 from ipg_lightning.sae import IN_MEMORY_SAE, attach_saes
 from ipg_lightning.task import ReasoningTask
@@ -271,6 +271,7 @@ def report_metadata(module: IPGAttribution, state: dict[str, Any]) -> ReportMeta
         world_size=module.trainer.world_size,
         # where the sae_feature sites' SAEs come from: steering and evaluating the report attach them again
         saes={name: site.sae.source or IN_MEMORY_SAE for name, site in module.gates.sites.items() if site.sae is not None},
+        sampling=sampling_record(module.sampling),
         completeness=Completeness.from_state(state, target, local) if module.method.has_completeness else None,
     )
 

@@ -19,6 +19,7 @@ from ipg_lightning.evaluation import evaluate_generations
 from ipg_lightning.model.families import ArchitectureSpec
 from ipg_lightning.model.identity import ModelMismatchError, describe, model_identity, same_model_name
 from ipg_lightning.outputs import atomic_directory, atomic_write_json, atomic_write_text, check_output_dir, strict_json
+from ipg_lightning.rollout.sampling import sampling_record
 from ipg_lightning.rollout.trajectories import SamplingConfig
 from ipg_lightning.steering.export import export_steered_model
 from ipg_lightning.steering.loading import SteeredModel, SteeringSource, load_steered_model, recorded_model
@@ -94,6 +95,7 @@ def evaluate(
         "model_identity": model_identity(steered.model, steered.description.model),
         "split": split,
         "data": data.source,
+        "sampling": sampling_record(sampling),
         "metrics": result.metrics,
     }
     with atomic_directory(output_dir, overwrite=overwrite, kind="evaluation") as staging:
@@ -121,7 +123,8 @@ def _sweep(model_path, dtype, data, split, selections, gammas, sampling, output_
     rows = gamma_sweep(base, list(data.dataloader(split)), sampling, selections, gammas, architecture, allow_other_model)
     with atomic_directory(output_dir, overwrite=overwrite, kind="evaluation sweep") as staging:
         identity = model_identity(base.model, base.description.model)
-        atomic_write_json(staging / "sweep.json", {"report": selections[0].report, "model_identity": identity, "split": split, "rows": rows})
+        record = {"report": selections[0].report, "model_identity": identity, "split": split, "sampling": sampling_record(sampling), "rows": rows}
+        atomic_write_json(staging / "sweep.json", record)
         atomic_write_text(staging / "sweep.csv", sweep_csv(rows))
         plot_sweep(rows, staging / "sweep.png")
     print(sweep_csv(rows))

@@ -27,6 +27,7 @@ from typing import Any, Literal
 from ipg_lightning.checks import check_at_least, check_gamma
 from ipg_lightning.model.families import SiteFamilyName
 from ipg_lightning.outputs import check_output_dir
+from ipg_lightning.rollout.engine_names import Engine
 
 #: The demo's presets (``ipg_lightning.cli.demo_stages.PRESETS`` says what each studies).
 DemoPresetName = Literal["tiny-reasoner", "smollm2"]
@@ -53,6 +54,7 @@ def demo(
     sae_features: bool = True,
     sae_steps: int = 32,
     seed: int = 0,
+    engine: Engine = "hf",
     overwrite: bool = True,
 ) -> dict[str, Any]:
     """Attribute accuracy and reasoning length with IPG, steer (fixed and learned), evaluate, export.
@@ -84,6 +86,8 @@ def demo(
         sae_steps: IPG quadrature points over SAE features: gating all of them off removes the whole
             reconstructed residual stream, a rougher path than one block's neurons, so it needs more.
         seed: sampling seed.
+        engine: what samples every completion: ``hf`` (Hugging Face ``generate``) or ``vllm``
+            (``docs/engines.md``; the tiny reasoner is too small to gain from it).
         overwrite: replace an earlier output of this library at ``out_dir`` (never other files).
     """
     started = time.perf_counter()

@@ -13,7 +13,7 @@ import math
 import time
 import warnings
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -32,6 +32,7 @@ from ipg_lightning.model.families import sae_point
 from ipg_lightning.model.identity import same_model_name
 from ipg_lightning.model.loading import load_model_and_tokenizer
 from ipg_lightning.outputs import atomic_directory, atomic_write_json, atomic_write_text, strict_json
+from ipg_lightning.rollout.sampling import sampling_record
 from ipg_lightning.rollout.trajectories import SamplingConfig
 from ipg_lightning.sae import load_sae
 from ipg_lightning.steering import ComponentSelection, GateSteering, export_steered_model, gates_for_components
@@ -276,6 +277,7 @@ def write_outputs(
             "k": s["k"],
             "gammas": {"suppressed": s["gamma_suppress"], "amplified": s["gamma_amplify"]},
             "evaluation": {"temperature": s["temperature"], "completions_per_problem": run.sampled.num_samples, "problems": s["test_prompts"]},
+            "sampling": sampling_record(run.sampled),
             "learned_gates": {name: round(value, 4) for name, value in learned.gate_values().items()},
             "selected": selected,
             "conditions": run.rows,
@@ -361,7 +363,8 @@ def prepare_run(settings: dict[str, Any]) -> DemoRun:
     temperature, max_new_tokens = settings["temperature"], settings["max_new_tokens"]
     # Every condition's completions in one or two generate calls over a preallocated cache: the same
     # tokens as smaller calls (sampling is per completion), in about 60 % of the time.
-    greedy = SamplingConfig.greedy(max_new_tokens, batch_size=EVALUATION_BATCH, kv_cache="static")
+    engine = settings["engine"]
+    greedy = replace(SamplingConfig.greedy(max_new_tokens, batch_size=EVALUATION_BATCH, kv_cache="static"), engine=engine)
     sampled = SamplingConfig(
         num_samples=settings["eval_samples"] if temperature > 0 else 1,
         temperature=temperature,
@@ -369,6 +372,7 @@ def prepare_run(settings: dict[str, Any]) -> DemoRun:
         max_new_tokens=max_new_tokens,
         batch_size=EVALUATION_BATCH,
         kv_cache="static",
+        engine=engine,
     )
     support = SamplingConfig(
         num_samples=settings["num_samples"],
@@ -377,6 +381,7 @@ def prepare_run(settings: dict[str, Any]) -> DemoRun:
         max_new_tokens=max_new_tokens,
         batch_size=64,
         seed=settings["seed"],
+        engine=engine,
     )
     return DemoRun(lm, tokenizer, data, settings, sampled, greedy, support, test_batches=[data.full_batch("test")])
 

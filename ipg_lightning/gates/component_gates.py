@@ -19,6 +19,7 @@ Example:
 from __future__ import annotations
 
 import re
+import weakref
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from functools import partial
@@ -34,6 +35,8 @@ from ipg_lightning.model.hooks import hook_site
 from ipg_lightning.model.sites import Site, discover_sites, unwrap_model
 
 _COMPONENT_NAME = re.compile(r"^(?P<site>.+?)(?:\[(?P<index>\d+)\])?$")
+# The gate sets installed on each model (its unwrapped root), so another engine can mirror them.
+_INSTALLED: weakref.WeakKeyDictionary[nn.Module, list[ComponentGates]] = weakref.WeakKeyDictionary()
 
 
 def _parameter_key(site_name: str) -> str:
@@ -146,19 +149,19 @@ class ComponentGates(nn.Module):
         for name in self.sites:
             self.set_site(name, value)
 
-    def install(self, model: nn.Module) -> list[RemovableHandle]:
+    def install(self, model: nn.Module) -> list[RemovableHandle | WeightGateHandle | _InstalledRecord]:
         """Install the gate hooks on ``model`` until the returned handles are removed.
 
         Prefer :meth:`attach`, which always removes them; this is for a steered model that keeps
         its gates for life (see :func:`ipg_lightning.gates.exported.load_steered`).
         """
         root = unwrap_model(model)
-        handles: list[RemovableHandle | WeightGateHandle] = []
+        handles: list[RemovableHandle | WeightGateHandle | _InstalledRecord] = [_InstalledRecord(root, self)]
         try:
             handles += self._gate_expert_weights(root)
             for site in self.sites.values():
                 if not site.kind.scales_weight:
-                    handles.append(hook_site(root, site, partial(self._edit, site)))
+                    handles.append(hook_site(root, site, partial(self.edit, site)))
         except BaseException:
             for handle in handles:
                 handle.remove()
@@ -197,8 +200,32 @@ class ComponentGates(nn.Module):
             handles.append(gate_weight(module, name, multiplier))
         return handles
 
-    def _edit(self, site: Site, activation: torch.Tensor) -> torch.Tensor:
+    def edit(self, site: Site, activation: torch.Tensor) -> torch.Tensor:
+        """``site``'s ``activation`` scaled by this set's gates of that site (what the installed hook applies)."""
         return site.edit(activation, self.gate(site.name))
+
+
+class _InstalledRecord:
+    """A handle that lists a gate set as installed on a model until it is removed (see :func:`installed_gates`)."""
+
+    def __init__(self, root: nn.Module, gates: ComponentGates) -> None:
+        self.root = weakref.ref(root)
+        self.gates = gates
+        _INSTALLED.setdefault(root, []).append(gates)
+
+    def remove(self) -> None:
+        root = self.root()
+        installed = _INSTALLED.get(root, []) if root is not None else []
+        if self.gates in installed:
+            installed.remove(self.gates)
+
+
+def installed_gates(model: nn.Module) -> list[ComponentGates]:
+    """The gate sets installed on ``model`` (plain or PEFT-wrapped) right now, in the order they were installed.
+
+    A sampler that runs the model somewhere else (the vLLM engine) applies exactly these.
+    """
+    return list(_INSTALLED.get(unwrap_model(model), []))
 
 
 def combined_gates(*gate_sets: ComponentGates | None) -> ComponentGates:

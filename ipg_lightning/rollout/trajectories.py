@@ -9,14 +9,50 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
-from typing import Literal
+from dataclasses import dataclass, field, replace
+from typing import Literal, get_args
 
 import torch
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from ipg_lightning.model.sites import unwrap_model
+from ipg_lightning.rollout.engine_names import Engine
+from ipg_lightning.rollout.seeds import row_seed
+
+
+@dataclass(frozen=True)
+class VLLMSettings:
+    """How the vLLM engine is started (``engine: vllm``); read only when that engine samples.
+
+    Args:
+        enforce_eager: run the model eagerly. Gates are hooks on the engine's modules, and a compiled
+            engine never calls hooks placed after start-up, so gated sampling needs ``True``; the probe
+            before every gated call refuses an engine whose hooks do not fire.
+        gpu_memory_utilization: the fraction of the GPU the engine may take, weights and KV cache
+            (it shares the device with the Hugging Face model that scores and trains).
+        cpu_kv_cache_gib: the KV cache of the CPU build, in GiB (``VLLM_CPU_KVCACHE_SPACE``).
+        max_model_len: the longest prompt plus completion the engine plans for (default: the model's context).
+        tensor_parallel_size: GPUs one engine spans (ungated sampling only: gates need 1).
+        max_num_seqs: completions decoded together (default: vLLM's).
+    """
+
+    enforce_eager: bool = True
+    gpu_memory_utilization: float = 0.4
+    cpu_kv_cache_gib: float = 2.0
+    max_model_len: int | None = None
+    tensor_parallel_size: int = 1
+    max_num_seqs: int | None = None
+
+    def __post_init__(self) -> None:
+        if not 0 < self.gpu_memory_utilization <= 1:
+            raise ValueError(f"vllm.gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
+        if not self.cpu_kv_cache_gib > 0:
+            raise ValueError(f"vllm.cpu_kv_cache_gib must be > 0, got {self.cpu_kv_cache_gib}")
+        if self.tensor_parallel_size < 1 or (self.max_model_len is not None and self.max_model_len < 1):
+            raise ValueError("vllm.tensor_parallel_size and vllm.max_model_len must be >= 1")
+        if self.max_num_seqs is not None and self.max_num_seqs < 1:
+            raise ValueError(f"vllm.max_num_seqs must be >= 1, got {self.max_num_seqs}")
 
 
 @dataclass(frozen=True)
@@ -36,6 +72,11 @@ class SamplingConfig:
             at every step: the same tokens, 1.25x the tokens/s for the shipped reasoner at 256
             completions of 160 tokens per call on a CPU, ``benchmarks/sampling_speed.py``; it holds
             the longest completion's memory from the start, and not every architecture supports it).
+            HF engine only.
+        engine: ``hf`` (Hugging Face ``generate``, the default) or ``vllm`` (continuous batching; see
+            ``docs/engines.md``). Either way the model's gates act on every token, and the trajectories
+            are scored by the Hugging Face model, so results mean the same whichever engine sampled.
+        vllm: the vLLM engine's settings (:class:`VLLMSettings`).
     """
 
     num_samples: int = 4
@@ -46,6 +87,8 @@ class SamplingConfig:
     batch_size: int = 16
     seed: int = 0
     kv_cache: Literal["dynamic", "static"] = "dynamic"
+    engine: Engine = "hf"
+    vllm: VLLMSettings = field(default_factory=VLLMSettings)
 
     def __post_init__(self) -> None:
         if self.num_samples < 1:
@@ -58,12 +101,44 @@ class SamplingConfig:
             raise ValueError("max_new_tokens and batch_size must be >= 1")
         if self.kv_cache not in ("dynamic", "static"):
             raise ValueError(f"kv_cache must be dynamic or static, got {self.kv_cache!r}")
+        if self.engine not in get_args(Engine):
+            raise ValueError(f"engine must be {' or '.join(get_args(Engine))}, got {self.engine!r}")
         object.__setattr__(self, "stop_strings", tuple(self.stop_strings))
+        if isinstance(self.vllm, dict):  # from a checkpoint's hyperparameters or a config file
+            object.__setattr__(self, "vllm", VLLMSettings(**self.vllm))
 
     @classmethod
     def greedy(cls, max_new_tokens: int = 512, batch_size: int = 16, kv_cache: Literal["dynamic", "static"] = "dynamic") -> SamplingConfig:
         """Greedy decoding, one completion per prompt (the paper's evaluation)."""
         return cls(num_samples=1, temperature=0.0, max_new_tokens=max_new_tokens, batch_size=batch_size, kv_cache=kv_cache)
+
+    def as_greedy(self) -> SamplingConfig:
+        """These settings (engine, token budget, batching) decoding greedily, one completion per prompt."""
+        return replace(self, num_samples=1, temperature=0.0)
+
+
+@dataclass(frozen=True)
+class SamplingRequest:
+    """What one call asks an engine to sample: every ``(prompt, sample)`` row, with the prompts' tokens and seeds.
+
+    Args:
+        prompt_ids: each prompt's token ids.
+        rows: ``(prompt index, sample index)`` of each completion, in order.
+        prompt_seeds: each prompt's seed.
+        config: the sampling settings.
+        eos_ids: the tokens that end a completion.
+    """
+
+    prompt_ids: list[list[int]]
+    rows: list[tuple[int, int]]
+    prompt_seeds: list[int]
+    config: SamplingConfig
+    eos_ids: list[int]
+
+    def completion_seed(self, row: tuple[int, int]) -> int:
+        """The seed of one row's completion (the global seed, its prompt's seed, its sample index)."""
+        prompt, sample = row
+        return row_seed(self.config.seed, self.prompt_seeds[prompt], sample)
 
 
 @dataclass

@@ -225,7 +225,7 @@ class GateSteering(ReasoningTask):
     # ----------------------------------------------------------------------------- validation
     def validation_step(self, batch: ReasoningBatch, batch_idx: int) -> None:
         """Greedy generations with the current gates, into the reasoning metrics."""
-        greedy = SamplingConfig.greedy(self.sampling.max_new_tokens, self.sampling.batch_size)
+        greedy = self.sampling.as_greedy()
         with self.gates.attach(self.lm):
             trajectories = sample_trajectories(self.lm, self.tokenizer, batch["prompt"], greedy, batch["seed"].tolist())
         completions = completions_of(trajectories, batch["prompt"], batch["answer"], self.tokenizer)
