@@ -88,7 +88,7 @@ SAE_SMALL += ["--trainer.logger", "false", "--trainer.enable_progress_bar", "fal
 def test_train_sae_refuses_bad_settings_before_loading_a_model(tmp_path, monkeypatch, flags, message):
     _no_loading(monkeypatch)
     with pytest.raises(ValueError, match=message):
-        run(["train-sae", *SAE_SMALL, *flags, "--output_dir", str(tmp_path / "sae")])
+        run(["train-sae", *SAE_SMALL, *flags, "--trainer.default_root_dir", str(tmp_path), "--output_dir", str(tmp_path / "sae")])
 
 
 @pytest.mark.parametrize(
@@ -102,7 +102,7 @@ def test_train_sae_refuses_bad_settings_before_loading_a_model(tmp_path, monkeyp
 )
 def test_a_diverged_or_untrained_sae_is_never_saved(tmp_path, flags, error, message):
     with pytest.raises(error, match=message):
-        run(["train-sae", *SAE_SMALL, *flags, "--output_dir", str(tmp_path / "sae")])
+        run(["train-sae", *SAE_SMALL, *flags, "--trainer.default_root_dir", str(tmp_path), "--output_dir", str(tmp_path / "sae")])
     assert not (tmp_path / "sae").exists()
 
 
@@ -117,7 +117,7 @@ def test_a_diverged_or_untrained_sae_is_never_saved(tmp_path, flags, error, mess
 )
 def test_sae_settings_the_model_cannot_take_are_named(tmp_path, flags, message):
     with pytest.raises(ValueError, match=message):
-        run(["train-sae", *SAE_SMALL, *flags, "--output_dir", str(tmp_path / "sae")])
+        run(["train-sae", *SAE_SMALL, *flags, "--trainer.default_root_dir", str(tmp_path), "--output_dir", str(tmp_path / "sae")])
 
 
 def test_json_outputs_are_standard_json_without_nan(tmp_path):
