@@ -5,7 +5,9 @@ and are skipped elsewhere. One engine serves every test (it is kept between call
 engine's test starts its own and runs last.
 """
 
+import contextlib
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -106,6 +108,20 @@ def test_log_probabilities_vllm_reports_equal_hf_teacher_forced_ones(reasoner, g
         reported = torch.tensor([step[token].logprob for step, token in zip(output.outputs[0].logprobs, output.outputs[0].token_ids, strict=True)])
         torch.testing.assert_close(reported, teacher_forced[row, : len(reported)], atol=2e-5, rtol=0)
     assert len({tuple(ids) for ids in completion_ids}) > len(PROMPTS)  # sampled, not copies
+
+
+def test_prompts_sampled_again_under_other_gates_are_not_served_from_the_prefix_cache(reasoner):
+    model, tokenizer = reasoner
+    worked = "".join(f"Q: {a} + {a + 1} = ?\nA: {a} + {a + 1} = {2 * a + 1}\n#### {2 * a + 1}\n\n" for a in range(1, 9))
+    prompts = [worked + question for question in PROMPTS]  # past vLLM's cache blocks (128 tokens on a CPU, 16 on a GPU)
+    assert min(len(tokenizer(p)["input_ids"]) for p in prompts) > 256
+    greedy = SamplingConfig.greedy(24)
+    gates = ComponentGates.for_model(model, families=["attn_head"], layers=[0, 1], init=0.0)
+    for gated in (False, True, False):
+        with gates.attach(model) if gated else contextlib.nullcontext():
+            on_vllm = sample_trajectories(model, tokenizer, prompts, replace(greedy, engine="vllm"))
+            on_hf = sample_trajectories(model, tokenizer, prompts, greedy)
+        assert on_vllm.completion_ids == on_hf.completion_ids
 
 
 def test_sampled_calls_repeat_and_every_completion_ends_where_the_hf_rules_end_it(reasoner):
