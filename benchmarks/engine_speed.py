@@ -13,6 +13,7 @@ ends a completion): arithmetic word problems (reasoning-gym ``basic_arithmetic``
 
     python benchmarks/engine_speed.py --model ~/.cache/ipg_lightning/SmolLM2-135M-Instruct
     python benchmarks/engine_speed.py --problems 16 --hf-problems 8 --max-new-tokens 64   # a quick look
+    python benchmarks/engine_speed.py --model ... --hf-only   # the HF engine alone, in an environment without vLLM
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ def main() -> None:
     parser.add_argument("--greedy-problems", type=int, default=16)
     parser.add_argument("--samples", type=int, default=4)
     parser.add_argument("--max-new-tokens", type=int, default=256)
+    parser.add_argument("--hf-only", action="store_true", help="time the HF engine alone (no vLLM in the process)")
     args = parser.parse_args()
     model, tokenizer = load_model_and_tokenizer(args.model)
     data = ReasoningDataModule(
@@ -67,6 +69,9 @@ def main() -> None:
         return trajectories
 
     rates: dict[str, float] = {}
+    if args.hf_only:
+        timed("hf", hf, args.hf_problems)
+        return
     started = time.perf_counter()
     vllm_engine.engine_for(model, vllm.vllm)
     print(f"vLLM engine start-up: {time.perf_counter() - started:.1f} s", flush=True)
