@@ -108,3 +108,10 @@ def test_weights_changed_in_memory_or_on_disk_are_noticed(tmp_path):
     model.save_pretrained(tmp_path)
     assert weight_files_fingerprint(str(tmp_path)) != before
     assert WeightsWatch(str(tmp_path), frozenset()).differing_tensor(model) is None
+
+
+def test_weights_that_cannot_be_compared_are_not_taken_as_equal(tmp_path):
+    model, _ = load_model_and_tokenizer(TINY_REASONER_PATH)
+    model.save_pretrained(tmp_path)
+    (tmp_path / "model.safetensors").rename(tmp_path / "model.bin")  # no safetensors left to compare with
+    assert "not in the directory's safetensors files" in WeightsWatch(str(tmp_path), frozenset()).differing_tensor(model)

@@ -195,6 +195,19 @@ def test_attribute_steer_and_train_sae_run_with_the_vllm_engine(tmp_path):
     assert (tmp_path / "sae" / "cfg.json").exists()
 
 
+def test_starting_an_engine_leaves_the_random_states_as_they_were(reasoner):
+    import random
+
+    import numpy as np
+
+    vllm_engine.stop_engine()
+    random.seed(7), np.random.seed(7), torch.manual_seed(7)
+    expected = (random.random(), np.random.rand(), torch.rand(1))
+    random.seed(7), np.random.seed(7), torch.manual_seed(7)
+    vllm_engine.engine_for(reasoner[0], VLLMSettings())
+    assert (random.random(), np.random.rand(), torch.rand(1)) == expected
+
+
 def test_a_model_without_a_directory_is_refused_in_one_line():
     from ipg_lightning.zoo.tiny import tiny_causal_lm, tiny_tokenizer
 

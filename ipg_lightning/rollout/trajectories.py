@@ -31,7 +31,7 @@ class VLLMSettings:
             before every gated call refuses an engine whose hooks do not fire.
         gpu_memory_utilization: the fraction of the GPU the engine may take, weights and KV cache
             (it shares the device with the Hugging Face model that scores and trains).
-        cpu_kv_cache_gib: the KV cache of the CPU build, in GiB (``VLLM_CPU_KVCACHE_SPACE``).
+        cpu_kv_cache_gib: the KV cache of the CPU build, in GiB (``VLLM_CPU_KVCACHE_SPACE``, if set, overrides it).
         max_model_len: the longest prompt plus completion the engine plans for (default: the model's context).
         tensor_parallel_size: GPUs one engine spans (ungated sampling only: gates need 1).
         max_num_seqs: completions decoded together (default: vLLM's).

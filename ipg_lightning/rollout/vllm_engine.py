@@ -22,13 +22,17 @@ from __future__ import annotations
 import gc
 import hashlib
 import os
+import random
 import sys
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 from tqdm.auto import tqdm
@@ -111,13 +115,15 @@ def stop_engine() -> None:
     if _RUNNING is None:
         return
     running, _RUNNING = _RUNNING, None
-    running.llm.llm_engine.engine_core.shutdown()
-    if running.view is not None:
-        running.view.cleanup()
-    running.llm = running.model = None
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
+    try:
+        running.llm.llm_engine.engine_core.shutdown()
+    finally:
+        if running.view is not None:
+            running.view.cleanup()
+        running.llm = running.model = None
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
 
 
 def platform_seeds_single_requests() -> bool:
@@ -143,24 +149,41 @@ def _start(key: tuple[str, tuple, str, VLLMSettings]) -> RunningEngine:
         options["kv_cache_memory_bytes"] = int(settings.cpu_kv_cache_gib * 2**30)
     print(f"starting the vLLM engine for {directory} ({dtype})", file=sys.stderr, flush=True)
     view = _without_steering_file(directory)
+    llm = None
     try:
-        llm = LLM(
-            model=directory if view is None else view.name,
-            dtype=dtype,
-            enforce_eager=settings.enforce_eager,
-            gpu_memory_utilization=settings.gpu_memory_utilization,
-            tensor_parallel_size=settings.tensor_parallel_size,
-            generation_config="vllm",  # sampling follows SamplingConfig alone, not the checkpoint's defaults
-            seed=0,
-            **{name: value for name, value in options.items() if value is not None},
-        )
+        with random_state_kept():  # vLLM seeds random, numpy and torch while it starts
+            llm = LLM(
+                model=directory if view is None else view.name,
+                dtype=dtype,
+                enforce_eager=settings.enforce_eager,
+                gpu_memory_utilization=settings.gpu_memory_utilization,
+                tensor_parallel_size=settings.tensor_parallel_size,
+                generation_config="vllm",  # sampling follows SamplingConfig alone, not the checkpoint's defaults
+                seed=0,
+                **{name: value for name, value in options.items() if value is not None},
+            )
+        model = llm.apply_model(lambda module: module)[0] if settings.tensor_parallel_size == 1 else None
     except BaseException:
+        if llm is not None:
+            llm.llm_engine.engine_core.shutdown()
         if view is not None:
             view.cleanup()
         raise
-    model = llm.apply_model(lambda module: module)[0] if settings.tensor_parallel_size == 1 else None
     skip = frozenset({EXPORT_STEERING_FILE}) if view is not None else frozenset()
     return RunningEngine(key, llm, model, per_request_seeds, WeightsWatch(directory, skip), view)
+
+
+@contextmanager
+def random_state_kept() -> Iterator[None]:
+    """Restore Python's, numpy's and torch's (CPU and CUDA) random states on exit."""
+    python_state, numpy_state = random.getstate(), np.random.get_state()
+    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
+    try:
+        with torch.random.fork_rng(devices=devices):
+            yield
+    finally:
+        random.setstate(python_state)
+        np.random.set_state(numpy_state)
 
 
 def _without_steering_file(directory: str) -> tempfile.TemporaryDirectory | None:
@@ -198,16 +221,19 @@ def generate_with_vllm(model: nn.Module, request: SamplingRequest, progress: boo
             max_tokens=max_tokens,
             stop=list(config.stop_strings) or None,
             include_stop_str_in_output=True,
+            ignore_eos=True,  # stop at eos_ids only (below), as the HF engine does, not also at the tokenizer's own EOS
             stop_token_ids=request.eos_ids,
             seed=seed,
         )
 
     sampled = config.temperature > 0
     prompts = [{"prompt_token_ids": request.prompt_ids[prompt]} for prompt, _ in rows]
-    bar = partial(tqdm, desc="sampling (vLLM)", unit="completion", disable=None) if progress else False
+    # vLLM draws its own bar (it divides by the bar's elapsed time, so never hand it a disabled one)
+    bar = partial(tqdm, unit="completion") if progress and sys.stderr.isatty() else False
     try:
         with mirrored_gates(gated, engine.model) as counts:
-            engine.llm.reset_prefix_cache()  # cached prompts were computed under the previous call's gates
+            if not engine.llm.reset_prefix_cache():  # cached prompts were computed under the previous call's gates
+                raise RuntimeError("vLLM could not empty its prefix cache, which holds prompts computed under other gates; the engine was stopped")
             probe_gates(counts, lambda: engine.llm.generate(prompts[:1], params(None, 0.0, 1), use_tqdm=False))
             if engine.per_request_seeds or not sampled:
                 request_params = [params(request.completion_seed(row) if sampled else None) for row in rows]

@@ -4,8 +4,8 @@ The engine is started from the directory the Hugging Face model was loaded from.
 make them differ: the files changed on disk (a model saved again at the same path), which
 :func:`weight_files_fingerprint` puts in the engine's key so a new engine starts, and the weights
 changed in memory (folded, fine-tuned, loaded from elsewhere), which :class:`WeightsWatch` finds by
-comparing every tensor with the file's once per model object, and again only after torch's version
-counters say a tensor was changed in place.
+comparing every tensor with the file's once per model object, and again only after a parameter was
+replaced or changed in place (torch's version counters; a write through ``.data`` is not seen).
 """
 
 from __future__ import annotations
@@ -29,17 +29,21 @@ def weight_files_fingerprint(directory: str) -> tuple[tuple[str, int, int], ...]
     return tuple((path.name, path.stat().st_size, path.stat().st_mtime_ns) for path in files)
 
 
-def _versions(model: nn.Module) -> tuple[int, ...]:
-    return tuple(parameter._version for parameter in unwrap_model(model).parameters())
+def _versions(model: nn.Module) -> tuple[tuple[int, int, int], ...]:
+    """Each parameter's identity, storage and in-place version (writes through ``.data`` are not seen)."""
+    return tuple((id(parameter), parameter.data_ptr(), parameter._version) for parameter in unwrap_model(model).parameters())
 
 
 def differing_tensor(model: nn.Module, directory: str, skip: frozenset[str] = frozenset()) -> str | None:
     """The first tensor of ``model`` that differs from the same tensor in ``directory``'s safetensors files, if any.
 
-    Each stored tensor is read in turn and cast to the model's dtype (as the engine loads it). Tensors
-    the files do not hold (tied weights) and files named in ``skip`` are not compared.
+    Each stored tensor is read in turn and cast to the model's dtype (as the engine loads it); files
+    named in ``skip`` are not read. A parameter the files do not hold (other names, ``.bin`` files
+    only) is reported too: what cannot be compared is not taken as equal.
     """
-    state = unwrap_model(model).state_dict()
+    root = unwrap_model(model)
+    state = root.state_dict()
+    unseen = {name for name, _ in root.named_parameters()}  # tied weights appear once
     for path in sorted(Path(directory).glob("*.safetensors")):
         if path.name in skip:
             continue
@@ -48,10 +52,11 @@ def differing_tensor(model: nn.Module, directory: str, skip: frozenset[str] = fr
                 tensor = state.get(name)
                 if tensor is None:
                     continue
+                unseen.discard(name)
                 on_disk = stored.get_tensor(name)
                 if on_disk.shape != tensor.shape or not torch.equal(on_disk.to(tensor.dtype), tensor.detach().cpu()):
                     return name
-    return None
+    return f"{min(unseen)} (not in the directory's safetensors files)" if unseen else None
 
 
 class WeightsWatch:
@@ -65,7 +70,7 @@ class WeightsWatch:
     def __init__(self, directory: str, skip: frozenset[str]) -> None:
         self.directory = directory
         self.skip = skip
-        self.checked: weakref.WeakKeyDictionary[nn.Module, tuple[int, ...]] = weakref.WeakKeyDictionary()
+        self.checked: weakref.WeakKeyDictionary[nn.Module, tuple[tuple[int, int, int], ...]] = weakref.WeakKeyDictionary()
 
     def differing_tensor(self, model: nn.Module) -> str | None:
         """The first tensor of ``model`` that differs from the directory's, or None; compared again only after an in-place change."""
