@@ -39,7 +39,7 @@ import sys
 import time
 import warnings
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, get_args
 
 import torch
 from testbeds import TESTBEDS
@@ -49,6 +49,7 @@ from ipg_lightning.attribution.report import AttributionReport, UninformativeRep
 from ipg_lightning.evaluation import evaluate_generations
 from ipg_lightning.model.loading import DTYPES, load_model_and_tokenizer
 from ipg_lightning.outputs import atomic_write_json
+from ipg_lightning.rollout.engine_names import Engine
 from ipg_lightning.rollout.trajectories import SamplingConfig
 from ipg_lightning.steering import gates_for_components
 from ipg_lightning.zoo.reasoner import TINY_REASONER_SAE_PATH
@@ -354,7 +355,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--sae-steps", type=int, default=32, help="quadrature points over SAE features (a rougher path)")
     parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
-    parser.add_argument("--engine", default="hf", choices=["hf", "vllm"], help="what samples (docs/engines.md); vllm needs the README's engine line")
+    parser.add_argument("--engine", default="hf", choices=get_args(Engine), help="what samples (docs/engines.md)")
     parser.add_argument("--out", help="output directory (default: benchmarks/localisation_<testbed>)")
     parser.add_argument("--restart", action="store_true", help="replace the results in OUT instead of resuming them")
     parser.add_argument("--from-results", action="store_true", help="redraw the figure and tables from OUT/results.json")

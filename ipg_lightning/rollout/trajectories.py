@@ -49,8 +49,10 @@ class VLLMSettings:
             raise ValueError(f"vllm.gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
         if not self.cpu_kv_cache_gib > 0:
             raise ValueError(f"vllm.cpu_kv_cache_gib must be > 0, got {self.cpu_kv_cache_gib}")
-        if self.tensor_parallel_size < 1 or (self.max_model_len is not None and self.max_model_len < 1):
-            raise ValueError("vllm.tensor_parallel_size and vllm.max_model_len must be >= 1")
+        if self.tensor_parallel_size < 1:
+            raise ValueError(f"vllm.tensor_parallel_size must be >= 1, got {self.tensor_parallel_size}")
+        if self.max_model_len is not None and self.max_model_len < 1:
+            raise ValueError(f"vllm.max_model_len must be >= 1, got {self.max_model_len}")
         if self.max_num_seqs is not None and self.max_num_seqs < 1:
             raise ValueError(f"vllm.max_num_seqs must be >= 1, got {self.max_num_seqs}")
 
