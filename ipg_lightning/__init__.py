@@ -14,7 +14,7 @@ __version__ = "0.2.0.dev0"
 
 #: Every public name, and the module it comes from.
 _EXPORTS: dict[str, str] = {
-    **dict.fromkeys(["ExtractedAnswer", "answers_match", "extract_answer", "normalize_answer"], "ipg_lightning.rewards.answers"),
+    **dict.fromkeys(["ExtractedAnswer", "answers_match", "extract_answer", "is_correct", "normalize_answer"], "ipg_lightning.rewards.answers"),
     **dict.fromkeys(["Completion", "CompoundReward", "accuracy", "load_reward", "reasoning_length"], "ipg_lightning.rewards.functions"),
     **dict.fromkeys(["AttributionReport", "IPGAttribution", "run_attribution"], "ipg_lightning.attribution"),
     **dict.fromkeys(["ArithmeticChainTask", "PromptTemplate", "ReasoningBatch", "ReasoningDataModule", "ReasoningExample"], "ipg_lightning.data"),

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 
 import torch
 
-from ipg_lightning.rewards.answers import answers_match, extract_answer
+from ipg_lightning.rewards.answers import extract_answer, is_correct
 
 #: Phrases that mark self-reflection in a reasoning trace (matched case-insensitively, whole words).
 DEFAULT_REFLECTION_MARKERS: tuple[str, ...] = (
@@ -36,11 +36,7 @@ def _check_lengths(predictions: Sequence[str], targets: Sequence[str]) -> None:
 def correct_counts(completions: Sequence[str], golds: Sequence[str]) -> torch.Tensor:
     """Per completion, 1 if its extracted final answer matches the gold answer, else 0."""
     _check_lengths(completions, golds)
-    hits = []
-    for text, gold in zip(completions, golds, strict=True):
-        found = extract_answer(text)
-        hits.append(answers_match(found.value if found else None, gold))
-    return torch.tensor(hits, dtype=torch.long)
+    return torch.tensor([is_correct(text, gold) for text, gold in zip(completions, golds, strict=True)], dtype=torch.long)
 
 
 def reasoning_accuracy(completions: Sequence[str], golds: Sequence[str]) -> torch.Tensor:

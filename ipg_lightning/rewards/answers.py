@@ -4,11 +4,18 @@ Explicit markers are ``#### n`` (GSM8K), ``The answer is n`` and ``\\boxed{...}`
 that appears last in the text wins. Without a marker, the last number in the text is the answer.
 When the text has a ``</think>`` block, the answer is looked for after it first.
 
+Two answers match when they are the same number (compared exactly, as fractions), the same choice
+letter (a gold answer ``A``-``J``), or mathematically equal by ``math-verify``
+(:mod:`~ipg_lightning.rewards.equivalence`): ``\\sqrt{12}`` and ``2\\sqrt{3}``, ``(x+1)^2`` and
+``x^2+2x+1``, ``\\text{(C)}`` and ``C``. :func:`is_correct` grades a whole completion.
+
 >>> extract_answer("3 + 4 = 7, then 7 * 2 = 14\\n#### 14").value
 '14'
 >>> extract_answer("So the answer is $1,250.00.").value
 '1250'
->>> answers_match("0.50", "1/2")
+>>> answers_match("0.50", "1/2"), answers_match("x^2+2x+1", "(x+1)^2")
+(True, True)
+>>> is_correct("<think>half of it</think> The answer is $\\\\dfrac12$.", "\\\\frac{1}{2}")
 True
 """
 
@@ -17,6 +24,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from fractions import Fraction
+
+from ipg_lightning.rewards.equivalence import math_equal
 
 THINK_END = "</think>"
 
@@ -28,6 +37,11 @@ _BOXED_RE = re.compile(r"\\(?:boxed|fbox)\s*\{")
 _FRAC_RE = re.compile(r"\\[dt]?frac\s*\{([^{}]*)\}\s*\{([^{}]*)\}")
 _LATEX_NOISE_RE = re.compile(r"\\(?:left|right|!|,|;|:|\s)|\^\\circ|\^\{\\circ\}|\\%|%|\\\$|\$")
 _TEXT_RE = re.compile(r"\\(?:text|mathrm|textbf|mbox)\s*\{([^{}]*)\}")
+_MATH_SPAN_RE = re.compile(r"\$\$(?P<a>.+?)\$\$|\$(?P<b>[^$]+?)\$|\\\((?P<c>.+?)\\\)|\\\[(?P<d>.+?)\\\]")
+_LATEX_COMMAND_RE = re.compile(r"\\[A-Za-z]+(?:\s*\{[^{}]*\})?")
+_PROSE_RE = re.compile(r"[A-Za-z]{2,}\s+[A-Za-z]{2,}")  # two words in a row: dollars in prose, not math
+_CHOICE_RE = re.compile(r"\(?(?P<letter>[A-J])\)?(?![\w])")
+_CHOICE_ONLY_RE = re.compile(r"[\s(\[{]*(?P<letter>[A-J])[\s)\]}.:]*")
 
 
 @dataclass(frozen=True)
@@ -38,11 +52,18 @@ class ExtractedAnswer:
         value: the normalised answer (see :func:`normalize_answer`).
         start: character index where the answer's marker (or the bare number) starts.
         method: which convention found it: ``hash``, ``answer_is``, ``boxed`` or ``last_number``.
+        text: the answer as written (the box's content, the math after "The answer is", the
+            number), which :func:`answers_match` compares; defaults to ``value``.
     """
 
     value: str
     start: int
     method: str
+    text: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.text:
+            object.__setattr__(self, "text", self.value)
 
 
 def boxed_spans(text: str) -> list[tuple[int, str]]:
@@ -63,20 +84,34 @@ def _first_number(segment: str) -> str | None:
     return match.group(0) if match else None
 
 
+def _segment_answer(segment: str) -> str | None:
+    """The answer written after a marker: its first math span (``$...$``), else its first number,
+    else a choice letter that opens it (``(B)``, ``C.``)."""
+    span = _MATH_SPAN_RE.search(segment)
+    content = next(part for part in span.groups() if part is not None).strip() if span else ""
+    if content and not _PROSE_RE.search(_LATEX_COMMAND_RE.sub(" ", content)):
+        return content
+    number = _first_number(_FRAC_RE.sub(r"\1/\2", segment))
+    if number is not None:
+        return number
+    choice = _CHOICE_RE.match(segment.strip())
+    return choice["letter"] if choice else None
+
+
 def _marker_candidates(text: str, offset: int) -> list[ExtractedAnswer]:
     found = []
     for start, content in boxed_spans(text):
         value = normalize_answer(content)
         if value:
-            found.append(ExtractedAnswer(value, offset + start, "boxed"))
+            found.append(ExtractedAnswer(value, offset + start, "boxed", content.strip()))
     for pattern, method in ((_HASH_RE, "hash"), (_ANSWER_IS_RE, "answer_is")):
         for match in pattern.finditer(text):
             segment = match["value"]
             if method == "answer_is" and _BOXED_RE.search(segment):
                 continue  # the \boxed{} inside this sentence is its own candidate
-            number = _first_number(_FRAC_RE.sub(r"\1/\2", segment))
-            if number is not None:
-                found.append(ExtractedAnswer(normalize_answer(number), offset + match.start(), method))
+            answer = _segment_answer(segment)
+            if answer is not None and normalize_answer(answer):
+                found.append(ExtractedAnswer(normalize_answer(answer), offset + match.start(), method, answer))
     return found
 
 
@@ -145,11 +180,33 @@ def normalize_answer(text: str) -> str:
     return _LATEX_NOISE_RE.sub("", text).replace(" ", "").rstrip(".")
 
 
+def choice_letter(answer: str) -> str | None:
+    """The choice letter an answer consists of (``C``, ``(C)``, ``\\text{(C)}``, ``C.``), else None.
+
+    >>> choice_letter("\\\\text{(C)}"), choice_letter("C"), choice_letter("x")
+    ('C', 'C', None)
+    """
+    text = _TEXT_RE.sub(r"\1", answer.replace("$", ""))
+    match = _CHOICE_ONLY_RE.fullmatch(text)
+    return match["letter"] if match else None
+
+
 def answers_match(predicted: str | None, gold: str) -> bool:
-    """True if ``predicted`` equals ``gold`` after normalisation (numbers compared exactly)."""
-    if predicted is None:
+    """True if ``predicted`` is ``gold``: the same number (exactly), the same choice letter when the
+    gold answer is one, else mathematically equal by ``math-verify``."""
+    if predicted is None or not predicted.strip():
         return False
-    left, right = parse_number(normalize_answer(predicted)), parse_number(normalize_answer(gold))
-    if left is not None and right is not None:
-        return left == right
-    return normalize_answer(predicted) == normalize_answer(gold)
+    gold_letter = choice_letter(gold)
+    if gold_letter is not None:
+        return choice_letter(predicted) == gold_letter
+    left, right = normalize_answer(predicted), normalize_answer(gold)
+    left_number, right_number = parse_number(left), parse_number(right)
+    if left_number is not None and right_number is not None:
+        return left_number == right_number
+    return left == right or math_equal(predicted, gold)
+
+
+def is_correct(completion: str, gold: str) -> bool:
+    """True if the final answer found in ``completion`` (:func:`extract_answer`) matches ``gold``."""
+    found = extract_answer(completion)
+    return answers_match(found.text if found else None, gold)

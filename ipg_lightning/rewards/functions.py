@@ -21,7 +21,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from ipg_lightning.rewards.answers import THINK_END, answers_match, extract_answer
+from ipg_lightning.rewards.answers import THINK_END, extract_answer, is_correct
 
 
 @dataclass(frozen=True)
@@ -56,11 +56,10 @@ class Reward(Protocol):
 
 
 def accuracy(completion: Completion) -> float:
-    """1.0 if the extracted final answer equals the gold answer after normalisation, else 0.0."""
+    """1.0 if the completion's final answer matches the gold answer (:func:`~ipg_lightning.rewards.answers.is_correct`), else 0.0."""
     if completion.gold is None:
         raise ValueError("The accuracy reward needs a gold answer; this example has none")
-    found = extract_answer(completion.text)
-    return float(answers_match(found.value if found else None, completion.gold))
+    return float(is_correct(completion.text, completion.gold))
 
 
 def answer_present(completion: Completion) -> float:

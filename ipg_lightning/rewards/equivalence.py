@@ -1,0 +1,116 @@
+"""Mathematical equivalence of two answers through ``math-verify``, safe in every thread.
+
+``math-verify`` (the grader of lighteval, open-r1 and TRL's examples) parses LaTeX and plain
+expressions into SymPy and compares them: ``2\\sqrt{3}`` equals ``\\sqrt{12}``, ``(x+1)^2`` equals
+``x^2+2x+1``, ``[0, 3)`` is not ``(0, 3]``. Its time limits use ``signal.alarm``, which only works
+in a process's main thread, and without them a tower such as ``10^{10^{10}}`` never finishes. So:
+
+- in the main thread (training steps, evaluation, DataLoader worker processes) it runs here, with
+  its signal time limits;
+- in any other thread it runs in one helper process (started on first use), which has its own main
+  thread and so its own time limits; a helper that does not answer in time is killed and the pair
+  counts as different.
+
+>>> math_equal("2\\\\sqrt{3}", "\\\\sqrt{12}"), math_equal("(0, 3]", "[0, 3)")
+(True, False)
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import threading
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
+from concurrent.futures.process import BrokenProcessPool
+from functools import lru_cache
+from importlib.metadata import version
+
+from math_verify import ExprExtractionConfig, LatexExtractionConfig, parse, verify
+
+#: Seconds ``math-verify`` may spend parsing one answer, and again comparing two.
+TIME_LIMIT_S = 5
+#: How long another thread waits for the helper process (both limits, twice, plus its start-up).
+HELPER_WAIT_S = 4 * TIME_LIMIT_S + 60
+_TARGETS = (LatexExtractionConfig(), ExprExtractionConfig())
+_helper: ProcessPoolExecutor | None = None
+_helper_lock = threading.Lock()
+
+# math-verify logs each time limit it hits as a warning and each parse failure at debug level;
+# an answer that cannot be parsed is simply not equal, so only its errors are shown.
+logging.getLogger("math_verify").setLevel(logging.ERROR)
+
+
+def grader_record() -> dict[str, str]:
+    """What graded the answers, for ``metrics.json`` and reports."""
+    return {
+        "name": "ipg_lightning answers + math-verify",
+        "math_verify_version": version("math-verify"),
+        "extraction": "last of \\boxed{}, '####', 'The answer is'; else the last number; after the last </think> first",
+        "numbers": "compared exactly as fractions (0.5 = 1/2, 0.333 != 1/3)",
+        "expressions": "math-verify: LaTeX and plain expressions, sets, intervals, matrices, equations",
+        "choices": "a gold answer that is one capital letter (A-J) is matched by letter",
+    }
+
+
+def _as_math(answer: str) -> str:
+    """An answer as math-verify finds it best: inside ``$...$`` unless it already has delimiters."""
+    stripped = answer.strip()
+    if stripped.startswith(("$", "\\(", "\\[")) or "\\boxed" in stripped:
+        return stripped
+    return f"${stripped}$"
+
+
+@lru_cache(maxsize=4096)
+def _parsed(answer: str) -> tuple:
+    """The parsed form of one answer (cached: a gold answer is compared with many completions)."""
+    return tuple(parse(_as_math(answer), list(_TARGETS), parsing_timeout=TIME_LIMIT_S))
+
+
+def _equal_here(predicted: str, gold: str) -> bool:
+    """Compare in this thread, which must be its process's main thread (signal time limits)."""
+    gold_parsed, predicted_parsed = _parsed(gold), _parsed(predicted)
+    if not gold_parsed or not predicted_parsed:
+        return False
+    return bool(verify(list(gold_parsed), list(predicted_parsed), timeout_seconds=TIME_LIMIT_S))
+
+
+def _helper_pool() -> ProcessPoolExecutor:
+    global _helper
+    with _helper_lock:
+        if _helper is None:
+            _helper = ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn"))
+        return _helper
+
+
+def _drop_helper(pool: ProcessPoolExecutor) -> None:
+    """Kill the helper process (one that hangs or died) so the next call starts a fresh one."""
+    global _helper
+    with _helper_lock:
+        if _helper is pool:
+            _helper = None
+    for process in list(getattr(pool, "_processes", {}).values()):
+        process.kill()
+    pool.shutdown(wait=False, cancel_futures=True)
+
+
+def _equal_in_helper(predicted: str, gold: str) -> bool:
+    if multiprocessing.current_process().daemon:
+        raise RuntimeError(
+            "math-verify grading outside the main thread needs a helper process, and this daemonic process "
+            "cannot start one: grade in the process's main thread"
+        )
+    pool = _helper_pool()
+    try:
+        return pool.submit(_equal_here, predicted, gold).result(timeout=HELPER_WAIT_S)
+    except (FutureTimeout, BrokenProcessPool):
+        _drop_helper(pool)
+        return False
+
+
+def math_equal(predicted: str, gold: str) -> bool:
+    """True if ``math-verify`` finds ``predicted`` and ``gold`` mathematically equal (within its time
+    limits; an answer it cannot parse is not equal). Works in any thread."""
+    if threading.current_thread() is threading.main_thread():
+        return _equal_here(predicted, gold)
+    return _equal_in_helper(predicted, gold)
