@@ -64,8 +64,11 @@ class ReasoningDataModule(L.LightningDataModule):
             or a hub dataset name (only where the hub is reachable).
         data_files: explicit files per split (``{"train": ..., "val": ..., "test": ...}``); replaces
             ``source`` and the fraction split.
-        row_format: ``gsm8k`` (question / answer with ``####``), ``math`` (problem / solution with
-            ``\\boxed{}``), ``columns`` (see ``columns``) or ``auto`` (detected from the columns).
+        row_format: ``gsm8k`` (question / answer with ``####``), ``math`` (MATH, MATH-500: problem /
+            solution with ``\\boxed{}``, or an answer column), ``aime`` (problem / integer answer),
+            ``gpqa`` (GPQA-Diamond's question and four answers, shuffled with ``seed`` and graded by
+            letter), ``columns`` (see ``columns``) or ``auto`` (detected from the columns); see
+            :mod:`~ipg_lightning.data.examples`.
         columns: column names for ``row_format="columns"``.
         num_train: train examples (exact for generated sources; a cap for files and hub data).
         num_val: validation examples (the attribution support set), same meaning.

@@ -1,7 +1,22 @@
-"""Reasoning examples and the row formats they are parsed from (GSM8K, MATH, named columns)."""
+"""Reasoning examples and the row formats they are parsed from.
+
+The formats of the paper's four benchmarks, plus named columns:
+
+- ``gsm8k``: ``question`` and ``answer``, the answer's last line ``#### <number>``;
+- ``math`` (MATH, MATH-500): ``problem`` and ``solution`` with a ``\\boxed{}`` answer, or an
+  ``answer`` column (MATH-500 has both; the column wins). The gold answer stays LaTeX as written;
+- ``aime``: ``problem`` and an integer ``answer`` from 0 to 999 (``solution`` optional);
+- ``gpqa`` (GPQA-Diamond's CSV): ``Question``, ``Correct Answer`` and ``Incorrect Answer 1``-``3``.
+  The four choices are shuffled with the example's seed, lettered A-D in the question, and the gold
+  answer is the correct choice's letter;
+- ``columns``: any columns, named by :class:`ColumnSpec`.
+
+Column names of ``aime`` and ``gpqa`` rows are matched case-insensitively (``Problem``, ``Answer``).
+"""
 
 from __future__ import annotations
 
+import random
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -9,7 +24,10 @@ from typing import Any, Literal
 from ipg_lightning.rewards.answers import boxed_spans, normalize_answer, parse_number
 from ipg_lightning.rollout.seeds import prompt_seed
 
-RowFormat = Literal["auto", "gsm8k", "math", "columns"]
+RowFormat = Literal["auto", "gsm8k", "math", "aime", "gpqa", "columns"]
+#: The letters of GPQA's four choices, in the order they are shown.
+CHOICE_LETTERS = ("A", "B", "C", "D")
+_GPQA_CHOICES = ("correct answer", "incorrect answer 1", "incorrect answer 2", "incorrect answer 3")
 
 
 class BadRowError(ValueError):
@@ -23,7 +41,8 @@ class ReasoningExample:
     Args:
         id: stable identifier (source-specific, e.g. ``test-17``).
         question: the problem statement, without any prompt template.
-        answer: the normalised gold final answer.
+        answer: the gold final answer (numbers normalised, LaTeX kept as written, a letter for
+            multiple choice).
         solution: a reference reasoning trace ending in the answer, if the source has one.
         seed: the example's own sampling seed, so its trajectories never depend on batching.
     """
@@ -51,11 +70,15 @@ class ColumnSpec:
 
 
 def detect_format(columns: Iterable[str], first_row: Mapping[str, Any]) -> RowFormat:
-    """Guess the row format from column names: MATH (problem/solution), GSM8K (``####`` answers),
-    or generic columns."""
+    """Guess the row format from column names: GPQA (correct/incorrect answers), MATH
+    (problem/solution), AIME (problem/answer), GSM8K (``####`` answers), or generic columns."""
     columns = set(columns)
+    if set(_GPQA_CHOICES) <= {column.lower() for column in columns}:
+        return "gpqa"
     if {"problem", "solution"} <= columns:
         return "math"
+    if {"problem", "answer"} <= {column.lower() for column in columns}:
+        return "aime"
     if {"question", "answer"} <= columns and "####" in str(first_row.get("answer", "")):
         return "gsm8k"
     return "columns"
@@ -70,32 +93,82 @@ def _text_field(row: Mapping[str, Any], field: str, where: str) -> str:
     return value
 
 
-def parse_row(row: Mapping[str, Any], row_format: RowFormat, columns: ColumnSpec, where: str, seed: int) -> ReasoningExample:
-    """Turn one raw row into a :class:`ReasoningExample`, or raise :class:`BadRowError` naming ``where``."""
-    if row_format == "gsm8k":
-        question = _text_field(row, "question", where)
-        solution = _text_field(row, "answer", where)
-        if "####" not in solution:
-            raise BadRowError(f"{where}: GSM8K answer has no '#### <answer>' line: {solution[-80:]!r}")
-        gold = solution.rsplit("####", 1)[1].strip()
-    elif row_format == "math":
-        question = _text_field(row, "problem", where)
-        solution = _text_field(row, "solution", where)
+def _column(row: Mapping[str, Any], field: str) -> str:
+    """The row's name for ``field`` regardless of case (``Problem`` for ``problem``)."""
+    return {name.lower(): name for name in row}.get(field, field)
+
+
+def _optional_text(row: Mapping[str, Any], field: str) -> str | None:
+    return str(row.get(_column(row, field)) or "").strip() or None
+
+
+def _gsm8k_fields(row: Mapping[str, Any], where: str) -> tuple[str, str, str | None]:
+    question, solution = _text_field(row, "question", where), _text_field(row, "answer", where)
+    if "####" not in solution:
+        raise BadRowError(f"{where}: GSM8K answer has no '#### <answer>' line: {solution[-80:]!r}")
+    gold = normalize_answer(solution.rsplit("####", 1)[1])
+    if parse_number(gold) is None:
+        raise BadRowError(f"{where}: gold answer {gold!r} is not a number")
+    return question, gold, solution
+
+
+def _math_fields(row: Mapping[str, Any], where: str) -> tuple[str, str, str | None]:
+    question, solution = _text_field(row, "problem", where), _text_field(row, "solution", where)
+    gold = _optional_text(row, "answer")
+    if gold is None:
         boxed = boxed_spans(solution)
         if not boxed:
-            raise BadRowError(f"{where}: MATH solution has no \\boxed{{...}} answer")
-        gold = boxed[-1][1]
+            raise BadRowError(f"{where}: MATH solution has no \\boxed{{...}} answer and the row has no 'answer'")
+        gold = boxed[-1][1].strip()
+    return question, gold, solution
+
+
+def _aime_fields(row: Mapping[str, Any], where: str) -> tuple[str, str, str | None]:
+    question, gold = _text_field(row, _column(row, "problem"), where), _text_field(row, _column(row, "answer"), where)
+    if not gold.isdigit() or int(gold) > 999:
+        raise BadRowError(f"{where}: an AIME answer is an integer from 0 to 999, got {gold!r}")
+    return question, str(int(gold)), _optional_text(row, "solution")
+
+
+def _gpqa_fields(row: Mapping[str, Any], where: str, seed: int) -> tuple[str, str, str | None]:
+    """The question with its four choices shuffled by ``seed`` and lettered A-D, the correct
+    choice's letter, and the explanation (when given) ending in that letter."""
+    choices = [_text_field(row, _column(row, name), where) for name in _GPQA_CHOICES]
+    order = list(range(len(choices)))
+    random.Random(seed).shuffle(order)
+    letter = CHOICE_LETTERS[order.index(0)]
+    lines = "\n".join(f"{CHOICE_LETTERS[i]}) {choices[k]}" for i, k in enumerate(order))
+    question = f"{_text_field(row, _column(row, 'question'), where)}\n\n{lines}"
+    explanation = _optional_text(row, "explanation")
+    return question, letter, f"{explanation}\n\nThe answer is ({letter})." if explanation else None
+
+
+def _columns_fields(row: Mapping[str, Any], columns: ColumnSpec, where: str) -> tuple[str, str, str | None]:
+    question, gold = _text_field(row, columns.question, where), _text_field(row, columns.answer, where)
+    solution = str(row.get(columns.solution) or "").strip() or None if columns.solution else None
+    return question, gold, solution
+
+
+def parse_row(row: Mapping[str, Any], row_format: RowFormat, columns: ColumnSpec, where: str, seed: int) -> ReasoningExample:
+    """Turn one raw row into a :class:`ReasoningExample`, or raise :class:`BadRowError` naming ``where``.
+
+    Numeric gold answers are normalised (``1,000.0`` -> ``1000``); others are kept as written, for
+    :func:`~ipg_lightning.rewards.answers.answers_match` to compare as mathematics."""
+    if row_format == "gsm8k":
+        question, gold, solution = _gsm8k_fields(row, where)
+    elif row_format == "math":
+        question, gold, solution = _math_fields(row, where)
+    elif row_format == "aime":
+        question, gold, solution = _aime_fields(row, where)
+    elif row_format == "gpqa":
+        question, gold, solution = _gpqa_fields(row, where, seed)
     else:
-        question = _text_field(row, columns.question, where)
-        gold = _text_field(row, columns.answer, where)
-        solution = str(row.get(columns.solution) or "").strip() or None if columns.solution else None
-    gold = normalize_answer(gold)
-    if not gold:
+        question, gold, solution = _columns_fields(row, columns, where)
+    if not normalize_answer(gold):
         raise BadRowError(f"{where}: gold answer is empty after normalisation")
-    if row_format != "math" and parse_number(gold) is None:
-        raise BadRowError(f"{where}: gold answer {gold!r} is not a number")
-    row_id = str(row.get("id", where))
-    return ReasoningExample(id=row_id, question=question, answer=gold, solution=solution, seed=seed)
+    if parse_number(normalize_answer(gold)) is not None:
+        gold = normalize_answer(gold)
+    return ReasoningExample(id=str(row.get("id", where)), question=question, answer=gold, solution=solution, seed=seed)
 
 
 def parse_rows(
