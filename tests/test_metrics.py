@@ -6,7 +6,7 @@ import pytest
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from ipg_lightning.metrics import AnswerRate, ReasoningAccuracy, ReasoningLength, ReflectionRate
+from ipg_lightning.metrics import AnswerRate, PassAtK, ReasoningAccuracy, ReasoningLength, ReflectionRate
 from ipg_lightning.metrics import functional as F
 from ipg_lightning.rewards.answers import extract_answer
 
@@ -75,18 +75,30 @@ def test_bad_metric_inputs_are_named():
 def _ddp_worker(rank, world_size, port, results):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world_size)
-    accuracy, length = ReasoningAccuracy(), ReasoningLength()
+    accuracy, length, passing = ReasoningAccuracy(), ReasoningLength(), PassAtK(ks=(1, 2))
     accuracy.update(COMPLETIONS[rank::world_size], GOLDS[rank::world_size])
     length.update(LENGTHS[rank::world_size])
-    results[rank] = (accuracy.compute().item(), length.compute()["mean"].item(), length.compute()["q50"].item())
+    passing.update(F.correct_counts(COMPLETIONS, GOLDS).view(4, 2)[rank::world_size])
+    results[rank] = (
+        accuracy.compute().item(),
+        length.compute()["mean"].item(),
+        length.compute()["q50"].item(),
+        *(value.item() for value in passing.compute().values()),
+    )
     dist.destroy_process_group()
 
 
 def test_states_reduce_across_two_ddp_processes():
-    single_accuracy, single_length = ReasoningAccuracy(), ReasoningLength()
+    single_accuracy, single_length, single_passing = ReasoningAccuracy(), ReasoningLength(), PassAtK(ks=(1, 2))
     single_accuracy.update(COMPLETIONS, GOLDS)
     single_length.update(LENGTHS)
-    expected = (single_accuracy.compute().item(), single_length.compute()["mean"].item(), single_length.compute()["q50"].item())
+    single_passing.update(F.correct_counts(COMPLETIONS, GOLDS).view(4, 2))
+    expected = (
+        single_accuracy.compute().item(),
+        single_length.compute()["mean"].item(),
+        single_length.compute()["q50"].item(),
+        *(value.item() for value in single_passing.compute().values()),
+    )
     results = mp.Manager().dict()
     mp.spawn(_ddp_worker, args=(2, 29517, results), nprocs=2, join=True)
     assert results[0] == pytest.approx(expected) and results[1] == pytest.approx(expected)

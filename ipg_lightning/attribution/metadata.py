@@ -87,6 +87,8 @@ class ReportMetadata:
         saes: per ``sae_feature`` site, where its SAE was loaded from.
         sampling: how the trajectories were sampled: engine, settings, what holds for their seeds
             (:func:`~ipg_lightning.rollout.sampling.sampling_record`).
+        protocol: the full protocol: decoding, prompt, ``<think>`` handling and the grader the
+            reward's accuracy used (:func:`~ipg_lightning.evaluation.protocols.protocol_record`).
         completeness: the completeness check, for methods that have one.
         degenerate: why the scores carry no information, if they do not.
         trajectories_sha256: the digest of the kept trajectories' file, if the run kept them.
@@ -105,6 +107,7 @@ class ReportMetadata:
     world_size: int = 1
     saes: dict[str, str] = field(default_factory=dict)
     sampling: dict[str, Any] = field(default_factory=dict)
+    protocol: dict[str, Any] = field(default_factory=dict)
     completeness: Completeness | None = None
     degenerate: str | None = None
     trajectories_sha256: str | None = None

@@ -28,7 +28,8 @@ from ipg_lightning.attribution.metadata import Completeness, Quadrature, ReportC
 from ipg_lightning.attribution.methods import METHODS, AttributionMethodName, MethodSettings, check_method
 from ipg_lightning.attribution.plots import plot_report
 from ipg_lightning.attribution.report import AttributionReport, UninformativeReportError
-from ipg_lightning.data import ReasoningBatch
+from ipg_lightning.data import PromptTemplate, ReasoningBatch
+from ipg_lightning.evaluation.protocols import protocol_record
 from ipg_lightning.gates.component_gates import ComponentGates
 from ipg_lightning.model.families import ArchitectureSpec, SiteFamilyName
 from ipg_lightning.model.identity import model_identity
@@ -272,6 +273,7 @@ def report_metadata(module: IPGAttribution, state: dict[str, Any]) -> ReportMeta
         # where the sae_feature sites' SAEs come from: steering and evaluating the report attach them again
         saes={name: site.sae.source or IN_MEMORY_SAE for name, site in module.gates.sites.items() if site.sae is not None},
         sampling=sampling_record(module.sampling),
+        protocol=protocol_record(None, module.sampling, getattr(datamodule, "template", PromptTemplate()), module.tokenizer),
         completeness=Completeness.from_state(state, target, local) if module.method.has_completeness else None,
     )
 

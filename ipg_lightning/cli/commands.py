@@ -15,7 +15,7 @@ from typing import Any
 from ipg_lightning.checks import check_gamma
 from ipg_lightning.data import ReasoningDataModule
 from ipg_lightning.data.sources import SPLITS
-from ipg_lightning.evaluation import evaluate_generations
+from ipg_lightning.evaluation import apply_protocol, evaluate_generations, protocol_record
 from ipg_lightning.model.families import ArchitectureSpec
 from ipg_lightning.model.identity import ModelMismatchError, describe, model_identity, same_model_name
 from ipg_lightning.outputs import atomic_directory, atomic_write_json, atomic_write_text, check_output_dir, strict_json
@@ -41,6 +41,7 @@ def evaluate(
     ks: list[int] | None = None,
     steering_checkpoint: str | None = None,
     sampling: SamplingConfig = EVALUATION_SAMPLING,
+    protocol: str | None = None,
     output_dir: str = "outputs/evaluate",
     overwrite: bool = False,
     allow_other_model: bool = False,
@@ -49,7 +50,8 @@ def evaluate(
     """Evaluate a base, steered, learned or exported model on a benchmark split.
 
     Writes ``metrics.json`` (accuracy, answer rate, reasoning-length mean and distribution,
-    reflection rate, number of examples) and ``generations.jsonl``. With ``gammas`` (and optionally
+    reflection rate, number of examples; avg@k and pass@k with k samples per problem; the full
+    protocol) and ``generations.jsonl``. With ``gammas`` (and optionally
     ``ks``) it sweeps fixed steering instead and writes ``sweep.json``, ``sweep.csv`` and
     ``sweep.png`` (accuracy and length against gamma, one line per k).
 
@@ -68,6 +70,9 @@ def evaluate(
         steering_checkpoint: a ``GateSteering`` checkpoint (learned gates) to evaluate.
         sampling: how completions are generated (default greedy, one per problem; a temperature > 0
             samples at top-p 0.8 unless ``sampling.top_p`` says otherwise).
+        protocol: a named protocol that sets the decoding instead: ``greedy``, ``paper`` (greedy at
+            2,048 tokens), ``sampled`` (temperature 0.6, top-p 0.95, 8 samples: avg@8 and pass@k) or
+            ``r1`` (64 samples at 32,768 tokens); see ``docs/evaluation.md``.
         output_dir: where results go (atomically; refused if it exists, unless ``overwrite``).
         overwrite: replace an earlier output of this library at ``output_dir`` (never other files).
         allow_other_model: apply a report or checkpoint made on a model of another architecture
@@ -77,6 +82,7 @@ def evaluate(
     check_output_dir(output_dir, overwrite)
     if split not in SPLITS:
         raise ValueError(f"Unknown split {split!r}; choose from {list(SPLITS)}")
+    sampling = apply_protocol(sampling, protocol, EVALUATION_SAMPLING)
     if sampling.temperature == 0 and sampling.num_samples > 1:
         raise ValueError(
             f"temperature 0 (greedy decoding) gives {sampling.num_samples} identical completions per problem: "
@@ -85,7 +91,7 @@ def evaluate(
     data = data or ReasoningDataModule()
     if gammas:
         selections = _sweep_selections(selection, gammas, ks)
-        return _sweep(model_path, dtype, data, split, selections, gammas, sampling, output_dir, overwrite, allow_other_model, architecture)
+        return _sweep(model_path, dtype, data, split, selections, gammas, sampling, protocol, output_dir, overwrite, allow_other_model, architecture)
     source = SteeringSource(selection, gamma, steering_checkpoint)
     steered = load_steered_model(model_path, dtype, source, allow_other_model, architecture)
     data.connect(steered.tokenizer)
@@ -96,6 +102,7 @@ def evaluate(
         "split": split,
         "data": data.source,
         "sampling": sampling_record(sampling),
+        "protocol": protocol_record(protocol, sampling, data.template, steered.tokenizer),
         "metrics": result.metrics,
     }
     with atomic_directory(output_dir, overwrite=overwrite, kind="evaluation") as staging:
@@ -117,13 +124,20 @@ def _sweep_selections(selection: ComponentSelection | None, gammas: list[float],
     return [replace(selection, k=top_k, fraction=None) for top_k in top_ks]
 
 
-def _sweep(model_path, dtype, data, split, selections, gammas, sampling, output_dir, overwrite, allow_other_model, architecture):
+def _sweep(model_path, dtype, data, split, selections, gammas, sampling, protocol, output_dir, overwrite, allow_other_model, architecture):
     base = load_steered_model(model_path or recorded_model(selections[0]), dtype)
     data.connect(base.tokenizer)
     rows = gamma_sweep(base, list(data.dataloader(split)), sampling, selections, gammas, architecture, allow_other_model)
     with atomic_directory(output_dir, overwrite=overwrite, kind="evaluation sweep") as staging:
         identity = model_identity(base.model, base.description.model)
-        record = {"report": selections[0].report, "model_identity": identity, "split": split, "sampling": sampling_record(sampling), "rows": rows}
+        record = {
+            "report": selections[0].report,
+            "model_identity": identity,
+            "split": split,
+            "sampling": sampling_record(sampling),
+            "protocol": protocol_record(protocol, sampling, data.template, base.tokenizer),
+            "rows": rows,
+        }
         atomic_write_json(staging / "sweep.json", record)
         atomic_write_text(staging / "sweep.csv", sweep_csv(rows))
         plot_sweep(rows, staging / "sweep.png")

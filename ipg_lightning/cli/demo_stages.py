@@ -26,6 +26,7 @@ from ipg_lightning.attribution import AttributionReport, IPGAttribution, run_att
 from ipg_lightning.attribution.plots import plot_report
 from ipg_lightning.data import ReasoningBatch, ReasoningDataModule
 from ipg_lightning.evaluation import evaluate_generations
+from ipg_lightning.evaluation.protocols import protocol_record
 from ipg_lightning.explorer import Effects, MeasuredEffect, page_for_report
 from ipg_lightning.gates.component_gates import ComponentGates, parse_component_name
 from ipg_lightning.model.families import sae_point
@@ -278,6 +279,7 @@ def write_outputs(
             "gammas": {"suppressed": s["gamma_suppress"], "amplified": s["gamma_amplify"]},
             "evaluation": {"temperature": s["temperature"], "completions_per_problem": run.sampled.num_samples, "problems": s["test_prompts"]},
             "sampling": sampling_record(run.sampled),
+            "protocol": protocol_record(None, run.sampled, run.data.template, run.tokenizer),
             "learned_gates": {name: round(value, 4) for name, value in learned.gate_values().items()},
             "selected": selected,
             "conditions": run.rows,

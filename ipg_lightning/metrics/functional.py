@@ -4,6 +4,8 @@
 tensor(0.3333)
 >>> reflection_rate(["Wait, let me check.", "Done."])
 tensor(0.5000)
+>>> pass_at_k(torch.tensor([[1, 0, 0, 0], [0, 0, 0, 0]]), 2)
+tensor([0.5000, 0.0000], dtype=torch.float64)
 """
 
 from __future__ import annotations
@@ -42,6 +44,31 @@ def correct_counts(completions: Sequence[str], golds: Sequence[str]) -> torch.Te
 def reasoning_accuracy(completions: Sequence[str], golds: Sequence[str]) -> torch.Tensor:
     """Fraction of completions whose extracted final answer matches the gold answer."""
     return correct_counts(completions, golds).float().mean()
+
+
+def pass_at_k(hits: torch.Tensor, k: int) -> torch.Tensor:
+    """Per problem, the unbiased estimate of pass@k from ``hits`` (problems x n, 1 = correct):
+    ``1 - C(n - c, k) / C(n, k)`` with c correct of n samples (Chen et al., 2021), computed as a
+    stable product. pass@1 is the problem's mean accuracy."""
+    if hits.dim() != 2:
+        raise ValueError(f"hits must be (problems x samples), got shape {tuple(hits.shape)}")
+    samples = hits.shape[1]
+    if not 1 <= k <= samples:
+        raise ValueError(f"pass@{k} needs at least {k} samples per problem, got {samples}")
+    correct = hits.sum(dim=1).to(torch.float64)
+    steps = torch.arange(samples - k + 1, samples + 1, dtype=torch.float64)  # i = n-k+1 .. n
+    # C(n-c, k) / C(n, k) = prod_{i=n-k+1}^{n} (i - c) / i, with a factor <= 0 once n - c < k
+    factors = ((steps[None, :] - correct[:, None]) / steps[None, :]).clamp(min=0)
+    return 1 - factors.prod(dim=1)
+
+
+def default_pass_ks(samples: int) -> tuple[int, ...]:
+    """The k of pass@k reported for ``samples`` per problem: 1, powers of two below, and all of them.
+
+    >>> default_pass_ks(1), default_pass_ks(8), default_pass_ks(12)
+    ((1,), (1, 2, 4, 8), (1, 2, 4, 8, 12))
+    """
+    return tuple(sorted({2**power for power in range(samples.bit_length()) if 2**power <= samples} | {samples}))
 
 
 def answer_flags(completions: Sequence[str]) -> torch.Tensor:

@@ -41,8 +41,8 @@ def evaluate_generations(
 ) -> EvaluationResult:
     """Sample completions for every batch of a :class:`~ipg_lightning.data.ReasoningDataModule`
     loader (with ``gates`` attached if given) and compute accuracy, answer rate, reasoning length
-    and reflection rate."""
-    metrics = ReasoningMetrics(reflection_markers)
+    and reflection rate, and with several samples per problem avg@k and pass@k."""
+    metrics = ReasoningMetrics(reflection_markers, samples_per_problem=sampling.num_samples)
     records: list[dict[str, Any]] = []
     context = gates.attach(model) if gates is not None else nullcontext()
     batches = list(batches)
