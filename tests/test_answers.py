@@ -29,6 +29,9 @@ EXTRACTION_CASES = [
     ("x = 2.50", "2.5", "last_number"),
     ("Version v1.2, then 3", "3", "last_number"),
     ("1/3 of them", "1/3", "last_number"),
+    ("10 - 4", "4", "last_number"),  # a subtraction, not -4
+    ("6 - 6 = ", "6", "last_number"),
+    ("It costs -$5 and then $ 7", "7", "last_number"),
     ("<think>2+2=4 maybe 5</think> The answer is 4", "4", "answer_is"),
     ("<think>try 9</think> so it is 10", "10", "last_number"),
     ("<think>#### 3</think>", "3", "hash"),

@@ -29,7 +29,8 @@ from ipg_lightning.rewards.equivalence import math_equal
 
 THINK_END = "</think>"
 
-_NUMBER = r"[-−]?\$?\s?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?(?:\s?/\s?\d+)?|[-−]?\.\d+"
+# a sign touches its number ("-4", "-$4"); "10 - 4" is a subtraction whose last number is 4
+_NUMBER = r"(?:[-−]\$?|\$\s?)?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?(?:\s?/\s?\d+)?|[-−]?\.\d+"
 _NUMBER_RE = re.compile(rf"(?<![\w.])(?:{_NUMBER})")
 _HASH_RE = re.compile(r"####\s*(?P<value>[^\n]*)")
 _ANSWER_IS_RE = re.compile(r"(?:the\s+)?(?:final\s+)?answer\s*(?:is|:)\s*:?\s*(?P<value>[^\n]*)", re.IGNORECASE)
