@@ -16,7 +16,7 @@ from ipg_lightning.steering.learned import GateSteering, load_steering_checkpoin
 RECIPE_DIR = Path(__file__).resolve().parents[1] / "recipes"
 RECIPES = sorted(RECIPE_DIR.glob("attribute_*.yaml"))
 STEER_RECIPES = sorted(RECIPE_DIR.glob("steer_*.yaml"))
-FUNCTION_RECIPES = sorted(RECIPE_DIR.glob("evaluate_*.yaml")) + sorted(RECIPE_DIR.glob("export_*.yaml"))
+FUNCTION_RECIPES = sorted(RECIPE_DIR.glob("evaluate_*.yaml")) + sorted(RECIPE_DIR.glob("export_*.yaml")) + sorted(RECIPE_DIR.glob("lm-eval_*.yaml"))
 TRAIN_RECIPES = sorted(RECIPE_DIR.glob("train_tiny_reasoner*.yaml"))
 SAE_RECIPES = sorted(RECIPE_DIR.glob("train_*sae*.yaml"))
 TINY = str(RECIPE_DIR / "attribute_tiny.yaml")
