@@ -18,7 +18,7 @@ _EXPORTS: dict[str, str] = {
     **dict.fromkeys(["Completion", "CompoundReward", "accuracy", "load_reward", "reasoning_length"], "ipg_lightning.rewards.functions"),
     **dict.fromkeys(["AttributionReport", "IPGAttribution", "run_attribution"], "ipg_lightning.attribution"),
     **dict.fromkeys(["ArithmeticChainTask", "PromptTemplate", "ReasoningBatch", "ReasoningDataModule", "ReasoningExample"], "ipg_lightning.data"),
-    **dict.fromkeys(["AnswerRate", "ReasoningAccuracy", "ReasoningLength", "ReflectionRate"], "ipg_lightning.metrics"),
+    **dict.fromkeys(["AnswerRate", "PassAtK", "ReasoningAccuracy", "ReasoningLength", "ReflectionRate"], "ipg_lightning.metrics"),
     **dict.fromkeys(["ARCHITECTURES", "ArchitectureSpec", "UnsupportedArchitectureError"], "ipg_lightning.model.families"),
     **dict.fromkeys(["Site", "discover_sites"], "ipg_lightning.model.sites"),
     "ComponentGates": "ipg_lightning.gates.component_gates",
