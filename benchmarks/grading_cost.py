@@ -6,7 +6,8 @@ Grades the same completions, in one process and interleaved, medians of several 
 - MATH-style completions (``\\boxed{...}`` with radicals, fractions, tuples, expressions) against
   gold answers written differently, which go to math-verify; first with a cold cache (each gold parsed
   once), then again (the gold parses cached, as when k samples of one problem are graded);
-- the MATH-style set graded from another thread, which sends each comparison to the helper process.
+- the MATH-style set graded from another thread, which sends each comparison to the helper process
+  (its cache cleared before each repeat, so this is the cold case there).
 
 Also reports the tiny reasoner's evaluation time per completion, for scale.
 
@@ -67,7 +68,7 @@ def main() -> None:
     _grade_in_thread(math_pairs[:1])  # start the helper process outside the timings
     times: dict[str, list[float]] = {"gsm8k": [], "math_cold": [], "math_cached": [], "math_in_thread": []}
     for _ in range(args.repeats):
-        equivalence._parsed.cache_clear()
+        equivalence.clear_parse_cache()
         times["gsm8k"].append(_grade(GSM8K))
         times["math_cold"].append(_grade(math_pairs))
         times["math_cached"].append(_grade(math_pairs))

@@ -10,6 +10,10 @@ ValueError: steps must be >= 1, got 0
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
 
 
 def check_at_least(minimum: int, **values: int | None) -> None:
@@ -39,3 +43,21 @@ def check_gamma(gamma: float, name: str = "gamma") -> float:
     if not math.isfinite(gamma) or gamma < 0:
         raise ValueError(f"Steering {name} must be finite and >= 0, got {gamma}")
     return float(gamma)
+
+
+def check_device(device: str, what: str = "it runs") -> torch.device:
+    """``device`` (``cpu``, ``cuda``, ``cuda:N``, or ``auto``: the first GPU if there is one) as a
+    torch device, refused before any model loads when it is not a device this machine has."""
+    import torch
+
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        parsed = torch.device(device)
+    except RuntimeError:
+        raise ValueError(f"--device {device!r} is not a device: use auto, cpu, cuda or cuda:N") from None
+    if parsed.type == "cuda" and not (torch.cuda.is_available() and (parsed.index or 0) < torch.cuda.device_count()):
+        raise ValueError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA devices; use cpu or one that exists")
+    if parsed.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device {device}: {what} on cpu or cuda")
+    return parsed

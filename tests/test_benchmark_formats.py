@@ -101,3 +101,12 @@ def test_each_benchmark_recipe_runs_on_its_sample_file(tmp_path, recipe, sample)
     protocol = summary["protocol"]
     assert summary["metrics"]["num_completions"] == 6 * protocol["samples_per_problem"]
     assert protocol["grader"]["math_verify_version"] and protocol["prompt"]["instruction"]
+
+
+def test_problem_answer_rows_are_told_apart_and_an_answer_of_zero_counts():
+    aime = [{"Problem": "How many?", "Answer": "0"}]
+    amc = [{"problem": "Compute half.", "answer": "\\frac{1}{2}"}]
+    math = [{"problem": "p", "answer": 0, "solution": "so \\boxed{1}"}]
+    assert [e.answer for e in parse_rows(aime, "auto", ColumnSpec(), "aime.jsonl", "t", seed=0)[0]] == ["0"]
+    assert [e.answer for e in parse_rows(amc, "auto", ColumnSpec(), "amc.jsonl", "t", seed=0)[0]] == ["0.5"]
+    assert [e.answer for e in parse_rows(math, "math", ColumnSpec(), "math.jsonl", "t", seed=0)[0]] == ["0"]  # the column, not the box

@@ -70,7 +70,38 @@ GRADING_CASES = [
     (r"\boxed{2^{10}}", "1024", True),
     (r"\boxed{\frac{1}{2}}", r"\frac{1}{3}", False),
 ]
+# Traps in where the answer is: each was graded wrongly by an earlier version of the extraction.
+EXTRACTION_TRAPS = [
+    ("The answer is 3, not $5$.", "5", False),  # the number the line opens with, not a later span
+    ("The final answer is 3 (check: $x=5$ fails).", "5", False),
+    ("The answer is 5 because $x = 2$ gives 5.", "5", True),
+    ("Therefore, the answer is $\\$18$.", "18", True),  # an escaped dollar sign inside math
+    ("#### $\\$18$", "18", True),
+    ("The answer is $40 - $10 = $30.", "30", False),  # dollars in prose: the first amount
+    ("The answer is 5. Hmm, no, the answer is 7.", "7", True),  # the last marker wins, on one line too
+    ("The answer is 5. Hmm, no, the answer is 7.", "5", False),
+    ("The answer is \\boxed{5}. Wait, actually the answer is 7", "7", True),
+    ("\\boxed{3(2)}", "32", False),  # a product, not the digits 3 and 2
+    ("\\boxed{0.3333333}", "\\frac13", False),  # a rounded decimal is not the fraction
+    ("10 - 4", "-4", False),  # a subtraction, not a negative number
+    ("The answer is (B) 3.2 eV", "B", True),  # choices: the letter, not the number after it
+    ("The answer is (B) $2\\times 10^{-3}$ m", "B", True),
+    ("**Answer:** B", "B", True),
+    ("The answer is **(B)**", "B", True),
+    ("The answer is I think (C).", "C", True),
+    ("The answer is A little more careful check needed.", "A", False),  # a word, not a choice
+    ("Option B looks right, but the answer is (D).", "B", False),
+]
 CHOICE_GOLDS = {"B"}  # math-verify's default extraction does not read "(B)"; graded by letter here
+
+
+@pytest.mark.parametrize(("completion", "gold", "expected"), EXTRACTION_TRAPS)
+def test_extraction_traps(completion, gold, expected):
+    assert is_correct(completion, gold) is expected
+
+
+def test_a_comma_list_is_not_a_thousands_number():
+    assert not answers_match("-1125", "-1, 125") and answers_match("3, 5", "5, 3") and answers_match("1,125", "1125")
 
 
 def test_the_table_is_large_enough_and_balanced():
@@ -114,15 +145,17 @@ def _grade_all() -> list[bool]:
     return [is_correct(completion, gold) for completion, gold, _ in GRADING_CASES]
 
 
-def test_grading_in_another_thread_gives_the_same_verdicts():
+def test_grading_in_other_threads_gives_the_same_verdicts():
     """math-verify's signal time limits fail outside the main thread (and it then says 'not equal'
     without a word); here every verdict must be the same as in the main thread."""
-    equivalence._parsed.cache_clear()
+    equivalence.clear_parse_cache()
     results = {}
-    thread = threading.Thread(target=lambda: results.update(verdicts=_grade_all()))
-    thread.start()
-    thread.join(timeout=300)
-    assert results["verdicts"] == [expected for _, _, expected in GRADING_CASES]
+    threads = [threading.Thread(target=lambda index=index: results.update({index: _grade_all()})) for index in range(3)]
+    for thread in threads:  # several at once: they take turns on the one helper process
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=300)
+    assert [results[index] for index in range(3)] == [[expected for _, _, expected in GRADING_CASES]] * 3
 
 
 class _Completions(Dataset):
@@ -150,3 +183,19 @@ def test_a_runaway_answer_times_out_in_a_thread_too():
     thread.join(timeout=equivalence.HELPER_WAIT_S + 30)
     elapsed = time.monotonic() - start
     assert results == {"verdict": False} and equivalence.TIME_LIMIT_S <= elapsed < equivalence.HELPER_WAIT_S
+
+
+def _in_thread(function):
+    results = {}
+    thread = threading.Thread(target=lambda: results.update(value=function()))
+    thread.start()
+    thread.join(timeout=120)
+    return results["value"]
+
+
+def test_a_helper_process_that_died_is_started_again():
+    assert _in_thread(lambda: answers_match("2\\sqrt{3}", "\\sqrt{12}"))
+    for process in list(equivalence._helper._processes.values()):  # as if the OS had killed it
+        process.kill()
+        process.join()
+    assert _in_thread(lambda: answers_match("(x+1)^2", "x^2+2x+1"))

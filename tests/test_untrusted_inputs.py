@@ -320,7 +320,7 @@ def test_an_older_report_is_checked_against_the_model_before_replay(tmp_path, ke
 
 
 def test_explore_checks_the_device_and_the_sizes_before_replay(tmp_path, monkeypatch, kept_report):
-    with pytest.raises(ValueError, match=r"--device 'gpu' is not a device: use cpu, cuda or cuda:N"):
+    with pytest.raises(ValueError, match=r"--device 'gpu' is not a device: use auto, cpu, cuda or cuda:N"):
         _explore(kept_report, tmp_path, "--device", "gpu")
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match=r"--device cuda: this machine has 0 CUDA devices"):
@@ -428,11 +428,12 @@ def test_a_folder_that_is_not_a_model_is_not_called_a_model_without_a_tokenizer(
     [
         (lambda summary: summary["metrics"].update(accuracy="high"), r"metric accuracy is 'high', not a number >= 0"),
         (lambda summary: summary["metrics"].update(accuracy=7.5), r"metric accuracy is 7.5, but it is a share of the completions"),
+        (lambda summary: summary["metrics"].update({"pass@4": 1.5}), r"metric pass@4 is 1.5, but it is a share of the completions"),
         (lambda summary: summary.update(model_identity="tiny:llama"), r"model_identity must be objects"),
         (lambda summary: summary["steering"].update(kind="fixed", components="blocks.0", gamma=0), r"steering.components must be a list"),
         (lambda summary: summary["steering"].update(kind="fixed", components=["blocks.0.hook_mlp_out"], gamma="zero"), r"gamma is 'zero'"),
     ],
-    ids=["text-accuracy", "accuracy-above-1", "identity-text", "components-text", "gamma-text"],
+    ids=["text-accuracy", "accuracy-above-1", "pass-at-k-above-1", "identity-text", "components-text", "gamma-text"],
 )
 def test_tampered_evaluations_are_refused_by_the_explorer(tmp_path, kept_report, edit, message):
     from ipg_lightning.explorer import read_evaluations

@@ -12,7 +12,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from ipg_lightning.checks import check_gamma
+from ipg_lightning.checks import check_device, check_gamma
 from ipg_lightning.data import ReasoningDataModule
 from ipg_lightning.data.sources import SPLITS
 from ipg_lightning.evaluation import apply_protocol, evaluate_generations, protocol_record
@@ -42,6 +42,7 @@ def evaluate(
     steering_checkpoint: str | None = None,
     sampling: SamplingConfig = EVALUATION_SAMPLING,
     protocol: str | None = None,
+    device: str = "auto",
     output_dir: str = "outputs/evaluate",
     overwrite: bool = False,
     allow_other_model: bool = False,
@@ -73,6 +74,8 @@ def evaluate(
         protocol: a named protocol that sets the decoding instead: ``greedy``, ``paper`` (greedy at
             2,048 tokens), ``sampled`` (temperature 0.6, top-p 0.95, 8 samples: avg@8 and pass@k) or
             ``r1`` (64 samples at 32,768 tokens); see ``docs/evaluation.md``.
+        device: where the model runs: ``auto`` (the first GPU if there is one), ``cpu``, ``cuda``,
+            ``cuda:N`` (with ``sampling.engine: vllm``, vLLM samples on the GPU whatever it says).
         output_dir: where results go (atomically; refused if it exists, unless ``overwrite``).
         overwrite: replace an earlier output of this library at ``output_dir`` (never other files).
         allow_other_model: apply a report or checkpoint made on a model of another architecture
@@ -83,6 +86,7 @@ def evaluate(
     if split not in SPLITS:
         raise ValueError(f"Unknown split {split!r}; choose from {list(SPLITS)}")
     sampling = apply_protocol(sampling, protocol, EVALUATION_SAMPLING)
+    target = check_device(device)
     if sampling.temperature == 0 and sampling.num_samples > 1:
         raise ValueError(
             f"temperature 0 (greedy decoding) gives {sampling.num_samples} identical completions per problem: "
@@ -91,9 +95,11 @@ def evaluate(
     data = data or ReasoningDataModule()
     if gammas:
         selections = _sweep_selections(selection, gammas, ks)
-        return _sweep(model_path, dtype, data, split, selections, gammas, sampling, protocol, output_dir, overwrite, allow_other_model, architecture)
+        return _sweep(
+            model_path, dtype, data, split, selections, gammas, sampling, protocol, target, output_dir, overwrite, allow_other_model, architecture
+        )
     source = SteeringSource(selection, gamma, steering_checkpoint)
-    steered = load_steered_model(model_path, dtype, source, allow_other_model, architecture)
+    steered = load_steered_model(model_path, dtype, source, allow_other_model, architecture).to(target)
     data.connect(steered.tokenizer)
     result = evaluate_generations(steered.model, steered.tokenizer, list(data.dataloader(split)), sampling, steered.gates, progress=True)
     summary = {
@@ -124,8 +130,8 @@ def _sweep_selections(selection: ComponentSelection | None, gammas: list[float],
     return [replace(selection, k=top_k, fraction=None) for top_k in top_ks]
 
 
-def _sweep(model_path, dtype, data, split, selections, gammas, sampling, protocol, output_dir, overwrite, allow_other_model, architecture):
-    base = load_steered_model(model_path or recorded_model(selections[0]), dtype)
+def _sweep(model_path, dtype, data, split, selections, gammas, sampling, protocol, device, output_dir, overwrite, allow_other_model, architecture):
+    base = load_steered_model(model_path or recorded_model(selections[0]), dtype).to(device)
     data.connect(base.tokenizer)
     rows = gamma_sweep(base, list(data.dataloader(split)), sampling, selections, gammas, architecture, allow_other_model)
     with atomic_directory(output_dir, overwrite=overwrite, kind="evaluation sweep") as staging:

@@ -8,6 +8,7 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any, Literal
 
+from ipg_lightning.checks import check_device
 from ipg_lightning.gates.exported import STEERING_FILE
 from ipg_lightning.model.families import ArchitectureSpec
 from ipg_lightning.model.identity import model_identity
@@ -79,6 +80,7 @@ def lm_eval(
     think_end_token: str | None = None,
     gen_kwargs: dict[str, Any] | None = None,
     backend: Literal["hf", "vllm"] = "hf",
+    device: str = "auto",
     max_model_len: int | None = None,
     output_dir: str = "outputs/lm_eval",
     overwrite: bool = False,
@@ -112,6 +114,8 @@ def lm_eval(
         gen_kwargs: generation settings that override the tasks' (``{"max_gen_toks": 2048}``).
         backend: ``hf`` (any steering) or ``vllm`` (lm-eval's vLLM backend, for plain or exported
             checkpoints whose gates all folded into weights).
+        device: where the model runs (``hf`` backend): ``auto`` (the first GPU if there is one),
+            ``cpu``, ``cuda``, ``cuda:N``.
         max_model_len: vLLM's context length (``vllm`` backend).
         output_dir: where results go (atomically; refused if it exists, unless ``overwrite``).
         overwrite: replace an earlier output of this library at ``output_dir``.
@@ -124,6 +128,7 @@ def lm_eval(
         raise ValueError(f"--include_path {include_path} is not a folder of lm-eval task YAMLs")
     if backend not in ("hf", "vllm"):
         raise ValueError(f"backend must be hf or vllm, got {backend!r}")
+    target = check_device(device)
     from ipg_lightning.evaluation.lm_eval_model import SteeredHFLM, run_lm_eval
 
     source = SteeringSource(selection, gamma, steering_checkpoint)
@@ -131,13 +136,20 @@ def lm_eval(
         lm, tokenizer, model_name = _vllm_lm(model_path, source, dtype, batch_size, max_model_len)
         steering, identity = {"kind": "base", "model": model_name}, None
     else:
-        steered = load_steered_model(model_path, dtype, source, allow_other_model, architecture)
+        steered = load_steered_model(model_path, dtype, source, allow_other_model, architecture).to(target)
         settings = {"think_end_token": think_end_token} if think_end_token else {}
         lm = SteeredHFLM(steered.model, steered.tokenizer, steered.gates, batch_size=batch_size, **settings)
         tokenizer, steering = steered.tokenizer, steered.description.to_json()
         identity = model_identity(steered.model, steered.description.model)
     evaluate_kwargs = {"num_fewshot": num_fewshot, "limit": limit, "apply_chat_template": apply_chat_template, "gen_kwargs": gen_kwargs}
-    results = run_lm_eval(lm, names, tokenizer, include_path, **{key: value for key, value in evaluate_kwargs.items() if value})
+    results = run_lm_eval(
+        lm,
+        names,
+        tokenizer,
+        include_path,
+        measure_reasoning=think_end_token is None,
+        **{key: value for key, value in evaluate_kwargs.items() if value is not None},
+    )
     samples = results.pop("samples")
     record = {
         "steering": steering,

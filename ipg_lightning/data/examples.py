@@ -4,7 +4,8 @@ The formats of the paper's four benchmarks, plus named columns:
 
 - ``gsm8k``: ``question`` and ``answer``, the answer's last line ``#### <number>``;
 - ``math`` (MATH, MATH-500): ``problem`` and ``solution`` with a ``\\boxed{}`` answer, or an
-  ``answer`` column (MATH-500 has both; the column wins). The gold answer stays LaTeX as written;
+  ``answer`` column (MATH-500 has both; the column wins; with it, ``solution`` is optional). The
+  gold answer stays LaTeX as written;
 - ``aime``: ``problem`` and an integer ``answer`` from 0 to 999 (``solution`` optional);
 - ``gpqa`` (GPQA-Diamond's CSV): ``Question``, ``Correct Answer`` and ``Incorrect Answer 1``-``3``.
   The four choices are shuffled with the example's seed, lettered A-D in the question, and the gold
@@ -71,14 +72,17 @@ class ColumnSpec:
 
 def detect_format(columns: Iterable[str], first_row: Mapping[str, Any]) -> RowFormat:
     """Guess the row format from column names: GPQA (correct/incorrect answers), MATH
-    (problem/solution), AIME (problem/answer), GSM8K (``####`` answers), or generic columns."""
+    (problem/solution, or problem/answer with a non-integer first answer), AIME (problem/answer,
+    the first answer an integer up to 999), GSM8K (``####`` answers), or generic columns."""
     columns = set(columns)
     if set(_GPQA_CHOICES) <= {column.lower() for column in columns}:
         return "gpqa"
     if {"problem", "solution"} <= columns:
         return "math"
-    if {"problem", "answer"} <= {column.lower() for column in columns}:
-        return "aime"
+    lowered = {column.lower(): column for column in columns}
+    if {"problem", "answer"} <= set(lowered):
+        answer = str(first_row.get(lowered["answer"], "")).strip()
+        return "aime" if answer.isdigit() and int(answer) <= 999 else "math"
     if {"question", "answer"} <= columns and "####" in str(first_row.get("answer", "")):
         return "gsm8k"
     return "columns"
@@ -99,7 +103,8 @@ def _column(row: Mapping[str, Any], field: str) -> str:
 
 
 def _optional_text(row: Mapping[str, Any], field: str) -> str | None:
-    return str(row.get(_column(row, field)) or "").strip() or None
+    value = row.get(_column(row, field))
+    return None if value is None else str(value).strip() or None  # an answer of 0 is an answer
 
 
 def _gsm8k_fields(row: Mapping[str, Any], where: str) -> tuple[str, str, str | None]:
@@ -113,8 +118,8 @@ def _gsm8k_fields(row: Mapping[str, Any], where: str) -> tuple[str, str, str | N
 
 
 def _math_fields(row: Mapping[str, Any], where: str) -> tuple[str, str, str | None]:
-    question, solution = _text_field(row, "problem", where), _text_field(row, "solution", where)
-    gold = _optional_text(row, "answer")
+    question, gold = _text_field(row, "problem", where), _optional_text(row, "answer")
+    solution = _text_field(row, "solution", where) if gold is None else _optional_text(row, "solution")
     if gold is None:
         boxed = boxed_spans(solution)
         if not boxed:

@@ -74,9 +74,18 @@ def _quiet_lm_eval() -> Iterator[None]:
 
 def generated_lengths(samples: Sequence[dict[str, Any]], tokenizer: PreTrainedTokenizerBase) -> dict[str, float] | None:
     """Mean completion tokens and reasoning length (tokens before ``</think>`` or the final-answer
-    marker) of a generation task's logged samples; None for a task that generates nothing."""
+    marker) of a generation task's logged samples (every repeat; each document once, though lm-eval
+    logs it once per filter); None for a task that generates nothing."""
     count = token_counter(tokenizer)
-    texts = [response[0] for sample in samples for response in sample.get("resps", []) if response and isinstance(response[0], str)]
+    first_filter = next((sample.get("filter") for sample in samples), None)
+    texts = [
+        text
+        for sample in samples
+        if sample.get("filter") == first_filter
+        for response in sample.get("resps", [])
+        for text in (response if isinstance(response, list) else [response])
+        if isinstance(text, str)
+    ]
     if not texts:
         return None
     completions = [Completion(prompt="", text=text, num_tokens=count(text), count_tokens=count) for text in texts]
@@ -88,24 +97,31 @@ def generated_lengths(samples: Sequence[dict[str, Any]], tokenizer: PreTrainedTo
 
 
 def run_lm_eval(
-    lm: Any, tasks: Sequence[str], tokenizer: PreTrainedTokenizerBase, include_path: str | None = None, **evaluate_kwargs: Any
+    lm: Any,
+    tasks: Sequence[str],
+    tokenizer: PreTrainedTokenizerBase,
+    include_path: str | None = None,
+    measure_reasoning: bool = True,
+    **evaluate_kwargs: Any,
 ) -> dict[str, Any]:
     """Run lm-eval ``tasks`` on ``lm`` (an lm-eval model) with ``simple_evaluate``.
 
     Returns lm-eval's results (``results``, ``versions``, ``n-shot``, ``configs``...), its logged
-    ``samples`` per task, and ``reasoning`` per generation task (:func:`generated_lengths`).
+    ``samples`` per task, and ``reasoning`` per generation task (:func:`generated_lengths`; left
+    out with ``measure_reasoning`` False: a model given lm-eval's ``think_end_token`` logs its
+    answers without the reasoning).
     ``include_path`` adds a folder of task YAMLs (local tasks); ``evaluate_kwargs`` go to
     ``simple_evaluate`` (``num_fewshot``, ``limit``, ``apply_chat_template``, ``gen_kwargs``...).
     """
     from lm_eval import simple_evaluate
     from lm_eval.tasks import TaskManager
 
-    with _quiet_lm_eval():
-        manager = TaskManager(include_path=include_path)
-        unknown = sorted(set(tasks) - set(manager.all_tasks))
-        if unknown:
-            raise ValueError(f"lm-eval has no task {unknown}; `lm-eval ls tasks` lists them, and --include_path adds a folder of task YAMLs")
-        results = simple_evaluate(model=lm, tasks=list(tasks), task_manager=manager, log_samples=True, **evaluate_kwargs)
+    manager = TaskManager(include_path=include_path)
+    unknown = sorted(set(tasks) - set(manager.all_tasks))
+    if unknown:
+        raise ValueError(f"lm-eval has no task {unknown}; `lm-eval ls tasks` lists them, and --include_path adds a folder of task YAMLs")
+    results = simple_evaluate(model=lm, tasks=list(tasks), task_manager=manager, log_samples=True, **evaluate_kwargs)
     samples = results.pop("samples", {})
-    results["reasoning"] = {task: lengths for task, task_samples in samples.items() if (lengths := generated_lengths(task_samples, tokenizer))}
+    lengths = {task: generated_lengths(task_samples, tokenizer) for task, task_samples in samples.items()} if measure_reasoning else {}
+    results["reasoning"] = {task: value for task, value in lengths.items() if value is not None}
     return {**results, "samples": samples}

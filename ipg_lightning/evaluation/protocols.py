@@ -34,14 +34,14 @@ class Protocol:
     Args:
         description: one line for reports and ``--help``.
         temperature: softmax temperature; 0 decodes greedily.
-        top_p: nucleus mass when sampling.
+        top_p: nucleus mass when sampling (None for greedy protocols: it has no effect there).
         num_samples: completions per problem (k); accuracy is then avg@k, and pass@k is reported.
         max_new_tokens: the token budget; None keeps ``--sampling.max_new_tokens``.
     """
 
     description: str
     temperature: float
-    top_p: float
+    top_p: float | None
     num_samples: int
     max_new_tokens: int | None = None
 
@@ -49,8 +49,8 @@ class Protocol:
 #: Named protocols. ``paper``: the IPG paper's GSM8K/MATH-500 evaluation; ``r1``: how DeepSeek-R1 and
 #: its distilled models report MATH-500 and AIME (its model card).
 PROTOCOLS: dict[str, Protocol] = {
-    "greedy": Protocol("greedy decoding, one completion per problem, at --sampling.max_new_tokens", 0.0, 1.0, 1),
-    "paper": Protocol("greedy decoding at 2,048 tokens, one completion per problem (the IPG paper)", 0.0, 1.0, 1, 2048),
+    "greedy": Protocol("greedy decoding, one completion per problem, at --sampling.max_new_tokens", 0.0, None, 1),
+    "paper": Protocol("greedy decoding at 2,048 tokens, one completion per problem (the IPG paper)", 0.0, None, 1, 2048),
     "sampled": Protocol("temperature 0.6, top-p 0.95, 8 samples per problem (avg@8, pass@k)", 0.6, 0.95, 8),
     "r1": Protocol("temperature 0.6, top-p 0.95, 64 samples per problem at 32,768 tokens (DeepSeek-R1's card)", 0.6, 0.95, 64, 32768),
 }
@@ -60,16 +60,21 @@ def apply_protocol(sampling: SamplingConfig, name: str | None, default: Sampling
     """``sampling`` decoding as the protocol ``name`` says (unchanged for None).
 
     A protocol and a ``--sampling`` field it sets are not both given: a field of ``sampling`` that
-    differs from ``default`` and that the protocol would overwrite is refused, naming both.
+    differs from ``default`` and that the protocol would overwrite is refused, naming both. (A value
+    given on the command line that equals its default cannot be told from no value: it is replaced.)
     """
     if name is None:
         return sampling
     if name not in PROTOCOLS:
         raise ValueError(f"Unknown protocol {name!r}; choose from {sorted(PROTOCOLS)}, or leave it out and set --sampling.*")
     protocol = PROTOCOLS[name]
-    fields = {"temperature": protocol.temperature, "top_p": protocol.top_p, "num_samples": protocol.num_samples}
-    if protocol.max_new_tokens is not None:
-        fields["max_new_tokens"] = protocol.max_new_tokens
+    fields = {
+        "temperature": protocol.temperature,
+        "top_p": protocol.top_p,
+        "num_samples": protocol.num_samples,
+        "max_new_tokens": protocol.max_new_tokens,
+    }
+    fields = {field: value for field, value in fields.items() if value is not None}
     for field, value in fields.items():
         given = getattr(sampling, field)
         if given != getattr(default, field) and given != value:

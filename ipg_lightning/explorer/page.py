@@ -22,6 +22,7 @@ from ipg_lightning.attribution.methods import METHODS, methods_that
 from ipg_lightning.attribution.paths import site_path_groups
 from ipg_lightning.attribution.report import AttributionReport
 from ipg_lightning.checks import check_at_least
+from ipg_lightning.checks import check_device as checked_device
 from ipg_lightning.explorer.payload import Effects, explorer_payload, read_evaluations
 from ipg_lightning.explorer.traces import ScorePath, trace_components
 from ipg_lightning.model.families import ArchitectureSpec
@@ -83,15 +84,7 @@ def check_page_output(path: str | Path, overwrite: bool = False) -> Path:
 
 def check_device(device: str) -> torch.device:
     """The replay device, refused before any model loads when it is not a device name or this machine has no such device."""
-    try:
-        parsed = torch.device(device)
-    except RuntimeError:
-        raise ValueError(f"--device {device!r} is not a device: use cpu, cuda or cuda:N") from None
-    if parsed.type == "cuda" and not (torch.cuda.is_available() and (parsed.index or 0) < torch.cuda.device_count()):
-        raise ValueError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA devices; use cpu or one that exists")
-    if parsed.type not in ("cpu", "cuda"):
-        raise ValueError(f"--device {device}: the explorer replays on cpu or cuda")
-    return parsed
+    return checked_device(device, "the explorer replays")
 
 
 def write_page(payload: dict[str, Any], output: str | Path, overwrite: bool = False) -> Path:

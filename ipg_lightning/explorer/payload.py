@@ -87,8 +87,9 @@ def read_evaluations(
     return effects
 
 
-#: Metrics that are shares of the completions, in [0, 1].
+#: Metrics that are shares of the completions, in [0, 1] (and ``avg@k``, ``pass@k`` with k samples per problem).
 RATES = ("accuracy", "answer_rate", "reflection_rate")
+RATE_PREFIXES = ("avg@", "pass@")
 
 
 def _check_evaluation(summary: dict[str, Any]) -> None:
@@ -101,7 +102,7 @@ def _check_evaluation(summary: dict[str, Any]) -> None:
             continue
         if not (isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value) and value >= 0):
             raise ValueError(f"metric {key} is {value!r}, not a number >= 0")
-        if key in RATES and value > 1:
+        if (key in RATES or key.startswith(RATE_PREFIXES)) and value > 1:
             raise ValueError(f"metric {key} is {value}, but it is a share of the completions (0 to 1)")
     if steering.get("kind") == "fixed":
         components, gamma = steering.get("components"), steering.get("gamma")

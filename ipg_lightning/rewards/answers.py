@@ -32,16 +32,23 @@ THINK_END = "</think>"
 # a sign touches its number ("-4", "-$4"); "10 - 4" is a subtraction whose last number is 4
 _NUMBER = r"(?:[-−]\$?|\$\s?)?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?(?:\s?/\s?\d+)?|[-−]?\.\d+"
 _NUMBER_RE = re.compile(rf"(?<![\w.])(?:{_NUMBER})")
-_HASH_RE = re.compile(r"####\s*(?P<value>[^\n]*)")
-_ANSWER_IS_RE = re.compile(r"(?:the\s+)?(?:final\s+)?answer\s*(?:is|:)\s*:?\s*(?P<value>[^\n]*)", re.IGNORECASE)
+# a marker's answer runs to the end of its line or to the next marker, whichever comes first
+_UNTIL_NEXT_MARKER = r"(?:(?!(?:final\s+)?answer\s*(?:is|:)|####|\\boxed|\\fbox)[^\n])*"
+_HASH_RE = re.compile(rf"####\s*(?P<value>{_UNTIL_NEXT_MARKER})", re.IGNORECASE)
+_ANSWER_IS_RE = re.compile(rf"(?:the\s+)?(?:final\s+)?answer\s*(?:is|:)\s*:?\s*(?P<value>{_UNTIL_NEXT_MARKER})", re.IGNORECASE)
 _BOXED_RE = re.compile(r"\\(?:boxed|fbox)\s*\{")
 _FRAC_RE = re.compile(r"\\[dt]?frac\s*\{([^{}]*)\}\s*\{([^{}]*)\}")
+_FRAC_SHORT_RE = re.compile(r"\\([dt]?frac)\s*(\d)\s*(\d)")  # \frac12, \dfrac 3 4
 _LATEX_NOISE_RE = re.compile(r"\\(?:left|right|!|,|;|:|\s)|\^\\circ|\^\{\\circ\}|\\%|%|\\\$|\$")
 _TEXT_RE = re.compile(r"\\(?:text|mathrm|textbf|mbox)\s*\{([^{}]*)\}")
-_MATH_SPAN_RE = re.compile(r"\$\$(?P<a>.+?)\$\$|\$(?P<b>[^$]+?)\$|\\\((?P<c>.+?)\\\)|\\\[(?P<d>.+?)\\\]")
+# $...$, $$...$$, \(...\), \[...\]; an escaped \$ (a dollar sign) neither opens nor closes one
+_MATH_SPAN_RE = re.compile(r"(?<!\\)\$\$(?P<a>.+?)(?<!\\)\$\$|(?<!\\)\$(?P<b>(?:\\\$|[^$])+?)(?<!\\)\$|\\\((?P<c>.+?)\\\)|\\\[(?P<d>.+?)\\\]")
 _LATEX_COMMAND_RE = re.compile(r"\\[A-Za-z]+(?:\s*\{[^{}]*\})?")
 _PROSE_RE = re.compile(r"[A-Za-z]{2,}\s+[A-Za-z]{2,}")  # two words in a row: dollars in prose, not math
-_CHOICE_RE = re.compile(r"\(?(?P<letter>[A-J])\)?(?![\w])")
+_CUT_OFF_RE = re.compile(r"(?:[-+*/^=,(]|\\cdot|\\times|\\div)\s*$")  # "$40 - $10": an amount, not "40 -"
+# a choice letter that opens an answer: "(B)", or "B" followed by ")", punctuation or the end
+_CHOICE_START_RE = re.compile(r"\s*(?:\((?P<a>[A-J])\)|(?P<b>[A-J])(?=[).:,;]|\s*$))")
+_CHOICE_IN_PARENS_RE = re.compile(r"\((?P<letter>[A-J])\)")
 _CHOICE_ONLY_RE = re.compile(r"[\s(\[{]*(?P<letter>[A-J])[\s)\]}.:]*")
 
 
@@ -80,23 +87,41 @@ def boxed_spans(text: str) -> list[tuple[int, str]]:
     return spans
 
 
-def _first_number(segment: str) -> str | None:
-    match = _NUMBER_RE.search(segment)
-    return match.group(0) if match else None
+def _math_span(segment: str) -> tuple[int, str] | None:
+    """The first ``$...$`` span of ``segment`` that holds an answer (not prose, not cut off)."""
+    span = _MATH_SPAN_RE.search(segment)
+    if span is None:
+        return None
+    content = next(part for part in span.groups() if part is not None).strip()
+    if not content or _PROSE_RE.search(_LATEX_COMMAND_RE.sub(" ", content)) or _CUT_OFF_RE.search(content):
+        return None
+    return span.start(), content
+
+
+def _first_number(segment: str) -> tuple[int, str] | None:
+    """The first number of ``segment`` (a ``\\frac{a}{b}`` of two numbers counts as ``a/b``)."""
+    found = [(match.start(), match.group(0)) for match in _NUMBER_RE.finditer(segment)][:1]
+    for match in _FRAC_RE.finditer(segment):
+        if parse_number(match[1]) is not None and parse_number(match[2]) is not None:
+            found.append((match.start(), f"{match[1]}/{match[2]}"))
+            break
+    return min(found) if found else None
+
+
+def _opening_choice(segment: str) -> str | None:
+    """A choice letter that opens ``segment`` (markdown and ``$`` removed): ``(B)``, ``B.``, ``B``."""
+    match = _CHOICE_START_RE.match(_TEXT_RE.sub(r"\1", segment.replace("*", "").replace("$", "")))
+    return (match["a"] or match["b"]) if match else None
 
 
 def _segment_answer(segment: str) -> str | None:
-    """The answer written after a marker: its first math span (``$...$``), else its first number,
-    else a choice letter that opens it (``(B)``, ``C.``)."""
-    span = _MATH_SPAN_RE.search(segment)
-    content = next(part for part in span.groups() if part is not None).strip() if span else ""
-    if content and not _PROSE_RE.search(_LATEX_COMMAND_RE.sub(" ", content)):
-        return content
-    number = _first_number(_FRAC_RE.sub(r"\1/\2", segment))
-    if number is not None:
-        return number
-    choice = _CHOICE_RE.match(segment.strip())
-    return choice["letter"] if choice else None
+    """The answer written after a marker: whichever comes first of a math span (``$...$``) and a
+    number, else a choice letter that opens it (``(B)``, ``C.``)."""
+    segment = segment.replace("*", "")  # markdown emphasis: "**Answer:** 5"
+    candidates = [found for found in (_math_span(segment), _first_number(segment)) if found is not None]
+    if candidates:
+        return min(candidates, key=lambda found: found[0])[1]  # on a tie the span, which holds the number
+    return _opening_choice(segment)
 
 
 def _marker_candidates(text: str, offset: int) -> list[ExtractedAnswer]:
@@ -116,12 +141,16 @@ def _marker_candidates(text: str, offset: int) -> list[ExtractedAnswer]:
     return found
 
 
+def _regions(text: str) -> list[tuple[str, int]]:
+    """Where to look for the answer, in order: after the last ``</think>`` (if any), then everywhere."""
+    think_end = text.rfind(THINK_END)
+    after = [(text[think_end + len(THINK_END) :], think_end + len(THINK_END))] if think_end >= 0 else []
+    return [*after, (text, 0)]
+
+
 def extract_answer(text: str) -> ExtractedAnswer | None:
     """Find the final answer in ``text``; None if there is no marker and no number at all."""
-    think_end = text.rfind(THINK_END)
-    regions = [(text[think_end + len(THINK_END) :], think_end + len(THINK_END))] if think_end >= 0 else []
-    regions.append((text, 0))
-    for region, offset in regions:
+    for region, offset in _regions(text):
         candidates = _marker_candidates(region, offset)
         if candidates:
             return max(candidates, key=lambda answer: answer.start)
@@ -138,9 +167,13 @@ def parse_number(text: str) -> Fraction | None:
     >>> parse_number("$1,234.50")
     Fraction(2469, 2)
     """
-    cleaned = _FRAC_RE.sub(r"(\1)/(\2)", text.strip())
-    cleaned = _LATEX_NOISE_RE.sub("", cleaned).replace("−", "-").replace(" ", "").rstrip(".")
-    cleaned = cleaned.replace("(", "").replace(")", "")
+    cleaned = _FRAC_RE.sub(r"\1/\2", _FRAC_SHORT_RE.sub(r"\\\1{\2}{\3}", text.strip()))
+    cleaned = _LATEX_NOISE_RE.sub("", cleaned).replace("−", "-").rstrip(".")
+    if re.search(r",\s", cleaned):  # "1, 125" is a list of two numbers, not 1125
+        return None
+    cleaned = cleaned.replace(" ", "")
+    while cleaned.startswith("(") and cleaned.endswith(")") and "," not in cleaned:  # "(5)", not "(1,234)" or "3(2)"
+        cleaned = cleaned[1:-1]
     if re.fullmatch(r"-?(\d{1,3}(,\d{3})+|\d+)(\.\d+)?|-?\.\d+", cleaned):
         return Fraction(cleaned.replace(",", ""))
     match = re.fullmatch(r"(-?\d+)/(-?\d+)", cleaned)
@@ -177,8 +210,8 @@ def normalize_answer(text: str) -> str:
     number = parse_number(text)
     if number is not None:
         return _format_number(number)
-    text = _FRAC_RE.sub(r"\1/\2", text)
-    return _LATEX_NOISE_RE.sub("", text).replace(" ", "").rstrip(".")
+    text = _FRAC_RE.sub(r"\1/\2", _FRAC_SHORT_RE.sub(r"\\\1{\2}{\3}", text))
+    return re.sub(r"(?<!,)\s+", "", _LATEX_NOISE_RE.sub("", text)).rstrip(".")  # "1, 125" stays a list
 
 
 def choice_letter(answer: str) -> str | None:
@@ -190,6 +223,31 @@ def choice_letter(answer: str) -> str | None:
     text = _TEXT_RE.sub(r"\1", answer.replace("$", ""))
     match = _CHOICE_ONLY_RE.fullmatch(text)
     return match["letter"] if match else None
+
+
+def _segment_choice(segment: str) -> str | None:
+    """The choice a marker's segment gives: a letter that opens it, else its first ``(X)``."""
+    opening = _opening_choice(segment)
+    if opening is not None:
+        return opening
+    match = _CHOICE_IN_PARENS_RE.search(segment)
+    return match["letter"] if match else None
+
+
+def extract_choice(text: str) -> str | None:
+    """The choice letter a completion settles on: the last ``\\boxed{C}``, ``The answer is (C)``,
+    ``Answer: **C**`` or ``#### C`` (after the last ``</think>`` first); None without one.
+
+    >>> extract_choice("Option B fits. The answer is (C) 3.2 eV"), extract_choice("The answer is A little unclear.")
+    ('C', None)
+    """
+    for region, _ in _regions(text):
+        found = [(start, letter) for start, content in boxed_spans(region) if (letter := choice_letter(content))]
+        for pattern in (_HASH_RE, _ANSWER_IS_RE):
+            found += [(match.start(), letter) for match in pattern.finditer(region) if (letter := _segment_choice(match["value"]))]
+        if found:
+            return max(found)[1]
+    return None
 
 
 def answers_match(predicted: str | None, gold: str) -> bool:
@@ -208,6 +266,11 @@ def answers_match(predicted: str | None, gold: str) -> bool:
 
 
 def is_correct(completion: str, gold: str) -> bool:
-    """True if the final answer found in ``completion`` (:func:`extract_answer`) matches ``gold``."""
+    """True if the final answer found in ``completion`` matches ``gold``: the choice the completion
+    settles on (:func:`extract_choice`) when the gold answer is a letter, else the answer
+    :func:`extract_answer` finds."""
+    gold_letter = choice_letter(gold)
+    if gold_letter is not None:
+        return extract_choice(completion) == gold_letter
     found = extract_answer(completion)
     return answers_match(found.text if found else None, gold)

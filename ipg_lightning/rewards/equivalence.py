@@ -8,8 +8,11 @@ in a process's main thread, and without them a tower such as ``10^{10^{10}}`` ne
 - in the main thread (training steps, evaluation, DataLoader worker processes) it runs here, with
   its signal time limits;
 - in any other thread it runs in one helper process (started on first use), which has its own main
-  thread and so its own time limits; a helper that does not answer in time is killed and the pair
-  counts as different.
+  thread and so its own time limits; threads take turns, a helper that does not answer in time is
+  killed and the pair counts as different, and one that died is started again.
+
+math-verify's alarm replaces any ``SIGALRM`` timer of the calling program while it runs (and cancels
+it afterwards): a program with its own alarm should grade from another thread.
 
 >>> math_equal("2\\\\sqrt{3}", "\\\\sqrt{12}"), math_equal("(0, 3]", "[0, 3)")
 (True, False)
@@ -23,16 +26,19 @@ import threading
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from concurrent.futures.process import BrokenProcessPool
-from functools import lru_cache
 from importlib.metadata import version
 
 from math_verify import ExprExtractionConfig, LatexExtractionConfig, parse, verify
 
 #: Seconds ``math-verify`` may spend parsing one answer, and again comparing two.
 TIME_LIMIT_S = 5
-#: How long another thread waits for the helper process (both limits, twice, plus its start-up).
+#: How long another thread waits for the helper process (both limits, twice, plus its start-up);
+#: one comparison runs at a time, so the wait is that comparison's alone.
 HELPER_WAIT_S = 4 * TIME_LIMIT_S + 60
 _TARGETS = (LatexExtractionConfig(), ExprExtractionConfig())
+#: Parsed answers kept per process (oldest dropped first).
+PARSE_CACHE_SIZE = 4096
+_parse_cache: dict[str, tuple] = {}
 _helper: ProcessPoolExecutor | None = None
 _helper_lock = threading.Lock()
 
@@ -61,10 +67,25 @@ def _as_math(answer: str) -> str:
     return f"${stripped}$"
 
 
-@lru_cache(maxsize=4096)
 def _parsed(answer: str) -> tuple:
-    """The parsed form of one answer (cached: a gold answer is compared with many completions)."""
-    return tuple(parse(_as_math(answer), list(_TARGETS), parsing_timeout=TIME_LIMIT_S))
+    """The parsed form of one answer, cached when parsing succeeded (a gold answer is compared with
+    many completions; an answer that failed, e.g. by running out of time, is tried again)."""
+    cached = _parse_cache.get(answer)
+    if cached is None:
+        cached = tuple(parse(_as_math(answer), list(_TARGETS), parsing_timeout=TIME_LIMIT_S))
+        if cached:
+            if len(_parse_cache) >= PARSE_CACHE_SIZE:
+                _parse_cache.pop(next(iter(_parse_cache)))
+            _parse_cache[answer] = cached
+    return cached
+
+
+def clear_parse_cache() -> None:
+    """Forget the parsed answers, here and in the helper process if one runs (benchmarks time the first parse)."""
+    _parse_cache.clear()
+    with _helper_lock:
+        if _helper is not None:
+            _helper.submit(_parse_cache.clear).result(timeout=HELPER_WAIT_S)
 
 
 def _equal_here(predicted: str, gold: str) -> bool:
@@ -77,34 +98,38 @@ def _equal_here(predicted: str, gold: str) -> bool:
 
 def _helper_pool() -> ProcessPoolExecutor:
     global _helper
-    with _helper_lock:
-        if _helper is None:
-            _helper = ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn"))
-        return _helper
+    if _helper is None:
+        _helper = ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn"))
+    return _helper
 
 
-def _drop_helper(pool: ProcessPoolExecutor) -> None:
+def _drop_helper() -> None:
     """Kill the helper process (one that hangs or died) so the next call starts a fresh one."""
     global _helper
-    with _helper_lock:
-        if _helper is pool:
-            _helper = None
-    for process in list(getattr(pool, "_processes", {}).values()):
-        process.kill()
-    pool.shutdown(wait=False, cancel_futures=True)
+    pool, _helper = _helper, None
+    if pool is not None:
+        for process in list((getattr(pool, "_processes", None) or {}).values()):
+            process.kill()
+        pool.shutdown(wait=False, cancel_futures=True)
 
 
 def _equal_in_helper(predicted: str, gold: str) -> bool:
+    """Compare in the helper process. One comparison at a time (the lock), so the wait is its own
+    time only; a helper that hangs is killed (not equal), one that died is started again once."""
     if multiprocessing.current_process().daemon:
         raise RuntimeError(
             "math-verify grading outside the main thread needs a helper process, and this daemonic process "
             "cannot start one: grade in the process's main thread"
         )
-    pool = _helper_pool()
-    try:
-        return pool.submit(_equal_here, predicted, gold).result(timeout=HELPER_WAIT_S)
-    except (FutureTimeout, BrokenProcessPool):
-        _drop_helper(pool)
+    with _helper_lock:
+        for _ in range(2):
+            try:
+                return _helper_pool().submit(_equal_here, predicted, gold).result(timeout=HELPER_WAIT_S)
+            except FutureTimeout:
+                _drop_helper()
+                return False
+            except BrokenProcessPool:
+                _drop_helper()
         return False
 
 

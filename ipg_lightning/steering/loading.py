@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+import torch
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
@@ -112,6 +113,13 @@ class SteeredModel:
     tokenizer: PreTrainedTokenizerBase
     gates: ComponentGates | None
     description: SteeringDescription
+
+    def to(self, device: torch.device | str) -> SteeredModel:
+        """Move the model and its gates to ``device`` (in place); returns itself."""
+        self.model.to(device)
+        if self.gates is not None:
+            self.gates.to(device)
+        return self
 
 
 def recorded_model(selection: ComponentSelection | None) -> str:

@@ -145,7 +145,7 @@ def gates_for_components(
     sites = []
     for site_name in by_site:
         sites.append(find_site(model, site_name, architecture))
-    gates = ComponentGates(sites)
+    gates = ComponentGates(sites).to(next(model.parameters()).device)  # where the model runs
     for name in components:
         value = values[name] if isinstance(values, Mapping) else values
         gates.set_component(name, float(value))
