@@ -1,5 +1,6 @@
 """Shared test setup (tests and doctests): no hub access ever, and small deterministic fixtures."""
 
+import importlib.util
 import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -10,6 +11,9 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 from ipg_lightning.zoo.tiny import tiny_causal_lm, tiny_tokenizer  # noqa: E402
+
+# lm-evaluation-harness is an optional extra: without it, its module's doctests are not collected
+collect_ignore = [] if importlib.util.find_spec("lm_eval") else ["ipg_lightning/evaluation/lm_eval_model.py"]
 
 
 @pytest.fixture(autouse=True)

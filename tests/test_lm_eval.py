@@ -8,6 +8,8 @@ import pytest
 
 from ipg_lightning.cli import run
 
+pytest.importorskip("lm_eval", reason='lm-evaluation-harness is not installed: pip install -e ".[lm-eval]" (the test line does)')
+
 ROOT = Path(__file__).resolve().parents[1]
 TASKS = ROOT / "tests" / "data" / "lm_eval"
 # an attention head, an MLP neuron and a residual-stream coordinate: gates that fold and one that cannot
