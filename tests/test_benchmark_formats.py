@@ -110,3 +110,9 @@ def test_problem_answer_rows_are_told_apart_and_an_answer_of_zero_counts():
     assert [e.answer for e in parse_rows(aime, "auto", ColumnSpec(), "aime.jsonl", "t", seed=0)[0]] == ["0"]
     assert [e.answer for e in parse_rows(amc, "auto", ColumnSpec(), "amc.jsonl", "t", seed=0)[0]] == ["0.5"]
     assert [e.answer for e in parse_rows(math, "math", ColumnSpec(), "math.jsonl", "t", seed=0)[0]] == ["0"]  # the column, not the box
+
+
+def test_problem_answer_rows_are_aime_only_if_every_answer_is_an_aime_integer():
+    rows = [{"problem": "a", "answer": "3"}, {"problem": "b", "answer": "\\frac{1}{2}"}, {"problem": "c", "answer": "1024"}]
+    examples, skipped = parse_rows(rows, "auto", ColumnSpec(), "mixed.jsonl", "t", seed=0, skip_bad_rows=True)
+    assert ([e.answer for e in examples], skipped) == (["3", "0.5", "1024"], 0)

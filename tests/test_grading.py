@@ -77,7 +77,8 @@ EXTRACTION_TRAPS = [
     ("The answer is 5 because $x = 2$ gives 5.", "5", True),
     ("Therefore, the answer is $\\$18$.", "18", True),  # an escaped dollar sign inside math
     ("#### $\\$18$", "18", True),
-    ("The answer is $40 - $10 = $30.", "30", False),  # dollars in prose: the first amount
+    ("The answer is $40 - $10 = $30.", "30", True),  # dollars in an equation: its result
+    ("The answer is $40 - $10 = $30.", "40", False),
     ("The answer is 5. Hmm, no, the answer is 7.", "7", True),  # the last marker wins, on one line too
     ("The answer is 5. Hmm, no, the answer is 7.", "5", False),
     ("The answer is \\boxed{5}. Wait, actually the answer is 7", "7", True),
@@ -91,6 +92,12 @@ EXTRACTION_TRAPS = [
     ("The answer is I think (C).", "C", True),
     ("The answer is A little more careful check needed.", "A", False),  # a word, not a choice
     ("Option B looks right, but the answer is (D).", "B", False),
+    ("The answer is -\\frac{1}{2}.", "1/2", False),  # the sign of a fraction written without $
+    ("The answer is -\\frac{1}{2}.", "-1/2", True),
+    ("The answer is \\sqrt{2}.", "2", False),  # an expression written without $, not its first digit
+    ("The answer is 2\\sqrt{3}.", "\\sqrt{12}", True),
+    ("Answer: 20 + 4 = 24", "20", False),  # an arithmetic line's result, not its first term
+    ("Answer: 20 + 4 = 24", "24", True),
 ]
 CHOICE_GOLDS = {"B"}  # math-verify's default extraction does not read "(B)"; graded by letter here
 

@@ -81,8 +81,7 @@ def detect_format(columns: Iterable[str], first_row: Mapping[str, Any]) -> RowFo
         return "math"
     lowered = {column.lower(): column for column in columns}
     if {"problem", "answer"} <= set(lowered):
-        answer = str(first_row.get(lowered["answer"], "")).strip()
-        return "aime" if answer.isdigit() and int(answer) <= 999 else "math"
+        return "aime" if _is_aime_answer(first_row.get(lowered["answer"], "")) else "math"
     if {"question", "answer"} <= columns and "####" in str(first_row.get("answer", "")):
         return "gsm8k"
     return "columns"
@@ -128,9 +127,13 @@ def _math_fields(row: Mapping[str, Any], where: str) -> tuple[str, str, str | No
     return question, gold, solution
 
 
+def _is_aime_answer(value: Any) -> bool:
+    return str(value).strip().isdigit() and int(str(value).strip()) <= 999
+
+
 def _aime_fields(row: Mapping[str, Any], where: str) -> tuple[str, str, str | None]:
     question, gold = _text_field(row, _column(row, "problem"), where), _text_field(row, _column(row, "answer"), where)
-    if not gold.isdigit() or int(gold) > 999:
+    if not _is_aime_answer(gold):
         raise BadRowError(f"{where}: an AIME answer is an integer from 0 to 999, got {gold!r}")
     return question, str(int(gold)), _optional_text(row, "solution")
 
@@ -195,6 +198,8 @@ def parse_rows(
         return [], 0
     if row_format == "auto":
         row_format = detect_format(rows[0].keys(), rows[0])
+        if row_format == "aime" and not all(_is_aime_answer(row.get(_column(row, "answer"))) for row in rows):
+            row_format = "math"  # problem/answer rows whose answers are not all AIME integers
     examples, skipped = [], 0
     for index, row in enumerate(rows):
         row = {"id": f"{id_prefix}-{index}", **row}

@@ -38,7 +38,12 @@ _HASH_RE = re.compile(rf"####\s*(?P<value>{_UNTIL_NEXT_MARKER})", re.IGNORECASE)
 _ANSWER_IS_RE = re.compile(rf"(?:the\s+)?(?:final\s+)?answer\s*(?:is|:)\s*:?\s*(?P<value>{_UNTIL_NEXT_MARKER})", re.IGNORECASE)
 _BOXED_RE = re.compile(r"\\(?:boxed|fbox)\s*\{")
 _FRAC_RE = re.compile(r"\\[dt]?frac\s*\{([^{}]*)\}\s*\{([^{}]*)\}")
-_FRAC_SHORT_RE = re.compile(r"\\([dt]?frac)\s*(\d)\s*(\d)")  # \frac12, \dfrac 3 4
+_FRAC_SHORT_RE = re.compile(r"\\([dt]?frac)\s*(\d)\s*(\d)(?!\d)")  # \frac12, \dfrac 3 4 (not \frac123: that is 3/2)
+_SIGNED_FRAC_RE = re.compile(r"(?P<sign>[-−]\s*)?\\[dt]?frac\s*\{([^{}]*)\}\s*\{([^{}]*)\}")
+# a LaTeX expression written without $ after a marker: its first token that holds a command
+_LATEX_TOKEN_RE = re.compile(r"[^\s$]*\\[A-Za-z]+[^\s$]*")
+# "Answer: 20 + 4 = 24": an arithmetic line that opens the answer, whose result is the answer
+_LEADING_EQUATION_RE = re.compile(rf"^\s*(?:[\d.,$+\-−*/×÷()\s]+=\s*)+(?P<result>{_NUMBER})")
 _LATEX_NOISE_RE = re.compile(r"\\(?:left|right|!|,|;|:|\s)|\^\\circ|\^\{\\circ\}|\\%|%|\\\$|\$")
 _TEXT_RE = re.compile(r"\\(?:text|mathrm|textbf|mbox)\s*\{([^{}]*)\}")
 # $...$, $$...$$, \(...\), \[...\]; an escaped \$ (a dollar sign) neither opens nor closes one
@@ -99,13 +104,21 @@ def _math_span(segment: str) -> tuple[int, str] | None:
 
 
 def _first_number(segment: str) -> tuple[int, str] | None:
-    """The first number of ``segment`` (a ``\\frac{a}{b}`` of two numbers counts as ``a/b``)."""
+    """The first number of ``segment`` (a ``\\frac{a}{b}`` of two numbers, with its sign, counts as ``a/b``)."""
     found = [(match.start(), match.group(0)) for match in _NUMBER_RE.finditer(segment)][:1]
-    for match in _FRAC_RE.finditer(segment):
-        if parse_number(match[1]) is not None and parse_number(match[2]) is not None:
-            found.append((match.start(), f"{match[1]}/{match[2]}"))
+    for match in _SIGNED_FRAC_RE.finditer(segment):
+        if parse_number(match[2]) is not None and parse_number(match[3]) is not None:
+            found.append((match.start(), f"{'-' if match['sign'] else ''}{match[2]}/{match[3]}"))
             break
     return min(found) if found else None
+
+
+def _latex_token(segment: str) -> tuple[int, str] | None:
+    """The first whitespace-free run of ``segment`` that holds a LaTeX command (``2\\sqrt{3}.``), without
+    trailing punctuation: an expression written without ``$``."""
+    match = _LATEX_TOKEN_RE.search(segment)
+    token = match.group(0).rstrip(".,;:") if match else ""
+    return (match.start(), token) if token else None
 
 
 def _opening_choice(segment: str) -> str | None:
@@ -115,12 +128,17 @@ def _opening_choice(segment: str) -> str | None:
 
 
 def _segment_answer(segment: str) -> str | None:
-    """The answer written after a marker: whichever comes first of a math span (``$...$``) and a
-    number, else a choice letter that opens it (``(B)``, ``C.``)."""
+    """The answer written after a marker: the result of an arithmetic line that opens it
+    (``20 + 4 = 24``), else whichever comes first of a math span (``$...$``), a LaTeX expression and
+    a number, else a choice letter that opens it (``(B)``, ``C.``)."""
     segment = segment.replace("*", "")  # markdown emphasis: "**Answer:** 5"
-    candidates = [found for found in (_math_span(segment), _first_number(segment)) if found is not None]
-    if candidates:
-        return min(candidates, key=lambda found: found[0])[1]  # on a tie the span, which holds the number
+    equation = _LEADING_EQUATION_RE.match(segment)
+    if equation is not None:
+        return equation["result"]
+    # in order of preference on a tie: the span and the expression hold the number that starts with them
+    ranked = [(found[0], rank, found[1]) for rank, found in enumerate((_math_span(segment), _latex_token(segment), _first_number(segment))) if found]
+    if ranked:
+        return min(ranked)[2]
     return _opening_choice(segment)
 
 
@@ -132,10 +150,7 @@ def _marker_candidates(text: str, offset: int) -> list[ExtractedAnswer]:
             found.append(ExtractedAnswer(value, offset + start, "boxed", content.strip()))
     for pattern, method in ((_HASH_RE, "hash"), (_ANSWER_IS_RE, "answer_is")):
         for match in pattern.finditer(text):
-            segment = match["value"]
-            if method == "answer_is" and _BOXED_RE.search(segment):
-                continue  # the \boxed{} inside this sentence is its own candidate
-            answer = _segment_answer(segment)
+            answer = _segment_answer(match["value"])
             if answer is not None and normalize_answer(answer):
                 found.append(ExtractedAnswer(normalize_answer(answer), offset + match.start(), method, answer))
     return found

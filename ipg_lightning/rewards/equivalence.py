@@ -80,12 +80,19 @@ def _parsed(answer: str) -> tuple:
     return cached
 
 
+def _clear_local_cache() -> None:
+    _parse_cache.clear()
+
+
 def clear_parse_cache() -> None:
     """Forget the parsed answers, here and in the helper process if one runs (benchmarks time the first parse)."""
-    _parse_cache.clear()
+    _clear_local_cache()
     with _helper_lock:
         if _helper is not None:
-            _helper.submit(_parse_cache.clear).result(timeout=HELPER_WAIT_S)
+            try:
+                _helper.submit(_clear_local_cache).result(timeout=HELPER_WAIT_S)
+            except (FutureTimeout, BrokenProcessPool):
+                _drop_helper()  # a fresh helper starts with an empty cache
 
 
 def _equal_here(predicted: str, gold: str) -> bool:
