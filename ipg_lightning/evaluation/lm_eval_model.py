@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
+from functools import lru_cache
 from typing import Any
 
 import torch
@@ -96,6 +97,15 @@ def generated_lengths(samples: Sequence[dict[str, Any]], tokenizer: PreTrainedTo
     }
 
 
+@lru_cache(maxsize=4)
+def _task_manager(include_path: str | None) -> Any:
+    """lm-eval's task index (with ``include_path``'s tasks), built once per folder: indexing every
+    task takes seconds."""
+    from lm_eval.tasks import TaskManager
+
+    return TaskManager(include_path=include_path)
+
+
 def run_lm_eval(
     lm: Any,
     tasks: Sequence[str],
@@ -114,9 +124,8 @@ def run_lm_eval(
     ``simple_evaluate`` (``num_fewshot``, ``limit``, ``apply_chat_template``, ``gen_kwargs``...).
     """
     from lm_eval import simple_evaluate
-    from lm_eval.tasks import TaskManager
 
-    manager = TaskManager(include_path=include_path)
+    manager = _task_manager(include_path)
     unknown = sorted(set(tasks) - set(manager.all_tasks))
     if unknown:
         raise ValueError(f"lm-eval has no task {unknown}; `lm-eval ls tasks` lists them, and --include_path adds a folder of task YAMLs")

@@ -26,16 +26,14 @@ import threading
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from concurrent.futures.process import BrokenProcessPool
+from functools import lru_cache
 from importlib.metadata import version
-
-from math_verify import ExprExtractionConfig, LatexExtractionConfig, parse, verify
 
 #: Seconds ``math-verify`` may spend parsing one answer, and again comparing two.
 TIME_LIMIT_S = 5
 #: How long another thread waits for the helper process (both limits, twice, plus its start-up);
 #: one comparison runs at a time, so the wait is that comparison's alone.
 HELPER_WAIT_S = 4 * TIME_LIMIT_S + 60
-_TARGETS = (LatexExtractionConfig(), ExprExtractionConfig())
 #: Parsed answers kept per process (oldest dropped first).
 PARSE_CACHE_SIZE = 4096
 _parse_cache: dict[str, tuple] = {}
@@ -45,6 +43,15 @@ _helper_lock = threading.Lock()
 # math-verify logs each time limit it hits as a warning and each parse failure at debug level;
 # an answer that cannot be parsed is simply not equal, so only its errors are shown.
 logging.getLogger("math_verify").setLevel(logging.ERROR)
+
+
+@lru_cache(maxsize=1)
+def _math_verify() -> tuple:
+    """math-verify's ``parse``, ``verify`` and extraction targets, imported on first use (SymPy and
+    the LaTeX parser take a second to import; most processes never compare LaTeX)."""
+    from math_verify import ExprExtractionConfig, LatexExtractionConfig, parse, verify
+
+    return parse, verify, [LatexExtractionConfig(), ExprExtractionConfig()]
 
 
 def grader_record() -> dict[str, str]:
@@ -72,7 +79,8 @@ def _parsed(answer: str) -> tuple:
     many completions; an answer that failed, e.g. by running out of time, is tried again)."""
     cached = _parse_cache.get(answer)
     if cached is None:
-        cached = tuple(parse(_as_math(answer), list(_TARGETS), parsing_timeout=TIME_LIMIT_S))
+        parse, _, targets = _math_verify()
+        cached = tuple(parse(_as_math(answer), targets, parsing_timeout=TIME_LIMIT_S))
         if cached:
             if len(_parse_cache) >= PARSE_CACHE_SIZE:
                 _parse_cache.pop(next(iter(_parse_cache)))
@@ -100,6 +108,7 @@ def _equal_here(predicted: str, gold: str) -> bool:
     gold_parsed, predicted_parsed = _parsed(gold), _parsed(predicted)
     if not gold_parsed or not predicted_parsed:
         return False
+    _, verify, _ = _math_verify()
     return bool(verify(list(gold_parsed), list(predicted_parsed), timeout_seconds=TIME_LIMIT_S))
 
 
