@@ -46,14 +46,16 @@ def test_localisation_measures_every_cell_resumes_and_redraws_the_same_tables(tm
     # the base accuracy is the reasoner's own greedy accuracy on the first 8 problems of the stream
     assert summary["base"]["greedy"]["accuracy"] == _greedy_accuracy(TINY_REASONER_TASK, 8)
 
-    # a second seed resumes: only its cells are measured, the first seed's are kept as they were
-    resumed = _localisation(*run, "--seeds", "2").stdout
-    assert resumed.count("|0 ") == 0 and resumed.count("|1 ") == 8
+    # a second seed of one row resumes: only its cell is measured, the first seed's are kept as they were
+    resumed_run = [*run, "--seeds", "2", "--methods", "random", "--ipg-variants", "--behaviours", "accuracy"]
+    resumed = _localisation(*resumed_run).stdout
+    assert resumed.count("|0 ") == 0 and resumed.count("|1 ") == 1 and "accuracy|random|1 " in resumed
     again = json.loads((out / "results.json").read_text())
+    assert set(again["cells"]) == set(summary["cells"]) | {"accuracy|random|1"}
     assert all(again["cells"][key] == cell for key, cell in summary["cells"].items())
     tables = resumed[resumed.index("\nsft testbed") :]
-    assert "| mean_diff |" in tables and "| ipg [local] |" in tables and "mean reasoning length" in tables
-    redrawn = _localisation(*run, "--seeds", "2", "--from-results").stdout
+    assert "| random |" in tables and "| mean_diff |" not in tables and "mean reasoning length" not in tables
+    redrawn = _localisation(*run, "--seeds", "2", "--from-results").stdout  # the saved settings draw the tables
     assert redrawn.strip() == tables.strip()
     assert (out / "localisation.png").stat().st_size > 10_000
 

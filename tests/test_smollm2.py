@@ -90,7 +90,7 @@ def test_demo_preset_runs_every_stage_on_smollm2(tmp_path):
         eval_samples=1,
         steps=2,
         learning_steps=1,
-        max_new_tokens=48,
+        max_new_tokens=32,
         k=2,
         seed=2,
     )
