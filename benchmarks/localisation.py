@@ -179,8 +179,11 @@ class Localisation:
         started, earlier = time.perf_counter(), summary["wall_time_s"]
         if "greedy" not in summary["base"]:
             summary["base"]["greedy"] = self.evaluate(self.greedy)
+            print(f"{'base (greedy)':<32} accuracy {summary['base']['greedy']['accuracy']:.3f}  ({time.perf_counter() - started:.0f} s)", flush=True)
         if "length" in settings["behaviours"] and "sampled" not in summary["base"]:
             summary["base"]["sampled"] = _length_metrics(self.evaluate(self.sampled))
+            sampled = summary["base"]["sampled"]
+            print(f"{'base (sampled)':<32} length {sampled['reasoning_length_mean']:.1f}  ({time.perf_counter() - started:.0f} s)", flush=True)
         for seed in range(settings["seeds"]):
             for behaviour in settings["behaviours"]:
                 for row in rows_of(settings, behaviour):
