@@ -226,3 +226,42 @@ def test_a_selection_of_neurons_from_a_mixed_report_needs_no_sae(tmp_path, tiny_
     assert all(name.startswith("blocks.1.mlp.hook_post[") for name in neurons.resolve(fresh))
     with pytest.raises(FileNotFoundError, match="not at"):
         ComponentSelection(report=str(tmp_path / "report"), k=3).attach_saes(fresh)
+
+
+def test_a_gamma_sweep_over_sae_features_splices_the_reports_sae(tmp_path):
+    from ipg_lightning.attribution.report import AttributionReport
+    from ipg_lightning.data import ReasoningDataModule
+    from ipg_lightning.evaluation import evaluate_generations
+    from ipg_lightning.model.loading import load_model_and_tokenizer
+    from ipg_lightning.rollout.trajectories import SamplingConfig
+    from ipg_lightning.sae import load_sae
+    from ipg_lightning.steering import gates_for_components
+    from ipg_lightning.steering.loading import load_steered_model
+    from ipg_lightning.steering.selection import ComponentSelection
+    from ipg_lightning.steering.sweep import gamma_sweep
+    from ipg_lightning.zoo.reasoner import TINY_REASONER_PATH, TINY_REASONER_SAE_PATH, TINY_REASONER_TASK
+
+    site, width = "blocks.2.hook_resid_post.sae", load_sae(TINY_REASONER_SAE_PATH).d_sae
+    metadata = {"model": TINY_REASONER_PATH, "saes": {site: TINY_REASONER_SAE_PATH}}
+    AttributionReport({site: torch.arange(float(width))}, {site: {"family": "sae_feature", "layer": 2, "size": width}}, metadata).save(tmp_path / "r")
+    greedy = SamplingConfig(num_samples=1, temperature=0.0, max_new_tokens=48)
+
+    def problems(tokenizer):
+        data = ReasoningDataModule(synthetic_task=TINY_REASONER_TASK, num_test=4, num_val=0, num_train=0, batch_size=4)
+        data.connect(tokenizer)
+        return list(data.test_dataloader())
+
+    base = load_steered_model(TINY_REASONER_PATH)
+    selection = ComponentSelection(report=str(tmp_path / "r"), k=width)
+    rows = gamma_sweep(base, problems(base.tokenizer), greedy, [selection], [0.0, 1.0])
+
+    # independently: the plain model, and a fresh one with the SAE spliced by hand and all its features gated to 0
+    plain, tokenizer = load_model_and_tokenizer(TINY_REASONER_PATH)
+    expected_base = evaluate_generations(plain, tokenizer, problems(tokenizer), greedy).metrics
+    attach_sae(plain, TINY_REASONER_SAE_PATH)
+    features = [f"{site}[{index}]" for index in range(width)]
+    expected_off = evaluate_generations(plain, tokenizer, problems(tokenizer), greedy, gates_for_components(plain, features, 0.0)).metrics
+    assert [(row["k"], row["gamma"]) for row in rows] == [(0, 1.0), (width, 0.0), (width, 1.0)]
+    metrics = [{key: value for key, value in row.items() if key not in ("k", "gamma")} for row in rows]
+    assert metrics[0] == metrics[2] == expected_base  # a spliced SAE with its gates at 1 changes nothing
+    assert metrics[1] == expected_off != expected_base  # the features' gates act in the sweep

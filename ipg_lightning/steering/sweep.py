@@ -28,18 +28,26 @@ def gamma_sweep(
     architecture: ArchitectureSpec | None = None,
     allow_other_model: bool = False,
 ) -> list[dict[str, Any]]:
-    """Metrics of the base model (the ``k = 0`` row) and of every selection at every gate value."""
+    """Metrics of the base model (the ``k = 0`` row) and of every selection at every gate value.
+
+    The SAEs that selected features need are spliced into ``base.model`` first (with no gate attached
+    a spliced SAE changes nothing, so the base row is the model's own), and every selection resolves
+    before anything is sampled: a report that does not fit the model fails at once.
+    """
 
     def evaluate(gates, description: str) -> dict[str, float]:
         return evaluate_generations(base.model, base.tokenizer, batches, sampling, gates, progress=True, description=description).metrics
 
-    rows = [{"k": 0, "gamma": 1.0, **evaluate(None, "base")}]
     model_path = base.description.model
+    resolved = []
     for selection in selections:
-        components = selection.resolve(base.model, model_path, architecture, allow_other_model)
+        selection.attach_saes(base.model, architecture)
+        resolved.append((selection.k, selection.resolve(base.model, model_path, architecture, allow_other_model)))
+    rows = [{"k": 0, "gamma": 1.0, **evaluate(None, "base")}]
+    for top_k, components in resolved:
         for value in gammas:
             gates = gates_for_components(base.model, components, value, architecture)
-            rows.append({"k": selection.k, "gamma": value, **evaluate(gates, f"k={selection.k} gamma={value}")})
+            rows.append({"k": top_k, "gamma": value, **evaluate(gates, f"k={top_k} gamma={value}")})
     return rows
 
 
