@@ -37,9 +37,11 @@ def seed_band(values: list[float]) -> tuple[float, float]:
 def shared_components(reference: dict, other: dict, behaviour: str, row: str) -> str:
     """Per seed measured in both runs: how many of the other run's components the reference's cell also selected."""
     counts = []
-    for key, cell in other["cells"].items():
-        if key.startswith(f"{behaviour}|{row}|") and "components" in cell and "components" in reference["cells"].get(key, {}):
-            counts.append(f"{len(set(cell['components']) & set(reference['cells'][key]['components']))} of {len(cell['components'])}")
+    for seed in range(other["settings"]["seeds"]):
+        key = f"{behaviour}|{row}|{seed}"
+        cell, theirs = other["cells"].get(key, {}), reference["cells"].get(key, {})
+        if "components" in cell and "components" in theirs:
+            counts.append(f"{len(set(cell['components']) & set(theirs['components']))} of {len(cell['components'])}")
     return ", ".join(counts)
 
 
@@ -57,6 +59,7 @@ def compare(reference: dict, other: dict) -> tuple[list[str], int, int]:
         ]
         for name, row in theirs.items():
             if "points" not in row or "points" not in ours.get(name, {}):
+                lines.append(f"| {name} | not compared: measured in one run only, or not applicable | | | | |")
                 continue
             shared = shared_components(reference, other, behaviour, name)
             if shared:
@@ -83,12 +86,15 @@ def main() -> None:
     parser.add_argument("other", type=Path, help="output directory of the run to check against it")
     args = parser.parse_args()
     reference, other = load_summary(args.reference / "results.json"), load_summary(args.other / "results.json")
-    recorded = {"engine": "hf", **reference["settings"]}  # runs from before the engine choice sampled with hf
+    for summary in (reference, other):  # runs from before the engine choice sampled with hf
+        summary["settings"] = {"engine": "hf", **summary["settings"]}
+    if reference["settings"]["seeds"] < 2:
+        sys.exit(f"{args.reference} holds {reference['settings']['seeds']} seed: the reference needs several to have a spread")
+    recorded = reference["settings"]
     may_differ = MAY_DIFFER if recorded["sae_methods"] or other["settings"]["sae_methods"] else MAY_DIFFER | {"sae", "sae_steps"}
     differ = sorted(key for key in other["settings"].keys() - may_differ if recorded.get(key) != other["settings"][key])
     if differ:
         sys.exit(f"the two runs measured with other settings ({', '.join(differ)}): they cannot be compared cell by cell")
-    reference["settings"] = recorded
     lines, landed, compared = compare(reference, other)
     print("\n".join(lines))
     base, base_other = reference["base"]["greedy"]["accuracy"], other["base"]["greedy"]["accuracy"]

@@ -42,7 +42,9 @@ def gamma_sweep(
     resolved = []
     for selection in selections:
         selection.attach_saes(base.model, architecture)
-        resolved.append((selection.k, selection.resolve(base.model, model_path, architecture, allow_other_model)))
+        components = selection.resolve(base.model, model_path, architecture, allow_other_model)
+        gates_for_components(base.model, components, 1.0, architecture)  # names every unknown component now
+        resolved.append((selection.k, components))
     rows = [{"k": 0, "gamma": 1.0, **evaluate(None, "base")}]
     for top_k, components in resolved:
         for value in gammas:
