@@ -57,8 +57,8 @@ def _stage_tag() -> str:
     return f"{socket.gethostname().replace('.', '_')}-{os.getpid()}"
 
 
-def atomic_write_text(path: str | Path, text: str) -> Path:
-    """Write ``text`` to ``path`` through a marked, locked staging directory beside it, then rename it into place.
+def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
+    """Write ``data`` to ``path`` through a marked, locked staging directory beside it, then rename it into place.
 
     A stage that a killed process left is removed by the next write of the same ``path``
     (:func:`remove_stale_stages`), and nothing else beside it is ever touched.
@@ -70,7 +70,7 @@ def atomic_write_text(path: str | Path, text: str) -> Path:
     try:
         with _held(stage):
             staged = stage / path.name
-            staged.write_text(text, encoding="utf-8")
+            staged.write_bytes(data)
             os.replace(staged, path)
     except BaseException as error:
         failure = _write_failure(path, error)
@@ -80,6 +80,11 @@ def atomic_write_text(path: str | Path, text: str) -> Path:
         raise
     shutil.rmtree(stage, ignore_errors=True)
     return path
+
+
+def atomic_write_text(path: str | Path, text: str) -> Path:
+    """Write ``text`` (UTF-8) to ``path`` atomically (see :func:`atomic_write_bytes`)."""
+    return atomic_write_bytes(path, text.encode("utf-8"))
 
 
 def finite_or_none(value: Any) -> Any:

@@ -6,7 +6,8 @@ import pytest
 import torch
 from peft import LoraConfig, get_peft_model
 
-from ipg_lightning.gates.component_gates import ComponentGates, installed_gates
+from ipg_lightning.gates.component_gates import ComponentGates
+from ipg_lightning.model.interventions import installed_interventions
 from ipg_lightning.model.loading import load_model_and_tokenizer
 from ipg_lightning.model.sites import discover_sites
 from ipg_lightning.rollout.sampling import sample_trajectories, sampling_record
@@ -19,29 +20,29 @@ from ipg_lightning.zoo.reasoner import TINY_REASONER_PATH
 from ipg_lightning.zoo.tiny import random_sae, tiny_causal_lm
 
 
-def test_installed_gates_lists_the_sets_on_a_model_while_they_are_attached():
+def test_installed_interventions_lists_the_sets_on_a_model_while_they_are_attached():
     model = tiny_causal_lm("llama")
     first = ComponentGates.for_model(model, families=["mlp_neuron"], layers=[0])
     second = ComponentGates.for_model(model, families=["resid_post"], layers=[1])
-    assert installed_gates(model) == []
+    assert installed_interventions(model) == []
     with first.attach(model):
         with second.attach(model):
-            assert installed_gates(model) == [first, second]
-        assert installed_gates(model) == [first]
-    assert installed_gates(model) == []
+            assert installed_interventions(model) == [first, second]
+        assert installed_interventions(model) == [first]
+    assert installed_interventions(model) == []
     with pytest.raises(RuntimeError), first.attach(model):
         raise RuntimeError("a failed step")
-    assert installed_gates(model) == []
+    assert installed_interventions(model) == []
 
 
 def test_what_the_engine_cannot_reproduce_is_refused_naming_the_hf_engine():
     model = tiny_causal_lm("llama")
     gates = ComponentGates.for_model(model, families=["mlp_neuron", "attn_head", "resid_post"], layers=[0, 1])
     with gates.attach(model):
-        check_mirrorable(model, installed_gates(model))  # gates alone mirror
+        check_mirrorable(model, installed_interventions(model))  # gates alone mirror
         handle = model.model.layers[0].mlp.register_forward_hook(lambda *args: None)
-        with pytest.raises(EngineGateError, match="1 forward hooks besides its gates.*engine: hf"):
-            check_mirrorable(model, installed_gates(model))
+        with pytest.raises(EngineGateError, match="1 forward hooks besides its gates and steering vectors.*engine: hf"):
+            check_mirrorable(model, installed_interventions(model))
         handle.remove()
     adapted = get_peft_model(tiny_causal_lm("llama"), LoraConfig(r=2, target_modules=["q_proj"]))
     with pytest.raises(EngineGateError, match="PEFT adapter.*engine: hf"):
@@ -49,7 +50,7 @@ def test_what_the_engine_cannot_reproduce_is_refused_naming_the_hf_engine():
     moe = tiny_causal_lm("mixtral")
     experts = ComponentGates.for_model(moe, families=["expert"], layers=[0])
     with experts.attach(moe), pytest.raises(EngineGateError, match="fused expert weights.*engine: hf"):
-        check_mirrorable(moe, installed_gates(moe))
+        check_mirrorable(moe, installed_interventions(moe))
     sliced = tiny_causal_lm("llama")
     torch.nn.utils.parametrize.register_parametrization(sliced.model.layers[1].mlp.down_proj, "weight", torch.nn.Identity())
     with pytest.raises(EngineGateError, match="model.layers.1.mlp.down_proj are trained or reparametrised"):

@@ -18,13 +18,15 @@ pytest.importorskip("vllm", reason="vLLM is not installed (the README's engine l
 from ipg_lightning.attribution import IPGAttribution, run_attribution  # noqa: E402
 from ipg_lightning.cli import run  # noqa: E402
 from ipg_lightning.data import ReasoningDataModule  # noqa: E402
-from ipg_lightning.gates.component_gates import ComponentGates, installed_gates  # noqa: E402
+from ipg_lightning.gates.component_gates import ComponentGates  # noqa: E402
+from ipg_lightning.model.interventions import installed_interventions  # noqa: E402
 from ipg_lightning.model.loading import load_model_and_tokenizer  # noqa: E402
 from ipg_lightning.rollout import vllm_engine  # noqa: E402
 from ipg_lightning.rollout.sampling import sample_trajectories  # noqa: E402
 from ipg_lightning.rollout.scoring import completion_log_probs  # noqa: E402
 from ipg_lightning.rollout.trajectories import SamplingConfig, Trajectories, VLLMSettings  # noqa: E402
 from ipg_lightning.rollout.vllm_gates import EngineGateError, mirrored_gates  # noqa: E402
+from ipg_lightning.vectors import SteeringVectors  # noqa: E402
 from ipg_lightning.zoo.reasoner import TINY_REASONER_PATH, TINY_REASONER_SAE_PATH, TINY_REASONER_TASK  # noqa: E402
 
 PROMPTS = ["Q: 3 + 4 = ?\nA:", "Q: 12 + 30 - 5 = ?\nA:", "Q: 7 + 6 + 2 = ?\nA:"]
@@ -98,7 +100,7 @@ def test_log_probabilities_vllm_reports_equal_hf_teacher_forced_ones(reasoner, g
     engine = vllm_engine.engine_for(model, VLLMSettings())
     encoded = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in PROMPTS] * 4
     params = SamplingParams(temperature=1.0, max_tokens=48, logprobs=0, stop_token_ids=[tokenizer.eos_token_id], seed=None)
-    with gates.attach(model), mirrored_gates(installed_gates(model), engine.model):
+    with gates.attach(model), mirrored_gates(installed_interventions(model), engine.model):
         outputs = engine.llm.generate([{"prompt_token_ids": ids} for ids in encoded], params, use_tqdm=False)
     completion_ids = [list(output.outputs[0].token_ids) for output in outputs]
     trajectories = Trajectories(encoded, completion_ids, [""] * len(encoded), list(range(len(encoded))), [0] * len(encoded), tokenizer.pad_token_id)
@@ -122,6 +124,21 @@ def test_prompts_sampled_again_under_other_gates_are_not_served_from_the_prefix_
             on_vllm = sample_trajectories(model, tokenizer, prompts, replace(greedy, engine="vllm"))
             on_hf = sample_trajectories(model, tokenizer, prompts, greedy)
         assert on_vllm.completion_ids == on_hf.completion_ids
+
+
+def test_steering_vectors_composed_with_gates_sample_the_same_greedy_tokens_on_both_engines(reasoner):
+    model, tokenizer = reasoner
+    generator = torch.Generator().manual_seed(0)
+    gates = ComponentGates.for_model(model, families=["mlp_neuron"], layers=[1])
+    gates.set_site("blocks.1.mlp.hook_post", torch.rand(gates.gate("blocks.1.mlp.hook_post").shape, generator=generator) * 2)
+    vectors = SteeringVectors.for_model(model, families=["resid_post", "attn_out", "mlp_out"], layers=[1, 2], alpha=2.0)
+    for name in vectors.sites:
+        vectors.set_vector(name, torch.randn(vectors.width, generator=generator))
+    greedy = SamplingConfig.greedy(max_new_tokens=40)
+    plain = sample_trajectories(model, tokenizer, PROMPTS, greedy).completion_ids
+    with gates.attach(model), vectors.attach(model):
+        steered = {engine: sample_trajectories(model, tokenizer, PROMPTS, replace(greedy, engine=engine)).completion_ids for engine in ("hf", "vllm")}
+    assert steered["vllm"] == steered["hf"] != plain
 
 
 def test_sampled_calls_repeat_and_every_completion_ends_where_the_hf_rules_end_it(reasoner):

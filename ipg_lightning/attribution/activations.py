@@ -7,7 +7,7 @@ for attention heads, the L2 norm of the output for whole sub-layers.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from functools import partial
 
 import torch
@@ -25,11 +25,18 @@ def check_readable(sites: Sequence[Site], what: str) -> None:
         raise ValueError(f"{what} cannot read {unreadable}: fused expert weights have no activation a hook can see")
 
 
+#: What is read from a site's (rows, positions, width) float activation: by default its component values.
+SiteReading = Callable[[Site, torch.Tensor], torch.Tensor]
+
+
 @torch.no_grad()
-def component_activations(model: nn.Module, sites: Sequence[Site], trajectories: Trajectories) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+def component_activations(
+    model: nn.Module, sites: Sequence[Site], trajectories: Trajectories, read: SiteReading = Site.component_values
+) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     """One forward pass over ``trajectories``: per site a (rows, positions, size) float tensor of component
-    values at every position (see :meth:`~ipg_lightning.model.sites.Site.component_values`), and the
-    (rows, positions) completion mask. Positions are those of ``trajectories.padded()``."""
+    values at every position (see :meth:`~ipg_lightning.model.sites.Site.component_values`; ``read`` can
+    read something else, e.g. the whole activation vector), and the (rows, positions) completion mask.
+    Positions are those of ``trajectories.padded()``."""
     root = unwrap_model(model)
     device = next(root.parameters()).device
     batch = {k: v.to(device) for k, v in trajectories.padded().items()}
@@ -39,7 +46,7 @@ def component_activations(model: nn.Module, sites: Sequence[Site], trajectories:
     def record(site: Site, value: torch.Tensor) -> None:
         if value.dim() == 2:  # a shared expert sees the tokens flattened (rows x positions, width)
             value = value.view(*mask.shape, -1)
-        captured[site.name] = site.component_values(value.float())
+        captured[site.name] = read(site, value.float())
 
     with site_hooks(root, [(site, partial(record, site)) for site in sites]):
         model(**batch, use_cache=False)
@@ -47,12 +54,14 @@ def component_activations(model: nn.Module, sites: Sequence[Site], trajectories:
 
 
 @torch.no_grad()
-def mean_completion_activations(model: nn.Module, sites: Sequence[Site], trajectories: Trajectories, chunk_size: int = 8) -> dict[str, torch.Tensor]:
-    """For each site, a (rows, size) tensor: mean component value over each row's generated tokens."""
+def mean_completion_activations(
+    model: nn.Module, sites: Sequence[Site], trajectories: Trajectories, chunk_size: int = 8, read: SiteReading = Site.component_values
+) -> dict[str, torch.Tensor]:
+    """For each site, a (rows, size) tensor: mean component value (or what ``read`` reads) over each row's generated tokens."""
     check_readable(sites, "Activation baselines")
     results: dict[str, list[torch.Tensor]] = {site.name: [] for site in sites}
     for _, chunk in trajectories.chunks(chunk_size):
-        captured, mask = component_activations(model, sites, chunk)
+        captured, mask = component_activations(model, sites, chunk, read)
         mask = mask.float()
         tokens = mask.sum(1, keepdim=True).clamp(min=1)
         for site in sites:

@@ -19,28 +19,19 @@ Example:
 from __future__ import annotations
 
 import re
-import weakref
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from functools import partial
 
 import torch
 from torch import nn
-from torch.utils.hooks import RemovableHandle
 
 from ipg_lightning.model.autoencoder import same_sae
 from ipg_lightning.model.experts import WeightGateHandle, gate_weight
 from ipg_lightning.model.families import ArchitectureSpec
-from ipg_lightning.model.hooks import hook_site
-from ipg_lightning.model.sites import Site, discover_sites, unwrap_model
+from ipg_lightning.model.interventions import Handle, install_intervention, parameter_key, removed_on_exit
+from ipg_lightning.model.sites import Site, discover_sites
 
 _COMPONENT_NAME = re.compile(r"^(?P<site>.+?)(?:\[(?P<index>\d+)\])?$")
-# The gate sets installed on each model (its unwrapped root), so another engine can mirror them.
-_INSTALLED: weakref.WeakKeyDictionary[nn.Module, list[ComponentGates]] = weakref.WeakKeyDictionary()
-
-
-def _parameter_key(site_name: str) -> str:
-    return site_name.replace(".", "__")
 
 
 class ComponentGates(nn.Module):
@@ -59,9 +50,9 @@ class ComponentGates(nn.Module):
             raise ValueError(f"Sites listed more than once: {duplicated}")
         _check_finite(torch.tensor(init), "init")
         self.sites: dict[str, Site] = {site.name: site for site in sites}
-        self.values = nn.ParameterDict({_parameter_key(site.name): nn.Parameter(torch.full((site.size,), float(init))) for site in sites})
+        self.values = nn.ParameterDict({parameter_key(site.name): nn.Parameter(torch.full((site.size,), float(init))) for site in sites})
         # The SAEs of sae_feature sites move with their gates (the model holds them off its module tree).
-        self.saes = nn.ModuleDict({_parameter_key(site.name): site.sae for site in sites if site.sae is not None})
+        self.saes = nn.ModuleDict({parameter_key(site.name): site.sae for site in sites if site.sae is not None})
 
     @classmethod
     def for_model(
@@ -84,7 +75,7 @@ class ComponentGates(nn.Module):
         """The gate vector of one site, by hook name (e.g. ``blocks.3.hook_resid_post``)."""
         if site_name not in self.sites:
             raise KeyError(f"No gated site {site_name!r}; gated sites: {list(self.sites)}")
-        return self.values[_parameter_key(site_name)]
+        return self.values[parameter_key(site_name)]
 
     def component_names(self) -> list[str]:
         """Names of all components, in the order of :meth:`flat_values`."""
@@ -149,34 +140,20 @@ class ComponentGates(nn.Module):
         for name in self.sites:
             self.set_site(name, value)
 
-    def install(self, model: nn.Module) -> list[RemovableHandle | WeightGateHandle | _InstalledRecord]:
+    def install(self, model: nn.Module) -> list[Handle]:
         """Install the gate hooks on ``model`` until the returned handles are removed.
 
         Prefer :meth:`attach`, which always removes them; this is for a steered model that keeps
         its gates for life (see :func:`ipg_lightning.gates.exported.load_steered`).
         """
-        root = unwrap_model(model)
-        handles: list[RemovableHandle | WeightGateHandle | _InstalledRecord] = [_InstalledRecord(root, self)]
-        try:
-            handles += self._gate_expert_weights(root)
-            for site in self.sites.values():
-                if not site.kind.scales_weight:
-                    handles.append(hook_site(root, site, partial(self.edit, site)))
-        except BaseException:
-            for handle in handles:
-                handle.remove()
-            raise
-        return handles
+        hooked = [site for site in self.sites.values() if not site.kind.scales_weight]
+        return install_intervention(model, self, hooked, first=self._gate_expert_weights)
 
     @contextmanager
     def attach(self, model: nn.Module) -> Iterator[ComponentGates]:
         """Install the gate hooks on ``model`` (plain or PEFT-wrapped); always remove them on exit."""
-        handles = self.install(model)
-        try:
+        with removed_on_exit(self.install(model)):
             yield self
-        finally:
-            for handle in handles:
-                handle.remove()
 
     def _gate_expert_weights(self, root: nn.Module) -> list[WeightGateHandle]:
         """Reparametrise fused expert weights (and biases) as weight x the product of their sites' gate factors."""
@@ -203,29 +180,6 @@ class ComponentGates(nn.Module):
     def edit(self, site: Site, activation: torch.Tensor) -> torch.Tensor:
         """``site``'s ``activation`` scaled by this set's gates of that site (what the installed hook applies)."""
         return site.edit(activation, self.gate(site.name))
-
-
-class _InstalledRecord:
-    """A handle that lists a gate set as installed on a model until it is removed (see :func:`installed_gates`)."""
-
-    def __init__(self, root: nn.Module, gates: ComponentGates) -> None:
-        self.root = weakref.ref(root)
-        self.gates = gates
-        _INSTALLED.setdefault(root, []).append(gates)
-
-    def remove(self) -> None:
-        root = self.root()
-        installed = _INSTALLED.get(root, []) if root is not None else []
-        if self.gates in installed:
-            installed.remove(self.gates)
-
-
-def installed_gates(model: nn.Module) -> list[ComponentGates]:
-    """The gate sets installed on ``model`` (plain or PEFT-wrapped) right now, in the order they were installed.
-
-    A sampler that runs the model somewhere else (the vLLM engine) applies exactly these.
-    """
-    return list(_INSTALLED.get(unwrap_model(model), []))
 
 
 def combined_gates(*gate_sets: ComponentGates | None) -> ComponentGates:

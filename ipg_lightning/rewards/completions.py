@@ -44,3 +44,18 @@ def reward_matrix(
     """The rewards of ``trajectories`` as a float64 (prompts x N) matrix, N samples per prompt in order."""
     values = score_completions(reward, completions_of(trajectories, prompts, golds, tokenizer))
     return torch.tensor(values, dtype=torch.float64).view(len(prompts), -1)
+
+
+def sides_of_the_mean(rewards: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The contrast within each prompt's N samples, for a (prompts x N) reward matrix.
+
+    Returns the flat (prompts * N) masks of the trajectories above and below their prompt's mean
+    reward, and the (prompts,) mask of prompts whose rewards differ; a prompt whose N rewards are all
+    equal puts no trajectory on either side. For accuracy that is correct against incorrect answers
+    to the same question, for reasoning length long against short ones.
+    """
+    has_signal = rewards.amax(1, keepdim=True) > rewards.amin(1, keepdim=True)
+    group_mean = rewards.mean(1, keepdim=True)
+    above = ((rewards > group_mean) & has_signal).flatten()
+    below = ((rewards < group_mean) & has_signal).flatten()
+    return above, below, has_signal.flatten()

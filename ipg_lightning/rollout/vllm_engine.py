@@ -37,7 +37,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ipg_lightning.gates.component_gates import installed_gates
+from ipg_lightning.model.interventions import installed_interventions
 from ipg_lightning.model.loading import EXPORT_STEERING_FILE
 from ipg_lightning.model.sites import unwrap_model
 from ipg_lightning.rollout.seeds import row_seed
@@ -207,7 +207,7 @@ def call_seed(global_seed: int, prompt_seeds: list[int], first_sample: int) -> i
 def generate_with_vllm(model: nn.Module, request: SamplingRequest, progress: bool) -> list[list[int]]:
     """The generated token ids of every row of ``request``, sampled by the vLLM engine under ``model``'s gates."""
     config, rows = request.config, request.rows
-    gated = installed_gates(model)
+    gated = installed_interventions(model)
     check_mirrorable(model, gated)  # before the engine starts: a refusal costs nothing
     if gated and config.vllm.tensor_parallel_size != 1:
         raise EngineGateError(f"Gates act inside a vLLM engine of tensor_parallel_size 1 only: {USE_HF}")

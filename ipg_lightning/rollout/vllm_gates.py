@@ -4,13 +4,14 @@ vLLM builds its models with the module names of the Hugging Face checkpoints the
 (``model.layers.3.mlp.down_proj``), so each :class:`~ipg_lightning.model.sites.Site` found on the
 Hugging Face model (from the one family table) names the engine's module too, and its edit is the
 same :meth:`~ipg_lightning.model.sites.Site.edit`, reading the same gate tensors: gates learned or
-interpolated in the Lightning module act inside the engine with no copying.
+interpolated in the Lightning module act inside the engine with no copying. Additive steering
+vectors (:mod:`ipg_lightning.vectors`) are mirrored the same way, through their own edit.
 
 Two things differ in vLLM and are handled here: its tensors are (tokens, width), which an edit over
 the last axis does not notice, and its decoder layers return ``(hidden_states, residual)`` whose
 **sum** is the residual stream, so a block-output site edits the sum and hands the next layer
 ``(edited, 0)``. What cannot be mirrored (a PEFT adapter, a weight parametrization such as expert
-gates or trained weight slices, a hook that is not a gate) is refused in one line naming the HF
+gates or trained weight slices, a hook that is neither a gate nor a vector) is refused in one line naming the HF
 engine, and :func:`probe_gates` checks that every hook fires before any completion is kept.
 """
 
@@ -26,9 +27,9 @@ from torch import nn
 from torch.nn.utils import parametrize
 from torch.utils.hooks import RemovableHandle
 
-from ipg_lightning.gates.component_gates import ComponentGates
 from ipg_lightning.model.families import FAMILIES, SAE_POINTS
 from ipg_lightning.model.hooks import SiteEdit, hook_site
+from ipg_lightning.model.interventions import Intervention
 from ipg_lightning.model.sites import Site, unwrap_model
 
 USE_HF = "sample with `engine: hf` instead"
@@ -66,7 +67,7 @@ def hook_engine_site(engine_model: nn.Module, site: Site, edit: SiteEdit) -> Rem
     return engine_model.get_submodule(site.module_path).register_forward_hook(hook)
 
 
-def check_mirrorable(model: nn.Module, gate_sets: list[ComponentGates]) -> None:
+def check_mirrorable(model: nn.Module, gate_sets: list[Intervention]) -> None:
     """Refuse a Hugging Face model whose steering the engine would not reproduce exactly (one line, naming the HF engine)."""
     root = unwrap_model(model)
     if root is not model and getattr(model, "peft_config", None):
@@ -81,7 +82,8 @@ def check_mirrorable(model: nn.Module, gate_sets: list[ComponentGates]) -> None:
     gate_hooks = sum(1 for gates in gate_sets for site in gates.sites.values() if not site.kind.scales_weight)
     if hooks != gate_hooks:
         raise EngineGateError(
-            f"The model carries {hooks - gate_hooks} forward hooks besides its gates, and the vLLM engine mirrors only gates: {USE_HF}"
+            f"The model carries {hooks - gate_hooks} forward hooks besides its gates and steering vectors, "
+            f"and the vLLM engine mirrors only those: {USE_HF}"
         )
 
 
@@ -115,9 +117,10 @@ class FiringCounts:
 
 
 @contextmanager
-def mirrored_gates(gate_sets: list[ComponentGates], engine_model: nn.Module | None) -> Iterator[FiringCounts]:
-    """Install ``gate_sets`` (the model's :func:`~ipg_lightning.gates.component_gates.installed_gates`, which
-    :func:`check_mirrorable` accepted) on the engine's ``engine_model`` too, for the duration of the block."""
+def mirrored_gates(gate_sets: list[Intervention], engine_model: nn.Module | None) -> Iterator[FiringCounts]:
+    """Install ``gate_sets`` (the model's gates and steering vectors,
+    :func:`~ipg_lightning.model.interventions.installed_interventions`, which :func:`check_mirrorable`
+    accepted) on the engine's ``engine_model`` too, in the same order, for the duration of the block."""
     counts = FiringCounts()
     handles: list[RemovableHandle] = []
     try:

@@ -13,6 +13,7 @@ import torch
 from ipg_lightning.attribution.activations import mean_completion_activations
 from ipg_lightning.attribution.methods.base import AttributionMethod
 from ipg_lightning.data import ReasoningBatch
+from ipg_lightning.rewards.completions import sides_of_the_mean
 
 
 def sampled_activations(method: AttributionMethod, batch: ReasoningBatch) -> tuple[dict[str, torch.Tensor], torch.Tensor, dict[str, float]]:
@@ -54,10 +55,7 @@ class MeanDifference(AttributionMethod):
     def step(self, batch: ReasoningBatch) -> None:
         """Sample, record per-trajectory mean activations, and sum them by side of their prompt's mean reward."""
         per_row, rewards, counts = sampled_activations(self, batch)
-        has_signal = rewards.amax(1, keepdim=True) > rewards.amin(1, keepdim=True)
-        group_mean = rewards.mean(1, keepdim=True)
-        above = ((rewards > group_mean) & has_signal).flatten()
-        below = ((rewards < group_mean) & has_signal).flatten()
+        above, below, has_signal = sides_of_the_mean(rewards)
         self.task.accumulator.update(
             scores={name: values[above].sum(0) for name, values in per_row.items()},
             contrast={name: values[below].sum(0) for name, values in per_row.items()},

@@ -1,0 +1,209 @@
+"""Additive steering vectors: the hook's effect against hand-built biases, composition with gates, files, and sources."""
+
+import copy
+import json
+
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+from safetensors.torch import save_file
+
+from ipg_lightning.data import PromptTemplate, ReasoningDataModule
+from ipg_lightning.gates.component_gates import ComponentGates
+from ipg_lightning.model.identity import ModelMismatchError
+from ipg_lightning.model.interventions import installed_interventions
+from ipg_lightning.rollout.sampling import sample_trajectories
+from ipg_lightning.rollout.trajectories import SamplingConfig
+from ipg_lightning.vectors import SteeringVectors, contrast_vectors, load_vectors, sae_direction_vectors, save_vectors
+from ipg_lightning.vectors.files import read_vector_metadata
+from ipg_lightning.vectors.sources import NoContrastError
+from ipg_lightning.zoo.tiny import random_sae
+
+INPUT = torch.tensor([[5, 9, 2, 7, 1, 3]])
+
+
+def _with_bias(model, path, bias, weight_scale=1.0):
+    """A copy of ``model`` whose projection at ``path`` computes ``weight_scale * W x + bias`` (no hooks anywhere)."""
+    copied = copy.deepcopy(model)
+    old = copied.get_submodule(path)
+    new = torch.nn.Linear(old.in_features, old.out_features, bias=True)
+    with torch.no_grad():
+        new.weight.copy_(old.weight * weight_scale)
+        new.bias.copy_(bias)
+    parent, _, name = path.rpartition(".")
+    setattr(copied.get_submodule(parent), name, new)
+    return copied
+
+
+def _vectors(model, site_name, seed=0, alpha=1.5):
+    family = {"hook_resid_post": "resid_post", "hook_attn_out": "attn_out", "hook_mlp_out": "mlp_out"}[site_name.split(".")[-1]]
+    vectors = SteeringVectors.for_model(model, [family], [int(site_name.split(".")[1])], alpha=alpha)
+    vectors.set_vector(site_name, torch.randn(vectors.width, generator=torch.Generator().manual_seed(seed)))
+    return vectors
+
+
+# In a pre-norm block, what the MLP's down-projection adds is the last write into the block's output,
+# so a vector added to the block output, or to the MLP's output, is a bias on that projection.
+@pytest.mark.parametrize(
+    ("site_name", "projection"),
+    [
+        ("blocks.0.hook_resid_post", "model.layers.0.mlp.down_proj"),
+        ("blocks.1.hook_mlp_out", "model.layers.1.mlp.down_proj"),
+        ("blocks.0.hook_attn_out", "model.layers.0.self_attn.o_proj"),
+    ],
+)
+def test_a_vector_equals_a_hand_added_bias_in_forward_and_in_cached_generation(tiny_llama, site_name, projection):
+    vectors = _vectors(tiny_llama, site_name)
+    biased = _with_bias(tiny_llama, projection, vectors.alpha * vectors.vector(site_name).detach())
+    with torch.no_grad():
+        base = tiny_llama(INPUT).logits
+        with vectors.attach(tiny_llama):
+            steered = tiny_llama(INPUT).logits
+            generated = tiny_llama.generate(INPUT, max_new_tokens=12, do_sample=False, pad_token_id=0)
+        torch.testing.assert_close(steered, biased(INPUT).logits, rtol=1e-5, atol=1e-5)
+        assert not torch.allclose(steered, base, atol=1e-3)
+        assert generated.tolist() == biased.generate(INPUT, max_new_tokens=12, do_sample=False, pad_token_id=0).tolist()
+        assert torch.equal(tiny_llama(INPUT).logits, base)  # detached on exit
+
+
+def test_alpha_zero_changes_nothing_and_alpha_scales_linearly(tiny_llama):
+    vectors = _vectors(tiny_llama, "blocks.0.hook_resid_post")
+    vector = vectors.vector("blocks.0.hook_resid_post").detach()
+    seen = {}
+    handle = tiny_llama.model.layers[1].register_forward_pre_hook(lambda module, args: seen.update(h=args[0].clone()))
+    with torch.no_grad():
+        base = tiny_llama(INPUT).logits
+        plain = seen["h"]
+        for alpha in (0.0, 2.0, -3.0):
+            vectors.alpha = alpha
+            with vectors.attach(tiny_llama):
+                logits = tiny_llama(INPUT).logits
+            torch.testing.assert_close(seen["h"] - plain, alpha * vector.expand_as(plain))
+            assert torch.equal(logits, base) == (alpha == 0)
+    handle.remove()
+    assert vectors.norms()["blocks.0.hook_resid_post"] == pytest.approx(3.0 * float(vector.norm()))
+
+
+def test_a_vector_acts_the_same_on_a_peft_wrapped_model(tiny_llama):
+    vectors = _vectors(tiny_llama, "blocks.1.hook_resid_post")
+    biased = _with_bias(tiny_llama, "model.layers.1.mlp.down_proj", vectors.alpha * vectors.vector("blocks.1.hook_resid_post").detach())
+    adapted = get_peft_model(copy.deepcopy(tiny_llama), LoraConfig(r=2, target_modules=["q_proj"]))  # B = 0: the adapter adds nothing yet
+    with torch.no_grad(), vectors.attach(adapted):
+        assert installed_interventions(adapted) == [vectors]
+        torch.testing.assert_close(adapted(input_ids=INPUT).logits, biased(INPUT).logits, rtol=1e-5, atol=1e-5)
+    assert installed_interventions(adapted) == []
+
+
+@pytest.mark.parametrize("gates_first", [True, False])
+def test_vectors_compose_with_gates_in_the_order_they_are_installed(tiny_llama, gates_first):
+    vectors = _vectors(tiny_llama, "blocks.1.hook_mlp_out")
+    gates = ComponentGates.for_model(tiny_llama, ["mlp_out"], layers=[1])
+    gates.set_site("blocks.1.hook_mlp_out", 0.25)
+    added = vectors.alpha * vectors.vector("blocks.1.hook_mlp_out").detach()
+    # gate then vector: 0.25 * (W x) + a v; vector then gate: 0.25 * (W x + a v)
+    biased = _with_bias(tiny_llama, "model.layers.1.mlp.down_proj", added if gates_first else 0.25 * added, weight_scale=0.25)
+    first, second = (gates, vectors) if gates_first else (vectors, gates)
+    with torch.no_grad(), first.attach(tiny_llama), second.attach(tiny_llama):
+        assert installed_interventions(tiny_llama) == [first, second]
+        torch.testing.assert_close(tiny_llama(INPUT).logits, biased(INPUT).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_bad_vectors_and_sites_are_refused_in_one_line(tiny_llama):
+    with pytest.raises(ValueError, match=r"added at \['resid_post', 'attn_out', 'mlp_out'\] sites only, got families \['mlp_neuron'\]"):
+        SteeringVectors.for_model(tiny_llama, ["mlp_neuron"], [0])
+    vectors = SteeringVectors.for_model(tiny_llama, ["resid_post"], [0])
+    with pytest.raises(ValueError, match=r"must have shape \(32,\).*got \(31,\)"):
+        vectors.set_vector("blocks.0.hook_resid_post", torch.zeros(31))
+    with pytest.raises(ValueError, match="non-finite"):
+        vectors.set_vector("blocks.0.hook_resid_post", torch.full((32,), float("nan")))
+    with pytest.raises(ValueError, match="alpha must be a finite number"):
+        vectors.alpha = float("inf")
+    with pytest.raises(KeyError, match="No steering vector at 'blocks.1.hook_resid_post'"):
+        vectors.vector("blocks.1.hook_resid_post")
+
+
+def test_a_vector_file_round_trips_with_its_provenance_and_is_checked_against_the_model(tiny_llama, tiny_model, tmp_path):
+    vectors = _vectors(tiny_llama, "blocks.1.hook_attn_out", alpha=-2.0)
+    vectors.provenance = {"source": "manual", "note": "test"}
+    path = save_vectors(vectors, tmp_path / "v.safetensors", tiny_llama, "tiny:llama")
+    assert read_vector_metadata(path)["provenance"] == {"source": "manual", "note": "test"}
+    loaded = load_vectors(path, tiny_llama)
+    assert loaded.alpha == -2.0 and list(loaded.sites) == ["blocks.1.hook_attn_out"]
+    assert torch.equal(loaded.vector("blocks.1.hook_attn_out"), vectors.vector("blocks.1.hook_attn_out").detach())
+    with torch.no_grad(), vectors.attach(tiny_llama):
+        expected = tiny_llama(INPUT).logits
+    with torch.no_grad(), loaded.attach(tiny_llama):
+        assert torch.equal(tiny_llama(INPUT).logits, expected)
+
+    before = path.read_bytes()
+    with pytest.raises(FileExistsError, match="already exists; choose another file, or set overwrite"):
+        save_vectors(loaded, path, tiny_llama, "tiny:llama")
+    assert path.read_bytes() == before
+    with pytest.raises(ModelMismatchError, match="would mean other units"):
+        load_vectors(path, tiny_model("llama", hidden_size=64, intermediate_size=128))
+    save_file({"blocks.1.hook_attn_out": torch.zeros(32)}, str(tmp_path / "other.safetensors"), metadata={"format": "something else"})
+    with pytest.raises(ValueError, match="is not a steering-vector file of this library"):
+        load_vectors(tmp_path / "other.safetensors", tiny_llama)
+    metadata = {"format": "ipg_lightning.steering_vectors", "version": "1", "width": "32", "alpha": "1.0", "provenance": "{}"}
+    metadata |= {"sites": json.dumps({"blocks.1.hook_attn_out": vectors.sites["blocks.1.hook_attn_out"].description()})}
+    metadata |= {"model": json.dumps(read_vector_metadata(path)["model"])}
+    save_file({"blocks.1.hook_attn_out": torch.full((32,), float("inf"))}, str(tmp_path / "bad.safetensors"), metadata=metadata)
+    with pytest.raises(ValueError, match="non-finite values"):
+        load_vectors(tmp_path / "bad.safetensors", tiny_llama)
+    (tmp_path / "damaged.safetensors").write_bytes(before[: len(before) // 2])
+    with pytest.raises(ValueError, match="is not a readable safetensors file"):
+        load_vectors(tmp_path / "damaged.safetensors", tiny_llama)
+
+
+def _manual_completion_means(model, trajectories, layer):
+    """Per row: the mean over its generated tokens of block ``layer``'s output, one unpadded row at a time."""
+    rows = []
+    for row in range(len(trajectories)):
+        prompt, completion = trajectories.prompt_ids[row], trajectories.completion_ids[row]
+        with torch.no_grad():
+            hidden = model(torch.tensor([prompt + completion]), output_hidden_states=True).hidden_states[layer + 1]
+        rows.append(hidden[0, len(prompt) : len(prompt) + len(completion)].mean(0))
+    return torch.stack(rows)
+
+
+def has_digit(completion):
+    return float(any(ch.isdigit() for ch in completion.text))
+
+
+def test_a_contrast_vector_is_the_difference_of_mean_activations_above_and_below_each_prompts_mean(tiny_llama, tokenizer):
+    data = ReasoningDataModule(num_train=0, num_val=4, num_test=0, batch_size=4, template=PromptTemplate(use_chat_template=False))
+    batch = next(iter(data.val_dataloader()))
+    prompts, golds = batch["prompt"], batch["answer"]
+    sampling = SamplingConfig(num_samples=4, temperature=1.0, top_p=1.0, max_new_tokens=10)
+    vectors = contrast_vectors(tiny_llama, tokenizer, prompts, golds, has_digit, ["resid_post"], [0], sampling)
+
+    trajectories = sample_trajectories(tiny_llama, tokenizer, prompts, sampling)  # the same draws: seeds follow the prompt texts
+    rewards = torch.tensor([float(any(ch.isdigit() for ch in text)) for text in trajectories.completions]).view(4, 4)
+    mixed = [p for p in range(4) if 0 < rewards[p].sum() < 4]
+    assert mixed and len(mixed) < 4
+    above, below = torch.zeros(4, 4, dtype=torch.bool), torch.zeros(4, 4, dtype=torch.bool)
+    for p in mixed:
+        above[p], below[p] = rewards[p] == 1, rewards[p] == 0
+    means = _manual_completion_means(tiny_llama, trajectories, layer=0)
+    expected = means[above.flatten()].mean(0) - means[below.flatten()].mean(0)
+    torch.testing.assert_close(vectors.vector("blocks.0.hook_resid_post").detach(), expected, rtol=1e-4, atol=1e-5)
+    assert vectors.provenance["source"] == "contrast" and vectors.provenance["reward"] == "has_digit"
+    assert vectors.provenance["signal_prompts"] == len(mixed) and vectors.provenance["above_trajectories"] == int(above.sum())
+
+    with pytest.raises(NoContrastError, match="got equal rewards, so there is nothing to contrast"):
+        contrast_vectors(tiny_llama, tokenizer, prompts, golds, lambda completion: 1.0, ["resid_post"], [0], sampling)
+    with pytest.raises(ValueError, match="num_samples >= 2 and temperature > 0"):
+        contrast_vectors(tiny_llama, tokenizer, prompts, golds, has_digit, ["resid_post"], [0], SamplingConfig.greedy(8))
+
+
+def test_an_sae_direction_is_its_decoder_row_at_the_point_the_sae_reads(tiny_llama):
+    sae = random_sae(d_in=32, hook_name="blocks.1.hook_resid_pre", d_sae=64)
+    vectors = sae_direction_vectors(tiny_llama, sae, [7])
+    assert list(vectors.sites) == ["blocks.0.hook_resid_post"]  # resid_pre of block 1 is block 0's output
+    row = sae.W_dec.detach()[7]
+    torch.testing.assert_close(vectors.vector("blocks.0.hook_resid_post").detach(), row / row.norm())
+    summed = sae_direction_vectors(tiny_llama, sae, [7, 9], unit=False)
+    torch.testing.assert_close(summed.vector("blocks.0.hook_resid_post").detach(), sae.W_dec.detach()[[7, 9]].sum(0))
+    assert summed.provenance == {"source": "sae", "sae": "blocks.1.hook_resid_pre", "features": [7, 9], "unit": False}
+    with pytest.raises(ValueError, match=r"SAE features \[64\] do not exist: the SAE at blocks.1.hook_resid_pre has 64 features"):
+        sae_direction_vectors(tiny_llama, sae, [64])
