@@ -28,6 +28,7 @@ _EXPORTS: dict[str, str] = {
         ["ComponentSelection", "GateSteering", "LoraSettings", "export_steered_model", "gates_for_components", "load_steering_checkpoint"],
         "ipg_lightning.steering",
     ),
+    **dict.fromkeys(["SteeringVectors", "contrast_vectors", "load_vectors", "sae_direction_vectors", "save_vectors"], "ipg_lightning.vectors"),
     **dict.fromkeys(["SamplingConfig", "Trajectories"], "ipg_lightning.rollout.trajectories"),
     "sample_trajectories": "ipg_lightning.rollout.sampling",
     **dict.fromkeys(["backward_weighted_log_likelihood", "completion_log_probs"], "ipg_lightning.rollout.scoring"),

@@ -207,3 +207,56 @@ def test_an_sae_direction_is_its_decoder_row_at_the_point_the_sae_reads(tiny_lla
     assert summed.provenance == {"source": "sae", "sae": "blocks.1.hook_resid_pre", "features": [7, 9], "unit": False}
     with pytest.raises(ValueError, match=r"SAE features \[64\] do not exist: the SAE at blocks.1.hook_resid_pre has 64 features"):
         sae_direction_vectors(tiny_llama, sae, [64])
+
+
+def _completions(directory):
+    return [json.loads(line)["completion"] for line in (directory / "generations.jsonl").read_text().splitlines()]
+
+
+def test_ipg_vectors_builds_a_file_that_evaluate_applies_and_sweeps(tmp_path):
+    from ipg_lightning.cli import run
+    from ipg_lightning.model.loading import load_model_and_tokenizer
+    from ipg_lightning.sae import load_sae
+    from ipg_lightning.zoo.reasoner import TINY_REASONER_PATH, TINY_REASONER_SAE_PATH
+
+    file = tmp_path / "sae.safetensors"
+    sae_args = ["--model_path", "tiny-reasoner", "--source", "sae", "--sae", TINY_REASONER_SAE_PATH]
+    run(["vectors", "--output", str(file), *sae_args, "--features", "[3, 5]", "--alpha", "8"])
+    model, tokenizer = load_model_and_tokenizer(TINY_REASONER_PATH)
+    loaded = load_vectors(file, model)
+    direction = load_sae(TINY_REASONER_SAE_PATH).W_dec.detach()[[3, 5]].sum(0)
+    assert loaded.alpha == 8.0 and list(loaded.sites) == ["blocks.2.hook_resid_post"]
+    torch.testing.assert_close(loaded.vector("blocks.2.hook_resid_post").detach(), direction / direction.norm())
+
+    data = ["--data.num_test", "6", "--sampling.max_new_tokens", "24"]
+    run(["evaluate", "--model_path", "tiny-reasoner", *data, "--output_dir", str(tmp_path / "base")])
+    run(["evaluate", "--vectors", str(file), *data, "--output_dir", str(tmp_path / "steered")])  # the model and alpha 8 from the file
+    run(["evaluate", "--vectors", str(file), "--alphas", "[8]", *data, "--output_dir", str(tmp_path / "sweep")])
+    metrics = {name: json.loads((tmp_path / name / "metrics.json").read_text()) for name in ("base", "steered")}
+    assert metrics["steered"]["steering"] | {"model": None} == {"kind": "vectors", "model": None, "vectors": str(file), "alpha": 8.0}
+    rows = json.loads((tmp_path / "sweep" / "sweep.json").read_text())["rows"]
+    assert [row["alpha"] for row in rows] == [0.0, 8.0]
+    assert rows[0] == {"alpha": 0.0, **metrics["base"]["metrics"]} and rows[1] == {"alpha": 8.0, **metrics["steered"]["metrics"]}
+    prompts = [json.loads(line) for line in (tmp_path / "steered" / "generations.jsonl").read_text().splitlines()]
+    assert _completions(tmp_path / "steered") != _completions(tmp_path / "base")
+    data_module = ReasoningDataModule(num_test=6)
+    data_module.connect(tokenizer)
+    by_hand = []
+    with loaded.attach(model):  # by hand, in Python: the same completions
+        for batch in data_module.dataloader("test"):
+            by_hand += sample_trajectories(model, tokenizer, batch["prompt"], SamplingConfig.greedy(24), batch["seed"].tolist()).completions
+    assert by_hand == [record["completion"] for record in prompts]
+
+    with pytest.raises(ValueError, match="--alphas sweeps the strength of steering vectors: give the vector file"):
+        run(["evaluate", "--model_path", "tiny-reasoner", "--alphas", "[1]", *data, "--output_dir", str(tmp_path / "x")])
+    with pytest.raises(ValueError, match="one sweep at a time"):
+        run(["evaluate", "--vectors", str(file), "--alphas", "[1]", "--gammas", "[0]", *data, "--output_dir", str(tmp_path / "x")])
+    with pytest.raises(ValueError, match="alpha is the strength of steering vectors: give the vector file"):
+        run(["evaluate", "--model_path", "tiny-reasoner", "--alpha", "2", *data, "--output_dir", str(tmp_path / "x")])
+    with pytest.raises(ModelMismatchError, match="would mean other units"):
+        run(["evaluate", "--model_path", "tiny:llama", "--vectors", str(file), *data, "--output_dir", str(tmp_path / "x")])
+    with pytest.raises(FileExistsError, match="already exists"):
+        run(["vectors", "--output", str(file), *sae_args, "--features", "[3]"])
+    with pytest.raises(ValueError, match="--source sae needs the SAE directory"):
+        run(["vectors", "--output", str(tmp_path / "y.safetensors"), "--model_path", "tiny-reasoner", "--source", "sae"])
+    assert not (tmp_path / "x").exists() and not (tmp_path / "y.safetensors").exists()

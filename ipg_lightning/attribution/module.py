@@ -33,7 +33,7 @@ from ipg_lightning.evaluation.protocols import protocol_record
 from ipg_lightning.gates.component_gates import ComponentGates
 from ipg_lightning.model.families import ArchitectureSpec, SiteFamilyName
 from ipg_lightning.model.identity import model_identity
-from ipg_lightning.model.sites import resolve_architecture, unwrap_model
+from ipg_lightning.model.sites import default_layer
 from ipg_lightning.outputs import check_output_dir
 from ipg_lightning.rewards.completions import reward_matrix
 from ipg_lightning.rewards.functions import load_reward
@@ -155,9 +155,7 @@ class IPGAttribution(ReasoningTask):
 
     def configure_components(self) -> None:
         """SAEs spliced in, gates on the attributed sites (default: the block at 3/4 depth), the score accumulator."""
-        spec = resolve_architecture(self.lm, self.architecture)
-        num_layers = len(unwrap_model(self.lm).get_submodule(spec.layers))
-        layers = self.hparams.layers if self.hparams.layers is not None else [round(0.75 * (num_layers - 1))]
+        layers = self.hparams.layers if self.hparams.layers is not None else [default_layer(self.lm, self.architecture)]
         attach_saes(self.lm, self.hparams.saes, self.architecture)
         self.gates = ComponentGates.for_model(self.lm, self.hparams.families, layers, self.architecture)
         self.accumulator = AttributionAccumulator({name: site.size for name, site in self.gates.sites.items()})

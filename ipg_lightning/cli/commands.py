@@ -24,7 +24,7 @@ from ipg_lightning.rollout.trajectories import SamplingConfig
 from ipg_lightning.steering.export import export_steered_model
 from ipg_lightning.steering.loading import SteeredModel, SteeringSource, load_steered_model, recorded_model
 from ipg_lightning.steering.selection import ComponentSelection
-from ipg_lightning.steering.sweep import gamma_sweep, plot_sweep, sweep_csv
+from ipg_lightning.steering.sweep import alpha_sweep, gamma_sweep, plot_sweep, sweep_csv
 
 #: Evaluation decodes greedily by default (the paper's evaluation); with a temperature it samples at top-p 0.8.
 EVALUATION_SAMPLING = SamplingConfig(num_samples=1, temperature=0.0, top_p=0.8, max_new_tokens=512)
@@ -40,6 +40,9 @@ def evaluate(
     gammas: list[float] | None = None,
     ks: list[int] | None = None,
     steering_checkpoint: str | None = None,
+    vectors: str | None = None,
+    alpha: float | None = None,
+    alphas: list[float] | None = None,
     sampling: SamplingConfig = EVALUATION_SAMPLING,
     protocol: str | None = None,
     device: str = "auto",
@@ -54,7 +57,8 @@ def evaluate(
     reflection rate, number of examples; avg@k and pass@k with k samples per problem; the full
     protocol) and ``generations.jsonl``. With ``gammas`` (and optionally
     ``ks``) it sweeps fixed steering instead and writes ``sweep.json``, ``sweep.csv`` and
-    ``sweep.png`` (accuracy and length against gamma, one line per k).
+    ``sweep.png`` (accuracy and length against gamma, one line per k); with ``vectors`` and
+    ``alphas`` it sweeps the vectors' strength the same way (any gates stay attached throughout).
 
     Args:
         model_path: local model directory (a plain or an exported checkpoint) or an alias
@@ -69,6 +73,9 @@ def evaluate(
         gammas: sweep these gate values (fixed steering from ``selection.report``).
         ks: sweep these top-k values (default: ``[selection.k]``).
         steering_checkpoint: a ``GateSteering`` checkpoint (learned gates) to evaluate.
+        vectors: a steering-vector file (``ipg vectors``) added on top of any gates.
+        alpha: the vectors' strength (default: the one in their file).
+        alphas: sweep the vectors' strength over these values (alpha 0, the vectors off, is measured first).
         sampling: how completions are generated (default greedy, one per problem; a temperature > 0
             samples at top-p 0.8 unless ``sampling.top_p`` says otherwise).
         protocol: a named protocol that sets the decoding instead: ``greedy``, ``paper`` (greedy at
@@ -93,15 +100,23 @@ def evaluate(
             "set sampling.num_samples 1, or sampling.temperature > 0"
         )
     data = data or ReasoningDataModule()
+    if alphas is not None:
+        return _alpha_sweep(
+            model_path, dtype, data, split, SteeringSource(selection, gamma, steering_checkpoint, vectors, alpha), alphas, gammas,
+            sampling, protocol, target, output_dir, overwrite, allow_other_model, architecture,
+        )  # fmt: skip
     if gammas:
+        if vectors is not None:
+            raise ValueError("A gamma sweep varies gates; sweep the vectors' strength with --alphas instead, one sweep at a time")
         selections = _sweep_selections(selection, gammas, ks)
         return _sweep(
             model_path, dtype, data, split, selections, gammas, sampling, protocol, target, output_dir, overwrite, allow_other_model, architecture
         )
-    source = SteeringSource(selection, gamma, steering_checkpoint)
+    source = SteeringSource(selection, gamma, steering_checkpoint, vectors, alpha)
     steered = load_steered_model(model_path, dtype, source, allow_other_model, architecture).to(target)
     data.connect(steered.tokenizer)
-    result = evaluate_generations(steered.model, steered.tokenizer, list(data.dataloader(split)), sampling, steered.gates, progress=True)
+    batches = list(data.dataloader(split))
+    result = evaluate_generations(steered.model, steered.tokenizer, batches, sampling, steered.gates, steered.vectors, progress=True)
     summary = {
         "steering": steered.description.to_json(),
         "model_identity": model_identity(steered.model, steered.description.model),
@@ -130,26 +145,54 @@ def _sweep_selections(selection: ComponentSelection | None, gammas: list[float],
     return [replace(selection, k=top_k, fraction=None) for top_k in top_ks]
 
 
-def _sweep(model_path, dtype, data, split, selections, gammas, sampling, protocol, device, output_dir, overwrite, allow_other_model, architecture):
-    base = load_steered_model(model_path or recorded_model(selections[0]), dtype).to(device)
-    data.connect(base.tokenizer)
-    rows = gamma_sweep(base, list(data.dataloader(split)), sampling, selections, gammas, architecture, allow_other_model)
+def _alpha_sweep(
+    model_path, dtype, data, split, source, alphas, gammas, sampling, protocol, device, output_dir, overwrite, allow_other_model, architecture
+):
+    if source.vectors is None:
+        raise ValueError("--alphas sweeps the strength of steering vectors: give the vector file too (--vectors FILE)")
+    if gammas:
+        raise ValueError("Sweep gates (--gammas) or the vectors' strength (--alphas), one sweep at a time")
+    if not alphas:
+        raise ValueError("--alphas is empty: give the strengths to sweep, e.g. --alphas '[-4, -2, 2, 4]'")
+    steered = load_steered_model(model_path, dtype, source, allow_other_model, architecture).to(device)
+    data.connect(steered.tokenizer)
+    rows = alpha_sweep(steered, list(data.dataloader(split)), sampling, alphas)
+    record = {
+        "steering": steered.description.to_json(),
+        "vectors": {"file": source.vectors, "sites": list(steered.vectors.sites), "provenance": steered.vectors.provenance},
+        "model_identity": model_identity(steered.model, steered.description.model),
+        "split": split,
+        "sampling": sampling_record(sampling),
+        "protocol": protocol_record(protocol, sampling, data.template, steered.tokenizer),
+        "rows": rows,
+    }
+    return _write_sweep(record, output_dir, overwrite)
+
+
+def _write_sweep(record: dict[str, Any], output_dir: str, overwrite: bool) -> dict[str, Any]:
+    rows = record["rows"]
     with atomic_directory(output_dir, overwrite=overwrite, kind="evaluation sweep") as staging:
-        identity = model_identity(base.model, base.description.model)
-        record = {
-            "report": selections[0].report,
-            "model_identity": identity,
-            "split": split,
-            "sampling": sampling_record(sampling),
-            "protocol": protocol_record(protocol, sampling, data.template, base.tokenizer),
-            "rows": rows,
-        }
         atomic_write_json(staging / "sweep.json", record)
         atomic_write_text(staging / "sweep.csv", sweep_csv(rows))
         plot_sweep(rows, staging / "sweep.png")
     print(sweep_csv(rows))
     print(f"wrote {output_dir}/sweep.json, sweep.csv and sweep.png")
     return {"rows": rows}
+
+
+def _sweep(model_path, dtype, data, split, selections, gammas, sampling, protocol, device, output_dir, overwrite, allow_other_model, architecture):
+    base = load_steered_model(model_path or recorded_model(selections[0]), dtype).to(device)
+    data.connect(base.tokenizer)
+    rows = gamma_sweep(base, list(data.dataloader(split)), sampling, selections, gammas, architecture, allow_other_model)
+    record = {
+        "report": selections[0].report,
+        "model_identity": model_identity(base.model, base.description.model),
+        "split": split,
+        "sampling": sampling_record(sampling),
+        "protocol": protocol_record(protocol, sampling, data.template, base.tokenizer),
+        "rows": rows,
+    }
+    return _write_sweep(record, output_dir, overwrite)
 
 
 def export(

@@ -48,7 +48,7 @@ def _vllm_lm(model_path: str | None, source: SteeringSource, dtype: str, batch_s
     if source.steers:
         raise ValueError(
             "lm-eval's vLLM backend runs plain checkpoints: export the steering first (`ipg export`), "
-            "then give the export as --model_path, or use --backend hf, which attaches any gates"
+            "then give the export as --model_path, or use --backend hf, which attaches any gates and vectors"
         )
     directory = Path(model_directory(model_path or DEFAULT_MODEL))
     if (directory / STEERING_FILE).is_file():
@@ -72,6 +72,8 @@ def lm_eval(
     selection: ComponentSelection | None = None,
     gamma: float = 1.0,
     steering_checkpoint: str | None = None,
+    vectors: str | None = None,
+    alpha: float | None = None,
     include_path: str | None = None,
     num_fewshot: int | None = None,
     limit: float | None = None,
@@ -105,6 +107,8 @@ def lm_eval(
             ``--selection.components '[...]'``).
         gamma: gate value of the selected components.
         steering_checkpoint: a ``GateSteering`` checkpoint (learned gates) to evaluate.
+        vectors: a steering-vector file (``ipg vectors``) added on top of any gates (``hf`` backend).
+        alpha: the vectors' strength (default: the one in their file).
         include_path: a folder of lm-eval task YAMLs to add (local tasks).
         num_fewshot: few-shot examples (default: each task's own).
         limit: at most this many documents per task (a fraction below 1: that share).
@@ -131,14 +135,14 @@ def lm_eval(
     target = check_device(device)
     from ipg_lightning.evaluation.lm_eval_model import SteeredHFLM, run_lm_eval
 
-    source = SteeringSource(selection, gamma, steering_checkpoint)
+    source = SteeringSource(selection, gamma, steering_checkpoint, vectors, alpha)
     if backend == "vllm":
         lm, tokenizer, model_name = _vllm_lm(model_path, source, dtype, batch_size, max_model_len)
         steering, identity = {"kind": "base", "model": model_name}, None
     else:
         steered = load_steered_model(model_path, dtype, source, allow_other_model, architecture).to(target)
         settings = {"think_end_token": think_end_token} if think_end_token else {}
-        lm = SteeredHFLM(steered.model, steered.tokenizer, steered.gates, batch_size=batch_size, **settings)
+        lm = SteeredHFLM(steered.model, steered.tokenizer, steered.gates, steered.vectors, batch_size=batch_size, **settings)
         tokenizer, steering = steered.tokenizer, steered.description.to_json()
         identity = model_identity(steered.model, steered.description.model)
     evaluate_kwargs = {"num_fewshot": num_fewshot, "limit": limit, "apply_chat_template": apply_chat_template, "gen_kwargs": gen_kwargs}

@@ -1,10 +1,10 @@
 """The ``ipg`` command line: which command runs, and how a failure is shown.
 
 ``attribute``, ``steer``, ``train-reasoner`` and ``train-sae`` are LightningCLIs
-(:mod:`~ipg_lightning.cli.lightning_commands`); ``demo``, ``evaluate``, ``lm-eval``, ``explore``,
-``export`` and ``prepare-smollm2`` are typed functions whose docstrings are their ``--help``
-(:mod:`~ipg_lightning.cli.commands`, :mod:`~ipg_lightning.cli.lm_eval_command`,
-:mod:`~ipg_lightning.cli.demo`, :mod:`~ipg_lightning.explorer`).
+(:mod:`~ipg_lightning.cli.lightning_commands`); ``demo``, ``vectors``, ``evaluate``, ``lm-eval``,
+``explore``, ``export`` and ``prepare-smollm2`` are typed functions whose docstrings are their ``--help``
+(:mod:`~ipg_lightning.cli.commands`, :mod:`~ipg_lightning.cli.vectors_command`,
+:mod:`~ipg_lightning.cli.lm_eval_command`, :mod:`~ipg_lightning.cli.demo`, :mod:`~ipg_lightning.explorer`).
 ``explore`` takes the report directory as a positional argument.
 """
 
@@ -53,6 +53,7 @@ COMMANDS: dict[str, Command] = {
     "train-reasoner": Command("ipg_lightning.cli.lightning_commands:train_reasoner", "train the tiny reasoning model from scratch", True),
     "train-sae": Command("ipg_lightning.cli.lightning_commands:train_sae", "train a sparse autoencoder on one site's activations", True),
     "demo": Command("ipg_lightning.cli.demo:demo", "the main job: attribute, steer, evaluate, export, explore on the shipped model"),
+    "vectors": Command("ipg_lightning.cli.vectors_command:vectors", "build steering vectors (reward contrasts of trajectories, SAE directions)"),
     "evaluate": Command("ipg_lightning.cli.commands:evaluate", "evaluate a base, steered, learned or exported model on a benchmark"),
     "lm-eval": Command("ipg_lightning.cli.lm_eval_command:lm_eval", "run lm-evaluation-harness tasks on a base, steered, learned or exported model"),
     "explore": Command("ipg_lightning.explorer:explore", "write an HTML explorer page for an attribution report", positional=True),

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any
 
@@ -15,10 +14,12 @@ from ipg_lightning.data import ReasoningBatch
 from ipg_lightning.gates.component_gates import ComponentGates
 from ipg_lightning.metrics import ReasoningMetrics
 from ipg_lightning.metrics.functional import DEFAULT_REFLECTION_MARKERS
+from ipg_lightning.model.interventions import attached
 from ipg_lightning.rewards.completions import completions_of
 from ipg_lightning.rewards.functions import reasoning_length
 from ipg_lightning.rollout.sampling import sample_trajectories
 from ipg_lightning.rollout.trajectories import SamplingConfig
+from ipg_lightning.vectors import SteeringVectors
 
 
 @dataclass
@@ -35,18 +36,18 @@ def evaluate_generations(
     batches: Iterable[ReasoningBatch],
     sampling: SamplingConfig,
     gates: ComponentGates | None = None,
+    vectors: SteeringVectors | None = None,
     reflection_markers: Sequence[str] = DEFAULT_REFLECTION_MARKERS,
     progress: bool = False,
     description: str = "evaluating",
 ) -> EvaluationResult:
     """Sample completions for every batch of a :class:`~ipg_lightning.data.ReasoningDataModule`
-    loader (with ``gates`` attached if given) and compute accuracy, answer rate, reasoning length
-    and reflection rate, and with several samples per problem avg@k and pass@k."""
+    loader (with ``gates`` and then ``vectors`` attached if given) and compute accuracy, answer rate,
+    reasoning length and reflection rate, and with several samples per problem avg@k and pass@k."""
     metrics = ReasoningMetrics(reflection_markers, samples_per_problem=sampling.num_samples)
     records: list[dict[str, Any]] = []
-    context = gates.attach(model) if gates is not None else nullcontext()
     batches = list(batches)
-    with context:
+    with attached(model, gates, vectors):
         for batch in tqdm(batches, desc=description, unit="batch", disable=None if progress else True):
             trajectories = sample_trajectories(model, tokenizer, batch["prompt"], sampling, prompt_seeds=batch["seed"].tolist())
             completions = completions_of(trajectories, batch["prompt"], batch["answer"], tokenizer)

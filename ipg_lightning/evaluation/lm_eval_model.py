@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterator, Sequence
-from contextlib import AbstractContextManager, contextmanager, nullcontext
+from contextlib import AbstractContextManager, contextmanager
 from functools import lru_cache
 from typing import Any
 
@@ -22,8 +22,10 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from ipg_lightning.gates.component_gates import ComponentGates
+from ipg_lightning.model.interventions import attached
 from ipg_lightning.rewards.completions import token_counter
 from ipg_lightning.rewards.functions import Completion, reasoning_length
+from ipg_lightning.vectors import SteeringVectors
 
 INSTALL_HINT = 'pip install "ipg-lightning[lm-eval]"'
 
@@ -35,22 +37,30 @@ except ModuleNotFoundError as error:  # an optional dependency: say how to get i
 
 class SteeredHFLM(HFLM):
     """lm-eval's ``HFLM`` around an in-memory model whose forward and ``generate`` run with ``gates``
-    attached (None: the model as it is).
+    and then ``vectors`` attached (None: the model as it is).
 
     Args:
         model: the Hugging Face model (plain, exported or PEFT-wrapped).
         tokenizer: its tokenizer.
         gates: the gates that steer it, attached only while lm-eval calls the model.
+        vectors: steering vectors added after the gates, likewise.
         **kwargs: ``HFLM`` settings (``batch_size``, ``max_length``, ``think_end_token``...).
     """
 
-    def __init__(self, model: nn.Module, tokenizer: PreTrainedTokenizerBase, gates: ComponentGates | None = None, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        tokenizer: PreTrainedTokenizerBase,
+        gates: ComponentGates | None = None,
+        vectors: SteeringVectors | None = None,
+        **kwargs: Any,
+    ) -> None:
         with _quiet_lm_eval():
             super().__init__(pretrained=model, tokenizer=tokenizer, **kwargs)
-        self.gates = gates
+        self.gates, self.vectors = gates, vectors
 
     def _steered(self) -> AbstractContextManager:
-        return self.gates.attach(self.model) if self.gates is not None else nullcontext()
+        return attached(self.model, self.gates, self.vectors)
 
     def _model_call(self, inps: torch.Tensor, attn_mask: torch.Tensor | None = None, labels: torch.Tensor | None = None) -> torch.Tensor:
         with self._steered():

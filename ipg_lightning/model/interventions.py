@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import weakref
 from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, ExitStack, contextmanager
 from functools import partial
 from typing import Protocol
 
@@ -34,6 +34,9 @@ class Intervention(Protocol):
 
     def edit(self, site: Site, activation: torch.Tensor) -> torch.Tensor:
         """``site``'s ``activation`` as this intervention changes it."""
+
+    def attach(self, model: nn.Module) -> AbstractContextManager:
+        """Install it on ``model`` for the duration of a block."""
 
 
 # The interventions installed on each model (its unwrapped root), in installation order.
@@ -98,3 +101,14 @@ def removed_on_exit(handles: list[Handle]) -> Iterator[None]:
     finally:
         for handle in handles:
             handle.remove()
+
+
+@contextmanager
+def attached(model: nn.Module, *interventions: Intervention | None) -> Iterator[None]:
+    """Attach each of ``interventions`` (None entries skipped) to ``model`` in order (on one site, edits
+    apply in that order: gates then vectors gives ``c * h + alpha * v``); remove them all on exit."""
+    with ExitStack() as stack:
+        for intervention in interventions:
+            if intervention is not None:
+                stack.enter_context(intervention.attach(model))
+        yield

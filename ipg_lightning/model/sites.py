@@ -178,6 +178,13 @@ def projection_shape(module: nn.Module) -> tuple[int, int]:
     raise TypeError(f"Expected a linear projection, got {type(module).__name__}")
 
 
+def default_layer(model: nn.Module, architecture: ArchitectureSpec | None = None) -> int:
+    """The block attribution and steering vectors use when none is named: the one at 3/4 depth (mid-to-late, as in the paper)."""
+    spec = resolve_architecture(model, architecture)
+    num_layers = len(_get_submodule(unwrap_model(model), spec.layers, "decoder blocks"))
+    return round(0.75 * (num_layers - 1))
+
+
 def _get_submodule(root: nn.Module, path: str, what: str) -> nn.Module:
     try:
         return root.get_submodule(path)

@@ -3,7 +3,8 @@
 A :class:`SteeringSource` says what steers: nothing (the base model, or an exported checkpoint
 directory whose unfolded gates are re-applied on load); fixed steering (a
 :class:`~ipg_lightning.steering.selection.ComponentSelection` at gate value ``gamma``); or learned
-gates (a ``GateSteering`` checkpoint). :func:`load_steered_model` loads the model steered by it, with
+gates (a ``GateSteering`` checkpoint); and, with any of those, additive steering vectors (a vector
+file, :mod:`ipg_lightning.vectors`). :func:`load_steered_model` loads the model steered by it, with
 a :class:`SteeringDescription` of what was steered: the record that ``metrics.json``, export cards
 and explorer pages carry.
 """
@@ -11,7 +12,9 @@ and explorer pages carry.
 from __future__ import annotations
 
 import typing
-from dataclasses import asdict, dataclass
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -25,17 +28,21 @@ from ipg_lightning.gates.component_gates import ComponentGates
 from ipg_lightning.gates.exported import CARD_FILE
 from ipg_lightning.model.families import ArchitectureSpec
 from ipg_lightning.model.identity import IN_MEMORY_MODEL
+from ipg_lightning.model.interventions import attached
 from ipg_lightning.model.loading import load_model_and_tokenizer, model_directory
 from ipg_lightning.steering.learned import load_steering_checkpoint
 from ipg_lightning.steering.selection import ComponentSelection, gates_for_components
+from ipg_lightning.vectors import SteeringVectors, load_vectors
+from ipg_lightning.vectors.files import read_vector_metadata
 
 #: What is loaded when neither a model path, a report nor a checkpoint names a model.
 DEFAULT_MODEL = "tiny:llama"
 
 
 #: How a model is steered: ``base`` (not at all), ``exported`` (an ``ipg export`` directory), ``fixed``
-#: (a selection at a gamma) or ``learned`` (gates trained by ``ipg steer`` or the demo).
-SteeringKind = Literal["base", "exported", "fixed", "learned"]
+#: (a selection at a gamma), ``learned`` (gates trained by ``ipg steer`` or the demo) or ``vectors``
+#: (steering vectors alone; with gates, the gates' kind and the vector file are both recorded).
+SteeringKind = Literal["base", "exported", "fixed", "learned", "vectors"]
 
 
 @dataclass(frozen=True)
@@ -47,11 +54,15 @@ class SteeringSource:
             ``fraction``, ``signed``, ``per_layer``, ``family``) or names (``components``).
         gamma: the selected components' gate value.
         checkpoint: learned gates (and adapter or weight slices) from ``ipg steer``, instead of a selection.
+        vectors: a steering-vector file (``ipg vectors``) whose vectors are added as well, after any gates.
+        alpha: the vectors' strength, instead of the one their file holds.
     """
 
     selection: ComponentSelection | None = None
     gamma: float = 1.0
     checkpoint: str | None = None
+    vectors: str | None = None
+    alpha: float | None = None
 
     def __post_init__(self) -> None:
         check_gamma(self.gamma)
@@ -59,11 +70,13 @@ class SteeringSource:
             raise ValueError("Give either a steering checkpoint (learned gates) or a selection with gamma, not both")
         if self.selection is not None:
             self.selection.check_count()
+        if self.alpha is not None and self.vectors is None:
+            raise ValueError("alpha is the strength of steering vectors: give the vector file too (--vectors FILE)")
 
     @property
     def steers(self) -> bool:
-        """True if it steers anything (a selection or a checkpoint)."""
-        return self.selection is not None or self.checkpoint is not None
+        """True if it steers anything (a selection, a checkpoint or vectors)."""
+        return self.selection is not None or self.checkpoint is not None or self.vectors is not None
 
 
 @dataclass(frozen=True)
@@ -80,6 +93,8 @@ class SteeringDescription:
         k: how many top components were selected.
         fraction: or what share of them.
         reward: what learned gates were trained on, where the trainer records it.
+        vectors: the steering-vector file whose vectors were added.
+        alpha: their strength.
     """
 
     kind: SteeringKind
@@ -91,6 +106,8 @@ class SteeringDescription:
     k: int | None = None
     fraction: float | None = None
     reward: str | None = None
+    vectors: str | None = None
+    alpha: float | None = None
 
     def to_json(self) -> dict[str, Any]:
         """Plain JSON values; unset entries are left out."""
@@ -107,19 +124,27 @@ class SteeringDescription:
 
 @dataclass
 class SteeredModel:
-    """A model, its tokenizer, the gates that steer it (None: unsteered) and a description of how."""
+    """A model, its tokenizer, the gates and vectors that steer it (None: not steered that way) and a description of how."""
 
     model: nn.Module
     tokenizer: PreTrainedTokenizerBase
     gates: ComponentGates | None
     description: SteeringDescription
+    vectors: SteeringVectors | None = None
 
     def to(self, device: torch.device | str) -> SteeredModel:
-        """Move the model and its gates to ``device`` (in place); returns itself."""
+        """Move the model, its gates and its vectors to ``device`` (in place); returns itself."""
         self.model.to(device)
-        if self.gates is not None:
-            self.gates.to(device)
+        for steering in (self.gates, self.vectors):
+            if steering is not None:
+                steering.to(device)
         return self
+
+    @contextmanager
+    def attached(self) -> Iterator[nn.Module]:
+        """The model with its gates and then its vectors attached, for the duration of the block."""
+        with attached(self.model, self.gates, self.vectors):
+            yield self.model
 
 
 def recorded_model(selection: ComponentSelection | None) -> str:
@@ -142,13 +167,31 @@ def load_steered_model(
     """Load a model and steer it as ``source`` says.
 
     Args:
-        model_path: the model; default: the one the checkpoint or report was made on.
+        model_path: the model; default: the one the checkpoint, report or vectors were made on.
         dtype: weights dtype.
         source: what steers it (default: nothing).
         allow_other_model: apply a report or checkpoint made on a model of another architecture
             (refused by default: component indices would mean other units).
         architecture: module paths of a decoder that is not built in.
     """
+    if model_path is None and source.vectors is not None and source.selection is None and source.checkpoint is None:
+        model_path = read_vector_metadata(source.vectors)["model"].get("name")  # the model the vectors were built on
+    steered = _load_gated_model(model_path, dtype, source, allow_other_model, architecture)
+    if source.vectors is None:
+        return steered
+    vectors = load_vectors(source.vectors, steered.model, steered.description.model, allow_other_model)
+    if source.alpha is not None:
+        vectors.alpha = source.alpha
+    kind = "vectors" if steered.description.kind == "base" else steered.description.kind
+    steered.description = replace(steered.description, kind=kind, vectors=str(source.vectors), alpha=vectors.alpha)
+    steered.vectors = vectors
+    return steered
+
+
+def _load_gated_model(
+    model_path: str | None, dtype: str, source: SteeringSource, allow_other_model: bool, architecture: ArchitectureSpec | None
+) -> SteeredModel:
+    """The model with the gates of ``source`` (a checkpoint's, a selection's, or none)."""
     if source.checkpoint is not None:
         module = load_steering_checkpoint(source.checkpoint, model=model_path, allow_other_model=allow_other_model)
         description = SteeringDescription("learned", module.model_path, components=list(module.components), checkpoint=str(source.checkpoint))

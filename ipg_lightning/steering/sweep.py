@@ -1,9 +1,10 @@
-"""Fixed steering swept over gate values and top-k: the rows, their CSV and their figure."""
+"""Fixed steering swept over gate values and top-k, or steering vectors over their strength: the rows, their CSV and their figure."""
 
 from __future__ import annotations
 
 import csv
 import io
+import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -15,8 +16,12 @@ from ipg_lightning.rollout.trajectories import SamplingConfig
 from ipg_lightning.steering.loading import SteeredModel
 from ipg_lightning.steering.selection import ComponentSelection, gates_for_components
 
-#: The columns of ``sweep.csv``.
-SWEEP_COLUMNS = ("k", "gamma", "accuracy", "answer_rate", "reasoning_length_mean", "reflection_rate", "num_completions")
+#: The metric columns of ``sweep.csv``.
+METRIC_COLUMNS = ("accuracy", "answer_rate", "reasoning_length_mean", "reflection_rate", "num_completions")
+#: The columns of ``sweep.csv`` for a gate sweep.
+SWEEP_COLUMNS = ("k", "gamma", *METRIC_COLUMNS)
+#: The columns of ``sweep.csv`` for a vector-strength sweep.
+ALPHA_SWEEP_COLUMNS = ("alpha", *METRIC_COLUMNS)
 
 
 def gamma_sweep(
@@ -53,34 +58,68 @@ def gamma_sweep(
     return rows
 
 
+def alpha_sweep(steered: SteeredModel, batches: Sequence[ReasoningBatch], sampling: SamplingConfig, alphas: Sequence[float]) -> list[dict[str, Any]]:
+    """Metrics of ``steered`` (its gates, if any, attached throughout) with its vectors at each strength in ``alphas``.
+
+    The first row is alpha 0 (the vectors off: the model as its gates alone leave it), measured once
+    whether or not ``alphas`` holds it. The vectors' own strength is restored afterwards.
+    """
+    vectors = steered.vectors
+    if vectors is None:
+        raise ValueError("An alpha sweep varies the strength of steering vectors: give the vector file (--vectors FILE)")
+    for index, value in enumerate(alphas):
+        if not math.isfinite(value):
+            raise ValueError(f"alphas[{index}] must be a finite number, got {value}")
+    original, rows = vectors.alpha, []
+    try:
+        for value in [0.0, *(float(value) for value in alphas if value != 0)]:
+            vectors.alpha = value
+            result = evaluate_generations(
+                steered.model, steered.tokenizer, batches, sampling, steered.gates, vectors, progress=True, description=f"alpha={value}"
+            )
+            rows.append({"alpha": value, **result.metrics})
+    finally:
+        vectors.alpha = original
+    return rows
+
+
 def sweep_csv(rows: Sequence[dict[str, Any]]) -> str:
-    """The rows as CSV text with :data:`SWEEP_COLUMNS`."""
+    """The rows as CSV text with :data:`SWEEP_COLUMNS` (:data:`ALPHA_SWEEP_COLUMNS` for a vector-strength sweep)."""
     out = io.StringIO()
-    writer = csv.DictWriter(out, fieldnames=SWEEP_COLUMNS, extrasaction="ignore")
+    columns = ALPHA_SWEEP_COLUMNS if rows and "alpha" in rows[0] else SWEEP_COLUMNS
+    writer = csv.DictWriter(out, fieldnames=columns, extrasaction="ignore")
     writer.writeheader()
     writer.writerows(rows)
     return out.getvalue()
 
 
 def plot_sweep(rows: list[dict], path: str | Path) -> Path:
-    """Accuracy and mean reasoning length against gamma, one line per k (the k = 0 row is the base model).
+    """Accuracy and mean reasoning length against gamma, one line per k (the k = 0 row is the base model);
+    for a vector-strength sweep, against alpha (the alpha = 0 row is the model without its vectors).
 
     Drawn on its own :class:`~matplotlib.figure.Figure` (no pyplot state, no backend touched)."""
     from matplotlib.figure import Figure
 
-    base = next((row for row in rows if row["k"] == 0), None)
+    if rows and "alpha" in rows[0]:
+        x, x_label = "alpha", "vector strength alpha"
+        base = next((row for row in rows if row["alpha"] == 0), None)
+        lines = {"vectors": rows}
+    else:
+        x, x_label = "gamma", "gate value gamma"
+        base = next((row for row in rows if row["k"] == 0), None)
+        lines = {f"k = {top_k}": [row for row in rows if row["k"] == top_k] for top_k in sorted({row["k"] for row in rows if row["k"] != 0})}
     figure = Figure(figsize=(10, 3.8))
     accuracy_axis, length_axis = figure.subplots(1, 2)
-    for top_k in sorted({row["k"] for row in rows if row["k"] != 0}):
-        line = sorted((row for row in rows if row["k"] == top_k), key=lambda row: row["gamma"])
-        gammas = [row["gamma"] for row in line]
-        accuracy_axis.plot(gammas, [row["accuracy"] for row in line], marker="o", label=f"k = {top_k}")
-        length_axis.plot(gammas, [row["reasoning_length_mean"] for row in line], marker="o", label=f"k = {top_k}")
+    for label, line in lines.items():
+        line = sorted(line, key=lambda row: row[x])
+        values = [row[x] for row in line]
+        accuracy_axis.plot(values, [row["accuracy"] for row in line], marker="o", label=label)
+        length_axis.plot(values, [row["reasoning_length_mean"] for row in line], marker="o", label=label)
     if base is not None:
         accuracy_axis.axhline(base["accuracy"], color="grey", linestyle="--", label="base")
         length_axis.axhline(base["reasoning_length_mean"], color="grey", linestyle="--", label="base")
     for axis, label in ((accuracy_axis, "accuracy"), (length_axis, "mean reasoning length (tokens)")):
-        axis.set_xlabel("gate value gamma")
+        axis.set_xlabel(x_label)
         axis.set_ylabel(label)
         axis.legend(fontsize=8)
     figure.tight_layout()

@@ -20,7 +20,7 @@ from transformers import PreTrainedTokenizerBase
 from ipg_lightning.attribution.activations import mean_completion_activations
 from ipg_lightning.model.autoencoder import SparseAutoencoder
 from ipg_lightning.model.families import SAE_POINTS, sae_point
-from ipg_lightning.model.sites import Site, unwrap_model
+from ipg_lightning.model.sites import Site, default_layer, unwrap_model
 from ipg_lightning.rewards.completions import reward_matrix, sides_of_the_mean
 from ipg_lightning.rewards.functions import Reward, load_reward
 from ipg_lightning.rollout.sampling import sample_trajectories, sampling_record
@@ -61,7 +61,7 @@ def contrast_vectors(
         golds: each prompt's reference answer (None where the reward needs none).
         reward: a built-in reward name (``accuracy``, ``reasoning_length``), or a reward function.
         families: sites to build vectors at (:data:`~ipg_lightning.vectors.additive.VECTOR_FAMILIES`).
-        layers: blocks; default every block.
+        layers: blocks; default the block at 3/4 depth (as attribution).
         sampling: how trajectories are sampled; ``num_samples`` (N >= 2) per prompt, on HF or vLLM.
         chunk_size: trajectories per forward pass that reads the activations.
         progress: show a progress bar while sampling.
@@ -73,7 +73,7 @@ def contrast_vectors(
             "A contrast needs differing samples of each prompt: num_samples >= 2 and temperature > 0 "
             f"(got {sampling.num_samples}, {sampling.temperature})"
         )
-    vectors = SteeringVectors.for_model(model, families, layers)
+    vectors = SteeringVectors.for_model(model, families, [default_layer(model)] if layers is None else layers)
     scorer = load_reward(reward)
     trajectories = sample_trajectories(model, tokenizer, list(prompts), sampling, progress=progress)
     rewards = reward_matrix(scorer, trajectories, prompts, golds, tokenizer)
