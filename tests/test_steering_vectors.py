@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 from peft import LoraConfig, get_peft_model
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from ipg_lightning.data import PromptTemplate, ReasoningDataModule
 from ipg_lightning.gates.component_gates import ComponentGates
@@ -139,6 +139,15 @@ def test_a_vector_file_round_trips_with_its_provenance_and_is_checked_against_th
     with pytest.raises(FileExistsError, match="already exists; choose another file, or set overwrite"):
         save_vectors(loaded, path, tiny_llama, "tiny:llama")
     assert path.read_bytes() == before
+    loaded.alpha = 5.0
+    save_vectors(loaded, path, tiny_llama, "tiny:llama", overwrite=True)  # an earlier vector file: replaced
+    assert read_vector_metadata(path)["alpha"] == 5.0
+    weights = tmp_path / "model.safetensors"
+    save_file({"w": torch.zeros(2)}, str(weights))
+    with pytest.raises(FileExistsError, match="is not a steering-vector file of this library, so overwrite does not replace it"):
+        save_vectors(loaded, weights, tiny_llama, "tiny:llama", overwrite=True)
+    assert set(load_file(str(weights))) == {"w"}
+    before = path.read_bytes()
     with pytest.raises(ModelMismatchError, match="would mean other units"):
         load_vectors(path, tiny_model("llama", hidden_size=64, intermediate_size=128))
     save_file({"blocks.1.hook_attn_out": torch.zeros(32)}, str(tmp_path / "other.safetensors"), metadata={"format": "something else"})
@@ -150,6 +159,10 @@ def test_a_vector_file_round_trips_with_its_provenance_and_is_checked_against_th
     save_file({"blocks.1.hook_attn_out": torch.full((32,), float("inf"))}, str(tmp_path / "bad.safetensors"), metadata=metadata)
     with pytest.raises(ValueError, match="non-finite values"):
         load_vectors(tmp_path / "bad.safetensors", tiny_llama)
+    for key, value in {"sites": "[]", "model": "null", "provenance": "3", "alpha": "nan"}.items():
+        save_file({"blocks.1.hook_attn_out": torch.zeros(32)}, str(tmp_path / "wrong.safetensors"), metadata=metadata | {key: value})
+        with pytest.raises(ValueError, match=f"wrong.safetensors has damaged metadata .*{key}"):
+            load_vectors(tmp_path / "wrong.safetensors", tiny_llama)
     (tmp_path / "damaged.safetensors").write_bytes(before[: len(before) // 2])
     with pytest.raises(ValueError, match="is not a readable safetensors file"):
         load_vectors(tmp_path / "damaged.safetensors", tiny_llama)
@@ -184,11 +197,15 @@ def test_a_contrast_vector_is_the_difference_of_mean_activations_above_and_below
     above, below = torch.zeros(4, 4, dtype=torch.bool), torch.zeros(4, 4, dtype=torch.bool)
     for p in mixed:
         above[p], below[p] = rewards[p] == 1, rewards[p] == 0
-    means = _manual_completion_means(tiny_llama, trajectories, layer=0)
-    expected = means[above.flatten()].mean(0) - means[below.flatten()].mean(0)
+    means = _manual_completion_means(tiny_llama, trajectories, layer=0).view(4, 4, -1)
+    # prompt by prompt (correct minus incorrect answers to the same problem), then averaged over the mixed prompts
+    expected = torch.stack([means[p][above[p]].mean(0) - means[p][below[p]].mean(0) for p in mixed]).mean(0)
     torch.testing.assert_close(vectors.vector("blocks.0.hook_resid_post").detach(), expected, rtol=1e-4, atol=1e-5)
+    pooled = means.flatten(0, 1)[above.flatten()].mean(0) - means.flatten(0, 1)[below.flatten()].mean(0)
+    assert not torch.allclose(expected, pooled, atol=1e-4)  # pooling over prompts would mix in differences between problems
     assert vectors.provenance["source"] == "contrast" and vectors.provenance["reward"] == "has_digit"
     assert vectors.provenance["signal_prompts"] == len(mixed) and vectors.provenance["above_trajectories"] == int(above.sum())
+    assert vectors.provenance["below_trajectories"] == int(below.sum())
 
     with pytest.raises(NoContrastError, match="got equal rewards, so there is nothing to contrast"):
         contrast_vectors(tiny_llama, tokenizer, prompts, golds, lambda completion: 1.0, ["resid_post"], [0], sampling)
@@ -207,6 +224,15 @@ def test_an_sae_direction_is_its_decoder_row_at_the_point_the_sae_reads(tiny_lla
     assert summed.provenance == {"source": "sae", "sae": "blocks.1.hook_resid_pre", "features": [7, 9], "unit": False}
     with pytest.raises(ValueError, match=r"SAE features \[64\] do not exist: the SAE at blocks.1.hook_resid_pre has 64 features"):
         sae_direction_vectors(tiny_llama, sae, [64])
+    scaled = random_sae(d_in=32, hook_name="blocks.1.hook_resid_post", normalization="constant_scale", input_scale=4.0)
+    # what feature 7 adds to the model's activation at strength 1: decode(e_7) - decode(0), back in the model's scale
+    one_hot = torch.zeros(1, scaled.d_sae)
+    one_hot[0, 7] = 1.0
+    added = (scaled.decode(one_hot) - scaled.decode(torch.zeros_like(one_hot)))[0].detach()
+    torch.testing.assert_close(sae_direction_vectors(tiny_llama, scaled, [7], unit=False).vector("blocks.1.hook_resid_post").detach(), added)
+    per_token = random_sae(d_in=32, hook_name="blocks.1.hook_resid_post", normalization="layer_norm")
+    with pytest.raises(ValueError, match="normalises each token .layer_norm., so its directions have no fixed size: use unit"):
+        sae_direction_vectors(tiny_llama, per_token, [7], unit=False)
 
 
 def _completions(directory):

@@ -8,6 +8,7 @@ and output directory before any model loads, calls the library, and writes its o
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -154,11 +155,16 @@ def _alpha_sweep(
         raise ValueError("Sweep gates (--gammas) or the vectors' strength (--alphas), one sweep at a time")
     if not alphas:
         raise ValueError("--alphas is empty: give the strengths to sweep, e.g. --alphas '[-4, -2, 2, 4]'")
+    if source.alpha is not None:
+        raise ValueError("--alpha sets one strength and --alphas sweeps several: give one of them")
+    bad = [value for value in alphas if not math.isfinite(value)]
+    if bad:
+        raise ValueError(f"--alphas must be finite numbers, got {bad[0]}")
     steered = load_steered_model(model_path, dtype, source, allow_other_model, architecture).to(device)
     data.connect(steered.tokenizer)
     rows = alpha_sweep(steered, list(data.dataloader(split)), sampling, alphas)
     record = {
-        "steering": steered.description.to_json(),
+        "steering": {key: value for key, value in steered.description.to_json().items() if key != "alpha"},  # the rows hold the alphas
         "vectors": {"file": source.vectors, "sites": list(steered.vectors.sites), "provenance": steered.vectors.provenance},
         "model_identity": model_identity(steered.model, steered.description.model),
         "split": split,
@@ -260,7 +266,7 @@ def _read_evaluation(path: str) -> dict[str, Any]:
 
 
 #: What must agree between an evaluation and the steering being exported, for its metrics to describe the export.
-_STEERING_KEYS = ("kind", "components", "gamma", "checkpoint")
+_STEERING_KEYS = ("kind", "components", "gamma", "checkpoint", "vectors", "alpha")
 
 
 def _check_evaluation_matches(evaluation: dict[str, Any], steered: SteeredModel, path: str) -> None:

@@ -45,6 +45,8 @@ def _check_vllm_for_lm_eval() -> None:
 
 def _vllm_lm(model_path: str | None, source: SteeringSource, dtype: str, batch_size: int, max_model_len: int | None) -> tuple[Any, Any, str]:
     """lm-eval's vLLM model, for a checkpoint whose steering is all folded into its weights."""
+    if source.vectors is not None:
+        raise ValueError("lm-eval's vLLM backend runs plain checkpoints and cannot add steering vectors: use --backend hf")
     if source.steers:
         raise ValueError(
             "lm-eval's vLLM backend runs plain checkpoints: export the steering first (`ipg export`), "

@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
+import math
 from typing import Any, Literal
 
 from ipg_lightning.checks import check_device
 from ipg_lightning.data import ReasoningDataModule
 from ipg_lightning.data.sources import SPLITS
+from ipg_lightning.model.families import ArchitectureSpec
 from ipg_lightning.model.loading import load_model_and_tokenizer, model_directory
+from ipg_lightning.rewards.functions import load_reward
 from ipg_lightning.rollout.trajectories import SamplingConfig
 from ipg_lightning.sae import load_sae
 from ipg_lightning.vectors import VECTOR_FAMILIES, contrast_vectors, sae_direction_vectors, save_vectors
+from ipg_lightning.vectors.files import check_vector_output
 
 #: Sampling for a contrast: N = 8 samples of each problem at the usual reasoning temperature.
 CONTRAST_SAMPLING = SamplingConfig(num_samples=8, temperature=0.6, top_p=0.95, max_new_tokens=512)
@@ -35,6 +38,7 @@ def vectors(
     dtype: str = "float32",
     device: str = "auto",
     overwrite: bool = False,
+    architecture: ArchitectureSpec | None = None,
 ) -> dict[str, Any]:
     """Build steering vectors and write them to a ``.safetensors`` file, with the model and where they come from.
 
@@ -62,13 +66,12 @@ def vectors(
         alpha: the strength stored with the vectors (``ipg evaluate --alpha`` overrides it).
         dtype: weights dtype.
         device: where the model runs: ``auto``, ``cpu``, ``cuda``, ``cuda:N``.
-        overwrite: replace an existing file at ``output``.
+        overwrite: replace an earlier vector file at ``output`` (never any other file).
+        architecture: module paths of a decoder that is not built in (see ``ArchitectureSpec``).
     """
-    path = Path(output)
-    if path.suffix != ".safetensors":
-        raise ValueError(f"--output must name a .safetensors file, got {output}")
-    if path.exists() and not overwrite:
-        raise FileExistsError(f"{output} already exists; choose another file, or set --overwrite true to replace it")
+    path = check_vector_output(output, overwrite)
+    if not math.isfinite(alpha):
+        raise ValueError(f"--alpha must be a finite number, got {alpha}")
     wrong = [family for family in families if family not in VECTOR_FAMILIES]
     if wrong:
         raise ValueError(f"Steering vectors are added at {list(VECTOR_FAMILIES)} sites only, got families {wrong}")
@@ -78,12 +81,18 @@ def vectors(
         raise ValueError("--source sae needs the SAE directory (--sae DIR) and its features (--features '[17, 40]')")
     if source == "contrast" and (sae is not None or features):
         raise ValueError("--sae and --features belong to --source sae; a contrast reads the model's own activations")
+    if source == "contrast":
+        load_reward(reward)  # an unknown reward is refused before the model loads
+        if sampling.num_samples < 2 or sampling.temperature == 0:
+            raise ValueError("A contrast needs differing samples of each problem: --sampling.num_samples >= 2 and --sampling.temperature > 0")
+        if split == "test":
+            raise ValueError("A contrast is built on the support split (val) or train, never on the test split it is evaluated on")
     target = check_device(device)
     directory = model_directory(model_path)
     model, tokenizer = load_model_and_tokenizer(directory, dtype)
     model.to(target)
     if source == "sae":
-        built = sae_direction_vectors(model, load_sae(sae), features, unit)
+        built = sae_direction_vectors(model, load_sae(sae), features, unit)  # where the SAE reads: --families/--layers do not apply
     else:
         data = data or ReasoningDataModule()
         data.connect(tokenizer)
@@ -92,7 +101,7 @@ def vectors(
         golds = [gold for batch in batches for gold in batch["answer"]]
         if not prompts:
             raise ValueError(f"The {split} split of {data.source} is empty: give it problems (e.g. --data.num_{split} 64)")
-        built = contrast_vectors(model, tokenizer, prompts, golds, reward, families, layers, sampling, progress=True)
+        built = contrast_vectors(model, tokenizer, prompts, golds, reward, families, layers, sampling, progress=True, architecture=architecture)
         built.provenance |= {"data": data.source, "split": split}
     built.alpha = alpha
     save_vectors(built, path, model, str(directory), overwrite=overwrite)

@@ -77,6 +77,10 @@ def read_evaluations(
             if effects.base is not None:
                 raise ValueError(f"Two evaluations of the base model were given ({directory} is the second): give one")
             effects.base = metrics
+        elif steering.vectors is not None:
+            raise ValueError(
+                f"{directory} evaluates a model with steering vectors added; the explorer shows gates alone (fixed steering) and the base model"
+            )
         elif steering.kind == "fixed":
             label = f"{len(steering.components)} components at gamma {steering.gamma:g} ({Path(directory).name})"
             effects.conditions.append(MeasuredEffect(label, float(steering.gamma), list(steering.components), metrics))

@@ -11,9 +11,8 @@ and explorer pages carry.
 
 from __future__ import annotations
 
+import math
 import typing
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
@@ -28,7 +27,6 @@ from ipg_lightning.gates.component_gates import ComponentGates
 from ipg_lightning.gates.exported import CARD_FILE
 from ipg_lightning.model.families import ArchitectureSpec
 from ipg_lightning.model.identity import IN_MEMORY_MODEL
-from ipg_lightning.model.interventions import attached
 from ipg_lightning.model.loading import load_model_and_tokenizer, model_directory
 from ipg_lightning.steering.learned import load_steering_checkpoint
 from ipg_lightning.steering.selection import ComponentSelection, gates_for_components
@@ -72,6 +70,10 @@ class SteeringSource:
             self.selection.check_count()
         if self.alpha is not None and self.vectors is None:
             raise ValueError("alpha is the strength of steering vectors: give the vector file too (--vectors FILE)")
+        if self.alpha is not None and not math.isfinite(self.alpha):
+            raise ValueError(f"alpha must be a finite number, got {self.alpha}")
+        if self.vectors is not None:
+            read_vector_metadata(self.vectors)  # a missing or damaged file is refused before any model loads
 
     @property
     def steers(self) -> bool:
@@ -140,12 +142,6 @@ class SteeredModel:
                 steering.to(device)
         return self
 
-    @contextmanager
-    def attached(self) -> Iterator[nn.Module]:
-        """The model with its gates and then its vectors attached, for the duration of the block."""
-        with attached(self.model, self.gates, self.vectors):
-            yield self.model
-
 
 def recorded_model(selection: ComponentSelection | None) -> str:
     """The model a selection's report was computed on; :data:`DEFAULT_MODEL` for a selection by name or none."""
@@ -175,11 +171,11 @@ def load_steered_model(
         architecture: module paths of a decoder that is not built in.
     """
     if model_path is None and source.vectors is not None and source.selection is None and source.checkpoint is None:
-        model_path = read_vector_metadata(source.vectors)["model"].get("name")  # the model the vectors were built on
+        model_path = read_vector_metadata(source.vectors)["model"]["name"]  # the model the vectors were built on
     steered = _load_gated_model(model_path, dtype, source, allow_other_model, architecture)
     if source.vectors is None:
         return steered
-    vectors = load_vectors(source.vectors, steered.model, steered.description.model, allow_other_model)
+    vectors = load_vectors(source.vectors, steered.model, steered.description.model, allow_other_model, architecture)
     if source.alpha is not None:
         vectors.alpha = source.alpha
     kind = "vectors" if steered.description.kind == "base" else steered.description.kind

@@ -72,7 +72,7 @@ def alpha_sweep(steered: SteeredModel, batches: Sequence[ReasoningBatch], sampli
             raise ValueError(f"alphas[{index}] must be a finite number, got {value}")
     original, rows = vectors.alpha, []
     try:
-        for value in [0.0, *(float(value) for value in alphas if value != 0)]:
+        for value in dict.fromkeys([0.0, *map(float, alphas)]):  # each strength once, alpha 0 first
             vectors.alpha = value
             result = evaluate_generations(
                 steered.model, steered.tokenizer, batches, sampling, steered.gates, vectors, progress=True, description=f"alpha={value}"

@@ -125,8 +125,8 @@ class SteeringVectors(nn.Module):
         """``site``'s ``activation`` (..., width) plus ``alpha`` times its vector, at every position (what the installed hook applies)."""
         if self.alpha == 0:
             return activation
-        vector = self.vector(site.name)
-        return activation + self.alpha * vector.to(device=activation.device, dtype=activation.dtype)
+        added = self.alpha * self.vector(site.name).to(device=activation.device, dtype=torch.float32)  # rounded once, below
+        return activation + added.to(activation.dtype)
 
     def install(self, model: nn.Module) -> list[Handle]:
         """Install the vector hooks on ``model`` until the returned handles are removed (prefer :meth:`attach`)."""

@@ -10,6 +10,7 @@ checks all of it against the model they are applied to, and never runs code from
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save
 from torch import nn
 
+from ipg_lightning.model.families import ArchitectureSpec
 from ipg_lightning.model.identity import check_same_model, model_identity
 from ipg_lightning.model.sites import find_site, unwrap_model
 from ipg_lightning.outputs import atomic_write_bytes, check_writable
@@ -31,14 +33,10 @@ VECTOR_FORMAT_VERSION = "1"
 def save_vectors(vectors: SteeringVectors, path: str | Path, model: nn.Module, model_name: str, overwrite: bool = False) -> Path:
     """Write ``vectors`` (built on ``model``, loaded as ``model_name``) to the safetensors file ``path``, atomically.
 
-    An existing file is replaced only with ``overwrite``.
+    An existing file is replaced only with ``overwrite``, and only if it is a steering-vector file
+    (never a model's weights or any other safetensors file).
     """
-    path = Path(path)
-    if path.suffix != ".safetensors":
-        raise ValueError(f"A steering-vector file is a .safetensors file, got {path}")
-    if path.exists() and not overwrite:
-        raise FileExistsError(f"{path} already exists; choose another file, or set overwrite to replace it")
-    check_writable(path)
+    path = check_vector_output(path, overwrite)
     tensors = {name: vectors.vector(name).detach().float().cpu().contiguous() for name in vectors.sites}
     metadata = {
         "format": VECTOR_FORMAT,
@@ -50,6 +48,23 @@ def save_vectors(vectors: SteeringVectors, path: str | Path, model: nn.Module, m
         "provenance": json.dumps(vectors.provenance),
     }
     return atomic_write_bytes(path, save(tensors, metadata=metadata))
+
+
+def check_vector_output(path: str | Path, overwrite: bool = False) -> Path:
+    """Refuse, before any work, a vector file that cannot be written at ``path`` or must not be replaced there."""
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        raise ValueError(f"A steering-vector file is a .safetensors file, got {path}")
+    if path.exists() or path.is_symlink():
+        if not overwrite:
+            raise FileExistsError(f"{path} already exists; choose another file, or set overwrite to replace an earlier vector file")
+        try:
+            read_vector_metadata(path)
+        except ValueError:
+            raise FileExistsError(
+                f"{path} is not a steering-vector file of this library, so overwrite does not replace it; choose another file"
+            ) from None
+    return check_writable(path)
 
 
 def read_vector_metadata(path: str | Path) -> dict[str, Any]:
@@ -69,23 +84,35 @@ def read_vector_metadata(path: str | Path) -> dict[str, Any]:
             f"{path} has steering-vector format version {raw.get('version')!r}; this version of ipg_lightning reads {VECTOR_FORMAT_VERSION!r}"
         )
     try:
-        return {
+        metadata = {
             "width": int(raw["width"]),
             "alpha": float(raw["alpha"]),
             "sites": json.loads(raw["sites"]),
             "model": json.loads(raw["model"]),
             "provenance": json.loads(raw["provenance"]),
         }
+        sites, model = metadata["sites"], metadata["model"]
+        if not math.isfinite(metadata["alpha"]):
+            raise ValueError(f"alpha is {metadata['alpha']}")
+        if not (isinstance(sites, dict) and sites and all(isinstance(site, dict) for site in sites.values())):
+            raise ValueError("sites is not a mapping of site names to descriptions")
+        if not (isinstance(model, dict) and model.get("name")):
+            raise ValueError("model is not a model identity")
+        if not isinstance(metadata["provenance"], dict):
+            raise ValueError("provenance is not a mapping")
     except (KeyError, ValueError) as error:
         raise ValueError(f"{path} has damaged metadata ({type(error).__name__}: {error}); write the vectors again") from None
+    return metadata
 
 
-def load_vectors(path: str | Path, model: nn.Module, model_name: str = "the model", allow_other_model: bool = False) -> SteeringVectors:
+def load_vectors(
+    path: str | Path, model: nn.Module, model_name: str = "the model", allow_other_model: bool = False, architecture: ArchitectureSpec | None = None
+) -> SteeringVectors:
     """The steering vectors in ``path``, checked against ``model`` (plain or PEFT-wrapped).
 
     Refused in one line: a file of another format, a file built on a model of another shape (unless
     ``allow_other_model``), a site the model does not have or has elsewhere, a vector of the wrong
-    width, and non-finite values.
+    width, and non-finite values. ``architecture`` declares the module paths of a decoder that is not built in.
     """
     metadata = read_vector_metadata(path)
     check_same_model(metadata["model"], model, model_name, f"The steering vectors in {path}", allow_other_model)
@@ -97,7 +124,7 @@ def load_vectors(path: str | Path, model: nn.Module, model_name: str = "the mode
         raise ValueError(f"{path} is damaged: its tensors {sorted(values)} do not match the sites it describes {sorted(metadata['sites'])}")
     sites = []
     for name, described in metadata["sites"].items():
-        site = find_site(model, name)
+        site = find_site(model, name, architecture)
         if site.module_path != described.get("module_path"):
             raise ValueError(
                 f"The steering vector for {name} in {path} was added at {described.get('module_path')}, "
@@ -106,6 +133,8 @@ def load_vectors(path: str | Path, model: nn.Module, model_name: str = "the mode
         sites.append(site)
     vectors = SteeringVectors(sites, width, alpha=metadata["alpha"], provenance=metadata["provenance"])
     for name, value in values.items():
+        if value.shape != (width,):
+            raise ValueError(f"{path} is damaged: the vector for {name} has shape {tuple(value.shape)}, not ({width},)")
         if not torch.isfinite(value).all():
             raise ValueError(f"{path} holds non-finite values (NaN or inf) in the vector for {name}; build the vectors again")
         vectors.set_vector(name, value)

@@ -2,10 +2,11 @@
 
 A *contrast vector* is the difference of mean activations between two sets of the model's own
 sampled trajectories, read over their generated tokens: those above and those below their prompt's
-mean reward, within each prompt's N samples (the contrast the ``mean_diff`` baseline ranks
-components by; :func:`~ipg_lightning.rewards.completions.sides_of_the_mean`). For accuracy that is
-correct minus incorrect answers to the same question; for reasoning length, long minus short, so a
-negative ``alpha`` shortens. An *SAE direction* is one feature's decoder row, added where that SAE reads.
+mean reward, within each prompt's N samples (the sides the ``mean_diff`` baseline contrasts;
+:func:`~ipg_lightning.rewards.completions.sides_of_the_mean`), taken prompt by prompt and averaged
+over the prompts whose samples differ, so that no difference between problems enters it. For
+accuracy that is correct minus incorrect answers to the same question; for reasoning length, long
+minus short, so a negative ``alpha`` shortens. An *SAE direction* is one feature's decoder row, added where that SAE reads.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from transformers import PreTrainedTokenizerBase
 
 from ipg_lightning.attribution.activations import mean_completion_activations
 from ipg_lightning.model.autoencoder import SparseAutoencoder
-from ipg_lightning.model.families import SAE_POINTS, sae_point
+from ipg_lightning.model.families import SAE_POINTS, ArchitectureSpec, sae_point
 from ipg_lightning.model.sites import Site, default_layer, unwrap_model
 from ipg_lightning.rewards.completions import reward_matrix, sides_of_the_mean
 from ipg_lightning.rewards.functions import Reward, load_reward
@@ -47,12 +48,14 @@ def contrast_vectors(
     sampling: SamplingConfig = SamplingConfig(),
     chunk_size: int = 8,
     progress: bool = False,
+    architecture: ArchitectureSpec | None = None,
 ) -> SteeringVectors:
     """Contrast vectors of ``reward`` at the sites of ``families`` and ``layers``, from N samples of each prompt.
 
-    Each site's vector is the mean over trajectories above their prompt's mean reward of their
-    mean activation over generated tokens, minus the same mean below it. ``alpha`` starts at 1 (the
-    vector as measured); its provenance records the reward, the sampling and the counts of each side.
+    For each prompt whose N rewards differ: the mean, over its trajectories above its mean reward, of
+    their mean activation over generated tokens, minus the same mean below it; each site's vector is
+    that difference averaged over those prompts. ``alpha`` starts at 1 (the vector as measured); its
+    provenance records the reward, the sampling and the counts of each side.
 
     Args:
         model: a causal LM (plain or PEFT-wrapped; gates or vectors attached act while it samples and reads).
@@ -65,6 +68,7 @@ def contrast_vectors(
         sampling: how trajectories are sampled; ``num_samples`` (N >= 2) per prompt, on HF or vLLM.
         chunk_size: trajectories per forward pass that reads the activations.
         progress: show a progress bar while sampling.
+        architecture: module paths of a decoder that is not built in.
     """
     if len(prompts) != len(golds):
         raise ValueError(f"Got {len(golds)} gold answers for {len(prompts)} prompts")
@@ -73,7 +77,7 @@ def contrast_vectors(
             "A contrast needs differing samples of each prompt: num_samples >= 2 and temperature > 0 "
             f"(got {sampling.num_samples}, {sampling.temperature})"
         )
-    vectors = SteeringVectors.for_model(model, families, [default_layer(model)] if layers is None else layers)
+    vectors = SteeringVectors.for_model(model, families, [default_layer(model, architecture)] if layers is None else layers, architecture)
     scorer = load_reward(reward)
     trajectories = sample_trajectories(model, tokenizer, list(prompts), sampling, progress=progress)
     rewards = reward_matrix(scorer, trajectories, prompts, golds, tokenizer)
@@ -85,8 +89,13 @@ def contrast_vectors(
         )
     sites = list(vectors.sites.values())
     per_row = mean_completion_activations(model, sites, trajectories, chunk_size, read=_whole_activation)
+    shape = (*rewards.shape, -1)
+    above, below = above.view(rewards.shape).float(), below.view(rewards.shape).float()
     for name, values in per_row.items():
-        vectors.set_vector(name, values[above].mean(0) - values[below].mean(0))
+        values = values.view(shape)
+        per_prompt = (values * above[..., None]).sum(1) / above.sum(1, keepdim=True).clamp(min=1)
+        per_prompt -= (values * below[..., None]).sum(1) / below.sum(1, keepdim=True).clamp(min=1)
+        vectors.set_vector(name, per_prompt[has_signal].mean(0))
     vectors.provenance = {
         "source": "contrast",
         "contrast": "above minus below each prompt's mean reward (within its N samples), mean over generated tokens",
@@ -104,7 +113,10 @@ def contrast_vectors(
 def sae_direction_vectors(model: nn.Module, sae: SparseAutoencoder, features: Sequence[int], unit: bool = True) -> SteeringVectors:
     """The decoder direction of ``features`` of ``sae`` (summed), as a vector at the site the SAE reads in ``model``.
 
-    With ``unit`` the direction is scaled to norm 1, so ``alpha`` is the norm of what is added.
+    With ``unit`` the direction is scaled to norm 1, so ``alpha`` is the norm of what is added;
+    without it, the vector is what the features add to the model's activation at strength 1 (for a
+    ``constant_scale`` SAE its decoder rows divided by ``input_scale``; an SAE that normalises each
+    token has no such fixed vector, and is refused).
     """
     if not features:
         raise ValueError("Name at least one SAE feature whose decoder direction to add")
@@ -118,6 +130,10 @@ def sae_direction_vectors(model: nn.Module, sae: SparseAutoencoder, features: Se
             f"The SAE at {sae.hook_name} reads {sae.d_in} channels, but this model's hidden_size is {width}: it was trained for another model"
         )
     direction = sae.W_dec.detach().float()[list(features)].sum(0)
+    if not unit and sae.normalization not in ("none", "constant_scale"):
+        raise ValueError(f"The SAE at {sae.hook_name} normalises each token ({sae.normalization}), so its directions have no fixed size: use unit")
+    if not unit and sae.normalization == "constant_scale":
+        direction = direction / sae.input_scale
     if unit:
         norm = direction.norm()
         if norm == 0:
