@@ -9,11 +9,11 @@ from peft import LoraConfig, get_peft_model
 from ipg_lightning.gates.component_gates import ComponentGates
 from ipg_lightning.model.interventions import installed_interventions
 from ipg_lightning.model.loading import load_model_and_tokenizer
-from ipg_lightning.model.sites import discover_sites
+from ipg_lightning.model.sites import discover_sites, edits_block_output
 from ipg_lightning.rollout.sampling import sample_trajectories, sampling_record
 from ipg_lightning.rollout.trajectories import SamplingConfig, VLLMSettings
 from ipg_lightning.rollout.vllm_engine import model_directory_of
-from ipg_lightning.rollout.vllm_gates import EngineGateError, check_mirrorable, edits_block_output
+from ipg_lightning.rollout.vllm_gates import EngineGateError, check_mirrorable
 from ipg_lightning.rollout.vllm_weights import WeightsWatch, weight_files_fingerprint
 from ipg_lightning.sae import attach_sae
 from ipg_lightning.zoo.reasoner import TINY_REASONER_PATH

@@ -11,6 +11,7 @@ from ipg_lightning.rollout.trajectories import SamplingConfig
 from ipg_lightning.steering import ComponentSelection, gates_for_components
 from ipg_lightning.steering.export import export_steered_model
 from ipg_lightning.steering.learned import GateSteering, LoraSettings
+from ipg_lightning.vectors import SteeringVectors
 from ipg_lightning.zoo.tiny import tiny_causal_lm, tiny_tokenizer
 
 INPUT = [[5, 17, 30, 42, 8, 61, 9, 23]]
@@ -113,3 +114,49 @@ def test_export_refuses_to_overwrite_and_leaves_nothing_half_written(tmp_path, m
         export_steered_model(tiny_model("gpt2"), tokenizer, gates, tmp_path / "second")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["export"]
     assert read_card(tmp_path / "export")["folded_sites"] == ["blocks.0.mlp.hook_post"]
+
+
+def _vectors(model, sites, alpha=1.5):
+    vectors = SteeringVectors.for_model(model, ["resid_post", "attn_out", "mlp_out"], [0, 1], alpha=alpha)
+    generator = torch.Generator().manual_seed(3)
+    chosen = SteeringVectors([vectors.sites[name] for name in sites], vectors.width, alpha=alpha)
+    for name in sites:
+        chosen.set_vector(name, torch.randn(vectors.width, generator=generator))
+    return chosen
+
+
+def test_vectors_that_fold_become_biases_plain_transformers_loads(tmp_path, tiny_llama, tokenizer):
+    vectors = _vectors(tiny_llama, ["blocks.0.hook_attn_out", "blocks.1.hook_mlp_out", "blocks.1.hook_resid_post"])
+    gates = gates_for_components(tiny_llama, ["blocks.0.mlp.hook_post[3]", "blocks.1.hook_mlp_out"], 0.5)
+    ids = torch.tensor(INPUT)
+    with torch.no_grad(), gates.attach(tiny_llama), vectors.attach(tiny_llama):
+        expected_logits = tiny_llama(ids).logits
+        expected_tokens = tiny_llama.generate(ids, max_new_tokens=10, do_sample=False, pad_token_id=0)
+    card = export_steered_model(tiny_llama, tokenizer, gates, tmp_path / "exported", vectors=vectors)
+    assert sorted(card["folded_vectors"]) == sorted(vectors.sites) and card["loader_vectors"] == []
+    assert sorted(card["vector_bias_flags"]) == ["attention_bias", "mlp_bias"] and card["vectors"]["alpha"] == 1.5
+    assert not (tmp_path / "exported" / "steering_vectors.safetensors").exists()
+    plain = _in_fresh_process(PLAIN_LOADER, tmp_path / "exported")  # a process that never imports the library
+    torch.testing.assert_close(torch.tensor(plain["logits"]), expected_logits, rtol=1e-4, atol=1e-4)
+    assert plain["tokens"] == expected_tokens.tolist()
+
+
+def test_a_vector_after_hooked_block_output_gates_travels_in_the_vector_file_and_the_loader_adds_it_last(tmp_path, tiny_llama, tokenizer):
+    vectors = _vectors(tiny_llama, ["blocks.1.hook_resid_post", "blocks.0.hook_mlp_out"])
+    gates = gates_for_components(tiny_llama, [f"blocks.1.hook_resid_post[{i}]" for i in range(0, 32, 3)], 0.3)
+    ids = torch.tensor(INPUT)
+    with torch.no_grad(), gates.attach(tiny_llama), vectors.attach(tiny_llama):
+        expected_logits = tiny_llama(ids).logits
+        expected_tokens = tiny_llama.generate(ids, max_new_tokens=10, do_sample=False, pad_token_id=0)
+    card = export_steered_model(tiny_llama, tokenizer, gates, tmp_path / "exported", vectors=vectors)
+    # the gates scale block 1's output before its vector is added, so that vector cannot be a bias inside the block
+    assert card["folded_vectors"] == ["blocks.0.hook_mlp_out"] and card["loader_vectors"] == ["blocks.1.hook_resid_post"]
+    assert (tmp_path / "exported" / "steering_vectors.safetensors").exists()
+    assert "blocks.1.hook_resid_post" in json.loads((tmp_path / "exported" / "config.json").read_text())["ipg_lightning_steering"]["unfolded_sites"]
+    loaded = _in_fresh_process(STEERED_LOADER, tmp_path / "exported")
+    torch.testing.assert_close(torch.tensor(loaded["logits"]), expected_logits, rtol=1e-4, atol=1e-4)
+    assert loaded["tokens"] == expected_tokens.tolist()
+    with pytest.raises(ValueError, match="carries steering vectors from an earlier export"):
+        from ipg_lightning import load_steered
+
+        export_steered_model(load_steered(tmp_path / "exported"), tokenizer, None, tmp_path / "again", vectors=vectors)

@@ -11,13 +11,14 @@ from safetensors.torch import load_file, save_file
 from ipg_lightning.data import PromptTemplate, ReasoningDataModule
 from ipg_lightning.gates.component_gates import ComponentGates
 from ipg_lightning.model.identity import ModelMismatchError
-from ipg_lightning.model.interventions import installed_interventions
+from ipg_lightning.model.interventions import attached, installed_interventions
 from ipg_lightning.rollout.sampling import sample_trajectories
 from ipg_lightning.rollout.trajectories import SamplingConfig
 from ipg_lightning.vectors import SteeringVectors, contrast_vectors, load_vectors, sae_direction_vectors, save_vectors
 from ipg_lightning.vectors.files import read_vector_metadata
+from ipg_lightning.vectors.folding import fold_vectors_into_biases
 from ipg_lightning.vectors.sources import NoContrastError
-from ipg_lightning.zoo.tiny import random_sae
+from ipg_lightning.zoo.tiny import TINY_FAMILIES, TINY_MOE_FAMILIES, random_sae
 
 INPUT = torch.tensor([[5, 9, 2, 7, 1, 3]])
 
@@ -286,3 +287,34 @@ def test_ipg_vectors_builds_a_file_that_evaluate_applies_and_sweeps(tmp_path):
     with pytest.raises(ValueError, match="--source sae needs the SAE directory"):
         run(["vectors", "--output", str(tmp_path / "y.safetensors"), "--model_path", "tiny-reasoner", "--source", "sae"])
     assert not (tmp_path / "x").exists() and not (tmp_path / "y.safetensors").exists()
+
+
+@pytest.mark.parametrize("family", [*TINY_FAMILIES, *TINY_MOE_FAMILIES])
+def test_folded_vectors_and_the_carried_rest_reproduce_the_hooked_model_after_a_plain_reload(tiny_model, family, tmp_path):
+    model = tiny_model(family)
+    vectors = SteeringVectors.for_model(model, ["resid_post", "attn_out", "mlp_out"], [0], alpha=2.0)
+    generator = torch.Generator().manual_seed(1)
+    for name in vectors.sites:
+        vectors.set_vector(name, torch.randn(vectors.width, generator=generator))
+    with torch.no_grad(), vectors.attach(model):
+        expected = model(INPUT).logits
+    fold = fold_vectors_into_biases(model, vectors, INPUT)
+    assert sorted(fold.folded + list(fold.carried.sites if fold.carried else [])) == sorted(vectors.sites)
+    model.save_pretrained(tmp_path)  # the config carries any bias flag the fold switched on
+    reloaded = type(model).from_pretrained(tmp_path)  # plain Hugging Face loading: no library code
+    with torch.no_grad(), attached(reloaded, fold.carried):
+        torch.testing.assert_close(reloaded(INPUT).logits, expected, rtol=1e-4, atol=1e-4)
+    if family in ("llama", "gpt2", "gpt_neox", "falcon", "opt"):  # writers with a bias, or a flag that gives them one: all fold
+        assert fold.carried is None, fold
+    if family == "gptj":  # its attention output projection can hold no bias; its MLP's can
+        assert sorted(fold.folded) == ["blocks.0.hook_mlp_out", "blocks.0.hook_resid_post"]
+
+
+def test_a_fold_that_would_not_be_exact_is_undone_and_everything_is_carried(tiny_model):
+    model = tiny_model("granite", residual_multiplier=0.5)  # what the MLP writes is scaled: its bias is not the block's output
+    state = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+    vectors = _vectors(model, "blocks.0.hook_resid_post")
+    fold = fold_vectors_into_biases(model, vectors, INPUT)
+    assert fold.folded == [] and fold.carried is vectors and fold.config_flags == []
+    assert model.state_dict().keys() == state.keys() and all(torch.equal(model.state_dict()[name], state[name]) for name in state)
+    assert model.config.mlp_bias is False and model.config.attention_bias is False

@@ -88,6 +88,23 @@ def test_an_export_that_carries_a_steering_file_samples_the_same_on_both_engines
     assert sorted(path.name for path in (tmp_path / "exported").iterdir()) == exported
 
 
+def test_an_export_that_carries_steering_vectors_samples_the_same_on_both_engines(tmp_path):
+    vectors = tmp_path / "sae.safetensors"
+    sae = ["--source", "sae", "--sae", TINY_REASONER_SAE_PATH, "--features", "[3, 5]", "--alpha", "8"]  # at block 2's output
+    run(["vectors", "--output", str(vectors), "--model_path", "tiny-reasoner", *sae])
+    gated = [f"blocks.2.hook_resid_post[{i}]" for i in range(0, 128, 3)]
+    steering = ["--selection.components", json.dumps(gated), "--gamma", "0.5", "--vectors", str(vectors)]
+    run(["export", "--model_path", "tiny-reasoner", *steering, "--output_dir", str(tmp_path / "exported")])
+    assert (tmp_path / "exported" / "steering_vectors.safetensors").exists()  # after hooked block-output gates: not folded
+    completions = {}
+    for engine in ("hf", "vllm"):
+        run(["evaluate", "--model_path", str(tmp_path / "exported"), *DATA, "--sampling.engine", engine, "--output_dir", str(tmp_path / engine)])
+        completions[engine] = _completions(tmp_path / engine)
+    vllm_engine.stop_engine()
+    run(["evaluate", "--model_path", "tiny-reasoner", *steering, *DATA, "--output_dir", str(tmp_path / "steered")])
+    assert completions["vllm"] == completions["hf"] == _completions(tmp_path / "steered")
+
+
 @pytest.mark.parametrize("gated", [False, True])
 def test_log_probabilities_vllm_reports_equal_hf_teacher_forced_ones(reasoner, gated):
     from vllm import SamplingParams

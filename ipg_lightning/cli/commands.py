@@ -208,6 +208,8 @@ def export(
     selection: ComponentSelection | None = None,
     gamma: float = 1.0,
     steering_checkpoint: str | None = None,
+    vectors: str | None = None,
+    alpha: float | None = None,
     metrics: str | None = None,
     overwrite: bool = False,
     allow_other_model: bool = False,
@@ -217,7 +219,9 @@ def export(
 
     Neuron, head and sub-layer gates fold exactly into weights; residual-stream gates are saved in
     ``steering.safetensors`` beside the checkpoint and re-applied by ``ipg_lightning.load_steered``.
-    The card ``steering_card.json`` lists which were folded and which need the loader.
+    Steering vectors (``--vectors``) fold into projection biases where that is exact (checked), else
+    they travel in ``steering_vectors.safetensors``. The card ``steering_card.json`` lists which were
+    folded and which need the loader.
 
     Args:
         output_dir: new directory for the checkpoint (refused if it exists, unless ``overwrite``).
@@ -227,6 +231,8 @@ def export(
         selection: components for fixed steering (the top of a report, or names).
         gamma: gate value of the selected components.
         steering_checkpoint: learned gates (and LoRA adapter) from ``ipg steer``.
+        vectors: a steering-vector file (``ipg vectors``) added after the gates.
+        alpha: the vectors' strength (default: the one in their file).
         metrics: a ``metrics.json`` from ``ipg evaluate`` of the same model and steering, to record in the card.
         overwrite: replace an earlier output of this library at ``output_dir`` (never other files).
         allow_other_model: apply a report or checkpoint made on a model of another architecture
@@ -234,20 +240,27 @@ def export(
         architecture: module paths of a decoder that is not built in (see ``ArchitectureSpec``).
     """
     check_output_dir(output_dir, overwrite)
-    source = SteeringSource(selection, gamma, steering_checkpoint)
+    source = SteeringSource(selection, gamma, steering_checkpoint, vectors, alpha)
     if not source.steers:
-        raise ValueError("Nothing to export: give --selection.report/--selection.components with --gamma, or --steering_checkpoint")
+        raise ValueError("Nothing to export: give --selection.report/--selection.components with --gamma, --steering_checkpoint or --vectors")
     evaluation = _read_evaluation(metrics) if metrics else None
     steered = load_steered_model(model_path, dtype, source, allow_other_model, architecture)
     if evaluation is not None:
         _check_evaluation_matches(evaluation, steered, metrics)
     known_metrics = evaluation["metrics"] if evaluation is not None else None
     card = export_steered_model(
-        steered.model, steered.tokenizer, steered.gates, output_dir, source=steered.description.to_json(), metrics=known_metrics, overwrite=overwrite
+        steered.model,
+        steered.tokenizer,
+        steered.gates,
+        output_dir,
+        source=steered.description.to_json(),
+        metrics=known_metrics,
+        overwrite=overwrite,
+        vectors=steered.vectors,
     )
     print(
-        f"exported to {output_dir}: folded {card['folded_sites'] or 'nothing'}; "
-        f"needs ipg_lightning.load_steered for {card['loader_sites'] or 'nothing'}; LoRA merged: {card['lora_merged']}"
+        f"exported to {output_dir}: folded {[*card['folded_sites'], *card['folded_vectors']] or 'nothing'}; "
+        f"needs ipg_lightning.load_steered for {[*card['loader_sites'], *card['loader_vectors']] or 'nothing'}; LoRA merged: {card['lora_merged']}"
         + (f"; weight slices merged into {card['weight_slices_merged']}" if card["weight_slices_merged"] else "")
     )
     return card

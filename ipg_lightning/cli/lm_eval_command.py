@@ -9,10 +9,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 from ipg_lightning.checks import check_device
-from ipg_lightning.gates.exported import STEERING_FILE
 from ipg_lightning.model.families import ArchitectureSpec
 from ipg_lightning.model.identity import model_identity
-from ipg_lightning.model.loading import model_directory
+from ipg_lightning.model.loading import EXPORT_SIDE_FILES, model_directory
 from ipg_lightning.outputs import atomic_directory, atomic_write_json, atomic_write_text, check_output_dir, strict_json
 from ipg_lightning.steering.loading import DEFAULT_MODEL, SteeringSource, load_steered_model
 from ipg_lightning.steering.selection import ComponentSelection
@@ -53,9 +52,10 @@ def _vllm_lm(model_path: str | None, source: SteeringSource, dtype: str, batch_s
             "then give the export as --model_path, or use --backend hf, which attaches any gates and vectors"
         )
     directory = Path(model_directory(model_path or DEFAULT_MODEL))
-    if (directory / STEERING_FILE).is_file():
+    carried = [name for name in EXPORT_SIDE_FILES if (directory / name).is_file()]
+    if carried:
         raise ValueError(
-            f"{directory} carries {STEERING_FILE} (gates that cannot fold into weights, e.g. residual or SAE sites), "
+            f"{directory} carries {carried[0]} (gates or steering vectors that cannot fold into weights, e.g. at residual or SAE sites), "
             "which vLLM would not apply: use --backend hf"
         )
     _check_vllm_for_lm_eval()

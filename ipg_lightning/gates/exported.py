@@ -3,8 +3,9 @@
 An export is a plain Hugging Face checkpoint. Gates that fold into weights are already in it; gates
 that cannot fold (residual-stream coordinates, SAE features) travel beside it in
 ``steering.safetensors``, with the module of each site in its metadata and the SAE of each SAE
-feature site, and :func:`load_steered` re-applies them. ``steering_card.json``
-says what was folded and what needs the loader. Writing lives in :mod:`ipg_lightning.steering.export`.
+feature site, and :func:`load_steered` re-applies them; steering vectors that cannot fold into a
+projection bias travel in ``steering_vectors.safetensors`` and are added after the gates, as when
+exported. ``steering_card.json`` says what was folded and what needs the loader. Writing lives in :mod:`ipg_lightning.steering.export`.
 """
 
 from __future__ import annotations
@@ -21,16 +22,19 @@ from transformers import AutoModelForCausalLM, PreTrainedModel
 
 from ipg_lightning.gates.component_gates import ComponentGates
 from ipg_lightning.model.autoencoder import SparseAutoencoder
-from ipg_lightning.model.loading import EXPORT_CARD_FILE, EXPORT_CONFIG_ENTRY, EXPORT_STEERING_FILE
+from ipg_lightning.model.loading import EXPORT_CARD_FILE, EXPORT_CONFIG_ENTRY, EXPORT_STEERING_FILE, EXPORT_VECTORS_FILE
 from ipg_lightning.model.sae_splice import splice_sae
 from ipg_lightning.model.sites import Site, find_site, unwrap_model
+from ipg_lightning.vectors import SteeringVectors, load_vectors
 
 STEERING_FILE = EXPORT_STEERING_FILE
+VECTORS_FILE = EXPORT_VECTORS_FILE
 CARD_FILE = EXPORT_CARD_FILE
 MODEL_CARD_FILE = "README.md"
 #: ``config.json`` entry of an export whose gates need :func:`load_steered`.
 CONFIG_MARKER = EXPORT_CONFIG_ENTRY
 CARRIED_GATES_ATTRIBUTE = "_ipg_steering_gates"
+CARRIED_VECTORS_ATTRIBUTE = "_ipg_steering_vectors"
 #: Separates a site's name from its SAE's tensor names in the steering file.
 SAE_KEY = "/sae/"
 
@@ -38,6 +42,11 @@ SAE_KEY = "/sae/"
 def carried_gates(model: nn.Module) -> ComponentGates | None:
     """The unfolded gates a model loaded by :func:`load_steered` carries (applied by its hooks), if any."""
     return vars(unwrap_model(model)).get(CARRIED_GATES_ATTRIBUTE)
+
+
+def carried_vectors(model: nn.Module) -> SteeringVectors | None:
+    """The steering vectors a model loaded by :func:`load_steered` carries (added by its hooks after its gates), if any."""
+    return vars(unwrap_model(model)).get(CARRIED_VECTORS_ATTRIBUTE)
 
 
 def load_steering_gates(path: str | Path, model: nn.Module) -> ComponentGates | None:
@@ -114,6 +123,10 @@ def load_steered(path: str | Path, **from_pretrained_kwargs: Any) -> PreTrainedM
         # them to each activation's device, so model.to(...) keeps working. A later export keeps them.
         gates.install(model)
         vars(model)[CARRIED_GATES_ATTRIBUTE] = gates
+    if (path / VECTORS_FILE).is_file():  # vectors that could not fold into biases: added after the gates, as when exported
+        vectors = load_vectors(path / VECTORS_FILE, model, str(path))
+        vectors.install(model)
+        vars(model)[CARRIED_VECTORS_ATTRIBUTE] = vectors
     return model.eval()
 
 

@@ -29,7 +29,11 @@ MODEL_DIRECTORIES: dict[str, str] = {
 #: :data:`EXPORT_READER`, which re-applies the gates that could not fold; other directories load plainly.
 EXPORT_CARD_FILE = "steering_card.json"
 EXPORT_STEERING_FILE = "steering.safetensors"
-EXPORT_FILES = (EXPORT_CARD_FILE, EXPORT_STEERING_FILE)
+#: The steering vectors of an export that could not fold into biases.
+EXPORT_VECTORS_FILE = "steering_vectors.safetensors"
+#: The files an export carries beside its weights that are not weights (vLLM must not read them as shards).
+EXPORT_SIDE_FILES = (EXPORT_STEERING_FILE, EXPORT_VECTORS_FILE)
+EXPORT_FILES = (EXPORT_CARD_FILE, *EXPORT_SIDE_FILES)
 EXPORT_CONFIG_ENTRY = "ipg_lightning_steering"
 EXPORT_READER = "ipg_lightning.gates.exported:load_steered"
 #: Files one of which a model directory needs for its tokenizer to load.

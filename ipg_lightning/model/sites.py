@@ -128,6 +128,12 @@ class Site:
         return activation
 
 
+def edits_block_output(site: Site) -> bool:
+    """True if ``site`` edits a decoder block's output (the residual stream), directly or through an SAE there."""
+    kind = FAMILIES[SAE_POINTS[site.point]] if site.kind.sae else site.kind
+    return kind.sublayer is None
+
+
 def parse_site_name(site_name: str) -> tuple[str, int]:
     """``blocks.3.attn.hook_z`` -> ``("attn_head", 3)``; raises ``ValueError`` naming unknown names.
 

@@ -38,7 +38,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ipg_lightning.model.interventions import installed_interventions
-from ipg_lightning.model.loading import EXPORT_STEERING_FILE
+from ipg_lightning.model.loading import EXPORT_SIDE_FILES
 from ipg_lightning.model.sites import unwrap_model
 from ipg_lightning.rollout.seeds import row_seed
 from ipg_lightning.rollout.trajectories import SamplingRequest, VLLMSettings
@@ -169,7 +169,7 @@ def _start(key: tuple[str, tuple, str, VLLMSettings]) -> RunningEngine:
         if view is not None:
             view.cleanup()
         raise
-    skip = frozenset({EXPORT_STEERING_FILE}) if view is not None else frozenset()
+    skip = frozenset(EXPORT_SIDE_FILES) if view is not None else frozenset()
     return RunningEngine(key, llm, model, per_request_seeds, WeightsWatch(directory, skip), view)
 
 
@@ -187,13 +187,13 @@ def random_state_kept() -> Iterator[None]:
 
 
 def _without_steering_file(directory: str) -> tempfile.TemporaryDirectory | None:
-    """For an export that carries its steering file (which vLLM would read as weights): a temporary
+    """For an export that carries its steering files (which vLLM would read as weights): a temporary
     directory of links to everything else in it, removed with the engine. None for any other directory."""
-    if not (Path(directory) / EXPORT_STEERING_FILE).exists():
+    if not any((Path(directory) / name).exists() for name in EXPORT_SIDE_FILES):
         return None
     view = tempfile.TemporaryDirectory(prefix="ipg-vllm-model-")
     for entry in Path(directory).iterdir():
-        if entry.name != EXPORT_STEERING_FILE:
+        if entry.name not in EXPORT_SIDE_FILES:
             (Path(view.name) / entry.name).symlink_to(entry.resolve())
     return view
 

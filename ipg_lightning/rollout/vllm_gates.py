@@ -27,22 +27,15 @@ from torch import nn
 from torch.nn.utils import parametrize
 from torch.utils.hooks import RemovableHandle
 
-from ipg_lightning.model.families import FAMILIES, SAE_POINTS
 from ipg_lightning.model.hooks import SiteEdit, hook_site
 from ipg_lightning.model.interventions import Intervention
-from ipg_lightning.model.sites import Site, unwrap_model
+from ipg_lightning.model.sites import Site, edits_block_output, unwrap_model
 
 USE_HF = "sample with `engine: hf` instead"
 
 
 class EngineGateError(RuntimeError):
     """Raised when the gates on the Hugging Face model cannot act, or did not act, inside the vLLM engine."""
-
-
-def edits_block_output(site: Site) -> bool:
-    """True if ``site`` edits a decoder block's output (the residual stream), directly or through an SAE there."""
-    kind = FAMILIES[SAE_POINTS[site.point]] if site.kind.sae else site.kind
-    return kind.sublayer is None
 
 
 def hook_engine_site(engine_model: nn.Module, site: Site, edit: SiteEdit) -> RemovableHandle:

@@ -24,13 +24,25 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from ipg_lightning.gates.component_gates import ComponentGates, combined_gates
-from ipg_lightning.gates.exported import CARD_FILE, CONFIG_MARKER, MODEL_CARD_FILE, SAE_KEY, STEERING_FILE, carried_gates, read_card
+from ipg_lightning.gates.exported import (
+    CARD_FILE,
+    CONFIG_MARKER,
+    MODEL_CARD_FILE,
+    SAE_KEY,
+    STEERING_FILE,
+    VECTORS_FILE,
+    carried_gates,
+    carried_vectors,
+    read_card,
+)
 from ipg_lightning.gates.folding import fold_gates_into_weights
 from ipg_lightning.model.identity import IN_MEMORY_MODEL, model_identity
-from ipg_lightning.model.sites import unwrap_model
+from ipg_lightning.model.sites import edits_block_output, unwrap_model
 from ipg_lightning.outputs import atomic_directory, atomic_write_json, atomic_write_text, check_output_dir
 from ipg_lightning.steering.finetune.lora import adapted_weights
 from ipg_lightning.steering.finetune.slices import merge_weight_slices
+from ipg_lightning.vectors import SteeringVectors, save_vectors
+from ipg_lightning.vectors.folding import VectorFold, fold_vectors_into_biases
 
 
 def _changed(gates: ComponentGates | None) -> dict[str, float]:
@@ -69,13 +81,21 @@ def export_steered_model(
     source: dict[str, Any] | None = None,
     metrics: dict[str, Any] | None = None,
     overwrite: bool = False,
+    vectors: SteeringVectors | None = None,
 ) -> dict[str, Any]:
     """Merge any LoRA adapter or trained weight slices, fold what folds, and save checkpoint, tokenizer and cards atomically.
 
     ``model`` is modified in place (merged and folded). Gates it carries from an earlier export are
-    kept (multiplied with ``gates`` where both act on a site). Returns the steering card.
+    kept (multiplied with ``gates`` where both act on a site). ``vectors`` (added after the gates)
+    fold into projection biases where that is exact (:mod:`ipg_lightning.vectors.folding`); the rest
+    travel in ``steering_vectors.safetensors``. Returns the steering card.
     """
     check_output_dir(output_dir, overwrite)  # before merging and folding change the model
+    if carried_vectors(model) is not None and (gates is not None or vectors is not None):
+        raise ValueError(
+            "This model carries steering vectors from an earlier export, which new steering would not compose with exactly: "
+            "export from the base model with all the steering at once"
+        )
     source = dict(source or {})
     source_dir = _source_directory(model)
     carried = carried_gates(model)
@@ -88,6 +108,11 @@ def export_steered_model(
     combined = combined_gates(carried, gates)
     foldable, unfoldable = split_gates(combined)
     folded = fold_gates_into_weights(model, foldable) if foldable.sites else []
+    vectors = vectors if vectors is not None else carried_vectors(model)
+    # a block output whose gates stay hooks scales before its vector is added: that vector stays a hook too
+    hooked_outputs = {f"blocks.{site.layer}.hook_resid_post" for site in unfoldable.sites.values() if edits_block_output(site)}
+    vector_fold = _fold_vectors(model, tokenizer, vectors, hooked_outputs)
+    loader_vectors = list(vector_fold.carried.sites) if vector_fold.carried is not None else []
     card = {
         "format": "ipg_lightning steering card v2",
         "source": source,
@@ -98,35 +123,51 @@ def export_steered_model(
         "folded_sites": folded,
         "loader_sites": list(unfoldable.sites),
         "carried_saes": [name for name, site in unfoldable.sites.items() if site.sae is not None],
+        "folded_vectors": vector_fold.folded,
+        "loader_vectors": loader_vectors,
+        "vector_bias_flags": vector_fold.config_flags,
+        "vectors": None if vectors is None else {"alpha": vectors.alpha, "norms": vectors.norms(), "provenance": vectors.provenance},
         "gates": _changed(gates),
         "carried_gates": _changed(carried),
         "effective_gates": _changed(combined),
         "metrics": metrics,
         "how_to_load": (
             "AutoModelForCausalLM.from_pretrained(path) reproduces the steered model"
-            if not unfoldable.sites
-            else f"ipg_lightning.load_steered(path): gates on {', '.join(unfoldable.sites)} cannot fold into weights and are "
-            f"re-applied from {STEERING_FILE} (with the SAEs of SAE features); plain from_pretrained gives the model without them"
+            if not (unfoldable.sites or loader_vectors)
+            else f"ipg_lightning.load_steered(path): gates or steering vectors on {', '.join([*unfoldable.sites, *loader_vectors])} cannot "
+            f"fold into weights and are re-applied from {STEERING_FILE} (with the SAEs of SAE features) and {VECTORS_FILE}; "
+            "plain from_pretrained gives the model without them"
         ),
         "previous": read_card(source_dir) if source_dir and (source_dir / CARD_FILE).is_file() else None,
     }
     source_card = (source_dir / MODEL_CARD_FILE).read_text(encoding="utf-8") if source_dir and (source_dir / MODEL_CARD_FILE).is_file() else None
     with atomic_directory(output_dir, overwrite=overwrite, kind="steered model export") as staging:
-        _save_marked_checkpoint(model, staging, unfoldable)
+        _save_marked_checkpoint(model, staging, [*unfoldable.sites, *loader_vectors])
         tokenizer.save_pretrained(staging)
         if unfoldable.sites:
             _save_steering_file(unfoldable, staging / STEERING_FILE)
+        if vector_fold.carried is not None:
+            save_vectors(vector_fold.carried, staging / VECTORS_FILE, model, name)
         atomic_write_json(staging / CARD_FILE, card)
         atomic_write_text(staging / MODEL_CARD_FILE, steering_model_card(card, source_card))
     return card
 
 
-def _save_marked_checkpoint(model: nn.Module, directory: Path, unfoldable: ComponentGates) -> None:
-    """Save the weights; a model with unfolded gates gets the ``config.json`` entry that says it needs the loader."""
+def _fold_vectors(model: nn.Module, tokenizer: PreTrainedTokenizerBase, vectors: SteeringVectors | None, keep: set[str]) -> VectorFold:
+    """Fold ``vectors`` (but those of ``keep``) into biases where exact, checked on a short probe text."""
+    if vectors is None:
+        return VectorFold([], None, [])
+    device = next(unwrap_model(model).parameters()).device
+    probe = tokenizer("The answer is 42, since 6 times 7 is 42.", add_special_tokens=False, return_tensors="pt")["input_ids"].to(device)
+    return fold_vectors_into_biases(model, vectors, probe, keep=keep)
+
+
+def _save_marked_checkpoint(model: nn.Module, directory: Path, unfolded: list[str]) -> None:
+    """Save the weights; a model with unfolded gates or vectors gets the ``config.json`` entry that says it needs the loader."""
     config = model.config
     try:
-        if unfoldable.sites:
-            marker = {"loader": "ipg_lightning.load_steered", "steering_file": STEERING_FILE, "unfolded_sites": list(unfoldable.sites)}
+        if unfolded:
+            marker = {"loader": "ipg_lightning.load_steered", "steering_file": STEERING_FILE, "unfolded_sites": unfolded}
             setattr(config, CONFIG_MARKER, marker)
         elif hasattr(config, CONFIG_MARKER):
             delattr(config, CONFIG_MARKER)
@@ -157,7 +198,8 @@ def _split_front_matter(text: str) -> tuple[list[str], str]:
 
 def steering_model_card(card: dict[str, Any], source_card: str | None = None, shown: int = 20) -> str:
     """The ``README.md`` of an export: how to load it, what was steered, and the source model's card."""
-    needs_loader = bool(card["loader_sites"])
+    unfolded = [*card["loader_sites"], *card.get("loader_vectors", [])]
+    needs_loader = bool(unfolded)
     source_meta, source_body = _split_front_matter(source_card or "")
     licence = [line for line in source_meta if line.startswith("license")]  # the weights keep their licence
     lines = [
@@ -172,16 +214,16 @@ def steering_model_card(card: dict[str, Any], source_card: str | None = None, sh
     ]
     if needs_loader:
         lines += [
-            f"> **Load with `ipg_lightning.load_steered(path)`.** Gates on {', '.join(card['loader_sites'])} cannot be",
-            f"> folded into weights; they are in `{STEERING_FILE}`. Plain `AutoModelForCausalLM.from_pretrained(path)`",
+            f"> **Load with `ipg_lightning.load_steered(path)`.** Gates or steering vectors on {', '.join(unfolded)} cannot be",
+            f"> folded into weights; they are in `{STEERING_FILE}` and `{VECTORS_FILE}`. Plain `AutoModelForCausalLM.from_pretrained(path)`",
             "> loads the model **without** them (`config.json` marks this under `ipg_lightning_steering`).",
             "",
         ]
     else:
-        lines += ["`AutoModelForCausalLM.from_pretrained(path)` reproduces the steered model: every gate is folded into the weights.", ""]
+        lines += ["`AutoModelForCausalLM.from_pretrained(path)` reproduces the steered model: every gate and vector is folded into the weights.", ""]
     lines += [
         f"Exported by ipg_lightning from {card['source'].get('kind', 'a steered model')} steering. "
-        f"Folded: {', '.join(card['folded_sites']) or 'nothing'}. LoRA merged: {card['lora_merged']}.",
+        f"Folded: {', '.join([*card['folded_sites'], *card.get('folded_vectors', [])]) or 'nothing'}. LoRA merged: {card['lora_merged']}.",
         "",
     ]
     if card.get("lora_weights"):
