@@ -25,7 +25,7 @@ RUN_BY_TESTS = (
     "run_attribution(module",  # docs/python.md: attribution from Python
     "load_reward({",  # docs/python.md: a compound reward
     "export_steered_model(model",  # docs/python.md: export and load
-    "contrast_vectors(model",  # docs/steering.md: a steering vector from a contrast
+    "vectors = contrast_vectors(",  # docs/steering.md: a steering vector from a contrast
 )
 #: Blocks that are shown but not run, by a marker they hold, with the reason (e.g. a model that needs a GPU).
 ILLUSTRATIVE: dict[str, str] = {}
@@ -122,7 +122,7 @@ def test_export_example_folds_one_gate_and_carries_the_other(tmp_path, monkeypat
 
 def test_steering_vector_example_builds_saves_and_loads_a_contrast_vector(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    namespace = _run_block("contrast_vectors(model")
+    namespace = _run_block("vectors = contrast_vectors(")
     vectors, loaded = namespace["vectors"], namespace["loaded"]
     assert vectors.provenance["reward"] == "reasoning_length" and vectors.provenance["above_trajectories"] > 0
     assert loaded.alpha == -2.0 and torch.equal(loaded.vector("blocks.2.hook_resid_post"), vectors.vector("blocks.2.hook_resid_post").detach())
