@@ -74,6 +74,7 @@ def _with_packages(name: str) -> list[str]:
 LAYERS = (
     ("outputs", "checks"),
     ("model",),
+    ("vectors",),
     ("gates",),
     ("rollout", "task"),
     ("rewards",),

@@ -14,10 +14,10 @@ from ipg_lightning.model.identity import ModelMismatchError
 from ipg_lightning.model.interventions import attached, installed_interventions
 from ipg_lightning.rollout.sampling import sample_trajectories
 from ipg_lightning.rollout.trajectories import SamplingConfig
-from ipg_lightning.vectors import SteeringVectors, contrast_vectors, load_vectors, sae_direction_vectors, save_vectors
+from ipg_lightning.steering.vector_sources import NoContrastError, contrast_vectors, sae_direction_vectors
+from ipg_lightning.vectors import SteeringVectors, load_vectors, save_vectors
 from ipg_lightning.vectors.files import read_vector_metadata
 from ipg_lightning.vectors.folding import fold_vectors_into_biases
-from ipg_lightning.vectors.sources import NoContrastError
 from ipg_lightning.zoo.tiny import TINY_FAMILIES, TINY_MOE_FAMILIES, random_sae
 
 INPUT = torch.tensor([[5, 9, 2, 7, 1, 3]])

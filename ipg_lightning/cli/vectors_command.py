@@ -14,7 +14,8 @@ from ipg_lightning.model.loading import load_model_and_tokenizer, model_director
 from ipg_lightning.rewards.functions import load_reward
 from ipg_lightning.rollout.trajectories import SamplingConfig
 from ipg_lightning.sae import load_sae
-from ipg_lightning.vectors import VECTOR_FAMILIES, contrast_vectors, sae_direction_vectors, save_vectors
+from ipg_lightning.steering.vector_sources import contrast_vectors, sae_direction_vectors
+from ipg_lightning.vectors import VECTOR_FAMILIES, save_vectors
 from ipg_lightning.vectors.files import check_vector_output
 
 #: Sampling for a contrast: N = 8 samples of each problem at the usual reasoning temperature.

@@ -7,7 +7,8 @@
 - :mod:`~ipg_lightning.steering.objectives`: one loss function per training objective;
 - :mod:`~ipg_lightning.steering.checkpoint`: reading steering checkpoints without running code;
 - :mod:`~ipg_lightning.steering.loading`: :func:`load_steered_model`, a model steered by any of these;
-- :mod:`~ipg_lightning.steering.sweep`: fixed steering swept over gate values and top-k;
+- :mod:`~ipg_lightning.steering.sweep`: fixed steering swept over gate values and top-k, or vectors over their strength;
+- :mod:`~ipg_lightning.steering.vector_sources`: steering vectors from reward contrasts of the model's trajectories, or SAE directions;
 - :mod:`~ipg_lightning.steering.export`: folding into a plain Hugging Face checkpoint.
 """
 
