@@ -141,6 +141,23 @@ def test_reasoning_gym_task_offline():
         ReasoningDataModule(source="reasoning_gym:simple_equations", task_kwargs=bad, num_train=1, num_val=1, num_test=1).setup()
 
 
+def test_reasoning_gym_task_with_few_distinct_problems_draws_more():
+    # one-digit a +- b has 242 distinct questions, but the first 2 * 224 + 16 draws hold only 208 of them
+    knobs = {"min_terms": 2, "max_terms": 2, "min_digits": 1, "max_digits": 1, "operators": ["+", "-"]}
+    knobs |= {"allow_parentheses": False, "allow_negation": False}
+
+    def examples(num_val: int) -> dict[str, list[str]]:
+        module = ReasoningDataModule(source="reasoning_gym:basic_arithmetic", task_kwargs=knobs, num_train=0, num_val=num_val, num_test=128)
+        module.setup()
+        return {split: [e.question for e in module.examples[split]] for split in ("test", "val")}
+
+    short, long = examples(64), examples(96)
+    assert len(set(long["test"] + long["val"])) == 224
+    assert long["test"] == short["test"] and long["val"][:64] == short["val"]  # a longer stream starts with the shorter one
+    with pytest.raises(DataSourceError, match=r"gave only 242 distinct problems, 243 were asked for"):
+        examples(115)
+
+
 def test_example_seeds_do_not_depend_on_batching():
     small = ReasoningDataModule(num_train=8, num_val=8, num_test=8, batch_size=2)
     large = ReasoningDataModule(num_train=8, num_val=8, num_test=8, batch_size=8)

@@ -23,6 +23,8 @@ FILE_BUILDERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "
 #: Suffixes of data files that are not supported: named as such instead of looked up on the hub.
 OTHER_FILE_SUFFIXES = frozenset({".txt", ".tsv", ".xlsx", ".xls", ".gz", ".zip", ".arrow", ".yaml", ".yml", ".md"})
 REASONING_GYM_PREFIX = "reasoning_gym:"
+#: How many draws per asked-for problem a reasoning-gym task gets before too few distinct ones are refused.
+REASONING_GYM_MAX_DRAWS = 16
 
 
 class DataSourceError(ValueError):
@@ -63,19 +65,28 @@ def reasoning_gym_rows(task_name: str, sizes: Mapping[str, int], seed: int, task
     The rationale in ``metadata["answer_cot"]`` (e.g. ``gsm_symbolic``), when present, becomes the
     reference solution.
     """
+    needed = sum(sizes.values())
+    # A task with few distinct problems repeats them often: draw a longer stream before refusing. Entry i of a
+    # seeded reasoning-gym dataset does not depend on its size, so the longer stream starts with the shorter one.
+    for draws in (2 * needed + 16, REASONING_GYM_MAX_DRAWS * needed + 16):
+        stream = _reasoning_gym_stream(task_name, draws, seed, task_kwargs)
+        if len({row["question"] for row in stream}) >= needed:
+            break
+    return _deal(stream, sizes, f"reasoning-gym task {task_name!r} (in {len(stream)} draws)")
+
+
+def _reasoning_gym_stream(task_name: str, size: int, seed: int, task_kwargs: Mapping[str, Any]) -> Rows:
     import reasoning_gym
 
-    needed = sum(sizes.values())
     try:  # bad knobs can pass the config and fail only when problems are generated
-        dataset = reasoning_gym.create_dataset(task_name, size=2 * needed + 16, seed=seed, **task_kwargs)
-        entries = list(dataset)
+        entries = list(reasoning_gym.create_dataset(task_name, size=size, seed=seed, **task_kwargs))
     except (KeyError, ValueError, TypeError, IndexError) as error:
         raise DataSourceError(f"reasoning-gym task {task_name!r} with {dict(task_kwargs)} failed: {error}; check the task's settings") from None
     stream = []
     for entry in entries:
         solution = entry.get("metadata", {}).get("answer_cot")
         stream.append({"question": entry["question"], "answer": str(entry["answer"]), "solution": solution})
-    return _deal(stream, sizes, f"reasoning-gym task {task_name!r}")
+    return stream
 
 
 def _check_text(path: Path) -> None:
