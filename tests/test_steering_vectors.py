@@ -2,6 +2,7 @@
 
 import copy
 import json
+import re
 
 import pytest
 import torch
@@ -14,7 +15,7 @@ from ipg_lightning.model.identity import ModelMismatchError
 from ipg_lightning.model.interventions import attached, installed_interventions
 from ipg_lightning.rollout.sampling import sample_trajectories
 from ipg_lightning.rollout.trajectories import SamplingConfig
-from ipg_lightning.steering.vector_sources import NoContrastError, contrast_vectors, sae_direction_vectors
+from ipg_lightning.steering.vector_sources import NoContrastError, contrast_vectors, reflection_vectors, sae_direction_vectors, split_thoughts
 from ipg_lightning.vectors import SteeringVectors, load_vectors, save_vectors
 from ipg_lightning.vectors.files import read_vector_metadata
 from ipg_lightning.vectors.folding import fold_vectors_into_biases
@@ -214,6 +215,46 @@ def test_a_contrast_vector_is_the_difference_of_mean_activations_above_and_below
         contrast_vectors(tiny_llama, tokenizer, prompts, golds, has_digit, ["resid_post"], [0], SamplingConfig.greedy(8))
 
 
+def test_a_reflection_vector_is_execution_minus_reflection_lines_of_the_reasoners_traces():
+    from ipg_lightning.model.loading import load_model_and_tokenizer
+    from ipg_lightning.zoo.reasoner import TINY_REASONER_PATH
+
+    model, tokenizer = load_model_and_tokenizer(TINY_REASONER_PATH)  # trained on traces that re-check some steps
+    data = ReasoningDataModule(num_train=0, num_val=6, num_test=0, batch_size=6)
+    data.connect(tokenizer)
+    prompts = next(iter(data.dataloader("val")))["prompt"]
+    sampling = SamplingConfig(num_samples=2, temperature=0.7, top_p=1.0, max_new_tokens=120)
+    vectors = reflection_vectors(model, tokenizer, prompts, ["resid_post", "mlp_out"], [2], sampling, chunk_size=5)
+
+    # independently: the text's lines (the tokenizer is one token per character), each line's mean of block 2's output
+    trajectories = sample_trajectories(model, tokenizer, prompts, sampling)
+    sides = {True: [], False: []}
+    for row, text in enumerate(trajectories.completions):
+        prompt, completion = trajectories.prompt_ids[row], trajectories.completion_ids[row]
+        assert len(tokenizer.encode(text, add_special_tokens=False)) == len(text)
+        with torch.no_grad():
+            hidden = model(torch.tensor([prompt + completion]), output_hidden_states=True).hidden_states[3][0, len(prompt) :]
+        start = 0
+        for line in text.split("\n"):
+            end = min(start + len(line) + 1, len(text))  # the line and its line break
+            if line.strip():
+                sides["wait" in line.lower() or "let me check" in line.lower()].append(hidden[start:end].mean(0))
+            start = end
+    assert sides[True] and sides[False]
+    expected = torch.stack(sides[False]).mean(0) - torch.stack(sides[True]).mean(0)
+    torch.testing.assert_close(vectors.vector("blocks.2.hook_resid_post").detach(), expected, rtol=1e-4, atol=1e-5)
+    assert vectors.provenance["execution_thoughts"] == len(sides[False]) and vectors.provenance["reflection_thoughts"] == len(sides[True])
+    assert vectors.vector("blocks.2.hook_mlp_out").detach().norm() > 0
+
+    with pytest.raises(NoContrastError, match="hold no reflection thought"):
+        reflection_vectors(model, tokenizer, prompts, ["resid_post"], [2], sampling, markers=["no such marker"])
+    assert [t.reflection for t in split_thoughts(tokenizer, tokenizer.encode("1 + 2 = 3\nWait, 3.\n#### 3"), re.compile("Wait"))] == [
+        False,
+        True,
+        False,
+    ]
+
+
 def test_an_sae_direction_is_its_decoder_row_at_the_point_the_sae_reads(tiny_llama):
     sae = random_sae(d_in=32, hook_name="blocks.1.hook_resid_pre", d_sae=64)
     vectors = sae_direction_vectors(tiny_llama, sae, [7])
@@ -287,6 +328,32 @@ def test_ipg_vectors_builds_a_file_that_evaluate_applies_and_sweeps(tmp_path):
     with pytest.raises(ValueError, match="--source sae needs the SAE directory"):
         run(["vectors", "--output", str(tmp_path / "y.safetensors"), "--model_path", "tiny-reasoner", "--source", "sae"])
     assert not (tmp_path / "x").exists() and not (tmp_path / "y.safetensors").exists()
+
+
+def test_ipg_vectors_builds_a_reflection_contrast_from_the_support_split(tmp_path):
+    from ipg_lightning.cli import run
+    from ipg_lightning.model.loading import load_model_and_tokenizer
+    from ipg_lightning.zoo.reasoner import TINY_REASONER_PATH
+
+    file = tmp_path / "reflection.safetensors"
+    args = ["--model_path", "tiny-reasoner", "--source", "reflection", "--layers", "[2]", "--data.num_val", "4", "--sampling.max_new_tokens", "120"]
+    run(["vectors", "--output", str(file), *args, "--sampling.num_samples", "2", "--alpha", "3"])
+    model, tokenizer = load_model_and_tokenizer(TINY_REASONER_PATH)
+    loaded = load_vectors(file, model)
+    data = ReasoningDataModule(num_val=4)
+    data.connect(tokenizer)
+    prompts = next(iter(data.dataloader("val")))["prompt"]
+    sampling = SamplingConfig(num_samples=2, temperature=0.6, top_p=0.95, max_new_tokens=120)  # the command's sampling, N and length set
+    expected = reflection_vectors(model, tokenizer, prompts, ["resid_post"], [2], sampling)
+    torch.testing.assert_close(loaded.vector("blocks.2.hook_resid_post").detach(), expected.vector("blocks.2.hook_resid_post").detach())
+    assert loaded.alpha == 3.0 and loaded.provenance["source"] == "reflection" and loaded.provenance["split"] == "val"
+    with pytest.raises(ValueError, match="needs at least one reflection marker"):
+        run(["vectors", "--output", str(tmp_path / "x.safetensors"), *args, "--markers", "[]"])
+    with pytest.raises(ValueError, match="never on the test split"):
+        run(["vectors", "--output", str(tmp_path / "x.safetensors"), *args, "--split", "test"])
+    with pytest.raises(ValueError, match="--sae and --features belong to --source sae; --source reflection"):
+        run(["vectors", "--output", str(tmp_path / "x.safetensors"), *args, "--features", "[1]"])
+    assert not (tmp_path / "x.safetensors").exists()
 
 
 @pytest.mark.parametrize("family", [*TINY_FAMILIES, *TINY_MOE_FAMILIES])

@@ -6,26 +6,33 @@ mean reward, within each prompt's N samples (the sides the ``mean_diff`` baselin
 :func:`~ipg_lightning.rewards.completions.sides_of_the_mean`), taken prompt by prompt and averaged
 over the prompts whose samples differ, so that no difference between problems enters it. For
 accuracy that is correct minus incorrect answers to the same question; for reasoning length, long
-minus short, so a negative ``alpha`` shortens. An *SAE direction* is one feature's decoder row, added where that SAE reads.
+minus short, so a negative ``alpha`` shortens. A *reflection vector* contrasts the thoughts within
+traces (SEAL-style): each completion is split into thoughts at its line breaks, a thought holding a
+reflection marker (``wait``, ``let me check``, ...: the ones the reflection rate counts) is a
+reflection, any other an execution step, and the vector is the mean activation over execution
+thoughts minus that over reflection thoughts, so a positive ``alpha`` steers away from re-checking.
+An *SAE direction* is one feature's decoder row, added where that SAE reads.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
-from ipg_lightning.attribution.activations import mean_completion_activations
+from ipg_lightning.attribution.activations import component_activations, mean_completion_activations
+from ipg_lightning.metrics.functional import DEFAULT_REFLECTION_MARKERS, reflection_pattern
 from ipg_lightning.model.autoencoder import SparseAutoencoder
 from ipg_lightning.model.families import SAE_POINTS, ArchitectureSpec, sae_point
 from ipg_lightning.model.sites import Site, default_layer, unwrap_model
 from ipg_lightning.rewards.completions import reward_matrix, sides_of_the_mean
 from ipg_lightning.rewards.functions import Reward, load_reward
 from ipg_lightning.rollout.sampling import sample_trajectories, sampling_record
-from ipg_lightning.rollout.trajectories import SamplingConfig
+from ipg_lightning.rollout.trajectories import SamplingConfig, Trajectories
 from ipg_lightning.vectors.additive import SteeringVectors
 
 
@@ -108,6 +115,105 @@ def contrast_vectors(
         "sampling": sampling_record(sampling),
     }
     return vectors
+
+
+class Thought(NamedTuple):
+    """One thought of a completion: its generated tokens ``start:end`` and whether it is a reflection."""
+
+    start: int
+    end: int
+    reflection: bool
+
+
+def split_thoughts(tokenizer: PreTrainedTokenizerBase, completion_ids: Sequence[int], pattern: re.Pattern) -> list[Thought]:
+    """The thoughts of one completion: its tokens cut after each token that holds a line break (a final
+    special token, such as EOS, left out), blank ones skipped, each marked a reflection where its text matches ``pattern``."""
+    ids = list(completion_ids)
+    if ids and ids[-1] in tokenizer.all_special_ids:
+        ids = ids[:-1]
+    thoughts, start = [], 0
+    for index, token in enumerate(ids):
+        if "\n" in tokenizer.decode([token]) or index == len(ids) - 1:
+            text = tokenizer.decode(ids[start : index + 1])
+            if text.strip():
+                thoughts.append(Thought(start, index + 1, pattern.search(text) is not None))
+            start = index + 1
+    return thoughts
+
+
+def reflection_vectors(
+    model: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: Sequence[str],
+    families: Sequence[str] = ("resid_post",),
+    layers: Sequence[int] | None = None,
+    sampling: SamplingConfig = SamplingConfig(),
+    markers: Sequence[str] = DEFAULT_REFLECTION_MARKERS,
+    chunk_size: int = 8,
+    progress: bool = False,
+    architecture: ArchitectureSpec | None = None,
+) -> SteeringVectors:
+    """Execution-minus-reflection vectors at the sites of ``families`` and ``layers``, from the thoughts of sampled traces.
+
+    Each completion is split into thoughts (:func:`split_thoughts`); each thought's activation is its
+    mean over the thought's tokens; each site's vector is the mean over execution thoughts minus the
+    mean over reflection thoughts, pooled over all traces (both kinds occur within the same traces).
+    ``alpha`` starts at 1; a positive alpha steers away from reflection. No reward is needed.
+
+    Args:
+        model: a causal LM (plain or PEFT-wrapped; gates or vectors attached act while it samples and reads).
+        tokenizer: its tokenizer.
+        prompts: templated prompts.
+        families: sites to build vectors at (:data:`~ipg_lightning.vectors.additive.VECTOR_FAMILIES`).
+        layers: blocks; default the block at 3/4 depth (as attribution).
+        sampling: how the traces are sampled (any N and temperature, on HF or vLLM).
+        markers: phrases that make a thought a reflection (matched case-insensitively, whole words).
+        chunk_size: trajectories per forward pass that reads the activations.
+        progress: show a progress bar while sampling.
+        architecture: module paths of a decoder that is not built in.
+    """
+    pattern = reflection_pattern(markers)
+    vectors = SteeringVectors.for_model(model, families, [default_layer(model, architecture)] if layers is None else layers, architecture)
+    trajectories = sample_trajectories(model, tokenizer, list(prompts), sampling, progress=progress)
+    thoughts = [split_thoughts(tokenizer, ids, pattern) for ids in trajectories.completion_ids]
+    counts = {kind: sum(thought.reflection == kind for row in thoughts for thought in row) for kind in (True, False)}
+    if not (counts[True] and counts[False]):
+        missing = "reflection" if not counts[True] else "execution"
+        raise NoContrastError(
+            f"The {len(trajectories)} sampled traces hold no {missing} thought (reflection markers: {list(markers)}), "
+            "so there is nothing to contrast: use a model and problems whose traces re-check some steps, more samples, or other markers"
+        )
+    sums = _thought_sums(model, list(vectors.sites.values()), trajectories, thoughts, chunk_size)
+    for name, (execution, reflection) in sums.items():
+        vectors.set_vector(name, execution / counts[False] - reflection / counts[True])
+    vectors.provenance = {
+        "source": "reflection",
+        "contrast": "execution minus reflection thoughts (split at line breaks; a reflection holds a marker), mean over each thought's tokens",
+        "markers": list(markers),
+        "prompts": len(prompts),
+        "trajectories": len(trajectories),
+        "execution_thoughts": counts[False],
+        "reflection_thoughts": counts[True],
+        "sampling": sampling_record(sampling),
+    }
+    return vectors
+
+
+def _thought_sums(
+    model: nn.Module, sites: Sequence[Site], trajectories: Trajectories, thoughts: Sequence[Sequence[Thought]], chunk_size: int
+) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Per site, the sums over execution and over reflection thoughts of each thought's mean activation."""
+    width = unwrap_model(model).config.hidden_size
+    sums = {site.name: (torch.zeros(width), torch.zeros(width)) for site in sites}
+    for rows, chunk in trajectories.chunks(chunk_size):
+        captured, _ = component_activations(model, sites, chunk, read=_whole_activation)
+        offset = max(len(ids) for ids in chunk.prompt_ids)  # completions start after the left-padded prompts
+        for local, row in enumerate(rows):
+            for thought in thoughts[row]:
+                for site in sites:
+                    mean = captured[site.name][local, offset + thought.start : offset + thought.end].mean(0).cpu()
+                    sums[site.name][int(thought.reflection)].add_(mean)  # (execution, reflection)
+    return sums
 
 
 def sae_direction_vectors(model: nn.Module, sae: SparseAutoencoder, features: Sequence[int], unit: bool = True) -> SteeringVectors:
