@@ -115,6 +115,27 @@ def test_steer_places_the_fine_tune_from_the_selection_and_export_names_it(tmp_p
         assert (o_proj["dim"], tuple(o_proj["indices"])) == (1, tuple(range(8, 16)))  # head 1's input columns (head_dim 8)
 
 
+def test_steer_learns_vectors_alone_and_evaluate_and_export_apply_them(tmp_path, capsys):
+    logs = ["--trainer.enable_progress_bar", "false", "--trainer.logger.init_args.save_dir", str(tmp_path), "--trainer.max_epochs", "1"]
+    vectors = ["--model.selection", "null", "--model.lora", "null", "--model.vectors.layers", "[1]", "--model.vectors.max_norm", "0.5"]
+    run(["steer", "--config", str(RECIPE_DIR / "steer_tiny.yaml"), *logs, *vectors, "--model.learning_rate", "0.5"])
+    (checkpoint,) = tmp_path.rglob("*.ckpt")
+    printed = capsys.readouterr().out
+    assert "trained gates" not in printed and "trained steering vectors (norm): {'blocks.1.hook_resid_post': 0.5}" in printed  # the bound binds
+    recorded = load_steering_checkpoint(checkpoint)
+    assert recorded.gates is None and recorded.components == [] and list(recorded.vectors.sites) == ["blocks.1.hook_resid_post"]
+    run(["export", "--steering_checkpoint", str(checkpoint), "--output_dir", str(tmp_path / "export")])
+    card = json.loads((tmp_path / "export" / "steering_card.json").read_text())
+    assert card["folded_vectors"] == ["blocks.1.hook_resid_post"] and card["loader_vectors"] == []
+    data = ["--data.num_test", "4", "--sampling.max_new_tokens", "12"]
+    run(["evaluate", "--steering_checkpoint", str(checkpoint), *data, "--output_dir", str(tmp_path / "steered")])
+    run(["evaluate", "--model_path", str(tmp_path / "export"), *data, "--output_dir", str(tmp_path / "exported")])
+    steered, exported = (json.loads((tmp_path / name / "metrics.json").read_text()) for name in ("steered", "exported"))
+    assert steered["steering"]["kind"] == "learned" and steered["steering"]["vectors"] == str(checkpoint)
+    generations = [(tmp_path / name / "generations.jsonl").read_text() for name in ("steered", "exported")]
+    assert generations[0] == generations[1] and steered["metrics"] == exported["metrics"]  # the export reproduces the learned vectors
+
+
 @pytest.mark.parametrize("recipe", FUNCTION_RECIPES, ids=lambda p: p.name)
 def test_evaluate_and_export_recipes_parse(recipe, capsys):
     command = recipe.name.split("_")[0]

@@ -8,6 +8,7 @@ from ipg_lightning.rollout.scoring import completion_log_probs
 from ipg_lightning.rollout.trajectories import SamplingConfig, teacher_forced_trajectories
 from ipg_lightning.steering import ComponentSelection, gates_for_components
 from ipg_lightning.steering.learned import GateSteering, LoraSettings, load_steering_checkpoint
+from ipg_lightning.steering.vector_training import VectorTraining
 from ipg_lightning.zoo.tiny import tiny_causal_lm, tiny_tokenizer
 
 SELECTED = ("blocks.1.mlp.hook_post[3]", "blocks.1.mlp.hook_post[7]", "blocks.0.attn.hook_z[1]")
@@ -190,3 +191,81 @@ def test_loading_a_checkpoint_with_other_components_is_refused(tmp_path):
         _trainer(tmp_path, max_epochs=2).fit(other, datamodule=_data(), ckpt_path=tmp_path / "a.ckpt")
     with pytest.raises(FileNotFoundError, match="Steering checkpoint not found"):
         load_steering_checkpoint(tmp_path / "missing.ckpt")
+
+
+def _reference_log_likelihood(module, data):
+    batch = next(iter(data.train_dataloader()))
+    trajectories = teacher_forced_trajectories(module.tokenizer, batch["prompt"], batch["solution"])
+    with torch.no_grad(), module.steering():
+        return completion_log_probs(module.lm, trajectories).sum().item()
+
+
+def test_learned_vectors_alone_raise_the_likelihood_of_reference_traces_within_their_norm_bound(tmp_path):
+    data = _data(num_train=4, batch_size=4)
+    free = _steering(objective="supervised", selection=None, vectors=VectorTraining(layers=[1]))
+    data.connect(free.tokenizer)
+    base_weights = {key: value.clone() for key, value in free.lm.state_dict().items()}
+    before = _reference_log_likelihood(free, data)
+    assert free.gates is None and free.vectors.norms() == {"blocks.1.hook_resid_post": 0.0}  # starts as the unsteered model
+    _trainer(tmp_path / "free", max_epochs=5).fit(free, datamodule=data)
+    assert _reference_log_likelihood(free, data) > before + 1.0
+    assert all(torch.equal(value, base_weights[key]) for key, value in free.lm.state_dict().items())  # only the vector trained
+    free_norm = free.vectors.norms()["blocks.1.hook_resid_post"]
+
+    bound = free_norm / 2
+    held = _steering(objective="supervised", selection=None, vectors=VectorTraining(layers=[1], max_norm=bound))
+    trainer = _trainer(tmp_path / "held", max_epochs=5)
+    trainer.fit(held, datamodule=data)
+    assert held.vectors.norms()["blocks.1.hook_resid_post"] == pytest.approx(bound, rel=1e-5)  # projected back after each step
+
+    trainer.save_checkpoint(tmp_path / "vectors.ckpt")
+    saved = torch.load(tmp_path / "vectors.ckpt", weights_only=True)["state_dict"]
+    assert list(saved) == ["vectors.vectors.blocks__1__hook_resid_post"]  # only what trained
+    restored = load_steering_checkpoint(tmp_path / "vectors.ckpt", model="tiny:llama")
+    assert restored.gates is None and restored.vectors.provenance == {"source": "learned", "max_norm": bound}
+    with torch.no_grad(), restored.steering(), held.steering():
+        torch.testing.assert_close(restored.lm(INPUT).logits, held.lm(INPUT).logits)
+
+
+def test_learned_vectors_and_gates_train_together_and_export_to_a_plain_checkpoint(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from ipg_lightning.steering.export import export_steered_model
+    from ipg_lightning.steering.loading import SteeringSource, load_steered_model
+
+    module = _steering(objective="supervised", vectors=VectorTraining(families=["resid_post", "mlp_out"], layers=[0]))
+    trainer = _trainer(tmp_path, max_epochs=2)
+    trainer.fit(module, datamodule=_data())
+    assert module.gates.gate("blocks.1.mlp.hook_post")[3] != 1.0 and min(module.vectors.norms().values()) > 0
+    trainer.save_checkpoint(tmp_path / "both.ckpt")
+    steered = load_steered_model("tiny:llama", source=SteeringSource(checkpoint=str(tmp_path / "both.ckpt")))
+    assert steered.description.vectors == str(tmp_path / "both.ckpt") and steered.description.kind == "learned"
+    with torch.no_grad(), module.steering():
+        expected = module.lm(INPUT).logits
+    card = export_steered_model(steered.model, steered.tokenizer, steered.gates, tmp_path / "export", vectors=steered.vectors)
+    assert sorted(card["folded_vectors"]) == ["blocks.0.hook_mlp_out", "blocks.0.hook_resid_post"]
+    exported = AutoModelForCausalLM.from_pretrained(tmp_path / "export")
+    with torch.no_grad():
+        torch.testing.assert_close(exported(INPUT).logits, expected, rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="carries learned steering vectors already"):
+        load_steered_model("tiny:llama", source=SteeringSource(checkpoint=str(tmp_path / "both.ckpt"), vectors=_a_vector_file(tmp_path)))
+
+
+def _a_vector_file(tmp_path):
+    from ipg_lightning.vectors import SteeringVectors, save_vectors
+
+    model = tiny_causal_lm("llama")
+    path = tmp_path / "other.safetensors"
+    save_vectors(SteeringVectors.for_model(model, ["resid_post"], [1]), path, model, "tiny:llama")
+    return str(path)
+
+
+def test_vector_training_settings_that_cannot_train_are_refused():
+    with pytest.raises(ValueError, match="Nothing to steer: give components to gate"):
+        _steering(selection=None)
+    with pytest.raises(ValueError, match="weight_slices trains the weights of selected components"):
+        _steering(selection=None, vectors=VectorTraining(), weight_slices=True)
+    with pytest.raises(ValueError, match="vectors.max_norm must be a positive number"):
+        VectorTraining(max_norm=0.0)
+    with pytest.raises(ValueError, match="vectors.families must name sites among"):
+        VectorTraining(families=["mlp_neuron"])

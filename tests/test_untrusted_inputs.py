@@ -153,7 +153,7 @@ def test_a_checkpoint_cannot_replace_frozen_base_weights(tmp_path, one_epoch):
     checkpoint["state_dict"]["lm.base_model.model.lm_head.weight"] = torch.zeros(100, 64)
     planted = tmp_path / "planted.ckpt"
     torch.save(checkpoint, planted)
-    refused = r"holds tensors that are not trained gates, adapter or slices of this run \(lm.base_model.model.lm_head.weight\)"
+    refused = r"holds tensors that are not trained gates, vectors, adapter or slices of this run \(lm.base_model.model.lm_head.weight\)"
     with pytest.raises(SteeringCheckpointError, match=refused):
         load_steering_checkpoint(planted)
     with pytest.raises(SteeringCheckpointError, match=refused):

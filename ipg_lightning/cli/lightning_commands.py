@@ -108,7 +108,7 @@ def parse_steer(args: list[str]) -> CommandCLI:
 
 
 def steer(args: list[str]) -> None:
-    """Train the gates of selected components (and optionally a LoRA adapter or their weight slices) with ``Trainer.fit``."""
+    """Train the gates of selected components (and optionally a LoRA adapter or their weight slices, and steering vectors) with ``Trainer.fit``."""
     from ipg_lightning.steering.checkpoint import check_resume_settings, read_steering_checkpoint
 
     cli = parse_steer(args)
@@ -129,8 +129,10 @@ def steer(args: list[str]) -> None:
         return
     checkpoint = cli.trainer.checkpoint_callback.best_model_path if cli.trainer.checkpoint_callback else None
     model = cli.model
-    if model.hparams.train_gates:
+    if model.hparams.train_gates and model.gates is not None:
         print(f"trained gates: { {name: round(value, 4) for name, value in model.gate_values().items()} }")
+    if model.vectors is not None:
+        print(f"trained steering vectors (norm): { {name: round(value, 4) for name, value in model.vectors.norms().items()} }")
     if model.fine_tune.adapter is not None:
         print(f"trained LoRA ({model.lora.placement}) on: {', '.join(model.fine_tune.adapter.paths)}")
     if model.fine_tune.slices:

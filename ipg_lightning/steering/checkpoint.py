@@ -60,8 +60,11 @@ def read_steering_checkpoint(path: str | Path) -> dict[str, Any]:
         raise SteeringCheckpointError(f"{path} is not a GateSteering checkpoint (no {STEERING_KEY!r} entry); use one written by `ipg steer`")
     components = steering.get("components")
     state = checkpoint.get("state_dict")
-    if not (isinstance(components, list) and components and all(isinstance(c, str) for c in components)):
-        raise SteeringCheckpointError(f"{path}: {STEERING_KEY}.components must be a non-empty list of component names")
+    vectors = steering.get("vectors", [])
+    if not (isinstance(vectors, list) and all(isinstance(site, str) for site in vectors)):
+        raise SteeringCheckpointError(f"{path}: {STEERING_KEY}.vectors must be a list of site names")
+    if not (isinstance(components, list) and (components or vectors) and all(isinstance(c, str) for c in components)):
+        raise SteeringCheckpointError(f"{path}: {STEERING_KEY}.components must be a list of component names, non-empty unless it learned vectors")
     if not (isinstance(state, dict) and all(isinstance(v, torch.Tensor) for v in state.values())):
         raise SteeringCheckpointError(f"{path}: state_dict must map names to tensors")
     if not isinstance(checkpoint.get("hyper_parameters"), dict):
@@ -73,8 +76,8 @@ def read_steering_checkpoint(path: str | Path) -> dict[str, Any]:
 
 
 def check_checkpoint_tensors(state: dict[str, torch.Tensor], trained: dict[str, torch.Tensor], where: str) -> None:
-    """Refuse a checkpoint ``state`` that holds anything beyond the ``trained`` tensors of this run (gates, adapter or
-    slices), lacks part of them, or holds them in other shapes.
+    """Refuse a checkpoint ``state`` that holds anything beyond the ``trained`` tensors of this run (gates, vectors,
+    adapter or slices), lacks part of them, or holds them in other shapes.
 
     Checkpoints load with ``strict=False`` (they leave the frozen model out), so without this a tensor
     named like a base weight, e.g. the LM head, would silently replace it.
@@ -82,7 +85,7 @@ def check_checkpoint_tensors(state: dict[str, torch.Tensor], trained: dict[str, 
     foreign, missing = sorted(set(state) - set(trained)), sorted(set(trained) - set(state))
     if foreign:
         raise SteeringCheckpointError(
-            f"{where} holds tensors that are not trained gates, adapter or slices of this run ({_listed(foreign)}); "
+            f"{where} holds tensors that are not trained gates, vectors, adapter or slices of this run ({_listed(foreign)}); "
             "a steering checkpoint never replaces base-model weights, so it is refused"
         )
     if missing:  # loading would silently keep their untrained starting values

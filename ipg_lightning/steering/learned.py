@@ -15,6 +15,7 @@ component names and where the fine-tune sits; :func:`load_steering_checkpoint` r
 from __future__ import annotations
 
 import inspect
+from contextlib import AbstractContextManager
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, Literal
@@ -29,6 +30,7 @@ from ipg_lightning.gates.component_gates import ComponentGates
 from ipg_lightning.metrics import ReasoningMetrics
 from ipg_lightning.model.families import ArchitectureSpec
 from ipg_lightning.model.identity import IN_MEMORY_MODEL, check_same_model, model_identity
+from ipg_lightning.model.interventions import attached
 from ipg_lightning.model.loading import load_model_and_tokenizer
 from ipg_lightning.rewards.completions import completions_of
 from ipg_lightning.rewards.functions import DeferredReward, Reward, reasoning_length
@@ -45,7 +47,9 @@ from ipg_lightning.steering.finetune.fine_tune import FineTune, keep_deltas_floa
 from ipg_lightning.steering.finetune.lora import LoraSettings
 from ipg_lightning.steering.objectives import OBJECTIVES
 from ipg_lightning.steering.selection import ComponentSelection, component_mask, gates_for_components
+from ipg_lightning.steering.vector_training import VectorTraining
 from ipg_lightning.task import ReasoningTask, plain
+from ipg_lightning.vectors.additive import SteeringVectors
 
 #: How ``GateSteering`` samples unless told otherwise: full temperature, no nucleus cut, N = 4, 512 new
 #: tokens. Change single settings with ``dataclasses.replace(STEERING_SAMPLING, max_new_tokens=64)``.
@@ -53,7 +57,16 @@ STEERING_SAMPLING = SamplingConfig(temperature=1.0, top_p=1.0)
 
 
 def check_training_settings(
-    objective: str, init_gate: float, gate_penalty: float, kl_coef: float, learning_rate: float, lora: bool, weight_slices: bool, train_gates: bool
+    objective: str,
+    init_gate: float,
+    gate_penalty: float,
+    kl_coef: float,
+    learning_rate: float,
+    lora: bool,
+    weight_slices: bool,
+    train_gates: bool,
+    gated: bool = True,
+    vectors: bool = False,
 ) -> None:
     """Refuse, in one line, learned-steering settings that cannot train what the user meant."""
     if objective not in OBJECTIVES:
@@ -63,15 +76,19 @@ def check_training_settings(
     check_gamma(init_gate, "init_gate")
     if lora and weight_slices:
         raise ValueError("Train either a LoRA adapter (lora) or the components' weight slices (weight_slices), not both")
-    if not (train_gates or lora or weight_slices):
-        raise ValueError("Nothing to train: train_gates is false and neither lora nor weight_slices is set")
+    if not (gated or vectors):
+        raise ValueError("Nothing to steer: give components to gate (selection) or steering vectors to learn (vectors), or both")
+    if weight_slices and not gated:
+        raise ValueError("weight_slices trains the weights of selected components: give a selection too")
+    if not ((train_gates and gated) or lora or weight_slices or vectors):
+        raise ValueError("Nothing to train: train_gates is false and neither lora, weight_slices nor vectors is set")
 
 
 class GateSteering(ReasoningTask):
-    """Train the gates of selected components (optionally with a LoRA adapter) by ``Trainer.fit``.
+    """Train the gates of selected components (optionally with a LoRA adapter, and steering vectors) by ``Trainer.fit``.
 
     Args:
-        selection: which components to steer (top-k of a report, or names).
+        selection: which components to gate (top-k of a report, or names); None: no gates (learn ``vectors`` only).
         model_path: local Hugging Face model directory, or an alias (``tiny:<family>``, ``smollm2``).
         dtype: weights dtype.
         init_gate: starting value of the selected gates (1 = start from the unsteered model).
@@ -82,8 +99,10 @@ class GateSteering(ReasoningTask):
         lora: train a LoRA adapter jointly (None: none); ``lora.placement`` says where it goes.
         weight_slices: also train the weight slices that belong to the selected components (their
             rows and columns of the projections; every other weight stays bit-identical). Not with ``lora``.
-        train_gates: train the selected gates (False: they stay at ``init_gate``, and only the adapter
-            or the slices train).
+        train_gates: train the selected gates (False: they stay at ``init_gate``, and only the adapter,
+            the slices or the vectors train).
+        vectors: also learn additive steering vectors at these sites, from zero, with an optional norm bound
+            (:class:`~ipg_lightning.steering.vector_training.VectorTraining`); they are added after the gates.
         learning_rate: Adam learning rate (gates, adapter or slices).
         sampling: how training trajectories are sampled (N per prompt, temperature, top-p, max new
             tokens, generation batch size, seed); the seed is mixed with the global step so every
@@ -96,7 +115,7 @@ class GateSteering(ReasoningTask):
 
     def __init__(
         self,
-        selection: ComponentSelection,
+        selection: ComponentSelection | None = None,
         model_path: str = "tiny:llama",
         dtype: str = "float32",
         init_gate: float = 1.0,
@@ -111,12 +130,16 @@ class GateSteering(ReasoningTask):
         sampling: SamplingConfig = STEERING_SAMPLING,
         architecture: ArchitectureSpec | None = None,
         allow_other_model: bool = False,
+        vectors: VectorTraining | None = None,
     ) -> None:
         super().__init__(model_path, dtype, plain(architecture))
-        check_training_settings(objective, init_gate, gate_penalty, kl_coef, learning_rate, lora is not None, weight_slices, train_gates)
+        settings = (objective, init_gate, gate_penalty, kl_coef, learning_rate, lora is not None, weight_slices, train_gates)
+        check_training_settings(*settings, gated=selection is not None, vectors=vectors is not None)
         self.save_plain_hyperparameters()
-        self.selection = ComponentSelection(**self.hparams.selection)
-        self.selection.check_count()
+        self.selection = ComponentSelection(**self.hparams.selection) if selection is not None else None
+        if self.selection is not None:
+            self.selection.check_count()
+        self.vector_training = VectorTraining(**self.hparams.vectors) if vectors is not None else None
         self.lora = LoraSettings(**self.hparams.lora) if lora is not None else None
         self.sampling = SamplingConfig(**self.hparams.sampling)
         check_at_least(1, max_new_tokens=self.sampling.max_new_tokens)
@@ -124,6 +147,7 @@ class GateSteering(ReasoningTask):
         #: rebuilt from a checkpoint only if the caller trusts it (``reward.import_allowed``).
         self.reward = DeferredReward(reward)
         self.gates: ComponentGates | None = None
+        self.vectors: SteeringVectors | None = None
         self.components: list[str] = []
         #: Where the fine-tune sits, once the model is configured: the adapter's weights, or the trained slices.
         self.fine_tune = FineTune()
@@ -165,14 +189,19 @@ class GateSteering(ReasoningTask):
 
     def configure_components(self) -> None:
         """Splice in the SAEs the selection needs, resolve it on this model, add the adapter or the weight
-        slices, and create the gates with their gradient mask (frozen unless ``train_gates``)."""
-        self.selection.attach_saes(self.lm, self.architecture)
-        if not self.components:
-            self.components = self.selection.resolve(self.lm, self.model_path, self.architecture, self.hparams.allow_other_model)
-        gates_for_components(self.lm, self.components, 1.0, self.architecture)  # names every component this model lacks, before the fine-tune
+        slices, create the gates with their gradient mask (frozen unless ``train_gates``) and the vectors to learn."""
+        if self.selection is not None:
+            self.selection.attach_saes(self.lm, self.architecture)
+            if not self.components:
+                self.components = self.selection.resolve(self.lm, self.model_path, self.architecture, self.hparams.allow_other_model)
+            gates_for_components(self.lm, self.components, 1.0, self.architecture)  # names every component this model lacks, before the fine-tune
         self.lm, self.fine_tune = FineTune.attach(
             self.lm, self.components, self.lora, self.hparams.weight_slices, self.sampling.seed, self.architecture
         )
+        if self.vector_training is not None:
+            self.vectors = self.vector_training.build(self.lm, self.architecture)
+        if self.selection is None:
+            return
         self.gates = gates_for_components(self.lm, self.components, self.hparams.init_gate, self.architecture)
         if not self.hparams.train_gates:
             self.gates.requires_grad_(False)
@@ -193,13 +222,19 @@ class GateSteering(ReasoningTask):
             self.reward_fn  # noqa: B018
         super().setup(stage)
 
+    def steering(self) -> AbstractContextManager:
+        """Attach the gates and the vectors (those that exist) to the model for the duration of a block."""
+        return attached(self.lm, self.gates, self.vectors)
+
     def configure_optimizers(self) -> torch.optim.Optimizer:
-        """Adam over what trains: the gates, the LoRA adapter or the weight slices."""
+        """Adam over what trains: the gates, the LoRA adapter or the weight slices, the vectors."""
         return torch.optim.Adam([p for p in self.parameters() if p.requires_grad], lr=self.hparams.learning_rate)
 
     def on_fit_start(self) -> None:
-        """Gates and weight-slice deltas stay float32 whatever the Trainer's precision."""
-        self.gates.float()
+        """Gates, vectors and weight-slice deltas stay float32 whatever the Trainer's precision."""
+        for steering in (self.gates, self.vectors):
+            if steering is not None:
+                steering.float()
         keep_deltas_float32(self.lm)
 
     # ----------------------------------------------------------------------------- training
@@ -210,23 +245,39 @@ class GateSteering(ReasoningTask):
     def training_step(self, batch: ReasoningBatch, batch_idx: int) -> torch.Tensor:
         """One optimisation step of the chosen objective, plus the gate penalty."""
         loss = OBJECTIVES[self.hparams.objective].loss(self, batch)
+        size = len(batch["prompt"])
+        if self.vectors is not None:
+            self.log("train/vector_norm", max(self.vectors.norms().values()), batch_size=size)
+        if self.gates is None:
+            return loss
         penalty = self.gates.squared_deviation()  # the unselected gates are 1 by construction
-        self.log("train/gate_deviation", penalty.detach(), batch_size=len(batch["prompt"]))
+        self.log("train/gate_deviation", penalty.detach(), batch_size=size)
         return loss + self.hparams.gate_penalty * penalty
 
+    def check_finite(self) -> None:
+        """Raise ``FloatingPointError`` if a gate or a vector became NaN or infinite (the run diverged)."""
+        for steering in (self.gates, self.vectors):
+            if steering is not None:
+                steering.check_finite(f"at step {self.global_step}")
+
     def on_train_batch_start(self, batch: ReasoningBatch, batch_idx: int) -> None:
-        """Stop before sampling with gates that became NaN or infinite (the run diverged)."""
-        self.gates.check_finite(f"at step {self.global_step}")
+        """Stop before sampling with gates or vectors that became NaN or infinite (the run diverged)."""
+        self.check_finite()
+
+    def on_train_batch_end(self, outputs: Any, batch: ReasoningBatch, batch_idx: int) -> None:
+        """Scale back every vector longer than ``vectors.max_norm`` (the projection step of norm-bounded training)."""
+        if self.vectors is not None and self.vector_training.max_norm is not None:
+            self.vectors.clamp_norms(self.vector_training.max_norm)
 
     def on_train_end(self) -> None:
-        """Refuse to end a run (and hand out its gates) whose last step made a gate non-finite."""
-        self.gates.check_finite(f"at step {self.global_step}")
+        """Refuse to end a run (and hand out its steering) whose last step made a gate or a vector non-finite."""
+        self.check_finite()
 
     # ----------------------------------------------------------------------------- validation
     def validation_step(self, batch: ReasoningBatch, batch_idx: int) -> None:
         """Greedy generations with the current gates, into the reasoning metrics."""
         greedy = self.sampling.as_greedy()
-        with self.gates.attach(self.lm):
+        with self.steering():
             trajectories = sample_trajectories(self.lm, self.tokenizer, batch["prompt"], greedy, batch["seed"].tolist())
         completions = completions_of(trajectories, batch["prompt"], batch["answer"], self.tokenizer)
         metrics = self.val_metrics
@@ -250,12 +301,12 @@ class GateSteering(ReasoningTask):
         return {key: value for key, value in self.state_dict().items() if key in trainable}
 
     def gate_values(self) -> dict[str, float]:
-        """The current gate value of each steered component, by name."""
+        """The current gate value of each gated component, by name (none without a selection)."""
         return {name: float(self.gates.component_value(name)) for name in self.components}
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Drop the frozen base model from the checkpoint; record the steered components; never save NaN gates."""
-        self.gates.check_finite(f"at step {self.global_step}")
+        """Drop the frozen base model from the checkpoint; record the steered components; never save NaN gates or vectors."""
+        self.check_finite()
         checkpoint["state_dict"] = self.trainable_state()
         checkpoint[STEERING_KEY] = steering_record(self)
 
@@ -283,6 +334,7 @@ def steering_record(module: GateSteering) -> dict[str, Any]:
         "model": module.model_path,
         "model_identity": model_identity(module.lm, module.model_path),
         "lora": plain(module.lora) if module.lora else None,
+        "vectors": list(module.vectors.sites) if module.vectors is not None else [],
         **module.fine_tune.record(),
     }
 

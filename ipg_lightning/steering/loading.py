@@ -3,8 +3,8 @@
 A :class:`SteeringSource` says what steers: nothing (the base model, or an exported checkpoint
 directory whose unfolded gates are re-applied on load); fixed steering (a
 :class:`~ipg_lightning.steering.selection.ComponentSelection` at gate value ``gamma``); or learned
-gates (a ``GateSteering`` checkpoint); and, with any of those, additive steering vectors (a vector
-file, :mod:`ipg_lightning.vectors`). :func:`load_steered_model` loads the model steered by it, with
+gates (a ``GateSteering`` checkpoint, with the vectors it learned, if any); and, with any of those,
+additive steering vectors (a vector file, :mod:`ipg_lightning.vectors`). :func:`load_steered_model` loads the model steered by it, with
 a :class:`SteeringDescription` of what was steered: the record that ``metrics.json``, export cards
 and explorer pages carry.
 """
@@ -175,6 +175,8 @@ def load_steered_model(
     steered = _load_gated_model(model_path, dtype, source, allow_other_model, architecture)
     if source.vectors is None:
         return steered
+    if steered.vectors is not None:
+        raise ValueError(f"{source.checkpoint} carries learned steering vectors already; add a vector file (--vectors) to a checkpoint without them")
     vectors = load_vectors(source.vectors, steered.model, steered.description.model, allow_other_model, architecture)
     if source.alpha is not None:
         vectors.alpha = source.alpha
@@ -190,8 +192,11 @@ def _load_gated_model(
     """The model with the gates of ``source`` (a checkpoint's, a selection's, or none)."""
     if source.checkpoint is not None:
         module = load_steering_checkpoint(source.checkpoint, model=model_path, allow_other_model=allow_other_model)
-        description = SteeringDescription("learned", module.model_path, components=list(module.components), checkpoint=str(source.checkpoint))
-        return SteeredModel(module.lm, module.tokenizer, module.gates, description)
+        learned_vectors = {"vectors": str(source.checkpoint), "alpha": module.vectors.alpha} if module.vectors is not None else {}
+        description = SteeringDescription(
+            "learned", module.model_path, components=list(module.components), checkpoint=str(source.checkpoint), **learned_vectors
+        )
+        return SteeredModel(module.lm, module.tokenizer, module.gates, description, module.vectors)
     selection = source.selection
     model_path = model_directory(model_path or recorded_model(selection))
     lm, tokenizer = load_model_and_tokenizer(model_path, dtype)

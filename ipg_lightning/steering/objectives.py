@@ -11,7 +11,7 @@ measures, and returns the loss before the gate penalty (which the module adds fo
 from __future__ import annotations
 
 from collections.abc import Callable
-from contextlib import nullcontext
+from contextlib import AbstractContextManager, nullcontext
 from typing import Any, NamedTuple, Protocol
 
 import torch
@@ -27,6 +27,7 @@ from ipg_lightning.rollout.sampling import sample_trajectories
 from ipg_lightning.rollout.scoring import completion_log_probs, completion_mask
 from ipg_lightning.rollout.trajectories import SamplingConfig, Trajectories, teacher_forced_trajectories
 from ipg_lightning.steering.finetune.slices import slices_disabled
+from ipg_lightning.vectors.additive import SteeringVectors
 
 
 class SteeringRun(Protocol):
@@ -34,8 +35,12 @@ class SteeringRun(Protocol):
 
     lm: nn.Module
     tokenizer: PreTrainedTokenizerBase
-    gates: ComponentGates
+    gates: ComponentGates | None
+    vectors: SteeringVectors | None
     hparams: Any
+
+    def steering(self) -> AbstractContextManager:
+        """Attach the gates and vectors that steer ``lm`` for the duration of a block."""
 
     @property
     def reward_fn(self) -> Reward:
@@ -49,10 +54,10 @@ class SteeringRun(Protocol):
 
 
 def supervised_loss(module: SteeringRun, batch: ReasoningBatch) -> torch.Tensor:
-    """Mean negative log-likelihood of the reference solutions under the gated model."""
+    """Mean negative log-likelihood of the reference solutions under the steered model."""
     solutions = require_solutions(batch, "The supervised objective")
     trajectories = teacher_forced_trajectories(module.tokenizer, batch["prompt"], solutions)
-    log_probs, mask = _gated_log_probs(module, trajectories)
+    log_probs, mask = _steered_log_probs(module, trajectories)
     loss = -(log_probs * mask).sum() / mask.sum()
     module.log("train/nll", loss.detach(), prog_bar=True, batch_size=len(batch["prompt"]))
     return loss
@@ -62,11 +67,11 @@ def policy_gradient_loss(module: SteeringRun, batch: ReasoningBatch) -> torch.Te
     """``-sum_n A_n/N sum_t log pi_c(a_t^n)`` per prompt over fresh samples (RLOO), plus the KL term."""
     prompts = len(batch["prompt"])
     sampling = module.training_sampling()
-    with torch.no_grad(), module.gates.attach(module.lm):
+    with torch.no_grad(), module.steering():
         trajectories = sample_trajectories(module.lm, module.tokenizer, batch["prompt"], sampling, batch["seed"].tolist())
     rewards = reward_matrix(module.reward_fn, trajectories, batch["prompt"], batch["answer"], module.tokenizer).float()
     advantages, _ = group_advantages(rewards, "rloo")
-    log_probs, mask = _gated_log_probs(module, trajectories)
+    log_probs, mask = _steered_log_probs(module, trajectories)
     weights = (advantages.flatten() / sampling.num_samples).to(log_probs)
     loss = -(weights * log_probs.sum(-1)).sum() / prompts
     if module.hparams.kl_coef > 0:
@@ -91,14 +96,14 @@ OBJECTIVES: dict[str, Objective] = {
 }
 
 
-def _gated_log_probs(module: SteeringRun, trajectories: Trajectories) -> tuple[torch.Tensor, torch.Tensor]:
-    with module.gates.attach(module.lm):
+def _steered_log_probs(module: SteeringRun, trajectories: Trajectories) -> tuple[torch.Tensor, torch.Tensor]:
+    with module.steering():
         log_probs = completion_log_probs(module.lm, trajectories)
     return log_probs, completion_mask(trajectories, log_probs)
 
 
 def _kl_to_base(module: SteeringRun, trajectories: Trajectories, log_probs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """k3 estimate of KL(pi_c || pi_base) on the sampled tokens; the base is the model without gates, adapter or slices."""
+    """k3 estimate of KL(pi_c || pi_base) on the sampled tokens; the base is the model without gates, vectors, adapter or slices."""
     disable_adapter = getattr(module.lm, "disable_adapter", None)
     with torch.no_grad(), disable_adapter() if disable_adapter is not None else nullcontext(), slices_disabled(module.lm):
         base = completion_log_probs(module.lm, trajectories)

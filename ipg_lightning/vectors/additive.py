@@ -121,6 +121,24 @@ class SteeringVectors(nn.Module):
         """The L2 norm of what each site gets added: ``|alpha * v|``."""
         return {name: abs(self.alpha) * float(self.vector(name).detach().norm()) for name in self.sites}
 
+    def check_finite(self, when: str) -> None:
+        """Raise ``FloatingPointError`` naming the site if a vector is NaN or infinite (a diverged training run)."""
+        for name in self.sites:
+            if not torch.isfinite(self.vector(name)).all():
+                raise FloatingPointError(
+                    f"The steering vector at {name} became non-finite {when}: the training diverged; "
+                    "lower learning_rate (or set max_norm) and start again"
+                )
+
+    @torch.no_grad()
+    def clamp_norms(self, max_norm: float) -> None:
+        """Scale down every vector whose norm exceeds ``max_norm`` to that norm (the projection step of norm-bounded training)."""
+        for name in self.sites:
+            vector = self.vector(name)
+            norm = float(vector.norm())
+            if norm > max_norm:
+                vector.mul_(max_norm / norm)
+
     def edit(self, site: Site, activation: torch.Tensor) -> torch.Tensor:
         """``site``'s ``activation`` (..., width) plus ``alpha`` times its vector, at every position (what the installed hook applies)."""
         if self.alpha == 0:
