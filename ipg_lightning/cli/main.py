@@ -49,11 +49,17 @@ class Command:
 #: Every command, in the order ``ipg --help`` lists them.
 COMMANDS: dict[str, Command] = {
     "attribute": Command("ipg_lightning.cli.lightning_commands:attribute", "find the components that drive a reward (IPG or a baseline)", True),
-    "steer": Command("ipg_lightning.cli.lightning_commands:steer", "learn the gates of selected components (and a LoRA adapter or slices)", True),
+    "steer": Command(
+        "ipg_lightning.cli.lightning_commands:steer",
+        "learn the gates of selected components (and a LoRA adapter or slices), or steering vectors",
+        True,
+    ),
     "train-reasoner": Command("ipg_lightning.cli.lightning_commands:train_reasoner", "train the tiny reasoning model from scratch", True),
     "train-sae": Command("ipg_lightning.cli.lightning_commands:train_sae", "train a sparse autoencoder on one site's activations", True),
     "demo": Command("ipg_lightning.cli.demo:demo", "the main job: attribute, steer, evaluate, export, explore on the shipped model"),
-    "vectors": Command("ipg_lightning.cli.vectors_command:vectors", "build steering vectors (reward contrasts of trajectories, SAE directions)"),
+    "vectors": Command(
+        "ipg_lightning.cli.vectors_command:vectors", "build steering vectors (reward contrasts, reflection-vs-execution thoughts, SAE directions)"
+    ),
     "evaluate": Command("ipg_lightning.cli.commands:evaluate", "evaluate a base, steered, learned or exported model on a benchmark"),
     "lm-eval": Command("ipg_lightning.cli.lm_eval_command:lm_eval", "run lm-evaluation-harness tasks on a base, steered, learned or exported model"),
     "explore": Command("ipg_lightning.explorer:explore", "write an HTML explorer page for an attribution report", positional=True),

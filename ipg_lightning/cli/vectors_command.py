@@ -96,7 +96,7 @@ def vectors(
     if source == "reflection" and not markers:
         raise ValueError("--source reflection needs at least one reflection marker (--markers '[\"wait\"]')")
     if source != "sae" and split == "test":
-        raise ValueError("A contrast is built on the support split (val) or train, never on the test split it is evaluated on")
+        raise ValueError(f"--source {source} is built on the support split (val) or train, never on the test split it is evaluated on")
     target = check_device(device)
     directory = model_directory(model_path)
     model, tokenizer = load_model_and_tokenizer(directory, dtype)

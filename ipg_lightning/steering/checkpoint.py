@@ -1,7 +1,7 @@
 """Steering checkpoints: what ``ipg steer`` saves, read back without running any code.
 
-A checkpoint holds only what was trained (gates, adapter, optimizer state), the hyperparameters as
-plain values, and under :data:`STEERING_KEY` the steered component names and the identity of the
+A checkpoint holds only what was trained (gates, vectors, adapter, optimizer state), the hyperparameters as
+plain values, and under :data:`STEERING_KEY` the steered component names, the learned vectors' sites and the identity of the
 model they were trained on. :func:`read_steering_checkpoint` checks all of that before anything is
 built; :func:`~ipg_lightning.steering.learned.load_steering_checkpoint` rebuilds a steered module from it.
 """

@@ -1,4 +1,4 @@
-"""Learned steering: train the gates of selected components with the Lightning Trainer.
+"""Learned steering: train the gates of selected components, or steering vectors, with the Lightning Trainer.
 
 Only the selected gates move (every other gate is held at 1 by a gradient mask, the base weights
 are frozen). Jointly, or instead of the gates (``train_gates=False``), one of two fine-tunes can be
@@ -6,9 +6,10 @@ trained: a PEFT LoRA adapter, placed by name or where the selection lives
 (:mod:`~ipg_lightning.steering.finetune.placement`), or the weight slices that belong to the selected
 components (:mod:`~ipg_lightning.steering.finetune.slices`). The objectives are in
 :mod:`~ipg_lightning.steering.objectives` (``docs/method.md`` section 7); every one of them gets the
-penalty ``gate_penalty * sum (c_i - 1)^2``.
+penalty ``gate_penalty * sum (c_i - 1)^2``. Additive steering vectors
+(:mod:`~ipg_lightning.steering.vector_training`) can train beside the gates, or alone (no selection).
 
-Checkpoints hold only what was trained (gates, adapter or slices, optimizer state), the resolved
+Checkpoints hold only what was trained (gates, vectors, adapter or slices, optimizer state), the resolved
 component names and where the fine-tune sits; :func:`load_steering_checkpoint` rebuilds a steered model from one.
 """
 
@@ -103,7 +104,7 @@ class GateSteering(ReasoningTask):
             the slices or the vectors train).
         vectors: also learn additive steering vectors at these sites, from zero, with an optional norm bound
             (:class:`~ipg_lightning.steering.vector_training.VectorTraining`); they are added after the gates.
-        learning_rate: Adam learning rate (gates, adapter or slices).
+        learning_rate: Adam learning rate (gates, vectors, adapter or slices).
         sampling: how training trajectories are sampled (N per prompt, temperature, top-p, max new
             tokens, generation batch size, seed); the seed is mixed with the global step so every
             step draws new samples, and also seeds the adapter. Validation decodes greedily with the
@@ -156,7 +157,7 @@ class GateSteering(ReasoningTask):
 
     # ----------------------------------------------------------------------------- building
     @classmethod
-    def for_model(cls, model: nn.Module, tokenizer: PreTrainedTokenizerBase, selection: ComponentSelection, **kwargs: Any) -> GateSteering:
+    def for_model(cls, model: nn.Module, tokenizer: PreTrainedTokenizerBase, selection: ComponentSelection | None, **kwargs: Any) -> GateSteering:
         """Steer an already loaded model (Python API) instead of one loaded by path."""
         return super().for_model(model, tokenizer, selection=selection, **kwargs)
 
@@ -264,8 +265,10 @@ class GateSteering(ReasoningTask):
         """Stop before sampling with gates or vectors that became NaN or infinite (the run diverged)."""
         self.check_finite()
 
-    def on_train_batch_end(self, outputs: Any, batch: ReasoningBatch, batch_idx: int) -> None:
-        """Scale back every vector longer than ``vectors.max_norm`` (the projection step of norm-bounded training)."""
+    def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
+        """Step, then scale back every vector longer than ``vectors.max_norm`` (the projection of norm-bounded
+        training: once per real step, before any callback or checkpoint sees the vectors)."""
+        super().optimizer_step(*args, **kwargs)
         if self.vectors is not None and self.vector_training.max_norm is not None:
             self.vectors.clamp_norms(self.vector_training.max_norm)
 
@@ -374,6 +377,10 @@ def load_steering_checkpoint(path: str | Path, model: str | None = None, trust_r
     elif hparams.get("model_path") == IN_MEMORY_MODEL:
         raise SteeringCheckpointError(f"{path} was trained on a model that was never saved under a path: pass the model to load it on")
     steering = checkpoint[STEERING_KEY]
+    learned_sites = steering.get("vectors") or []
+    if learned_sites and isinstance(hparams.get("vectors"), dict) and hparams["vectors"].get("layers") is None:
+        # the blocks the vectors were learned at, not the default block of the model they are loaded on
+        hparams["vectors"] = {**hparams["vectors"], "layers": sorted({int(name.split(".")[1]) for name in learned_sites})}
     try:  # what it records about its components and model is named with the file
         module = GateSteering(**hparams)
         module.build(components=steering["components"], recorded_identity=steering.get("model_identity"), allow_other_model=allow_other_model)

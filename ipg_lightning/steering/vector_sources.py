@@ -199,6 +199,7 @@ def reflection_vectors(
     return vectors
 
 
+@torch.no_grad()
 def _thought_sums(
     model: nn.Module, sites: Sequence[Site], trajectories: Trajectories, thoughts: Sequence[Sequence[Thought]], chunk_size: int
 ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
