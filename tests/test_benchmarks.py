@@ -7,6 +7,8 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
+import torch
+
 from ipg_lightning.data import ReasoningDataModule
 from ipg_lightning.evaluation import evaluate_generations
 from ipg_lightning.model.loading import load_model_and_tokenizer
@@ -115,3 +117,55 @@ def test_placement_trains_each_mode_with_its_parameter_count_and_resumes(tmp_pat
     assert len(selected) == 8 and all(name.startswith("blocks.3.mlp.hook_post[") for name in selected)
     changed = subprocess.run([*command, "--steps", "2"], capture_output=True, text=True, cwd=ROOT)
     assert changed.returncode != 0 and "holds a run with other settings (steps)" in changed.stderr
+
+
+def test_gates_vs_vectors_keeps_the_setting_chosen_on_the_selection_problems_and_measures_it_on_the_test_problems(tmp_path):
+    from ipg_lightning.vectors import SteeringVectors
+
+    out = tmp_path / "comparison"
+    sizes = ["--support", "8", "--num-samples", "4", "--select", "8", "--test", "8", "--ks", "2", "--gammas", "0", "2", "--strengths", "-0.1", "0.1"]
+    command = [sys.executable, str(ROOT / "benchmarks" / "gates_vs_vectors.py"), *sizes, "--seeds", "1", "--out", str(out)]
+    rows = ["--rows", "grad_x_act", "contrast", "sae", "learned", "--learn-epochs", "1"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    printed = subprocess.run([*command, *rows], capture_output=True, text=True, check=True, cwd=ROOT, env=env).stdout
+    summary = json.loads((out / "results.json").read_text())
+    base = summary["base"]
+    assert set(summary["cells"]) == {f"{b}|{row}|0" for b in ("length", "accuracy") for row in rows[1:5]}
+    model, tokenizer = load_model_and_tokenizer(TINY_REASONER_PATH)
+    data = ReasoningDataModule(synthetic_task=TINY_REASONER_TASK, num_test=8, num_val=8, num_train=0, batch_size=128)
+    data.connect(tokenizer)
+    decoding = {  # accuracy greedy, length on 4 samples per problem
+        "accuracy": SamplingConfig(num_samples=1, temperature=0.0, max_new_tokens=160, batch_size=128),
+        "length": SamplingConfig(num_samples=4, temperature=0.7, top_p=1.0, max_new_tokens=160, batch_size=128, seed=0),
+    }
+    for behaviour, sampling in decoding.items():
+        metrics = evaluate_generations(model, tokenizer, data.test_dataloader(), sampling).metrics
+        assert base[behaviour]["test"]["accuracy"] == metrics["accuracy"] and base[behaviour]["test"]["length"] == metrics["reasoning_length_mean"]
+    for key, cell in summary["cells"].items():
+        if "not_applicable" in cell:
+            assert "|contrast|" in key, cell  # only a contrast can lack one of its sides
+            continue
+        behaviour, row, _ = key.split("|")
+        swept, reference = cell["select"], base[behaviour]["select"]
+        assert len(swept) == 2 and cell["build_seconds"] > 0
+        allowed = [r for r in swept if r["accuracy"] >= reference["accuracy"] - 0.02 and r["length"] < reference["length"]]
+        if behaviour == "accuracy":
+            allowed = [r for r in swept if r["accuracy"] > reference["accuracy"]]
+        if cell["kept"] is None:  # nothing qualified on the selection problems: the test row is the base
+            assert not allowed and cell["test"] == base[behaviour]["test"]
+        elif behaviour == "accuracy":
+            assert cell["kept"]["accuracy"] == max(r["accuracy"] for r in allowed)
+        else:
+            assert cell["kept"]["length"] == min(r["length"] for r in allowed)
+    # every vector cell, rebuilt by hand from its recorded unit direction at its kept strength, gives its recorded test metrics
+    for key, cell in summary["cells"].items():
+        if "vectors" not in cell:
+            continue
+        behaviour = key.split("|")[0]
+        (name, direction), alpha = next(iter(cell["vectors"].items())), (cell["kept"] or {"alpha": 0.0})["alpha"]
+        assert abs(float(torch.tensor(direction).norm()) - 1) < 1e-5
+        vectors = SteeringVectors.for_model(model, ["resid_post"], [int(name.split(".")[1])], alpha=alpha)
+        vectors.set_vector(name, torch.tensor(direction))
+        metrics = evaluate_generations(model, tokenizer, data.test_dataloader(), decoding[behaviour], None, vectors).metrics
+        assert (cell["test"]["accuracy"], cell["test"]["length"]) == (metrics["accuracy"], metrics["reasoning_length_mean"])
+    assert "| grad_x_act | 1 |" in printed and "| sae | 1 |" in printed and "| learned | 1 |" in printed
