@@ -68,6 +68,68 @@ def test_a_vector_equals_a_hand_added_bias_in_forward_and_in_cached_generation(t
         assert torch.equal(tiny_llama(INPUT).logits, base)  # detached on exit
 
 
+def _added_after(model, layer, offset, added):
+    """A hook (test-local, independent of the library's) adding ``added`` to block ``layer``'s output at positions >= ``offset``."""
+
+    def hook(module, args, output):
+        hidden = output[0] if isinstance(output, tuple) else output
+        hidden = hidden.clone()
+        hidden[:, offset:] += added
+        return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
+
+    return model.model.layers[layer].register_forward_hook(hook)
+
+
+def test_a_vector_at_generated_positions_acts_at_each_decode_step_and_at_declared_completion_tokens(tiny_llama):
+    from ipg_lightning.rollout.scoring import completion_log_probs
+    from ipg_lightning.rollout.trajectories import Trajectories
+
+    vectors = _vectors(tiny_llama, "blocks.0.hook_resid_post", alpha=6.0)
+    vectors.positions = "generated"
+    added = vectors.alpha * vectors.vector("blocks.0.hook_resid_post").detach()
+    prompt = INPUT[0].tolist()
+    with torch.no_grad():
+        base = tiny_llama(INPUT).logits
+        with vectors.attach(tiny_llama):
+            generated = tiny_llama.generate(INPUT, max_new_tokens=10, do_sample=False, pad_token_id=0)[0, len(prompt) :].tolist()
+            assert torch.equal(tiny_llama(INPUT).logits, base)  # a pass that declares no generated tokens is a prompt
+        everywhere = _vectors(tiny_llama, "blocks.0.hook_resid_post", alpha=6.0)
+        with everywhere.attach(tiny_llama):
+            generated_everywhere = tiny_llama.generate(INPUT, max_new_tokens=10, do_sample=False, pad_token_id=0)[0, len(prompt) :].tolist()
+        # by hand, without a cache: each next token from a full pass that adds the vector at the tokens generated so far
+        by_hand = []
+        for _ in range(10):
+            handle = _added_after(tiny_llama, 0, len(prompt), added)
+            logits = tiny_llama(torch.tensor([prompt + by_hand])).logits
+            handle.remove()
+            by_hand.append(int(logits[0, -1].argmax()))
+        assert generated == by_hand and generated != generated_everywhere
+        # teacher forcing over prompt and completion: the vector at the completion's tokens only
+        trajectories = Trajectories([prompt], [generated], ["x"], [0], [0], pad_token_id=0)
+        with vectors.attach(tiny_llama):
+            steered = completion_log_probs(tiny_llama, trajectories)
+        handle = _added_after(tiny_llama, 0, len(prompt), added)
+        expected = completion_log_probs(tiny_llama, trajectories)
+        handle.remove()
+        torch.testing.assert_close(steered, expected, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="positions must be one of"):
+        SteeringVectors.for_model(tiny_llama, positions="prompt")
+
+
+def test_generated_position_vectors_keep_their_mode_in_files_never_fold_and_are_refused_by_the_vllm_engine(tiny_llama, tmp_path):
+    from ipg_lightning.rollout.vllm_gates import EngineGateError, check_mirrorable
+
+    vectors = _vectors(tiny_llama, "blocks.0.hook_mlp_out")
+    vectors.positions = "generated"
+    save_vectors(vectors, tmp_path / "generated.safetensors", tiny_llama, "tiny:llama")
+    loaded = load_vectors(tmp_path / "generated.safetensors", tiny_llama)
+    assert loaded.positions == "generated" and read_vector_metadata(tmp_path / "generated.safetensors")["positions"] == "generated"
+    fold = fold_vectors_into_biases(tiny_llama, loaded, INPUT)
+    assert fold.folded == [] and fold.carried is loaded  # a bias would act at the prompt's positions too
+    with pytest.raises(EngineGateError, match="generated positions only are not applied inside the vLLM engine yet"):
+        check_mirrorable(tiny_llama, [loaded])
+
+
 def test_alpha_zero_changes_nothing_and_alpha_scales_linearly(tiny_llama):
     vectors = _vectors(tiny_llama, "blocks.0.hook_resid_post")
     vector = vectors.vector("blocks.0.hook_resid_post").detach()
@@ -337,7 +399,7 @@ def test_ipg_vectors_builds_a_reflection_contrast_from_the_support_split(tmp_pat
 
     file = tmp_path / "reflection.safetensors"
     args = ["--model_path", "tiny-reasoner", "--source", "reflection", "--layers", "[2]", "--data.num_val", "4", "--sampling.max_new_tokens", "120"]
-    run(["vectors", "--output", str(file), *args, "--sampling.num_samples", "2", "--alpha", "3"])
+    run(["vectors", "--output", str(file), *args, "--sampling.num_samples", "2", "--alpha", "3", "--positions", "generated"])
     model, tokenizer = load_model_and_tokenizer(TINY_REASONER_PATH)
     loaded = load_vectors(file, model)
     data = ReasoningDataModule(num_val=4)
@@ -347,6 +409,7 @@ def test_ipg_vectors_builds_a_reflection_contrast_from_the_support_split(tmp_pat
     expected = reflection_vectors(model, tokenizer, prompts, ["resid_post"], [2], sampling)
     torch.testing.assert_close(loaded.vector("blocks.2.hook_resid_post").detach(), expected.vector("blocks.2.hook_resid_post").detach())
     assert loaded.alpha == 3.0 and loaded.provenance["source"] == "reflection" and loaded.provenance["split"] == "val"
+    assert loaded.positions == "generated"
     with pytest.raises(ValueError, match="needs at least one reflection marker"):
         run(["vectors", "--output", str(tmp_path / "x.safetensors"), *args, "--markers", "[]"])
     with pytest.raises(ValueError, match="never on the test split"):

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from ipg_lightning.model.hooks import site_hooks
+from ipg_lightning.model.positions import completion_positions
 from ipg_lightning.model.sites import Site, unwrap_model
 from ipg_lightning.rollout.trajectories import Trajectories
 
@@ -48,7 +49,7 @@ def component_activations(
             value = value.view(*mask.shape, -1)
         captured[site.name] = read(site, value.float())
 
-    with site_hooks(root, [(site, partial(record, site)) for site in sites]):
+    with site_hooks(root, [(site, partial(record, site)) for site in sites]), completion_positions(mask):
         model(**batch, use_cache=False)
     return captured, mask
 

@@ -17,6 +17,7 @@ from ipg_lightning.rollout.trajectories import SamplingConfig
 from ipg_lightning.sae import load_sae
 from ipg_lightning.steering.vector_sources import contrast_vectors, reflection_vectors, sae_direction_vectors
 from ipg_lightning.vectors import VECTOR_FAMILIES, save_vectors
+from ipg_lightning.vectors.additive import VectorPositions
 from ipg_lightning.vectors.files import check_vector_output
 
 #: Sampling for a contrast: N = 8 samples of each problem at the usual reasoning temperature.
@@ -38,6 +39,7 @@ def vectors(
     features: list[int] | None = None,
     unit: bool = True,
     alpha: float = 1.0,
+    positions: VectorPositions = "all",
     dtype: str = "float32",
     device: str = "auto",
     overwrite: bool = False,
@@ -72,6 +74,8 @@ def vectors(
         features: the SAE features whose decoder directions are added up (source ``sae``).
         unit: scale an SAE direction to norm 1, so alpha is the norm of what is added.
         alpha: the strength stored with the vectors (``ipg evaluate --alpha`` overrides it).
+        positions: where the vectors are added when used: ``all`` positions, or ``generated`` tokens only
+            (each decode step; HF engine only, and carried by export rather than folded).
         dtype: weights dtype.
         device: where the model runs: ``auto``, ``cpu``, ``cuda``, ``cuda:N``.
         overwrite: replace an earlier vector file at ``output`` (never any other file).
@@ -117,7 +121,8 @@ def vectors(
             built = contrast_vectors(model, tokenizer, prompts, golds, reward, families, layers, sampling, progress=True, architecture=architecture)
         built.provenance |= {"data": data.source, "split": split}
     built.alpha = alpha
+    built.positions = positions
     save_vectors(built, path, model, str(directory), overwrite=overwrite)
-    summary = {"output": str(path), "alpha": built.alpha, "norms": built.norms(), "provenance": built.provenance}
+    summary = {"output": str(path), "alpha": built.alpha, "positions": built.positions, "norms": built.norms(), "provenance": built.provenance}
     print(json.dumps(summary, indent=2, default=str))
     return summary

@@ -14,6 +14,7 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
+from ipg_lightning.model.positions import completion_positions
 from ipg_lightning.model.sites import unwrap_model
 from ipg_lightning.rollout.passes import TeacherForcedPasses
 from ipg_lightning.rollout.token_log_probs import target_log_probs
@@ -37,7 +38,8 @@ def completion_log_probs(model: nn.Module, trajectories: Trajectories) -> torch.
     prompt_width = max(len(ids) for ids in trajectories.prompt_ids)
     completion_width = completion_mask.shape[1] - prompt_width
     extra = {"logits_to_keep": completion_width + 1} if _accepts_logits_to_keep(model) else {}
-    logits = model(**batch, use_cache=False, **extra).logits
+    with completion_positions(completion_mask):  # for steering vectors added at generated positions only
+        logits = model(**batch, use_cache=False, **extra).logits
     logits = logits[:, -(completion_width + 1) : -1]
     targets = batch["input_ids"][:, prompt_width:]
     log_probs = target_log_probs(logits, targets)

@@ -65,6 +65,8 @@ def check_mirrorable(model: nn.Module, gate_sets: list[Intervention]) -> None:
     root = unwrap_model(model)
     if root is not model and getattr(model, "peft_config", None):
         raise EngineGateError(f"The model carries a PEFT adapter, which the vLLM engine (loading the model's own weights) would not apply: {USE_HF}")
+    if any(getattr(steering, "positions", "all") != "all" for steering in gate_sets):
+        raise EngineGateError(f"Steering vectors added at generated positions only are not applied inside the vLLM engine yet: {USE_HF}")
     weighted = [site.name for gates in gate_sets for site in gates.sites.values() if site.kind.scales_weight]
     if weighted:
         raise EngineGateError(f"Gates that scale fused expert weights ({weighted[0]}) are not applied inside the vLLM engine yet: {USE_HF}")

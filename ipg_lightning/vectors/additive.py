@@ -5,8 +5,10 @@ baseline users compare gates with (activation addition, contrastive activation a
 reasoning vectors, SAE decoder directions). A vector lives at a site whose activation is a
 ``hidden_size`` vector: a block's output (``resid_post``) or what an attention or MLP sub-layer adds
 to it (``attn_out``, ``mlp_out``). It is added at every position, prompt and generated tokens alike,
+or with ``positions="generated"`` at generated tokens only (:mod:`ipg_lightning.model.positions`),
 in plain forward passes and in ``generate`` with a KV cache, through the same hooks gates use, so it
-works on plain and PEFT-wrapped models, acts inside the vLLM engine (mirrored like gates) and
+works on plain and PEFT-wrapped models, acts inside the vLLM engine (mirrored like gates; every
+position only) and
 composes with gates: edits on one site apply in the order their sets were installed.
 
 Example:
@@ -28,17 +30,21 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, Literal, get_args
 
 import torch
 from torch import nn
 
 from ipg_lightning.model.families import ArchitectureSpec
 from ipg_lightning.model.interventions import Handle, install_intervention, parameter_key, removed_on_exit
+from ipg_lightning.model.positions import declared_completion_mask, is_decode_step
 from ipg_lightning.model.sites import Site, discover_sites, unwrap_model
 
 #: The site families whose activation is a ``hidden_size`` vector a steering vector can be added to.
 VECTOR_FAMILIES = ("resid_post", "attn_out", "mlp_out")
+#: Where a vector is added: at every position, or at generated tokens only.
+VectorPositions = Literal["all", "generated"]
+POSITIONS: tuple[str, ...] = get_args(VectorPositions)
 
 
 class SteeringVectors(nn.Module):
@@ -49,10 +55,21 @@ class SteeringVectors(nn.Module):
         width: the model's ``hidden_size``, the length of every vector.
         alpha: the strength every vector is multiplied by (0 leaves the model unchanged).
         provenance: where the vectors come from (JSON-able: source, contrast, data, protocol), saved with them.
+        positions: ``all`` (every position) or ``generated`` (generated tokens only: each decode step of
+            ``generate``, and the completion positions a teacher-forced pass declares; not in the vLLM engine).
     """
 
-    def __init__(self, sites: Sequence[Site], width: int, alpha: float = 1.0, provenance: Mapping[str, Any] | None = None) -> None:
+    def __init__(
+        self,
+        sites: Sequence[Site],
+        width: int,
+        alpha: float = 1.0,
+        provenance: Mapping[str, Any] | None = None,
+        positions: VectorPositions = "all",
+    ) -> None:
         super().__init__()
+        if positions not in POSITIONS:
+            raise ValueError(f"positions must be one of {list(POSITIONS)}, got {positions!r}")
         if not sites:
             raise ValueError(f"SteeringVectors needs at least one site (families {list(VECTOR_FAMILIES)})")
         wrong = [site.name for site in sites if site.family not in VECTOR_FAMILIES or site.sae is not None]
@@ -70,6 +87,8 @@ class SteeringVectors(nn.Module):
         self._alpha = 1.0
         self.alpha = alpha
         self.provenance: dict[str, Any] = dict(provenance or {})
+        self.positions: VectorPositions = positions
+        self._decoding = False  # set before each forward of the model it is attached to (positions "generated")
 
     @classmethod
     def for_model(
@@ -80,6 +99,7 @@ class SteeringVectors(nn.Module):
         architecture: ArchitectureSpec | None = None,
         alpha: float = 1.0,
         provenance: Mapping[str, Any] | None = None,
+        positions: VectorPositions = "all",
     ) -> SteeringVectors:
         """Zero vectors at the sites of ``families`` at ``layers`` of ``model`` (plain or PEFT-wrapped)."""
         families = list(families)
@@ -87,7 +107,7 @@ class SteeringVectors(nn.Module):
         if wrong:
             raise ValueError(f"Steering vectors are added at {list(VECTOR_FAMILIES)} sites only, got families {wrong}")
         width = unwrap_model(model).config.hidden_size
-        return cls(discover_sites(model, families, layers, architecture), width, alpha=alpha, provenance=provenance)
+        return cls(discover_sites(model, families, layers, architecture), width, alpha=alpha, provenance=provenance, positions=positions)
 
     @property
     def alpha(self) -> float:
@@ -140,15 +160,30 @@ class SteeringVectors(nn.Module):
                 vector.mul_(max_norm / norm)
 
     def edit(self, site: Site, activation: torch.Tensor) -> torch.Tensor:
-        """``site``'s ``activation`` (..., width) plus ``alpha`` times its vector, at every position (what the installed hook applies)."""
+        """``site``'s ``activation`` (rows, positions, width) plus ``alpha`` times its vector, at every position
+        or at generated ones only (what the installed hook applies)."""
         if self.alpha == 0:
             return activation
-        added = self.alpha * self.vector(site.name).to(device=activation.device, dtype=torch.float32)  # rounded once, below
-        return activation + added.to(activation.dtype)
+        added = (self.alpha * self.vector(site.name).to(device=activation.device, dtype=torch.float32)).to(activation.dtype)  # rounded once
+        if self.positions == "all" or self._decoding:
+            return activation + added
+        mask = declared_completion_mask()
+        if mask is None or tuple(mask.shape) != tuple(activation.shape[:2]):  # a prompt's prefill, or a pass that declares no generated tokens
+            return activation
+        return activation + added * mask.to(device=activation.device, dtype=activation.dtype)[..., None]
 
     def install(self, model: nn.Module) -> list[Handle]:
         """Install the vector hooks on ``model`` until the returned handles are removed (prefer :meth:`attach`)."""
-        return install_intervention(model, self, self.sites.values())
+        first = self._watch_decoding if self.positions == "generated" else None
+        return install_intervention(model, self, self.sites.values(), first=first)
+
+    def _watch_decoding(self, root: nn.Module) -> list[Handle]:
+        """Before each forward of ``root``, note whether it is a decode step of ``generate`` (which adds everywhere)."""
+
+        def note(module: nn.Module, args: tuple, kwargs: dict) -> None:
+            self._decoding = is_decode_step(kwargs)
+
+        return [root.register_forward_pre_hook(note, with_kwargs=True)]
 
     @contextmanager
     def attach(self, model: nn.Module) -> Iterator[SteeringVectors]:

@@ -23,7 +23,7 @@ from ipg_lightning.model.families import ArchitectureSpec
 from ipg_lightning.model.identity import check_same_model, model_identity
 from ipg_lightning.model.sites import find_site, unwrap_model
 from ipg_lightning.outputs import atomic_write_bytes, check_writable
-from ipg_lightning.vectors.additive import SteeringVectors
+from ipg_lightning.vectors.additive import POSITIONS, SteeringVectors
 
 #: The ``format`` entry of a steering-vector file's metadata.
 VECTOR_FORMAT = "ipg_lightning.steering_vectors"
@@ -46,6 +46,7 @@ def save_vectors(vectors: SteeringVectors, path: str | Path, model: nn.Module, m
         "sites": json.dumps({name: site.description() for name, site in vectors.sites.items()}),
         "model": json.dumps(model_identity(model, model_name)),
         "provenance": json.dumps(vectors.provenance),
+        "positions": vectors.positions,
     }
     return atomic_write_bytes(path, save(tensors, metadata=metadata))
 
@@ -90,6 +91,7 @@ def read_vector_metadata(path: str | Path) -> dict[str, Any]:
             "sites": json.loads(raw["sites"]),
             "model": json.loads(raw["model"]),
             "provenance": json.loads(raw["provenance"]),
+            "positions": raw.get("positions", "all"),  # files written before generated-only vectors add everywhere
         }
         sites, model = metadata["sites"], metadata["model"]
         if not math.isfinite(metadata["alpha"]):
@@ -100,6 +102,8 @@ def read_vector_metadata(path: str | Path) -> dict[str, Any]:
             raise ValueError("model is not a model identity")
         if not isinstance(metadata["provenance"], dict):
             raise ValueError("provenance is not a mapping")
+        if metadata["positions"] not in POSITIONS:
+            raise ValueError(f"positions is {metadata['positions']!r}, not one of {list(POSITIONS)}")
     except (KeyError, ValueError) as error:
         raise ValueError(f"{path} has damaged metadata ({type(error).__name__}: {error}); write the vectors again") from None
     return metadata
@@ -131,7 +135,7 @@ def load_vectors(
                 f"but that site is {site.module_path} in this model: it was built for another architecture"
             )
         sites.append(site)
-    vectors = SteeringVectors(sites, width, alpha=metadata["alpha"], provenance=metadata["provenance"])
+    vectors = SteeringVectors(sites, width, alpha=metadata["alpha"], provenance=metadata["provenance"], positions=metadata["positions"])
     for name, value in values.items():
         if value.shape != (width,):
             raise ValueError(f"{path} is damaged: the vector for {name} has shape {tuple(value.shape)}, not ({width},)")

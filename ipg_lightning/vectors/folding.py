@@ -94,6 +94,8 @@ def fold_vectors_into_biases(
     """
     if vectors.alpha == 0:
         return VectorFold([], None, [])
+    if vectors.positions != "all":  # a bias acts at every position
+        return VectorFold([], vectors, [])
     root = unwrap_model(model)
     hosts = {name: bias_projection(root, site, architecture) for name, site in vectors.sites.items()}
     keep = set(keep)
@@ -152,7 +154,7 @@ def _rest(vectors: SteeringVectors, names: list[str]) -> SteeringVectors | None:
     """The vectors of ``names`` alone (None if there are none), with the same strength and provenance."""
     if not names:
         return None
-    rest = SteeringVectors([vectors.sites[name] for name in names], vectors.width, vectors.alpha, vectors.provenance)
+    rest = SteeringVectors([vectors.sites[name] for name in names], vectors.width, vectors.alpha, vectors.provenance, vectors.positions)
     for name in names:
         rest.set_vector(name, vectors.vector(name).detach())
     return rest
