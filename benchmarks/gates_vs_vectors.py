@@ -8,7 +8,8 @@ trajectories each at temperature 0.7) and then tuned and measured the same way:
   testbed's block for it, and scale the top k by gamma (every k of ``--ks`` with every gamma of ``--gammas``);
 - **vectors**, added to that block's output: ``contrast`` (above minus below each problem's mean
   reward: correct minus incorrect for accuracy, long minus short for length), ``reflection``
-  (execution minus reflection thoughts, SEAL-style; needs no reward) and ``sae`` (the decoder
+  (execution minus reflection thoughts, SEAL-style; needs no reward; added at every position),
+  ``seal`` (the same vector added at generated tokens only, as SEAL adds it) and ``sae`` (the decoder
   direction of the SAE feature IPG ranks first, where the testbed's SAE reads; rows without an SAE
   say so) and ``learned`` (trained from zero by policy gradient on the behaviour's reward with
   ``ipg steer``'s module, ``--learn-epochs`` passes over the support problems at the same N: more
@@ -70,7 +71,7 @@ from ipg_lightning.vectors import SteeringVectors
 from ipg_lightning.zoo.reasoner import TINY_REASONER_SAE_PATH
 
 GATE_ROWS = ("ipg", "grad_x_act")
-VECTOR_ROWS = ("contrast", "reflection", "sae", "learned")
+VECTOR_ROWS = ("contrast", "reflection", "seal", "sae", "learned")
 BEHAVIOURS = ("length", "accuracy")
 REWARDS = {"length": "reasoning_length", "accuracy": "accuracy"}
 #: The SAE each testbed's ``sae`` row reads (None: the row is not applicable).
@@ -172,7 +173,7 @@ class Comparison:
             if row == "contrast":
                 reward = REWARDS[behaviour]
                 vectors = contrast_vectors(self.model, self.tokenizer, batch["prompt"], batch["answer"], reward, ["resid_post"], [layer], sampling)
-            elif row == "reflection":
+            elif row in ("reflection", "seal"):
                 vectors = reflection_vectors(self.model, self.tokenizer, batch["prompt"], ["resid_post"], [layer], sampling)
             elif row == "learned":
                 vectors = self.learn(data, sampling, behaviour)
@@ -190,7 +191,8 @@ class Comparison:
             return f"not applicable: the {row} vector is zero"
         direction = (direction / direction.norm()).tolist()
         scale = self.base()["norms"][name]
-        return [Setting({"strength": strength, "alpha": strength * scale}, None, {name: direction}) for strength in self.settings["strengths"]]
+        positions = "generated" if row == "seal" else "all"
+        return [Setting({"strength": s, "alpha": s * scale}, None, {name: direction}, positions) for s in self.settings["strengths"]]
 
     def learn(self, data: ReasoningDataModule, sampling: SamplingConfig, behaviour: str) -> SteeringVectors:
         """A vector at the behaviour's block trained by policy gradient on its reward, over ``--learn-epochs`` passes of the support problems."""
@@ -222,7 +224,8 @@ class Comparison:
         """The gates or vectors of ``setting``, ready to attach."""
         if setting.vectors is None:
             return gates_for_components(self.model, setting.components, setting.knobs["gamma"]), None
-        vectors = SteeringVectors.for_model(self.model, ["resid_post"], [int(name.split(".")[1]) for name in setting.vectors])
+        layers = [int(name.split(".")[1]) for name in setting.vectors]
+        vectors = SteeringVectors.for_model(self.model, ["resid_post"], layers, positions=setting.positions)
         for name, direction in setting.vectors.items():
             vectors.set_vector(name, torch.tensor(direction))
         vectors.alpha = setting.knobs["alpha"]
@@ -247,7 +250,7 @@ class Comparison:
         if built[0].vectors is None:
             cell["components"] = max((setting.components for setting in built), key=len)  # the ranking
         else:
-            cell["vectors"] = built[0].vectors  # the unit direction at its site
+            cell["vectors"], cell["positions"] = built[0].vectors, built[0].positions  # the unit direction at its site, where it is added
         cell["seconds"] = round(time.perf_counter() - started, 2)
         return cell
 
@@ -278,6 +281,7 @@ class Setting(NamedTuple):
     knobs: dict[str, float]
     components: list[str] | None
     vectors: dict[str, list[float]] | None
+    positions: str = "all"
 
 
 def choose(swept: list[dict[str, float]], base: dict[str, float], behaviour: str, tolerance: float) -> int | None:

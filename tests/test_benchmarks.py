@@ -125,12 +125,12 @@ def test_gates_vs_vectors_keeps_the_setting_chosen_on_the_selection_problems_and
     out = tmp_path / "comparison"
     sizes = ["--support", "8", "--num-samples", "4", "--select", "8", "--test", "8", "--ks", "2", "--gammas", "0", "2", "--strengths", "-0.1", "0.1"]
     command = [sys.executable, str(ROOT / "benchmarks" / "gates_vs_vectors.py"), *sizes, "--seeds", "1", "--out", str(out)]
-    rows = ["--rows", "grad_x_act", "contrast", "sae", "learned", "--learn-epochs", "1"]
+    rows = ["--rows", "grad_x_act", "contrast", "seal", "sae", "learned", "--learn-epochs", "1"]
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     printed = subprocess.run([*command, *rows], capture_output=True, text=True, check=True, cwd=ROOT, env=env).stdout
     summary = json.loads((out / "results.json").read_text())
     base = summary["base"]
-    assert set(summary["cells"]) == {f"{b}|{row}|0" for b in ("length", "accuracy") for row in rows[1:5]}
+    assert set(summary["cells"]) == {f"{b}|{row}|0" for b in ("length", "accuracy") for row in rows[1:6]}
     model, tokenizer = load_model_and_tokenizer(TINY_REASONER_PATH)
     data = ReasoningDataModule(synthetic_task=TINY_REASONER_TASK, num_test=8, num_val=8, num_train=0, batch_size=128)
     data.connect(tokenizer)
@@ -143,7 +143,7 @@ def test_gates_vs_vectors_keeps_the_setting_chosen_on_the_selection_problems_and
         assert base[behaviour]["test"]["accuracy"] == metrics["accuracy"] and base[behaviour]["test"]["length"] == metrics["reasoning_length_mean"]
     for key, cell in summary["cells"].items():
         if "not_applicable" in cell:
-            assert "|contrast|" in key, cell  # only a contrast can lack one of its sides
+            assert "|contrast|" in key or "|seal|" in key, cell  # only a contrast can lack one of its sides
             continue
         behaviour, row, _ = key.split("|")
         swept, reference = cell["select"], base[behaviour]["select"]
@@ -164,7 +164,7 @@ def test_gates_vs_vectors_keeps_the_setting_chosen_on_the_selection_problems_and
         behaviour = key.split("|")[0]
         (name, direction), alpha = next(iter(cell["vectors"].items())), (cell["kept"] or {"alpha": 0.0})["alpha"]
         assert abs(float(torch.tensor(direction).norm()) - 1) < 1e-5
-        vectors = SteeringVectors.for_model(model, ["resid_post"], [int(name.split(".")[1])], alpha=alpha)
+        vectors = SteeringVectors.for_model(model, ["resid_post"], [int(name.split(".")[1])], alpha=alpha, positions=cell["positions"])
         vectors.set_vector(name, torch.tensor(direction))
         metrics = evaluate_generations(model, tokenizer, data.test_dataloader(), decoding[behaviour], None, vectors).metrics
         assert (cell["test"]["accuracy"], cell["test"]["length"]) == (metrics["accuracy"], metrics["reasoning_length_mean"])
