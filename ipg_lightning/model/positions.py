@@ -35,5 +35,5 @@ def declared_completion_mask() -> torch.Tensor | None:
 
 def is_decode_step(kwargs: dict) -> bool:
     """True if a causal LM's forward ``kwargs`` continue a filled KV cache (a decode step of ``generate``), not a prefill or a cache-free pass."""
-    cache = kwargs.get("past_key_values")
+    cache = kwargs.get("past_key_values", kwargs.get("cache"))  # transformers renamed the argument in 5.2x
     return cache is not None and hasattr(cache, "get_seq_length") and int(cache.get_seq_length()) > 0
