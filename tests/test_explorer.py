@@ -1,6 +1,7 @@
 """The attribution explorer: kept trajectories, per-token traces checked against independent computations, the page."""
 
 import json
+import math
 import re
 import shutil
 from html.parser import HTMLParser
@@ -251,6 +252,20 @@ def test_ipg_explore_writes_the_page_and_refuses_what_it_must_not_touch(tmp_path
         run(["explore", str(report), "--output", str(tmp_path / "page.json")])
     with pytest.raises(ValueError, match="components must be >= 1"):
         run(["explore", str(report), "--output", str(tmp_path / "x.html"), "--components", "0"])
+    from ipg_lightning.model.loading import load_model_and_tokenizer
+    from ipg_lightning.vectors import save_vectors
+
+    model, _ = load_model_and_tokenizer("tiny:llama")
+    file = save_vectors(_vectors(model, ["blocks.1.hook_mlp_out"]), tmp_path / "contrast.safetensors", model, "tiny:llama")
+    run(["explore", str(report), "--output", str(tmp_path / "v.html"), "--vectors", f"[{file}]", "--components", "1", "--progress", "false"])
+    trace = embedded_payload((tmp_path / "v.html").read_text())["vectors"]["contrast @ blocks.1.hook_mlp_out"]
+    assert trace["provenance"] == {"source": "test"} and len(trace["rows"]) == 8
+    twin = tmp_path / "other"
+    twin.mkdir()
+    shutil.copy(file, twin / file.name)
+    with pytest.raises(ValueError, match="Two vector files are named contrast.safetensors"):
+        run(["explore", str(report), "--output", str(tmp_path / "w.html"), "--vectors", f"[{file}, {twin / file.name}]"])
+    assert not (tmp_path / "w.html").exists()
 
 
 def test_measured_effects_come_from_ipg_evaluate_outputs(tmp_path, tiny_llama, tokenizer):
@@ -287,7 +302,10 @@ def test_the_page_works_in_a_real_browser(tmp_path, tiny_llama, tokenizer):
     effects = Effects(base={"accuracy": 0.5, "reasoning_length_mean": 10.0, "reflection_rate": 0.1})
     top = report.ranked(signed=False)[0][0]
     effects.conditions.append(MeasuredEffect("top suppressed", 0.0, [top], {"accuracy": 0.25, "reasoning_length_mean": 8.0, "reflection_rate": 0.0}))
-    page = page_for_report(report, tiny_llama, tokenizer, tmp_path / "page.html", effects, components=4, trajectories_per_component=3)
+    vectors = {"mine": _vectors(tiny_llama, ["blocks.1.hook_resid_post"])}
+    page = page_for_report(
+        report, tiny_llama, tokenizer, tmp_path / "page.html", effects, components=4, trajectories_per_component=3, vectors=vectors
+    )
     payload = embedded_payload(page.read_text())
     with playwright.sync_playwright() as driver:
         try:
@@ -317,8 +335,102 @@ def test_the_page_works_in_a_real_browser(tmp_path, tiny_llama, tokenizer):
         shading = cards.nth(0).locator(".token").evaluate_all("spans => spans.map(s => s.style.background)")
         view.locator("#view-contribution").check()
         assert cards.nth(0).locator(".token").evaluate_all("spans => spans.map(s => s.style.background)") != shading
+        vector = payload["vectors"]["mine @ blocks.1.hook_resid_post"]
+        view.locator("tr.vector-row").click()
+        assert view.locator("#detail h2").inner_text() == vector["name"] and view.url.endswith("#vector=mine%20%40%20blocks.1.hook_resid_post")
+        assert cards.count() == 3 and cards.nth(0).get_attribute("data-row") == str(vector["rows"][0])
+        first = str(vector["rows"][0])
+        assert cards.nth(0).locator(".token").count() == len(payload["trajectories"][first]["tokens"])
+        titles = cards.nth(0).locator(".token").evaluate_all("spans => spans.map(s => s.title)")
+        assert titles[0].startswith(f"token 0: projection {vector['projections'][0][0]:.4g}"[:24])
+        assert view.locator("#detail svg circle").count() == len(payload["kept"]["correct"])  # one dot per kept trajectory
+        view.locator(f'tr.component-row[data-name="{top}"]').click()
         view.locator("#family-filter").select_option("attn_head")
         assert rows.count() == sum(1 for row in payload["components"] if payload["sites"][row[1]]["family"] == "attn_head")
         browser.close()
     assert problems == []
     assert requests == [page.as_uri()]  # nothing but the page itself was loaded
+
+
+def _vectors(model, sites, seed=0):
+    from ipg_lightning.model.sites import find_site
+    from ipg_lightning.vectors import SteeringVectors
+
+    vectors = SteeringVectors([find_site(model, name) for name in sites], model.config.hidden_size, alpha=-2.0, provenance={"source": "test"})
+    generator = torch.Generator().manual_seed(seed)
+    for name in sites:
+        vectors.set_vector(name, torch.randn(vectors.width, generator=generator) * 3)
+    return vectors
+
+
+def test_vector_projections_equal_hand_hooks_and_their_summaries_an_independent_computation(tmp_path, tiny_llama, tokenizer):
+    report = _report(tiny_llama, tokenizer)
+    vectors = _vectors(tiny_llama, ["blocks.1.hook_resid_post", "blocks.0.hook_mlp_out"])
+    page = page_for_report(
+        report, tiny_llama, tokenizer, tmp_path / "page.html", components=1, trajectories_per_component=5, vectors={"mine": vectors}
+    )
+    payload = embedded_payload(page.read_text())
+    kept = report.trajectories
+    modules = {"blocks.1.hook_resid_post": tiny_llama.model.layers[1], "blocks.0.hook_mlp_out": tiny_llama.model.layers[0].mlp}
+    seen = {}
+    handles = [module.register_forward_hook(partial_record(seen, name)) for name, module in modules.items()]
+    try:
+        projections = {name: [] for name in modules}
+        for record in kept.rows:  # one unpadded trajectory at a time, the hand-made direction
+            prompt_ids = kept.prompts[record["prompt"]]["prompt_ids"]
+            tiny_llama(torch.tensor([prompt_ids + record["completion_ids"]]))
+            for name in modules:
+                unit = vectors.vector(name).detach() / vectors.vector(name).detach().norm()
+                projections[name].append((seen[name][0, len(prompt_ids) :] @ unit).double())
+    finally:
+        for handle in handles:
+            handle.remove()
+    assert set(payload["vectors"]) == {"mine @ blocks.1.hook_resid_post", "mine @ blocks.0.hook_mlp_out"}
+    assert payload["kept"]["reasoning_tokens"] == [row["reasoning_tokens"] for row in kept.rows]
+    for name, per_row in projections.items():
+        trace = payload["vectors"][f"mine @ {name}"]
+        assert trace["alpha"] == -2.0 and trace["norm"] == pytest.approx(float(vectors.vector(name).detach().norm()), rel=1e-4)
+        means = torch.stack([values.mean() for values in per_row])
+        torch.testing.assert_close(torch.tensor(trace["trajectory_means"], dtype=torch.float64), means, rtol=1e-3, atol=1e-4)
+        every = torch.cat(per_row)
+        assert trace["center"] == pytest.approx(float(every.mean()), rel=1e-3, abs=1e-4)
+        # the shown rows: the 3 highest mean projections, then the 2 lowest
+        order = means.argsort(descending=True).tolist()
+        assert trace["rows"] == order[:3] + order[::-1][:2] and trace["highest"] == 3
+        for row, values in zip(trace["rows"], trace["projections"], strict=True):
+            torch.testing.assert_close(torch.tensor(values, dtype=torch.float64), per_row[row], rtol=1e-3, atol=1e-4)
+        # by decile of the reasoning: floor(10 t / R) for t < R, the answer after
+        sums, counts = [0.0] * 11, [0] * 11
+        for record, values in zip(kept.rows, per_row, strict=True):
+            for t, value in enumerate(values.tolist()):
+                bucket = (10 * t) // record["reasoning_tokens"] if t < record["reasoning_tokens"] else 10
+                sums[bucket] += value - float(every.mean())
+                counts[bucket] += 1
+        expected = [total / count if count else 0.0 for total, count in zip(sums, counts, strict=True)]
+        assert trace["bucket_means"] == pytest.approx(expected, rel=1e-3, abs=1e-4)
+        rewards = torch.tensor([row["reward"] for row in kept.rows], dtype=torch.float64)
+        lengths = torch.tensor([row["reasoning_tokens"] for row in kept.rows], dtype=torch.float64)
+        for key, other in (("reward", rewards), ("reasoning_tokens", lengths)):
+            expected = float(torch.corrcoef(torch.stack([means, other]))[0, 1])
+            assert trace["correlations"][key] == (None if math.isnan(expected) else pytest.approx(expected, rel=1e-3, abs=1e-4))
+        assert trace["correlations"]["reward"] is not None  # word counts differ between the trajectories
+        right = [row for row, record in enumerate(kept.rows) if record["correct"]]
+        assert trace["right_mean"] == (pytest.approx(float(means[right].mean()), rel=1e-3, abs=1e-4) if right else None)
+    for row in {row for trace in payload["vectors"].values() for row in trace["rows"]}:
+        assert str(row) in payload["trajectories"]
+
+
+def partial_record(seen, name):
+    def record(module, args, output):
+        seen[name] = (output[0] if isinstance(output, tuple) else output).detach()
+
+    return record
+
+
+def test_a_vector_without_direction_is_refused(tmp_path, tiny_llama, tokenizer):
+    report = _report(tiny_llama, tokenizer)
+    vectors = _vectors(tiny_llama, ["blocks.1.hook_resid_post"])
+    vectors.set_vector("blocks.1.hook_resid_post", torch.zeros(vectors.width))
+    with pytest.raises(ValueError, match="zero or not finite: it has no direction to project on"):
+        page_for_report(report, tiny_llama, tokenizer, tmp_path / "page.html", components=1, vectors={"flat": vectors})
+    assert not (tmp_path / "page.html").exists()

@@ -30,6 +30,11 @@ def check_readable(sites: Sequence[Site], what: str) -> None:
 SiteReading = Callable[[Site, torch.Tensor], torch.Tensor]
 
 
+def whole_activation(site: Site, activation: torch.Tensor) -> torch.Tensor:
+    """A :data:`SiteReading` that keeps the whole (rows, positions, width) activation (what steering vectors are added to)."""
+    return activation
+
+
 @torch.no_grad()
 def component_activations(
     model: nn.Module, sites: Sequence[Site], trajectories: Trajectories, read: SiteReading = Site.component_values

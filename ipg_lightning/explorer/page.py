@@ -25,12 +25,14 @@ from ipg_lightning.checks import check_at_least
 from ipg_lightning.checks import check_device as checked_device
 from ipg_lightning.explorer.payload import Effects, explorer_payload, read_evaluations
 from ipg_lightning.explorer.traces import ScorePath, trace_components
+from ipg_lightning.explorer.vector_traces import trace_vectors
 from ipg_lightning.model.families import ArchitectureSpec
 from ipg_lightning.model.identity import IN_MEMORY_MODEL, check_same_model, same_model_name
 from ipg_lightning.model.loading import load_model_and_tokenizer
 from ipg_lightning.model.sites import Site, find_site, unwrap_model
 from ipg_lightning.outputs import atomic_write_text, check_writable, read_manifest
 from ipg_lightning.steering.selection import ComponentSelection
+from ipg_lightning.vectors import SteeringVectors, load_vectors
 
 logger = logging.getLogger(__name__)
 
@@ -147,6 +149,7 @@ def explore(
     saes: list[str] | None = None,
     progress: bool = True,
     contributions: bool = True,
+    vectors: list[str] | None = None,
 ) -> Path:
     """Write an HTML explorer page for an attribution report that kept its trajectories.
 
@@ -155,7 +158,10 @@ def explore(
     every token shaded by its activation or by its contribution to the score (ipg and grad_x_act
     with fixed estimation), whether each was right and how long it was, where in the reasoning the
     component fires, its score on each prompt, and the measured effect of steering it when
-    ``evaluations`` are given. The page is self-contained: it loads nothing from the network.
+    ``evaluations`` are given. With ``vectors``, the page also shows each steering vector's direction
+    on the trajectories: the projection of its site's activation on it at every token, where in the
+    reasoning it is high, and how each trajectory's mean projection goes with its reward, length and
+    correctness. The page is self-contained: it loads nothing from the network.
 
     Args:
         report_dir: an attribution report run with ``keep_trajectories: true``.
@@ -174,6 +180,7 @@ def explore(
         progress: show progress bars.
         contributions: split the scores by token (a replay of the report's whole path integral,
             the page's main cost); false shades activations only, and the page says so.
+        vectors: steering-vector files (``ipg vectors``, or learned) built on the report's model, to project the trajectories on.
     """
     report_path = Path(report_dir).resolve()
     output_path = Path(output) if output else report_path.parent / f"{report_path.name}.html"
@@ -199,8 +206,10 @@ def explore(
         raise ValueError(f"The report {report_dir} does not say which model it was computed on: give it with --model_path")
     config = report.metadata.config
     architecture = ArchitectureSpec(**config["architecture"]) if config.get("architecture") else None
+    labels = vector_labels(vectors or [])
     lm, tokenizer = load_model_and_tokenizer(model_path, config.get("dtype", "float32"))
     check_same_model(report.metadata.model_identity, lm, model_path, f"The report {report_dir}", allow_other_model)
+    loaded = {label: load_vectors(path, lm, model_path, allow_other_model, architecture) for label, path in labels.items()}
     ComponentSelection(report=str(report_path), k=1, saes=tuple(saes or ())).attach_saes(lm, architecture)
     lm.to(replay_device).eval()
     written = page_for_report(
@@ -217,9 +226,21 @@ def explore(
         overwrite,
         progress,
         contributions=contributions,
+        vectors=loaded,
     )
     print(f"wrote {written} ({len(report.trajectories)} kept trajectories replayed); open it in a browser")
     return written
+
+
+def vector_labels(paths: list[str]) -> dict[str, str]:
+    """Each vector file by the label the page names it with (its file name without ``.safetensors``); refuses two files of one name."""
+    labels: dict[str, str] = {}
+    for path in paths:
+        label = Path(path).name.removesuffix(".safetensors")
+        if label in labels:
+            raise ValueError(f"Two vector files are named {Path(path).name} ({labels[label]} and {path}): the page names vectors by file; rename one")
+        labels[label] = str(path)
+    return labels
 
 
 def page_for_report(
@@ -237,8 +258,10 @@ def page_for_report(
     progress: bool = False,
     title: str | None = None,
     contributions: bool = True,
+    vectors: dict[str, SteeringVectors] | None = None,
 ) -> Path:
-    """The page for a report held in memory, over its model already loaded (SAEs attached); see :func:`explore`."""
+    """The page for a report held in memory, over its model already loaded (SAEs attached); see :func:`explore`.
+    ``vectors`` are steering vectors built on that model, by the label the page names them with."""
     if report.trajectories is None:
         raise ValueError("The report kept no trajectories: attribute with keep_trajectories=True")
     check_page_output(output, overwrite)
@@ -250,5 +273,6 @@ def page_for_report(
     chosen = traced_components(report, sites, components)
     chunk_size = chunk_size or int(report.metadata.config.get("chunk_size", 8))
     traces = trace_components(model, sites, chosen, report.trajectories, path, trajectories_per_component, chunk_size, progress, architecture)
-    payload = explorer_payload(report, traces, tokenizer, effects, max_listed, title=title, notes=[reason] if reason else None)
+    projected = trace_vectors(model, vectors, report.trajectories, trajectories_per_component, chunk_size, progress) if vectors else None
+    payload = explorer_payload(report, traces, tokenizer, effects, max_listed, title=title, notes=[reason] if reason else None, vectors=projected)
     return write_page(payload, output, overwrite)

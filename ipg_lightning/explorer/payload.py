@@ -18,6 +18,7 @@ from transformers import PreTrainedTokenizerBase
 
 from ipg_lightning.attribution.report import AttributionReport
 from ipg_lightning.explorer.traces import ComponentTrace
+from ipg_lightning.explorer.vector_traces import VectorTrace
 from ipg_lightning.model.identity import ModelMismatchError, check_same_identity, same_model_name
 from ipg_lightning.steering.loading import SteeringDescription
 from ipg_lightning.task import plain
@@ -162,6 +163,7 @@ def explorer_payload(
     max_listed: int = 5000,
     title: str | None = None,
     notes: list[str] | None = None,
+    vectors: dict[str, VectorTrace] | None = None,
 ) -> dict[str, Any]:
     """The page's data: settings and counts, the ranking (at most ``max_listed`` by |score|), the traces and what they show.
 
@@ -173,6 +175,7 @@ def explorer_payload(
         max_listed: how many components the ranking lists at least (the highest by |score|; the traced ones are always listed).
         title: the page's title (default: the method and reward).
         notes: what the page should say it left out or could not compute.
+        vectors: steering vectors projected on the trajectories (:func:`~ipg_lightning.explorer.vector_traces.trace_vectors`), if any.
     """
     kept = report.trajectories
     meta = report.metadata
@@ -181,7 +184,8 @@ def explorer_payload(
     kept_names = {name for name, _, _ in sorted(ranked, key=lambda row: abs(row[1]), reverse=True)[:max_listed]} | set(traces)
     sites = list(report.sites)
     components = [[name, sites.index(site), rank + 1, score] for rank, (name, score, site) in enumerate(ranked) if name in kept_names]
-    shown_rows = sorted({row for trace in traces.values() for row in trace.rows})
+    vectors = vectors or {}
+    shown_rows = sorted({row for trace in [*traces.values(), *vectors.values()] for row in trace.rows})
     trajectories = {}
     for row in shown_rows:
         record = kept.rows[row]
@@ -225,6 +229,9 @@ def explorer_payload(
         "sites": [{"name": name, **report.sites[name]} for name in sites],
         "components": components,
         "traces": {name: vars(trace) for name, trace in traces.items()},
+        "vectors": {name: vars(trace) for name, trace in vectors.items()},
+        # every kept trajectory's length and verdict, for the vectors' scatter of mean projection against length
+        "kept": {key: [row[key] for row in kept.rows] for key in ("reasoning_tokens", "correct")} if vectors else None,
         "trajectories": trajectories,
         "prompts": prompts,
         "effects": {

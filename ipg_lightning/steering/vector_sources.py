@@ -24,7 +24,7 @@ import torch
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
-from ipg_lightning.attribution.activations import component_activations, mean_completion_activations
+from ipg_lightning.attribution.activations import component_activations, mean_completion_activations, whole_activation
 from ipg_lightning.metrics.functional import DEFAULT_REFLECTION_MARKERS, reflection_pattern
 from ipg_lightning.model.autoencoder import SparseAutoencoder
 from ipg_lightning.model.families import SAE_POINTS, ArchitectureSpec, sae_point
@@ -38,10 +38,6 @@ from ipg_lightning.vectors.additive import SteeringVectors
 
 class NoContrastError(ValueError):
     """The sampled trajectories had nothing to contrast (every prompt's rewards were equal)."""
-
-
-def _whole_activation(site: Site, activation: torch.Tensor) -> torch.Tensor:
-    return activation
 
 
 def contrast_vectors(
@@ -95,7 +91,7 @@ def contrast_vectors(
             "use problems the model solves sometimes but not always, or more samples"
         )
     sites = list(vectors.sites.values())
-    per_row = mean_completion_activations(model, sites, trajectories, chunk_size, read=_whole_activation)
+    per_row = mean_completion_activations(model, sites, trajectories, chunk_size, read=whole_activation)
     shape = (*rewards.shape, -1)
     above, below = above.view(rewards.shape).float(), below.view(rewards.shape).float()
     for name, values in per_row.items():
@@ -207,7 +203,7 @@ def _thought_sums(
     width = unwrap_model(model).config.hidden_size
     sums = {site.name: (torch.zeros(width), torch.zeros(width)) for site in sites}
     for rows, chunk in trajectories.chunks(chunk_size):
-        captured, _ = component_activations(model, sites, chunk, read=_whole_activation)
+        captured, _ = component_activations(model, sites, chunk, read=whole_activation)
         offset = max(len(ids) for ids in chunk.prompt_ids)  # completions start after the left-padded prompts
         for local, row in enumerate(rows):
             for thought in thoughts[row]:
