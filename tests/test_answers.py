@@ -1,6 +1,8 @@
+import random
+
 import pytest
 
-from ipg_lightning.rewards.answers import answers_match, extract_answer, normalize_answer, parse_number
+from ipg_lightning.rewards.answers import answers_match, boxed_spans, extract_answer, normalize_answer, parse_number
 
 EXTRACTION_CASES = [
     # (text, expected value, expected method)
@@ -92,3 +94,26 @@ def test_parse_number_is_exact():
     assert parse_number("0.1") * 3 == parse_number("0.3")
     assert parse_number("5/0") is None
     assert parse_number("abc") is None
+
+
+def _boxed_by_scanning(text):
+    """Every \\boxed{...} found by scanning forward from its brace, counting depth (the definition)."""
+    spans, start = [], text.find("\\boxed{")
+    while start != -1:
+        depth, index = 1, start + len("\\boxed{")
+        while index < len(text) and depth:
+            depth += {"{": 1, "}": -1}.get(text[index], 0)
+            index += 1
+        if depth == 0:
+            spans.append((start, text[start + len("\\boxed{") : index - 1]))
+        start = text.find("\\boxed{", start + 1)
+    return spans
+
+
+def test_boxed_spans_balance_braces_like_a_forward_scan_and_stay_linear_on_unclosed_boxes():
+    rng = random.Random(0)
+    pieces = ["\\boxed{", "{", "}", "x", "1", " "]
+    for _ in range(500):
+        text = "".join(rng.choice(pieces) for _ in range(rng.randint(0, 30)))
+        assert boxed_spans(text) == _boxed_by_scanning(text), text
+    assert boxed_spans("\\boxed{" * 50_000 + "\\boxed{42}") == [(7 * 50_000, "42")]  # a forward scan per box would take 10^9 steps

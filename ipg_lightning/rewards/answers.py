@@ -81,15 +81,25 @@ class ExtractedAnswer:
 
 def boxed_spans(text: str) -> list[tuple[int, str]]:
     """``(start, content)`` of every ``\\boxed{...}`` in ``text``, braces balanced."""
+    closing = _matching_braces(text)
     spans = []
     for match in _BOXED_RE.finditer(text):
-        depth, index = 1, match.end()
-        while index < len(text) and depth:
-            depth += {"{": 1, "}": -1}.get(text[index], 0)
-            index += 1
-        if depth == 0:
-            spans.append((match.start(), text[match.end() : index - 1]))
+        end = closing.get(match.end() - 1)
+        if end is not None:
+            spans.append((match.start(), text[match.end() : end]))
     return spans
+
+
+def _matching_braces(text: str) -> dict[int, int]:
+    """The position of the ``}`` that closes each ``{`` of ``text`` that is closed (one pass, so a text
+    full of unclosed ``\\boxed{`` costs linear time)."""
+    closing, opened = {}, []
+    for index, char in enumerate(text):
+        if char == "{":
+            opened.append(index)
+        elif char == "}" and opened:
+            closing[opened.pop()] = index
+    return closing
 
 
 def _math_span(segment: str) -> tuple[int, str] | None:
