@@ -263,6 +263,8 @@ def test_ipg_explore_writes_the_page_and_refuses_what_it_must_not_touch(tmp_path
     twin = tmp_path / "other"
     twin.mkdir()
     shutil.copy(file, twin / file.name)
+    with pytest.raises(ValueError, match="is given twice; give it once"):
+        run(["explore", str(report), "--output", str(tmp_path / "w.html"), "--vectors", f"[{file}, {file}]"])
     with pytest.raises(ValueError, match="Two vector files are named contrast.safetensors"):
         run(["explore", str(report), "--output", str(tmp_path / "w.html"), "--vectors", f"[{file}, {twin / file.name}]"])
     assert not (tmp_path / "w.html").exists()
@@ -395,7 +397,7 @@ def test_vector_projections_equal_hand_hooks_and_their_summaries_an_independent_
         every = torch.cat(per_row)
         assert trace["center"] == pytest.approx(float(every.mean()), rel=1e-3, abs=1e-4)
         # the shown rows: the 3 highest mean projections, then the 2 lowest
-        order = means.argsort(descending=True).tolist()
+        order = sorted(range(len(means)), key=lambda row: float(means[row]), reverse=True)
         assert trace["rows"] == order[:3] + order[::-1][:2] and trace["highest"] == 3
         for row, values in zip(trace["rows"], trace["projections"], strict=True):
             torch.testing.assert_close(torch.tensor(values, dtype=torch.float64), per_row[row], rtol=1e-3, atol=1e-4)
@@ -431,6 +433,6 @@ def test_a_vector_without_direction_is_refused(tmp_path, tiny_llama, tokenizer):
     report = _report(tiny_llama, tokenizer)
     vectors = _vectors(tiny_llama, ["blocks.1.hook_resid_post"])
     vectors.set_vector("blocks.1.hook_resid_post", torch.zeros(vectors.width))
-    with pytest.raises(ValueError, match="zero or not finite: it has no direction to project on"):
+    with pytest.raises(ValueError, match="zero or not finite, so it has no direction to show: leave its file out"):
         page_for_report(report, tiny_llama, tokenizer, tmp_path / "page.html", components=1, vectors={"flat": vectors})
     assert not (tmp_path / "page.html").exists()

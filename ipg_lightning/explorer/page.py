@@ -25,7 +25,7 @@ from ipg_lightning.checks import check_at_least
 from ipg_lightning.checks import check_device as checked_device
 from ipg_lightning.explorer.payload import Effects, explorer_payload, read_evaluations
 from ipg_lightning.explorer.traces import ScorePath, trace_components
-from ipg_lightning.explorer.vector_traces import trace_vectors
+from ipg_lightning.explorer.vector_traces import trace_vectors, vector_directions
 from ipg_lightning.model.families import ArchitectureSpec
 from ipg_lightning.model.identity import IN_MEMORY_MODEL, check_same_model, same_model_name
 from ipg_lightning.model.loading import load_model_and_tokenizer
@@ -33,6 +33,7 @@ from ipg_lightning.model.sites import Site, find_site, unwrap_model
 from ipg_lightning.outputs import atomic_write_text, check_writable, read_manifest
 from ipg_lightning.steering.selection import ComponentSelection
 from ipg_lightning.vectors import SteeringVectors, load_vectors
+from ipg_lightning.vectors.files import read_vector_metadata
 
 logger = logging.getLogger(__name__)
 
@@ -169,7 +170,7 @@ def explore(
         model_path: the model to replay the trajectories through (default: the report's).
         evaluations: ``ipg evaluate`` output directories (the base model, fixed steering of selections).
         components: how many components to trace (the rest are listed with their scores only).
-        trajectories_per_component: how many trajectories each traced component shows.
+        trajectories_per_component: how many trajectories each traced component (and each vector) shows.
         max_listed: how many components the ranking lists at most (those with the largest |score|).
         chunk_size: trajectories per forward/backward pass (default: the report's).
         device: ``cpu``, ``cuda`` or ``cuda:N``.
@@ -180,7 +181,8 @@ def explore(
         progress: show progress bars.
         contributions: split the scores by token (a replay of the report's whole path integral,
             the page's main cost); false shades activations only, and the page says so.
-        vectors: steering-vector files (``ipg vectors``, or learned) built on the report's model, to project the trajectories on.
+        vectors: steering-vector files (``ipg vectors``; an export's ``steering_vectors.safetensors``) built on the report's
+            model, whose directions the page shows on the trajectories (each with ``trajectories_per_component`` of them).
     """
     report_path = Path(report_dir).resolve()
     output_path = Path(output) if output else report_path.parent / f"{report_path.name}.html"
@@ -236,7 +238,10 @@ def vector_labels(paths: list[str]) -> dict[str, str]:
     """Each vector file by the label the page names it with (its file name without ``.safetensors``); refuses two files of one name."""
     labels: dict[str, str] = {}
     for path in paths:
+        read_vector_metadata(path)  # a missing or damaged file is refused before any model loads
         label = Path(path).name.removesuffix(".safetensors")
+        if label in labels and Path(labels[label]).resolve() == Path(path).resolve():
+            raise ValueError(f"The vector file {path} is given twice; give it once")
         if label in labels:
             raise ValueError(f"Two vector files are named {Path(path).name} ({labels[label]} and {path}): the page names vectors by file; rename one")
         labels[label] = str(path)
@@ -270,6 +275,8 @@ def page_for_report(
     path, reason = score_path(report)
     if path is not None and not contributions:
         path, reason = None, "Per-token contributions were left out (contributions false); ipg explore computes them by default."
+    if vectors:
+        vector_directions(vectors)  # a vector without direction is refused before the replays
     chosen = traced_components(report, sites, components)
     chunk_size = chunk_size or int(report.metadata.config.get("chunk_size", 8))
     traces = trace_components(model, sites, chosen, report.trajectories, path, trajectories_per_component, chunk_size, progress, architecture)

@@ -20,9 +20,10 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ipg_lightning.attribution.activations import component_activations, whole_activation
+from ipg_lightning.attribution.activations import component_activations
 from ipg_lightning.attribution.kept import KeptTrajectories
 from ipg_lightning.explorer.traces import BUCKETS, reasoning_buckets
+from ipg_lightning.model.sites import Site
 from ipg_lightning.vectors.additive import SteeringVectors
 
 
@@ -39,7 +40,8 @@ class VectorTrace:
         provenance: where the vector comes from, as its file records it.
         center: the mean projection over every generated token of the kept trajectories (the page
             shades tokens by their projection minus this).
-        trajectory_means: per kept trajectory (in the report's order), its mean projection over its generated tokens.
+        trajectory_means: per kept trajectory (in the report's order), its mean projection over its generated
+            tokens (None for a trajectory without any; such trajectories are left out of every summary).
         bucket_means: the mean of (projection - ``center``) over the generated tokens in each decile of
             the reasoning, then the answer (0 for a bucket no token falls in).
         correlations: Pearson correlation of ``trajectory_means`` with ``reward`` and ``reasoning_tokens``
@@ -58,7 +60,7 @@ class VectorTrace:
     positions: str
     provenance: dict[str, Any]
     center: float
-    trajectory_means: list[float]
+    trajectory_means: list[float | None]
     bucket_means: list[float]
     correlations: dict[str, float | None]
     right_mean: float | None
@@ -66,6 +68,27 @@ class VectorTrace:
     rows: list[int]
     highest: int
     projections: list[list[float]]
+
+
+#: A vector to project on: the file's vectors it belongs to, its site, and its unit direction.
+Direction = tuple[SteeringVectors, str, torch.Tensor]
+
+
+def vector_directions(vectors: Mapping[str, SteeringVectors]) -> dict[str, Direction]:
+    """Each vector of ``vectors`` (label -> a file's vectors) by its trace name ``LABEL @ SITE``, with its unit
+    direction; a zero or non-finite vector is refused in one line (check this before any expensive replay)."""
+    directions: dict[str, Direction] = {}
+    for label, steering in vectors.items():
+        for site_name in steering.sites:
+            vector = steering.vector(site_name).detach().float().cpu()
+            norm = float(vector.norm())
+            if norm == 0 or not math.isfinite(norm):
+                raise ValueError(
+                    f"The steering vector {label} at {site_name} is zero or not finite, so it has no direction to show: "
+                    "leave its file out of vectors, or build the vector again"
+                )
+            directions[f"{label} @ {site_name}"] = (steering, site_name, vector / norm)
+    return directions
 
 
 def trace_vectors(
@@ -86,26 +109,26 @@ def trace_vectors(
         chunk_size: trajectories per forward pass.
         progress: show a progress bar.
     """
-    directions: dict[str, tuple[SteeringVectors, str, torch.Tensor]] = {}
-    for label, steering in vectors.items():
-        for site_name in steering.sites:
-            vector = steering.vector(site_name).detach().float().cpu()
-            norm = float(vector.norm())
-            if norm == 0 or not math.isfinite(norm):
-                raise ValueError(f"The steering vector {label} at {site_name} is zero or not finite: it has no direction to project on")
-            directions[f"{label} @ {site_name}"] = (steering, site_name, vector / norm)
+    directions = vector_directions(vectors)
     sites = {steering.sites[site_name].name: steering.sites[site_name] for steering, site_name, _ in directions.values()}
+    names = {site: [name for name, (_, site_name, _) in directions.items() if site_name == site] for site in sites}
+    units = {site: torch.stack([directions[name][2] for name in names[site]], dim=1) for site in sites}  # (width, vectors at the site)
+
+    def project(site: Site, activation: torch.Tensor) -> torch.Tensor:  # in the hook: only (rows, positions, k) leaves it
+        return activation @ units[site.name].to(activation.device)
+
     buckets = [reasoning_buckets(len(row["completion_ids"]), row["reasoning_tokens"]) for row in kept.rows]
     projected: dict[str, list[torch.Tensor]] = {name: [torch.empty(0)] * len(kept) for name in directions}
     chunks = list(kept.trajectories().chunks(chunk_size))
     with torch.no_grad():
         for rows, chunk in tqdm(chunks, desc="explorer: vector projections", disable=None if progress else True, leave=False):
-            captured, _ = component_activations(model, list(sites.values()), chunk, read=whole_activation)
+            captured, _ = component_activations(model, list(sites.values()), chunk, read=project)
             start = max(len(ids) for ids in chunk.prompt_ids)  # completions start after the left-padded prompts
-            for name, (_, site_name, unit) in directions.items():
-                values = captured[site_name].cpu() @ unit
-                for offset, row in enumerate(rows):
-                    projected[name][row] = values[offset, start : start + len(chunk.completion_ids[offset])]
+            for site, values in captured.items():
+                values = values.cpu()
+                for column, name in enumerate(names[site]):
+                    for offset, row in enumerate(rows):
+                        projected[name][row] = values[offset, start : start + len(chunk.completion_ids[offset]), column].clone()
     return {
         name: _summarise(name, steering, site_name, projected[name], kept, buckets, rows_per_vector)
         for name, (steering, site_name, _) in directions.items()
@@ -121,20 +144,22 @@ def _summarise(
     buckets: Sequence[torch.Tensor],
     rows_per_vector: int,
 ) -> VectorTrace:
-    """A vector's trace from its per-token projections on every kept trajectory."""
+    """A vector's trace from its per-token projections on every kept trajectory (one without generated tokens has no mean)."""
     tokens = torch.cat(list(projections)).double()
     center = float(tokens.mean()) if len(tokens) else 0.0
-    means = torch.tensor([float(values.double().mean()) if len(values) else center for values in projections], dtype=torch.float64)
+    means = [float(values.double().mean()) if len(values) else None for values in projections]
     sums = torch.zeros(BUCKETS, dtype=torch.float64)
     counts = torch.zeros(BUCKETS, dtype=torch.float64)
     for values, bucket in zip(projections, buckets, strict=True):
         sums.index_add_(0, bucket, values.double() - center)
         counts.index_add_(0, bucket, torch.ones(len(bucket), dtype=torch.float64))
-    rewards = torch.tensor([float(row["reward"]) for row in kept.rows], dtype=torch.float64)
-    lengths = torch.tensor([float(row["reasoning_tokens"]) for row in kept.rows], dtype=torch.float64)
-    right = [row for row, record in enumerate(kept.rows) if record["correct"] is True]
-    wrong = [row for row, record in enumerate(kept.rows) if record["correct"] is False]
-    order = means.argsort(descending=True).tolist()
+    measured = [row for row, mean in enumerate(means) if mean is not None]
+    series = torch.tensor([means[row] for row in measured], dtype=torch.float64)
+    rewards = torch.tensor([float(kept.rows[row]["reward"]) for row in measured], dtype=torch.float64)
+    lengths = torch.tensor([float(kept.rows[row]["reasoning_tokens"]) for row in measured], dtype=torch.float64)
+    right = [means[row] for row in measured if kept.rows[row]["correct"] is True]
+    wrong = [means[row] for row in measured if kept.rows[row]["correct"] is False]
+    order = sorted(measured, key=lambda row: means[row], reverse=True)
     highest = order[: (rows_per_vector + 1) // 2]
     lowest = [row for row in reversed(order) if row not in highest][: rows_per_vector - len(highest)]
     rows = highest + lowest
@@ -146,11 +171,11 @@ def _summarise(
         positions=steering.positions,
         provenance=dict(steering.provenance),
         center=center,
-        trajectory_means=means.tolist(),
+        trajectory_means=means,
         bucket_means=(sums / counts.clamp(min=1)).tolist(),
-        correlations={"reward": pearson(means, rewards), "reasoning_tokens": pearson(means, lengths)},
-        right_mean=float(means[right].mean()) if right else None,
-        wrong_mean=float(means[wrong].mean()) if wrong else None,
+        correlations={"reward": pearson(series, rewards), "reasoning_tokens": pearson(series, lengths)},
+        right_mean=sum(right) / len(right) if right else None,
+        wrong_mean=sum(wrong) / len(wrong) if wrong else None,
         rows=rows,
         highest=len(highest),
         projections=[projections[row].tolist() for row in rows],
