@@ -12,6 +12,7 @@ from ipg_lightning.cli import main, run
 from ipg_lightning.cli.lightning_commands import parse_attribute, parse_steer, parse_train_reasoner, parse_train_sae
 from ipg_lightning.data import ReasoningDataModule
 from ipg_lightning.steering.learned import GateSteering, load_steering_checkpoint
+from ipg_lightning.vectors import load_vectors
 
 RECIPE_DIR = Path(__file__).resolve().parents[1] / "recipes"
 RECIPES = sorted(RECIPE_DIR.glob("attribute_*.yaml"))
@@ -134,6 +135,19 @@ def test_steer_learns_vectors_alone_and_evaluate_and_export_apply_them(tmp_path,
     assert steered["steering"]["kind"] == "learned" and steered["steering"]["vectors"] == str(checkpoint)
     generations = [(tmp_path / name / "generations.jsonl").read_text() for name in ("steered", "exported")]
     assert generations[0] == generations[1] and steered["metrics"] == exported["metrics"]  # the export reproduces the learned vectors
+    # written to a vector file, the learned vectors sweep like any other: at alpha 1 they are the checkpoint's steering
+    file = tmp_path / "learned.safetensors"
+    run(["vectors", "--source", "checkpoint", "--checkpoint", str(checkpoint), "--output", str(file)])
+    loaded = load_vectors(file, recorded.lm)
+    torch.testing.assert_close(loaded.vector("blocks.1.hook_resid_post"), recorded.vectors.vector("blocks.1.hook_resid_post"))
+    assert loaded.provenance["source"] == "learned" and loaded.provenance["checkpoint"] == str(checkpoint) and loaded.alpha == 1.0
+    assert loaded.provenance["max_norm"] == 0.5 and loaded.provenance["learned_beside"] == []
+    run(["evaluate", "--model_path", "tiny:llama", "--vectors", str(file), "--alphas", "[0, 1]", *data, "--output_dir", str(tmp_path / "sweep")])
+    rows = {row.pop("alpha"): row for row in json.loads((tmp_path / "sweep" / "sweep.json").read_text())["rows"]}
+    assert rows[1.0] == steered["metrics"] and rows[0.0] != rows[1.0]
+    with pytest.raises(ValueError, match="goes with --source checkpoint"):
+        run(["vectors", "--checkpoint", str(checkpoint), "--output", str(tmp_path / "x.safetensors"), "--model_path", "tiny:llama"])
+    assert not (tmp_path / "x.safetensors").exists()
 
 
 @pytest.mark.parametrize("recipe", FUNCTION_RECIPES, ids=lambda p: p.name)

@@ -58,7 +58,7 @@ COMMANDS: dict[str, Command] = {
     "train-sae": Command("ipg_lightning.cli.lightning_commands:train_sae", "train a sparse autoencoder on one site's activations", True),
     "demo": Command("ipg_lightning.cli.demo:demo", "the main job: attribute, steer, evaluate, export, explore on the shipped model"),
     "vectors": Command(
-        "ipg_lightning.cli.vectors_command:vectors", "build steering vectors (reward contrasts, reflection-vs-execution thoughts, SAE directions)"
+        "ipg_lightning.cli.vectors_command:vectors", "build steering vectors (reward contrasts, reflection vs execution, SAE directions, learned)"
     ),
     "evaluate": Command("ipg_lightning.cli.commands:evaluate", "evaluate a base, steered, learned or exported model on a benchmark"),
     "lm-eval": Command("ipg_lightning.cli.lm_eval_command:lm_eval", "run lm-evaluation-harness tasks on a base, steered, learned or exported model"),
