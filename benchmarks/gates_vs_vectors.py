@@ -9,7 +9,8 @@ trajectories each at temperature 0.7) and then tuned and measured the same way:
 - **vectors**, added to that block's output: ``contrast`` (above minus below each problem's mean
   reward: correct minus incorrect for accuracy, long minus short for length), ``reflection``
   (execution minus reflection thoughts, SEAL-style; needs no reward; added at every position),
-  ``seal`` (the same vector added at generated tokens only, as SEAL adds it) and ``sae`` (the decoder
+  ``seal`` (the same vector added at generated tokens only, as SEAL adds it; sampled on the HF engine
+  even with ``--engine vllm``, which adds vectors at every position only) and ``sae`` (the decoder
   direction of the SAE feature IPG ranks first, where the testbed's SAE reads; rows without an SAE
   say so) and ``learned`` (trained from zero by policy gradient on the behaviour's reward with
   ``ipg steer``'s module, ``--learn-epochs`` passes over the support problems at the same N: more
@@ -43,6 +44,7 @@ import statistics
 import sys
 import time
 import warnings
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, NamedTuple, get_args
 
@@ -109,6 +111,8 @@ class Comparison:
     def evaluate(self, behaviour: str, split: str, gates: Any = None, vectors: SteeringVectors | None = None) -> dict[str, float]:
         """Accuracy and mean reasoning length on ``split`` with ``gates`` and ``vectors`` attached, decoded as ``behaviour`` is measured."""
         sampling = self.decoding[behaviour]
+        if vectors is not None and vectors.positions == "generated":  # the vLLM engine adds vectors at every position only
+            sampling = replace(sampling, engine="hf")
         metrics = evaluate_generations(self.model, self.tokenizer, self.batches[split], sampling, gates, vectors).metrics
         return {"accuracy": metrics["accuracy"], "length": metrics["reasoning_length_mean"], "reflection_rate": metrics["reflection_rate"]}
 

@@ -14,8 +14,10 @@ A better method moves the behaviour more with fewer components; the tables give 
 attribution wall time per seed, to compare at equal cost. Seeds change the support problems and the
 sampling; intervals are mean +- 1.96 standard errors. Support problems come after the test problems
 in the task's seeded stream, so the two never overlap. ``--support-task``/``--test-task`` apply
-components selected on one task to another task of the same model (transfer). ``ig_reference``
-needs reference solutions: on a task without them its row says so.
+components selected on one task to another task of the same model (transfer); ``--rankings-from
+DIR`` takes each cell's ranking from an in-task run in DIR instead of attributing again (the same
+support problems and settings, so only the test task differs, at the cost of the evaluations
+alone). ``ig_reference`` needs reference solutions: on a task without them its row says so.
 
 Estimator variants (``--ipg-variants``): ``local`` credit, ``retries`` (redraw zero-signal groups),
 ``grpo`` advantages, ``resample`` estimation, N = 8 or 16; ``grad_x_act`` is q = 1. SAE rows rank the
@@ -66,6 +68,11 @@ VARIANTS = {
     "n16": {"num_samples": 16},
 }
 #: Settings a resumed run may change: which cells to measure, and where and how to show them.
+#: Settings an in-task run must share with a run that takes its rankings (``--rankings-from``).
+RANKING_SETTINGS = (
+    *("testbed", "support_task", "layer", "length_layer", "support", "num_samples"),
+    *("steps", "rule", "sae", "sae_steps", "engine", "dtype"),
+)
 NOT_MEASUREMENT = {"out", "from_results", "restart", "seeds", "methods", "ipg_variants", "sae_methods", "behaviours"}
 FORMAT = 2
 ACCURACY_GATES = {"suppress": 0.0, "amplify": 1.5}
@@ -114,6 +121,7 @@ class Localisation:
         test = self.testbed.tasks[settings["test_task"]].data(num_test=settings["test"], num_val=0, batch_size=128)
         test.connect(self.tokenizer)
         self.test_batches = list(test.test_dataloader())
+        self.rankings = rankings_of(settings) if settings.get("rankings_from") else None
 
     def evaluate(self, sampling: SamplingConfig, components: list[str] | None = None, gamma: float = 1.0) -> dict[str, float]:
         """Metrics of the test problems with ``components`` scaled by ``gamma`` (none: the model as it is)."""
@@ -158,17 +166,26 @@ class Localisation:
     def measure(self, behaviour: str, row: Row, seed: int) -> dict[str, Any]:
         """One cell: the row's components on one seed, and the behaviour under each gate setting."""
         started = time.perf_counter()
-        try:
-            report = self.attribute(row, seed, behaviour)
-        except UninformativeReportError as error:
-            return {"not_applicable": str(error)}
-        cell: dict[str, Any] = {"seconds": round(time.perf_counter() - started, 2)}
+        if self.rankings is not None:
+            source = self.rankings.get(f"{behaviour}|{row.name}|{seed}")
+            if source is None:
+                sys.exit(f"{self.settings['rankings_from']} has no cell {behaviour}|{row.name}|{seed}: measure it there first")
+            if "not_applicable" in source:
+                return dict(source)
+            ranking, cell = source["components"], {"seconds": source["seconds"], "ranking_from": self.settings["rankings_from"]}
+        else:
+            try:
+                k = max(self.settings["ps"]) if behaviour == "accuracy" else self.settings["length_k"]
+                ranking = self.attribute(row, seed, behaviour).select(k=k)
+            except UninformativeReportError as error:
+                return {"not_applicable": str(error)}
+            cell = {"seconds": round(time.perf_counter() - started, 2)}
         if behaviour == "accuracy":
-            cell["components"] = report.select(k=max(self.settings["ps"]))
+            cell["components"] = ranking[: max(self.settings["ps"])]
             for condition, gamma in ACCURACY_GATES.items():
                 cell[condition] = {str(p): self.evaluate(self.greedy, cell["components"][:p], gamma)["accuracy"] for p in self.settings["ps"]}
         else:
-            cell["components"] = report.select(k=self.settings["length_k"])
+            cell["components"] = ranking[: self.settings["length_k"]]
             gammas = [gamma for gamma in self.settings["gammas"] if gamma != 1.0]  # gamma 1 is the base
             cell["gammas"] = {str(gamma): _length_metrics(self.evaluate(self.sampled, cell["components"], gamma)) for gamma in gammas}
         return cell
@@ -194,6 +211,20 @@ class Localisation:
                     summary["wall_time_s"] = round(earlier + time.perf_counter() - started)
                     atomic_write_json(out / "results.json", summary)
                     print(f"{key:<32} {_cell_line(summary['cells'][key])}  ({time.perf_counter() - started:.0f} s)", flush=True)
+
+
+def rankings_of(settings: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """The cells of the in-task run at ``settings["rankings_from"]``, checked to rank what this run would rank."""
+    source = load_summary(Path(settings["rankings_from"]) / "results.json")
+    recorded = {"engine": "hf", **source["settings"]}
+    differ = [key for key in RANKING_SETTINGS if recorded.get(key) != settings.get(key)]
+    if differ:
+        sys.exit(f"{settings['rankings_from']} ranked with other settings ({', '.join(differ)}): its rankings are not this run's")
+    short = [key for key, cell in source["cells"].items() if "components" in cell and key.startswith("accuracy|")]
+    short = [key for key in short if len(source["cells"][key]["components"]) < max(settings["ps"])]
+    if short or recorded.get("length_k", settings["length_k"]) < settings["length_k"]:
+        sys.exit(f"{settings['rankings_from']} kept shorter rankings than --ps / --length-k ask for")
+    return source["cells"]
 
 
 def _length_metrics(metrics: dict[str, float]) -> dict[str, float]:
@@ -359,6 +390,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
     parser.add_argument("--engine", default="hf", choices=get_args(Engine), help="what samples (docs/engines.md)")
+    parser.add_argument("--rankings-from", help="take each cell's ranking from the in-task run in this directory (transfer)")
     parser.add_argument("--out", help="output directory (default: benchmarks/localisation_<testbed>)")
     parser.add_argument("--restart", action="store_true", help="replace the results in OUT instead of resuming them")
     parser.add_argument("--from-results", action="store_true", help="redraw the figure and tables from OUT/results.json")

@@ -72,6 +72,17 @@ def test_localisation_measures_every_cell_resumes_and_redraws_the_same_tables(tm
     refused = _localisation(*run, "--seeds", "2", "--steps", "3", check=False)
     assert refused.returncode != 0 and "other settings (steps)" in refused.stderr and "--restart" in refused.stderr
 
+    # transfer with the in-task rankings: the same components, measured on another task, without attributing again
+    transfer = [*SIZES, "--methods", "ipg", "mean_diff", "--behaviours", "accuracy", "--seeds", "1", "--test-task", "products"]
+    _localisation(*transfer, "--rankings-from", str(out), "--out", str(tmp_path / "transfer"))
+    moved = json.loads((tmp_path / "transfer" / "results.json").read_text())
+    for key in ("accuracy|ipg|0", "accuracy|mean_diff|0"):
+        cell, source = moved["cells"][key], summary["cells"][key]
+        assert cell["components"] == source["components"] and cell["seconds"] == source["seconds"] and cell["ranking_from"] == str(out)
+    assert moved["base"]["greedy"]["accuracy"] == _greedy_accuracy(replace(TINY_REASONER_TASK, operations=("*",)), 8)  # measured on products
+    refused = _localisation(*transfer, "--steps", "3", "--rankings-from", str(out), "--out", str(tmp_path / "t2"), check=False)
+    assert refused.returncode != 0 and "ranked with other settings (steps)" in refused.stderr
+
 
 def test_localisation_transfers_components_between_tasks_of_the_rl_testbed(tmp_path):
     out = tmp_path / "transfer"
