@@ -71,8 +71,19 @@ def test_demo_runs_every_stage_and_writes_a_complete_output(tmp_path, capsys):
         assert payload["effects"]["base"] == pytest.approx(summary["conditions"]["base"], rel=1e-4)
         assert len(payload["traces"]) == 50 and payload["limits"]["trajectories_total"] == 4 * 4
         assert (out / name / "trajectories.json").is_file()
+    # the length page also shows a SEAL-style reflection vector built on the support problems, saved beside it
+    from ipg_lightning.model.loading import load_model_and_tokenizer
+    from ipg_lightning.vectors import load_vectors
+
+    vectors = load_vectors(out / "reflection.safetensors", load_model_and_tokenizer("tiny-reasoner")[0])
+    assert vectors.provenance["source"] == "reflection" and list(vectors.sites) == ["blocks.3.hook_resid_post"]
+    assert summary["reflection_vector"]["norms"] == pytest.approx(vectors.norms())
+    shown = embedded_payload((out / "attribution_length.html").read_text())["vectors"]
+    assert list(shown) == ["reflection @ blocks.3.hook_resid_post"] and len(shown["reflection @ blocks.3.hook_resid_post"]["trajectory_means"]) == 16
+    assert embedded_payload((out / "attribution_accuracy.html").read_text())["vectors"] == {}
     printed = capsys.readouterr().out
     assert "accuracy suppressed" in printed and "wall time" in printed and f"open {out}/attribution_length.html" in printed
+    assert f"a reflection vector's direction ({out}/reflection.safetensors" in printed
 
 
 def test_demo_names_unknown_presets():

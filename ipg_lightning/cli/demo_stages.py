@@ -38,6 +38,8 @@ from ipg_lightning.rollout.trajectories import SamplingConfig
 from ipg_lightning.sae import load_sae
 from ipg_lightning.steering import ComponentSelection, GateSteering, export_steered_model, gates_for_components
 from ipg_lightning.steering.loading import SteeringDescription
+from ipg_lightning.steering.vector_sources import NoContrastError, reflection_vectors
+from ipg_lightning.vectors import SteeringVectors, save_vectors
 from ipg_lightning.zoo.reasoner import TINY_REASONER_SAE_PATH, TINY_REASONER_TASK
 
 
@@ -247,6 +249,17 @@ def export_and_check(run: DemoRun, learned: GateSteering, condition: str, direct
     return {"folded_sites": card["folded_sites"], "loader_sites": card["loader_sites"], "greedy_generations_identical": identical}
 
 
+def reflection_vector(run: DemoRun) -> tuple[SteeringVectors | None, str]:
+    """A SEAL-style execution-minus-reflection vector at the output of the demo's block, from the support
+    problems (shown on the length report's explorer page); None, and why, where the traces hold no reflections."""
+    prompts = run.data.full_batch("val")["prompt"]
+    try:
+        vectors = reflection_vectors(run.lm, run.tokenizer, prompts, ["resid_post"], [run.settings["layer"]], run.support_sampling)
+    except NoContrastError as error:
+        return None, str(error)
+    return vectors, "reflection.safetensors"
+
+
 def write_outputs(
     run: DemoRun,
     out_dir: Path,
@@ -259,7 +272,10 @@ def write_outputs(
     """Stages 5 and 6: reports, the exports and their checks, the summary and generations, written atomically."""
     s = run.settings
     stage(5, f"writing reports, their explorer pages, and the learned gates exported as Hugging Face checkpoints to {out_dir}/")
+    vector, vector_note = reflection_vector(run)
     with atomic_directory(out_dir, overwrite=overwrite, kind="ipg demo output") as staging:
+        if vector is not None:
+            save_vectors(vector, staging / vector_note, run.lm, s["model_path"])
         named = {f"attribution_{target}": report for target, report in reports.items()}
         named.update({f"attribution_{target}_sae": report for target, report in (sae_part[0] if sae_part else {}).items()})
         for name, report in named.items():
@@ -268,7 +284,9 @@ def write_outputs(
             # path over every kept trajectory, most of the pages' time (`ipg explore` on the report does it).
             contributions = not name.endswith("_sae")
             effects = measured_effects(run, report)
-            page_for_report(report, run.lm, run.tokenizer, staging / f"{name}.html", effects, progress=True, contributions=contributions)
+            vectors = {"reflection": vector} if name == "attribution_length" and vector is not None else None
+            page = staging / f"{name}.html"
+            page_for_report(report, run.lm, run.tokenizer, page, effects, progress=True, contributions=contributions, vectors=vectors)
         stage(6, "checking that each exported checkpoint, loaded fresh, generates what the gated model did")
         export = export_and_check(run, learned, "length learned", staging / "exported_learned")
         summary = {
@@ -285,6 +303,7 @@ def write_outputs(
             "conditions": run.rows,
             "completeness": {target: asdict(report.metadata.completeness) for target, report in reports.items()},
             "export": export,
+            "reflection_vector": {"file": vector_note, "norms": vector.norms()} if vector is not None else {"not_built": vector_note},
         }
         if sae_part:
             sae_reports, sae_selected, sae_learned = sae_part
@@ -343,6 +362,11 @@ def print_summary(run: DemoRun, summary: dict[str, Any], title: str, out_dir: Pa
         print(f"exported {what} (folded {export['folded_sites']}{kept}): greedy generations identical = {export['greedy_generations_identical']}")
     print(f"wall time {summary['wall_time_s']} s; reports, plots, metrics and the exported models are in {out_dir}/")
     print(f"to see what the top components do, open {out_dir}/attribution_length.html (and the other attribution_*.html) in a browser")
+    reflection = summary["reflection_vector"]
+    if "file" in reflection:
+        print(f"the length page also shows a reflection vector's direction ({out_dir}/{reflection['file']}, for ipg evaluate --vectors)")
+    else:
+        print(f"no reflection vector: {reflection['not_built']}")
     if "sae" in summary:
         print(f"the SAE pages shade activations only; `ipg explore {out_dir}/attribution_length_sae --overwrite true` adds per-token contributions")
 
