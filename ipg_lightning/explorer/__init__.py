@@ -17,6 +17,7 @@ __all__ = [
     "Effects",
     "MeasuredEffect",
     "ScorePath",
+    "VectorTrace",
     "embedded_payload",
     "explore",
     "explorer_payload",
@@ -25,6 +26,5 @@ __all__ = [
     "render_page",
     "trace_components",
     "trace_vectors",
-    "VectorTrace",
     "write_page",
 ]
