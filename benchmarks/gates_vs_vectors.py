@@ -255,6 +255,8 @@ class Comparison:
             cell["components"] = max((setting.components for setting in built), key=len)  # the ranking
         else:
             cell["vectors"], cell["positions"] = built[0].vectors, built[0].positions  # the unit direction at its site, where it is added
+        if built[0].positions == "generated" and self.settings["engine"] != "hf":
+            cell["engine"] = "hf"  # its evaluations sampled on HF (vLLM adds vectors at every position only); the base's did not
         cell["seconds"] = round(time.perf_counter() - started, 2)
         return cell
 

@@ -67,12 +67,13 @@ VARIANTS = {
     "n8": {"num_samples": 8},
     "n16": {"num_samples": 16},
 }
-#: Settings a resumed run may change: which cells to measure, and where and how to show them.
-#: Settings an in-task run must share with a run that takes its rankings (``--rankings-from``).
+#: Settings an in-task run must share with a run that takes its rankings (``--rankings-from``); its
+#: support problems are its own (they follow its test problems), whatever this run's ``--test``.
 RANKING_SETTINGS = (
     *("testbed", "support_task", "layer", "length_layer", "support", "num_samples"),
     *("steps", "rule", "sae", "sae_steps", "engine", "dtype"),
 )
+#: Settings a resumed run may change: which cells to measure, and where and how to show them.
 NOT_MEASUREMENT = {"out", "from_results", "restart", "seeds", "methods", "ipg_variants", "sae_methods", "behaviours"}
 FORMAT = 2
 ACCURACY_GATES = {"suppress": 0.0, "amplify": 1.5}
@@ -109,6 +110,7 @@ class Localisation:
 
     def __init__(self, settings: dict[str, Any], summary: dict[str, Any]) -> None:
         self.settings, self.summary = settings, summary
+        self.rankings = rankings_of(settings) if settings.get("rankings_from") else None  # refused before the model loads
         self.testbed = TESTBEDS[settings["testbed"]]
         self.support_task = self.testbed.tasks[settings["support_task"]]
         self.model, self.tokenizer = load_model_and_tokenizer(self.testbed.model, settings["dtype"])
@@ -121,7 +123,6 @@ class Localisation:
         test = self.testbed.tasks[settings["test_task"]].data(num_test=settings["test"], num_val=0, batch_size=128)
         test.connect(self.tokenizer)
         self.test_batches = list(test.test_dataloader())
-        self.rankings = rankings_of(settings) if settings.get("rankings_from") else None
 
     def evaluate(self, sampling: SamplingConfig, components: list[str] | None = None, gamma: float = 1.0) -> dict[str, float]:
         """Metrics of the test problems with ``components`` scaled by ``gamma`` (none: the model as it is)."""
@@ -167,9 +168,7 @@ class Localisation:
         """One cell: the row's components on one seed, and the behaviour under each gate setting."""
         started = time.perf_counter()
         if self.rankings is not None:
-            source = self.rankings.get(f"{behaviour}|{row.name}|{seed}")
-            if source is None:
-                sys.exit(f"{self.settings['rankings_from']} has no cell {behaviour}|{row.name}|{seed}: measure it there first")
+            source = self.rankings[f"{behaviour}|{row.name}|{seed}"]
             if "not_applicable" in source:
                 return dict(source)
             ranking, cell = source["components"], {"seconds": source["seconds"], "ranking_from": self.settings["rankings_from"]}
@@ -220,6 +219,10 @@ def rankings_of(settings: dict[str, Any]) -> dict[str, dict[str, Any]]:
     differ = [key for key in RANKING_SETTINGS if recorded.get(key) != settings.get(key)]
     if differ:
         sys.exit(f"{settings['rankings_from']} ranked with other settings ({', '.join(differ)}): its rankings are not this run's")
+    wanted = [f"{b}|{row.name}|{seed}" for seed in range(settings["seeds"]) for b in settings["behaviours"] for row in rows_of(settings, b)]
+    missing = [key for key in wanted if key not in source["cells"]]
+    if missing:
+        sys.exit(f"{settings['rankings_from']} has no cells {', '.join(missing[:4])}{' ...' if len(missing) > 4 else ''}: measure them there first")
     short = [key for key, cell in source["cells"].items() if "components" in cell and key.startswith("accuracy|")]
     short = [key for key in short if len(source["cells"][key]["components"]) < max(settings["ps"])]
     if short or recorded.get("length_k", settings["length_k"]) < settings["length_k"]:

@@ -82,6 +82,8 @@ def test_localisation_measures_every_cell_resumes_and_redraws_the_same_tables(tm
     assert moved["base"]["greedy"]["accuracy"] == _greedy_accuracy(replace(TINY_REASONER_TASK, operations=("*",)), 8)  # measured on products
     refused = _localisation(*transfer, "--steps", "3", "--rankings-from", str(out), "--out", str(tmp_path / "t2"), check=False)
     assert refused.returncode != 0 and "ranked with other settings (steps)" in refused.stderr
+    missing = _localisation(*transfer, "--methods", "activation", "--rankings-from", str(out), "--out", str(tmp_path / "t3"), check=False)
+    assert missing.returncode != 0 and "has no cells accuracy|activation|0: measure them there first" in missing.stderr
 
 
 def test_localisation_transfers_components_between_tasks_of_the_rl_testbed(tmp_path):

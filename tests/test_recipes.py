@@ -145,6 +145,8 @@ def test_steer_learns_vectors_alone_and_evaluate_and_export_apply_them(tmp_path,
     run(["evaluate", "--model_path", "tiny:llama", "--vectors", str(file), "--alphas", "[0, 1]", *data, "--output_dir", str(tmp_path / "sweep")])
     rows = {row.pop("alpha"): row for row in json.loads((tmp_path / "sweep" / "sweep.json").read_text())["rows"]}
     assert rows[1.0] == steered["metrics"] and rows[0.0] != rows[1.0]
+    with pytest.raises(ValueError, match="--layers build vectors from the model's trajectories; --source checkpoint takes the learned ones"):
+        run(["vectors", "--source", "checkpoint", "--checkpoint", str(checkpoint), "--layers", "[0]", "--output", str(tmp_path / "x.safetensors")])
     with pytest.raises(ValueError, match="goes with --source checkpoint"):
         run(["vectors", "--checkpoint", str(checkpoint), "--output", str(tmp_path / "x.safetensors"), "--model_path", "tiny:llama"])
     assert not (tmp_path / "x.safetensors").exists()

@@ -255,8 +255,8 @@ def reflection_vector(run: DemoRun) -> tuple[SteeringVectors | None, str]:
     prompts = run.data.full_batch("val")["prompt"]
     try:
         vectors = reflection_vectors(run.lm, run.tokenizer, prompts, ["resid_post"], [run.settings["layer"]], run.support_sampling)
-    except NoContrastError as error:
-        return None, str(error)
+    except NoContrastError:
+        return None, "the support traces hold no reflection (or no execution) step to contrast"
     return vectors, "reflection.safetensors"
 
 

@@ -108,6 +108,19 @@ def vectors(
         raise ValueError(f"--source {source} needs the model: give --model_path (a local directory, or an alias such as tiny-reasoner)")
     if source == "checkpoint" and positions != "all":
         raise ValueError("Learned vectors were trained at every position: --source checkpoint keeps --positions all")
+    if source == "checkpoint":
+        given = {
+            "--families": families != ["resid_post"],
+            "--layers": layers is not None,
+            "--reward": reward != "accuracy",
+            "--data": data is not None,
+            "--markers": markers != list(DEFAULT_REFLECTION_MARKERS),
+            "--sampling": sampling != CONTRAST_SAMPLING,
+            "--architecture": architecture is not None,
+        }
+        if any(given.values()):
+            wrong = ", ".join(name for name, was_given in given.items() if was_given)
+            raise ValueError(f"{wrong} build vectors from the model's trajectories; --source checkpoint takes the learned ones as they are")
     if source == "sae" and (sae is None or not features):
         raise ValueError("--source sae needs the SAE directory (--sae DIR) and its features (--features '[17, 40]')")
     if source != "sae" and (sae is not None or features):
@@ -172,5 +185,6 @@ def learned_vectors(checkpoint: str, model_path: str | None = None) -> tuple[Ste
         "objective": module.hparams.objective,
         "reward": module.hparams.reward,
         "learned_beside": list(module.components),
+        "fine_tune": "lora" if module.fine_tune.adapter is not None else "weight_slices" if module.fine_tune.slices else None,
     }
     return vectors, module.lm, module.model_path

@@ -81,6 +81,8 @@ class ExtractedAnswer:
 
 def boxed_spans(text: str) -> list[tuple[int, str]]:
     """``(start, content)`` of every ``\\boxed{...}`` in ``text``, braces balanced."""
+    if _BOXED_RE.search(text) is None:
+        return []
     closing = _matching_braces(text)
     spans = []
     for match in _BOXED_RE.finditer(text):
