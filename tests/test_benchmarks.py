@@ -7,6 +7,7 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
+import pytest
 import torch
 
 from ipg_lightning.data import ReasoningDataModule
@@ -47,6 +48,22 @@ def test_localisation_measures_every_cell_resumes_and_redraws_the_same_tables(tm
             assert len(cell["components"]) == 2 and list(cell["gammas"]) == ["0.0"]
     # the base accuracy is the reasoner's own greedy accuracy on the first 8 problems of the stream
     assert summary["base"]["greedy"]["accuracy"] == _greedy_accuracy(TINY_REASONER_TASK, 8)
+
+    # the length-term diagnostic reads the run's length cells and removes each row's components
+    bias = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "length_bias.py"), str(out), "--rows", "ipg", "random"],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=ROOT,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    ).stdout
+    table = [line.split("|")[1:-1] for line in bias.splitlines() if line.startswith("| ipg ") or line.startswith("| random ")]
+    assert [cells[0].strip() for cells in table] == ["ipg", "random"]
+    for cells in table:
+        row, _, total, term, share, _, measured = (cell.strip() for cell in cells)
+        assert float(measured) == pytest.approx(summary["cells"][f"length|{row}|0"]["gammas"]["0.0"]["reasoning_length_mean"], abs=0.05)
+        assert float(share) == pytest.approx(float(term) / float(total), abs=0.01 + 1e-3 * abs(float(term) / float(total)))
 
     # a second seed of one row resumes: only its cell is measured, the first seed's are kept as they were
     resumed_run = [*run, "--seeds", "2", "--methods", "random", "--ipg-variants", "--behaviours", "accuracy"]
