@@ -20,7 +20,8 @@ support problems and settings, so only the test task differs, at the cost of the
 alone). ``ig_reference`` needs reference solutions: on a task without them its row says so.
 
 Estimator variants (``--ipg-variants``): ``local`` credit, ``retries`` (redraw zero-signal groups),
-``grpo`` advantages, ``resample`` estimation, N = 8 or 16; ``grad_x_act`` is q = 1. SAE rows rank the
+``token_mean`` (the length-normalised surrogate), ``grpo`` advantages, ``resample`` estimation,
+N = 8 or 16; ``grad_x_act`` is q = 1. SAE rows rank the
 features of ``--sae`` (accuracy only: the shipped SAE reads block 2's residual output).
 
 Resumable: each finished (behaviour, row, seed) cell is written to ``OUT/results.json`` at once, and a
@@ -62,6 +63,7 @@ BEHAVIOURS = ("accuracy", "length")
 VARIANTS = {
     "local": {"credit": "local"},
     "retries": {"signal_retries": 4},
+    "token_mean": {"surrogate": "token_mean"},
     "grpo": {"advantage": "grpo"},
     "resample": {"estimation": "resample"},
     "n8": {"num_samples": 8},

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from ipg_lightning.attribution import IPGAttribution, run_attribution
-from ipg_lightning.attribution.estimator import quadrature
+from ipg_lightning.attribution.estimator import group_advantages, quadrature, surrogate_weights
 from ipg_lightning.attribution.report import UninformativeReportError
 from ipg_lightning.data import PromptTemplate, ReasoningDataModule
 from ipg_lightning.gates.component_gates import ComponentGates
@@ -368,3 +368,68 @@ def test_gates_stay_float32_under_a_half_precision_trainer(tiny_llama, tokenizer
     assert module.gates.gate("blocks.0.attn.hook_z").dtype == torch.float32
     assert next(tiny_llama.parameters()).dtype == torch.bfloat16  # the model itself did run in bf16
     assert torch.isfinite(module.report.scores["blocks.0.attn.hook_z"]).all()
+
+
+def _hand_token_mean_surrogate(model, tokenizer, batch, sampling, gate):
+    """``L(c) = sum_r A_r / (N |tau_r|) sum_t log pi_c(a_t^r)`` with block 1's attention output scaled by a
+    hand hook, one unpadded row at a time; returns L and dL/dc summed over prompts."""
+    trajectories = sample_trajectories(model, tokenizer, batch["prompt"], sampling, batch["seed"].tolist())
+    n = sampling.num_samples
+    rewards = torch.tensor([word_count(type("C", (), {"text": text})) for text in trajectories.completions]).view(-1, n)
+    advantages = (rewards - (rewards.sum(1, keepdim=True) - rewards) / (n - 1)) * (rewards.amax(1) > rewards.amin(1))[:, None]
+    scale = torch.tensor(gate, requires_grad=True)
+    handle = model.model.layers[1].self_attn.register_forward_hook(lambda m, args, out: (out[0] * scale, *out[1:]))
+    total = torch.zeros(())
+    try:
+        for row, advantage in enumerate(advantages.flatten().tolist()):
+            prompt, completion = trajectories.prompt_ids[row], trajectories.completion_ids[row]
+            logits = model(torch.tensor([prompt + completion])).logits[0, len(prompt) - 1 : -1]
+            log_likelihood = logits.log_softmax(-1).gather(-1, torch.tensor(completion)[:, None]).sum()
+            total = total + advantage / (n * len(completion)) * log_likelihood
+    finally:
+        handle.remove()
+    total.backward()
+    return total.item(), scale.grad.item()
+
+
+def test_token_mean_surrogate_is_integrated_gradients_of_the_length_normalised_likelihood(tiny_llama, tokenizer):
+    data = _data(num_val=4, batch_size=4)
+    batch = next(iter(data.val_dataloader()))
+    stops = ("a", "e", "o", "1")  # completions of several lengths, so each trajectory's own length counts
+    sampling = SamplingConfig(num_samples=4, temperature=1.0, top_p=1.0, max_new_tokens=10, stop_strings=stops)
+    lengths = {len(ids) for ids in sample_trajectories(tiny_llama, tokenizer, batch["prompt"], sampling, batch["seed"].tolist()).completion_ids}
+    assert len(lengths) > 2
+    settings = dict(families=["attn_out"], layers=[1], reward=word_count, surrogate="token_mean", sampling={"stop_strings": stops})
+    single = _run(tiny_llama, tokenizer, _data(num_val=4, batch_size=4), method="grad_x_act", **settings)
+    value_at_one, gradient_at_one = _hand_token_mean_surrogate(tiny_llama, tokenizer, batch, sampling, 1.0)
+    prompts = len(batch["prompt"])
+    # grad_x_act: one point at alpha = 1, (1 - c') dL/dc, the mean over prompts
+    assert single.scores["blocks.1.hook_attn_out"].item() == pytest.approx(gradient_at_one / prompts, rel=1e-4, abs=1e-7)
+    assert abs(gradient_at_one) > 1e-4  # not vacuous
+    integrated = _run(tiny_llama, tokenizer, _data(num_val=4, batch_size=4), steps=16, rule="gauss_legendre", **settings)
+    value_at_zero, _ = _hand_token_mean_surrogate(tiny_llama, tokenizer, batch, sampling, 0.0)
+    completeness = integrated.metadata.completeness
+    assert completeness.surrogate_delta == pytest.approx((value_at_one - value_at_zero) / prompts, rel=1e-4)
+    assert completeness.relative_residual < 1e-3
+    summed = _run(tiny_llama, tokenizer, _data(num_val=4, batch_size=4), steps=16, rule="gauss_legendre", **{**settings, "surrogate": "sum"})
+    assert summed.metadata.completeness.surrogate_delta != pytest.approx(completeness.surrogate_delta, rel=0.05)
+    assert integrated.metadata.config["surrogate"] == "token_mean"
+    with pytest.raises(ValueError, match="surrogate token_mean applies to method ipg or grad_x_act with estimation fixed"):
+        IPGAttribution.for_model(tiny_llama, tokenizer, surrogate="token_mean", estimation="resample")
+    with pytest.raises(ValueError, match="surrogate token_mean applies"):
+        IPGAttribution.for_model(tiny_llama, tokenizer, surrogate="token_mean", method="mean_diff")
+    with pytest.raises(ValueError, match="Unknown surrogate 'mean'"):
+        IPGAttribution.for_model(tiny_llama, tokenizer, surrogate="mean")
+
+
+def test_token_mean_weights_cancel_a_drop_that_is_the_same_at_every_token():
+    """A change lowering every token's log-probability by d moves the sum surrogate by d sum_r w_r |tau_r|, the token mean one not at all."""
+    generator = torch.Generator().manual_seed(0)
+    rewards = torch.randint(0, 60, (5, 4), generator=generator).float()
+    lengths = (rewards.flatten() + torch.randint(1, 9, (20,), generator=generator)).int().tolist()  # longer traces, higher reward
+    advantages = group_advantages(rewards)[0].flatten()
+    drop = 0.13 * torch.tensor(lengths, dtype=torch.float64)  # log pi_1(tau_r) - log pi_0(tau_r)
+    per_token = (surrogate_weights(advantages, lengths, 4, "token_mean").double() * drop).sum()
+    summed = (surrogate_weights(advantages, lengths, 4, "sum").double() * drop).sum()
+    assert per_token.item() == pytest.approx(0.0, abs=1e-5)
+    assert summed.item() > 1.0  # the length term: positive for a length-like reward

@@ -87,8 +87,9 @@ def test_keeping_trajectories_is_refused_for_methods_that_sample_none(method):
         (("attn_head",), {"rule": "right"}),
         (("resid_post", "mlp_neuron"), {"path": "family", "layers": [0, 1]}),
         (("mlp_neuron",), {"method": "grad_x_act", "baseline": 0.25}),
+        (("mlp_neuron",), {"surrogate": "token_mean", "sampling": {"max_new_tokens": 12, "stop_strings": ["a", "e", "o", "1"]}}),
     ],
-    ids=["neurons", "heads-right-rule", "family-path-two-layers", "grad-x-act-baseline"],
+    ids=["neurons", "heads-right-rule", "family-path-two-layers", "grad-x-act-baseline", "token-mean-surrogate"],
 )
 def test_per_token_contributions_add_up_to_the_reports_scores(tmp_path, tiny_llama, tokenizer, families, settings):
     report = _report(tiny_llama, tokenizer, families, **settings)
@@ -103,6 +104,8 @@ def test_per_token_contributions_add_up_to_the_reports_scores(tmp_path, tiny_lla
         parts = [*trace["contribution_buckets"], trace["prompt_contribution"]]  # each rounded to 5 digits on the page
         assert sum(parts) == pytest.approx(expected, abs=1e-4 * sum(map(abs, parts)) + 1e-9)
         assert sum(trace["activation_buckets"]) == pytest.approx(1.0, rel=1e-3)
+        if settings.get("surrogate"):  # each trajectory weighed by its own length
+            assert len({len(record["tokens"]) for record in payload["trajectories"].values()}) > 2
         for row, tokens, contributions in zip(trace["rows"], trace["activations"], trace["contributions"], strict=True):
             assert len(tokens) == len(contributions) == len(payload["trajectories"][str(row)]["tokens"])
 

@@ -5,8 +5,9 @@ baseline ``c'`` to 1 (all other gates stay at 1)::
 
     IPG_i = (1 - c'_i) * sum_k w_k * dL/dc_i at c' + alpha_k (1 - c')
 
-where ``L`` is the policy-gradient surrogate ``sum_n A_n / N * sum_t log pi_c(a_t^n | ...)`` over
-fixed trajectories (``fixed`` estimation, exactly Integrated Gradients of ``L``), or the on-policy
+where ``L`` is the policy-gradient surrogate ``sum_n A_n / N * sum_t log pi_c(a_t^n | ...)`` (or,
+with ``surrogate: token_mean``, each trajectory's sum divided by its length) over fixed
+trajectories (``fixed`` estimation, exactly Integrated Gradients of ``L``), or the on-policy
 surrogate over trajectories drawn afresh at every point (``resample``). This module holds the pure
 parts; :mod:`ipg_lightning.attribution` orchestrates them in a Lightning loop.
 """
@@ -26,6 +27,9 @@ AdvantageMethod = Literal["rloo", "grpo", "none"]
 QuadratureRule = Literal["right", "left", "midpoint", "trapezoid", "gauss_legendre"]
 ADVANTAGE_METHODS: tuple[str, ...] = ("rloo", "grpo", "none")
 QUADRATURE_RULES: tuple[str, ...] = ("right", "left", "midpoint", "trapezoid", "gauss_legendre")
+#: How a trajectory's log-likelihood enters the surrogate: summed over its tokens, or their mean.
+Surrogate = Literal["sum", "token_mean"]
+SURROGATES: tuple[str, ...] = ("sum", "token_mean")
 
 
 def group_advantages(rewards: torch.Tensor, method: AdvantageMethod = "rloo") -> tuple[torch.Tensor, torch.Tensor]:
@@ -63,6 +67,26 @@ def group_advantages(rewards: torch.Tensor, method: AdvantageMethod = "rloo") ->
     else:
         raise ValueError(f"Unknown advantage {method!r}; choose from {list(ADVANTAGE_METHODS)}")
     return advantages * has_signal[:, None], has_signal
+
+
+def surrogate_weights(advantages: torch.Tensor, lengths: Sequence[int], num_samples: int, surrogate: Surrogate = "sum") -> torch.Tensor:
+    """Each trajectory's weight ``w_r`` in the surrogate ``L = sum_r w_r sum_t log pi(a_t^r | ...)``, in float32.
+
+    ``sum`` (the paper's): ``w_r = A_r / N``. ``token_mean``: ``w_r = A_r / (N |tau_r|)``, each
+    trajectory's log-likelihood divided by its number of generated tokens ``lengths[r]``. A change
+    that lowers every token's log-probability alike then leaves ``L`` where it was (each prompt's
+    advantages sum to zero), so components that merely damage the model no longer score as
+    "lengthening" under a length reward (``docs/method.md`` section 3).
+
+    >>> surrogate_weights(torch.tensor([1.0, -1.0]), [4, 2], num_samples=2, surrogate="token_mean")
+    tensor([ 0.1250, -0.2500])
+    """
+    weights = advantages.double() / num_samples
+    if surrogate == "token_mean":
+        weights = weights / torch.tensor(lengths, dtype=torch.float64).clamp(min=1)
+    elif surrogate != "sum":
+        raise ValueError(f"Unknown surrogate {surrogate!r}; choose from {list(SURROGATES)}")
+    return weights.float()
 
 
 def quadrature(rule: QuadratureRule = "right", steps: int = 10) -> tuple[list[float], list[float]]:

@@ -22,7 +22,7 @@ import lightning as L
 import torch
 
 from ipg_lightning.attribution.accumulator import AttributionAccumulator
-from ipg_lightning.attribution.estimator import AdvantageMethod, QuadratureRule
+from ipg_lightning.attribution.estimator import AdvantageMethod, QuadratureRule, Surrogate
 from ipg_lightning.attribution.kept import KeptTrajectories, gathered
 from ipg_lightning.attribution.metadata import Completeness, Quadrature, ReportCounts, ReportMetadata
 from ipg_lightning.attribution.methods import METHODS, AttributionMethodName, MethodSettings, check_method
@@ -92,6 +92,10 @@ class IPGAttribution(ReasoningTask):
             of a prompt whose N rewards are all equal (fresh sample indices), up to this many
             times, and keep the first group whose rewards differ; 0 skips such prompts. Redrawn
             groups and their tokens are counted in the report.
+        surrogate: for ``ipg`` and ``grad_x_act`` with fixed estimation, how each trajectory's
+            log-likelihood enters the surrogate: ``sum`` over its tokens (the paper's) or
+            ``token_mean`` (divided by its length, which removes the length term that makes
+            components that damage the model score as lengthening under a length reward).
         chunk_size: trajectories per teacher-forced forward/backward (bounds memory).
         reuse_prefix: with fixed estimation, run the frozen blocks below the lowest attributed block
             once per chunk instead of once per quadrature point (the same scores, less work).
@@ -124,6 +128,7 @@ class IPGAttribution(ReasoningTask):
         credit: Literal["full", "local"] = "full",
         sampling: SamplingConfig = SamplingConfig(),
         signal_retries: int = 0,
+        surrogate: Surrogate = "sum",
         chunk_size: int = 8,
         reuse_prefix: bool = True,
         memory: MemoryLimits = MemoryLimits(),
@@ -135,7 +140,7 @@ class IPGAttribution(ReasoningTask):
     ) -> None:
         super().__init__(model_path, dtype, architecture)
         sampling = SamplingConfig(**sampling) if isinstance(sampling, dict) else sampling
-        self.settings = MethodSettings(advantage, steps, rule, baseline, estimation, path, signal_retries, chunk_size)
+        self.settings = MethodSettings(advantage, steps, rule, baseline, estimation, path, signal_retries, chunk_size, surrogate)
         check_method(method, self.settings, sampling, keep_trajectories)
         check_sites_and_credit(families, layers, saes, credit)
         if output_dir is not None:

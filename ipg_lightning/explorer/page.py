@@ -111,7 +111,8 @@ def score_path(report: AttributionReport) -> tuple[ScorePath | None, str | None]
         return None, "Per-token contributions are shown for credit full; this report used local credit."
     effective = meta.effective or Quadrature(steps=config["steps"], rule=config["rule"])
     groups = site_path_groups({name: site["family"] for name, site in report.sites.items()}, config.get("path", "layer"))
-    return ScorePath(effective.rule, int(effective.steps), float(config.get("baseline", 0.0)), groups), None
+    baseline, surrogate = float(config.get("baseline", 0.0)), config.get("surrogate", "sum")
+    return ScorePath(effective.rule, int(effective.steps), baseline, groups, surrogate), None
 
 
 def check_replayable(report: AttributionReport, model: torch.nn.Module, sites: dict[str, Site]) -> None:

@@ -26,7 +26,10 @@ from ipg_lightning.task import plain
 logger = logging.getLogger(__name__)
 
 #: Settings of the run the page's header shows, when the report's config has them.
-SHOWN_SETTINGS = ("reward", "families", "layers", "steps", "rule", "baseline", "estimation", "path", "credit", "advantage", "signal_retries")
+SHOWN_SETTINGS = (
+    *("reward", "families", "layers", "steps", "rule", "baseline", "estimation", "path", "credit", "advantage"),
+    *("signal_retries", "surrogate"),
+)
 
 
 @dataclass

@@ -29,7 +29,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ipg_lightning.attribution.activations import check_readable, component_activations
-from ipg_lightning.attribution.estimator import quadrature
+from ipg_lightning.attribution.estimator import quadrature, surrogate_weights
 from ipg_lightning.attribution.kept import KeptTrajectories
 from ipg_lightning.gates.component_gates import parse_component_name
 from ipg_lightning.model.families import ArchitectureSpec
@@ -87,12 +87,14 @@ class ScorePath:
         steps: quadrature points.
         baseline: the gate value c' the path starts from.
         groups: the sites whose gates move together (one per site for ``path: layer``).
+        surrogate: how each trajectory's log-likelihood entered the surrogate (``sum`` or ``token_mean``).
     """
 
     rule: str
     steps: int
     baseline: float
     groups: list[list[str]]
+    surrogate: str = "sum"
 
 
 def reasoning_buckets(completion_tokens: int, reasoning_tokens: int) -> torch.Tensor:
@@ -236,7 +238,9 @@ def _fill_contributions(
     alphas, weights = quadrature(path.rule, path.steps)
     prompts = len(kept.prompts)
     active = [row for row, record in enumerate(kept.rows) if record["advantage"]]
-    advantages = torch.tensor([kept.rows[row]["advantage"] for row in active], dtype=torch.float32) / kept.num_samples
+    advantages = torch.tensor([kept.rows[row]["advantage"] for row in active], dtype=torch.float32)
+    lengths = [len(kept.rows[row]["completion_ids"]) for row in active]
+    advantages = surrogate_weights(advantages, lengths, kept.num_samples, path.surrogate)
     trajectories = kept.trajectories(active)
     shown_set = set(shown)
     per_prompt = {name: torch.zeros(prompts, len(indices), dtype=torch.float64) for name, indices in by_site.items()}

@@ -38,6 +38,11 @@ def check_method(method: str, settings: MethodSettings, sampling: SamplingConfig
     if settings.signal_retries and (not METHODS[method].retries_signal or settings.estimation != "fixed"):
         retrying = " or ".join(methods_that("retries_signal"))
         raise ValueError(f"signal_retries applies to method {retrying} with estimation fixed, not {method!r} with {settings.estimation!r}")
+    if settings.surrogate != "sum" and (not METHODS[method].weighs_surrogate or settings.estimation != "fixed"):
+        weighing = " or ".join(methods_that("weighs_surrogate"))
+        raise ValueError(
+            f"surrogate {settings.surrogate} applies to method {weighing} with estimation fixed, not {method!r} with {settings.estimation!r}"
+        )
     if keep_trajectories and not METHODS[method].samples:
         raise ValueError(f"keep_trajectories: method {method!r} samples no trajectories to keep; use {', '.join(methods_that('samples'))}")
     if METHODS[method].needs_reward_signal:

@@ -15,6 +15,7 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from ipg_lightning.attribution.accumulator import AttributionAccumulator
+from ipg_lightning.attribution.estimator import SURROGATES
 from ipg_lightning.checks import check_at_least
 from ipg_lightning.data import ReasoningBatch
 from ipg_lightning.gates.component_gates import ComponentGates
@@ -34,6 +35,8 @@ class MethodSettings:
         path: ``layer`` (one path per block) or ``family`` (one per family and block).
         signal_retries: how often the samples of a prompt with equal rewards are redrawn.
         chunk_size: rows per teacher-forced pass.
+        surrogate: ``sum`` (each trajectory's log-likelihood, the paper's) or ``token_mean`` (divided
+            by the trajectory's length; removes the length term of a length reward).
     """
 
     advantage: str = "rloo"
@@ -44,12 +47,15 @@ class MethodSettings:
     path: str = "layer"
     signal_retries: int = 0
     chunk_size: int = 8
+    surrogate: str = "sum"
 
     def __post_init__(self) -> None:
         if self.estimation not in ("fixed", "resample") or self.path not in ("layer", "family"):
             raise ValueError(f"estimation must be fixed|resample and path layer|family, got {self.estimation!r}, {self.path!r}")
         if not self.baseline < 1:
             raise ValueError(f"baseline must be < 1 (the path runs from it to 1), got {self.baseline}")
+        if self.surrogate not in SURROGATES:
+            raise ValueError(f"Unknown surrogate {self.surrogate!r}; choose from {list(SURROGATES)}")
         check_at_least(1, steps=self.steps, chunk_size=self.chunk_size)
         check_at_least(0, signal_retries=self.signal_retries)
 
@@ -99,6 +105,8 @@ class AttributionMethod:
     retries_signal: ClassVar[bool] = False
     #: Its scores split into per-token contributions along its path (the explorer shades tokens by them).
     splits_per_token: ClassVar[bool] = False
+    #: Weighs its sampled trajectories by their advantages in a policy-gradient surrogate, whose form ``surrogate`` chooses.
+    weighs_surrogate: ClassVar[bool] = False
 
     def __init__(self, task: AttributionRun) -> None:
         self.task = task

@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from ipg_lightning.attribution.estimator import group_advantages, integrate_path, move_along_path
+from ipg_lightning.attribution.estimator import group_advantages, integrate_path, move_along_path, surrogate_weights
 from ipg_lightning.attribution.methods.base import AttributionMethod
 from ipg_lightning.attribution.paths import integrate_fixed, path_groups, score_total
 from ipg_lightning.data import ReasoningBatch, batch_subset
@@ -29,6 +29,7 @@ class IntegratedPolicyGradient(AttributionMethod):
     samples = True
     retries_signal = True
     splits_per_token = True
+    weighs_surrogate = True
 
     def step(self, batch: ReasoningBatch) -> None:
         """Sample, score, take advantages, and integrate along every path (prompts without signal skipped)."""
@@ -50,12 +51,14 @@ class IntegratedPolicyGradient(AttributionMethod):
             scores, delta = self._integrate_resampled(batch, rewards)
         else:
             rows = [row for row in range(len(trajectories)) if has_signal[trajectories.prompt_index[row]]]
-            weights = (advantages.flatten()[rows] / task.sampling.num_samples).float()
+            kept = trajectories.select(rows)
+            lengths = [len(ids) for ids in kept.completion_ids]
+            weights = surrogate_weights(advantages.flatten()[rows], lengths, task.sampling.num_samples, task.settings.surrogate)
             passes = task.teacher_forced_passes()
             scores, delta = integrate_fixed(
                 task.lm,
                 task.gates,
-                trajectories.select(rows),
+                kept,
                 weights,
                 task.settings.path,
                 task.settings.baseline,
