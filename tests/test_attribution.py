@@ -92,7 +92,8 @@ def test_completeness_residual_shrinks_with_q_and_is_small_at_32(tiny_llama, tok
 def test_right_rule_the_papers_also_converges(tiny_model, tokenizer):
     model = tiny_model("qwen2")
     relative = [
-        _run(model, tokenizer, _data(), families=["mlp_neuron"], layers=[1], steps=q).metadata.completeness.relative_residual for q in (4, 32)
+        _run(model, tokenizer, _data(), families=["mlp_neuron"], layers=[1], steps=q, rule="right").metadata.completeness.relative_residual
+        for q in (4, 32)
     ]
     assert relative[1] < relative[0] and relative[1] < 0.05
 
@@ -418,16 +419,19 @@ def test_token_mean_surrogate_is_integrated_gradients_of_the_length_normalised_l
         IPGAttribution.for_model(tiny_llama, tokenizer, surrogate="token_mean", estimation="resample")
     with pytest.raises(ValueError, match="surrogate token_mean applies"):
         IPGAttribution.for_model(tiny_llama, tokenizer, surrogate="token_mean", method="mean_diff")
+    with pytest.raises(ValueError, match="surrogate token_mean needs advantages that sum to zero within each prompt"):
+        IPGAttribution.for_model(tiny_llama, tokenizer, surrogate="token_mean", advantage="none")
     with pytest.raises(ValueError, match="Unknown surrogate 'mean'"):
         IPGAttribution.for_model(tiny_llama, tokenizer, surrogate="mean")
 
 
-def test_token_mean_weights_cancel_a_drop_that_is_the_same_at_every_token():
+@pytest.mark.parametrize("advantage", ["rloo", "grpo"])
+def test_token_mean_weights_cancel_a_drop_that_is_the_same_at_every_token(advantage):
     """A change lowering every token's log-probability by d moves the sum surrogate by d sum_r w_r |tau_r|, the token mean one not at all."""
     generator = torch.Generator().manual_seed(0)
     rewards = torch.randint(0, 60, (5, 4), generator=generator).float()
     lengths = (rewards.flatten() + torch.randint(1, 9, (20,), generator=generator)).int().tolist()  # longer traces, higher reward
-    advantages = group_advantages(rewards)[0].flatten()
+    advantages = group_advantages(rewards, advantage)[0].flatten()
     drop = 0.13 * torch.tensor(lengths, dtype=torch.float64)  # log pi_1(tau_r) - log pi_0(tau_r)
     per_token = (surrogate_weights(advantages, lengths, 4, "token_mean").double() * drop).sum()
     summed = (surrogate_weights(advantages, lengths, 4, "sum").double() * drop).sum()

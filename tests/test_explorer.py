@@ -15,6 +15,7 @@ from ipg_lightning.attribution.estimator import group_advantages
 from ipg_lightning.attribution.report import AttributionReport
 from ipg_lightning.cli.main import run
 from ipg_lightning.explorer import Effects, MeasuredEffect, embedded_payload, page_for_report, read_evaluations
+from ipg_lightning.explorer.page import score_path
 from ipg_lightning.gates.component_gates import parse_component_name
 from ipg_lightning.rewards.functions import Completion, accuracy
 from ipg_lightning.sae import save_sae
@@ -93,6 +94,9 @@ def test_keeping_trajectories_is_refused_for_methods_that_sample_none(method):
 )
 def test_per_token_contributions_add_up_to_the_reports_scores(tmp_path, tiny_llama, tokenizer, families, settings):
     report = _report(tiny_llama, tokenizer, families, **settings)
+    if not settings:
+        del report.metadata.config["surrogate"]  # as in a report written before the option, whose surrogate was the sum
+    assert score_path(report)[0].surrogate == settings.get("surrogate", "sum")
     page = page_for_report(report, tiny_llama, tokenizer, tmp_path / "page.html", components=6, trajectories_per_component=3)
     payload = embedded_payload(page.read_text())
     assert len(payload["traces"]) == min(6, len(report.ranked()))  # the tiny model has 4 heads per block

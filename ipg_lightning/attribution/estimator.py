@@ -74,9 +74,11 @@ def surrogate_weights(advantages: torch.Tensor, lengths: Sequence[int], num_samp
 
     ``sum`` (the paper's): ``w_r = A_r / N``. ``token_mean``: ``w_r = A_r / (N |tau_r|)``, each
     trajectory's log-likelihood divided by its number of generated tokens ``lengths[r]``. A change
-    that lowers every token's log-probability alike then leaves ``L`` where it was (each prompt's
-    advantages sum to zero), so components that merely damage the model no longer score as
-    "lengthening" under a length reward (``docs/method.md`` section 3).
+    that lowers every token's log-probability by the same amount then leaves ``L`` where it was
+    (each prompt's advantages sum to zero), so the part of a length score that comes from such a
+    uniform drop, which makes components that damage the model look "lengthening", is gone; what
+    remains is how the drop per token differs between long and short trajectories
+    (``docs/method.md`` section 3).
 
     >>> surrogate_weights(torch.tensor([1.0, -1.0]), [4, 2], num_samples=2, surrogate="token_mean")
     tensor([ 0.1250, -0.2500])
@@ -89,7 +91,7 @@ def surrogate_weights(advantages: torch.Tensor, lengths: Sequence[int], num_samp
     return weights.float()
 
 
-def quadrature(rule: QuadratureRule = "right", steps: int = 10) -> tuple[list[float], list[float]]:
+def quadrature(rule: QuadratureRule = "gauss_legendre", steps: int = 10) -> tuple[list[float], list[float]]:
     """Points ``alpha_k`` in [0, 1] and weights ``w_k`` (summing to 1) of a quadrature rule.
 
     ``right`` is the paper's ``alpha_k = k / q``; ``trapezoid`` uses ``q + 1`` points.
@@ -142,7 +144,7 @@ def integrate_path(
     site_names: Sequence[str],
     gradient_at: Callable[[float], float],
     baseline: float = 0.0,
-    rule: QuadratureRule = "right",
+    rule: QuadratureRule = "gauss_legendre",
     steps: int = 10,
 ) -> PathIntegral:
     """Integrated gradients of a surrogate along the straight path from ``baseline`` to 1.

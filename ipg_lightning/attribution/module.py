@@ -76,8 +76,9 @@ class IPGAttribution(ReasoningTask):
         reward: a built-in reward name, an import path ``pkg.module:function``, or a mapping of weights.
         advantage: ``rloo`` (default, unbiased), ``grpo`` (the paper's), or ``none``.
         steps: number of quadrature points q (paper: 10).
-        rule: quadrature rule: ``right`` (paper: alpha_k = k/q), ``left``, ``midpoint``,
-            ``trapezoid``, ``gauss_legendre``.
+        rule: quadrature rule: ``gauss_legendre`` (default: the scores add up to the surrogate's
+            change at the same cost), ``right`` (the paper's alpha_k = k/q), ``left``, ``midpoint``,
+            ``trapezoid``.
         baseline: the baseline gate value c' (paper: 0).
         estimation: ``fixed`` (sample once at c = 1, teacher-force at every point) or ``resample``
             (fresh on-policy samples at every point; N x q generations per prompt).
@@ -121,7 +122,7 @@ class IPGAttribution(ReasoningTask):
         reward: str | dict[str, float] = "accuracy",
         advantage: AdvantageMethod = "rloo",
         steps: int = 10,
-        rule: QuadratureRule = "right",
+        rule: QuadratureRule = "gauss_legendre",
         baseline: float = 0.0,
         estimation: Literal["fixed", "resample"] = "fixed",
         path: Literal["layer", "family"] = "layer",

@@ -55,7 +55,7 @@ def integrate_fixed(
         lm: the model, with ``gates`` attached.
         gates: the attributed gates (left at 1 afterwards).
         trajectories: the fixed trajectories.
-        weights: one weight per trajectory (advantage / N for IPG, 1 for reference solutions).
+        weights: one weight per trajectory (:func:`~ipg_lightning.attribution.estimator.surrogate_weights` for IPG, 1 for reference solutions).
         path: ``layer`` or ``family`` (see :func:`path_groups`).
         baseline: the gate value c' where every path starts.
         quadrature: the rule and number of points.

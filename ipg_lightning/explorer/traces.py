@@ -238,9 +238,9 @@ def _fill_contributions(
     alphas, weights = quadrature(path.rule, path.steps)
     prompts = len(kept.prompts)
     active = [row for row, record in enumerate(kept.rows) if record["advantage"]]
-    advantages = torch.tensor([kept.rows[row]["advantage"] for row in active], dtype=torch.float32)
-    lengths = [len(kept.rows[row]["completion_ids"]) for row in active]
-    advantages = surrogate_weights(advantages, lengths, kept.num_samples, path.surrogate)
+    advantages = torch.tensor([kept.rows[row]["advantage"] for row in active], dtype=torch.float64)
+    token_counts = [len(kept.rows[row]["completion_ids"]) for row in active]
+    surrogate = surrogate_weights(advantages, token_counts, kept.num_samples, path.surrogate)  # as the attribution weighed them
     trajectories = kept.trajectories(active)
     shown_set = set(shown)
     per_prompt = {name: torch.zeros(prompts, len(indices), dtype=torch.float64) for name, indices in by_site.items()}
@@ -259,7 +259,7 @@ def _fill_contributions(
         for rows, chunk in replay.chunks(trajectories):
             group_sites = [sites[name] for name in group]
             with replay.run(rows):
-                gradients = _position_gradients(model, group_sites, set(by_site), gate, chunk, advantages[rows.start : rows.stop])
+                gradients = _position_gradients(model, group_sites, set(by_site), gate, chunk, surrogate[rows.start : rows.stop])
             layout = _chunk_layout(chunk, [active[position] for position in rows], kept, buckets)
             for name, gradient in gradients.items():
                 gradient = gradient[..., by_site[name]].double().cpu() * scale
@@ -305,11 +305,11 @@ def _chunk_layout(chunk: Trajectories, rows: list[int], kept: KeptTrajectories, 
 
 
 def _position_gradients(
-    model: nn.Module, group: list[Site], traced: set[str], gate: float, chunk: Trajectories, advantages: torch.Tensor
+    model: nn.Module, group: list[Site], traced: set[str], gate: float, chunk: Trajectories, weights: torch.Tensor
 ) -> dict[str, torch.Tensor]:
     """d L / d c_t at every position for the traced sites of ``group``, with the group's gates at ``gate``.
 
-    ``L = sum_r advantages[r] sum_t log pi(a_t^r)`` over ``chunk``. Each traced site's gate becomes
+    ``L = sum_r weights[r] sum_t log pi(a_t^r)`` over ``chunk`` (the surrogate's weights, :func:`surrogate_weights`). Each traced site's gate becomes
     ``gate + delta`` with a zero ``delta`` of shape (rows, positions, size), whose gradient is the split.
     Sites that see the tokens flattened (a shared expert's input, rows x positions by width) are
     edited in the (rows, positions, width) layout and flattened back.
@@ -330,7 +330,7 @@ def _position_gradients(
 
     with site_hooks(root, [(site, partial(edit, site)) for site in group]), frozen_parameters(model), torch.enable_grad():
         log_probs = completion_log_probs(model, chunk)
-        surrogate = (advantages.to(log_probs.device) * log_probs.float().sum(-1)).sum()
+        surrogate = (weights.to(log_probs.device) * log_probs.float().sum(-1)).sum()
         names = list(deltas)
         gradients = torch.autograd.grad(surrogate, [deltas[name] for name in names], allow_unused=True)
     return {name: torch.zeros_like(deltas[name]) if g is None else g for name, g in zip(names, gradients, strict=True)}

@@ -43,6 +43,8 @@ def check_method(method: str, settings: MethodSettings, sampling: SamplingConfig
         raise ValueError(
             f"surrogate {settings.surrogate} applies to method {weighing} with estimation fixed, not {method!r} with {settings.estimation!r}"
         )
+    if settings.surrogate == "token_mean" and settings.advantage == "none":
+        raise ValueError("surrogate token_mean needs advantages that sum to zero within each prompt; use advantage rloo or grpo, not none")
     if keep_trajectories and not METHODS[method].samples:
         raise ValueError(f"keep_trajectories: method {method!r} samples no trajectories to keep; use {', '.join(methods_that('samples'))}")
     if METHODS[method].needs_reward_signal:

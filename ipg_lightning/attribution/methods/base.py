@@ -41,7 +41,7 @@ class MethodSettings:
 
     advantage: str = "rloo"
     steps: int = 10
-    rule: str = "right"
+    rule: str = "gauss_legendre"
     baseline: float = 0.0
     estimation: str = "fixed"
     path: str = "layer"
