@@ -160,6 +160,7 @@ class Comparison:
             layers=None if sae else [self.layer(behaviour)],
             saes=[sae] if sae else [],
             steps=32 if sae else 16,
+            rule="right",  # the rule its recorded runs used (the library's default before 2026-12-06)
             sampling=sampling,
             chunk_size=32,
         )

@@ -90,6 +90,7 @@ def select(settings: dict[str, Any], objective: str) -> list[str]:
         reward=reward_of(objective, settings["length_penalty"]),
         families=["mlp_neuron"],
         layers=[settings["layers"][objective]],
+        rule="right",  # the rule its recorded runs used (the library's default before 2026-12-06)
         sampling=sampling(settings, 0),
         chunk_size=32,
     )

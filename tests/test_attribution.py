@@ -152,6 +152,7 @@ def test_resample_converges_to_integrated_gradients_of_the_exact_expectation():
             reward=starts_with_digit,
             sampling={"max_new_tokens": 1, "num_samples": samples, "batch_size": 512},
             steps=4,
+            rule="right",  # the reference's points
             estimation="resample",
         )
         estimate = report.scores["blocks.1.mlp.hook_post"]
