@@ -51,14 +51,14 @@ class IntegratedPolicyGradient(AttributionMethod):
             scores, delta = self._integrate_resampled(batch, rewards)
         else:
             rows = [row for row in range(len(trajectories)) if has_signal[trajectories.prompt_index[row]]]
-            kept = trajectories.select(rows)
-            lengths = [len(ids) for ids in kept.completion_ids]
+            with_signal = trajectories.select(rows)
+            lengths = [len(ids) for ids in with_signal.completion_ids]
             weights = surrogate_weights(advantages.flatten()[rows], lengths, task.sampling.num_samples, task.settings.surrogate)
             passes = task.teacher_forced_passes()
             scores, delta = integrate_fixed(
                 task.lm,
                 task.gates,
-                kept,
+                with_signal,
                 weights,
                 task.settings.path,
                 task.settings.baseline,
