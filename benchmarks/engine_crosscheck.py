@@ -24,7 +24,10 @@ from pathlib import Path
 from localisation import BEHAVIOURS, collect, interval, load_summary
 
 #: Settings that may differ between the two runs (besides those a resumed run may change).
-MAY_DIFFER = {"engine", "out", "seeds", "methods", "ipg_variants", "sae_methods", "behaviours", "restart", "from_results", "device"}
+MAY_DIFFER = {
+    *("engine", "out", "seeds", "methods", "ipg_variants", "variant_methods"),
+    *("sae_methods", "behaviours", "restart", "from_results", "device"),
+}
 
 
 def seed_band(values: list[float]) -> tuple[float, float]:

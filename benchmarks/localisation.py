@@ -21,7 +21,8 @@ alone). ``ig_reference`` needs reference solutions: on a task without them its r
 
 Estimator variants (``--ipg-variants``): ``local`` credit, ``retries`` (redraw zero-signal groups),
 ``token_mean`` (the length-normalised surrogate), ``grpo`` advantages, ``resample`` estimation,
-N = 8 or 16; ``grad_x_act`` is q = 1. SAE rows rank the
+N = 8 or 16; ``grad_x_act`` is q = 1, and ``--variant-methods ipg grad_x_act`` gives it the same variants
+(a ``grad_x_act [token_mean]`` row, for instance). SAE rows rank the
 features of ``--sae`` (accuracy only: the shipped SAE reads block 2's residual output).
 
 Resumable: each finished (behaviour, row, seed) cell is written to ``OUT/results.json`` at once, and a
@@ -76,13 +77,15 @@ RANKING_SETTINGS = (
     *("steps", "rule", "sae", "sae_steps", "engine", "dtype"),
 )
 #: Settings a resumed run may change: which cells to measure, and where and how to show them.
-NOT_MEASUREMENT = {"out", "from_results", "restart", "seeds", "methods", "ipg_variants", "sae_methods", "behaviours"}
+NOT_MEASUREMENT = {"out", "from_results", "restart", "seeds", "methods", "ipg_variants", "variant_methods", "sae_methods", "behaviours"}
+#: The gradient methods an estimator variant can apply to (``--variant-methods``).
+VARIANT_METHODS = ("ipg", "grad_x_act")
 FORMAT = 2
 ACCURACY_GATES = {"suppress": 0.0, "amplify": 1.5}
 
 
 class Row(NamedTuple):
-    """One line of the tables: a method, on a site family, with an optional IPG variant."""
+    """One line of the tables: a method, on a site family, with an optional estimator variant."""
 
     name: str
     method: str
@@ -93,7 +96,8 @@ class Row(NamedTuple):
 def rows_of(settings: dict[str, Any], behaviour: str) -> list[Row]:
     """The rows a run measures for one behaviour (SAE rows for accuracy only)."""
     rows = [Row(method, method, "mlp_neuron", None) for method in settings["methods"]]
-    rows += [Row(f"ipg [{variant}]", "ipg", "mlp_neuron", variant) for variant in settings["ipg_variants"]]
+    for method in settings.get("variant_methods", ["ipg"]):  # runs from before the choice varied IPG alone
+        rows += [Row(f"{method} [{variant}]", method, "mlp_neuron", variant) for variant in settings["ipg_variants"]]
     if behaviour == "accuracy":
         rows += [Row(f"{method} [SAE]", method, "sae_feature", None) for method in settings["sae_methods"]]
     return rows
@@ -389,6 +393,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=16)
     parser.add_argument("--rule", default="gauss_legendre")
     parser.add_argument("--ipg-variants", nargs="*", default=[], choices=list(VARIANTS), help="also IPG with these estimator settings")
+    parser.add_argument(
+        "--variant-methods", nargs="+", default=["ipg"], choices=VARIANT_METHODS, help="methods the --ipg-variants apply to (grad_x_act: q = 1)"
+    )
     parser.add_argument("--sae-methods", nargs="*", default=[], choices=METHODS, help="also rank the features of --sae with these methods")
     parser.add_argument("--sae", default=TINY_REASONER_SAE_PATH, help="SAE directory whose features --sae-methods rank")
     parser.add_argument("--sae-steps", type=int, default=32, help="quadrature points over SAE features (a rougher path)")

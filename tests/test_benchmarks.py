@@ -36,9 +36,9 @@ def _greedy_accuracy(task, num_test: int) -> float:
 def test_localisation_measures_every_cell_resumes_and_redraws_the_same_tables(tmp_path):
     out = tmp_path / "localisation"
     run = [*SIZES, "--methods", "ipg", "mean_diff", "random", "--ipg-variants", "local", "--out", str(out)]
-    _localisation(*run, "--seeds", "1")
+    _localisation(*run, "--seeds", "1", "--variant-methods", "ipg", "grad_x_act")
     summary = json.loads((out / "results.json").read_text())
-    rows = {"ipg", "mean_diff", "random", "ipg [local]"}
+    rows = {"ipg", "mean_diff", "random", "ipg [local]", "grad_x_act [local]"}
     assert summary["complete"] and set(summary["cells"]) == {f"{b}|{row}|0" for b in ("accuracy", "length") for row in rows}
     for key, cell in summary["cells"].items():
         assert cell["seconds"] > 0
