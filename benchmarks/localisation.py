@@ -60,7 +60,7 @@ from ipg_lightning.zoo.reasoner import TINY_REASONER_SAE_PATH
 
 METHODS = ("ipg", "grad_x_act", "ig_reference", "mean_diff", "activation", "random")
 BEHAVIOURS = ("accuracy", "length")
-#: Estimator variants of IPG, as overrides of its settings (``--ipg-variants``); ``grad_x_act`` is q = 1.
+#: Estimator variants, as overrides of a gradient method's settings (``--ipg-variants``, for ``--variant-methods``).
 VARIANTS = {
     "local": {"credit": "local"},
     "retries": {"signal_retries": 4},
@@ -392,7 +392,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--test", type=int, default=128)
     parser.add_argument("--steps", type=int, default=16)
     parser.add_argument("--rule", default="gauss_legendre")
-    parser.add_argument("--ipg-variants", nargs="*", default=[], choices=list(VARIANTS), help="also IPG with these estimator settings")
+    parser.add_argument("--ipg-variants", nargs="*", default=[], choices=list(VARIANTS), help="also the --variant-methods with these settings")
     parser.add_argument(
         "--variant-methods", nargs="+", default=["ipg"], choices=VARIANT_METHODS, help="methods the --ipg-variants apply to (grad_x_act: q = 1)"
     )
@@ -415,6 +415,7 @@ def parse_args() -> argparse.Namespace:
             parser.error(f"testbed {args.testbed!r} has tasks {sorted(testbed.tasks)}, not {task!r}")
     args.layer = testbed.layer if args.layer is None else args.layer
     args.length_layer = testbed.length_layer if args.length_layer is None else args.length_layer
+    args.variant_methods = list(dict.fromkeys(args.variant_methods))
     args.out = args.out or f"benchmarks/localisation_{args.testbed}"
     return args
 
