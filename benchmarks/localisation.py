@@ -343,7 +343,7 @@ def write_figure(summary: dict[str, Any], out: Path) -> None:
             if "points" in row:
                 means, errors = zip(*(interval(row["points"][key]) for key in keys), strict=True)
                 axis.errorbar(xs, means, yerr=errors, marker="o", capsize=3, label=name)
-    axes[0][0].legend(fontsize=7)
+        axis.legend(fontsize=7)  # each panel's own rows (variants may be measured for one behaviour only)
     figure.tight_layout()
     figure.savefig(out / "localisation.png.tmp", dpi=110, format="png")
     (out / "localisation.png.tmp").replace(out / "localisation.png")
@@ -416,6 +416,8 @@ def parse_args() -> argparse.Namespace:
     args.layer = testbed.layer if args.layer is None else args.layer
     args.length_layer = testbed.length_layer if args.length_layer is None else args.length_layer
     args.variant_methods = list(dict.fromkeys(args.variant_methods))
+    if args.variant_methods != ["ipg"] and not args.ipg_variants:
+        parser.error("--variant-methods names the methods the --ipg-variants apply to: give --ipg-variants too")
     args.out = args.out or f"benchmarks/localisation_{args.testbed}"
     return args
 
