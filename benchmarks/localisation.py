@@ -26,8 +26,9 @@ N = 8 or 16; ``grad_x_act`` is q = 1, and ``--variant-methods ipg grad_x_act`` g
 features of ``--sae`` (accuracy only: the shipped SAE reads block 2's residual output).
 
 Resumable: each finished (behaviour, row, seed) cell is written to ``OUT/results.json`` at once, and a
-rerun with the same settings measures only the missing cells (more seeds or rows may be added);
-``--restart`` replaces a run with other settings. ``--from-results`` redraws tables and figure.
+rerun with the same settings measures only the missing cells of the rows and seeds it names (more or
+fewer than before: the file keeps every row and seed it has held, and its tables say which cells are
+missing); ``--restart`` replaces a run with other settings. ``--from-results`` redraws tables and figure.
 
 Run: ``python benchmarks/localisation.py --testbed sft`` (``--help`` for knobs).
 """
@@ -80,6 +81,12 @@ RANKING_SETTINGS = (
 NOT_MEASUREMENT = {"out", "from_results", "restart", "seeds", "methods", "ipg_variants", "variant_methods", "sae_methods", "behaviours"}
 #: The gradient methods an estimator variant can apply to (``--variant-methods``).
 VARIANT_METHODS = ("ipg", "grad_x_act")
+#: Settings that choose the rows a run measures, in their canonical order: a resumed run measures the rows it is
+#: given, and its results.json keeps every row it has held (and the most seeds), so tables and figure lose none.
+ROW_OPTIONS = {
+    **{"behaviours": BEHAVIOURS, "methods": METHODS, "sae_methods": METHODS},
+    **{"ipg_variants": tuple(VARIANTS), "variant_methods": VARIANT_METHODS},
+}
 FORMAT = 2
 ACCURACY_GATES = {"suppress": 0.0, "amplify": 1.5}
 
@@ -101,6 +108,11 @@ def rows_of(settings: dict[str, Any], behaviour: str) -> list[Row]:
     if behaviour == "accuracy":
         rows += [Row(f"{method} [SAE]", method, "sae_feature", None) for method in settings["sae_methods"]]
     return rows
+
+
+def cells_of(settings: dict[str, Any]) -> list[str]:
+    """The keys (behaviour|row|seed) of every cell a run with these settings measures, in the order it measures them."""
+    return [f"{b}|{row.name}|{seed}" for seed in range(settings["seeds"]) for b in settings["behaviours"] for row in rows_of(settings, b)]
 
 
 def interval(values: list[float]) -> tuple[float, float]:
@@ -225,7 +237,7 @@ def rankings_of(settings: dict[str, Any]) -> dict[str, dict[str, Any]]:
     differ = [key for key in RANKING_SETTINGS if recorded.get(key) != settings.get(key)]
     if differ:
         sys.exit(f"{settings['rankings_from']} ranked with other settings ({', '.join(differ)}): its rankings are not this run's")
-    wanted = [f"{b}|{row.name}|{seed}" for seed in range(settings["seeds"]) for b in settings["behaviours"] for row in rows_of(settings, b)]
+    wanted = cells_of(settings)
     missing = [key for key in wanted if key not in source["cells"]]
     if missing:
         sys.exit(f"{settings['rankings_from']} has no cells {', '.join(missing[:4])}{' ...' if len(missing) > 4 else ''}: measure them there first")
@@ -281,7 +293,7 @@ def print_tables(summary: dict[str, Any]) -> None:
     print(
         f"\n{settings['testbed']} testbed ({testbed.description}), task {settings['test_task']}{transfer}: "
         f"{settings['test']} held-out problems, support {settings['support']} problems x N={settings['num_samples']}, "
-        f"{settings['seeds']} seeds{'' if summary['complete'] else ' (PARTIAL: some cells missing)'}"
+        f"{settings['seeds']} seeds{_partial(summary)}"
     )
     greedy = base["greedy"]
     print(f"base (greedy): accuracy {greedy['accuracy']:.3f}, mean length {greedy['reasoning_length_mean']:.1f}")
@@ -303,6 +315,11 @@ def print_tables(summary: dict[str, Any]) -> None:
         print("\naccuracy")
         _print_table(table, [f"accuracy gamma={g}" for g in gammas], [f"gamma={g}" for g in gammas])
     print(f"\nwall time {summary['wall_time_s']} s")
+
+
+def _partial(summary: dict[str, Any]) -> str:
+    missing = missing_cells(summary)
+    return f" (PARTIAL: {len(missing)} cells missing, e.g. {missing[0]})" if missing else ""
 
 
 def _print_table(table: dict[str, dict[str, Any]], keys: list[str], headers: list[str], digits: int = 3) -> None:
@@ -368,9 +385,23 @@ def resume_or_start(settings: dict[str, Any], out: Path) -> dict[str, Any]:
         differ = sorted(key for key in settings.keys() - NOT_MEASUREMENT if recorded.get(key) != settings[key])
         if differ:
             sys.exit(f"{path} holds a run with other settings ({', '.join(differ)}): pass --restart to replace it, or another --out")
-        summary["settings"] = settings
+        summary["settings"] = held_settings(recorded, settings)
         return summary
     return {"format": FORMAT, "settings": settings, "base": {}, "cells": {}, "complete": False, "wall_time_s": 0}
+
+
+def held_settings(recorded: dict[str, Any], requested: dict[str, Any]) -> dict[str, Any]:
+    """``requested`` with the rows and seeds of an earlier run's ``recorded`` settings added back."""
+    held = {**requested, "seeds": max(recorded["seeds"], requested["seeds"])}
+    for key, order in ROW_OPTIONS.items():
+        names = {*recorded.get(key, ["ipg"] if key == "variant_methods" else []), *requested[key]}  # older runs varied IPG alone
+        held[key] = [name for name in order if name in names]
+    return held
+
+
+def missing_cells(summary: dict[str, Any]) -> list[str]:
+    """The cells the saved settings name that are not measured yet."""
+    return [key for key in cells_of(summary["settings"]) if key not in summary["cells"]]
 
 
 def parse_args() -> argparse.Namespace:
@@ -435,8 +466,8 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     summary = resume_or_start(vars(args), out)
     summary["complete"] = False
-    Localisation(summary["settings"], summary).run(out)
-    summary["complete"] = True
+    Localisation(vars(args), summary).run(out)
+    summary["complete"] = not missing_cells(summary)
     atomic_write_json(out / "results.json", summary)
     write_figure(summary, out)
     print_tables(summary)

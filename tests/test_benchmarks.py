@@ -65,15 +65,19 @@ def test_localisation_measures_every_cell_resumes_and_redraws_the_same_tables(tm
         assert float(measured) == pytest.approx(summary["cells"][f"length|{row}|0"]["gammas"]["0.0"]["reasoning_length_mean"], abs=0.05)
         assert float(share) == pytest.approx(float(term) / float(total), abs=0.01 + 1e-3 * abs(float(term) / float(total)))
 
-    # a second seed of one row resumes: only its cell is measured, the first seed's are kept as they were
+    # a second seed of one row resumes: only its cell is measured, the first seed's are kept as they were, and
+    # the saved settings keep every row of both runs, so the tables still show them and say what is missing
     resumed_run = [*run, "--seeds", "2", "--methods", "random", "--ipg-variants", "--behaviours", "accuracy"]
     resumed = _localisation(*resumed_run).stdout
     assert resumed.count("|0 ") == 0 and resumed.count("|1 ") == 1 and "accuracy|random|1 " in resumed
     again = json.loads((out / "results.json").read_text())
     assert set(again["cells"]) == set(summary["cells"]) | {"accuracy|random|1"}
     assert all(again["cells"][key] == cell for key, cell in summary["cells"].items())
+    held = {key: again["settings"][key] for key in ("seeds", "behaviours", "methods", "ipg_variants", "variant_methods")}
+    assert held == {**{key: summary["settings"][key] for key in held}, "seeds": 2} and not again["complete"]
     tables = resumed[resumed.index("\nsft testbed") :]
-    assert "| random |" in tables and "| mean_diff |" not in tables and "mean reasoning length" not in tables
+    assert "2 seeds (PARTIAL: 9 cells missing, e.g. accuracy|ipg|1)" in tables
+    assert "| mean_diff |" in tables and "| grad_x_act [local] |" in tables and "mean reasoning length" in tables
     redrawn = _localisation(*run, "--seeds", "2", "--from-results").stdout  # the saved settings draw the tables
     assert redrawn.strip() == tables.strip()
     assert (out / "localisation.png").stat().st_size > 10_000
@@ -82,7 +86,7 @@ def test_localisation_measures_every_cell_resumes_and_redraws_the_same_tables(tm
     crosscheck = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / "engine_crosscheck.py"), str(out), str(out)], capture_output=True, text=True, check=True, cwd=ROOT
     ).stdout
-    assert "| NO |" not in crosscheck and "points within the reference's per-seed spread: 8 of 8 (100%)" in crosscheck
+    assert "| NO |" not in crosscheck and "points within the reference's per-seed spread: 29 of 29 (100%)" in crosscheck
     assert "| random | components shared with the reference's seed | | | 2 of 2, 2 of 2 | |" in crosscheck
 
     # other measurement settings do not mix with the saved cells
