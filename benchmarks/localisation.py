@@ -84,8 +84,11 @@ VARIANT_METHODS = ("ipg", "grad_x_act")
 #: Settings that choose the rows a run measures, in their canonical order: a resumed run measures the rows it is
 #: given, and its results.json keeps every row it has held (and the most seeds), so tables and figure lose none.
 ROW_OPTIONS = {
-    **{"behaviours": BEHAVIOURS, "methods": METHODS, "sae_methods": METHODS},
-    **{"ipg_variants": tuple(VARIANTS), "variant_methods": VARIANT_METHODS},
+    "behaviours": BEHAVIOURS,
+    "methods": METHODS,
+    "sae_methods": METHODS,
+    "ipg_variants": tuple(VARIANTS),
+    "variant_methods": VARIANT_METHODS,
 }
 FORMAT = 2
 ACCURACY_GATES = {"suppress": 0.0, "amplify": 1.5}
