@@ -161,6 +161,7 @@ class Comparison:
             saes=[sae] if sae else [],
             steps=32 if sae else 16,
             rule="right",  # the rule its recorded runs used (the library's default before 2026-12-06)
+            surrogate="sum",  # the surrogate its recorded runs used (the library's default before 2026-12-07)
             sampling=sampling,
             chunk_size=32,
         )

@@ -158,7 +158,8 @@ class Localisation:
         support.examples["val"] = support.examples["val"][settings["support"] * seed :]
         if row.method == "ig_reference" and not all(example.solution for example in support.examples["val"]):
             raise UninformativeReportError(f"not applicable: task {settings['support_task']!r} has no reference solutions")
-        overrides = dict(VARIANTS[row.variant]) if row.variant else {}
+        # A row without a variant is the paper's estimator: the summed surrogate, whatever the library's default.
+        overrides = {"surrogate": "sum", **(VARIANTS[row.variant] if row.variant else {})}
         num_samples = overrides.pop("num_samples", settings["num_samples"])
         sae = row.family == "sae_feature"
         module = IPGAttribution.for_model(

@@ -91,6 +91,7 @@ def select(settings: dict[str, Any], objective: str) -> list[str]:
         families=["mlp_neuron"],
         layers=[settings["layers"][objective]],
         rule="right",  # the rule its recorded runs used (the library's default before 2026-12-06)
+        surrogate="sum",  # the surrogate its recorded runs used (the library's default before 2026-12-07)
         sampling=sampling(settings, 0),
         chunk_size=32,
     )

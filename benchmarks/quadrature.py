@@ -49,6 +49,7 @@ def main() -> None:
                 layers=[args.layer],
                 steps=steps,
                 rule=rule,
+                surrogate="sum",  # the surrogate its recorded table used (the library's default before 2026-12-07)
                 sampling=SamplingConfig(num_samples=4, temperature=0.7, top_p=1.0, max_new_tokens=160, batch_size=64, seed=0),
                 chunk_size=32,
             )

@@ -426,6 +426,30 @@ def test_token_mean_surrogate_is_integrated_gradients_of_the_length_normalised_l
         IPGAttribution.for_model(tiny_llama, tokenizer, surrogate="mean")
 
 
+def test_auto_surrogate_is_token_mean_for_length_rewards_where_it_applies_and_the_report_records_it(tiny_llama, tokenizer):
+    stops = ("a", "e", "o", "1")  # completions of several lengths, so a length reward has signal
+    settings = dict(families=["attn_out"], layers=[1], reward="reasoning_length", steps=2, sampling={"stop_strings": stops})
+    auto = _run(tiny_llama, tokenizer, _data(num_val=4, batch_size=4), **settings)
+    token_mean = _run(tiny_llama, tokenizer, _data(num_val=4, batch_size=4), surrogate="token_mean", **settings)
+    summed = _run(tiny_llama, tokenizer, _data(num_val=4, batch_size=4), surrogate="sum", **settings)
+    site = "blocks.1.hook_attn_out"
+    assert auto.metadata.config["surrogate"] == "token_mean" and summed.metadata.config["surrogate"] == "sum"
+    torch.testing.assert_close(auto.scores[site], token_mean.scores[site], rtol=0, atol=0)
+    assert auto.scores[site].item() != pytest.approx(summed.scores[site].item(), rel=0.05)
+
+    def chosen(**kwargs) -> str:
+        return IPGAttribution.for_model(tiny_llama, tokenizer, **kwargs).settings.surrogate
+
+    assert chosen(reward={"accuracy": 1.0, "reasoning_length": -0.01}) == "token_mean"
+    assert chosen(method="grad_x_act", reward="reasoning_length") == "token_mean"
+    # the reward does not name length, or token_mean does not apply: the paper's sum, not an error
+    assert chosen() == chosen(reward={"accuracy": 1.0, "reasoning_length": 0.0}) == chosen(reward=word_count) == "sum"
+    assert chosen(reward="reasoning_length", estimation="resample") == chosen(reward="reasoning_length", advantage="none") == "sum"
+    assert chosen(reward="reasoning_length", method="mean_diff") == chosen(reward="reasoning_length", method="random") == "sum"
+    with pytest.raises(ValueError, match=r"Unknown surrogate 'mean'; choose from \['auto', 'sum', 'token_mean'\]"):
+        chosen(surrogate="mean")
+
+
 @pytest.mark.parametrize("advantage", ["rloo", "grpo"])
 def test_token_mean_weights_cancel_a_drop_that_is_the_same_at_every_token(advantage):
     """A change lowering every token's log-probability by d moves the sum surrogate by d sum_r w_r |tau_r|, the token mean one not at all."""

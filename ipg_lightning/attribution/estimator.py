@@ -30,6 +30,8 @@ QUADRATURE_RULES: tuple[str, ...] = ("right", "left", "midpoint", "trapezoid", "
 #: How a trajectory's log-likelihood enters the surrogate: summed over its tokens, or their mean.
 Surrogate = Literal["sum", "token_mean"]
 SURROGATES: tuple[str, ...] = ("sum", "token_mean")
+#: What a user may ask for: a surrogate, or ``auto`` (chosen from the reward and the method).
+SurrogateChoice = Literal["auto", "sum", "token_mean"]
 
 
 def group_advantages(rewards: torch.Tensor, method: AdvantageMethod = "rloo") -> tuple[torch.Tensor, torch.Tensor]:

@@ -22,10 +22,10 @@ import lightning as L
 import torch
 
 from ipg_lightning.attribution.accumulator import AttributionAccumulator
-from ipg_lightning.attribution.estimator import AdvantageMethod, QuadratureRule, Surrogate
+from ipg_lightning.attribution.estimator import AdvantageMethod, QuadratureRule, SurrogateChoice
 from ipg_lightning.attribution.kept import KeptTrajectories, gathered
 from ipg_lightning.attribution.metadata import Completeness, Quadrature, ReportCounts, ReportMetadata
-from ipg_lightning.attribution.methods import METHODS, AttributionMethodName, MethodSettings, check_method
+from ipg_lightning.attribution.methods import METHODS, AttributionMethodName, MethodSettings, check_method, resolve_surrogate
 from ipg_lightning.attribution.plots import plot_report
 from ipg_lightning.attribution.report import AttributionReport, UninformativeReportError
 from ipg_lightning.data import PromptTemplate, ReasoningBatch
@@ -94,9 +94,12 @@ class IPGAttribution(ReasoningTask):
             times, and keep the first group whose rewards differ; 0 skips such prompts. Redrawn
             groups and their tokens are counted in the report.
         surrogate: for ``ipg`` and ``grad_x_act`` with fixed estimation, how each trajectory's
-            log-likelihood enters the surrogate: ``sum`` over its tokens (the paper's) or
+            log-likelihood enters the surrogate: ``sum`` over its tokens (the paper's),
             ``token_mean`` (divided by its length, which removes the length term that makes
-            components that damage the model score as lengthening under a length reward).
+            components that damage the model score as lengthening under a length reward), or
+            ``auto`` (default: ``token_mean`` when the reward names ``reasoning_length``, else
+            ``sum``; :func:`~ipg_lightning.attribution.methods.resolve_surrogate`). The report
+            records the one used.
         chunk_size: trajectories per teacher-forced forward/backward (bounds memory).
         reuse_prefix: with fixed estimation, run the frozen blocks below the lowest attributed block
             once per chunk instead of once per quadrature point (the same scores, less work).
@@ -129,7 +132,7 @@ class IPGAttribution(ReasoningTask):
         credit: Literal["full", "local"] = "full",
         sampling: SamplingConfig = SamplingConfig(),
         signal_retries: int = 0,
-        surrogate: Surrogate = "sum",
+        surrogate: SurrogateChoice = "auto",
         chunk_size: int = 8,
         reuse_prefix: bool = True,
         memory: MemoryLimits = MemoryLimits(),
@@ -141,6 +144,7 @@ class IPGAttribution(ReasoningTask):
     ) -> None:
         super().__init__(model_path, dtype, architecture)
         sampling = SamplingConfig(**sampling) if isinstance(sampling, dict) else sampling
+        surrogate = resolve_surrogate(surrogate, method, estimation, advantage, reward)
         self.settings = MethodSettings(advantage, steps, rule, baseline, estimation, path, signal_retries, chunk_size, surrogate)
         check_method(method, self.settings, sampling, keep_trajectories)
         check_sites_and_credit(families, layers, saes, credit)
@@ -264,7 +268,7 @@ def report_metadata(module: IPGAttribution, state: dict[str, Any]) -> ReportMeta
     target, local = module.method.completeness_target(), module.hparams.credit == "local"
     return ReportMetadata(
         method=module.hparams.method,
-        config={**module.plain_hparams(), "reward": module.reward_name},
+        config={**module.plain_hparams(), "reward": module.reward_name, "surrogate": module.settings.surrogate},
         effective=Quadrature(steps=steps, rule=rule),
         model=module.model_path,
         model_identity=model_identity(module.lm, module.model_path),

@@ -130,6 +130,19 @@ def load_reward(spec: str | Mapping[str, float] | Reward) -> Reward:
     return reward
 
 
+def names_reasoning_length(spec: str | Mapping[str, float] | Reward) -> bool:
+    """Whether a reward setting is the built-in ``reasoning_length``, alone or with a non-zero weight in a mapping.
+
+    Import paths and callables are not looked into (their code is the user's), so they count as not naming it.
+
+    >>> names_reasoning_length({"accuracy": 1.0, "reasoning_length": -0.01}), names_reasoning_length("accuracy")
+    (True, False)
+    """
+    if isinstance(spec, Mapping):
+        return bool(spec.get("reasoning_length", 0.0))
+    return isinstance(spec, str) and spec == "reasoning_length"
+
+
 def reward_import_paths(spec: str | Mapping[str, float] | Reward) -> list[str]:
     """The import paths a reward setting names, without importing them (importing runs their code).
 

@@ -4,14 +4,17 @@ Adding a method means adding a subclass of :class:`AttributionMethod` and listin
 command line's choices (:data:`AttributionMethodName`) follow from this list.
 """
 
+from collections.abc import Mapping
 from typing import Literal
 
+from ipg_lightning.attribution.estimator import SURROGATES
 from ipg_lightning.attribution.methods.activation import MeanActivation, MeanDifference
 from ipg_lightning.attribution.methods.base import AttributionMethod, MethodSettings
 from ipg_lightning.attribution.methods.ipg import GradientTimesActivation, IntegratedPolicyGradient
 from ipg_lightning.attribution.methods.random import RandomScores
 from ipg_lightning.attribution.methods.reference import ReferenceIntegratedGradients
 from ipg_lightning.checks import check_sampling_has_signal
+from ipg_lightning.rewards.functions import Reward, names_reasoning_length
 from ipg_lightning.rollout.trajectories import SamplingConfig
 
 #: Every attribution method by name.
@@ -51,6 +54,31 @@ def check_method(method: str, settings: MethodSettings, sampling: SamplingConfig
         check_sampling_has_signal(sampling.num_samples, sampling.temperature, f"method {method!r}")
 
 
+def resolve_surrogate(choice: str, method: str, estimation: str, advantage: str, reward: str | Mapping[str, float] | Reward) -> str:
+    """The surrogate a ``surrogate`` setting stands for; ``auto`` chooses from the reward and the method.
+
+    ``auto`` is ``token_mean`` where that applies (a method that weighs the surrogate, fixed
+    estimation, advantages that sum to zero within a prompt) and the reward names
+    ``reasoning_length``; otherwise ``sum``. On length rewards the summed surrogate scores
+    components that merely damage the model as lengthening (on SmolLM2 it picked neurons whose
+    removal lengthens traces), and on accuracy the two are indistinguishable on every testbed
+    measured (``benchmarks/RESULTS.md``). A reward given as an import path or a callable is not
+    looked into: set ``token_mean`` yourself if it depends on length.
+
+    >>> resolve_surrogate("auto", "ipg", "fixed", "rloo", {"accuracy": 1.0, "reasoning_length": -0.01})
+    'token_mean'
+    >>> resolve_surrogate("auto", "ipg", "resample", "rloo", "reasoning_length"), resolve_surrogate("auto", "ipg", "fixed", "rloo", "accuracy")
+    ('sum', 'sum')
+    """
+    if choice not in ("auto", *SURROGATES):
+        raise ValueError(f"Unknown surrogate {choice!r}; choose from {['auto', *SURROGATES]}")
+    if choice != "auto":
+        return choice
+    method_weighs = method in METHODS and METHODS[method].weighs_surrogate
+    applies = method_weighs and estimation == "fixed" and advantage != "none"
+    return "token_mean" if applies and names_reasoning_length(reward) else "sum"
+
+
 def methods_that(capability: str) -> list[str]:
     """The names of the methods with a capability (a class attribute of :class:`AttributionMethod`, e.g. ``samples``).
 
@@ -73,4 +101,5 @@ __all__ = [
     "ReferenceIntegratedGradients",
     "check_method",
     "methods_that",
+    "resolve_surrogate",
 ]
