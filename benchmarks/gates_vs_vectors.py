@@ -55,6 +55,7 @@ from testbeds import TESTBEDS
 
 from ipg_lightning.attribution import IPGAttribution, run_attribution
 from ipg_lightning.attribution.activations import mean_completion_activations
+from ipg_lightning.attribution.estimator import SurrogateChoice
 from ipg_lightning.attribution.report import AttributionReport
 from ipg_lightning.data import ReasoningDataModule
 from ipg_lightning.evaluation import evaluate_generations
@@ -161,7 +162,7 @@ class Comparison:
             saes=[sae] if sae else [],
             steps=32 if sae else 16,
             rule="right",  # the rule its recorded runs used (the library's default before 2026-12-06)
-            surrogate="sum",  # the surrogate its recorded runs used (the library's default before 2026-12-07)
+            surrogate=self.settings["surrogate"],
             sampling=sampling,
             chunk_size=32,
         )
@@ -346,7 +347,7 @@ def print_tables(summary: dict[str, Any]) -> None:
     settings = summary["settings"]
     print(
         f"\n{TESTBEDS[settings['testbed']].description}: {settings['test']} test and {settings['select']} selection problems, "
-        f"support {settings['support']} x N={settings['num_samples']}; mean +- 95 % interval over seeds"
+        f"support {settings['support']} x N={settings['num_samples']}, {settings['surrogate']} surrogate; mean +- 95 % interval over seeds"
     )
     for behaviour in settings["behaviours"]:
         base = summary["base"][behaviour]["test"]
@@ -373,6 +374,7 @@ def resume_or_start(settings: dict[str, Any], out: Path) -> dict[str, Any]:
     path = out / "results.json"
     if path.exists():
         summary = json.loads(path.read_text())
+        summary["settings"].setdefault("surrogate", "sum")  # runs recorded before the option used the summed surrogate
         measured = {k: v for k, v in summary["settings"].items() if k not in NOT_MEASUREMENT}
         asked = {k: v for k, v in settings.items() if k not in NOT_MEASUREMENT}
         if summary.get("format") != FORMAT or measured != asked:
@@ -399,6 +401,12 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--strengths", type=float, nargs="+", default=strengths, help="signed vector norms, in units of |h|")
     parser.add_argument("--learn-epochs", type=int, default=4, help="passes over the support problems that train the learned vector")
     parser.add_argument("--learn-rate", type=float, default=0.05, help="Adam learning rate of the learned vector")
+    parser.add_argument(
+        "--surrogate",
+        default="sum",
+        choices=get_args(SurrogateChoice),
+        help="surrogate of the attributions (gates, SAE feature): sum (the paper's, as the recorded runs), auto (library default)",
+    )
     parser.add_argument("--tolerance", type=float, default=0.02, help="accuracy a length setting may lose on the selection problems")
     parser.add_argument("--engine", default="hf", choices=get_args(Engine), help="what samples (docs/engines.md)")
     parser.add_argument("--out", help="output directory (default: benchmarks/gates_vs_vectors_<testbed>)")
