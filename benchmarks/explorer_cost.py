@@ -58,7 +58,14 @@ def main() -> None:
             attribution_s, page_s, size = [], [], 0
             for repeat in range(args.repeats):
                 module = IPGAttribution.for_model(
-                    lm, tokenizer, reward=reward, rule="gauss_legendre", sampling=sampling, chunk_size=32, keep_trajectories=True, **settings
+                    *(lm, tokenizer),
+                    reward=reward,
+                    rule="gauss_legendre",
+                    surrogate="sum",  # the surrogate its recorded table used (the library's default before 2026-12-07)
+                    sampling=sampling,
+                    chunk_size=32,
+                    keep_trajectories=True,
+                    **settings,
                 )
                 started = time.perf_counter()
                 report = run_attribution(module, data, enable_progress_bar=False)

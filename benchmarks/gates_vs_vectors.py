@@ -56,6 +56,7 @@ from testbeds import TESTBEDS
 from ipg_lightning.attribution import IPGAttribution, run_attribution
 from ipg_lightning.attribution.activations import mean_completion_activations
 from ipg_lightning.attribution.estimator import SurrogateChoice
+from ipg_lightning.attribution.methods import resolve_surrogate
 from ipg_lightning.attribution.report import AttributionReport
 from ipg_lightning.data import ReasoningDataModule
 from ipg_lightning.evaluation import evaluate_generations
@@ -347,13 +348,14 @@ def print_tables(summary: dict[str, Any]) -> None:
     settings = summary["settings"]
     print(
         f"\n{TESTBEDS[settings['testbed']].description}: {settings['test']} test and {settings['select']} selection problems, "
-        f"support {settings['support']} x N={settings['num_samples']}, {settings['surrogate']} surrogate; mean +- 95 % interval over seeds"
+        f"support {settings['support']} x N={settings['num_samples']}; mean +- 95 % interval over seeds"
     )
     for behaviour in settings["behaviours"]:
         base = summary["base"][behaviour]["test"]
         decoding = "greedy" if behaviour == "accuracy" else "4 samples per problem at temperature 0.7"
+        surrogate = resolve_surrogate(settings["surrogate"], "ipg", "fixed", "rloo", REWARDS[behaviour])
         print(
-            f"\n{behaviour} ({decoding}; base accuracy {base['accuracy']:.3f}, length {base['length']:.1f}): "
+            f"\n{behaviour} ({decoding}; base accuracy {base['accuracy']:.3f}, length {base['length']:.1f}; ranked with the {surrogate} surrogate): "
             "change on the test problems with the setting kept on the selection problems\n"
         )
         print("| row | seeds | accuracy change | length change (tokens) | kept the base | build (s) |")

@@ -7,6 +7,7 @@ from ipg_lightning.attribution.estimator import group_advantages, quadrature, su
 from ipg_lightning.attribution.report import UninformativeReportError
 from ipg_lightning.data import PromptTemplate, ReasoningDataModule
 from ipg_lightning.gates.component_gates import ComponentGates
+from ipg_lightning.rewards.functions import CompoundReward, reasoning_length
 from ipg_lightning.rollout.sampling import sample_trajectories
 from ipg_lightning.rollout.trajectories import SamplingConfig
 from ipg_lightning.zoo.tiny import tiny_causal_lm, tiny_tokenizer
@@ -441,6 +442,8 @@ def test_auto_surrogate_is_token_mean_for_length_rewards_where_it_applies_and_th
         return IPGAttribution.for_model(tiny_llama, tokenizer, **kwargs).settings.surrogate
 
     assert chosen(reward={"accuracy": 1.0, "reasoning_length": -0.01}) == "token_mean"
+    assert chosen(reward="ipg_lightning.rewards:reasoning_length") == chosen(reward=reasoning_length) == "token_mean"
+    assert chosen(reward=CompoundReward({"accuracy": 1.0, "ipg_lightning.rewards.functions:reasoning_length": -0.01})) == "token_mean"
     assert chosen(method="grad_x_act", reward="reasoning_length") == "token_mean"
     # the reward does not name length, or token_mean does not apply: the paper's sum, not an error
     assert chosen() == chosen(reward={"accuracy": 1.0, "reasoning_length": 0.0}) == chosen(reward=word_count) == "sum"

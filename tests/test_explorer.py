@@ -1,6 +1,8 @@
 """The attribution explorer: kept trajectories, per-token traces checked against independent computations, the page."""
 
+import copy
 import json
+import logging
 import math
 import re
 import shutil
@@ -122,6 +124,24 @@ def test_shared_expert_neurons_which_see_the_tokens_flattened_are_traced_too(tmp
     for name, trace in payload["traces"].items():
         assert trace["score"] == pytest.approx(_score(report, name), rel=1e-3, abs=1e-6)
         assert len(trace["activations"][0]) == len(payload["trajectories"][str(trace["rows"][0])]["tokens"])
+
+
+def test_a_replay_whose_contributions_miss_the_reports_scores_says_so_on_the_page_and_in_the_log(tmp_path, tiny_llama, tokenizer, caplog):
+    report = _report(tiny_llama, tokenizer)
+    same = embedded_payload(page_for_report(report, tiny_llama, tokenizer, tmp_path / "same.html", components=4).read_text())
+    assert not any("do not add up" in note for note in same["limits"]["notes"])
+    other = copy.deepcopy(tiny_llama)  # the same architecture and sizes, other weights: what allow_other_model lets through
+    with torch.no_grad():
+        other.model.layers[1].mlp.up_proj.weight.mul_(1.5)
+    with caplog.at_level(logging.WARNING):
+        payload = embedded_payload(page_for_report(report, other, tokenizer, tmp_path / "other.html", components=4).read_text())
+    recorded = {name: _score(report, name) for name in payload["traces"]}
+    scale = max(map(abs, recorded.values()))
+    missed = [name for name, trace in payload["traces"].items() if abs(trace["score"] - recorded[name]) > 0.01 * abs(recorded[name]) + 1e-3 * scale]
+    assert missed  # the changed weights moved the recomputed scores
+    [note] = [note for note in payload["limits"]["notes"] if "do not add up" in note]
+    assert note.startswith(f"The per-token contributions of {len(missed)} of the 4 traced components do not add up to their report scores")
+    assert note in caplog.text
 
 
 def test_per_token_contributions_add_up_for_sae_features(tmp_path, tiny_llama, tokenizer):

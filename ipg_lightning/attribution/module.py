@@ -36,7 +36,7 @@ from ipg_lightning.model.identity import model_identity
 from ipg_lightning.model.sites import default_layer
 from ipg_lightning.outputs import check_output_dir
 from ipg_lightning.rewards.completions import reward_matrix
-from ipg_lightning.rewards.functions import load_reward
+from ipg_lightning.rewards.functions import load_reward, reward_record
 from ipg_lightning.rollout.passes.frozen_prefix import first_live_block
 from ipg_lightning.rollout.passes.memory import RunMemory, peak_is_resettable
 from ipg_lightning.rollout.passes.teacher_forced import MemoryLimits, TeacherForcedPasses
@@ -152,7 +152,7 @@ class IPGAttribution(ReasoningTask):
             check_output_dir(output_dir, overwrite)  # refuse now rather than after the run
         self.save_plain_hyperparameters()
         self.reward_fn = load_reward(reward)
-        self.reward_name = reward if isinstance(reward, str | dict) else f"{reward.__module__}:{reward.__qualname__}"
+        self.reward_name = reward_record(reward)
         self.sampling = sampling
         self.memory = MemoryLimits(**memory) if isinstance(memory, dict) else memory
         self.method = METHODS[method](self)

@@ -24,7 +24,7 @@ from ipg_lightning.attribution.report import AttributionReport
 from ipg_lightning.checks import check_at_least
 from ipg_lightning.checks import check_device as checked_device
 from ipg_lightning.explorer.payload import Effects, explorer_payload, read_evaluations
-from ipg_lightning.explorer.traces import ScorePath, trace_components
+from ipg_lightning.explorer.traces import ComponentTrace, ScorePath, trace_components
 from ipg_lightning.explorer.vector_traces import trace_vectors, vector_directions
 from ipg_lightning.model.families import ArchitectureSpec
 from ipg_lightning.model.identity import IN_MEMORY_MODEL, check_same_model, same_model_name
@@ -134,6 +134,25 @@ def traced_components(report: AttributionReport, sites: dict[str, Site], count: 
     """The ``count`` components with the largest |score| among sites a hook can read (not fused expert weights)."""
     readable = [row for row in report.ranked(signed=False) if not sites[row[2]].kind.scales_weight]
     return [name for name, _, _ in readable[:count]]
+
+
+def drifted_scores(report: AttributionReport, traces: dict[str, ComponentTrace], rel_tol: float = 0.01) -> list[tuple[str, float, float]]:
+    """The traced components whose per-token contributions do not add up to their score in the report.
+
+    Each is ``(name, recomputed, recorded)``. They agree to float precision when the replay runs the
+    attribution's own model, dtype and SAEs; a gap means the page shows another computation (a
+    model given with ``allow_other_model``, other weights under the same name, another dtype). A gap
+    counts when it exceeds ``rel_tol`` of the recorded score plus ``rel_tol / 10`` of the largest
+    traced |score|, so that components with near-zero scores do not raise it on rounding alone.
+    """
+    recorded = {name: score for name, score, _ in report.ranked(signed=True)}
+    traced = {name: trace.score for name, trace in traces.items() if trace.score is not None}
+    scale = max((abs(recorded[name]) for name in traced), default=0.0)
+    return [
+        (name, score, recorded[name])
+        for name, score in traced.items()
+        if abs(score - recorded[name]) > rel_tol * abs(recorded[name]) + rel_tol / 10 * scale
+    ]
 
 
 def explore(
@@ -282,5 +301,14 @@ def page_for_report(
     chunk_size = chunk_size or int(report.metadata.config.get("chunk_size", 8))
     traces = trace_components(model, sites, chosen, report.trajectories, path, trajectories_per_component, chunk_size, progress, architecture)
     projected = trace_vectors(model, vectors, report.trajectories, trajectories_per_component, chunk_size, progress) if vectors else None
-    payload = explorer_payload(report, traces, tokenizer, effects, max_listed, title=title, notes=[reason] if reason else None, vectors=projected)
+    notes = [reason] if reason else []
+    if drifted := drifted_scores(report, traces):
+        name, recomputed, recorded = drifted[0]
+        notes.append(
+            f"The per-token contributions of {len(drifted)} of the {len(traces)} traced components do not add up to their report scores "
+            f"(e.g. {name}: {recomputed:.4g} against {recorded:.4g}): this replay is not the attribution's computation "
+            "(another model, weights or dtype), so the contributions show this model's, not the report's."
+        )
+        logger.warning(notes[-1])
+    payload = explorer_payload(report, traces, tokenizer, effects, max_listed, title=title, notes=notes, vectors=projected)
     return write_page(payload, output, overwrite)

@@ -130,17 +130,41 @@ def load_reward(spec: str | Mapping[str, float] | Reward) -> Reward:
     return reward
 
 
-def names_reasoning_length(spec: str | Mapping[str, float] | Reward) -> bool:
-    """Whether a reward setting is the built-in ``reasoning_length``, alone or with a non-zero weight in a mapping.
+def reward_record(spec: str | Mapping[str, float] | Reward) -> str | dict[str, float]:
+    """How a report names a reward setting: a name or weights as given, a :class:`CompoundReward` by its
+    weights, any other callable by where it is defined (``module:qualified_name``).
 
-    Import paths and callables are not looked into (their code is the user's), so they count as not naming it.
+    >>> reward_record(CompoundReward({"accuracy": 1.0})), reward_record(accuracy)
+    ({'accuracy': 1.0}, 'ipg_lightning.rewards.functions:accuracy')
+    """
+    if isinstance(spec, CompoundReward):
+        return dict(spec.weights)
+    if isinstance(spec, str):
+        return spec
+    if isinstance(spec, Mapping):
+        return dict(spec)
+    return f"{spec.__module__}:{getattr(spec, '__qualname__', type(spec).__qualname__)}"
+
+
+#: The names the built-in :func:`reasoning_length` goes by in a reward setting.
+REASONING_LENGTH_NAMES = ("reasoning_length", "ipg_lightning.rewards:reasoning_length", "ipg_lightning.rewards.functions:reasoning_length")
+
+
+def names_reasoning_length(spec: str | Mapping[str, float] | Reward) -> bool:
+    """Whether a reward setting includes the built-in :func:`reasoning_length` (with a non-zero weight, where weighted).
+
+    It counts by name (:data:`REASONING_LENGTH_NAMES`), as the function itself, and inside a mapping
+    of weights or a :class:`CompoundReward`. Other import paths and callables are not looked into
+    (their code is the user's), so they count as not including it.
 
     >>> names_reasoning_length({"accuracy": 1.0, "reasoning_length": -0.01}), names_reasoning_length("accuracy")
     (True, False)
     """
+    if isinstance(spec, CompoundReward):
+        spec = spec.weights
     if isinstance(spec, Mapping):
-        return bool(spec.get("reasoning_length", 0.0))
-    return isinstance(spec, str) and spec == "reasoning_length"
+        return any(weight and names_reasoning_length(name) for name, weight in spec.items())
+    return spec is reasoning_length or (isinstance(spec, str) and spec in REASONING_LENGTH_NAMES)
 
 
 def reward_import_paths(spec: str | Mapping[str, float] | Reward) -> list[str]:

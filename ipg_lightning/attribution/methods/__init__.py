@@ -58,12 +58,13 @@ def resolve_surrogate(choice: str, method: str, estimation: str, advantage: str,
     """The surrogate a ``surrogate`` setting stands for; ``auto`` chooses from the reward and the method.
 
     ``auto`` is ``token_mean`` where that applies (a method that weighs the surrogate, fixed
-    estimation, advantages that sum to zero within a prompt) and the reward names
-    ``reasoning_length``; otherwise ``sum``. On length rewards the summed surrogate scores
-    components that merely damage the model as lengthening (on SmolLM2 it picked neurons whose
-    removal lengthens traces), and on accuracy the two are indistinguishable on every testbed
-    measured (``benchmarks/RESULTS.md``). A reward given as an import path or a callable is not
-    looked into: set ``token_mean`` yourself if it depends on length.
+    estimation, advantages that sum to zero within a prompt) and the reward includes the built-in
+    ``reasoning_length`` (:func:`~ipg_lightning.rewards.functions.names_reasoning_length`);
+    otherwise ``sum``. On length rewards the summed surrogate scores components that merely damage
+    the model as lengthening (on SmolLM2 it picked neurons whose removal lengthens traces), and on
+    accuracy the two are indistinguishable on every testbed measured (``benchmarks/RESULTS.md``).
+    A reward of the user's own (an import path, a function) is not looked into: set ``token_mean``
+    yourself if it depends on length.
 
     >>> resolve_surrogate("auto", "ipg", "fixed", "rloo", {"accuracy": 1.0, "reasoning_length": -0.01})
     'token_mean'
