@@ -1,3 +1,5 @@
+import warnings
+
 import lightning as L
 import pytest
 import torch
@@ -451,6 +453,23 @@ def test_auto_surrogate_is_token_mean_for_length_rewards_where_it_applies_and_th
     assert chosen(reward="reasoning_length", method="mean_diff") == chosen(reward="reasoning_length", method="random") == "sum"
     with pytest.raises(ValueError, match=r"Unknown surrogate 'mean'; choose from \['auto', 'sum', 'token_mean'\]"):
         chosen(surrogate="mean")
+
+
+def test_an_attribution_whose_support_prompts_mostly_carry_no_signal_suggests_signal_retries(tiny_llama, tokenizer):
+    def first_prompt_length(completion) -> float:  # signal on the first prompt scored only: the other three are silent
+        chosen.setdefault("prompt", completion.prompt)
+        return float(completion.num_tokens) if completion.prompt == chosen["prompt"] else 0.0
+
+    settings = dict(families=["attn_out"], layers=[1], reward=first_prompt_length, steps=2, sampling={"stop_strings": ("a", "e", "o", "1")})
+    chosen = {}
+    with pytest.warns(UserWarning, match=r"3 of 4 support prompts carried no signal .*signal_retries: 4 redraws such groups"):
+        report = _run(tiny_llama, tokenizer, _data(num_val=4, batch_size=4), **settings)
+    assert report.metadata.counts.zero_signal_prompts == 3
+    for quiet in ({"signal_retries": 1}, {"method": "mean_diff"}):  # retries already on; a method that cannot redraw
+        chosen = {}
+        with warnings.catch_warnings():
+            warnings.filterwarnings("error", message=".*carried no signal.*")
+            assert _run(tiny_llama, tokenizer, _data(num_val=4, batch_size=4), **{**settings, **quiet}).metadata.counts.zero_signal_prompts == 3
 
 
 @pytest.mark.parametrize("advantage", ["rloo", "grpo"])

@@ -20,12 +20,20 @@ from typing import Any, Literal
 
 import lightning as L
 import torch
+from lightning.pytorch.utilities import rank_zero_warn
 
 from ipg_lightning.attribution.accumulator import AttributionAccumulator
 from ipg_lightning.attribution.estimator import AdvantageMethod, QuadratureRule, SurrogateChoice
 from ipg_lightning.attribution.kept import KeptTrajectories, gathered
 from ipg_lightning.attribution.metadata import Completeness, Quadrature, ReportCounts, ReportMetadata
-from ipg_lightning.attribution.methods import METHODS, AttributionMethodName, MethodSettings, check_method, resolve_surrogate
+from ipg_lightning.attribution.methods import (
+    METHODS,
+    AttributionMethodName,
+    MethodSettings,
+    check_method,
+    resolve_surrogate,
+    scarce_signal_advice,
+)
 from ipg_lightning.attribution.plots import plot_report
 from ipg_lightning.attribution.report import AttributionReport, UninformativeReportError
 from ipg_lightning.data import PromptTemplate, ReasoningBatch
@@ -234,6 +242,9 @@ class IPGAttribution(ReasoningTask):
             self.report.metadata.degenerate = reason
             written = " No report was written." if output_dir else ""
             raise UninformativeReportError(f"The attribution carries no information: {reason}.{written}")
+        counts = self.report.metadata.counts
+        if advice := scarce_signal_advice(self.hparams.method, self.settings, counts.prompts, counts.zero_signal_prompts):
+            rank_zero_warn(advice)
         if output_dir and self.trainer.is_global_zero:
             self.report.save(output_dir, overwrite=self.hparams.overwrite, extra_files=partial(plot_report, self.report))
 

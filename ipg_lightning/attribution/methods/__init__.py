@@ -54,6 +54,30 @@ def check_method(method: str, settings: MethodSettings, sampling: SamplingConfig
         check_sampling_has_signal(sampling.num_samples, sampling.temperature, f"method {method!r}")
 
 
+#: The share of support prompts without signal from which an attribution suggests ``signal_retries``.
+SCARCE_SIGNAL_SHARE = 0.25
+
+
+def scarce_signal_advice(method: str, settings: MethodSettings, prompts: int, zero_signal_prompts: int | None) -> str | None:
+    """What to do when at least :data:`SCARCE_SIGNAL_SHARE` of the support prompts carried no signal, else None.
+
+    A prompt whose N rewards are all equal has zero advantages and adds nothing to the scores. Only
+    said where ``signal_retries`` could redraw such groups and is off.
+
+    >>> scarce_signal_advice("ipg", MethodSettings(), prompts=8, zero_signal_prompts=4)[:40]
+    '4 of 8 support prompts carried no signal'
+    >>> scarce_signal_advice("ipg", MethodSettings(signal_retries=4), prompts=8, zero_signal_prompts=4) is None
+    True
+    """
+    retrying = method in METHODS and METHODS[method].retries_signal and settings.estimation == "fixed"
+    if not retrying or settings.signal_retries or not zero_signal_prompts or zero_signal_prompts < SCARCE_SIGNAL_SHARE * prompts:
+        return None
+    return (
+        f"{zero_signal_prompts} of {prompts} support prompts carried no signal (all N rewards equal) and add nothing to the scores; "
+        "signal_retries: 4 redraws such groups, or choose problems the model solves sometimes (docs/attribution.md)"
+    )
+
+
 def resolve_surrogate(choice: str, method: str, estimation: str, advantage: str, reward: str | Mapping[str, float] | Reward) -> str:
     """The surrogate a ``surrogate`` setting stands for; ``auto`` chooses from the reward and the method.
 
@@ -103,4 +127,5 @@ __all__ = [
     "check_method",
     "methods_that",
     "resolve_surrogate",
+    "scarce_signal_advice",
 ]
