@@ -462,7 +462,7 @@ def test_an_attribution_whose_support_prompts_mostly_carry_no_signal_suggests_si
 
     settings = dict(families=["attn_out"], layers=[1], reward=first_prompt_length, steps=2, sampling={"stop_strings": ("a", "e", "o", "1")})
     chosen = {}
-    with pytest.warns(UserWarning, match=r"3 of 4 support prompts carried no signal .*signal_retries: 4 redraws such groups"):
+    with pytest.warns(UserWarning, match=r"3 of 4 support prompts carried no signal \(all 4 rewards equal\).*signal_retries: 4 redraws such groups"):
         report = _run(tiny_llama, tokenizer, _data(num_val=4, batch_size=4), **settings)
     assert report.metadata.counts.zero_signal_prompts == 3
     for quiet in ({"signal_retries": 1}, {"method": "mean_diff"}):  # retries already on; a method that cannot redraw

@@ -243,7 +243,7 @@ class IPGAttribution(ReasoningTask):
             written = " No report was written." if output_dir else ""
             raise UninformativeReportError(f"The attribution carries no information: {reason}.{written}")
         counts = self.report.metadata.counts
-        if advice := scarce_signal_advice(self.hparams.method, self.settings, counts.prompts, counts.zero_signal_prompts):
+        if advice := scarce_signal_advice(self.hparams.method, self.settings, counts.prompts, counts.zero_signal_prompts, self.sampling.num_samples):
             rank_zero_warn(advice)
         if output_dir and self.trainer.is_global_zero:
             self.report.save(output_dir, overwrite=self.hparams.overwrite, extra_files=partial(plot_report, self.report))

@@ -133,7 +133,7 @@ def quiet_lightning() -> Iterator[None]:
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*module\\(s\\) in eval mode.*")
         warnings.filterwarnings("ignore", message=".*treespec.*")
-        # the demo's settings are fixed (the paper's estimator); the reasoner answers most support problems right
+        # the demo has no signal_retries option (it runs the paper's estimator); the reasoner answers most support problems right
         warnings.filterwarnings("ignore", message=".*support prompts carried no signal.*")
         try:
             yield

@@ -58,23 +58,23 @@ def check_method(method: str, settings: MethodSettings, sampling: SamplingConfig
 SCARCE_SIGNAL_SHARE = 0.25
 
 
-def scarce_signal_advice(method: str, settings: MethodSettings, prompts: int, zero_signal_prompts: int | None) -> str | None:
+def scarce_signal_advice(method: str, settings: MethodSettings, prompts: int, zero_signal_prompts: int | None, num_samples: int) -> str | None:
     """What to do when at least :data:`SCARCE_SIGNAL_SHARE` of the support prompts carried no signal, else None.
 
     A prompt whose N rewards are all equal has zero advantages and adds nothing to the scores. Only
     said where ``signal_retries`` could redraw such groups and is off.
 
-    >>> scarce_signal_advice("ipg", MethodSettings(), prompts=8, zero_signal_prompts=4)[:40]
-    '4 of 8 support prompts carried no signal'
-    >>> scarce_signal_advice("ipg", MethodSettings(signal_retries=4), prompts=8, zero_signal_prompts=4) is None
+    >>> scarce_signal_advice("ipg", MethodSettings(), prompts=8, zero_signal_prompts=4, num_samples=4)[:61]
+    '4 of 8 support prompts carried no signal (all 4 rewards equal)'
+    >>> scarce_signal_advice("ipg", MethodSettings(signal_retries=4), prompts=8, zero_signal_prompts=4, num_samples=4) is None
     True
     """
     retrying = method in METHODS and METHODS[method].retries_signal and settings.estimation == "fixed"
     if not retrying or settings.signal_retries or not zero_signal_prompts or zero_signal_prompts < SCARCE_SIGNAL_SHARE * prompts:
         return None
     return (
-        f"{zero_signal_prompts} of {prompts} support prompts carried no signal (all N rewards equal) and add nothing to the scores; "
-        "signal_retries: 4 redraws such groups, or choose problems the model solves sometimes (docs/attribution.md)"
+        f"{zero_signal_prompts} of {prompts} support prompts carried no signal (all {num_samples} rewards equal) and add nothing to the scores; "
+        "signal_retries: 4 redraws such groups (which reweights prompts: docs/method.md, section 3), or use problems the model solves sometimes"
     )
 
 
