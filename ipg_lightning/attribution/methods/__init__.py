@@ -64,7 +64,7 @@ def scarce_signal_advice(method: str, settings: MethodSettings, prompts: int, ze
     A prompt whose N rewards are all equal has zero advantages and adds nothing to the scores. Only
     said where ``signal_retries`` could redraw such groups and is off.
 
-    >>> scarce_signal_advice("ipg", MethodSettings(), prompts=8, zero_signal_prompts=4, num_samples=4)[:61]
+    >>> scarce_signal_advice("ipg", MethodSettings(), prompts=8, zero_signal_prompts=4, num_samples=4)[:62]
     '4 of 8 support prompts carried no signal (all 4 rewards equal)'
     >>> scarce_signal_advice("ipg", MethodSettings(signal_retries=4), prompts=8, zero_signal_prompts=4, num_samples=4) is None
     True
