@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import statistics
 import sys
 import time
@@ -343,6 +344,11 @@ def collect(summary: dict[str, Any], behaviour: str) -> dict[str, dict[str, Any]
     return table
 
 
+def _with_interval(mean: float, half_width: float, digits: int) -> str:
+    """``mean +- half_width`` with a sign, or the mean alone where one seed leaves no interval."""
+    return f"{mean:+.{digits}f}" if math.isnan(half_width) else f"{mean:+.{digits}f} +- {half_width:.{digits}f}"
+
+
 def print_tables(summary: dict[str, Any]) -> None:
     """Markdown tables of the test changes per behaviour."""
     settings = summary["settings"]
@@ -364,11 +370,8 @@ def print_tables(summary: dict[str, Any]) -> None:
             if not entry or "not_applicable" in entry:
                 print(f"| {row} | - | {entry.get('not_applicable', 'not measured')[:60]} | | | |")
                 continue
-            accuracy, length = entry["accuracy"], entry["length"]
-            print(
-                f"| {row} | {entry['seeds']} | {accuracy[0]:+.3f} +- {accuracy[1]:.3f} | {length[0]:+.1f} +- {length[1]:.1f} "
-                f"| {entry['kept_base']} | {entry['build_seconds']:.0f} |"
-            )
+            accuracy, length = (_with_interval(*entry[key], digits) for key, digits in (("accuracy", 3), ("length", 1)))
+            print(f"| {row} | {entry['seeds']} | {accuracy} | {length} | {entry['kept_base']} | {entry['build_seconds']:.0f} |")
 
 
 def resume_or_start(settings: dict[str, Any], out: Path) -> dict[str, Any]:
