@@ -16,7 +16,8 @@ trajectories each at temperature 0.7) and then tuned and measured the same way:
   ``ipg steer``'s module, ``--learn-epochs`` passes over the support problems at the same N: more
   samples than the other rows draw). Each vector is scaled to unit norm and added at strengths ``alpha = r * |h|`` for each r
   of ``--strengths``, where ``|h|`` is the mean norm of that block's output over the base model's
-  generated tokens: the same scale for every source, both signs.
+  generated tokens: the same scale for every source, both signs. The learned vector is also tried as
+  trained (r = its norm / ``|h|``), which the fixed strengths may miss by far on a wide model.
 
 Accuracy is measured greedily; reasoning length on 4 samples per problem at temperature 0.7 (the
 same seeds in every condition), since a small reasoner's greedy traces are already as short as they
@@ -198,10 +199,13 @@ class Comparison:
         direction = vectors.vector(name).detach()
         if direction.norm() == 0:  # e.g. a learned vector whose every step had zero advantages
             return f"not applicable: the {row} vector is zero"
-        direction = (direction / direction.norm()).tolist()
         scale = self.base()["norms"][name]
+        knobs = [{"strength": s, "alpha": s * scale} for s in self.settings["strengths"]]
+        if row == "learned":  # also as trained: on a wide model its norm can lie far below the swept strengths
+            knobs.append({"strength": float(direction.norm()) / scale, "alpha": float(direction.norm()), "as_trained": True})
+        direction = (direction / direction.norm()).tolist()
         positions = "generated" if row == "seal" else "all"
-        return [Setting({"strength": s, "alpha": s * scale}, None, {name: direction}, positions) for s in self.settings["strengths"]]
+        return [Setting(knob, None, {name: direction}, positions) for knob in knobs]
 
     def learn(self, data: ReasoningDataModule, sampling: SamplingConfig, behaviour: str) -> SteeringVectors:
         """A vector at the behaviour's block trained by policy gradient on its reward, over ``--learn-epochs`` passes of the support problems."""
@@ -317,7 +321,7 @@ def _cell_line(cell: dict[str, Any], base: dict[str, float]) -> str:
     if "not_applicable" in cell:
         return cell["not_applicable"][:80]
     test = cell["test"]
-    kept = {k: v for k, v in (cell["kept"] or {}).items() if k in ("k", "gamma", "strength")}
+    kept = {k: v for k, v in (cell["kept"] or {}).items() if k in ("k", "gamma", "strength", "as_trained")}
     return (
         f"kept {kept or 'base'}: accuracy {test['accuracy'] - base['accuracy']:+.3f}, "
         f"length {test['length'] - base['length']:+.1f}; build {cell['build_seconds']:.0f} s"
