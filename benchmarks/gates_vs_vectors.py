@@ -16,8 +16,9 @@ trajectories each at temperature 0.7) and then tuned and measured the same way:
   ``ipg steer``'s module, ``--learn-epochs`` passes over the support problems at the same N: more
   samples than the other rows draw). Each vector is scaled to unit norm and added at strengths ``alpha = r * |h|`` for each r
   of ``--strengths``, where ``|h|`` is the mean norm of that block's output over the base model's
-  generated tokens: the same scale for every source, both signs. The learned vector is also tried as
-  trained (r = its norm / ``|h|``), which the fixed strengths may miss by far on a wide model.
+  generated tokens: the same scale for every source, both signs. The learned vector is also tried at
+  the norm it was trained to (r = +-its norm / ``|h|``), which the fixed strengths may miss by far on a
+  wide model.
 
 Accuracy is measured greedily; reasoning length on 4 samples per problem at temperature 0.7 (the
 same seeds in every condition), since a small reasoner's greedy traces are already as short as they
@@ -201,8 +202,9 @@ class Comparison:
             return f"not applicable: the {row} vector is zero"
         scale = self.base()["norms"][name]
         knobs = [{"strength": s, "alpha": s * scale} for s in self.settings["strengths"]]
-        if row == "learned":  # also as trained: on a wide model its norm can lie far below the swept strengths
-            knobs.append({"strength": float(direction.norm()) / scale, "alpha": float(direction.norm()), "as_trained": True})
+        if row == "learned":  # also at its trained norm, both signs: on a wide model that norm can lie far below the swept strengths
+            norm = float(direction.norm())
+            knobs += [{"strength": sign * norm / scale, "alpha": sign * norm, "as_trained": True} for sign in (-1, 1)]
         direction = (direction / direction.norm()).tolist()
         positions = "generated" if row == "seal" else "all"
         return [Setting(knob, None, {name: direction}, positions) for knob in knobs]

@@ -181,11 +181,11 @@ def test_gates_vs_vectors_keeps_the_setting_chosen_on_the_selection_problems_and
             continue
         behaviour, row, _ = key.split("|")
         swept, reference = cell["select"], base[behaviour]["select"]
-        assert len(swept) == (3 if row == "learned" else 2) and cell["build_seconds"] > 0
-        if row == "learned":  # the learned vector is also tried at the norm it was trained to
-            trained = swept[-1]
-            assert trained["as_trained"] and trained["alpha"] > 0
-            assert trained["strength"] * base["norms"][next(iter(cell["vectors"]))] == pytest.approx(trained["alpha"])
+        assert len(swept) == (4 if row == "learned" else 2) and cell["build_seconds"] > 0
+        if row == "learned":  # the learned vector is also tried at the norm it was trained to, both signs
+            against, along = swept[-2:]
+            assert against["as_trained"] and along["as_trained"] and along["alpha"] == -against["alpha"] > 0
+            assert along["strength"] * base["norms"][next(iter(cell["vectors"]))] == pytest.approx(along["alpha"])
         allowed = [r for r in swept if r["accuracy"] >= reference["accuracy"] - 0.02 and r["length"] < reference["length"]]
         if behaviour == "accuracy":
             allowed = [r for r in swept if r["accuracy"] > reference["accuracy"]]
