@@ -198,14 +198,14 @@ class Comparison:
             return f"not applicable: {error}"
         (name,) = vectors.sites
         direction = vectors.vector(name).detach()
-        if direction.norm() == 0:  # e.g. a learned vector whose every step had zero advantages
+        norm = float(direction.norm())
+        if norm == 0:  # e.g. a learned vector whose every step had zero advantages
             return f"not applicable: the {row} vector is zero"
         scale = self.base()["norms"][name]
         knobs = [{"strength": s, "alpha": s * scale} for s in self.settings["strengths"]]
         if row == "learned":  # also at its trained norm, both signs: on a wide model that norm can lie far below the swept strengths
-            norm = float(direction.norm())
             knobs += [{"strength": sign * norm / scale, "alpha": sign * norm, "as_trained": True} for sign in (-1, 1)]
-        direction = (direction / direction.norm()).tolist()
+        direction = (direction / norm).tolist()
         positions = "generated" if row == "seal" else "all"
         return [Setting(knob, None, {name: direction}, positions) for knob in knobs]
 
